@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Compares `replicator serve` with nbdkit (file plugin) and qemu-nbd on the
+# same backing file, with identical fio nbd-engine jobs, one server at a time.
+#
+# Usage: bench/nbd-bench.sh
+# Environment (all optional):
+#   RUNTIME=10          seconds per fio job (time based)
+#   RAMP=2              fio ramp-up seconds (not measured)
+#   FILE_SIZE=1G        backing file size
+#   FIO_SIZE=896M       region fio touches (stays clear of replicator's
+#                       internal metadata at the end of the file)
+#   BENCH_DIR=/var/tmp/replicator-bench   where the backing file lives
+#   TMPFS=1             also run everything with the file on /dev/shm
+#   SERVERS="replicator nbdkit qemu-nbd"
+#   JOBS="randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 seqwrite-1m seqread-1m"
+#   SKIP_DEPS=1         do not run scripts/install-deps.sh
+#   REPLICATOR_ARGS=""  extra arguments for `replicator serve` (e.g. --direct-io)
+# Results (fio JSON, server logs, summary.txt) go to $BENCH_DIR/results-<time>/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+RUNTIME="${RUNTIME:-10}"
+RAMP="${RAMP:-2}"
+FILE_SIZE="${FILE_SIZE:-1G}"
+FIO_SIZE="${FIO_SIZE:-896M}"
+BENCH_DIR="${BENCH_DIR:-/var/tmp/replicator-bench}"
+TMPFS="${TMPFS:-0}"
+SERVERS="${SERVERS:-replicator nbdkit qemu-nbd}"
+JOBS="${JOBS:-randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 seqwrite-1m seqread-1m}"
+REPLICATOR_ARGS="${REPLICATOR_ARGS:-}"
+
+[ "${SKIP_DEPS:-0}" = 1 ] || bash scripts/install-deps.sh
+cargo build --release -p replicator
+BIN="$PWD/target/release/replicator"
+
+RESULTS="$BENCH_DIR/results-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$RESULTS"
+
+SERVER_PID=""
+stop_server() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        # Give it 30 s to drain, then insist.
+        for _ in $(seq 300); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}
+trap stop_server EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Polls until a TCP port accepts connections (or the server died / 30 s passed).
+wait_port() {
+    local port=$1
+    for _ in $(seq 300); do
+        kill -0 "$SERVER_PID" 2>/dev/null || return 1
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# Starts one server on $1 (file) and sets SERVER_PID and URI.
+start_server() {
+    local server=$1 file=$2 log=$3 port
+    case "$server" in
+    replicator)
+        # shellcheck disable=SC2086
+        "$BIN" serve --disk "$file" --listen 127.0.0.1:0 $REPLICATOR_ARGS 2>"$log" &
+        SERVER_PID=$!
+        for _ in $(seq 300); do
+            grep -q '^replicator: ready' "$log" && break
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        grep -q '^replicator: ready' "$log" || { echo "replicator did not start:"; cat "$log"; return 1; }
+        port=$(sed -n 's/^replicator: listening nbd tcp 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$log" | head -n1)
+        ;;
+    nbdkit)
+        port=$(free_port)
+        nbdkit -f -p "$port" -i 127.0.0.1 file "$file" 2>"$log" &
+        SERVER_PID=$!
+        wait_port "$port" || { echo "nbdkit did not start:"; cat "$log"; return 1; }
+        ;;
+    qemu-nbd)
+        port=$(free_port)
+        qemu-nbd -t -f raw -b 127.0.0.1 -p "$port" -x volume --cache=writeback --aio=io_uring "$file" 2>"$log" &
+        SERVER_PID=$!
+        wait_port "$port" || { echo "qemu-nbd did not start:"; cat "$log"; return 1; }
+        ;;
+    *)
+        echo "unknown server $server" >&2
+        return 1
+        ;;
+    esac
+    URI="nbd://127.0.0.1:$port/volume"
+}
+
+job_args() {
+    case "$1" in
+    randwrite-4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1" ;;
+    randwrite-4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    randread-4k-qd1) echo "--rw=randread --bs=4k --iodepth=1" ;;
+    randread-4k-qd32) echo "--rw=randread --bs=4k --iodepth=32" ;;
+    seqwrite-1m) echo "--rw=write --bs=1M --iodepth=8" ;;
+    seqread-1m) echo "--rw=read --bs=1M --iodepth=8" ;;
+    *)
+        echo "unknown job $1" >&2
+        return 1
+        ;;
+    esac
+}
+
+prepare_file() {
+    local file=$1
+    mkdir -p "$(dirname "$file")"
+    rm -f "$file"
+    # Real data everywhere, so reads are not served from holes.
+    echo "filling $file ($FILE_SIZE) with random data"
+    fio --name=fill --filename="$file" --rw=write --bs=1M --size="$FILE_SIZE" --ioengine=psync \
+        --refill_buffers --end_fsync=1 --output=/dev/null
+    "$BIN" create-md --disk "$file" --force >/dev/null
+}
+
+run_suite() {
+    local label=$1 file=$2
+    prepare_file "$file"
+    for server in $SERVERS; do
+        echo "== $label: $server"
+        start_server "$server" "$file" "$RESULTS/$label-$server.log"
+        for job in $JOBS; do
+            # shellcheck disable=SC2046
+            fio --name="$job" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
+                $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+                --norandommap --randrepeat=0 --refill_buffers \
+                --output-format=json --output="$RESULTS/$label-$server-$job.json"
+            echo "   $job done"
+        done
+        stop_server
+    done
+}
+
+run_suite disk "$BENCH_DIR/disk.img"
+if [ "$TMPFS" = 1 ]; then
+    run_suite tmpfs "/dev/shm/replicator-bench/disk.img"
+    rm -rf /dev/shm/replicator-bench
+fi
+
+python3 - "$RESULTS" "$SERVERS" "$JOBS" <<'PY' | tee "$RESULTS/summary.txt"
+import json, os, sys
+
+results, servers, jobs = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+
+def load(label, server, job):
+    path = os.path.join(results, f"{label}-{server}-{job}.json")
+    try:
+        text = open(path).read()
+    except FileNotFoundError:
+        return None
+    j = json.loads(text[text.index("{"):])["jobs"][0]
+    side = j["read"] if "read" in job else j["write"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    return {
+        "mibs": side["bw_bytes"] / 1048576,
+        "iops": side["iops"],
+        "p99": pct.get("99.000000", 0) / 1000,
+        "err": j.get("error", 0),
+    }
+
+labels = sorted({f.split("-", 1)[0] for f in os.listdir(results) if f.endswith(".json")})
+hdr = f"{'backing':8} {'job':18} {'server':11} {'MiB/s':>9} {'IOPS':>10} {'p99 us':>10} {'vs nbdkit':>9}"
+print(hdr)
+print("-" * len(hdr))
+for label in labels:
+    for job in jobs:
+        base = load(label, "nbdkit", job)
+        for server in servers:
+            r = load(label, server, job)
+            if r is None:
+                continue
+            ratio = f"{r['mibs'] / base['mibs']:.2f}x" if base and base["mibs"] > 0 else "-"
+            err = "  (fio error)" if r["err"] else ""
+            print(f"{label:8} {job:18} {server:11} {r['mibs']:9.1f} {r['iops']:10.0f} {r['p99']:10.0f} {ratio:>9}{err}")
+print(f"\nraw results: {results}")
+PY

@@ -1,0 +1,428 @@
+//! The I/O thread: owns one io_uring, turns queued requests into SQEs in
+//! batches, reaps completions and answers each request on its channel.
+//!
+//! Loop: drain *all* queued requests into SQEs, submit them with one
+//! `io_uring_enter` that also waits for at least one completion, reap every
+//! completion, repeat. In-flight operations are bounded by the ring (one
+//! slot per operation, at most one SQE per slot outstanding); requests beyond
+//! that wait in a local queue, never dropped.
+//!
+//! Wake-up: an eventfd read is always armed in the ring, so the thread only
+//! ever blocks in `io_uring_enter`. Submitters write the eventfd only when
+//! the thread has announced it is about to sleep ([`Waker::wake`]): a busy
+//! thread picks new requests up on its next pass for free.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use io_uring::{opcode, types, IoUring};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use tracing::{error, warn};
+
+use super::buf::AlignedBuf;
+use super::ops::{self, Begin, Env, OpState, Step, FILE_EVENTFD};
+use super::shared::{OpKind, Shared};
+use super::{BackingError, CompletionSender, IoFailure, IoRequest};
+
+/// user_data of the eventfd read; slots use their index.
+const EVENTFD_TOKEN: u64 = u64::MAX;
+/// EAGAIN/EINTR from an operation are retried this often before failing.
+const MAX_RETRIES: u8 = 16;
+
+/// The submitter side of one I/O thread.
+pub(super) struct WorkerHandle {
+    pub tx: mpsc::Sender<IoRequest>,
+    pub waker: Arc<Waker>,
+}
+
+pub(super) struct Waker {
+    efd: OwnedFd,
+    /// Set by the thread just before it may block; cleared by whoever
+    /// wakes it, so a sleeping thread costs one eventfd write per wake-up,
+    /// not one per request.
+    sleeping: AtomicBool,
+}
+
+impl Waker {
+    /// Called after queueing requests. The fence pairs with the one in
+    /// `Engine::run`: either the thread's last drain before sleeping sees
+    /// our requests, or we see its `sleeping` flag and kick it.
+    pub(super) fn wake(&self) {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
+            self.kick();
+        }
+    }
+
+    /// Unconditional wake-up.
+    pub(super) fn kick(&self) {
+        // A blocking eventfd write only blocks when the counter would
+        // overflow (2^64 - 2 pending wake-ups), which cannot happen.
+        if let Err(e) = nix::unistd::write(&self.efd, &1u64.to_ne_bytes()) {
+            warn!("cannot wake backing I/O thread: {e}");
+        }
+    }
+}
+
+/// Starts I/O thread `index` and waits until its ring is set up.
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    index: usize,
+    ring_entries: u32,
+) -> Result<(WorkerHandle, JoinHandle<()>), BackingError> {
+    let efd = new_eventfd().map_err(|source| BackingError::Ring { source })?;
+    let waker = Arc::new(Waker { efd, sleeping: AtomicBool::new(false) });
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let thread_waker = Arc::clone(&waker);
+    let thread = thread::Builder::new()
+        .name(format!("backing-io-{index}"))
+        .spawn(move || thread_main(shared, thread_waker, rx, ring_entries, ready_tx))
+        .map_err(|source| BackingError::Thread { source })?;
+    let started =
+        ready_rx.recv().unwrap_or_else(|_| Err(io::Error::other("the I/O thread died while setting up its ring")));
+    match started {
+        Ok(()) => Ok((WorkerHandle { tx, waker }, thread)),
+        Err(source) => {
+            let _ = thread.join();
+            Err(BackingError::Ring { source })
+        }
+    }
+}
+
+fn thread_main(
+    shared: Arc<Shared>,
+    waker: Arc<Waker>,
+    rx: Receiver<IoRequest>,
+    ring_entries: u32,
+    ready: mpsc::SyncSender<io::Result<()>>,
+) {
+    let engine = match Engine::new(Arc::clone(&shared), waker, ring_entries) {
+        Ok(engine) => engine,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut engine = engine;
+        engine.run(&rx)
+    }));
+    let failed = match outcome {
+        Ok(Ok(())) => false,
+        Ok(Err(e)) => {
+            error!("backing I/O thread failed: {e}; answering all further requests with an error");
+            true
+        }
+        Err(_) => {
+            error!("backing I/O thread panicked; answering all further requests with an error");
+            true
+        }
+    };
+    if failed {
+        // Dead engine: keep answering until shutdown disconnects us, so no
+        // request is ever left without a completion.
+        while let Ok(req) = rx.recv() {
+            ops::answer(&shared, req, Err(IoFailure::EngineStopped));
+        }
+    }
+}
+
+/// An operation in flight.
+struct Slot {
+    tag: u64,
+    done: CompletionSender,
+    state: OpState,
+    kind: OpKind,
+    bytes: u64,
+    retries: u8,
+}
+
+struct Engine {
+    ring: IoUring,
+    shared: Arc<Shared>,
+    waker: Arc<Waker>,
+    /// Indexed by user_data; `None` when free.
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    /// Requests waiting for a free slot.
+    queued: VecDeque<IoRequest>,
+    zero_buf: Option<AlignedBuf>,
+    /// Target of the eventfd read; a heap buffer so its address is stable.
+    efd_buf: AlignedBuf,
+    efd_armed: bool,
+    /// The channel disconnected: finish what we have, then exit.
+    stopping: bool,
+    /// Reused scratch space for reaped (user_data, result) pairs.
+    cqes: Vec<(u64, i32)>,
+}
+
+impl Engine {
+    fn new(shared: Arc<Shared>, waker: Arc<Waker>, ring_entries: u32) -> io::Result<Engine> {
+        let ring = build_ring(ring_entries)?;
+        // Fixed files save the per-op fd table lookup and refcounting.
+        let mut fds = vec![shared.files.buffered.as_raw_fd(), waker.efd.as_raw_fd()];
+        if let Some(direct) = &shared.files.direct {
+            fds.push(direct.as_raw_fd());
+        }
+        assert_eq!(fds[ops::FILE_BUFFERED as usize], shared.files.buffered.as_raw_fd());
+        ring.submitter().register_files(&fds)?;
+
+        // One SQ entry stays reserved for the eventfd read. With at most one
+        // SQE per slot outstanding the SQ cannot overflow, and since the CQ
+        // is at least as large, neither can it.
+        let sq = ring.params().sq_entries() as usize;
+        let cq = ring.params().cq_entries() as usize;
+        assert!(sq >= 2 && cq >= sq, "ring too small: sq {sq}, cq {cq}");
+        let max_slots = sq - 1;
+        Ok(Engine {
+            ring,
+            shared,
+            waker,
+            slots: (0..max_slots).map(|_| None).collect(),
+            free: (0..max_slots).rev().collect(),
+            in_flight: 0,
+            queued: VecDeque::with_capacity(max_slots),
+            zero_buf: None,
+            efd_buf: AlignedBuf::zeroed(8),
+            efd_armed: false,
+            stopping: false,
+            cqes: Vec::with_capacity(cq),
+        })
+    }
+
+    fn run(&mut self, rx: &Receiver<IoRequest>) -> io::Result<()> {
+        loop {
+            self.drain(rx);
+            if self.stopping && self.in_flight == 0 {
+                assert!(self.queued.is_empty(), "queued requests with every slot free");
+                break;
+            }
+            if !self.stopping && !self.efd_armed {
+                self.arm_eventfd();
+            }
+            // Announce the sleep, then look once more (see Waker::wake).
+            self.waker.sleeping.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if self.drain(rx) {
+                self.waker.sleeping.store(false, Ordering::Relaxed);
+                continue;
+            }
+            self.enter(1)?;
+            self.waker.sleeping.store(false, Ordering::Relaxed);
+            self.reap();
+        }
+        self.retire_eventfd()
+    }
+
+    /// Takes every queued request; true if anything changed.
+    fn drain(&mut self, rx: &Receiver<IoRequest>) -> bool {
+        if self.stopping {
+            return false;
+        }
+        let mut any = false;
+        loop {
+            match rx.try_recv() {
+                Ok(req) => {
+                    any = true;
+                    if self.queued.is_empty() && !self.free.is_empty() {
+                        self.start(req);
+                    } else {
+                        self.queued.push_back(req);
+                    }
+                }
+                Err(TryRecvError::Empty) => return any,
+                Err(TryRecvError::Disconnected) => {
+                    self.stopping = true;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Starts a request; the caller made sure a slot is free.
+    fn start(&mut self, req: IoRequest) {
+        let IoRequest { tag, op, done } = req;
+        let (kind, bytes) = ops::account(&op);
+        let mut env = Env { shared: &self.shared, zero_buf: &mut self.zero_buf };
+        match ops::begin(op, &mut env) {
+            Begin::Now(result) => ops::finish(&self.shared, kind, bytes, tag, &done, result),
+            Begin::Pending(mut state) => {
+                let idx = self.free.pop().expect("start() is only called with a free slot");
+                let entry = state.sqe(&mut env).user_data(idx as u64);
+                push_sqe(&mut self.ring, &entry);
+                self.slots[idx] = Some(Slot { tag, done, state, kind, bytes, retries: 0 });
+                self.in_flight += 1;
+            }
+        }
+    }
+
+    fn start_queued(&mut self) {
+        while !self.free.is_empty() {
+            match self.queued.pop_front() {
+                Some(req) => self.start(req),
+                None => break,
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
+        for &(user_data, res) in &cqes {
+            self.complete(user_data, res);
+        }
+        cqes.clear();
+        self.cqes = cqes;
+        self.start_queued();
+    }
+
+    fn complete(&mut self, user_data: u64, res: i32) {
+        if user_data == EVENTFD_TOKEN {
+            self.efd_armed = false;
+            if res < 0 {
+                warn!("backing wake-up eventfd read failed: {}", io::Error::from_raw_os_error(-res));
+            }
+            return;
+        }
+        let idx = usize::try_from(user_data).unwrap_or(usize::MAX);
+        let slot = self.slots.get_mut(idx).and_then(Option::as_mut).expect("completions only arrive for busy slots");
+        let mut env = Env { shared: &self.shared, zero_buf: &mut self.zero_buf };
+        let step = if (res == -libc::EAGAIN || res == -libc::EINTR) && slot.retries < MAX_RETRIES {
+            // Nothing happened; ask again.
+            slot.retries += 1;
+            Step::Submit(slot.state.sqe(&mut env))
+        } else {
+            slot.state.advance(res, &mut env)
+        };
+        match step {
+            Step::Submit(entry) => push_sqe(&mut self.ring, &entry.user_data(user_data)),
+            Step::Finish(result) => {
+                if let Some(slot) = self.slots[idx].take() {
+                    self.free.push(idx);
+                    self.in_flight -= 1;
+                    ops::finish(&self.shared, slot.kind, slot.bytes, slot.tag, &slot.done, result);
+                }
+            }
+        }
+    }
+
+    fn arm_eventfd(&mut self) {
+        let entry = opcode::Read::new(types::Fixed(FILE_EVENTFD), self.efd_buf.as_mut_ptr(), self.efd_buf.len() as u32)
+            .build()
+            .user_data(EVENTFD_TOKEN);
+        push_sqe(&mut self.ring, &entry);
+        self.efd_armed = true;
+    }
+
+    /// Completes the armed eventfd read (by writing the eventfd ourselves)
+    /// so that no operation references our memory when the ring goes away.
+    fn retire_eventfd(&mut self) -> io::Result<()> {
+        if self.efd_armed {
+            self.waker.kick();
+        }
+        while self.efd_armed {
+            self.enter(1)?;
+            self.reap();
+        }
+        Ok(())
+    }
+
+    /// Submits pending SQEs and waits for `want` completions. Transient
+    /// refusals return Ok: the caller's loop reaps and tries again.
+    fn enter(&mut self, want: usize) -> io::Result<()> {
+        match self.ring.submitter().submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY) => Ok(()),
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+impl Drop for Engine {
+    /// A normal exit leaves nothing outstanding. After a ring failure or a
+    /// panic the kernel may still write into buffers of in-flight
+    /// operations even after the ring is closed, so those are leaked, not
+    /// freed; their requesters get an error.
+    fn drop(&mut self) {
+        let leak = self.in_flight > 0;
+        for slot in self.slots.iter_mut() {
+            if let Some(slot) = slot.take() {
+                let Slot { tag, done, state, kind, bytes, .. } = slot;
+                std::mem::forget(state);
+                ops::finish(&self.shared, kind, bytes, tag, &done, Err(IoFailure::EngineStopped));
+            }
+        }
+        if leak {
+            if let Some(zeros) = self.zero_buf.take() {
+                std::mem::forget(zeros);
+            }
+        }
+        if self.efd_armed {
+            std::mem::forget(std::mem::take(&mut self.efd_buf));
+        }
+        for req in self.queued.drain(..) {
+            ops::answer(&self.shared, req, Err(IoFailure::EngineStopped));
+        }
+    }
+}
+
+/// A blocking eventfd: io_uring answers a read of an O_NONBLOCK fd with
+/// EAGAIN instead of waiting for it to become readable.
+fn new_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) takes no pointers; it returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Queues an SQE.
+fn push_sqe(ring: &mut IoUring, entry: &io_uring::squeue::Entry) {
+    // SAFETY: every buffer an SQE points to outlives the operation: read and
+    // write buffers are owned by the operation's slot, which is only freed
+    // after its final CQE; the zero buffer and the eventfd buffer are owned
+    // by the engine, which exits only when no operation is in flight (and
+    // leaks them in Drop otherwise). The fixed-file indices refer to files
+    // registered in `Engine::new`, kept open by `Shared`/`Waker` for the
+    // ring's lifetime.
+    let pushed = unsafe { ring.submission().push(entry) };
+    assert!(pushed.is_ok(), "submission queue full: at most one SQE per slot plus the eventfd read may be outstanding");
+}
+
+/// A ring for one I/O thread. DEFER_TASKRUN (completion work runs only when
+/// we enter the kernel to wait, i.e. in batches) needs SINGLE_ISSUER, which
+/// holds: only this thread ever touches the ring. Older kernels lack these
+/// flags, so fall back step by step.
+fn build_ring(entries: u32) -> io::Result<IoUring> {
+    let attempts: [fn(&mut io_uring::Builder); 3] = [
+        |b| {
+            b.setup_single_issuer().setup_defer_taskrun();
+        },
+        |b| {
+            b.setup_coop_taskrun();
+        },
+        |_| {},
+    ];
+    let mut last_error = io::Error::other("no io_uring setup attempted");
+    for configure in attempts {
+        let mut builder = IoUring::builder();
+        builder.setup_clamp();
+        configure(&mut builder);
+        match builder.build(entries) {
+            Ok(ring) => return Ok(ring),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}

@@ -1,0 +1,74 @@
+//! Every bound the replicator enforces, in one place, with units last.
+//!
+//! Relations between limits are checked at compile time below, so that
+//! changing one cannot silently break another.
+
+/// Largest NBD request payload (READ/WRITE length) we accept; advertised as
+/// the maximum block size. Larger WRITEs are refused and the connection
+/// closed, because their payload cannot be skipped cheaply.
+pub const NBD_REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
+
+/// Largest TRIM/WRITE_ZEROES/BLOCK_STATUS length: these carry no payload, so
+/// they may cover more than a READ/WRITE. The spec caps lengths at u32 anyway.
+pub const NBD_EFFECT_BYTES_MAX: u32 = u32::MAX;
+
+/// Preferred block size advertised to clients (and the page size we align
+/// buffers to).
+pub const NBD_BLOCK_BYTES_PREFERRED: u32 = 4096;
+
+/// Largest option payload accepted during the handshake. The spec limits
+/// names and queries to 4 KiB each; options larger than this are refused
+/// with NBD_REP_ERR_TOO_BIG and the connection is closed.
+pub const NBD_OPTION_BYTES_MAX: u32 = 64 * 1024;
+
+/// Options a client may send before it must pick an export; bounds the time
+/// and work an unauthenticated client can cost us.
+pub const NBD_OPTIONS_PER_HANDSHAKE_MAX: u32 = 256;
+
+/// Meta-context queries in one LIST/SET_META_CONTEXT option.
+pub const NBD_META_QUERIES_MAX: u32 = 128;
+
+/// Requests one connection may have in flight (read from the socket but not
+/// yet answered).
+pub const CONNECTION_INFLIGHT_REQUESTS_MAX: u32 = 256;
+
+/// Payload bytes one connection may have in flight, in both directions
+/// (write data received but not yet written, read data read but not yet
+/// sent). A client that stops reading replies stalls here.
+pub const CONNECTION_INFLIGHT_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
+/// Payload bytes all connections together may have in flight.
+pub const SERVER_INFLIGHT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+
+/// Concurrent client connections (NBD, all listeners together).
+pub const SERVER_CONNECTIONS_MAX: usize = 1024;
+
+/// Seconds a client may take to finish the handshake before it is dropped.
+pub const HANDSHAKE_TIMEOUT_SECS: u64 = 30;
+
+/// Seconds a reply write may stall (client not reading) before the
+/// connection is dropped and its in-flight buffers freed.
+pub const REPLY_WRITE_STALL_SECS: u64 = 30;
+
+/// Seconds SIGTERM waits for in-flight requests before giving up on them.
+pub const SHUTDOWN_DRAIN_SECS: u64 = 30;
+
+/// Replies coalesced into one socket write.
+pub const REPLY_BATCH_MAX: usize = 64;
+
+/// Read replies up to this size are copied into the batch buffer; larger
+/// ones are written straight from their I/O buffer.
+pub const REPLY_COPY_BYTES_MAX: usize = 64 * 1024;
+
+/// Control-socket request size.
+pub const CONTROL_MESSAGE_BYTES_MAX: u32 = 64 * 1024;
+
+/// Accounting unit for in-flight bytes (semaphore permits are this many bytes).
+pub const INFLIGHT_UNIT_BYTES: u32 = 4096;
+
+const _: () = assert!(NBD_REQUEST_BYTES_MAX <= CONNECTION_INFLIGHT_BYTES_MAX);
+const _: () = assert!(CONNECTION_INFLIGHT_BYTES_MAX as u64 <= SERVER_INFLIGHT_BYTES_MAX);
+const _: () = assert!(NBD_REQUEST_BYTES_MAX % INFLIGHT_UNIT_BYTES == 0);
+const _: () = assert!(CONNECTION_INFLIGHT_BYTES_MAX % INFLIGHT_UNIT_BYTES == 0);
+const _: () = assert!(NBD_REQUEST_BYTES_MAX.is_power_of_two());
+const _: () = assert!(NBD_BLOCK_BYTES_PREFERRED <= NBD_REQUEST_BYTES_MAX);

@@ -1,0 +1,19 @@
+//! End-to-end test harness for the `replicator` binary: scratch directories,
+//! volumes, a supervised `replicator serve`, a raw NBD client for protocol
+//! abuse, a throwaway PKI, and helpers to run external tools (nbdinfo,
+//! nbdcopy, qemu-img, fio, ...) with readable failures. The tests live in
+//! `tests/tests/*.rs`.
+
+pub mod nbd;
+pub mod server;
+pub mod tls;
+pub mod util;
+
+pub use server::{nbdkit, replicator, replicator_bin, Daemon, Server, Volume};
+pub use util::{
+    assert_same_bytes, cmd, have_root, have_tools, in_ci, is_root, random_bytes, run, run_fail, run_output,
+    run_timeout, skip, wait_until, Guard, Output, TestDir,
+};
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
