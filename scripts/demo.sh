@@ -61,7 +61,7 @@ nbdinfo "$URI"
 
 say "writing 64 MiB of random data with nbdcopy"
 head -c 64M /dev/urandom >"$DEMO/data.bin"
-nbdcopy "$DEMO/data.bin" "$URI"
+nbdcopy --flush "$DEMO/data.bin" "$URI"
 
 say "reading the volume back over the Unix socket and comparing"
 nbdcopy "nbd+unix:///volume?socket=$DEMO/nbd.sock" "$DEMO/readback.bin"

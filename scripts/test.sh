@@ -24,8 +24,15 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build"
 cargo build --workspace --bins
 
-step "cargo test"
-cargo test --workspace --no-fail-fast
+step "fuzz smoke run (${FUZZ_SECONDS:-20} s per target)"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 
-echo
-echo "==> all checks passed in $((SECONDS - start)) s"
+step "cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "\n==> finished in %d s\ntests: %d passed, %d failed, %d skipped\n", '"$((SECONDS - start))"', p, f, s }' "$log"
+exit "$status"

@@ -82,7 +82,9 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         description: config.description.clone(),
         size_bytes: data_size_bytes,
         read_only: config.read_only,
-        block_size_min: 1,
+        // With O_DIRECT, 512-byte alignment takes the fast path; unaligned
+        // requests still work (through the buffered descriptor).
+        block_size_min: if config.direct_io { 512 } else { 1 },
         block_size_preferred: limits::NBD_BLOCK_BYTES_PREFERRED,
         block_size_max: limits::NBD_REQUEST_BYTES_MAX,
     };
@@ -192,7 +194,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         final_flush(&backing).await.map_err(|cause| ServeError::FinalFlush { disk: config.disk.clone(), cause })?;
         tokio::task::block_in_place(|| meta.update(|sb| sb.flags.clean_shutdown = true))?;
     }
-    backing.shutdown();
+    tokio::task::block_in_place(|| backing.shutdown());
     for path in config.unix.iter().chain(std::iter::once(&config.control)) {
         let _ = std::fs::remove_file(path);
     }

@@ -161,6 +161,8 @@ struct Engine {
     stopping: bool,
     /// Reused scratch space for reaped (user_data, result) pairs.
     cqes: Vec<(u64, i32)>,
+    /// The wake-up read failed for good; the loop gives up (see `run`).
+    wake_failure: Option<io::Error>,
 }
 
 impl Engine {
@@ -194,6 +196,7 @@ impl Engine {
             efd_armed: false,
             stopping: false,
             cqes: Vec::with_capacity(cq),
+            wake_failure: None,
         })
     }
 
@@ -217,6 +220,10 @@ impl Engine {
             self.enter(1)?;
             self.waker.sleeping.store(false, Ordering::Relaxed);
             self.reap();
+            if let Some(e) = self.wake_failure.take() {
+                // Re-arming would spin; without wake-ups requests would hang.
+                return Err(io::Error::new(e.kind(), format!("wake-up eventfd read failed: {e}")));
+            }
         }
         self.retire_eventfd()
     }
@@ -286,8 +293,8 @@ impl Engine {
     fn complete(&mut self, user_data: u64, res: i32) {
         if user_data == EVENTFD_TOKEN {
             self.efd_armed = false;
-            if res < 0 {
-                warn!("backing wake-up eventfd read failed: {}", io::Error::from_raw_os_error(-res));
+            if res < 0 && !matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) {
+                self.wake_failure = Some(io::Error::from_raw_os_error(-res));
             }
             return;
         }

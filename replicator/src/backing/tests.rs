@@ -531,33 +531,13 @@ fn open_errors_name_the_path_and_the_fix() {
 }
 
 #[test]
-#[ignore]
-fn zz_bench_qd32() {
-    let dir = TempDir::new(&var_tmp(), "bench");
-    let size = 256 * MIB;
-    let path = dir.file(size, Some(1)); std::process::Command::new("sync").status().unwrap();
-    for direct in [true, true, false] {
-        let backing = open_with(&path, size, |c| c.direct_io = direct);
-        let mut client = Client::new();
-        let mut rng = Rng(3);
-        let n = if direct { 100_000u64 } else { 400_000 };
-        let start = std::time::Instant::now();
-        let mut inflight = 0;
-        let mut sent = 0;
-        let data = vec![7u8; 4096];
-        while sent < n || inflight > 0 {
-            while inflight < 32 && sent < n {
-                let off = rng.below(size / 4096) * 4096;
-                let r = client.req(IoOp::Write { offset: off, data: AlignedBuf::from_slice(&data), fua: false });
-                backing.submit(r);
-                inflight += 1;
-                sent += 1;
-            }
-            let c = client.recv();
-            assert!(c.result.is_ok());
-            inflight -= 1;
-        }
-        let el = start.elapsed();
-        eprintln!("direct={direct}: {:.0} IOPS", n as f64 / el.as_secs_f64());
-    }
+fn handles_and_requests_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Backing>();
+    send_sync::<AlignedBuf>();
+    send::<IoRequest>();
+    send::<IoCompletion>();
+    assert_eq!(IoFailure::ReadOnly.errno(), libc::EPERM);
+    assert_eq!(IoFailure::Errno(libc::ENOSPC).errno(), libc::ENOSPC);
 }

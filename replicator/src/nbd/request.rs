@@ -65,6 +65,16 @@ impl Command {
         }
     }
 
+    /// Data bytes the server holds in memory for this request: the WRITE
+    /// payload on the way in, or the READ data on the way out. This is what
+    /// the in-flight budget counts.
+    pub fn buffer_bytes(&self) -> u32 {
+        match *self {
+            Command::Write { len, .. } | Command::Read { len, .. } => len,
+            _ => 0,
+        }
+    }
+
     /// Whether an error for this command must use a structured reply once
     /// structured replies are negotiated (the spec forbids simple replies to
     /// READ, and BLOCK_STATUS only exists with structured replies).

@@ -205,20 +205,20 @@ struct Budget {
 }
 
 impl Budget {
-    fn units(payload_bytes: u32) -> u32 {
-        payload_bytes.div_ceil(limits::INFLIGHT_UNIT_BYTES).max(1)
+    fn units(buffer_bytes: u32) -> u32 {
+        buffer_bytes.div_ceil(limits::INFLIGHT_UNIT_BYTES).max(1)
     }
 
-    fn try_acquire(&self, payload_bytes: u32) -> Option<Permits> {
-        let units = Self::units(payload_bytes);
+    fn try_acquire(&self, buffer_bytes: u32) -> Option<Permits> {
+        let units = Self::units(buffer_bytes);
         let request = self.requests.clone().try_acquire_owned().ok()?;
         let connection_bytes = self.connection_bytes.clone().try_acquire_many_owned(units).ok()?;
         let server_bytes = self.server_bytes.clone().try_acquire_many_owned(units).ok()?;
         Some(Permits { _request: request, _connection_bytes: connection_bytes, _server_bytes: server_bytes })
     }
 
-    async fn acquire(&self, payload_bytes: u32) -> Permits {
-        let units = Self::units(payload_bytes);
+    async fn acquire(&self, buffer_bytes: u32) -> Permits {
+        let units = Self::units(buffer_bytes);
         // The semaphores are never closed, so acquisition only waits.
         let request = self.requests.clone().acquire_owned().await.expect("semaphore never closed");
         let connection_bytes =
@@ -318,17 +318,17 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 return Err(violation.into());
             }
         };
-        let payload_bytes = match decoded {
-            Decoded::Execute(req) => req.command.payload_bytes(),
+        let buffer_bytes = match decoded {
+            Decoded::Execute(req) => req.command.buffer_bytes(),
             Decoded::Refuse { .. } | Decoded::RefuseAndClose { .. } => 0,
         };
-        let permits = match budget.try_acquire(payload_bytes) {
+        let permits = match budget.try_acquire(buffer_bytes) {
             Some(permits) => permits,
             None => {
                 // Submit what we hold before waiting: those requests'
                 // permits are what will free room.
                 flush_batch(&mut batch);
-                budget.acquire(payload_bytes).await
+                budget.acquire(buffer_bytes).await
             }
         };
         match decoded {
