@@ -176,6 +176,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shared.shutdown.send_replace(true);
+    backing.close_hosted_input();
     for task in accept_tasks {
         let _ = task.await;
     }

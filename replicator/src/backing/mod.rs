@@ -35,9 +35,10 @@ use std::thread::JoinHandle;
 use tracing::warn;
 
 pub use buf::AlignedBuf;
+pub use engine::hosted::{HostedConnection, HostedSession, Transmit};
 pub use shared::BackingStats;
 
-use engine::WorkerHandle;
+use engine::{Msg, WorkerHandle};
 use shared::Shared;
 
 /// Where a request's completion is sent.
@@ -277,17 +278,49 @@ impl Backing {
                 continue;
             }
             match worker {
-                Some(worker) => match worker.tx.send(req) {
+                Some(worker) => match worker.tx.send(Msg::Io(req)) {
                     Ok(()) => sent = true,
                     // The thread is gone (it only exits after shutdown or
                     // a panic); the request comes back to us.
-                    Err(std::sync::mpsc::SendError(req)) => ops::answer(shared, req, Err(IoFailure::EngineStopped)),
+                    Err(std::sync::mpsc::SendError(Msg::Io(req))) => {
+                        ops::answer(shared, req, Err(IoFailure::EngineStopped))
+                    }
+                    Err(_) => unreachable!("we sent an Io message"),
                 },
                 None => ops::answer(shared, req, Err(IoFailure::EngineStopped)),
             }
         }
         if let (true, Some(worker)) = (sent, worker) {
             worker.waker.wake();
+        }
+    }
+
+    /// Hands a connected socket and its protocol session to an I/O thread,
+    /// which then runs the connection (see `engine::hosted`). `conn.closed`
+    /// is told when it ends.
+    pub fn host(&self, conn: HostedConnection) {
+        let guard = self.inner.workers.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(workers) = guard.as_ref().filter(|w| !w.is_empty()) else {
+            conn.refuse("the I/O engine is stopped");
+            return;
+        };
+        let pick = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % workers.len();
+        let worker = &workers[pick];
+        match worker.tx.send(Msg::Host(conn)) {
+            Ok(()) => worker.waker.wake(),
+            Err(std::sync::mpsc::SendError(Msg::Host(conn))) => conn.refuse("the I/O engine is stopped"),
+            Err(_) => unreachable!("we sent a Host message"),
+        }
+    }
+
+    /// Hosted connections stop reading requests and close once their
+    /// in-flight requests are answered (server shutdown).
+    pub fn close_hosted_input(&self) {
+        let guard = self.inner.workers.read().unwrap_or_else(PoisonError::into_inner);
+        for worker in guard.iter().flatten() {
+            if worker.tx.send(Msg::CloseHostedInput).is_ok() {
+                worker.waker.wake();
+            }
         }
     }
 

@@ -108,7 +108,7 @@ pub(super) fn finish(
 pub(super) fn begin(op: IoOp, env: &mut Env<'_>) -> Begin {
     let state = match op {
         IoOp::Read { len: 0, .. } => return Begin::Now(Ok(IoOutput::Read(AlignedBuf::new()))),
-        IoOp::Read { offset, len } => OpState::Read { buf: AlignedBuf::zeroed(len as usize), offset, done: 0 },
+        IoOp::Read { offset, len } => OpState::Read { buf: AlignedBuf::for_overwrite(len as usize), offset, done: 0 },
         IoOp::Write { data, .. } if data.is_empty() => return Begin::Now(Ok(IoOutput::Done)),
         IoOp::Write { offset, data, fua } => OpState::Write { data, offset, done: 0, fua },
         IoOp::Flush => OpState::Flush,

@@ -15,4 +15,4 @@ pub mod request;
 pub mod wire;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

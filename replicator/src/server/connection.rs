@@ -20,15 +20,17 @@
 //! buffers freed.
 
 use std::collections::HashMap;
+use std::os::unix::io::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::session::{failure_reply, Session};
 use super::stats::{ClientGuard, IoCounters};
 use super::Shared;
-use crate::backing::{AlignedBuf, IoCompletion, IoFailure, IoOp, IoOutput, IoRequest};
+use crate::backing::{AlignedBuf, HostedConnection, IoCompletion, IoFailure, IoOp, IoOutput, IoRequest};
 use crate::limits;
 use crate::nbd::handshake::{Handshake, HandshakeEvent, Negotiated};
 use crate::nbd::reply::{self, StatusExtent};
@@ -52,6 +54,8 @@ pub enum ConnectionError {
     Tls(std::io::Error),
     #[error("client asked for TLS but the server has no TLS configuration")]
     TlsUnavailable,
+    #[error("{0}")]
+    Hosted(String),
 }
 
 /// Result of driving the handshake on one stream.
@@ -97,6 +101,9 @@ pub trait SplitStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     type Read: AsyncRead + Unpin + Send;
     type Write: AsyncWrite + Unpin + Send;
     fn split_halves(self) -> (Self::Read, Self::Write);
+    /// The plain socket, in blocking mode, for hosting on the I/O thread;
+    /// `Err(self)` for streams that need user-space processing (TLS).
+    fn into_hosted_fd(self) -> Result<OwnedFd, Self>;
 }
 
 impl SplitStream for tokio::net::TcpStream {
@@ -104,6 +111,13 @@ impl SplitStream for tokio::net::TcpStream {
     type Write = tokio::net::tcp::OwnedWriteHalf;
     fn split_halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
+    }
+    fn into_hosted_fd(self) -> Result<OwnedFd, Self> {
+        let std = self.into_std().map_err(|_| unreachable_stream())?;
+        // io_uring completes operations on a non-blocking socket with
+        // EAGAIN instead of waiting for it; in blocking mode it polls.
+        std.set_nonblocking(false).map_err(|_| unreachable_stream())?;
+        Ok(std.into())
     }
 }
 
@@ -113,6 +127,17 @@ impl SplitStream for tokio::net::UnixStream {
     fn split_halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
     }
+    fn into_hosted_fd(self) -> Result<OwnedFd, Self> {
+        let std = self.into_std().map_err(|_| unreachable_stream())?;
+        std.set_nonblocking(false).map_err(|_| unreachable_stream())?;
+        Ok(std.into())
+    }
+}
+
+/// `into_std` and `set_nonblocking` only fail on a socket that is already
+/// broken; such a connection is simply dropped.
+fn unreachable_stream<S>() -> S {
+    panic!("deregistering a connected socket from tokio failed")
 }
 
 impl<S: SplitStream> SplitStream for tokio_rustls::server::TlsStream<S> {
@@ -120,6 +145,9 @@ impl<S: SplitStream> SplitStream for tokio_rustls::server::TlsStream<S> {
     type Write = tokio::io::WriteHalf<Self>;
     fn split_halves(self) -> (Self::Read, Self::Write) {
         tokio::io::split(self)
+    }
+    fn into_hosted_fd(self) -> Result<OwnedFd, Self> {
+        Err(self)
     }
 }
 
@@ -239,6 +267,14 @@ async fn transmission<S: SplitStream>(
         structured_replies: negotiated.structured_replies,
         base_allocation: negotiated.base_allocation,
     };
+    let stream = if shared.host_plain_connections {
+        match stream.into_hosted_fd() {
+            Ok(fd) => return hosted_transmission(&shared, fd, config).await,
+            Err(stream) => stream,
+        }
+    } else {
+        stream
+    };
     let (read_half, write_half) = stream.split_halves();
     let pending: PendingMap = Mutex::new(HashMap::new());
     let (done_tx, done_rx) = mpsc::unbounded_channel::<IoCompletion>();
@@ -268,6 +304,19 @@ async fn transmission<S: SplitStream>(
             // dropped, which drops the socket and every pending buffer.
             write_result
         }
+    }
+}
+
+/// Runs the transmission phase on the I/O thread (see
+/// `server::session`); returns when the engine closed the connection.
+async fn hosted_transmission(shared: &Shared, fd: OwnedFd, config: TransmissionConfig) -> Result<(), ConnectionError> {
+    let session = Session::new(config, shared.counters.clone(), shared.inflight_bytes.clone());
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    shared.backing.host(HostedConnection { fd, session: Box::new(session), closed: closed_tx });
+    match closed_rx.await {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(ConnectionError::Hosted(why)),
+        Err(_) => Err(ConnectionError::Hosted("the I/O engine dropped the connection".into())),
     }
 }
 
@@ -369,7 +418,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     Command::Write { offset, len, fua } => {
                         IoCounters::add(&counters.writes, 1);
                         IoCounters::add(&counters.bytes_written, u64::from(len));
-                        let mut data = AlignedBuf::zeroed(len as usize);
+                        let mut data = AlignedBuf::for_overwrite(len as usize);
                         if reader.buffer().len() < len as usize {
                             flush_batch(&mut batch);
                         }
@@ -547,13 +596,7 @@ async fn encode_completion<W: AsyncWrite + Unpin>(
         (Ok(_), _) => panic!("engine output does not match the request kind"),
         (Err(failure), kind) => {
             IoCounters::add(&counters.errors, 1);
-            let (error, message) = match failure {
-                IoFailure::Errno(errno) => (NbdError::from_errno(errno), "i/o error on the backing store"),
-                IoFailure::NotSupported => (NbdError::NotSup, "fast zeroing is not supported here"),
-                IoFailure::OutOfRange => (NbdError::Inval, "request outside the export"),
-                IoFailure::ReadOnly => (NbdError::Perm, "export is read-only"),
-                IoFailure::EngineStopped => (NbdError::Shutdown, "server is shutting down"),
-            };
+            let (error, message) = failure_reply(failure);
             if let IoFailure::Errno(errno) = failure {
                 tracing::warn!(errno, "backing store i/o failed");
             }

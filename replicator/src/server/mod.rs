@@ -6,6 +6,7 @@
 //! connections to finish after the shutdown signal.
 
 pub mod connection;
+pub mod session;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ pub struct Shared {
     pub export: ExportInfo,
     pub tls_mode: TlsMode,
     pub tls_acceptor: Option<TlsAcceptor>,
-    pub counters: IoCounters,
+    pub counters: Arc<IoCounters>,
     pub clients: ClientRegistry,
     /// Server-wide budget of in-flight payload, in
     /// [`limits::INFLIGHT_UNIT_BYTES`] units.
@@ -36,6 +37,9 @@ pub struct Shared {
     pub connections: Arc<Semaphore>,
     /// Flips to `true` once: stop accepting, stop reading new requests.
     pub shutdown: watch::Sender<bool>,
+    /// Run plaintext connections' transmission phase on the I/O thread
+    /// (`server::session`); TLS connections always stay in tokio.
+    pub host_plain_connections: bool,
 }
 
 impl Shared {
@@ -47,11 +51,12 @@ impl Shared {
             export,
             tls_mode,
             tls_acceptor,
-            counters: IoCounters::default(),
+            counters: Arc::new(IoCounters::default()),
             clients: ClientRegistry::default(),
             inflight_bytes: Arc::new(Semaphore::new(units as usize)),
             connections: Arc::new(Semaphore::new(limits::SERVER_CONNECTIONS_MAX)),
             shutdown: watch::channel(false).0,
+            host_plain_connections: true,
         }
     }
 }

@@ -26,16 +26,42 @@ use tracing::{error, warn};
 use super::buf::AlignedBuf;
 use super::ops::{self, Begin, Env, OpState, Step, FILE_EVENTFD};
 use super::shared::{OpKind, Shared};
-use super::{BackingError, CompletionSender, IoFailure, IoRequest};
+use super::{BackingError, CompletionSender, IoFailure, IoOp, IoRequest};
+
+pub(in crate::backing) mod hosted;
+use hosted::{Conn, HostedConnection};
 
 /// user_data of the eventfd read; slots use their index.
 const EVENTFD_TOKEN: u64 = u64::MAX;
 /// EAGAIN/EINTR from an operation are retried this often before failing.
 const MAX_RETRIES: u8 = 16;
 
+/// What submitters send to an I/O thread.
+pub(super) enum Msg {
+    Io(IoRequest),
+    /// A connection whose protocol now runs on this thread's ring.
+    Host(HostedConnection),
+    /// Hosted sessions stop reading requests and finish what they have.
+    CloseHostedInput,
+}
+
+/// Where an operation's result goes.
+pub(super) enum Reply {
+    Channel(CompletionSender),
+    /// The hosted connection in this slot of `Engine::conns`.
+    Hosted(usize),
+}
+
+/// An operation waiting for a free slot.
+pub(super) struct Queued {
+    tag: u64,
+    op: IoOp,
+    reply: Reply,
+}
+
 /// The submitter side of one I/O thread.
 pub(super) struct WorkerHandle {
-    pub tx: mpsc::Sender<IoRequest>,
+    pub tx: mpsc::Sender<Msg>,
     pub waker: Arc<Waker>,
 }
 
@@ -97,7 +123,7 @@ pub(super) fn spawn(
 fn thread_main(
     shared: Arc<Shared>,
     waker: Arc<Waker>,
-    rx: Receiver<IoRequest>,
+    rx: Receiver<Msg>,
     ring_entries: u32,
     ready: mpsc::SyncSender<io::Result<()>>,
 ) {
@@ -127,8 +153,12 @@ fn thread_main(
     if failed {
         // Dead engine: keep answering until shutdown disconnects us, so no
         // request is ever left without a completion.
-        while let Ok(req) = rx.recv() {
-            ops::answer(&shared, req, Err(IoFailure::EngineStopped));
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                Msg::Io(req) => ops::answer(&shared, req, Err(IoFailure::EngineStopped)),
+                Msg::Host(conn) => conn.refuse("the I/O engine has failed"),
+                Msg::CloseHostedInput => {}
+            }
         }
     }
 }
@@ -136,7 +166,7 @@ fn thread_main(
 /// An operation in flight.
 struct Slot {
     tag: u64,
-    done: CompletionSender,
+    reply: Reply,
     state: OpState,
     kind: OpKind,
     bytes: u64,
@@ -152,7 +182,17 @@ struct Engine {
     free: Vec<usize>,
     in_flight: usize,
     /// Requests waiting for a free slot.
-    queued: VecDeque<IoRequest>,
+    queued: VecDeque<Queued>,
+    /// Connections hosted on this ring, by slot; `None` when free.
+    conns: Vec<Option<Conn>>,
+    free_conns: Vec<usize>,
+    /// Hosted connections that need `pump` after this round of completions.
+    dirty_conns: Vec<usize>,
+    /// Socket operations in flight (not counted in `in_flight`).
+    conn_ops_in_flight: usize,
+    /// Periodic wake-up while connections are hosted (stall checks).
+    timer_spec: Box<types::Timespec>,
+    timer_armed: bool,
     zero_buf: Option<AlignedBuf>,
     /// Target of the eventfd read; a heap buffer so its address is stable.
     efd_buf: AlignedBuf,
@@ -191,6 +231,12 @@ impl Engine {
             free: (0..max_slots).rev().collect(),
             in_flight: 0,
             queued: VecDeque::with_capacity(max_slots),
+            conns: Vec::new(),
+            free_conns: Vec::new(),
+            dirty_conns: Vec::new(),
+            conn_ops_in_flight: 0,
+            timer_spec: Box::new(types::Timespec::new().sec(1)),
+            timer_armed: false,
             zero_buf: None,
             efd_buf: AlignedBuf::zeroed(8),
             efd_armed: false,
@@ -200,10 +246,10 @@ impl Engine {
         })
     }
 
-    fn run(&mut self, rx: &Receiver<IoRequest>) -> io::Result<()> {
+    fn run(&mut self, rx: &Receiver<Msg>) -> io::Result<()> {
         loop {
             self.drain(rx);
-            if self.stopping && self.in_flight == 0 {
+            if self.stopping && self.in_flight == 0 && self.live_conns() == 0 && !self.timer_armed {
                 assert!(self.queued.is_empty(), "queued requests with every slot free");
                 break;
             }
@@ -229,43 +275,71 @@ impl Engine {
     }
 
     /// Takes every queued request; true if anything changed.
-    fn drain(&mut self, rx: &Receiver<IoRequest>) -> bool {
+    fn drain(&mut self, rx: &Receiver<Msg>) -> bool {
         if self.stopping {
             return false;
         }
         let mut any = false;
         loop {
             match rx.try_recv() {
-                Ok(req) => {
+                Ok(Msg::Io(IoRequest { tag, op, done })) => {
                     any = true;
-                    if self.queued.is_empty() && !self.free.is_empty() {
-                        self.start(req);
-                    } else {
-                        self.queued.push_back(req);
-                    }
+                    self.enqueue(Queued { tag, op, reply: Reply::Channel(done) });
                 }
-                Err(TryRecvError::Empty) => return any,
+                Ok(Msg::Host(conn)) => {
+                    any = true;
+                    self.host(conn);
+                }
+                Ok(Msg::CloseHostedInput) => {
+                    any = true;
+                    self.close_hosted_input();
+                }
+                Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     self.stopping = true;
-                    return true;
+                    self.close_hosted_input();
+                    any = true;
+                    break;
                 }
             }
+        }
+        self.pump_dirty();
+        any
+    }
+
+    /// Starts an operation now if a slot is free, else queues it.
+    fn enqueue(&mut self, queued: Queued) {
+        if self.queued.is_empty() && !self.free.is_empty() {
+            self.start(queued);
+        } else {
+            self.queued.push_back(queued);
         }
     }
 
     /// Starts a request; the caller made sure a slot is free.
-    fn start(&mut self, req: IoRequest) {
-        let IoRequest { tag, op, done } = req;
+    fn start(&mut self, queued: Queued) {
+        let Queued { tag, op, reply } = queued;
         let (kind, bytes) = ops::account(&op);
         let mut env = Env { shared: &self.shared, zero_buf: &mut self.zero_buf };
         match ops::begin(op, &mut env) {
-            Begin::Now(result) => ops::finish(&self.shared, kind, bytes, tag, &done, result),
+            Begin::Now(result) => self.deliver(kind, bytes, tag, &reply, result),
             Begin::Pending(mut state) => {
                 let idx = self.free.pop().expect("start() is only called with a free slot");
                 let entry = state.sqe(&mut env).user_data(idx as u64);
                 push_sqe(&mut self.ring, &entry);
-                self.slots[idx] = Some(Slot { tag, done, state, kind, bytes, retries: 0 });
+                self.slots[idx] = Some(Slot { tag, reply, state, kind, bytes, retries: 0 });
                 self.in_flight += 1;
+            }
+        }
+    }
+
+    /// Answers an operation: on its channel, or to its hosted session.
+    fn deliver(&mut self, kind: OpKind, bytes: u64, tag: u64, reply: &Reply, result: ops::IoResult) {
+        match reply {
+            Reply::Channel(done) => ops::finish(&self.shared, kind, bytes, tag, done, result),
+            Reply::Hosted(conn) => {
+                self.shared.stats.record(kind, bytes, result.is_ok());
+                self.conn_completion(*conn, tag, result);
             }
         }
     }
@@ -288,6 +362,7 @@ impl Engine {
         cqes.clear();
         self.cqes = cqes;
         self.start_queued();
+        self.pump_dirty();
     }
 
     fn complete(&mut self, user_data: u64, res: i32) {
@@ -296,6 +371,14 @@ impl Engine {
             if res < 0 && !matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) {
                 self.wake_failure = Some(io::Error::from_raw_os_error(-res));
             }
+            return;
+        }
+        if user_data == hosted::TIMER_TOKEN {
+            self.timer_fired();
+            return;
+        }
+        if user_data & hosted::CONN_BIT != 0 {
+            self.conn_event(user_data, res);
             return;
         }
         let idx = usize::try_from(user_data).unwrap_or(usize::MAX);
@@ -314,7 +397,7 @@ impl Engine {
                 if let Some(slot) = self.slots[idx].take() {
                     self.free.push(idx);
                     self.in_flight -= 1;
-                    ops::finish(&self.shared, slot.kind, slot.bytes, slot.tag, &slot.done, result);
+                    self.deliver(slot.kind, slot.bytes, slot.tag, &slot.reply, result);
                 }
             }
         }
@@ -360,12 +443,14 @@ impl Drop for Engine {
     /// operations even after the ring is closed, so those are leaked, not
     /// freed; their requesters get an error.
     fn drop(&mut self) {
-        let leak = self.in_flight > 0;
+        let leak = self.in_flight > 0 || self.conn_ops_in_flight > 0;
         for slot in self.slots.iter_mut() {
             if let Some(slot) = slot.take() {
-                let Slot { tag, done, state, kind, bytes, .. } = slot;
+                let Slot { tag, reply, state, kind, bytes, .. } = slot;
                 std::mem::forget(state);
-                ops::finish(&self.shared, kind, bytes, tag, &done, Err(IoFailure::EngineStopped));
+                if let Reply::Channel(done) = reply {
+                    ops::finish(&self.shared, kind, bytes, tag, &done, Err(IoFailure::EngineStopped));
+                }
             }
         }
         if leak {
@@ -376,8 +461,16 @@ impl Drop for Engine {
         if self.efd_armed {
             std::mem::forget(std::mem::take(&mut self.efd_buf));
         }
-        for req in self.queued.drain(..) {
-            ops::answer(&self.shared, req, Err(IoFailure::EngineStopped));
+        for queued in self.queued.drain(..) {
+            if let Reply::Channel(done) = queued.reply {
+                let (kind, bytes) = ops::account(&queued.op);
+                ops::finish(&self.shared, kind, bytes, queued.tag, &done, Err(IoFailure::EngineStopped));
+            }
+        }
+        // The kernel may still write into receive buffers of armed socket
+        // operations: leak those connections' buffers rather than free them.
+        for conn in self.conns.iter_mut().filter_map(Option::take) {
+            conn.abandon(leak);
         }
     }
 }
@@ -402,9 +495,18 @@ fn push_sqe(ring: &mut IoUring, entry: &io_uring::squeue::Entry) {
     // by the engine, which exits only when no operation is in flight (and
     // leaks them in Drop otherwise). The fixed-file indices refer to files
     // registered in `Engine::new`, kept open by `Shared`/`Waker` for the
-    // ring's lifetime.
+    // ring's lifetime. Hosted connections' receive and send buffers are
+    // owned by their `Conn`, which is only dropped once no socket operation
+    // of it is in flight (or leaked, in Drop).
+    if unsafe { ring.submission().push(entry) }.is_ok() {
+        return;
+    }
+    // Socket operations of hosted connections are not bounded by the slots;
+    // hand the queued SQEs to the kernel to make room.
+    let _ = ring.submit();
+    // SAFETY: as above.
     let pushed = unsafe { ring.submission().push(entry) };
-    assert!(pushed.is_ok(), "submission queue full: at most one SQE per slot plus the eventfd read may be outstanding");
+    assert!(pushed.is_ok(), "submission queue still full after submitting it");
 }
 
 /// A ring for one I/O thread. DEFER_TASKRUN (completion work runs only when

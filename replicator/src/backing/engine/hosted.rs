@@ -1,0 +1,367 @@
+//! Connections hosted on the I/O thread: a socket whose byte-stream
+//! protocol (a [`HostedSession`], e.g. the NBD transmission phase) runs
+//! next to the ring, so receiving a request, doing its file I/O and sending
+//! its reply are all SQEs of one ring, with no thread hop in between.
+//!
+//! The engine knows nothing of the protocol: it receives bytes into a
+//! per-connection buffer, feeds them to the session, starts the file
+//! operations the session asks for (through the same slots as every other
+//! request), and sends the session's output in order, one transmit at a
+//! time. A timer wakes the thread once a second while connections exist, to
+//! drop clients that stopped reading their replies.
+
+use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+use nix::sys::socket::{shutdown, Shutdown};
+
+use super::{ops, Engine, Queued, Reply};
+use crate::backing::{AlignedBuf, IoFailure, IoOp, IoOutput};
+use crate::limits;
+
+/// `user_data` of the periodic timer.
+pub(in crate::backing) const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// Set in the `user_data` of socket operations: `CONN_BIT | index << 1 | is_send`.
+pub(in crate::backing) const CONN_BIT: u64 = 1 << 62;
+
+/// Receive buffer per connection; requests larger than this arrive over
+/// several receives (the session collects WRITE payloads itself).
+const RECV_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Bytes a session wants sent, in order.
+#[derive(Debug)]
+pub enum Transmit {
+    Bytes(Vec<u8>),
+    /// An I/O buffer sent as is (large READ replies).
+    Buf(AlignedBuf),
+}
+
+impl Transmit {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Transmit::Bytes(bytes) => bytes,
+            Transmit::Buf(buf) => buf,
+        }
+    }
+}
+
+/// A byte-stream protocol run by the I/O thread (sans-IO: it sees bytes and
+/// completions, never the socket or the ring).
+pub trait HostedSession: Send + 'static {
+    /// Bytes received. Returns how many were consumed; fewer than given only
+    /// when the session pauses (e.g. out of memory budget). The rest is
+    /// offered again later.
+    fn handle_input(&mut self, input: &[u8]) -> usize;
+    /// The peer closed its side, or the socket failed.
+    fn handle_eof(&mut self);
+    /// A file operation the session started has finished.
+    fn handle_completion(&mut self, tag: u64, result: Result<IoOutput, IoFailure>);
+    /// The next file operation to start.
+    fn poll_io(&mut self) -> Option<(u64, IoOp)>;
+    /// The next bytes to send; the previous transmit is fully sent (or
+    /// discarded, if the socket broke) before this is called again.
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    /// The last transmit taken has left (or was discarded).
+    fn handle_sent(&mut self);
+    /// Whether the session reads more input.
+    fn wants_input(&self) -> bool;
+    /// No more input wanted, nothing in flight, nothing left to send.
+    fn is_finished(&self) -> bool;
+    /// Stop reading requests (server shutdown); finish what is in flight.
+    fn close_input(&mut self);
+    /// Why the session ended early, if it did.
+    fn take_error(&mut self) -> Option<String>;
+}
+
+/// A connection handed to the engine with [`crate::backing::Backing::host`].
+pub struct HostedConnection {
+    /// A connected stream socket in blocking mode (io_uring waits for it).
+    pub fd: OwnedFd,
+    pub session: Box<dyn HostedSession>,
+    /// Told when the connection is closed: `None` for a clean end.
+    pub closed: tokio::sync::oneshot::Sender<Option<String>>,
+}
+
+impl HostedConnection {
+    /// Closes a connection the engine cannot host.
+    pub(in crate::backing) fn refuse(self, why: &str) {
+        let _ = self.closed.send(Some(why.to_string()));
+    }
+}
+
+pub(in crate::backing) struct Conn {
+    fd: OwnedFd,
+    session: Box<dyn HostedSession>,
+    closed: Option<tokio::sync::oneshot::Sender<Option<String>>>,
+    recv_buf: Vec<u8>,
+    recv_start: usize,
+    recv_end: usize,
+    recv_armed: bool,
+    /// The transmit being sent and how much of it has left.
+    send: Option<(Transmit, usize)>,
+    send_started: Instant,
+    /// EOF or error seen: receive nothing more.
+    input_done: bool,
+    /// The socket failed: discard output.
+    broken: bool,
+    error: Option<String>,
+}
+
+impl Conn {
+    /// Drops the connection without waiting for its socket operations; the
+    /// buffers they point into are leaked when `leak`.
+    pub(in crate::backing) fn abandon(self, leak: bool) {
+        let Conn { recv_buf, send, closed, .. } = self;
+        if leak {
+            std::mem::forget(recv_buf);
+            std::mem::forget(send);
+        }
+        if let Some(closed) = closed {
+            let _ = closed.send(Some("the I/O engine stopped".to_string()));
+        }
+    }
+}
+
+fn token(index: usize, is_send: bool) -> u64 {
+    CONN_BIT | (index as u64) << 1 | u64::from(is_send)
+}
+
+impl Engine {
+    pub(super) fn live_conns(&self) -> usize {
+        self.conns.len() - self.free_conns.len()
+    }
+
+    pub(super) fn host(&mut self, conn: HostedConnection) {
+        if self.stopping {
+            conn.refuse("the I/O engine is stopping");
+            return;
+        }
+        let HostedConnection { fd, session, closed } = conn;
+        let conn = Conn {
+            fd,
+            session,
+            closed: Some(closed),
+            recv_buf: vec![0; RECV_BUFFER_BYTES],
+            recv_start: 0,
+            recv_end: 0,
+            recv_armed: false,
+            send: None,
+            send_started: Instant::now(),
+            input_done: false,
+            broken: false,
+            error: None,
+        };
+        let index = match self.free_conns.pop() {
+            Some(index) => {
+                self.conns[index] = Some(conn);
+                index
+            }
+            None => {
+                self.conns.push(Some(conn));
+                self.conns.len() - 1
+            }
+        };
+        self.arm_timer();
+        self.dirty_conns.push(index);
+    }
+
+    /// Every hosted session stops reading; an armed receive is woken by
+    /// shutting down the socket's read side.
+    pub(super) fn close_hosted_input(&mut self) {
+        for index in 0..self.conns.len() {
+            if let Some(conn) = self.conns[index].as_mut() {
+                conn.session.close_input();
+                if conn.recv_armed {
+                    let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Read);
+                }
+                self.dirty_conns.push(index);
+            }
+        }
+    }
+
+    pub(super) fn conn_completion(&mut self, index: usize, tag: u64, result: Result<IoOutput, IoFailure>) {
+        let conn = self.conns[index].as_mut().expect("completion for a closed connection");
+        conn.session.handle_completion(tag, result);
+        self.dirty_conns.push(index);
+    }
+
+    pub(super) fn conn_event(&mut self, user_data: u64, res: i32) {
+        let index = ((user_data & !CONN_BIT) >> 1) as usize;
+        let is_send = user_data & 1 == 1;
+        self.conn_ops_in_flight -= 1;
+        let conn = self.conns[index].as_mut().expect("socket completion for a closed connection");
+        if is_send {
+            let (transmit, sent) = conn.send.as_mut().expect("send completion without a send");
+            if res > 0 && !conn.broken {
+                *sent += res as usize;
+                conn.send_started = Instant::now();
+                if *sent < transmit.as_slice().len() {
+                    self.submit_send(index);
+                    return;
+                }
+            } else if res <= 0 && !conn.broken {
+                conn.broken = true;
+                conn.error.get_or_insert_with(|| format!("send failed: {}", describe(res)));
+                conn.session.close_input();
+            }
+            conn.send = None;
+            conn.session.handle_sent();
+        } else {
+            conn.recv_armed = false;
+            if res > 0 {
+                conn.recv_end += res as usize;
+            } else {
+                if res < 0 && res != -libc::ECONNRESET {
+                    conn.error.get_or_insert_with(|| format!("receive failed: {}", describe(res)));
+                }
+                conn.input_done = true;
+                conn.session.handle_eof();
+            }
+        }
+        self.dirty_conns.push(index);
+    }
+
+    pub(super) fn pump_dirty(&mut self) {
+        while let Some(index) = self.dirty_conns.pop() {
+            self.pump(index);
+        }
+    }
+
+    /// Moves one connection forward as far as it can go without waiting.
+    fn pump(&mut self, index: usize) {
+        let mut ops = Vec::new();
+        loop {
+            let Some(conn) = self.conns[index].as_mut() else { return };
+            // Input already received: feed what the session will take.
+            if conn.recv_start < conn.recv_end && conn.session.wants_input() {
+                let consumed = conn.session.handle_input(&conn.recv_buf[conn.recv_start..conn.recv_end]);
+                conn.recv_start += consumed;
+                if conn.recv_start == conn.recv_end {
+                    conn.recv_start = 0;
+                    conn.recv_end = 0;
+                }
+            }
+            while let Some(op) = conn.session.poll_io() {
+                ops.push(op);
+            }
+            if !ops.is_empty() {
+                for (tag, op) in ops.drain(..) {
+                    if let Err(failure) = ops::validate(&op, &self.shared) {
+                        let (kind, bytes) = ops::account(&op);
+                        self.shared.stats.record(kind, bytes, false);
+                        let conn = self.conns[index].as_mut().expect("the connection is live");
+                        conn.session.handle_completion(tag, Err(failure));
+                        continue;
+                    }
+                    self.enqueue(Queued { tag, op, reply: Reply::Hosted(index) });
+                }
+                // Immediate answers may have produced output; go round.
+                continue;
+            }
+            let conn = self.conns[index].as_mut().expect("the connection is live");
+            if conn.send.is_none() {
+                if let Some(transmit) = conn.session.poll_transmit() {
+                    if conn.broken || transmit.as_slice().is_empty() {
+                        conn.session.handle_sent();
+                        continue;
+                    }
+                    conn.send = Some((transmit, 0));
+                    conn.send_started = Instant::now();
+                    self.submit_send(index);
+                }
+            }
+            let conn = self.conns[index].as_mut().expect("the connection is live");
+            // A session that wants input has taken everything it can from
+            // the buffer (at most a partial header is left): receive more.
+            if conn.session.wants_input() && !conn.input_done && !conn.broken && !conn.recv_armed {
+                self.submit_recv(index);
+            }
+            let conn = self.conns[index].as_mut().expect("the connection is live");
+            if conn.send.is_none() && !conn.recv_armed && conn.session.is_finished() {
+                self.close_conn(index);
+            }
+            return;
+        }
+    }
+
+    fn submit_recv(&mut self, index: usize) {
+        let conn = self.conns[index].as_mut().expect("the connection is live");
+        assert!(!conn.recv_armed);
+        // Keep what is left (a partial header) at the front.
+        conn.recv_buf.copy_within(conn.recv_start..conn.recv_end, 0);
+        conn.recv_end -= conn.recv_start;
+        conn.recv_start = 0;
+        assert!(conn.recv_end < conn.recv_buf.len(), "a session that wants input left the buffer full");
+        let space = &mut conn.recv_buf[conn.recv_end..];
+        let entry = opcode::Recv::new(types::Fd(conn.fd.as_raw_fd()), space.as_mut_ptr(), space.len() as u32)
+            .build()
+            .user_data(token(index, false));
+        conn.recv_armed = true;
+        self.conn_ops_in_flight += 1;
+        super::push_sqe(&mut self.ring, &entry);
+    }
+
+    fn submit_send(&mut self, index: usize) {
+        let conn = self.conns[index].as_mut().expect("the connection is live");
+        let (transmit, sent) = conn.send.as_ref().expect("submit_send without a transmit");
+        let rest = &transmit.as_slice()[*sent..];
+        let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+        let entry = opcode::Send::new(types::Fd(conn.fd.as_raw_fd()), rest.as_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(token(index, true));
+        self.conn_ops_in_flight += 1;
+        super::push_sqe(&mut self.ring, &entry);
+    }
+
+    fn close_conn(&mut self, index: usize) {
+        let Some(mut conn) = self.conns[index].take() else { return };
+        assert!(!conn.recv_armed && conn.send.is_none());
+        self.free_conns.push(index);
+        let error = conn.session.take_error().or(conn.error.take());
+        if let Some(closed) = conn.closed.take() {
+            let _ = closed.send(error);
+        }
+        // Dropping `conn` closes the socket.
+    }
+
+    fn arm_timer(&mut self) {
+        if self.timer_armed {
+            return;
+        }
+        let entry = opcode::Timeout::new(&*self.timer_spec).build().user_data(TIMER_TOKEN);
+        self.timer_armed = true;
+        super::push_sqe(&mut self.ring, &entry);
+    }
+
+    /// Once a second while connections are hosted: drop clients whose
+    /// replies have not moved for the stall limit, and let paused sessions
+    /// retry (memory budget freed elsewhere).
+    pub(super) fn timer_fired(&mut self) {
+        self.timer_armed = false;
+        let stall = Duration::from_secs(limits::REPLY_WRITE_STALL_SECS);
+        for index in 0..self.conns.len() {
+            if let Some(conn) = self.conns[index].as_mut() {
+                if conn.send.is_some() && !conn.broken && conn.send_started.elapsed() > stall {
+                    conn.error.get_or_insert_with(|| {
+                        format!("client stopped reading replies for {} s", limits::REPLY_WRITE_STALL_SECS)
+                    });
+                    let _ = shutdown(conn.fd.as_raw_fd(), Shutdown::Both);
+                }
+                self.dirty_conns.push(index);
+            }
+        }
+        if self.live_conns() > 0 {
+            self.arm_timer();
+        }
+    }
+}
+
+fn describe(res: i32) -> String {
+    if res == 0 {
+        "connection closed".to_string()
+    } else {
+        std::io::Error::from_raw_os_error(-res).to_string()
+    }
+}
