@@ -35,7 +35,7 @@ use std::thread::JoinHandle;
 use tracing::warn;
 
 pub use buf::AlignedBuf;
-pub use engine::hosted::{HostedConnection, HostedSession, Transmit};
+pub use engine::hosted::{HostedConnection, HostedSession, PayloadTarget, Transmit};
 pub use shared::BackingStats;
 
 use engine::{Msg, WorkerHandle};

@@ -18,6 +18,9 @@ pub(super) const FILE_BUFFERED: u32 = 0;
 pub(super) const FILE_EVENTFD: u32 = 1;
 pub(super) const FILE_DIRECT: u32 = 2;
 
+/// Reads at least this large run in an io-wq worker (see `OpState::sqe`).
+const LARGE_READ_BYTES: usize = 256 * 1024;
+
 pub(super) type IoResult = Result<IoOutput, IoFailure>;
 
 /// What the ops need from their I/O thread besides the shared state.
@@ -140,7 +143,15 @@ impl OpState {
                 let rest = &mut buf[*done as usize..];
                 let pos = *offset + u64::from(*done);
                 let fd = pick_fd(env.shared, pos, rest.len(), rest.as_ptr());
-                opcode::Read::new(fd, rest.as_mut_ptr(), len32(rest.len())).offset(pos).build()
+                let entry = opcode::Read::new(fd, rest.as_mut_ptr(), len32(rest.len())).offset(pos).build();
+                // A large page-cache read is a long memcpy; done inline it
+                // would keep the ring thread from sending and receiving
+                // meanwhile. A kernel worker does it on the other core.
+                if rest.len() >= LARGE_READ_BYTES {
+                    entry.flags(io_uring::squeue::Flags::ASYNC)
+                } else {
+                    entry
+                }
             }
             OpState::Write { data, offset, done, fua } => {
                 let rest = &data[*done as usize..];

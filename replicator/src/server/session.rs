@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::stats::IoCounters;
-use crate::backing::{AlignedBuf, HostedSession, IoFailure, IoOp, IoOutput, Transmit};
+use crate::backing::{AlignedBuf, HostedSession, IoFailure, IoOp, IoOutput, PayloadTarget, Transmit};
 use crate::limits;
 use crate::nbd::reply::{self, StatusExtent};
 use crate::nbd::request::{self, Command, Decoded, TransmissionConfig};
@@ -39,6 +39,12 @@ enum Input {
         fua: bool,
         data: AlignedBuf,
         filled: usize,
+    },
+    /// The payload buffer is lent to the host, which receives into it.
+    PayloadLent {
+        tag: u64,
+        offset: u64,
+        fua: bool,
     },
     /// Skipping the payload of a refused WRITE, then queueing `reply`.
     Discarding {
@@ -164,6 +170,12 @@ impl Session {
     fn close(&mut self, why: Option<String>) {
         match std::mem::replace(&mut self.input, Input::Closed) {
             Input::ReceivingPayload { tag, .. } => {
+                if let Some(pending) = self.pending.remove(&tag) {
+                    self.release(pending.budget);
+                }
+            }
+            Input::PayloadLent { tag, .. } => {
+                // The buffer comes back through return_payload and is dropped.
                 if let Some(pending) = self.pending.remove(&tag) {
                     self.release(pending.budget);
                 }
@@ -301,6 +313,9 @@ impl HostedSession for Session {
                         }
                     }
                 }
+                Input::PayloadLent { .. } => {
+                    unreachable!("the host does not feed input while it holds the payload")
+                }
                 Input::Discarding { remaining, .. } => {
                     let take = (*remaining as usize).min(input.len());
                     *remaining -= take as u32;
@@ -320,6 +335,7 @@ impl HostedSession for Session {
 
     fn handle_eof(&mut self) {
         let mid_request = !matches!(self.input, Input::ExpectHeader | Input::Closed);
+        // (PayloadLent counts as mid-request: EOF arrived before the payload.)
         if mid_request {
             self.close(Some("client closed the connection mid-request".into()));
         } else {
@@ -429,7 +445,39 @@ impl HostedSession for Session {
     fn take_error(&mut self) -> Option<String> {
         self.error.take()
     }
+
+    fn lend_payload(&mut self) -> Option<PayloadTarget> {
+        let Input::ReceivingPayload { data, filled, .. } = &self.input else { return None };
+        // Small remainders are cheaper to copy than to receive separately.
+        if data.len() - *filled < LEND_PAYLOAD_BYTES_MIN {
+            return None;
+        }
+        match std::mem::replace(&mut self.input, Input::Closed) {
+            Input::ReceivingPayload { tag, offset, fua, data, filled } => {
+                self.input = Input::PayloadLent { tag, offset, fua };
+                Some(PayloadTarget { buf: data, filled })
+            }
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    fn return_payload(&mut self, target: PayloadTarget) {
+        let Input::PayloadLent { tag, offset, fua } = self.input else {
+            // Input was closed meanwhile; the request is already dropped.
+            return;
+        };
+        let PayloadTarget { buf: data, filled } = target;
+        if filled == data.len() {
+            self.input = Input::ExpectHeader;
+            self.io_queue.push_back((tag, IoOp::Write { offset, data, fua }));
+        } else {
+            self.input = Input::ReceivingPayload { tag, offset, fua, data, filled };
+        }
+    }
 }
+
+/// Payload remainders at least this large are received in place.
+const LEND_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
 
 fn refusal_message(error: NbdError) -> &'static str {
     match error {
@@ -641,6 +689,44 @@ mod tests {
             assert!(answered > 0);
             assert_eq!(s.connection_bytes, 0, "seed {seed}: budget leaked");
         }
+    }
+
+    #[test]
+    fn large_payloads_are_lent_to_the_host_and_completed_in_place() {
+        let mut s = session(false);
+        let len = 200_000u32;
+        let mut input = header(wire::CMD_WRITE, 0, 5, 4096, len);
+        input.extend(vec![0x11; 1000]);
+        assert_eq!(s.handle_input(&input), input.len());
+        let mut target = s.lend_payload().expect("a 199 KB remainder is received in place");
+        assert_eq!(target.filled, 1000);
+        assert!(s.lend_payload().is_none(), "only one lender at a time");
+        target.buf[1000..100_000].fill(0x22);
+        target.filled = 100_000;
+        s.return_payload(target);
+        assert!(s.poll_io().is_none(), "half a payload is not a write yet");
+        let mut target = s.lend_payload().unwrap();
+        target.buf[100_000..].fill(0x33);
+        target.filled = len as usize;
+        s.return_payload(target);
+        match s.poll_io() {
+            Some((tag, IoOp::Write { offset: 4096, data, fua: false })) => {
+                assert_eq!((data[0], data[50_000], data[150_000]), (0x11, 0x22, 0x33));
+                s.handle_completion(tag, Ok(IoOutput::Done));
+            }
+            other => panic!("expected the write, got {other:?}"),
+        }
+        // Closing while lent drops the request once the buffer comes back.
+        let mut input = header(wire::CMD_WRITE, 0, 6, 0, len);
+        input.extend(vec![0; 10]);
+        s.handle_input(&input);
+        let target = s.lend_payload().unwrap();
+        s.close_input();
+        s.return_payload(target);
+        assert!(s.poll_io().is_none());
+        let mut host = FakeHost::new();
+        host.settle(&mut s, &mut Rng::new(3));
+        assert!(s.is_finished());
     }
 
     #[test]

@@ -46,6 +46,15 @@ impl Transmit {
     }
 }
 
+/// A large incoming payload the session lends to the host, so the socket
+/// receives straight into it (no copy through the receive buffer).
+#[derive(Debug)]
+pub struct PayloadTarget {
+    pub buf: AlignedBuf,
+    /// Bytes already in `buf`; the host fills the rest.
+    pub filled: usize,
+}
+
 /// A byte-stream protocol run by the I/O thread (sans-IO: it sees bytes and
 /// completions, never the socket or the ring).
 pub trait HostedSession: Send + 'static {
@@ -72,6 +81,13 @@ pub trait HostedSession: Send + 'static {
     fn close_input(&mut self);
     /// Why the session ended early, if it did.
     fn take_error(&mut self) -> Option<String>;
+    /// The payload being received, if it is worth receiving into directly.
+    /// The host gives it back with [`HostedSession::return_payload`].
+    fn lend_payload(&mut self) -> Option<PayloadTarget> {
+        None
+    }
+    /// Gives back a lent payload, filled as far as the socket delivered.
+    fn return_payload(&mut self, _target: PayloadTarget) {}
 }
 
 /// A connection handed to the engine with [`crate::backing::Backing::host`].
@@ -98,6 +114,8 @@ pub(in crate::backing) struct Conn {
     recv_start: usize,
     recv_end: usize,
     recv_armed: bool,
+    /// A payload the session lent us, being received into.
+    target: Option<PayloadTarget>,
     /// The transmit being sent and how much of it has left.
     send: Option<(Transmit, usize)>,
     send_started: Instant,
@@ -112,10 +130,11 @@ impl Conn {
     /// Drops the connection without waiting for its socket operations; the
     /// buffers they point into are leaked when `leak`.
     pub(in crate::backing) fn abandon(self, leak: bool) {
-        let Conn { recv_buf, send, closed, .. } = self;
+        let Conn { recv_buf, send, target, closed, .. } = self;
         if leak {
             std::mem::forget(recv_buf);
             std::mem::forget(send);
+            std::mem::forget(target);
         }
         if let Some(closed) = closed {
             let _ = closed.send(Some("the I/O engine stopped".to_string()));
@@ -146,6 +165,7 @@ impl Engine {
             recv_start: 0,
             recv_end: 0,
             recv_armed: false,
+            target: None,
             send: None,
             send_started: Instant::now(),
             input_done: false,
@@ -209,8 +229,19 @@ impl Engine {
             conn.session.handle_sent();
         } else {
             conn.recv_armed = false;
+            let direct = conn.target.take();
+            let direct_used = direct.is_some();
+            if let Some(mut target) = direct {
+                if res > 0 {
+                    target.filled += res as usize;
+                    assert!(target.filled <= target.buf.len(), "kernel received past the payload");
+                }
+                conn.session.return_payload(target);
+            }
             if res > 0 {
-                conn.recv_end += res as usize;
+                if !direct_used {
+                    conn.recv_end += res as usize;
+                }
             } else {
                 if res < 0 && res != -libc::ECONNRESET {
                     conn.error.get_or_insert_with(|| format!("receive failed: {}", describe(res)));
@@ -288,6 +319,21 @@ impl Engine {
     fn submit_recv(&mut self, index: usize) {
         let conn = self.conns[index].as_mut().expect("the connection is live");
         assert!(!conn.recv_armed);
+        // Nothing buffered and a large payload expected: receive into it.
+        if conn.recv_start == conn.recv_end {
+            if let Some(mut target) = conn.session.lend_payload() {
+                assert!(target.filled < target.buf.len());
+                let space = &mut target.buf[target.filled..];
+                let entry = opcode::Recv::new(types::Fd(conn.fd.as_raw_fd()), space.as_mut_ptr(), len32(space.len()))
+                    .build()
+                    .user_data(token(index, false));
+                conn.target = Some(target);
+                conn.recv_armed = true;
+                self.conn_ops_in_flight += 1;
+                super::push_sqe(&mut self.ring, &entry);
+                return;
+            }
+        }
         // Keep what is left (a partial header) at the front.
         conn.recv_buf.copy_within(conn.recv_start..conn.recv_end, 0);
         conn.recv_end -= conn.recv_start;
@@ -356,6 +402,10 @@ impl Engine {
             self.arm_timer();
         }
     }
+}
+
+fn len32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 fn describe(res: i32) -> String {
