@@ -15,6 +15,9 @@
 #   JOBS="randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 seqwrite-1m seqread-1m"
 #   SKIP_DEPS=1         do not run scripts/install-deps.sh
 #   REPLICATOR_ARGS=""  extra arguments for `replicator serve` (e.g. --direct-io)
+#   ROUNDS=3            rounds; each runs every server in turn, and the table
+#                       shows the median, so drift on a shared machine hits
+#                       every server alike
 # Results (fio JSON, server logs, summary.txt) go to $BENCH_DIR/results-<time>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +31,7 @@ TMPFS="${TMPFS:-0}"
 SERVERS="${SERVERS:-replicator nbdkit qemu-nbd}"
 JOBS="${JOBS:-randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 seqwrite-1m seqread-1m}"
 REPLICATOR_ARGS="${REPLICATOR_ARGS:-}"
+ROUNDS="${ROUNDS:-3}"
 
 [ "${SKIP_DEPS:-0}" = 1 ] || bash scripts/install-deps.sh
 cargo build --release -p replicator
@@ -134,18 +138,20 @@ prepare_file() {
 run_suite() {
     local label=$1 file=$2
     prepare_file "$file"
-    for server in $SERVERS; do
-        echo "== $label: $server"
-        start_server "$server" "$file" "$RESULTS/$label-$server.log"
-        for job in $JOBS; do
-            # shellcheck disable=SC2046
-            fio --name="$job" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
-                $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-                --norandommap --randrepeat=0 --refill_buffers \
-                --output-format=json --output="$RESULTS/$label-$server-$job.json"
-            echo "   $job done"
+    for round in $(seq "$ROUNDS"); do
+        for server in $SERVERS; do
+            echo "== $label: $server (round $round of $ROUNDS)"
+            start_server "$server" "$file" "$RESULTS/$label-$server.log"
+            for job in $JOBS; do
+                # shellcheck disable=SC2046
+                fio --name="$job" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
+                    $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+                    --norandommap --randrepeat=0 --refill_buffers \
+                    --output-format=json --output="$RESULTS/$label-$server-$job-r$round.json"
+                echo "   $job done"
+            done
+            stop_server
         done
-        stop_server
     done
 }
 
@@ -155,13 +161,13 @@ if [ "$TMPFS" = 1 ]; then
     rm -rf /dev/shm/replicator-bench
 fi
 
-python3 - "$RESULTS" "$SERVERS" "$JOBS" <<'PY' | tee "$RESULTS/summary.txt"
-import json, os, sys
+python3 - "$RESULTS" "$SERVERS" "$JOBS" "$ROUNDS" <<'PY' | tee "$RESULTS/summary.txt"
+import json, os, statistics, sys
 
 results, servers, jobs = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+rounds = int(sys.argv[4])
 
-def load(label, server, job):
-    path = os.path.join(results, f"{label}-{server}-{job}.json")
+def load_one(path, job):
     try:
         text = open(path).read()
     except FileNotFoundError:
@@ -174,6 +180,18 @@ def load(label, server, job):
         "iops": side["iops"],
         "p99": pct.get("99.000000", 0) / 1000,
         "err": j.get("error", 0),
+    }
+
+def load(label, server, job):
+    runs = [load_one(os.path.join(results, f"{label}-{server}-{job}-r{r}.json"), job) for r in range(1, rounds + 1)]
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        return None
+    return {
+        "mibs": statistics.median(r["mibs"] for r in runs),
+        "iops": statistics.median(r["iops"] for r in runs),
+        "p99": statistics.median(r["p99"] for r in runs),
+        "err": max(r["err"] for r in runs),
     }
 
 labels = sorted({f.split("-", 1)[0] for f in os.listdir(results) if f.endswith(".json")})
@@ -190,5 +208,5 @@ for label in labels:
             ratio = f"{r['mibs'] / base['mibs']:.2f}x" if base and base["mibs"] > 0 else "-"
             err = "  (fio error)" if r["err"] else ""
             print(f"{label:8} {job:18} {server:11} {r['mibs']:9.1f} {r['iops']:10.0f} {r['p99']:10.0f} {ratio:>9}{err}")
-print(f"\nraw results: {results}")
+print(f"\nmedian of {rounds} round(s); raw results: {results}")
 PY

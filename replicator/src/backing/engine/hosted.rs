@@ -25,6 +25,9 @@ pub(in crate::backing) const TIMER_TOKEN: u64 = u64::MAX - 1;
 /// Set in the `user_data` of socket operations: `CONN_BIT | index << 1 | is_send`.
 pub(in crate::backing) const CONN_BIT: u64 = 1 << 62;
 
+/// Sends at least this large use MSG_WAITALL (see `submit_send`).
+const LARGE_SEND_BYTES: usize = 64 * 1024;
+
 /// Receive buffer per connection; requests larger than this arrive over
 /// several receives (the session collects WRITE payloads itself).
 const RECV_BUFFER_BYTES: usize = 256 * 1024;
@@ -324,7 +327,11 @@ impl Engine {
             if let Some(mut target) = conn.session.lend_payload() {
                 assert!(target.filled < target.buf.len());
                 let space = &mut target.buf[target.filled..];
+                // MSG_WAITALL: the kernel keeps receiving until the payload
+                // is complete (or the socket fails), one completion per
+                // payload instead of one per segment.
                 let entry = opcode::Recv::new(types::Fd(conn.fd.as_raw_fd()), space.as_mut_ptr(), len32(space.len()))
+                    .flags(libc::MSG_WAITALL)
                     .build()
                     .user_data(token(index, false));
                 conn.target = Some(target);
@@ -353,8 +360,14 @@ impl Engine {
         let (transmit, sent) = conn.send.as_ref().expect("submit_send without a transmit");
         let rest = &transmit.as_slice()[*sent..];
         let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+        // MSG_WAITALL has io_uring finish a large send itself (one
+        // completion instead of one per socket-buffer's worth: +40% on 1 MiB
+        // reads here), but made small replies 60% slower; short sends are
+        // resubmitted from `conn_event` either way.
+        let flags =
+            if rest.len() >= LARGE_SEND_BYTES { libc::MSG_NOSIGNAL | libc::MSG_WAITALL } else { libc::MSG_NOSIGNAL };
         let entry = opcode::Send::new(types::Fd(conn.fd.as_raw_fd()), rest.as_ptr(), len)
-            .flags(libc::MSG_NOSIGNAL)
+            .flags(flags)
             .build()
             .user_data(token(index, true));
         self.conn_ops_in_flight += 1;
