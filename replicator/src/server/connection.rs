@@ -101,9 +101,10 @@ pub trait SplitStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     type Read: AsyncRead + Unpin + Send;
     type Write: AsyncWrite + Unpin + Send;
     fn split_halves(self) -> (Self::Read, Self::Write);
-    /// The plain socket, in blocking mode, for hosting on the I/O thread;
-    /// `Err(self)` for streams that need user-space processing (TLS).
-    fn into_hosted_fd(self) -> Result<OwnedFd, Self>;
+    /// The plain socket, in blocking mode, for hosting on the I/O thread
+    /// (`Ok(Err(_))` if taking it out of tokio failed: the connection is
+    /// lost); `Err(self)` for streams that need user-space processing (TLS).
+    fn into_hosted_fd(self) -> Result<std::io::Result<OwnedFd>, Self>;
 }
 
 impl SplitStream for tokio::net::TcpStream {
@@ -112,12 +113,13 @@ impl SplitStream for tokio::net::TcpStream {
     fn split_halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
     }
-    fn into_hosted_fd(self) -> Result<OwnedFd, Self> {
-        let std = self.into_std().map_err(|_| unreachable_stream())?;
-        // io_uring completes operations on a non-blocking socket with
-        // EAGAIN instead of waiting for it; in blocking mode it polls.
-        std.set_nonblocking(false).map_err(|_| unreachable_stream())?;
-        Ok(std.into())
+    fn into_hosted_fd(self) -> Result<std::io::Result<OwnedFd>, Self> {
+        Ok(self.into_std().and_then(|std| {
+            // io_uring completes operations on a non-blocking socket with
+            // EAGAIN instead of waiting for it; in blocking mode it polls.
+            std.set_nonblocking(false)?;
+            Ok(std.into())
+        }))
     }
 }
 
@@ -127,17 +129,12 @@ impl SplitStream for tokio::net::UnixStream {
     fn split_halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
     }
-    fn into_hosted_fd(self) -> Result<OwnedFd, Self> {
-        let std = self.into_std().map_err(|_| unreachable_stream())?;
-        std.set_nonblocking(false).map_err(|_| unreachable_stream())?;
-        Ok(std.into())
+    fn into_hosted_fd(self) -> Result<std::io::Result<OwnedFd>, Self> {
+        Ok(self.into_std().and_then(|std| {
+            std.set_nonblocking(false)?;
+            Ok(std.into())
+        }))
     }
-}
-
-/// `into_std` and `set_nonblocking` only fail on a socket that is already
-/// broken; such a connection is simply dropped.
-fn unreachable_stream<S>() -> S {
-    panic!("deregistering a connected socket from tokio failed")
 }
 
 impl<S: SplitStream> SplitStream for tokio_rustls::server::TlsStream<S> {
@@ -146,7 +143,7 @@ impl<S: SplitStream> SplitStream for tokio_rustls::server::TlsStream<S> {
     fn split_halves(self) -> (Self::Read, Self::Write) {
         tokio::io::split(self)
     }
-    fn into_hosted_fd(self) -> Result<OwnedFd, Self> {
+    fn into_hosted_fd(self) -> Result<std::io::Result<OwnedFd>, Self> {
         Err(self)
     }
 }
@@ -269,7 +266,7 @@ async fn transmission<S: SplitStream>(
     };
     let stream = if shared.host_plain_connections {
         match stream.into_hosted_fd() {
-            Ok(fd) => return hosted_transmission(&shared, fd, config).await,
+            Ok(fd) => return hosted_transmission(&shared, fd?, config).await,
             Err(stream) => stream,
         }
     } else {

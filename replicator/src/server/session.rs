@@ -59,7 +59,7 @@ enum Input {
 /// Memory a request holds until its reply is sent.
 struct Budget {
     connection_bytes: u64,
-    _server: Option<OwnedSemaphorePermit>,
+    _server: OwnedSemaphorePermit,
 }
 
 struct Pending {
@@ -138,20 +138,19 @@ impl Session {
     }
 
     /// Reserves budget for `bytes` of request data, or `None` to pause input.
+    /// Every request is charged at least one unit, so requests without data
+    /// (FLUSH, TRIM, refusals) are bounded too: their replies and pending
+    /// entries also take memory while a client is not reading.
     fn reserve(&mut self, bytes: u32) -> Option<Budget> {
-        self.paused_bytes = bytes;
-        let bytes64 = u64::from(bytes);
-        if !self.fits_connection(bytes) {
+        let charged = bytes.max(limits::INFLIGHT_UNIT_BYTES);
+        self.paused_bytes = charged;
+        if !self.fits_connection(charged) {
             return None;
         }
-        let server = if bytes > 0 {
-            let units = bytes.div_ceil(limits::INFLIGHT_UNIT_BYTES);
-            Some(self.server_budget.clone().try_acquire_many_owned(units).ok()?)
-        } else {
-            None
-        };
-        self.connection_bytes += bytes64;
-        Some(Budget { connection_bytes: bytes64, _server: server })
+        let units = charged.div_ceil(limits::INFLIGHT_UNIT_BYTES);
+        let server = self.server_budget.clone().try_acquire_many_owned(units).ok()?;
+        self.connection_bytes += u64::from(charged);
+        Some(Budget { connection_bytes: u64::from(charged), _server: server })
     }
 
     fn release(&mut self, budget: Budget) {
@@ -727,6 +726,17 @@ mod tests {
         let mut host = FakeHost::new();
         host.settle(&mut s, &mut Rng::new(3));
         assert!(s.is_finished());
+    }
+
+    #[test]
+    fn requests_without_data_are_bounded_too() {
+        // A client that sends FLUSHes and never reads the replies.
+        let mut s = session(false);
+        let input: Vec<u8> = (0..20_000u64).flat_map(|c| header(wire::CMD_FLUSH, 0, c, 0, 0)).collect();
+        let consumed = s.handle_input(&input);
+        let max_requests = (limits::CONNECTION_INFLIGHT_BYTES_MAX / limits::INFLIGHT_UNIT_BYTES) as usize;
+        assert_eq!(consumed, max_requests * wire::REQUEST_HEADER_BYTES);
+        assert!(!s.wants_input());
     }
 
     #[test]
