@@ -70,9 +70,17 @@ struct Pending {
 
 #[derive(Clone, Copy)]
 enum PendingKind {
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     Plain,
-    BlockStatus { len: u32, req_one: bool },
+    /// A TRIM with FUA: flushed before it is answered.
+    TrimThenFlush,
+    BlockStatus {
+        len: u32,
+        req_one: bool,
+    },
 }
 
 /// One plaintext NBD connection's transmission phase.
@@ -258,9 +266,10 @@ impl Session {
                         IoCounters::add(&c.flushes, 1);
                         (IoOp::Flush, PendingKind::Plain)
                     }
-                    Command::Trim { offset, len, .. } => {
+                    Command::Trim { offset, len, fua } => {
                         IoCounters::add(&c.trims, 1);
-                        (IoOp::Trim { offset, len }, PendingKind::Plain)
+                        let kind = if fua { PendingKind::TrimThenFlush } else { PendingKind::Plain };
+                        (IoOp::Trim { offset, len }, kind)
                     }
                     Command::WriteZeroes { offset, len, may_trim, fast_only, fua } => {
                         IoCounters::add(&c.zeroes, 1);
@@ -378,12 +387,20 @@ impl HostedSession for Session {
                 }
                 reply::block_status(&mut header, request.cookie, &status, req_one);
             }
+            (Ok(IoOutput::Done), PendingKind::TrimThenFlush) => {
+                // FUA on a TRIM: the deallocation must be durable before the
+                // reply, so the same request continues with a flush.
+                self.pending.insert(tag, Pending { kind: PendingKind::Plain, ..request });
+                self.io_queue.push_back((tag, IoOp::Flush));
+                return;
+            }
             (Ok(IoOutput::Done), PendingKind::Plain) => reply::ok(&mut header, request.cookie),
             (Ok(_), _) => panic!("engine output does not match the request kind"),
             (Err(failure), kind) => {
                 IoCounters::add(&self.counters().errors, 1);
                 let (error, message) = failure_reply(failure);
-                let structured_error = structured && !matches!(kind, PendingKind::Plain);
+                let structured_error =
+                    structured && matches!(kind, PendingKind::Read { .. } | PendingKind::BlockStatus { .. });
                 reply::error(&mut header, request.cookie, error, structured_error, message);
             }
         }
@@ -726,6 +743,22 @@ mod tests {
         let mut host = FakeHost::new();
         host.settle(&mut s, &mut Rng::new(3));
         assert!(s.is_finished());
+    }
+
+    #[test]
+    fn trim_with_fua_is_flushed_before_its_reply() {
+        let mut s = session(false);
+        s.handle_input(&header(wire::CMD_TRIM, wire::CMD_FLAG_FUA, 9, 0, 4096));
+        let (tag, op) = s.poll_io().unwrap();
+        assert!(matches!(op, IoOp::Trim { .. }));
+        s.handle_completion(tag, Ok(IoOutput::Done));
+        assert!(s.poll_transmit().is_none(), "no reply before the flush");
+        let (flush_tag, op) = s.poll_io().unwrap();
+        assert!(matches!(op, IoOp::Flush) && flush_tag == tag);
+        s.handle_completion(tag, Ok(IoOutput::Done));
+        let mut host = FakeHost::new();
+        host.settle(&mut s, &mut Rng::new(1));
+        assert_eq!(take_reply(&mut host.wire, &HashMap::new()).map(|r| (r.0, r.1)), Some((9, 0)));
     }
 
     #[test]
