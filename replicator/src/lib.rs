@@ -22,3 +22,6 @@ pub mod metrics;
 pub mod nbd;
 pub mod server;
 pub mod tls;
+
+#[cfg(test)]
+mod test_rng;

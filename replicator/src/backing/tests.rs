@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::*;
+use crate::test_rng::Rng;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -51,28 +52,6 @@ fn open_with(path: &Path, data_size: u64, tweak: impl FnOnce(&mut BackingConfig)
     let mut cfg = BackingConfig::new(path.to_path_buf(), data_size);
     tweak(&mut cfg);
     Backing::open(cfg).expect("open backing")
-}
-
-/// xorshift64: deterministic and good enough to scatter offsets.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
 }
 
 /// One completion channel and a tag counter, like an NBD connection.
@@ -134,7 +113,7 @@ impl Client {
 /// makes every other op aligned to it, to exercise O_DIRECT.
 fn random_roundtrip(backing: &Backing, size: u64, seed: u64, align: u64) {
     const BATCH: u64 = 200;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut model = vec![0u8; size as usize];
     let mut client = Client::new();
     let region = size / BATCH;
@@ -245,7 +224,7 @@ fn fua_writes_and_flush_complete() {
     let path = dir.file(MIB, None);
     let backing = open_with(&path, MIB, |_| {});
     let mut client = Client::new();
-    let data = Rng(5).bytes(10_000);
+    let data = Rng::new(5).bytes(10_000);
     client.write(&backing, 4097, &data, true);
     assert_eq!(client.run(&backing, IoOp::Flush), Ok(IoOutput::Done));
     let stats = backing.stats();
@@ -487,7 +466,7 @@ fn concurrent_submitters_never_lose_a_wake_up() {
             let backing = backing.clone();
             std::thread::spawn(move || {
                 let mut client = Client::new();
-                let mut rng = Rng(t + 1);
+                let mut rng = Rng::new(t + 1);
                 for i in 0..1500u64 {
                     let offset = t * 256 * KIB + rng.below(64) * 4096;
                     let byte = (i % 255) as u8;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::layout::{self, Decoded, Slot, SlotState, SLOT_BYTES};
 use super::*;
+use crate::test_rng::Rng;
 
 const MIB: u64 = 1 << 20;
 const HEADER_BYTES: usize = 160;
@@ -616,36 +617,8 @@ fn superblock_layout_is_stable() {
     assert_eq!(json["flags"]["external"], false);
 }
 
-/// xorshift64: a tiny deterministic PRNG so failures replay from the seed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = self.next() as u8;
-        }
-    }
-}
-
 /// A random change to the fields updates may touch.
-fn random_change(rng: &mut XorShift) -> impl FnOnce(&mut Superblock) {
+fn random_change(rng: &mut Rng) -> impl FnOnce(&mut Superblock) {
     let bits = rng.below(8);
     let values = [rng.next(), rng.next(), rng.next(), rng.next(), rng.next()];
     let node_id = rng.next() as u32;
@@ -666,7 +639,7 @@ fn random_change(rng: &mut XorShift) -> impl FnOnce(&mut Superblock) {
 fn random_updates_and_torn_writes_never_lose_or_roll_back() {
     let dir = TempDir::new("prop");
     for iteration in 0..200u64 {
-        let mut rng = XorShift::new(iteration);
+        let mut rng = Rng::new(iteration);
         let disk = dir.disk("disk.img", 2 * MIB + rng.below(64 * 1024));
         let meta = dir.path("disk.md");
         let _ = fs::remove_file(&meta);

@@ -15,4 +15,4 @@ pub mod request;
 pub mod wire;
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

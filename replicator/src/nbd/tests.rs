@@ -4,6 +4,7 @@
 use super::handshake::{ExportInfo, Handshake, HandshakeError, HandshakeEvent, TlsMode};
 use super::request::{self, Command, Decoded, ProtocolViolation, TransmissionConfig};
 use super::wire::{self, NbdError};
+use crate::test_rng::Rng;
 
 fn export(read_only: bool) -> ExportInfo {
     ExportInfo {
@@ -296,21 +297,6 @@ fn abort_acks_and_closes() {
     assert_eq!(replies(&hs.poll_transmit().unwrap())[0].1, wire::REP_ACK);
     assert_eq!(hs.poll_event(), Some(HandshakeEvent::Closed));
     assert_eq!(hs.bytes_wanted(), 0);
-}
-
-/// A tiny deterministic PRNG (xorshift64*) so random tests replay by seed.
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 #[test]

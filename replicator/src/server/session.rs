@@ -522,7 +522,7 @@ mod tests {
 
     use super::*;
     use crate::backing::Extent;
-    use crate::nbd::tests::Rng;
+    use crate::test_rng::Rng;
 
     const DISK_BYTES: u64 = 1 << 20;
 
