@@ -8,10 +8,6 @@
 /// closed, because their payload cannot be skipped cheaply.
 pub const NBD_REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
 
-/// Largest TRIM/WRITE_ZEROES/BLOCK_STATUS length: these carry no payload, so
-/// they may cover more than a READ/WRITE. The spec caps lengths at u32 anyway.
-pub const NBD_EFFECT_BYTES_MAX: u32 = u32::MAX;
-
 /// Preferred block size advertised to clients (and the page size we align
 /// buffers to).
 pub const NBD_BLOCK_BYTES_PREFERRED: u32 = 4096;
@@ -28,13 +24,11 @@ pub const NBD_OPTIONS_PER_HANDSHAKE_MAX: u32 = 256;
 /// Meta-context queries in one LIST/SET_META_CONTEXT option.
 pub const NBD_META_QUERIES_MAX: u32 = 128;
 
-/// Requests one connection may have in flight (read from the socket but not
-/// yet answered).
-pub const CONNECTION_INFLIGHT_REQUESTS_MAX: u32 = 256;
-
 /// Payload bytes one connection may have in flight, in both directions
 /// (write data received but not yet written, read data read but not yet
-/// sent). A client that stops reading replies stalls here.
+/// sent); every request counts at least [`INFLIGHT_UNIT_BYTES`], so this
+/// also bounds the number of requests in flight. A client that stops
+/// reading replies stalls here.
 pub const CONNECTION_INFLIGHT_BYTES_MAX: u32 = 64 * 1024 * 1024;
 
 /// Payload bytes all connections together may have in flight.
@@ -52,9 +46,6 @@ pub const REPLY_WRITE_STALL_SECS: u64 = 30;
 
 /// Seconds SIGTERM waits for in-flight requests before giving up on them.
 pub const SHUTDOWN_DRAIN_SECS: u64 = 30;
-
-/// Replies coalesced into one socket write.
-pub const REPLY_BATCH_MAX: usize = 64;
 
 /// Read replies up to this size are copied into the batch buffer; larger
 /// ones are written straight from their I/O buffer.
