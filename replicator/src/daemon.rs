@@ -35,6 +35,8 @@ pub enum ServeError {
     Listen { addr: String, cause: std::io::Error },
     #[error("failed to install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("disk {disk}: {cause}")]
+    Lock { disk: PathBuf, cause: std::io::Error },
     #[error("failed to flush {disk} at shutdown: {cause}")]
     FinalFlush { disk: PathBuf, cause: String },
 }
@@ -57,6 +59,9 @@ async fn bind_unix(path: &PathBuf) -> Result<UnixListener, ServeError> {
 
 /// Runs the server until a termination signal; returns after a clean drain.
 pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
+    // Held until we return: no second server, and no create-md, on this disk.
+    let _lock = crate::device::lock_disk(&config.disk)
+        .map_err(|cause| ServeError::Lock { disk: config.disk.clone(), cause })?;
     let mut meta = {
         let (disk, location, read_only) = (config.disk.clone(), config.meta.clone(), config.read_only);
         tokio::task::spawn_blocking(move || metadata::open(&disk, &location, read_only))

@@ -63,4 +63,37 @@ mod tests {
         assert_eq!(device_size_bytes(&file).unwrap(), 3 * 4096);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_disk_is_locked_by_one_holder_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("device-lock-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        File::create(&path).unwrap().set_len(4096).unwrap();
+        let first = lock_disk(&path).unwrap();
+        let err = lock_disk(&path).err().expect("a second lock must fail");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        drop(first);
+        lock_disk(&path).expect("free again after the holder is gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// An exclusive advisory lock on a backing disk, held while a process
+/// serves or rewrites it; released when dropped.
+pub struct DiskLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Takes the exclusive lock on `path`, failing at once if another process
+/// holds it (a second `serve`, or `create-md` under a running server).
+pub fn lock_disk(path: &std::path::Path) -> io::Result<DiskLock> {
+    let file = File::open(path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DiskLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err(io::Error::new(io::ErrorKind::WouldBlock, "in use by another replicator process; stop it first"))
+        }
+        Err((_, errno)) => Err(io::Error::from(errno)),
+    }
 }

@@ -175,6 +175,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.bitmap_granularity_bytes = args.bitmap_granularity;
             options.al_extents_max = args.al_extents;
             options.force = args.force;
+            // A missing disk is reported by create itself, with the fix.
+            let _lock = match args.disk.disk.exists() {
+                true => Some(
+                    replicator::device::lock_disk(&args.disk.disk)
+                        .with_context(|| format!("failed to lock {}", args.disk.disk.display()))?,
+                ),
+                false => None,
+            };
             let meta = metadata::create(&options)
                 .with_context(|| format!("failed to create metadata on {}", args.disk.disk.display()))?;
             let sb = meta.superblock();

@@ -59,6 +59,36 @@ fn metadata_commands() {
 }
 
 #[test]
+fn a_served_disk_is_locked_against_a_second_server_and_create_md() {
+    let dir = TestDir::new("lock");
+    let vol = Volume::create(&dir, 16 * MIB).unwrap();
+    let uuid = vol.dump_md().unwrap()["volume_uuid"].clone();
+    let mut srv = Server::start_tcp(&vol).unwrap();
+
+    let ctl = dir.join("second.sock");
+    let mut args = vec!["serve".to_string()];
+    args.extend(vol.disk_args().iter().map(|a| a.to_string_lossy().into_owned()));
+    args.extend(["--listen", "127.0.0.1:0", "--control", ctl.to_str().unwrap()].map(String::from));
+    let err = match Server::spawn(args) {
+        Ok(_) => panic!("a second server started on a disk in use"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("in use by another replicator"), "{err}");
+
+    let mut c = replicator();
+    c.arg("create-md").args(vol.disk_args()).arg("--force");
+    let out = run_fail(&mut c).unwrap();
+    assert!(out.stderr.contains("in use by another replicator"), "{}", out.describe());
+    assert_eq!(vol.dump_md().unwrap()["volume_uuid"], uuid, "create-md rewrote a served disk");
+
+    let status = srv.terminate(Duration::from_secs(20)).unwrap();
+    assert!(status.success());
+    let mut c = replicator();
+    c.arg("create-md").args(vol.disk_args()).arg("--force");
+    run(&mut c).unwrap();
+}
+
+#[test]
 fn data_survives_restart() {
     let dir = TestDir::new("restart");
     let vol = Volume::create(&dir, 32 * MIB).unwrap();
