@@ -48,6 +48,25 @@ pub fn device_size_bytes(file: &File) -> io::Result<u64> {
     }
 }
 
+/// An exclusive advisory lock on a backing disk, held while a process
+/// serves or rewrites it; released when dropped.
+pub struct DiskLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// Takes the exclusive lock on `path`, failing at once if another process
+/// holds it (a second `serve`, or `create-md` under a running server).
+pub fn lock_disk(path: &std::path::Path) -> io::Result<DiskLock> {
+    let file = File::open(path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DiskLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            Err(io::Error::new(io::ErrorKind::WouldBlock, "in use by another replicator process; stop it first"))
+        }
+        Err((_, errno)) => Err(io::Error::from(errno)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,24 +95,5 @@ mod tests {
         drop(first);
         lock_disk(&path).expect("free again after the holder is gone");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-/// An exclusive advisory lock on a backing disk, held while a process
-/// serves or rewrites it; released when dropped.
-pub struct DiskLock {
-    _lock: nix::fcntl::Flock<File>,
-}
-
-/// Takes the exclusive lock on `path`, failing at once if another process
-/// holds it (a second `serve`, or `create-md` under a running server).
-pub fn lock_disk(path: &std::path::Path) -> io::Result<DiskLock> {
-    let file = File::open(path)?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(DiskLock { _lock: lock }),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            Err(io::Error::new(io::ErrorKind::WouldBlock, "in use by another replicator process; stop it first"))
-        }
-        Err((_, errno)) => Err(io::Error::from(errno)),
     }
 }
