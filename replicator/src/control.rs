@@ -5,7 +5,7 @@
 //! postcard-encoded message. The server also checks the peer's credentials:
 //! only root or the server's own user may ask.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,15 +122,10 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(bind_err)?;
         }
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            if UnixStream::connect(path).await.is_ok() {
-                return Err(ControlError::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(bind_err)?;
-        }
-    }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    let listener = crate::server::bind_unix(path).await.map_err(|cause| match cause.kind() {
+        std::io::ErrorKind::AddrInUse => ControlError::InUse(path.to_owned()),
+        _ => bind_err(cause),
+    })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)
 }

@@ -6,11 +6,10 @@
 //! readiness. Shutdown order: stop accepting and reading → drain in-flight
 //! requests (bounded) → flush the backing store → mark the volume clean.
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::backing::{Backing, BackingConfig, IoOp, IoRequest};
@@ -39,22 +38,6 @@ pub enum ServeError {
     Lock { disk: PathBuf, cause: std::io::Error },
     #[error("failed to flush {disk} at shutdown: {cause}")]
     FinalFlush { disk: PathBuf, cause: String },
-}
-
-async fn bind_unix(path: &PathBuf) -> Result<UnixListener, ServeError> {
-    let listen_err = |cause| ServeError::Listen { addr: path.display().to_string(), cause };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                return Err(listen_err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another server is listening there",
-                )));
-            }
-            std::fs::remove_file(path).map_err(listen_err)?;
-        }
-    }
-    UnixListener::bind(path).map_err(listen_err)
 }
 
 /// Runs the server until a termination signal; returns after a clean drain.
@@ -104,7 +87,10 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         listeners.push(Listener::Tcp(listener));
     }
     for path in &config.unix {
-        listeners.push(Listener::Unix { listener: bind_unix(path).await?, path: path.clone() });
+        let listener = server::bind_unix(path)
+            .await
+            .map_err(|cause| ServeError::Listen { addr: path.display().to_string(), cause })?;
+        listeners.push(Listener::Unix { listener, path: path.clone() });
     }
     let control_listener = control::bind(&config.control).await?;
     let metrics_listener = match &config.metrics_listen {

@@ -173,15 +173,10 @@ async fn transmission<S: SplitStream>(
         base_allocation: negotiated.base_allocation,
     };
     let session = Session::new(config, shared.counters.clone(), shared.inflight_bytes.clone());
-    let stream = if shared.host_plain_connections {
-        match stream.into_hosted_fd() {
-            Ok(fd) => return hosted_transmission(&shared, fd?, session).await,
-            Err(stream) => stream,
-        }
-    } else {
-        stream
-    };
-    run_session(&shared, stream, session).await
+    match stream.into_hosted_fd() {
+        Ok(fd) => hosted_transmission(&shared, fd?, session).await,
+        Err(stream) => run_session(&shared, stream, session).await,
+    }
 }
 
 /// Runs the transmission phase on the I/O thread; returns when the engine

@@ -37,9 +37,6 @@ pub struct Shared {
     pub connections: Arc<Semaphore>,
     /// Flips to `true` once: stop accepting, stop reading new requests.
     pub shutdown: watch::Sender<bool>,
-    /// Run plaintext connections' transmission phase on the I/O thread
-    /// (`server::session`); TLS connections always stay in tokio.
-    pub host_plain_connections: bool,
 }
 
 impl Shared {
@@ -56,9 +53,24 @@ impl Shared {
             inflight_bytes: Arc::new(Semaphore::new(units as usize)),
             connections: Arc::new(Semaphore::new(limits::SERVER_CONNECTIONS_MAX)),
             shutdown: watch::channel(false).0,
-            host_plain_connections: true,
         }
     }
+}
+
+/// Binds a Unix stream socket at `path`, replacing a stale socket file a
+/// crashed process left behind; a live one (something accepts on it) is
+/// refused with `AddrInUse`.
+pub async fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another server is listening there"));
+            }
+            std::fs::remove_file(path)?;
+        }
+    }
+    UnixListener::bind(path)
 }
 
 /// A bound NBD listener.

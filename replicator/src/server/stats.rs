@@ -105,14 +105,6 @@ impl ClientRegistry {
         self.lock().values().cloned().collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientInfo>> {
         // A panic while holding this lock cannot leave the map inconsistent
         // (every update is a single insert/remove/field store).
