@@ -37,6 +37,13 @@ pub const SERVER_INFLIGHT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 /// Concurrent client connections (NBD, all listeners together).
 pub const SERVER_CONNECTIONS_MAX: usize = 1024;
 
+/// Largest control payload on the replication link (Hello, State,
+/// ResyncDone: a few hundred bytes in practice).
+pub const REPL_CONTROL_PAYLOAD_BYTES_MAX: u32 = 64 * 1024;
+
+/// Largest bitmap frame: 4096 (index, word) pairs.
+pub const REPL_BITMAP_PAYLOAD_BYTES_MAX: u32 = 4096 * 16;
+
 /// Seconds a client may take to finish the handshake before it is dropped.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 
