@@ -413,7 +413,7 @@ fn disk_resize_is_detected() {
 
 #[test]
 fn flag_bits_roundtrip() {
-    for bits in 0..16u64 {
+    for bits in 0..64u64 {
         let flags = MetaFlags::from_bits(bits).unwrap();
         assert_eq!(flags.to_bits(), bits);
     }
@@ -426,7 +426,9 @@ fn flag_bits_roundtrip() {
     assert_eq!(one(|f| f.clean_shutdown = true), 2);
     assert_eq!(one(|f| f.primary = true), 4);
     assert_eq!(one(|f| f.external = true), 8);
-    assert_eq!(MetaFlags::from_bits(0b1_0101), Err(0b1_0000));
+    assert_eq!(one(|f| f.crashed_primary = true), 16);
+    assert_eq!(one(|f| f.outdated = true), 32);
+    assert_eq!(MetaFlags::from_bits(0b100_0101), Err(0b100_0000));
 
     // And through the disk.
     let dir = TempDir::new("flags");
