@@ -1766,8 +1766,14 @@ impl<P: Clone> Replica<P> {
             return Err(AdminError::Handshaking);
         }
         let pending = self.writes.len() + self.flushes.len() + self.deferred.len();
-        if pending > 0 {
+        if pending > 0 && !self.frozen {
             return Err(AdminError::WritesInFlight(pending));
+        }
+        if pending > 0 {
+            // Suspended I/O of a primary being given up (its peer won): the
+            // writes were never acknowledged and never will be.
+            warn!(resource = %self.cfg.resource, pending, "demoting a suspended primary: failing its suspended I/O");
+            self.fail_all_pending();
         }
         self.role = Role::Secondary;
         self.frozen = false;
@@ -1782,6 +1788,25 @@ impl<P: Clone> Replica<P> {
             self.send(now_ms, link, Message::State(state));
         }
         Ok(())
+    }
+
+    fn fail_all_pending(&mut self) {
+        for (id, w) in std::mem::take(&mut self.writes) {
+            if !w.answered {
+                self.actions.push_back(Action::Complete { id, result: Err(libc::EIO) });
+            }
+            self.al.end(w.extents);
+        }
+        for (id, _) in std::mem::take(&mut self.flushes) {
+            self.actions.push_back(Action::Complete { id, result: Err(libc::EIO) });
+        }
+        for d in std::mem::take(&mut self.deferred) {
+            let id = match d {
+                Deferred::Write { id, .. } | Deferred::Flush { id } => id,
+            };
+            self.actions.push_back(Action::Complete { id, result: Err(libc::EIO) });
+        }
+        self.outstanding.retain(|_, (what, _)| !matches!(what, Outstanding::Write(_) | Outstanding::Flush(_)));
     }
 
     /// Starts connecting (from StandAlone). `discard_my_data`: on a split

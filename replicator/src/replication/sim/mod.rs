@@ -828,19 +828,22 @@ impl Sim {
                     self.start(n);
                 }
             }
-            // Two primaries (fencing failed on both sides): the admin demotes one.
-            let primaries =
-                (0..2).filter(|n| self.nodes[*n].replica.as_ref().is_some_and(|r| r.role() == Role::Primary)).count();
-            if primaries == 2 {
+            // A stale primary (the peer saw a newer epoch), or two primaries
+            // after fencing failed on both sides: the older epoch gives up,
+            // its suspended writes failing.
+            let epoch = |n: usize| self.nodes[n].replica.as_ref().map_or(0, |r| r.epoch());
+            let is_primary = |n: usize| self.nodes[n].replica.as_ref().is_some_and(|r| r.role() == Role::Primary);
+            let stale = (0..2).find(|n| is_primary(*n) && epoch(*n) < epoch(1 - *n));
+            let victim = match stale {
+                Some(n) => Some(n),
+                None if is_primary(0) && is_primary(1) => Some(if epoch(0) < epoch(1) { 0 } else { 1 }),
+                None => None,
+            };
+            if let Some(victim) = victim {
                 let now = self.now;
-                // The newer epoch wins; the stale primary gives up (resuming
-                // its suspended I/O first, which makes it a split-brain victim).
-                let epoch = |n: usize| self.nodes[n].replica.as_ref().map_or(0, |r| r.epoch());
-                let victim = if epoch(0) < epoch(1) { 0 } else { 1 };
                 if let Some(r) = self.replica(victim) {
-                    r.resume_io(now);
                     if r.demote(now).is_ok() {
-                        self.note(format!("node{victim} demoted by the admin (two primaries)"));
+                        self.note(format!("node{victim} demoted by the admin (stale or second primary)"));
                     }
                 }
                 self.drain(victim);
