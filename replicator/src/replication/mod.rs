@@ -15,10 +15,14 @@
 pub mod activity_log;
 mod apply;
 pub mod bitmap;
+pub mod driver;
 pub mod generations;
+pub mod link;
 pub mod message;
 pub mod replica;
+pub mod resource;
 mod resync;
+pub mod up;
 pub mod wire;
 
 #[cfg(test)]
@@ -28,3 +32,24 @@ pub use message::{DiskState, Message, Protocol, Role, WriteKind};
 pub use replica::{
     Action, AdminError, AppWrite, Config, DiskOp, DiskOutput, Fencing, MetaState, Persisted, Replica, Status,
 };
+
+/// Why `replicator up` could not run the resource.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error(transparent)]
+    Metadata(#[from] crate::metadata::MetadataError),
+    #[error(transparent)]
+    Backing(#[from] crate::backing::BackingError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    Driver(#[from] driver::DriverError),
+    #[error("failed to listen on {addr}: {cause}")]
+    Listen { addr: String, cause: std::io::Error },
+    #[error("failed to install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("disk {disk}: {cause}")]
+    Lock { disk: std::path::PathBuf, cause: std::io::Error },
+}

@@ -382,6 +382,9 @@ pub struct Replica<P> {
     verify: Option<Verify>,
     /// The latest `now_ms` given to any input.
     now_ms: u64,
+    /// A role change was sent and the peer has not yet answered the ping
+    /// that follows it (so it may not have applied it).
+    state_unconfirmed: bool,
 }
 
 impl<P: Clone> Replica<P> {
@@ -434,6 +437,7 @@ impl<P: Clone> Replica<P> {
             resync: None,
             verify: None,
             now_ms,
+            state_unconfirmed: false,
             cfg,
         };
         if !persisted.clean_shutdown && persisted.primary {
@@ -1201,7 +1205,7 @@ impl<P: Clone> Replica<P> {
         match msg {
             Message::Hello(_) => self.protocol_error(now_ms, "second Hello on one connection".into()),
             Message::Ping => self.send(now_ms, link, Message::PingAck),
-            Message::PingAck => {}
+            Message::PingAck => self.state_unconfirmed = false,
             Message::State(state) => {
                 if state.role == Role::Primary && self.role == Role::Primary {
                     self.lose_peer(now_ms, "both nodes became primary; disconnected to protect the data".into(), true);
@@ -1743,8 +1747,7 @@ impl<P: Clone> Replica<P> {
                 self.lose_peer(now_ms, "forced promotion: reconnecting to resync the peer".into(), false);
                 self.actions.push_back(Action::CloseLink { link });
             } else if connected {
-                let state = PeerState { role: self.role, disk: self.disk, epoch: self.epoch };
-                self.send(now_ms, link, Message::State(state));
+                self.send_state(now_ms, link);
             }
         }
         if !self.is_connected() && self.cfg.fencing == Fencing::ResourceAndStonith {
@@ -1784,8 +1787,7 @@ impl<P: Clone> Replica<P> {
         self.persist_meta();
         info!(resource = %self.cfg.resource, "demoted to secondary");
         if let (Some(link), true) = (self.link(), self.is_connected()) {
-            let state = PeerState { role: self.role, disk: self.disk, epoch: self.epoch };
-            self.send(now_ms, link, Message::State(state));
+            self.send_state(now_ms, link);
         }
         Ok(())
     }
@@ -1908,6 +1910,21 @@ impl<P: Clone> Replica<P> {
     }
 
     // ----- helpers -----
+
+    /// Tells the peer our role and disk, followed by a ping: its answer
+    /// proves the peer applied the change (frames are processed in order).
+    fn send_state(&mut self, now_ms: u64, link: LinkId) {
+        let state = PeerState { role: self.role, disk: self.disk, epoch: self.epoch };
+        self.send(now_ms, link, Message::State(state));
+        self.send(now_ms, link, Message::Ping);
+        self.state_unconfirmed = true;
+    }
+
+    /// No role change is waiting for the peer (it applied the last one, or
+    /// there is no peer to tell).
+    pub fn state_settled(&self) -> bool {
+        !self.state_unconfirmed || !self.is_connected()
+    }
 
     fn take_seq(&mut self) -> u64 {
         let s = self.next_seq;

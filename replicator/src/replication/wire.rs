@@ -234,17 +234,14 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, FrameError> {
 }
 
 /// Checks the crc and builds the message. `payload` must be exactly
-/// `header.payload_len()` bytes; `into_data` turns Data/ResyncData payloads
-/// into the shell's buffer type.
-pub fn decode_message<P>(
-    header: &Header,
-    payload: &[u8],
-    into_data: impl FnOnce(&[u8]) -> P,
-) -> Result<Message<P>, FrameError> {
-    if payload.len() != header.payload_len() {
+/// `header.payload_len()` bytes; Data and ResyncData messages keep it as
+/// their data (no copy).
+pub fn decode_message<P: AsRef<[u8]>>(header: &Header, payload: P) -> Result<Message<P>, FrameError> {
+    let bytes = payload.as_ref();
+    if bytes.len() != header.payload_len() {
         return Err(FrameError::Malformed { command: header.command, what: "payload length" });
     }
-    if crc(&header.raw, payload) != header.raw.crc.get() {
+    if crc(&header.raw, bytes) != header.raw.crc.get() {
         return Err(FrameError::Checksum);
     }
     let r = &header.raw;
@@ -257,11 +254,11 @@ pub fn decode_message<P>(
         _ => AckKind::Failed,
     };
     Ok(match command {
-        Command::Hello => Message::Hello(Box::new(postcard_decode::<Hello>(command, payload)?)),
-        Command::State => Message::State(postcard_decode::<PeerState>(command, payload)?),
-        Command::ResyncDone => Message::ResyncDone(postcard_decode::<ResyncDone>(command, payload)?),
+        Command::Hello => Message::Hello(Box::new(postcard_decode::<Hello>(command, bytes)?)),
+        Command::State => Message::State(postcard_decode::<PeerState>(command, bytes)?),
+        Command::ResyncDone => Message::ResyncDone(postcard_decode::<ResyncDone>(command, bytes)?),
         Command::Bitmap => {
-            let pairs = payload
+            let pairs = bytes
                 .chunks_exact(16)
                 .map(|c| {
                     let (i, w) = c.split_at(8);
@@ -279,13 +276,13 @@ pub fn decode_message<P>(
                 KIND_TRIM => WriteKind::Trim,
                 _ => WriteKind::Zeroes,
             };
-            let data = (kind == WriteKind::Write).then(|| into_data(payload));
+            let data = (kind == WriteKind::Write).then_some(payload);
             Message::Data { seq, epoch, barrier: aux, offset, len: length, kind, fua: flags & FLAG_FUA != 0, data }
         }
         Command::Ack => Message::Ack { seq, kind: ack() },
         Command::Flush => Message::Flush { seq, barrier: aux },
         Command::FlushAck => Message::FlushAck { seq, ok: ack() != AckKind::Failed },
-        Command::ResyncData => Message::ResyncData { seq, offset, len: length, data: into_data(payload) },
+        Command::ResyncData => Message::ResyncData { seq, offset, len: length, data: payload },
         Command::ResyncAck => Message::ResyncAck { seq, ok: ack() != AckKind::Failed },
         Command::ResyncCsum => Message::ResyncCsum { seq, offset, len: length, csum: aux as u32 },
         Command::ResyncCsumReply => Message::ResyncCsumReply { seq, equal: flags & FLAG_EQUAL != 0 },
