@@ -741,6 +741,9 @@ impl<P: Clone> Replica<P> {
     fn mark_dirty(&mut self, offset: u64, len: u64) {
         self.bitmap.set_bytes(offset, len);
         self.bitmap_unpersisted = true;
+        if let Some(r) = self.resync.as_mut() {
+            r.invalidate(offset, len);
+        }
     }
 
     /// Completes application requests whose conditions are met.
@@ -768,8 +771,10 @@ impl<P: Clone> Replica<P> {
         if finished {
             let w = self.writes.remove(&id).expect("checked above");
             // Both disks now hold this write: the granules it covers are in
-            // sync, unless another write to them is still on its way.
-            if w.peer_wrote && local.is_ok() && !self.overlaps_pending(w.offset, u64::from(w.len)) {
+            // sync, unless another write to them is still tracked (a later
+            // one decides what the blocks hold, and may have failed on one
+            // side).
+            if w.peer_wrote && local.is_ok() && !self.overlaps_tracked(w.offset, u64::from(w.len)) {
                 self.bitmap.clear_covered_bytes(w.offset, u64::from(w.len));
             }
             self.al.end(w.extents);
@@ -793,9 +798,9 @@ impl<P: Clone> Replica<P> {
         self.actions.push_back(Action::Complete { id, result: local });
     }
 
-    fn overlaps_pending(&self, offset: u64, len: u64) -> bool {
+    fn overlaps_tracked(&self, offset: u64, len: u64) -> bool {
         let end = offset + len;
-        self.writes.values().any(|w| w.local.is_none() && w.offset < end && offset < w.offset + u64::from(w.len))
+        self.writes.values().any(|w| w.offset < end && offset < w.offset + u64::from(w.len))
     }
 
     /// A write finished: deferred requests and a waiting resync may go on.
@@ -881,6 +886,13 @@ impl<P: Clone> Replica<P> {
             };
             if !ok {
                 self.note_error(format!("local disk failed applying a peer's {started:?}"));
+                // This disk now misses a write the primary may acknowledge:
+                // it must not be promoted until a resync repairs it.
+                if matches!(started, Started::Write { .. }) && self.disk == DiskState::UpToDate {
+                    self.outdated = true;
+                    self.disk = DiskState::Outdated;
+                    self.persist_meta();
+                }
             }
             self.send(now_ms, link, msg);
         }
@@ -1340,6 +1352,11 @@ impl<P: Clone> Replica<P> {
                     }
                     if let Some((offset, len)) = failed {
                         self.mark_dirty(offset, len);
+                        // The peer outdated itself; it is UpToDate again only
+                        // after the repair resync.
+                        if let Conn::Established(p) = &mut self.conn {
+                            p.disk = DiskState::Outdated;
+                        }
                     }
                     self.try_complete_write(id);
                     self.maybe_start_repair(now_ms);
@@ -1431,10 +1448,12 @@ impl<P: Clone> Replica<P> {
     /// before any write is answered; fencing may freeze I/O.
     fn lose_peer(&mut self, now_ms: u64, why: String, standalone: bool) {
         let was_replicating = matches!(&self.conn, Conn::Established(p) if p.replicating);
-        // Only a peer that held the same data generation falls behind now; a
-        // sync target still holds the generation our bitmap counts from.
+        // Only a peer that held our data generation falls behind now (also
+        // during a repair resync, which leaves it UpToDate or Outdated); an
+        // Inconsistent sync target still holds the generation our bitmap
+        // counts from.
         let peer_was_current = matches!(&self.conn, Conn::Established(p)
-            if p.replicating && matches!(p.sync, Sync::None | Sync::Verify) && p.disk == DiskState::UpToDate);
+            if p.replicating && matches!(p.disk, DiskState::UpToDate | DiskState::Outdated));
         let link = self.link();
         warn!(resource = %self.cfg.resource, "{why}");
         self.last_error = Some(why);

@@ -37,6 +37,9 @@ struct Chunk {
     stage: Stage,
     /// Checksum sent first; data not yet.
     csum: bool,
+    /// The range was marked dirty again after it was read (a write failed
+    /// on one side): the target's ack must not clear it.
+    stale: bool,
 }
 
 #[derive(Debug)]
@@ -162,7 +165,7 @@ impl Resync {
             len: u32::try_from(len).expect("chunks are small"),
             checksum_first: self.checksums,
         };
-        self.chunks.insert(s, Chunk { bits, bytes, stage: Stage::Reading, csum: self.checksums });
+        self.chunks.insert(s, Chunk { bits, bytes, stage: Stage::Reading, csum: self.checksums, stale: false });
         Some(step)
     }
 
@@ -200,11 +203,23 @@ impl Resync {
         Some((c.bytes.start, u32::try_from(c.bytes.end - c.bytes.start).ok()?))
     }
 
-    /// The chunk is done (written or equal): its bits may be cleared.
+    /// The chunk is done (written or equal): its bits may be cleared,
+    /// unless it went stale meanwhile.
     pub fn finished(&mut self, seq: u64) -> Option<Range<u64>> {
         let c = self.chunks.remove(&seq)?;
         self.inflight_bytes -= c.bytes.end - c.bytes.start;
-        Some(c.bits)
+        (!c.stale).then_some(c.bits)
+    }
+
+    /// Bytes in the range were marked dirty again: in-flight chunks covering
+    /// them no longer prove the target in sync.
+    pub fn invalidate(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        for c in self.chunks.values_mut() {
+            if c.bytes.start < end && offset < c.bytes.end {
+                c.stale = true;
+            }
+        }
     }
 
     /// The chunk failed (read error here, write error there): it stays dirty.

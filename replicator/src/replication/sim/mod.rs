@@ -17,7 +17,10 @@
 //!   `--discard-my-data` resolves it.
 //!
 //! A failure panics with the seed; `REPLICATOR_SIM_SEED=<seed> cargo test
-//! -p replicator sim_replays_one_seed -- --nocapture` replays it.
+//! -p replicator sim_replays_one_seed -- --nocapture` replays it (add
+//! `SIM_TRACE=1` to log every state change of both nodes).
+//! `REPLICATOR_SIM_SEEDS` and `REPLICATOR_SIM_BASE` pick the range of
+//! seeds `sim_many_seeds` runs (default 2000 from 0).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -144,6 +147,7 @@ struct Sim {
     max_epoch: u64,
     /// Both nodes acknowledged writes as primaries at the same time.
     diverged: bool,
+    last_trace: [String; 2],
     /// Per block: (time, node, version) of every write that reached a disk.
     history: Vec<Vec<(u64, usize, u64)>>,
 }
@@ -233,6 +237,7 @@ impl Sim {
             max_epoch: 1,
             diverged: false,
             history: vec![Vec::new(); BLOCKS as usize],
+            last_trace: Default::default(),
         };
         // Node 0's disk starts with data; both metadata fresh, as after
         // create-md on both nodes.
@@ -770,6 +775,26 @@ impl Sim {
             }
         }
         self.track_current();
+        if std::env::var("SIM_TRACE").is_ok() {
+            for n in 0..2 {
+                if let Some(r) = &self.nodes[n].replica {
+                    let g = r.generations();
+                    let line = format!(
+                        "node{n} {:?} {:?} {:?} C{} B{} bits{}",
+                        r.role(),
+                        r.disk(),
+                        r.connection(),
+                        g.current % 100_000,
+                        g.bitmap % 100_000,
+                        r.bitmap().count()
+                    );
+                    if self.last_trace[n] != line {
+                        self.last_trace[n] = line.clone();
+                        self.note(format!("trace {line}"));
+                    }
+                }
+            }
+        }
         self.check_single_writer();
         for n in 0..2 {
             if let Some(r) = &self.nodes[n].replica {
@@ -912,8 +937,8 @@ impl Sim {
         for (b, (value, allowed)) in self.nodes[0].disk.iter().zip(&self.allowed).enumerate() {
             if !allowed.0.contains(value) {
                 self.fail(&format!(
-                    "acknowledged write lost: block {b} holds version {value} but must be one of {:?}",
-                    allowed.0
+                    "acknowledged write lost: block {b} holds version {value} but must be one of {:?}\nhistory: {:?}",
+                    allowed.0, self.history[b]
                 ));
             }
         }
