@@ -225,3 +225,115 @@ pub fn fresh_generation(random: u64) -> u64 {
         random
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_rng::Rng;
+
+    const JC: u64 = Generations::JUST_CREATED;
+
+    fn side(current: u64, bitmap: u64, history: [u64; 2]) -> Side {
+        Side {
+            generations: Generations { current, bitmap, history },
+            consistent: current != JC,
+            crashed_primary: false,
+            primary: false,
+            discard_my_data: false,
+            dirty_bits: 0,
+            node_id: 0,
+            epoch: 1,
+        }
+    }
+
+    fn peer(mut s: Side) -> Side {
+        s.node_id = 1;
+        s
+    }
+
+    /// The rows of the decision table in ARCHITECTURE.md, in order.
+    #[test]
+    fn decision_table_rows() {
+        let d = |a: Side, b: Side| decide(&a, &peer(b));
+        // Both fresh: nothing to sync, both stay Inconsistent.
+        assert_eq!(d(side(JC, 0, [0, 0]), side(JC, 0, [0, 0])), Decision::NoSync);
+        // One fresh: full sync from the other.
+        assert_eq!(d(side(JC, 0, [0, 0]), side(0xA0000, 0, [0, 0])), Decision::Target { full: true });
+        // Same generation, in sync.
+        assert_eq!(d(side(0xA0000, 0, [0, 0]), side(0xA0000, 0, [0, 0])), Decision::NoSync);
+        // Same generation, a crashed primary resyncs its activity log.
+        let mut crashed = side(0xA0000, 0, [0, 0]);
+        crashed.crashed_primary = true;
+        assert_eq!(d(crashed, side(0xA0000, 0, [0, 0])), Decision::Source { full: false });
+        // My bitmap counts from the peer's current: bitmap resync to it.
+        assert_eq!(d(side(0xB0000, 0xA0000, [0, 0]), side(0xA0000, 0, [0, 0])), Decision::Source { full: false });
+        assert_eq!(d(side(0xA0000, 0, [0, 0]), side(0xB0000, 0xA0000, [0, 0])), Decision::Target { full: false });
+        // The peer's current is only in my history: full sync from me.
+        assert_eq!(d(side(0xC0000, 0, [0xA0000, 0]), side(0xA0000, 0, [0, 0])), Decision::Source { full: true });
+        // An Inconsistent peer with an older unrelated generation: overwrite.
+        let mut inc = side(0x90000, 0, [0, 0]);
+        inc.consistent = false;
+        assert_eq!(d(side(0xC0000, 0, [0xA0000, 0]), inc), Decision::Source { full: true });
+        // Both moved on from the same base: split brain, bitmaps suffice.
+        assert_eq!(
+            d(side(0xB0000, 0xA0000, [0, 0]), side(0xC0000, 0xA0000, [0, 0])),
+            Decision::SplitBrain { bitmap: true }
+        );
+        // Both moved on, common ancestry further back: split brain, full.
+        assert_eq!(
+            d(side(0xB0000, 0xD0000, [0xA0000, 0]), side(0xC0000, 0xE0000, [0xA0000, 0])),
+            Decision::SplitBrain { bitmap: false }
+        );
+        // Nothing in common.
+        assert_eq!(d(side(0xB0000, 0, [0, 0]), side(0xC0000, 0, [0, 0])), Decision::Unrelated);
+    }
+
+    #[test]
+    fn split_brain_resolution_honours_discard_and_policies() {
+        let sb = Decision::SplitBrain { bitmap: true };
+        let mut me = side(0xB0000, 0xA0000, [0, 0]);
+        let mut other = peer(side(0xC0000, 0xA0000, [0, 0]));
+        assert_eq!(resolve(sb, &me, &other, AfterSplitBrain::Disconnect), sb);
+        me.discard_my_data = true;
+        assert_eq!(resolve(sb, &me, &other, AfterSplitBrain::Disconnect), Decision::Target { full: false });
+        me.discard_my_data = false;
+        other.dirty_bits = 5;
+        assert_eq!(resolve(sb, &me, &other, AfterSplitBrain::DiscardZeroChanges), Decision::Target { full: false });
+        me.epoch = 9;
+        assert_eq!(resolve(sb, &me, &other, AfterSplitBrain::DiscardYoungerPrimary), Decision::Target { full: false });
+    }
+
+    /// Both nodes compute the same decision, mirrored, for any pair of
+    /// generation sets drawn from a small pool (so relations are common).
+    #[test]
+    fn decisions_are_symmetric() {
+        let pool = [0, JC, 0xA0000, 0xB0000, 0xC0000, 0xD0000];
+        let mut rng = Rng::new(11);
+        let pick = |rng: &mut Rng| pool[rng.below(pool.len() as u64) as usize];
+        for _ in 0..100_000 {
+            let mut a = side(pick(&mut rng).max(JC), pick(&mut rng), [pick(&mut rng), pick(&mut rng)]);
+            let mut b = peer(side(pick(&mut rng).max(JC), pick(&mut rng), [pick(&mut rng), pick(&mut rng)]));
+            a.consistent = rng.below(4) != 0 && a.generations.current != JC;
+            b.consistent = rng.below(4) != 0 && b.generations.current != JC;
+            a.crashed_primary = rng.below(5) == 0;
+            b.crashed_primary = rng.below(5) == 0;
+            a.primary = rng.below(3) == 0;
+            b.primary = !a.primary && rng.below(3) == 0;
+            a.dirty_bits = rng.below(3);
+            b.dirty_bits = rng.below(3);
+            a.discard_my_data = rng.below(6) == 0;
+            b.discard_my_data = rng.below(6) == 0;
+            a.epoch = rng.below(3);
+            b.epoch = rng.below(3);
+            for policy in [
+                AfterSplitBrain::Disconnect,
+                AfterSplitBrain::DiscardZeroChanges,
+                AfterSplitBrain::DiscardYoungerPrimary,
+            ] {
+                let ab = resolve(decide(&a, &b), &a, &b, policy);
+                let ba = resolve(decide(&b, &a), &b, &a, policy);
+                assert_eq!(ab, ba.mirrored(), "{a:?} vs {b:?} under {policy:?}");
+            }
+        }
+    }
+}

@@ -16,6 +16,7 @@ pub mod activity_log;
 mod apply;
 pub mod bitmap;
 pub mod driver;
+pub mod fuzz;
 pub mod generations;
 pub mod link;
 pub mod message;
