@@ -12,6 +12,8 @@ use replicator::config::{self, Overrides};
 use replicator::metadata::{self, CreateOptions, MetaLocation};
 use replicator::nbd::handshake::TlsMode;
 
+mod attach;
+
 #[derive(Parser)]
 #[command(name = "replicator", version, about = "A replicated block volume served over NBD")]
 struct Cli {
@@ -30,6 +32,10 @@ enum Cmd {
     Serve(Box<ServeArgs>),
     /// Show a running server's volume, clients and I/O counters.
     Status(StatusArgs),
+    /// Make a block device of an NBD export; prints its path.
+    Attach(attach::AttachArgs),
+    /// Take away a device made by `attach`.
+    Detach(attach::DetachArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -203,6 +209,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Serve(args) => serve(*args),
         Cmd::Status(args) => status(args),
+        Cmd::Attach(args) => attach::attach(args),
+        Cmd::Detach(args) => attach::detach(args),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "replicator", &mut std::io::stdout());
             Ok(())

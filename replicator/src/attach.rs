@@ -1,0 +1,224 @@
+//! `replicator attach` and `detach`: thin glue over kernel-glue.
+//!
+//! `attach` prints the device path once it exists. The kernel path needs no
+//! process afterwards (the kernel holds the NBD socket). The FUSE path does:
+//! `attach` starts itself again with `--foreground` in a new session, waits
+//! for its `device PATH` line, prints the path and exits; the foreground
+//! process serves FUSE until `detach` signals it (SIGTERM: clean, SIGUSR1:
+//! forced) and records itself in `RUN_DIR/<device name>.pid`.
+//!
+//! Exit codes as for every command: 0 success, 1 runtime failure, 2 usage.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kernel_glue::{AttachConfig, DetachMode, Endpoint, Method};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+
+/// Where attach records its FUSE daemons unless told otherwise.
+pub const RUN_DIR_DEFAULT: &str = "/run/replicator/attach";
+
+#[derive(clap::Args)]
+pub struct AttachArgs {
+    /// NBD server address (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "nbd_unix", required_unless_present = "nbd_unix")]
+    nbd: Option<String>,
+    /// NBD server Unix socket.
+    #[arg(long, value_name = "PATH")]
+    nbd_unix: Option<PathBuf>,
+    /// Export name.
+    #[arg(long, default_value = "volume")]
+    export: String,
+    /// Seconds without a reply before I/O fails with EIO (kernel: before the connection counts as dead).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
+    /// Kernel path: seconds I/O waits on a dead connection for a reconnect (0: fail at once).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    dead_conn_timeout: u64,
+    /// Block device kind: auto (kernel nbd if available, else FUSE + loop), kernel or fuse.
+    #[arg(long, default_value = "auto")]
+    method: String,
+    /// Kernel path: use /dev/nbdN.
+    #[arg(long, value_name = "N")]
+    nbd_index: Option<u32>,
+    /// Directory for FUSE mounts, daemon records and logs.
+    #[arg(long, value_name = "DIR", default_value = RUN_DIR_DEFAULT)]
+    run_dir: PathBuf,
+    /// Stay in the foreground (FUSE path: until detached).
+    #[arg(long)]
+    foreground: bool,
+}
+
+#[derive(clap::Args)]
+pub struct DetachArgs {
+    /// The device `attach` printed (/dev/nbdN or /dev/loopN).
+    device: PathBuf,
+    /// Detach even if mounted: the filesystem's later I/O fails.
+    #[arg(long)]
+    force: bool,
+    /// The directory given to `attach`.
+    #[arg(long, value_name = "DIR", default_value = RUN_DIR_DEFAULT)]
+    run_dir: PathBuf,
+}
+
+/// The line the foreground process prints when the device exists.
+const READY_PREFIX: &str = "device ";
+/// How long `detach` waits for a FUSE daemon to finish.
+const DETACH_WAIT: Duration = Duration::from_secs(60);
+
+fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
+    let endpoint = match (&args.nbd, &args.nbd_unix) {
+        (Some(a), None) => Endpoint::Tcp(a.clone()),
+        (None, Some(p)) => Endpoint::Unix(p.clone()),
+        _ => bail!(crate::UsageError("give exactly one of --nbd and --nbd-unix".into())),
+    };
+    let method: Method = args.method.parse().map_err(|e: kernel_glue::Error| crate::UsageError(e.to_string()))?;
+    if args.timeout == 0 {
+        bail!(crate::UsageError("--timeout must be at least 1 second".into()));
+    }
+    let mountpoint = args.run_dir.join(format!("fuse-{}", std::process::id()));
+    let mut cfg = AttachConfig::new(endpoint, &args.export, mountpoint);
+    cfg.method = method;
+    cfg.io_timeout = Duration::from_secs(args.timeout);
+    cfg.dead_conn_timeout = Duration::from_secs(args.dead_conn_timeout);
+    cfg.nbd_index = args.nbd_index;
+    Ok(cfg)
+}
+
+fn record_path(run_dir: &Path, device: &Path) -> PathBuf {
+    let name = device.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    run_dir.join(format!("{name}.pid"))
+}
+
+pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
+    let cfg = config(&args)?;
+    std::fs::create_dir_all(&args.run_dir).with_context(|| format!("failed to create {}", args.run_dir.display()))?;
+    if args.foreground {
+        return foreground(&args, &cfg);
+    }
+    // Re-run ourselves in the foreground, detached from our session; wait
+    // for its readiness line. Its log goes to a file: it outlives us.
+    let log_path = args.run_dir.join("attach.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("failed to open {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("failed to find the replicator binary")?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("failed to start the attach daemon")?;
+    let stdout = child.stdout.take().context("attach daemon has no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).context("failed to read from the attach daemon")?;
+    match line.trim().strip_prefix(READY_PREFIX) {
+        Some(dev) => {
+            println!("{dev}");
+            Ok(())
+        }
+        None => {
+            let status = child.wait().context("failed to wait for the attach daemon")?;
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            bail!(
+                "failed to attach export {:?} ({status}); last lines of {}:\n{}",
+                cfg.export,
+                log_path.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        }
+    }
+}
+
+fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
+    // Block the signals before any thread exists, so every thread inherits
+    // the mask and only `wait` below receives them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1] {
+        signals.add(s);
+    }
+    signals.thread_block().context("failed to block signals")?;
+    if let Err(e) = kernel_glue::set_io_flusher() {
+        tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed; memory reclaim may deadlock under pressure");
+    }
+    let attachment = kernel_glue::attach(cfg).with_context(|| format!("failed to attach export {:?} from {}", cfg.export, cfg.endpoint))?;
+    let device = attachment.device().to_path_buf();
+    let record = record_path(&args.run_dir, &device);
+    if attachment.method() == Method::Fuse {
+        std::fs::write(&record, format!("{}\n", std::process::id()))
+            .with_context(|| format!("failed to write {}", record.display()))?;
+    }
+    tracing::info!(device = %device.display(), method = %attachment.method(), direct_io = ?attachment.direct_io(), "attached");
+    let mut out = std::io::stdout();
+    // The parent may be gone already; that is not our failure.
+    let _ = writeln!(out, "{READY_PREFIX}{}", device.display()).and_then(|_| out.flush());
+    if attachment.method() == Method::Kernel {
+        return Ok(());
+    }
+    let mut attachment = attachment;
+    loop {
+        let sig = signals.wait().context("failed to wait for signals")?;
+        let mode = if sig == Signal::SIGUSR1 { DetachMode::Force } else { DetachMode::Clean };
+        tracing::info!(signal = ?sig, ?mode, "detaching");
+        match attachment.detach(mode) {
+            Ok(()) => break,
+            Err((e, Some(still))) => {
+                tracing::error!(error = %e, "detach refused; still attached");
+                attachment = still;
+            }
+            Err((e, None)) => {
+                let _ = std::fs::remove_file(&record);
+                return Err(e).context(format!("failed to detach {}", device.display()));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&record);
+    tracing::info!(device = %device.display(), "detached");
+    Ok(())
+}
+
+pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
+    let mode = if args.force { DetachMode::Force } else { DetachMode::Clean };
+    let dev = &args.device;
+    if let Some(index) = kernel_glue::kernel::index_of(dev) {
+        kernel_glue::detach_kernel(index, mode).with_context(|| format!("failed to detach {}", dev.display()))?;
+        println!("{}", dev.display());
+        return Ok(());
+    }
+    let record = record_path(&args.run_dir, dev);
+    let text = std::fs::read_to_string(&record)
+        .with_context(|| format!("failed to detach {}: no attach daemon recorded in {}", dev.display(), record.display()))?;
+    let pid: i32 = text.trim().parse().with_context(|| format!("failed to parse {}", record.display()))?;
+    if mode == DetachMode::Clean {
+        kernel_glue::mount::ensure_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
+    }
+    let sig = if args.force { Signal::SIGUSR1 } else { Signal::SIGTERM };
+    kill(Pid::from_raw(pid), sig).with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))?;
+    // The daemon removes its record as its last act; it may also simply be gone.
+    let deadline = Instant::now() + DETACH_WAIT;
+    let mut pause = Duration::from_millis(5);
+    while record.exists() && kill(Pid::from_raw(pid), None).is_ok() {
+        if Instant::now() >= deadline {
+            bail!("failed to detach {}: the attach daemon (pid {pid}) did not finish within {DETACH_WAIT:?}", dev.display());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+    if record.exists() {
+        let _ = std::fs::remove_file(&record);
+        bail!("failed to detach {}: the attach daemon (pid {pid}) exited without finishing; see {}", dev.display(), args.run_dir.join("attach.log").display());
+    }
+    println!("{}", dev.display());
+    Ok(())
+}
