@@ -137,7 +137,9 @@ impl fmt::Debug for Attachment {
 pub fn set_io_flusher() -> std::io::Result<()> {
     const PR_SET_IO_FLUSHER: libc::c_int = 57;
     // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let r = unsafe {
+        libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong)
+    };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -242,10 +244,10 @@ impl Attachment {
     /// `Error::Claimed` while it is in use (and then leaves it attached);
     /// `Force` takes it away regardless, and no write issued afterwards
     /// reaches the volume.
-    pub fn detach(self, mode: DetachMode) -> std::result::Result<(), (Error, Option<Attachment>)> {
+    pub fn detach(self, mode: DetachMode) -> std::result::Result<(), (Error, Option<Box<Attachment>>)> {
         if mode == DetachMode::Clean {
             if let Err(e) = mount::ensure_unused(&self.device) {
-                return Err((e, Some(self)));
+                return Err((e, Some(Box::new(self))));
             }
         }
         let device = self.device.clone();

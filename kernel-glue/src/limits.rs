@@ -8,8 +8,10 @@ use std::time::Duration;
 pub const REQUEST_BYTES_MAX: u32 = 1024 * 1024;
 
 /// Requests one NBD connection may have outstanding (FUSE path). Beyond
-/// this, submitters wait, bounded by their own deadline.
-pub const INFLIGHT_REQUESTS_MAX: usize = 256;
+/// this, submitters wait, bounded by their own deadline. Each keeps its
+/// message until answered (for resending after a reconnect), so this also
+/// bounds that memory: 64 × 1 MiB.
+pub const INFLIGHT_REQUESTS_MAX: usize = 64;
 
 /// Bound on the option haggling: an export name longer than this is a bug.
 pub const EXPORT_NAME_BYTES_MAX: usize = 4096;

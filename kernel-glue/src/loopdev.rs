@@ -81,7 +81,8 @@ fn ensure_node(path: &Path, index: u32) -> Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| Error::Invalid { what: "device path", reason: e.to_string() })?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| Error::Invalid { what: "device path", reason: e.to_string() })?;
     // SAFETY: mknod with a NUL-terminated path; makedev is a pure computation.
     let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o660, libc::makedev(LOOP_MAJOR, index)) };
     if r < 0 {
@@ -99,11 +100,14 @@ impl LoopDevice {
     /// buffered I/O if the file cannot do it; `direct_io()` tells which).
     pub fn attach(backing: &Path, read_only: bool, direct_io: bool) -> Result<LoopDevice> {
         let ctl_path = Path::new("/dev/loop-control");
-        let ctl = OpenOptions::new().read(true).write(true).open(ctl_path).map_err(|e| Error::io("open", ctl_path, e))?;
+        let ctl =
+            OpenOptions::new().read(true).write(true).open(ctl_path).map_err(|e| Error::io("open", ctl_path, e))?;
         let mut last_err = None;
         for _ in 0..DEVICE_CLAIM_ATTEMPTS_MAX {
-            let index = ioctl_arg(&ctl, LOOP_CTL_GET_FREE, 0).map_err(|e| Error::ioctl("LOOP_CTL_GET_FREE", ctl_path, e))?;
-            let index = u32::try_from(index).map_err(|_| Error::Invalid { what: "loop index", reason: index.to_string() })?;
+            let index =
+                ioctl_arg(&ctl, LOOP_CTL_GET_FREE, 0).map_err(|e| Error::ioctl("LOOP_CTL_GET_FREE", ctl_path, e))?;
+            let index =
+                u32::try_from(index).map_err(|_| Error::Invalid { what: "loop index", reason: index.to_string() })?;
             let path = PathBuf::from(format!("/dev/loop{index}"));
             ensure_node(&path, index)?;
             match Self::configure(&path, backing, read_only, direct_io) {
@@ -115,13 +119,20 @@ impl LoopDevice {
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::ioctl("LOOP_CONFIGURE", "/dev/loop*", last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EBUSY))))
+        Err(Error::ioctl(
+            "LOOP_CONFIGURE",
+            "/dev/loop*",
+            last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EBUSY)),
+        ))
     }
 
     fn configure(path: &Path, backing: &Path, read_only: bool, direct_io: bool) -> Result<LoopDevice> {
         let dev = OpenOptions::new().read(true).write(!read_only).open(path).map_err(|e| Error::io("open", path, e))?;
         if !dev.metadata().map_err(|e| Error::io("stat", path, e))?.file_type().is_block_device() {
-            return Err(Error::Invalid { what: "loop device", reason: format!("{} is not a block device", path.display()) });
+            return Err(Error::Invalid {
+                what: "loop device",
+                reason: format!("{} is not a block device", path.display()),
+            });
         }
         let open_backing = |odirect: bool| {
             let mut o = OpenOptions::new();
@@ -155,7 +166,8 @@ impl LoopDevice {
         let name = backing.as_os_str().as_bytes();
         let n = name.len().min(info.lo_file_name.len() - 1);
         info.lo_file_name[..n].copy_from_slice(&name[..n]);
-        let fd = u32::try_from(file.as_raw_fd()).map_err(|_| Error::Invalid { what: "descriptor", reason: "negative".into() })?;
+        let fd = u32::try_from(file.as_raw_fd())
+            .map_err(|_| Error::Invalid { what: "descriptor", reason: "negative".into() })?;
         let config = LoopConfig { fd, block_size: BLOCK_SIZE_BYTES, info, reserved: [0; 8] };
         // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which
         // `LoopConfig` mirrors exactly (size asserted at compile time); the
@@ -167,7 +179,8 @@ impl LoopDevice {
         // The kernel holds its own reference to the backing file now.
         drop(file);
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let direct_io = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).map(|s| s.trim() == "1").unwrap_or(false);
+        let direct_io =
+            std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).map(|s| s.trim() == "1").unwrap_or(false);
         Ok(LoopDevice { path: path.to_path_buf(), file: dev, direct_io })
     }
 

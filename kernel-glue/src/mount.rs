@@ -128,7 +128,9 @@ pub fn fsck(device: &Path, fstype: &str) -> Result<FsckOutcome> {
             command: format!("{program} -p"),
             device: device.to_path_buf(),
             status: out.status.to_string(),
-            output: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_string(),
+            output: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+                .trim()
+                .to_string(),
         }),
     }
 }
@@ -165,7 +167,8 @@ pub fn mount(device: &Path, target: &Path, fstype: &str, options: &str) -> Resul
     let src = cstring(device)?;
     let dst = cstring(target)?;
     let fs = CString::new(fstype).map_err(|e| Error::Invalid { what: "filesystem type", reason: e.to_string() })?;
-    let data_c = CString::new(data.clone()).map_err(|e| Error::Invalid { what: "mount options", reason: e.to_string() })?;
+    let data_c =
+        CString::new(data.clone()).map_err(|e| Error::Invalid { what: "mount options", reason: e.to_string() })?;
     // SAFETY: all four pointers are NUL-terminated strings that outlive the call.
     let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), flags, data_c.as_ptr().cast()) };
     if r < 0 {

@@ -152,7 +152,8 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
     if let Err(e) = kernel_glue::set_io_flusher() {
         tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed; memory reclaim may deadlock under pressure");
     }
-    let attachment = kernel_glue::attach(cfg).with_context(|| format!("failed to attach export {:?} from {}", cfg.export, cfg.endpoint))?;
+    let attachment = kernel_glue::attach(cfg)
+        .with_context(|| format!("failed to attach export {:?} from {}", cfg.export, cfg.endpoint))?;
     let device = attachment.device().to_path_buf();
     let record = record_path(&args.run_dir, &device);
     if attachment.method() == Method::Fuse {
@@ -175,7 +176,7 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
             Ok(()) => break,
             Err((e, Some(still))) => {
                 tracing::error!(error = %e, "detach refused; still attached");
-                attachment = still;
+                attachment = *still;
             }
             Err((e, None)) => {
                 let _ = std::fs::remove_file(&record);
@@ -197,27 +198,36 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let record = record_path(&args.run_dir, dev);
-    let text = std::fs::read_to_string(&record)
-        .with_context(|| format!("failed to detach {}: no attach daemon recorded in {}", dev.display(), record.display()))?;
+    let text = std::fs::read_to_string(&record).with_context(|| {
+        format!("failed to detach {}: no attach daemon recorded in {}", dev.display(), record.display())
+    })?;
     let pid: i32 = text.trim().parse().with_context(|| format!("failed to parse {}", record.display()))?;
     if mode == DetachMode::Clean {
         kernel_glue::mount::ensure_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
     }
     let sig = if args.force { Signal::SIGUSR1 } else { Signal::SIGTERM };
-    kill(Pid::from_raw(pid), sig).with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))?;
+    kill(Pid::from_raw(pid), sig)
+        .with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))?;
     // The daemon removes its record as its last act; it may also simply be gone.
     let deadline = Instant::now() + DETACH_WAIT;
     let mut pause = Duration::from_millis(5);
     while record.exists() && kill(Pid::from_raw(pid), None).is_ok() {
         if Instant::now() >= deadline {
-            bail!("failed to detach {}: the attach daemon (pid {pid}) did not finish within {DETACH_WAIT:?}", dev.display());
+            bail!(
+                "failed to detach {}: the attach daemon (pid {pid}) did not finish within {DETACH_WAIT:?}",
+                dev.display()
+            );
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
     if record.exists() {
         let _ = std::fs::remove_file(&record);
-        bail!("failed to detach {}: the attach daemon (pid {pid}) exited without finishing; see {}", dev.display(), args.run_dir.join("attach.log").display());
+        bail!(
+            "failed to detach {}: the attach daemon (pid {pid}) exited without finishing; see {}",
+            dev.display(),
+            args.run_dir.join("attach.log").display()
+        );
     }
     println!("{}", dev.display());
     Ok(())

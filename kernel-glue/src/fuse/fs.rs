@@ -94,7 +94,9 @@ impl Filesystem for VolumeFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match (parent, self.attr(VOLUME_INO)) {
-            (INodeNo::ROOT, Some(attr)) if name == OsStr::new(&self.name) => reply.entry(&ATTR_TTL, &attr, Generation(0)),
+            (INodeNo::ROOT, Some(attr)) if name == OsStr::new(&self.name) => {
+                reply.entry(&ATTR_TTL, &attr, Generation(0))
+            }
             _ => reply.error(Errno::ENOENT),
         }
     }
@@ -257,7 +259,11 @@ impl Filesystem for VolumeFs {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let entries = [(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, ".."), (VOLUME_INO, FileType::RegularFile, self.name.as_str())];
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (VOLUME_INO, FileType::RegularFile, self.name.as_str()),
+        ];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;

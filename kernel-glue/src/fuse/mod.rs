@@ -12,7 +12,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 
 use crate::error::{Error, Result};
@@ -119,7 +118,10 @@ impl FuseLoop {
         if let Err(e) = self.client.close(mode == DetachMode::Clean) {
             tracing::warn!(error = %e, "closing the NBD connection was not clean");
             if mode == DetachMode::Clean {
-                first_err.get_or_insert(Error::Timeout { what: format!("the final flush of {}", self.device.display()), seconds: DETACH_DRAIN_MAX.as_secs() });
+                first_err.get_or_insert(Error::Timeout {
+                    what: format!("the final flush of {}", self.device.display()),
+                    seconds: DETACH_DRAIN_MAX.as_secs(),
+                });
             }
         }
         if let Some(dev) = self.loop_dev.take() {
@@ -174,4 +176,3 @@ fn abort_fuse_connection(mountpoint: &Path) {
         tracing::debug!(path = %abort.display(), error = %e, "could not abort the FUSE connection");
     }
 }
-

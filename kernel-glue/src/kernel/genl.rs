@@ -151,7 +151,9 @@ impl Socket {
 
     pub fn set_recv_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         let tv = match t {
-            Some(t) => libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t },
+            Some(t) => {
+                libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t }
+            }
             None => libc::timeval { tv_sec: 0, tv_usec: 0 },
         };
         // SAFETY: SO_RCVTIMEO reads one timeval, which `tv` is.
@@ -222,7 +224,8 @@ impl Socket {
                 }
                 match kind {
                     NLMSG_ERROR => {
-                        let code = body.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(-libc::EIO);
+                        let code =
+                            body.get(..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(-libc::EIO);
                         return if code == 0 { Ok(out) } else { Err(io::Error::from_raw_os_error(-code)) };
                     }
                     NLMSG_DONE => return Ok(out),

@@ -44,10 +44,19 @@ pub fn connect(index: u32, sock: Stream, info: &ExportInfo, timeouts: KernelTime
     let path = super::device_path(index);
     let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| Error::io("open", &path, e))?;
     if info.size_bytes % u64::from(BLOCK_SIZE_BYTES) != 0 {
-        return Err(Error::Invalid { what: "export size", reason: format!("{} is not a multiple of {BLOCK_SIZE_BYTES}", info.size_bytes) });
+        return Err(Error::Invalid {
+            what: "export size",
+            reason: format!("{} is not a multiple of {BLOCK_SIZE_BYTES}", info.size_bytes),
+        });
     }
     nbd_ioctl(&file, &path, "NBD_SET_BLKSIZE", NBD_SET_BLKSIZE, libc::c_ulong::from(BLOCK_SIZE_BYTES))?;
-    nbd_ioctl(&file, &path, "NBD_SET_SIZE_BLOCKS", NBD_SET_SIZE_BLOCKS, (info.size_bytes / u64::from(BLOCK_SIZE_BYTES)) as libc::c_ulong)?;
+    nbd_ioctl(
+        &file,
+        &path,
+        "NBD_SET_SIZE_BLOCKS",
+        NBD_SET_SIZE_BLOCKS,
+        (info.size_bytes / u64::from(BLOCK_SIZE_BYTES)) as libc::c_ulong,
+    )?;
     nbd_ioctl(&file, &path, "NBD_SET_TIMEOUT", NBD_SET_TIMEOUT, timeouts.io.as_secs().max(1) as libc::c_ulong)?;
     nbd_ioctl(&file, &path, "NBD_SET_FLAGS", NBD_SET_FLAGS, libc::c_ulong::from(info.transmission_flags))?;
     nbd_ioctl(&file, &path, "NBD_SET_SOCK", NBD_SET_SOCK, sock.as_raw_fd() as libc::c_ulong)?;

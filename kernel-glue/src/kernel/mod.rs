@@ -94,7 +94,8 @@ impl Nbd {
     fn sockets(m: &mut Message, sockets: &[&Stream]) -> Result<()> {
         m.begin_nested(ATTR_SOCKETS);
         for s in sockets {
-            let fd = u32::try_from(s.as_raw_fd()).map_err(|_| Error::Invalid { what: "descriptor", reason: "negative".into() })?;
+            let fd = u32::try_from(s.as_raw_fd())
+                .map_err(|_| Error::Invalid { what: "descriptor", reason: "negative".into() })?;
             m.begin_nested(SOCK_ITEM).u32(SOCK_FD, fd).end_nested();
         }
         m.end_nested();
@@ -130,10 +131,14 @@ impl Nbd {
         let replies = self.sock.request(&mut m).map_err(|e| nl_err("NBD_CMD_CONNECT", e))?;
         let got = replies
             .iter()
-            .flat_map(|r| attrs(&r.attrs).filter(|(k, _)| *k == ATTR_INDEX).filter_map(|(_, p)| attr_u32(p)).collect::<Vec<_>>())
+            .flat_map(|r| {
+                attrs(&r.attrs).filter(|(k, _)| *k == ATTR_INDEX).filter_map(|(_, p)| attr_u32(p)).collect::<Vec<_>>()
+            })
             .next()
             .or(index);
-        got.ok_or_else(|| nl_err("NBD_CMD_CONNECT", io::Error::new(io::ErrorKind::InvalidData, "reply without an index")))
+        got.ok_or_else(|| {
+            nl_err("NBD_CMD_CONNECT", io::Error::new(io::ErrorKind::InvalidData, "reply without an index"))
+        })
     }
 
     /// NBD_CMD_RECONFIGURE: replaces dead connections of `index` with
@@ -160,7 +165,9 @@ impl Nbd {
 
     /// Subscribes to the nbd multicast group (LINK_DEAD notifications).
     pub fn subscribe(&mut self) -> Result<()> {
-        let g = self.mcast_group.ok_or_else(|| nl_err("subscribe", io::Error::new(io::ErrorKind::NotFound, "no nbd_mc_group")))?;
+        let g = self
+            .mcast_group
+            .ok_or_else(|| nl_err("subscribe", io::Error::new(io::ErrorKind::NotFound, "no nbd_mc_group")))?;
         self.sock.join_group(g).map_err(|e| nl_err("join nbd_mc_group", e))
     }
 

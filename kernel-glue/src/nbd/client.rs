@@ -7,9 +7,12 @@
 //! shuts the connection down: a server that misses one deadline is treated
 //! as gone, which is what lets a filesystem above see EIO instead of
 //! hanging (nbdfuse's failure mode). When the connection is lost, every
-//! request on it fails at once; the next request dials again (at most one
-//! attempt per `RECONNECT_INTERVAL_MIN`), so a restarted server is picked
-//! up without remounting.
+//! request on it fails at once; a background dialer reconnects (at most
+//! one attempt per `RECONNECT_INTERVAL_MIN`) and new requests wait for it
+//! until their own deadline, so a server restarted within the timeout is
+//! picked up without errors or remounting. Once a deadline has passed with
+//! the server unresponsive, the link is `down` and requests fail at once
+//! until a reconnect succeeds: no request waits longer than one timeout.
 //!
 //! **Invariant:** a completion is called exactly once: the request is
 //! removed from `State::pending` under the lock by whoever completes it.
@@ -63,7 +66,11 @@ impl IoError {
 pub type Done = Box<dyn FnOnce(std::result::Result<Vec<u8>, IoError>) + Send>;
 
 struct Pending {
-    generation: u64,
+    /// The connection it was sent on; `None` while it waits for a reconnect.
+    generation: Option<u64>,
+    /// The complete message (header, and payload for WRITE), kept until
+    /// the reply so it can be sent again on a new connection.
+    msg: Arc<Vec<u8>>,
     deadline: Instant,
     kind: u16,
     length: u32,
@@ -86,6 +93,11 @@ struct State {
     next_cookie: u64,
     pending: HashMap<u64, Pending>,
     last_dial: Option<Instant>,
+    /// A reconnect is under way (`kick_dialer`).
+    dialing: bool,
+    /// The server missed a deadline: requests fail at once until a
+    /// reconnect succeeds, instead of each waiting a full timeout.
+    down: bool,
     reconnects: u64,
 }
 
@@ -97,8 +109,6 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when a request is registered or completed, or on close.
     changed: Condvar,
-    /// Serialises dialling so one reconnect serves every waiting request.
-    dial: Mutex<()>,
 }
 
 /// A connection to one export (cheap to clone; all clones share it).
@@ -124,10 +134,9 @@ impl Client {
             timeout,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
-            dial: Mutex::new(()),
         });
+        install(&shared, stream)?;
         let client = Client { shared };
-        client.install(stream)?;
         let s = client.shared.clone();
         thread::Builder::new()
             .name("nbd-watchdog".into())
@@ -154,71 +163,31 @@ impl Client {
         lock(&self.shared.state).pending.len()
     }
 
-    fn install(&self, stream: Stream) -> Result<()> {
-        let ep = self.shared.endpoint.to_string();
-        let reader = stream.try_clone().map_err(|source| Error::Connect { endpoint: ep.clone(), source })?;
-        let killer = stream.try_clone().map_err(|source| Error::Connect { endpoint: ep.clone(), source })?;
-        let generation = {
-            let mut st = lock(&self.shared.state);
+    /// Waits (until `deadline`) for a usable connection, starting a
+    /// reconnect if there is none. Fails at once while the link is `down`.
+    fn ensure_connected(&self, deadline: Instant) -> std::result::Result<(), IoError> {
+        let mut st = lock(&self.shared.state);
+        loop {
             if st.closed {
-                stream.shutdown();
+                return Err(IoError::Closed);
+            }
+            if st.conn.is_some() {
                 return Ok(());
             }
-            st.generation += 1;
-            let generation = st.generation;
-            st.conn = Some(Conn { generation, writer: Arc::new(Mutex::new(stream)), killer });
-            generation
-        };
-        let s = self.shared.clone();
-        thread::Builder::new()
-            .name("nbd-reader".into())
-            .spawn(move || reader_loop(&s, reader, generation))
-            .map_err(|e| Error::io("spawn the reader thread for", "nbd client", e))?;
-        Ok(())
-    }
-
-    /// Dials again if the connection is gone (rate-limited); false if still down.
-    fn ensure_connected(&self) -> bool {
-        {
-            let st = lock(&self.shared.state);
-            if st.conn.is_some() {
-                return true;
+            kick_dialer(&self.shared, &mut st);
+            if st.down {
+                return Err(IoError::Disconnected);
             }
-            if st.closed {
-                return false;
+            let now = Instant::now();
+            if now >= deadline {
+                // Nobody answered within a whole timeout: fail fast from now
+                // on, so queued I/O does not wait one timeout per request.
+                st.down = true;
+                self.shared.changed.notify_all();
+                return Err(IoError::Timeout);
             }
-        }
-        let _dialing = self.shared.dial.lock().unwrap_or_else(|p| p.into_inner());
-        {
-            let mut st = lock(&self.shared.state);
-            if st.conn.is_some() {
-                return true;
-            }
-            if st.last_dial.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL_MIN) {
-                return false;
-            }
-            st.last_dial = Some(Instant::now());
-        }
-        match connect(&self.shared.endpoint, &self.shared.export, self.shared.timeout) {
-            Ok((stream, info)) if info.size_bytes == self.shared.info.size_bytes => {
-                tracing::info!(endpoint = %self.shared.endpoint, "reconnected to the NBD server");
-                lock(&self.shared.state).reconnects += 1;
-                self.install(stream).is_ok()
-            }
-            Ok((stream, info)) => {
-                tracing::error!(
-                    endpoint = %self.shared.endpoint,
-                    was = self.shared.info.size_bytes,
-                    now = info.size_bytes,
-                    "export size changed across reconnect; refusing it"
-                );
-                stream.shutdown();
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reconnect failed");
-                false
-            }
+            let wait = (deadline - now).min(RECONNECT_INTERVAL_MIN);
+            st = self.shared.changed.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -244,9 +213,10 @@ impl Client {
         if !in_range || ((kind == CMD_READ || kind == CMD_WRITE) && length > REQUEST_BYTES_MAX) {
             return done(Err(IoError::Invalid));
         }
-        if !after_close && !self.ensure_connected() {
-            let closed = lock(&self.shared.state).closed;
-            return done(Err(if closed { IoError::Closed } else { IoError::Disconnected }));
+        if !after_close {
+            if let Err(e) = self.ensure_connected(deadline) {
+                return done(Err(e));
+            }
         }
         let mut st = lock(&self.shared.state);
         while st.pending.len() >= INFLIGHT_REQUESTS_MAX && !st.closed {
@@ -269,7 +239,16 @@ impl Client {
         let writer = conn.writer.clone();
         st.next_cookie = st.next_cookie.wrapping_add(1);
         let cookie = st.next_cookie;
-        st.pending.insert(cookie, Pending { generation, deadline, kind, length, done });
+        let header = encode_request(flags, kind, cookie, offset, length);
+        let msg = Arc::new(match payload {
+            Some(mut msg) => {
+                msg[..REQUEST_HEADER_BYTES].copy_from_slice(&header);
+                msg
+            }
+            None => header.to_vec(),
+        });
+        st.pending
+            .insert(cookie, Pending { generation: Some(generation), msg: msg.clone(), deadline, kind, length, done });
         self.shared.changed.notify_all();
         // The state lock is released before the writer lock is taken: a
         // write blocked on a stalled server must never keep the watchdog
@@ -278,16 +257,7 @@ impl Client {
         // `close` is either drained (clean) or its write fails on the shut
         // socket (forced).
         drop(st);
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        let header = encode_request(flags, kind, cookie, offset, length);
-        let res = match payload {
-            Some(mut msg) => {
-                msg[..REQUEST_HEADER_BYTES].copy_from_slice(&header);
-                w.write_all(&msg)
-            }
-            None => w.write_all(&header),
-        };
-        drop(w);
+        let res = writer.lock().unwrap_or_else(|p| p.into_inner()).write_all(&msg);
         if let Err(e) = res {
             tracing::warn!(error = %e, "sending an NBD request failed; dropping the connection");
             conn_lost(&self.shared, generation);
@@ -394,29 +364,144 @@ impl Client {
                 let _ = w.write_all(&encode_request(0, CMD_DISC, 0, 0, 0));
             }
             conn.killer.shutdown();
-            fail_generation(&self.shared, conn.generation, IoError::Closed);
         }
+        // Nothing may stay pending after close: not even requests waiting
+        // for a reconnect.
+        fail_generation(&self.shared, None, IoError::Closed);
         result
     }
 }
 
+/// Makes `stream` the current connection and starts its reader thread.
+fn install(shared: &Arc<Shared>, stream: Stream) -> Result<()> {
+    let ep = shared.endpoint.to_string();
+    let reader = stream.try_clone().map_err(|source| Error::Connect { endpoint: ep.clone(), source })?;
+    let killer = stream.try_clone().map_err(|source| Error::Connect { endpoint: ep.clone(), source })?;
+    let generation = {
+        let mut st = lock(&shared.state);
+        if st.closed {
+            stream.shutdown();
+            return Ok(());
+        }
+        st.generation += 1;
+        st.down = false;
+        let generation = st.generation;
+        // Requests whose connection died unanswered go out again, in
+        // cookie order, before anything new (their writer lock is taken
+        // before the state lock is released).
+        let mut resend: Vec<(u64, Arc<Vec<u8>>)> = st
+            .pending
+            .iter_mut()
+            .filter(|(_, p)| p.generation.is_none())
+            .map(|(c, p)| {
+                p.generation = Some(generation);
+                (*c, p.msg.clone())
+            })
+            .collect();
+        resend.sort_by_key(|(c, _)| *c);
+        let writer = Arc::new(Mutex::new(stream));
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        st.conn = Some(Conn { generation, writer: writer.clone(), killer });
+        shared.changed.notify_all();
+        drop(st);
+        if !resend.is_empty() {
+            tracing::info!(requests = resend.len(), "resending unanswered NBD requests on the new connection");
+        }
+        let mut failed = false;
+        for (_, msg) in &resend {
+            if w.write_all(msg).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        drop(w);
+        if failed {
+            conn_lost(shared, generation);
+        }
+        generation
+    };
+    let s = shared.clone();
+    thread::Builder::new()
+        .name("nbd-reader".into())
+        .spawn(move || reader_loop(&s, reader, generation))
+        .map_err(|e| Error::io("spawn the reader thread for", "nbd client", e))?;
+    Ok(())
+}
+
+/// Starts one background reconnect, at most once per `RECONNECT_INTERVAL_MIN`.
+fn kick_dialer(shared: &Arc<Shared>, st: &mut State) {
+    if st.dialing || st.closed || st.last_dial.is_some_and(|t| t.elapsed() < RECONNECT_INTERVAL_MIN) {
+        return;
+    }
+    st.dialing = true;
+    st.last_dial = Some(Instant::now());
+    let s = shared.clone();
+    let spawned = thread::Builder::new().name("nbd-dial".into()).spawn(move || {
+        match connect(&s.endpoint, &s.export, s.timeout) {
+            Ok((stream, info)) if info.size_bytes == s.info.size_bytes => {
+                tracing::info!(endpoint = %s.endpoint, "reconnected to the NBD server");
+                lock(&s.state).reconnects += 1;
+                if let Err(e) = install(&s, stream) {
+                    tracing::warn!(error = %e, "installing the new connection failed");
+                }
+            }
+            Ok((stream, info)) => {
+                tracing::error!(
+                    endpoint = %s.endpoint,
+                    was = s.info.size_bytes,
+                    now = info.size_bytes,
+                    "export size changed across reconnect; refusing it"
+                );
+                stream.shutdown();
+            }
+            Err(e) => tracing::warn!(error = %e, "reconnect failed"),
+        }
+        lock(&s.state).dialing = false;
+        s.changed.notify_all();
+    });
+    if spawned.is_err() {
+        st.dialing = false;
+    }
+}
+
 /// Drops connection `generation` (if still current) and fails its requests.
-fn conn_lost(shared: &Shared, generation: u64) {
-    {
+///
+/// Requests sent on it stay pending (until their deadline) and go out again
+/// on the next connection; only when the link is `down` or closed do they
+/// fail at once.
+fn conn_lost(shared: &Arc<Shared>, generation: u64) {
+    let fail = {
         let mut st = lock(&shared.state);
         if st.conn.as_ref().is_some_and(|c| c.generation == generation) {
             if let Some(c) = st.conn.take() {
                 c.killer.shutdown();
             }
         }
+        let fail = st.down || st.closed;
+        if !fail {
+            for p in st.pending.values_mut().filter(|p| p.generation == Some(generation)) {
+                p.generation = None;
+            }
+            kick_dialer(shared, &mut st);
+        }
+        shared.changed.notify_all();
+        fail
+    };
+    if fail {
+        fail_generation(shared, Some(generation), IoError::Disconnected);
     }
-    fail_generation(shared, generation, IoError::Disconnected);
 }
 
-fn fail_generation(shared: &Shared, generation: u64, why: IoError) {
+/// Fails the requests sent on `generation` (all requests if `None`).
+fn fail_generation(shared: &Shared, generation: Option<u64>, why: IoError) {
     let failed: Vec<Pending> = {
         let mut st = lock(&shared.state);
-        let cookies: Vec<u64> = st.pending.iter().filter(|(_, p)| p.generation == generation).map(|(c, _)| *c).collect();
+        let cookies: Vec<u64> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| generation.is_none() || p.generation == generation)
+            .map(|(c, _)| *c)
+            .collect();
         let v = cookies.iter().filter_map(|c| st.pending.remove(c)).collect();
         shared.changed.notify_all();
         v
@@ -429,7 +514,7 @@ fn fail_generation(shared: &Shared, generation: u64, why: IoError) {
     }
 }
 
-fn reader_loop(shared: &Shared, mut s: Stream, generation: u64) {
+fn reader_loop(shared: &Arc<Shared>, mut s: Stream, generation: u64) {
     let mut header = [0u8; SIMPLE_REPLY_BYTES];
     loop {
         if let Err(e) = s.read_exact(&mut header) {
@@ -460,7 +545,8 @@ fn reader_loop(shared: &Shared, mut s: Stream, generation: u64) {
             let mut data = vec![0u8; p.length as usize];
             if let Err(e) = s.read_exact(&mut data) {
                 tracing::warn!(error = %e, "NBD connection lost in READ data");
-                (p.done)(Err(IoError::Disconnected));
+                // Back in the table: `conn_lost` below resends or fails it.
+                lock(&shared.state).pending.insert(reply.cookie, p);
                 break;
             }
             (p.done)(Ok(data));
@@ -472,7 +558,7 @@ fn reader_loop(shared: &Shared, mut s: Stream, generation: u64) {
 }
 
 /// Fails overdue requests and drops the connection they were sent on.
-fn watchdog(shared: &Shared) {
+fn watchdog(shared: &Arc<Shared>) {
     loop {
         let expired: Vec<Pending> = {
             let mut st = lock(&shared.state);
@@ -480,11 +566,20 @@ fn watchdog(shared: &Shared) {
                 return;
             }
             let now = Instant::now();
+            // Requests waiting for a reconnect keep the dialer going even
+            // when no new request arrives to kick it.
+            let waiting = st.conn.is_none() && st.pending.values().any(|p| p.generation.is_none());
+            if waiting {
+                kick_dialer(shared, &mut st);
+            }
             let next = st.pending.values().map(|p| p.deadline).min();
+            let next = if waiting { next.map(|d| d.min(now + RECONNECT_INTERVAL_MIN)) } else { next };
             match next {
-                Some(d) if d <= now => {
-                    let cookies: Vec<u64> = st.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(c, _)| *c).collect();
+                Some(d) if d <= now && st.pending.values().any(|p| p.deadline <= now) => {
+                    let cookies: Vec<u64> =
+                        st.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(c, _)| *c).collect();
                     let v: Vec<Pending> = cookies.iter().filter_map(|c| st.pending.remove(c)).collect();
+                    st.down = true;
                     shared.changed.notify_all();
                     v
                 }
@@ -499,8 +594,12 @@ fn watchdog(shared: &Shared) {
                 }
             }
         };
-        tracing::error!(requests = expired.len(), timeout_s = shared.timeout.as_secs_f64(), "NBD requests timed out; dropping the connection");
-        let generations: Vec<u64> = expired.iter().map(|p| p.generation).collect();
+        tracing::error!(
+            requests = expired.len(),
+            timeout_s = shared.timeout.as_secs_f64(),
+            "NBD requests timed out; dropping the connection"
+        );
+        let generations: Vec<u64> = expired.iter().filter_map(|p| p.generation).collect();
         for p in expired {
             (p.done)(Err(IoError::Timeout));
         }

@@ -43,7 +43,10 @@ impl ExportInfo {
 /// the socket, ready for the transmission phase (blocking, no timeouts).
 pub fn connect(endpoint: &Endpoint, export: &str, timeout: Duration) -> Result<(Stream, ExportInfo)> {
     if export.len() > EXPORT_NAME_BYTES_MAX {
-        return Err(Error::Invalid { what: "export name", reason: format!("longer than {EXPORT_NAME_BYTES_MAX} bytes") });
+        return Err(Error::Invalid {
+            what: "export name",
+            reason: format!("longer than {EXPORT_NAME_BYTES_MAX} bytes"),
+        });
     }
     let ep = endpoint.to_string();
     let mut s = endpoint.dial(timeout).map_err(|source| Error::Connect { endpoint: ep.clone(), source })?;
@@ -146,7 +149,11 @@ fn negotiate(s: &mut (impl Read + Write), export: &str) -> Result<ExportInfo, Ne
         s.read_exact(&mut data)?;
         if kind & REP_FLAG_ERROR != 0 {
             let text = String::from_utf8_lossy(&data).into_owned();
-            return Err(Negotiation::Refused(format!("error reply {:#x}{}", kind, if text.is_empty() { String::new() } else { format!(": {text}") })));
+            return Err(Negotiation::Refused(format!(
+                "error reply {:#x}{}",
+                kind,
+                if text.is_empty() { String::new() } else { format!(": {text}") }
+            )));
         }
         match kind {
             REP_INFO if data.len() >= 2 => match be_u16(&data, 0) {
