@@ -112,7 +112,7 @@ impl AttachConfig {
 }
 
 enum Kind {
-    Kernel { index: u32 },
+    Kernel { index: u32, size_bytes: u64 },
     KernelIoctl(kernel::ioctl::IoctlDevice),
     Fuse(fuse::FuseLoop),
 }
@@ -177,7 +177,7 @@ fn attach_kernel(cfg: &AttachConfig) -> Result<Attachment> {
             let device = kernel::device_path(index);
             tracing::info!(device = %device.display(), size = info.size_bytes, "kernel nbd connected (netlink)");
             tune_queue(index);
-            Ok(Attachment { device, kind: Kind::Kernel { index } })
+            Ok(Attachment { device, kind: Kind::Kernel { index, size_bytes: info.size_bytes } })
         }
         Err(_) => {
             let index = cfg.nbd_index.unwrap_or(0);
@@ -232,6 +232,14 @@ impl Attachment {
         }
     }
 
+    /// Kernel path (netlink): `(index, export size)` for [`kernel::keep_connected`].
+    pub fn kernel_device(&self) -> Option<(u32, u64)> {
+        match self.kind {
+            Kind::Kernel { index, size_bytes } => Some((index, size_bytes)),
+            _ => None,
+        }
+    }
+
     /// FUSE path: whether the loop device does direct I/O.
     pub fn direct_io(&self) -> Option<bool> {
         match &self.kind {
@@ -252,7 +260,7 @@ impl Attachment {
         }
         let device = self.device.clone();
         let r = match self.kind {
-            Kind::Kernel { index } => detach_kernel(index, mode),
+            Kind::Kernel { index, .. } => detach_kernel(index, mode),
             Kind::KernelIoctl(dev) => {
                 if mode == DetachMode::Clean {
                     sync_device(&device).ok();

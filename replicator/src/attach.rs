@@ -13,6 +13,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -156,7 +158,10 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
         .with_context(|| format!("failed to attach export {:?} from {}", cfg.export, cfg.endpoint))?;
     let device = attachment.device().to_path_buf();
     let record = record_path(&args.run_dir, &device);
-    if attachment.method() == Method::Fuse {
+    // A kernel device needs no process, unless it should survive server
+    // restarts: then this process stays to hand the kernel new sockets.
+    let keeper = attachment.kernel_device().filter(|_| !cfg.dead_conn_timeout.is_zero());
+    if attachment.method() == Method::Fuse || keeper.is_some() {
         std::fs::write(&record, format!("{}\n", std::process::id()))
             .with_context(|| format!("failed to write {}", record.display()))?;
     }
@@ -164,6 +169,29 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     // The parent may be gone already; that is not our failure.
     let _ = writeln!(out, "{READY_PREFIX}{}", device.display()).and_then(|_| out.flush());
+    if let Some((index, size_bytes)) = keeper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (cfg2, stop2) = (cfg.clone(), stop.clone());
+        let worker = std::thread::spawn(move || {
+            kernel_glue::kernel::keep_connected(
+                index,
+                &cfg2.endpoint,
+                &cfg2.export,
+                size_bytes,
+                kernel_glue::kernel::KernelTimeouts { io: cfg2.io_timeout, dead_conn: cfg2.dead_conn_timeout },
+                &|| stop2.load(Ordering::SeqCst),
+            )
+        });
+        let sig = signals.wait().context("failed to wait for signals")?;
+        tracing::info!(signal = ?sig, "no longer keeping the connection");
+        stop.store(true, Ordering::SeqCst);
+        let res = worker.join();
+        let _ = std::fs::remove_file(&record);
+        return match res {
+            Ok(r) => r.context("failed to keep the nbd connection"),
+            Err(_) => bail!("the reconnect thread panicked"),
+        };
+    }
     if attachment.method() == Method::Kernel {
         return Ok(());
     }
@@ -193,6 +221,19 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
     let mode = if args.force { DetachMode::Force } else { DetachMode::Clean };
     let dev = &args.device;
     if let Some(index) = kernel_glue::kernel::index_of(dev) {
+        if mode == DetachMode::Clean {
+            kernel_glue::mount::ensure_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
+        }
+        // Stop the reconnect keeper first, so it cannot hand the kernel a
+        // socket after the disconnect.
+        let record = record_path(&args.run_dir, dev);
+        if let Ok(text) = std::fs::read_to_string(&record) {
+            let pid: i32 = text.trim().parse().with_context(|| format!("failed to parse {}", record.display()))?;
+            if kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok() {
+                wait_gone(&record, pid, dev)?;
+            }
+            let _ = std::fs::remove_file(&record);
+        }
         kernel_glue::detach_kernel(index, mode).with_context(|| format!("failed to detach {}", dev.display()))?;
         println!("{}", dev.display());
         return Ok(());
@@ -208,7 +249,21 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
     let sig = if args.force { Signal::SIGUSR1 } else { Signal::SIGTERM };
     kill(Pid::from_raw(pid), sig)
         .with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))?;
-    // The daemon removes its record as its last act; it may also simply be gone.
+    wait_gone(&record, pid, dev)?;
+    if record.exists() {
+        let _ = std::fs::remove_file(&record);
+        bail!(
+            "failed to detach {}: the attach daemon (pid {pid}) exited without finishing; see {}",
+            dev.display(),
+            args.run_dir.join("attach.log").display()
+        );
+    }
+    println!("{}", dev.display());
+    Ok(())
+}
+
+/// Waits until the attach daemon `pid` removed its record or exited.
+fn wait_gone(record: &Path, pid: i32, dev: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + DETACH_WAIT;
     let mut pause = Duration::from_millis(5);
     while record.exists() && kill(Pid::from_raw(pid), None).is_ok() {
@@ -221,14 +276,5 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
-    if record.exists() {
-        let _ = std::fs::remove_file(&record);
-        bail!(
-            "failed to detach {}: the attach daemon (pid {pid}) exited without finishing; see {}",
-            dev.display(),
-            args.run_dir.join("attach.log").display()
-        );
-    }
-    println!("{}", dev.display());
     Ok(())
 }

@@ -192,3 +192,61 @@ impl Nbd {
 pub fn is_connected(index: u32) -> bool {
     Path::new(&format!("/sys/block/nbd{index}/pid")).exists()
 }
+
+/// Keeps `/dev/nbd<index>` connected across server restarts: on each
+/// LINK_DEAD notification for it, dials `endpoint` again and hands the
+/// kernel the new socket with NBD_CMD_RECONFIGURE, retrying until
+/// `timeouts.dead_conn` has passed (after that the kernel has failed the
+/// queued I/O anyway). Returns when `stop` returns true (polled about once
+/// a second).
+pub fn keep_connected(
+    index: u32,
+    endpoint: &crate::nbd::Endpoint,
+    export: &str,
+    size_bytes: u64,
+    timeouts: KernelTimeouts,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
+    let mut events = Nbd::open()?;
+    events.subscribe()?;
+    let mut control = Nbd::open()?;
+    while !stop() {
+        match events.wait_link_dead(Some(Duration::from_secs(1)))? {
+            Some(i) if i == index => {}
+            _ => continue,
+        }
+        tracing::warn!(index, "nbd connection dead; reconnecting");
+        let give_up = std::time::Instant::now() + timeouts.dead_conn.max(timeouts.io);
+        let dial_timeout = timeouts.io.min(Duration::from_secs(2));
+        loop {
+            if stop() {
+                return Ok(());
+            }
+            let attempt = crate::nbd::connect(endpoint, export, dial_timeout).and_then(|(s, info)| {
+                if info.size_bytes != size_bytes {
+                    return Err(Error::Invalid {
+                        what: "export",
+                        reason: format!("size changed from {size_bytes} to {} bytes", info.size_bytes),
+                    });
+                }
+                control.reconfigure(index, &[&s], timeouts)
+            });
+            match attempt {
+                Ok(()) => {
+                    tracing::info!(index, "nbd connection replaced (NBD_CMD_RECONFIGURE)");
+                    break;
+                }
+                Err(e) if std::time::Instant::now() < give_up => {
+                    tracing::debug!(error = %e, "reconnect attempt failed");
+                    // A pause between attempts, not a synchronisation.
+                    std::thread::sleep(crate::limits::RECONNECT_INTERVAL_MIN);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, index, "could not reconnect within the dead-connection timeout");
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
