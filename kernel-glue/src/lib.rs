@@ -90,6 +90,9 @@ pub struct AttachConfig {
     pub fuse_mountpoint: PathBuf,
     /// FUSE path: ask the loop device for direct I/O.
     pub direct_io: bool,
+    /// Kernel path: use the ioctl interface even where netlink exists
+    /// (it is the fallback for kernels before 4.12; this tests it on new ones).
+    pub force_ioctl: bool,
 }
 
 impl AttachConfig {
@@ -103,6 +106,7 @@ impl AttachConfig {
             nbd_index: None,
             fuse_mountpoint,
             direct_io: true,
+            force_ioctl: false,
         }
     }
 
@@ -162,10 +166,14 @@ pub fn attach(cfg: &AttachConfig) -> Result<Attachment> {
 }
 
 fn attach_kernel(cfg: &AttachConfig) -> Result<Attachment> {
-    let nl = kernel::Nbd::open();
+    let nl = if cfg.force_ioctl {
+        Err(Error::KernelUnavailable { reason: "the ioctl interface was asked for".into() })
+    } else {
+        kernel::Nbd::open()
+    };
     // Probe before connecting, so Auto falls back without touching the server.
     if let Err(e @ Error::KernelUnavailable { .. }) = &nl {
-        let legacy = Path::new("/dev/nbd0").exists() && Path::new("/sys/module/nbd").exists();
+        let legacy = Path::new("/dev/nbd0").exists() && (cfg.force_ioctl || Path::new("/sys/module/nbd").exists());
         if !legacy {
             return Err(Error::KernelUnavailable { reason: e.to_string() });
         }
@@ -180,7 +188,11 @@ fn attach_kernel(cfg: &AttachConfig) -> Result<Attachment> {
             Ok(Attachment { device, kind: Kind::Kernel { index, size_bytes: info.size_bytes } })
         }
         Err(_) => {
-            let index = cfg.nbd_index.unwrap_or(0);
+            let index = match cfg.nbd_index {
+                Some(i) => i,
+                None => kernel::free_index()
+                    .ok_or_else(|| Error::KernelUnavailable { reason: "no free /dev/nbdN".into() })?,
+            };
             let dev = kernel::ioctl::connect(index, stream, &info, cfg.kernel_timeouts())?;
             tracing::info!(device = %dev.path.display(), "kernel nbd connected (ioctl fallback)");
             Ok(Attachment { device: dev.path.clone(), kind: Kind::KernelIoctl(dev) })
@@ -222,6 +234,13 @@ impl Attachment {
             Kind::Kernel { .. } | Kind::KernelIoctl(_) => Method::Kernel,
             Kind::Fuse(_) => Method::Fuse,
         }
+    }
+
+    /// Whether I/O needs this process to stay alive: FUSE serves every
+    /// request, and the ioctl interface blocks a thread in `NBD_DO_IT`. A
+    /// netlink-connected kernel device does not.
+    pub fn needs_process(&self) -> bool {
+        !matches!(self.kind, Kind::Kernel { .. })
     }
 
     /// The FUSE path's NBD client (for counters such as reconnects).

@@ -54,6 +54,17 @@ basic)
     umount /mnt || fail umount
     replicator detach "$dev" || fail detach
     [ -e "/sys/block/${dev#/dev/}/pid" ] && fail "still connected after detach"
+    # The same volume through the ioctl interface (the fallback for
+    # kernels without nbd netlink): read back what netlink wrote, add a file.
+    dev2=$(replicator attach --method kernel --kernel-ioctl --nbd-index 1 --nbd "$server" --timeout 10 --run-dir /run/attach) || fail "attach (ioctl)"
+    echo "GLUE-DEVICE-IOCTL $dev2"
+    mount -t ext4 "$dev2" /mnt || fail "mount (ioctl)"
+    seq 1 200000 | cmp - /mnt/seq.txt || fail "read back through the ioctl path"
+    seq 1 5000 > /mnt/ioctl.txt || fail "write (ioctl)"
+    sync /mnt/ioctl.txt /mnt || fail "fsync (ioctl)"
+    umount /mnt || fail "umount (ioctl)"
+    replicator detach "$dev2" --run-dir /run/attach || fail "detach (ioctl)"
+    [ -e "/sys/block/${dev2#/dev/}/pid" ] && fail "still connected after detach (ioctl)"
     ok
     ;;
 restart)

@@ -54,6 +54,9 @@ pub struct AttachArgs {
     /// Stay in the foreground (FUSE path: until detached).
     #[arg(long)]
     foreground: bool,
+    /// Kernel path: use the nbd ioctls even where netlink exists (tests the fallback).
+    #[arg(long, hide = true)]
+    kernel_ioctl: bool,
 }
 
 #[derive(clap::Args)]
@@ -89,12 +92,19 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
     cfg.io_timeout = Duration::from_secs(args.timeout);
     cfg.dead_conn_timeout = Duration::from_secs(args.dead_conn_timeout);
     cfg.nbd_index = args.nbd_index;
+    cfg.force_ioctl = args.kernel_ioctl;
     Ok(cfg)
 }
 
 fn record_path(run_dir: &Path, device: &Path) -> PathBuf {
     let name = device.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     run_dir.join(format!("{name}.pid"))
+}
+
+/// Where the daemon leaves the reason a detach failed or was refused, for
+/// the `detach` command that asked for it.
+fn error_path(record: &Path) -> PathBuf {
+    record.with_extension("detach-error")
 }
 
 pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
@@ -158,10 +168,12 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
         .with_context(|| format!("failed to attach export {:?} from {}", cfg.export, cfg.endpoint))?;
     let device = attachment.device().to_path_buf();
     let record = record_path(&args.run_dir, &device);
-    // A kernel device needs no process, unless it should survive server
-    // restarts: then this process stays to hand the kernel new sockets.
+    // A netlink-connected kernel device needs no process, unless it should
+    // survive server restarts: then this process stays to hand the kernel
+    // new sockets. FUSE and the ioctl interface always need one.
     let keeper = attachment.kernel_device().filter(|_| !cfg.dead_conn_timeout.is_zero());
-    if attachment.method() == Method::Fuse || keeper.is_some() {
+    let stay = attachment.needs_process() || keeper.is_some();
+    if stay {
         std::fs::write(&record, format!("{}\n", std::process::id()))
             .with_context(|| format!("failed to write {}", record.display()))?;
     }
@@ -169,71 +181,62 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     // The parent may be gone already; that is not our failure.
     let _ = writeln!(out, "{READY_PREFIX}{}", device.display()).and_then(|_| out.flush());
-    if let Some((index, size_bytes)) = keeper {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (cfg2, stop2) = (cfg.clone(), stop.clone());
-        let worker = std::thread::spawn(move || {
-            kernel_glue::kernel::keep_connected(
-                index,
-                &cfg2.endpoint,
-                &cfg2.export,
-                size_bytes,
-                kernel_glue::kernel::KernelTimeouts { io: cfg2.io_timeout, dead_conn: cfg2.dead_conn_timeout },
-                &|| stop2.load(Ordering::SeqCst),
-            )
-        });
-        let sig = signals.wait().context("failed to wait for signals")?;
-        tracing::info!(signal = ?sig, "no longer keeping the connection");
-        stop.store(true, Ordering::SeqCst);
-        let res = worker.join();
-        let _ = std::fs::remove_file(&record);
-        return match res {
-            Ok(r) => r.context("failed to keep the nbd connection"),
-            Err(_) => bail!("the reconnect thread panicked"),
-        };
-    }
-    if attachment.method() == Method::Kernel {
+    if !stay {
         return Ok(());
     }
     let mut attachment = attachment;
-    loop {
+    let result = loop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = keeper.map(|(index, size_bytes)| {
+            let (cfg, stop) = (cfg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let timeouts =
+                    kernel_glue::kernel::KernelTimeouts { io: cfg.io_timeout, dead_conn: cfg.dead_conn_timeout };
+                kernel_glue::kernel::keep_connected(index, &cfg.endpoint, &cfg.export, size_bytes, timeouts, &|| {
+                    stop.load(Ordering::SeqCst)
+                })
+            })
+        });
         let sig = signals.wait().context("failed to wait for signals")?;
         let mode = if sig == Signal::SIGUSR1 { DetachMode::Force } else { DetachMode::Clean };
         tracing::info!(signal = ?sig, ?mode, "detaching");
+        // The keeper stops first: it must not hand the kernel a socket
+        // after the disconnect.
+        stop.store(true, Ordering::SeqCst);
+        if let Some(Ok(Err(e))) = worker.map(|w| w.join()) {
+            tracing::error!(error = %e, "the reconnect keeper failed");
+        }
         match attachment.detach(mode) {
-            Ok(()) => break,
+            Ok(()) => break Ok(()),
             Err((e, Some(still))) => {
                 tracing::error!(error = %e, "detach refused; still attached");
+                let _ = std::fs::write(error_path(&record), format!("refusing to detach {}: {e}", device.display()));
                 attachment = *still;
             }
             Err((e, None)) => {
-                let _ = std::fs::remove_file(&record);
-                return Err(e).context(format!("failed to detach {}", device.display()));
+                let _ = std::fs::write(error_path(&record), format!("failed to detach {}: {e}", device.display()));
+                break Err(e).context(format!("failed to detach {}", device.display()));
             }
         }
-    }
+    };
+    // Removing the record is the last act: `detach` waits for it.
     let _ = std::fs::remove_file(&record);
-    tracing::info!(device = %device.display(), "detached");
-    Ok(())
+    if result.is_ok() {
+        tracing::info!(device = %device.display(), "detached");
+    }
+    result
 }
 
 pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
     let mode = if args.force { DetachMode::Force } else { DetachMode::Clean };
     let dev = &args.device;
-    if let Some(index) = kernel_glue::kernel::index_of(dev) {
-        if mode == DetachMode::Clean {
-            kernel_glue::mount::ensure_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
-        }
-        // Stop the reconnect keeper first, so it cannot hand the kernel a
-        // socket after the disconnect.
-        let record = record_path(&args.run_dir, dev);
-        if let Ok(text) = std::fs::read_to_string(&record) {
-            let pid: i32 = text.trim().parse().with_context(|| format!("failed to parse {}", record.display()))?;
-            if kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok() {
-                wait_gone(&record, pid, dev)?;
-            }
-            let _ = std::fs::remove_file(&record);
-        }
+    let record = record_path(&args.run_dir, dev);
+    if !record.exists() {
+        // No daemon: a kernel device connected through netlink, which any
+        // process may disconnect.
+        let index = kernel_glue::kernel::index_of(dev).with_context(|| {
+            format!("failed to detach {}: no attach daemon recorded in {}", dev.display(), record.display())
+        })?;
         kernel_glue::detach_kernel(index, mode).with_context(|| format!("failed to detach {}", dev.display()))?;
         println!("{}", dev.display());
         return Ok(());
@@ -247,9 +250,15 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         kernel_glue::mount::ensure_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
     }
     let sig = if args.force { Signal::SIGUSR1 } else { Signal::SIGTERM };
+    let error_file = error_path(&record);
+    let _ = std::fs::remove_file(&error_file);
     kill(Pid::from_raw(pid), sig)
         .with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))?;
     wait_gone(&record, pid, dev)?;
+    if let Ok(reason) = std::fs::read_to_string(&error_file) {
+        let _ = std::fs::remove_file(&error_file);
+        bail!("{reason}");
+    }
     if record.exists() {
         let _ = std::fs::remove_file(&record);
         bail!(
@@ -266,7 +275,7 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
 fn wait_gone(record: &Path, pid: i32, dev: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + DETACH_WAIT;
     let mut pause = Duration::from_millis(5);
-    while record.exists() && kill(Pid::from_raw(pid), None).is_ok() {
+    while record.exists() && !error_path(record).exists() && kill(Pid::from_raw(pid), None).is_ok() {
         if Instant::now() >= deadline {
             bail!(
                 "failed to detach {}: the attach daemon (pid {pid}) did not finish within {DETACH_WAIT:?}",

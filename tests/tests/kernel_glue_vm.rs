@@ -118,10 +118,13 @@ fn kernel_nbd_in_vm_ext4_written_in_guest_verified_on_host() {
     );
     assert!(console.contains("kernel nbd connected (netlink)"), "not the netlink path:\n{console}");
 
-    let got = files_through_nbd(&dir, &srv, &["seq.txt", "big.txt"]);
-    let seq: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
-    assert_same_bytes("seq.txt", &got[0], seq.as_bytes());
+    assert!(console.contains("kernel nbd connected (ioctl fallback)"), "the ioctl path did not run:\n{console}");
+
+    let got = files_through_nbd(&dir, &srv, &["seq.txt", "big.txt", "ioctl.txt"]);
+    let seq = |n: u32| -> String { (1..=n).map(|i| format!("{i}\n")).collect() };
+    assert_same_bytes("seq.txt", &got[0], seq(200_000).as_bytes());
     assert_same_bytes("big.txt", &got[1], &yes("glue-data-line", 16 * MIB as usize));
+    assert_same_bytes("ioctl.txt (written through the ioctl path)", &got[2], seq(5000).as_bytes());
     srv.assert_running();
 }
 

@@ -188,6 +188,12 @@ impl Nbd {
     }
 }
 
+/// The first `/dev/nbdN` without a connection (ioctl path: netlink finds
+/// one itself).
+pub fn free_index() -> Option<u32> {
+    (0..1024u32).take_while(|i| device_path(*i).exists()).find(|i| !is_connected(*i))
+}
+
 /// True if `/dev/nbdN` has a connection (its `pid` attribute exists).
 pub fn is_connected(index: u32) -> bool {
     Path::new(&format!("/sys/block/nbd{index}/pid")).exists()
