@@ -608,3 +608,186 @@ fn watchdog(shared: &Arc<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The client against an in-process fake server on a Unix socket, whose
+    //! misbehaviour each test picks: answer, stall, or drop the connection.
+
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SIZE: u64 = 1 << 20;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        Answer,
+        /// Read requests, never reply.
+        Stall,
+        /// On the first connection, drop it after reading one request
+        /// without replying; answer normally afterwards.
+        DropFirst,
+    }
+
+    struct Fake {
+        path: PathBuf,
+        commands: Arc<Mutex<Vec<u16>>>,
+        connections: Arc<AtomicUsize>,
+    }
+
+    fn socket_path() -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        std::env::temp_dir().join(format!("kg-client-{}-{}.sock", std::process::id(), N.fetch_add(1, Ordering::SeqCst)))
+    }
+
+    fn handshake(s: &mut UnixStream) -> std::io::Result<()> {
+        let mut out = NBDMAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&out)?;
+        let mut head = [0u8; 4 + 16];
+        s.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([head[16], head[17], head[18], head[19]]) as usize;
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data)?;
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&SIZE.to_be_bytes());
+        let flags = TRANS_HAS_FLAGS | TRANS_SEND_FLUSH | TRANS_SEND_FUA | TRANS_SEND_TRIM;
+        info.extend_from_slice(&flags.to_be_bytes());
+        for (kind, data) in [(REP_INFO, info), (REP_ACK, vec![])] {
+            let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&OPT_GO.to_be_bytes());
+            r.extend_from_slice(&kind.to_be_bytes());
+            r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            r.extend_from_slice(&data);
+            s.write_all(&r)?;
+        }
+        Ok(())
+    }
+
+    fn serve(mut s: UnixStream, mode: Mode, first: bool, disk: &Mutex<Vec<u8>>, commands: &Mutex<Vec<u16>>) {
+        if handshake(&mut s).is_err() {
+            return;
+        }
+        let mut h = [0u8; REQUEST_HEADER_BYTES];
+        while s.read_exact(&mut h).is_ok() {
+            let kind = u16::from_be_bytes([h[6], h[7]]);
+            let cookie = &h[8..16];
+            let offset = u64::from_be_bytes(h[16..24].try_into().unwrap()) as usize;
+            let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+            commands.lock().unwrap().push(kind);
+            let mut payload = vec![0u8; if kind == CMD_WRITE { len } else { 0 }];
+            if s.read_exact(&mut payload).is_err() {
+                return;
+            }
+            match mode {
+                Mode::Stall => continue,
+                Mode::DropFirst if first => return,
+                _ => {}
+            }
+            let mut reply = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            reply.extend_from_slice(&0u32.to_be_bytes());
+            reply.extend_from_slice(cookie);
+            let mut d = disk.lock().unwrap();
+            match kind {
+                CMD_WRITE => d[offset..offset + len].copy_from_slice(&payload),
+                CMD_READ => reply.extend_from_slice(&d[offset..offset + len]),
+                CMD_DISC => return,
+                _ => {}
+            }
+            drop(d);
+            if s.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn fake(mode: Mode) -> Fake {
+        let path = socket_path();
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (c, n) = (commands.clone(), connections.clone());
+        thread::spawn(move || {
+            let disk = Arc::new(Mutex::new(vec![0u8; SIZE as usize]));
+            for s in listener.incoming() {
+                let Ok(s) = s else { return };
+                let first = n.fetch_add(1, Ordering::SeqCst) == 0;
+                let (disk, c) = (disk.clone(), c.clone());
+                thread::spawn(move || serve(s, mode, first, &disk, &c));
+            }
+        });
+        Fake { path, commands, connections }
+    }
+
+    fn client(f: &Fake, timeout: Duration) -> Client {
+        Client::connect(Endpoint::Unix(f.path.clone()), "v", timeout).unwrap()
+    }
+
+    #[test]
+    fn write_read_flush_round_trip_and_range_checks() {
+        let f = fake(Mode::Answer);
+        let c = client(&f, Duration::from_secs(5));
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        c.write_sync(4096, &data, true).unwrap();
+        assert_eq!(c.read_sync(4096, 8192).unwrap(), data);
+        c.flush_sync().unwrap();
+        assert_eq!(c.read_sync(SIZE - 512, 1024), Err(IoError::Invalid));
+        assert_eq!(c.write_sync(SIZE, &[1], false), Err(IoError::Invalid));
+        c.close(true).unwrap();
+        assert_eq!(c.read_sync(0, 512), Err(IoError::Closed));
+        let seen = f.commands.lock().unwrap().clone();
+        assert_eq!(&seen[seen.len() - 2..], &[CMD_FLUSH, CMD_DISC], "clean close flushes, then disconnects: {seen:?}");
+        let _ = std::fs::remove_file(&f.path);
+    }
+
+    #[test]
+    fn a_stalled_server_fails_requests_at_the_deadline_then_at_once() {
+        let f = fake(Mode::Stall);
+        let timeout = Duration::from_millis(600);
+        let c = client(&f, timeout);
+        let t0 = Instant::now();
+        assert_eq!(c.write_sync(0, &[1; 4096], false), Err(IoError::Timeout));
+        let waited = t0.elapsed();
+        assert!(waited >= timeout && waited < timeout * 4, "failed after {waited:?}");
+        // The link is down now: no second full timeout per request. (A
+        // reconnect to the stalled server may be under way; either way the
+        // request must not wait a whole timeout.)
+        let t1 = Instant::now();
+        let r = c.read_sync(0, 4096);
+        assert!(r.is_err(), "{r:?}");
+        assert!(t1.elapsed() < timeout, "second request waited {:?}", t1.elapsed());
+        c.close(false).unwrap();
+        let _ = std::fs::remove_file(&f.path);
+    }
+
+    #[test]
+    fn a_dropped_connection_is_redialled_and_the_request_resent() {
+        let f = fake(Mode::DropFirst);
+        let c = client(&f, Duration::from_secs(10));
+        c.write_sync(8192, &[0xab; 4096], false).unwrap();
+        assert_eq!(c.reconnects(), 1);
+        assert_eq!(f.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(c.read_sync(8192, 4096).unwrap(), vec![0xab; 4096]);
+        c.close(false).unwrap();
+        assert_eq!(c.inflight(), 0);
+        let _ = std::fs::remove_file(&f.path);
+    }
+
+    #[test]
+    fn forced_close_fails_in_flight_requests_at_once() {
+        let f = fake(Mode::Stall);
+        let c = client(&f, Duration::from_secs(30));
+        let (tx, rx) = std::sync::mpsc::channel();
+        c.write(0, &[7; 512], false, Box::new(move |r| drop(tx.send(r))));
+        let t0 = Instant::now();
+        c.close(false).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Err(IoError::Closed));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        let _ = std::fs::remove_file(&f.path);
+    }
+}
