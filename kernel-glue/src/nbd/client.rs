@@ -477,8 +477,14 @@ fn conn_lost(shared: &Arc<Shared>, generation: u64) {
                 c.killer.shutdown();
             }
         }
-        let fail = st.down || st.closed;
-        if !fail {
+        let fail = if st.closed {
+            Some(IoError::Closed)
+        } else if st.down {
+            Some(IoError::Disconnected)
+        } else {
+            None
+        };
+        if fail.is_none() {
             for p in st.pending.values_mut().filter(|p| p.generation == Some(generation)) {
                 p.generation = None;
             }
@@ -487,8 +493,8 @@ fn conn_lost(shared: &Arc<Shared>, generation: u64) {
         shared.changed.notify_all();
         fail
     };
-    if fail {
-        fail_generation(shared, Some(generation), IoError::Disconnected);
+    if let Some(why) = fail {
+        fail_generation(shared, Some(generation), why);
     }
 }
 
@@ -740,7 +746,15 @@ mod tests {
         assert_eq!(c.write_sync(SIZE, &[1], false), Err(IoError::Invalid));
         c.close(true).unwrap();
         assert_eq!(c.read_sync(0, 512), Err(IoError::Closed));
-        let seen = f.commands.lock().unwrap().clone();
+        // The fake records DISC when it reads it, after close has returned.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = loop {
+            let seen = f.commands.lock().unwrap().clone();
+            if seen.last() == Some(&CMD_DISC) || Instant::now() >= deadline {
+                break seen;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
         assert_eq!(&seen[seen.len() - 2..], &[CMD_FLUSH, CMD_DISC], "clean close flushes, then disconnects: {seen:?}");
         let _ = std::fs::remove_file(&f.path);
     }
