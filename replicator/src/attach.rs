@@ -10,6 +10,7 @@
 //! Exit codes as for every command: 0 success, 1 runtime failure, 2 usage.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -109,7 +110,12 @@ fn error_path(record: &Path) -> PathBuf {
 
 pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
     let cfg = config(&args)?;
-    std::fs::create_dir_all(&args.run_dir).with_context(|| format!("failed to create {}", args.run_dir.display()))?;
+    // Private: it holds the FUSE mount of the whole volume and the daemons' records.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.run_dir)
+        .with_context(|| format!("failed to create {}", args.run_dir.display()))?;
     if args.foreground {
         return foreground(&args, &cfg);
     }
@@ -132,8 +138,20 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
         .spawn()
         .context("failed to start the attach daemon")?;
     let stdout = child.stdout.take().context("attach daemon has no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).context("failed to read from the attach daemon")?;
+    // Every step of the daemon's attach is bounded by the I/O timeout; this
+    // bound only guards against a bug there.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready_wait = cfg.io_timeout * 3 + Duration::from_secs(60);
+    let Ok(line) = rx.recv_timeout(ready_wait) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("failed to attach export {:?}: the attach daemon was not ready within {ready_wait:?}", cfg.export);
+    };
     match line.trim().strip_prefix(READY_PREFIX) {
         Some(dev) => {
             println!("{dev}");

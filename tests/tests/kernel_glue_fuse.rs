@@ -96,10 +96,7 @@ impl Drop for Attached {
         }
         if let Ok(pid) = std::fs::read_to_string(self.record()) {
             let _ = self.detach(true);
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                // SAFETY: kill(2) on the attach daemon this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+            cleanup("kill", &["-KILL", pid.trim()]);
         }
     }
 }
@@ -216,7 +213,7 @@ fn detach_refuses_while_mounted_and_forced_detach_stops_writes() {
 
 /// A writer with fsync runs until the first error; the server then hangs
 /// (SIGSTOP: only the timeout can notice) or dies (SIGKILL).
-fn server_failure_reaches_writer(signal: libc::c_int, name: &str) {
+fn server_failure_reaches_writer(signal: &str, name: &str) {
     require_tools!("mkfs.ext4", "mount", "umount");
     if !prerequisites() {
         return;
@@ -251,8 +248,7 @@ fn server_failure_reaches_writer(signal: libc::c_int, name: &str) {
     })
     .unwrap();
     let t0 = Instant::now();
-    // SAFETY: kill(2) on the server this test started.
-    unsafe { libc::kill(srv.pid as i32, signal) };
+    run(&mut cmd("kill", [signal, &srv.pid.to_string()])).unwrap();
     let (res, at) =
         rx.recv_timeout(Duration::from_secs(TIMEOUT_S + 30)).expect("the writer hung after the server failed");
     let err = res.expect_err("the writer finished without an error although the server failed");
@@ -278,12 +274,12 @@ impl Attached {
 
 #[test]
 fn hung_server_fails_io_within_timeout() {
-    server_failure_reaches_writer(libc::SIGSTOP, "kg-hang");
+    server_failure_reaches_writer("-STOP", "kg-hang");
 }
 
 #[test]
 fn killed_server_fails_io_within_timeout() {
-    server_failure_reaches_writer(libc::SIGKILL, "kg-kill");
+    server_failure_reaches_writer("-KILL", "kg-kill");
 }
 
 #[test]
