@@ -7,6 +7,10 @@ use std::time::Duration;
 /// whole (FUSE's own default limit is 256 pages).
 pub const REQUEST_BYTES_MAX: u32 = 1024 * 1024;
 
+/// Largest TRIM or WRITE_ZEROES sent in one request; larger FUSE ranges
+/// are split (NBD lengths are 32-bit).
+pub const RANGE_REQUEST_BYTES_MAX: u32 = 1 << 30;
+
 /// Requests one NBD connection may have outstanding (FUSE path). Beyond
 /// this, submitters wait, bounded by their own deadline. Each keeps its
 /// message until answered (for resending after a reconnect), so this also

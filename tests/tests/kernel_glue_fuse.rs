@@ -374,3 +374,33 @@ fn server_restart_under_mounted_fs_resumes_io() {
     assert_same_bytes("log.bin through NBD", &got.unwrap(), &want);
     srv.assert_running();
 }
+
+/// Discard and zero-out on the loop device reach the volume as zeros (a
+/// discarded range of a file-backed loop device must read back as zeros,
+/// which NBD_CMD_TRIM alone would not promise).
+#[test]
+fn discard_and_zeroout_read_back_as_zeros_through_nbd() {
+    require_tools!("blkdiscard", "nbdcopy");
+    if !prerequisites() {
+        return;
+    }
+    let dir = TestDir::new("kg-zero");
+    let vol = Volume::create(&dir, 32 * MIB).unwrap();
+    let srv = Server::start_tcp(&vol).unwrap();
+    let att = Attached::new(&dir, &srv, 10);
+    let data = random_bytes(16 * MIB as usize, 77);
+    {
+        let mut f = OpenOptions::new().write(true).open(&att.device).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    run(&mut cmd("blkdiscard", ["-o", "0", "-l", &(4 * MIB).to_string(), &att.device])).unwrap();
+    run(&mut cmd("blkdiscard", ["-z", "-o", &(4 * MIB).to_string(), "-l", &(4 * MIB).to_string(), &att.device]))
+        .unwrap();
+    let got = export_bytes(&dir, &srv, "export.img");
+    let mut want = data.clone();
+    want[..8 * MIB as usize].fill(0);
+    assert_same_bytes("export after discard and zero-out", &got[..16 * MIB as usize], &want);
+    let out = att.detach(false);
+    assert!(out.success(), "{}", out.describe());
+}

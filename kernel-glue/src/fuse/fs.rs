@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -12,7 +13,7 @@ use fuser::{
     WriteFlags,
 };
 
-use crate::limits::{BLOCK_SIZE_BYTES, REQUEST_BYTES_MAX};
+use crate::limits::{BLOCK_SIZE_BYTES, RANGE_REQUEST_BYTES_MAX, REQUEST_BYTES_MAX};
 use crate::nbd::{Client, IoError};
 
 /// Inode of the one file.
@@ -232,26 +233,52 @@ impl Filesystem for VolumeFs {
         if ino != VOLUME_INO {
             return reply.error(Errno::EISDIR);
         }
-        let Ok(len) = u32::try_from(length) else {
-            return reply.error(Errno::EINVAL);
-        };
-        if self.clamp(offset, len) != len {
+        if offset.checked_add(length).is_none_or(|end| end > self.size_bytes) {
             return reply.error(Errno::EINVAL);
         }
-        let done: crate::nbd::client::Done = Box::new(move |r| match r {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
-        });
         let keep = libc::FALLOC_FL_KEEP_SIZE;
-        // The loop device discards with PUNCH_HOLE and zeroes with ZERO_RANGE.
-        match mode {
-            m if m == libc::FALLOC_FL_PUNCH_HOLE | keep => self.client.trim(offset, len, done),
-            m if m == libc::FALLOC_FL_ZERO_RANGE || m == libc::FALLOC_FL_ZERO_RANGE | keep => {
-                self.client.write_zeroes(offset, len, done)
-            }
+        // The loop device turns discards (and zeroing that may unmap) into
+        // PUNCH_HOLE, and zeroing that must stay allocated into ZERO_RANGE.
+        // Both promise zeros on a later read, which NBD_CMD_TRIM does not:
+        // both become WRITE_ZEROES, PUNCH_HOLE letting the server punch.
+        let no_hole = match mode {
+            m if m == libc::FALLOC_FL_PUNCH_HOLE | keep => false,
+            m if m == libc::FALLOC_FL_ZERO_RANGE || m == libc::FALLOC_FL_ZERO_RANGE | keep => true,
             // Plain preallocation inside a fixed-size device is a no-op.
-            0 | libc::FALLOC_FL_KEEP_SIZE => done(Ok(Vec::new())),
-            _ => done(Err(IoError::Unsupported)),
+            0 | libc::FALLOC_FL_KEEP_SIZE => return reply.ok(),
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        // NBD lengths are 32-bit: a large range becomes several requests,
+        // and the reply waits for all of them (the first error wins).
+        let chunk = u64::from(RANGE_REQUEST_BYTES_MAX);
+        let ranges: Vec<(u64, u32)> = (0..length.div_ceil(chunk))
+            .map(|i| {
+                let o = offset + i * chunk;
+                (o, u32::try_from((offset + length - o).min(chunk)).expect("chunk fits u32"))
+            })
+            .collect();
+        if ranges.is_empty() {
+            return reply.ok();
+        }
+        let state = Arc::new(Mutex::new((ranges.len(), Some(reply), None::<IoError>)));
+        for (o, l) in ranges {
+            let state = state.clone();
+            let done: crate::nbd::client::Done = Box::new(move |r| {
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                st.0 -= 1;
+                if let Err(e) = r {
+                    st.2.get_or_insert(e);
+                }
+                if st.0 == 0 {
+                    if let Some(reply) = st.1.take() {
+                        match st.2 {
+                            None => reply.ok(),
+                            Some(e) => reply.error(errno(e)),
+                        }
+                    }
+                }
+            });
+            self.client.write_zeroes(o, l, no_hole, done)
         }
     }
 

@@ -293,6 +293,8 @@ impl Client {
         self.submit(CMD_FLUSH, 0, 0, 0, None, done)
     }
 
+    /// Discards a range; its contents are undefined afterwards (so the FUSE
+    /// path, which must read zeros after a hole punch, uses `write_zeroes`).
     pub fn trim(&self, offset: u64, length: u32, done: Done) {
         if !self.shared.info.can_trim() {
             return done(Err(IoError::Unsupported));
@@ -300,11 +302,13 @@ impl Client {
         self.submit(CMD_TRIM, 0, offset, length, None, done)
     }
 
-    pub fn write_zeroes(&self, offset: u64, length: u32, done: Done) {
+    /// Zeroes a range; without `no_hole` the server may deallocate it.
+    pub fn write_zeroes(&self, offset: u64, length: u32, no_hole: bool, done: Done) {
         if !self.shared.info.can_write_zeroes() {
             return done(Err(IoError::Unsupported));
         }
-        self.submit(CMD_WRITE_ZEROES, 0, offset, length, None, done)
+        let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
+        self.submit(CMD_WRITE_ZEROES, flags, offset, length, None, done)
     }
 
     /// Blocking READ (for tests and callers without their own threads).

@@ -36,6 +36,7 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 pub const REQUEST_HEADER_BYTES: usize = 28;
 pub const SIMPLE_REPLY_BYTES: usize = 16;
