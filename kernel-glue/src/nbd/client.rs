@@ -6,12 +6,13 @@
 //! watchdog thread fails overdue requests with `IoError::Timeout` and
 //! shuts the connection down: a server that misses one deadline is treated
 //! as gone, which is what lets a filesystem above see EIO instead of
-//! hanging (nbdfuse's failure mode). When the connection is lost, every
-//! request on it fails at once; a background dialer reconnects (at most
-//! one attempt per `RECONNECT_INTERVAL_MIN`) and new requests wait for it
-//! until their own deadline, so a server restarted within the timeout is
-//! picked up without errors or remounting. Once a deadline has passed with
-//! the server unresponsive, the link is `down` and requests fail at once
+//! hanging (nbdfuse's failure mode). When the connection is lost, the
+//! requests sent on it and new ones wait in the table while a background
+//! dialer reconnects (at most one attempt per `RECONNECT_INTERVAL_MIN`);
+//! the new connection gets the unanswered ones again. A server restarted
+//! within the timeout is thus picked up without errors or remounting (NBD
+//! requests are idempotent, and unanswered ones were never acknowledged).
+//! Once a deadline has passed, the link is `down` and requests fail at once
 //! until a reconnect succeeds: no request waits longer than one timeout.
 //!
 //! **Invariant:** a completion is called exactly once: the request is
@@ -163,34 +164,6 @@ impl Client {
         lock(&self.shared.state).pending.len()
     }
 
-    /// Waits (until `deadline`) for a usable connection, starting a
-    /// reconnect if there is none. Fails at once while the link is `down`.
-    fn ensure_connected(&self, deadline: Instant) -> std::result::Result<(), IoError> {
-        let mut st = lock(&self.shared.state);
-        loop {
-            if st.closed {
-                return Err(IoError::Closed);
-            }
-            if st.conn.is_some() {
-                return Ok(());
-            }
-            kick_dialer(&self.shared, &mut st);
-            if st.down {
-                return Err(IoError::Disconnected);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                // Nobody answered within a whole timeout: fail fast from now
-                // on, so queued I/O does not wait one timeout per request.
-                st.down = true;
-                self.shared.changed.notify_all();
-                return Err(IoError::Timeout);
-            }
-            let wait = (deadline - now).min(RECONNECT_INTERVAL_MIN);
-            st = self.shared.changed.wait_timeout(st, wait).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-
     /// Registers and sends one request. `payload` is a complete message
     /// (header space included) for WRITE, or `None`.
     fn submit(&self, kind: u16, flags: u16, offset: u64, length: u32, payload: Option<Vec<u8>>, done: Done) {
@@ -213,11 +186,6 @@ impl Client {
         if !in_range || ((kind == CMD_READ || kind == CMD_WRITE) && length > REQUEST_BYTES_MAX) {
             return done(Err(IoError::Invalid));
         }
-        if !after_close {
-            if let Err(e) = self.ensure_connected(deadline) {
-                return done(Err(e));
-            }
-        }
         let mut st = lock(&self.shared.state);
         while st.pending.len() >= INFLIGHT_REQUESTS_MAX && !st.closed {
             let now = Instant::now();
@@ -231,12 +199,15 @@ impl Client {
             drop(st);
             return done(Err(IoError::Closed));
         }
-        let Some(conn) = &st.conn else {
+        // Without a connection a request waits in the table for the next
+        // one (until its deadline), unless the server is known to be
+        // unresponsive (`down`): then it fails at once.
+        let target = st.conn.as_ref().map(|c| (c.generation, c.writer.clone()));
+        if target.is_none() && (st.down || after_close) {
+            kick_dialer(&self.shared, &mut st);
             drop(st);
             return done(Err(IoError::Disconnected));
-        };
-        let generation = conn.generation;
-        let writer = conn.writer.clone();
+        }
         st.next_cookie = st.next_cookie.wrapping_add(1);
         let cookie = st.next_cookie;
         let header = encode_request(flags, kind, cookie, offset, length);
@@ -247,8 +218,13 @@ impl Client {
             }
             None => header.to_vec(),
         });
-        st.pending
-            .insert(cookie, Pending { generation: Some(generation), msg: msg.clone(), deadline, kind, length, done });
+        st.pending.insert(
+            cookie,
+            Pending { generation: target.as_ref().map(|t| t.0), msg: msg.clone(), deadline, kind, length, done },
+        );
+        if target.is_none() {
+            kick_dialer(&self.shared, &mut st);
+        }
         self.shared.changed.notify_all();
         // The state lock is released before the writer lock is taken: a
         // write blocked on a stalled server must never keep the watchdog
@@ -257,6 +233,7 @@ impl Client {
         // `close` is either drained (clean) or its write fails on the shut
         // socket (forced).
         drop(st);
+        let Some((generation, writer)) = target else { return };
         let res = writer.lock().unwrap_or_else(|p| p.into_inner()).write_all(&msg);
         if let Err(e) = res {
             tracing::warn!(error = %e, "sending an NBD request failed; dropping the connection");
