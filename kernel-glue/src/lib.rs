@@ -172,22 +172,28 @@ fn attach_kernel(cfg: &AttachConfig) -> Result<Attachment> {
         kernel::Nbd::open()
     };
     // Probe before connecting, so Auto falls back without touching the server.
-    if let Err(e @ Error::KernelUnavailable { .. }) = &nl {
-        let legacy = Path::new("/dev/nbd0").exists() && (cfg.force_ioctl || Path::new("/sys/module/nbd").exists());
-        if !legacy {
-            return Err(Error::KernelUnavailable { reason: e.to_string() });
+    let nl = match nl {
+        Ok(nl) => Some(nl),
+        Err(Error::KernelUnavailable { reason }) => {
+            // No nbd netlink family: the ioctl interface, if the driver is there.
+            let legacy = Path::new("/dev/nbd0").exists() && (cfg.force_ioctl || Path::new("/sys/module/nbd").exists());
+            if !legacy {
+                return Err(Error::KernelUnavailable { reason });
+            }
+            None
         }
-    }
+        Err(e) => return Err(e),
+    };
     let (stream, info) = nbd::connect(&cfg.endpoint, &cfg.export, cfg.io_timeout)?;
     match nl {
-        Ok(mut nl) => {
+        Some(mut nl) => {
             let index = nl.connect(cfg.nbd_index, &[&stream], &info, cfg.kernel_timeouts())?;
             let device = kernel::device_path(index);
             tracing::info!(device = %device.display(), size = info.size_bytes, "kernel nbd connected (netlink)");
             tune_queue(index);
             Ok(Attachment { device, kind: Kind::Kernel { index, size_bytes: info.size_bytes } })
         }
-        Err(_) => {
+        None => {
             let index = match cfg.nbd_index {
                 Some(i) => i,
                 None => kernel::free_index()
@@ -213,6 +219,23 @@ fn tune_queue(index: u32) {
 }
 
 fn attach_fuse(cfg: &AttachConfig) -> Result<Attachment> {
+    // Every thread that serves the device (FUSE session, NBD reader,
+    // watchdog, dialer) descends from this helper thread, which marks
+    // itself an I/O flusher first; the caller's own thread stays as it was.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Err(e) = set_io_flusher() {
+                    tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed (needs CAP_SYS_RESOURCE); memory reclaim may deadlock under pressure");
+                }
+                attach_fuse_here(cfg)
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn attach_fuse_here(cfg: &AttachConfig) -> Result<Attachment> {
     let client = nbd::Client::connect(cfg.endpoint.clone(), &cfg.export, cfg.io_timeout)?;
     match fuse::FuseLoop::attach(client.clone(), &cfg.fuse_mountpoint, cfg.direct_io) {
         Ok(f) => Ok(Attachment { device: f.device().to_path_buf(), kind: Kind::Fuse(f) }),

@@ -179,9 +179,6 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
         signals.add(s);
     }
     signals.thread_block().context("failed to block signals")?;
-    if let Err(e) = kernel_glue::set_io_flusher() {
-        tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed; memory reclaim may deadlock under pressure");
-    }
     let attachment = kernel_glue::attach(cfg)
         .with_context(|| format!("failed to attach export {:?} from {}", cfg.export, cfg.endpoint))?;
     let device = attachment.device().to_path_buf();
