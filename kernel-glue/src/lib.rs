@@ -19,6 +19,7 @@ pub mod limits;
 pub mod loopdev;
 pub mod mount;
 pub mod nbd;
+pub mod record;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -187,7 +188,8 @@ fn attach_kernel(cfg: &AttachConfig) -> Result<Attachment> {
     let (stream, info) = nbd::connect(&cfg.endpoint, &cfg.export, cfg.io_timeout)?;
     match nl {
         Some(mut nl) => {
-            let index = nl.connect(cfg.nbd_index, &[&stream], &info, cfg.kernel_timeouts())?;
+            let backend = cfg.endpoint.uri(&cfg.export);
+            let index = nl.connect(cfg.nbd_index, &[&stream], &info, cfg.kernel_timeouts(), &backend)?;
             let device = kernel::device_path(index);
             tracing::info!(device = %device.display(), size = info.size_bytes, "kernel nbd connected (netlink)");
             tune_queue(index);

@@ -44,6 +44,7 @@ basic)
     dev=$(replicator attach --method kernel --nbd "$server" --export volume --timeout 10 --run-dir /run/attach) || fail attach
     echo "GLUE-DEVICE $dev"
     q=/sys/block/${dev#/dev/}/queue
+    echo "GLUE-BACKEND $(cat /sys/block/${dev#/dev/}/backend)"
     echo "GLUE-QUEUE logical_block_size=$(cat $q/logical_block_size) max_sectors_kb=$(cat $q/max_sectors_kb) write_cache=$(cat $q/write_cache | tr ' ' _) fua=$(cat $q/fua)"
     mkfs.ext4 -q -F "$dev" || fail mkfs
     mount -t ext4 "$dev" /mnt || fail mount

@@ -98,8 +98,7 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
 }
 
 fn record_path(run_dir: &Path, device: &Path) -> PathBuf {
-    let name = device.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    run_dir.join(format!("{name}.pid"))
+    kernel_glue::record::path(run_dir, device)
 }
 
 /// Where the daemon leaves the reason a detach failed or was refused, for
@@ -189,8 +188,7 @@ fn foreground(args: &AttachArgs, cfg: &AttachConfig) -> anyhow::Result<()> {
     let keeper = attachment.kernel_device().filter(|_| !cfg.dead_conn_timeout.is_zero());
     let stay = attachment.needs_process() || keeper.is_some();
     if stay {
-        std::fs::write(&record, format!("{}\n", std::process::id()))
-            .with_context(|| format!("failed to write {}", record.display()))?;
+        kernel_glue::record::write(&args.run_dir, &device, std::process::id(), &cfg.endpoint.uri(&cfg.export))?;
     }
     tracing::info!(device = %device.display(), method = %attachment.method(), direct_io = ?attachment.direct_io(), "attached");
     let mut out = std::io::stdout();
@@ -256,11 +254,10 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         println!("{}", dev.display());
         return Ok(());
     }
-    let record = record_path(&args.run_dir, dev);
-    let text = std::fs::read_to_string(&record).with_context(|| {
+    let (pid, _) = kernel_glue::record::read(&args.run_dir, dev)?.with_context(|| {
         format!("failed to detach {}: no attach daemon recorded in {}", dev.display(), record.display())
     })?;
-    let pid: i32 = text.trim().parse().with_context(|| format!("failed to parse {}", record.display()))?;
+    let pid = i32::try_from(pid).with_context(|| format!("bad pid {pid} in {}", record.display()))?;
     if mode == DetachMode::Clean {
         kernel_glue::mount::ensure_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
     }

@@ -141,6 +141,12 @@ fn fuse_attach_ext4_files_detach_then_verify_through_nbd() {
     let mut srv = Server::start_tcp(&vol).unwrap();
     let mut att = Attached::new(&dir, &srv, 10);
     assert!(att.record().exists(), "attach daemon record {} missing", att.record().display());
+    // What backs the device, as status will show it.
+    let listed = kernel_glue::record::list(&att.run_dir);
+    let entry = listed.iter().find(|a| a.device == Path::new(&att.device)).expect("device listed");
+    assert_eq!(entry.method, kernel_glue::Method::Fuse);
+    assert_eq!(entry.backend.as_deref(), Some(format!("nbd://{}/volume", srv.addr()).as_str()));
+    assert!(entry.pid.is_some());
     let size = std::fs::read_to_string(format!("/sys/block/{}/size", att.device.trim_start_matches("/dev/"))).unwrap();
     assert_eq!(size.trim().parse::<u64>().unwrap() * 512, vol.data_size().unwrap(), "device size");
 

@@ -117,6 +117,8 @@ fn kernel_nbd_in_vm_ext4_written_in_guest_verified_on_host() {
         "detach while mounted was not refused:\n{console}"
     );
     assert!(console.contains("kernel nbd connected (netlink)"), "not the netlink path:\n{console}");
+    let backend = format!("GLUE-BACKEND nbd://10.0.2.100:{}/volume", srv.addr().port());
+    assert!(console.lines().any(|l| l.trim() == backend), "no {backend:?} line:\n{console}");
 
     assert!(console.contains("kernel nbd connected (ioctl fallback)"), "the ioctl path did not run:\n{console}");
 

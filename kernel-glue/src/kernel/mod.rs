@@ -40,6 +40,7 @@ const ATTR_SERVER_FLAGS: u16 = 5;
 const ATTR_CLIENT_FLAGS: u16 = 6;
 const ATTR_SOCKETS: u16 = 7;
 const ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+const ATTR_BACKEND_IDENTIFIER: u16 = 10;
 const SOCK_ITEM: u16 = 1;
 const SOCK_FD: u16 = 1;
 
@@ -52,6 +53,19 @@ pub struct KernelTimeouts {
     /// How long the kernel queues I/O on a dead connection waiting for
     /// RECONFIGURE before failing it. Zero: fail at once.
     pub dead_conn: Duration,
+}
+
+fn nul_terminated(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// The backend identifier the kernel shows for `/dev/nbd<index>`, if any.
+pub fn backend_of(index: u32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/sys/block/nbd{index}/backend")).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
 }
 
 /// The path of `/dev/nbdN`.
@@ -106,12 +120,16 @@ impl Nbd {
     /// export) to `/dev/nbd<index>`, or to a free device when `index` is
     /// `None`. Returns the index. The kernel keeps its own references to
     /// the sockets; the caller may close its descriptors afterwards.
+    /// `backend` (the export's URI) shows in `/sys/block/nbdN/backend`
+    /// (Linux 5.16+; older kernels ignore it), and the kernel refuses a
+    /// RECONFIGURE that names another backend.
     pub fn connect(
         &mut self,
         index: Option<u32>,
         sockets: &[&Stream],
         info: &ExportInfo,
         timeouts: KernelTimeouts,
+        backend: &str,
     ) -> Result<u32> {
         let mut m = Message::new(self.family, CMD_CONNECT, VERSION);
         if let Some(i) = index {
@@ -123,7 +141,8 @@ impl Nbd {
             .u64(ATTR_SERVER_FLAGS, u64::from(info.transmission_flags))
             // No DESTROY_ON_DISCONNECT / DISCONNECT_ON_CLOSE: the device
             // outlives this process, and only an explicit detach removes it.
-            .u64(ATTR_CLIENT_FLAGS, 0);
+            .u64(ATTR_CLIENT_FLAGS, 0)
+            .attr(ATTR_BACKEND_IDENTIFIER, &nul_terminated(backend));
         if !timeouts.dead_conn.is_zero() {
             m.u64(ATTR_DEAD_CONN_TIMEOUT, timeouts.dead_conn.as_secs().max(1));
         }
@@ -143,9 +162,17 @@ impl Nbd {
 
     /// NBD_CMD_RECONFIGURE: replaces dead connections of `index` with
     /// `sockets` (same export, same size).
-    pub fn reconfigure(&mut self, index: u32, sockets: &[&Stream], timeouts: KernelTimeouts) -> Result<()> {
+    pub fn reconfigure(
+        &mut self,
+        index: u32,
+        sockets: &[&Stream],
+        timeouts: KernelTimeouts,
+        backend: &str,
+    ) -> Result<()> {
         let mut m = Message::new(self.family, CMD_RECONFIGURE, VERSION);
-        m.u32(ATTR_INDEX, index).u64(ATTR_TIMEOUT, timeouts.io.as_secs().max(1));
+        m.u32(ATTR_INDEX, index)
+            .u64(ATTR_TIMEOUT, timeouts.io.as_secs().max(1))
+            .attr(ATTR_BACKEND_IDENTIFIER, &nul_terminated(backend));
         if !timeouts.dead_conn.is_zero() {
             m.u64(ATTR_DEAD_CONN_TIMEOUT, timeouts.dead_conn.as_secs().max(1));
         }
@@ -235,7 +262,7 @@ pub fn keep_connected(
                         reason: format!("size changed from {size_bytes} to {} bytes", info.size_bytes),
                     });
                 }
-                control.reconfigure(index, &[&s], timeouts)
+                control.reconfigure(index, &[&s], timeouts, &endpoint.uri(export))
             });
             match attempt {
                 Ok(()) => {

@@ -35,6 +35,16 @@ pub enum Stream {
 }
 
 impl Endpoint {
+    /// The export's NBD URI (`nbd://HOST:PORT/EXPORT`,
+    /// `nbd+unix:///EXPORT?socket=PATH`): how status and the kernel's
+    /// backend identifier name what backs a device.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            Endpoint::Tcp(a) => format!("nbd://{a}/{export}"),
+            Endpoint::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+        }
+    }
+
     /// Connects, giving up after `timeout` (per resolved address for TCP).
     pub fn dial(&self, timeout: Duration) -> io::Result<Stream> {
         match self {
