@@ -410,3 +410,36 @@ fn discard_and_zeroout_read_back_as_zeros_through_nbd() {
     let out = att.detach(false);
     assert!(out.success(), "{}", out.describe());
 }
+
+/// Without `--method`, attach picks the kernel driver where it exists and
+/// FUSE + loop elsewhere (this machine has no nbd driver); either way the
+/// device works and detaches.
+#[test]
+fn auto_method_picks_a_working_device() {
+    require_tools!("nbdcopy");
+    if !prerequisites() {
+        return;
+    }
+    let dir = TestDir::new("kg-auto");
+    let vol = Volume::create(&dir, 16 * MIB).unwrap();
+    let srv = Server::start_tcp(&vol).unwrap();
+    let run_dir = dir.join("run");
+    let mut c = replicator();
+    c.args(["attach", "--nbd", &srv.addr().to_string(), "--timeout", "10"]).arg("--run-dir").arg(&run_dir);
+    let out = run(&mut c).unwrap();
+    let device = out.stdout.trim().to_string();
+    let kernel = Path::new("/sys/module/nbd").exists();
+    let want = if kernel { "/dev/nbd" } else { "/dev/loop" };
+    assert!(device.starts_with(want), "auto chose {device:?}, expected {want}*\n{}", out.describe());
+    let att = Attached { device, run_dir, mnt: dir.join("mnt"), mounted: false };
+    let data = random_bytes(MIB as usize, 5);
+    {
+        let mut f = OpenOptions::new().write(true).open(&att.device).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let got = export_bytes(&dir, &srv, "export.img");
+    assert_same_bytes("first MiB through NBD", &got[..MIB as usize], &data);
+    let out = att.detach(false);
+    assert!(out.success(), "{}", out.describe());
+}
