@@ -66,6 +66,16 @@ basic)
     umount /mnt || fail "umount (ioctl)"
     replicator detach "$dev2" --run-dir /run/attach || fail "detach (ioctl)"
     [ -e "/sys/block/${dev2#/dev/}/pid" ] && fail "still connected after detach (ioctl)"
+    # A forced detach under a mounted filesystem: later writes must fail
+    # (and the host checks they never reached the volume).
+    dev3=$(replicator attach --method kernel --nbd "$server" --timeout 10 --run-dir /run/attach) || fail "attach (force)"
+    mount -t ext4 "$dev3" /mnt || fail "mount (force)"
+    replicator detach --force "$dev3" --run-dir /run/attach || fail "forced detach"
+    if seq 1 1000 > /mnt/after-force.txt && sync /mnt/after-force.txt 2>/dev/null; then
+        fail "a durable write succeeded after the forced detach"
+    fi
+    umount /mnt 2>/dev/null || umount -l /mnt
+    echo "GLUE-FORCED ok"
     ok
     ;;
 restart)
