@@ -75,6 +75,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         block_size_min: if config.direct_io { 512 } else { 1 },
         block_size_preferred: limits::NBD_BLOCK_BYTES_PREFERRED,
         block_size_max: limits::NBD_REQUEST_BYTES_MAX,
+        unavailable: None,
     };
     let shared = Arc::new(Shared::new(backing.clone(), export, config.tls_mode, tls_acceptor));
 
@@ -158,7 +159,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     );
     eprintln!("replicator: ready");
 
-    let control_task = tokio::spawn(control::serve(control_listener, report.clone()));
+    let control_task = tokio::spawn(control::serve(control_listener, control::status_only(report.clone())));
     let accept_tasks: Vec<_> =
         listeners.into_iter().map(|listener| tokio::spawn(server::accept_loop(shared.clone(), listener))).collect();
 
