@@ -264,8 +264,32 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
     let sig = if args.force { Signal::SIGUSR1 } else { Signal::SIGTERM };
     let error_file = error_path(&record);
     let _ = std::fs::remove_file(&error_file);
-    kill(Pid::from_raw(pid), sig)
-        .with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))?;
+    match kill(Pid::from_raw(pid), sig) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ESRCH) => {
+            // The daemon died (crash, SIGKILL): nothing can write through
+            // the device any more; free what it left behind.
+            tracing::warn!(pid, device = %dev.display(), "the attach daemon is gone; releasing what it left");
+            if let Some(index) = kernel_glue::kernel::index_of(dev) {
+                // A keeper's device is still connected; an ioctl device went
+                // with its daemon's NBD_DO_IT thread.
+                if kernel_glue::kernel::is_connected(index) {
+                    kernel_glue::detach_kernel(index, mode)
+                        .with_context(|| format!("failed to detach {}", dev.display()))?;
+                }
+            } else {
+                kernel_glue::fuse::release_orphan(dev)
+                    .with_context(|| format!("failed to detach {}", dev.display()))?;
+            }
+            let _ = std::fs::remove_file(&record);
+            println!("{}", dev.display());
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))
+        }
+    }
     wait_gone(&record, pid, dev)?;
     if let Ok(reason) = std::fs::read_to_string(&error_file) {
         let _ = std::fs::remove_file(&error_file);

@@ -443,3 +443,38 @@ fn auto_method_picks_a_working_device() {
     let out = att.detach(false);
     assert!(out.success(), "{}", out.describe());
 }
+
+/// The attach daemon dies (SIGKILL): the device's I/O fails at once (the
+/// FUSE connection died with it), and `detach` still frees the loop device
+/// and the mount it left behind.
+#[test]
+fn detach_after_the_attach_daemon_died_frees_the_device() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TestDir::new("kg-orphan");
+    let vol = Volume::create(&dir, 16 * MIB).unwrap();
+    let srv = Server::start_tcp(&vol).unwrap();
+    let att = Attached::new(&dir, &srv, 10);
+    let pid = std::fs::read_to_string(att.record()).unwrap().lines().next().unwrap().to_string();
+    run(&mut cmd("kill", ["-KILL", &pid])).unwrap();
+    wait_until(Duration::from_secs(30), "the attach daemon to exit", || !Path::new(&format!("/proc/{pid}")).exists())
+        .unwrap();
+    let res = OpenOptions::new().write(true).open(&att.device).and_then(|mut f| {
+        f.write_all(&[1u8; 4096])?;
+        f.sync_all()
+    });
+    assert!(res.is_err(), "a write through an orphaned device succeeded");
+
+    let out = att.detach(false);
+    assert!(out.success(), "{}", out.describe());
+    assert!(!att.record().exists(), "record left behind");
+    let backing = format!("/sys/block/{}/loop/backing_file", att.device.trim_start_matches("/dev/"));
+    assert!(!Path::new(&backing).exists(), "{} still bound", att.device);
+    let fuse_dirs: Vec<_> = std::fs::read_dir(&att.run_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("fuse-"))
+        .collect();
+    assert!(fuse_dirs.is_empty(), "FUSE mount point left behind");
+}

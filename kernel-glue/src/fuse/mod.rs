@@ -176,3 +176,24 @@ fn abort_fuse_connection(mountpoint: &Path) {
         tracing::debug!(path = %abort.display(), error = %e, "could not abort the FUSE connection");
     }
 }
+
+/// Releases what a dead attach daemon left behind for loop device
+/// `device`: the loop binding and its (now dead) FUSE mount. No I/O can
+/// reach the volume any more (the FUSE connection died with the daemon);
+/// this only frees the device and the mount point.
+pub fn release_orphan(device: &Path) -> Result<()> {
+    let name = device.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok();
+    crate::loopdev::detach_path(device)?;
+    if let Some(mountpoint) = backing.as_deref().map(str::trim).and_then(|b| Path::new(b).parent()) {
+        if mountpoint.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fuse-")) {
+            abort_fuse_connection(mountpoint);
+            if let Ok(c) = CString::new(mountpoint.as_os_str().as_bytes()) {
+                // SAFETY: NUL-terminated path that outlives the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = std::fs::remove_dir(mountpoint);
+        }
+    }
+    Ok(())
+}
