@@ -94,6 +94,9 @@ pub struct AttachConfig {
     /// Kernel path: use the ioctl interface even where netlink exists
     /// (it is the fallback for kernels before 4.12; this tests it on new ones).
     pub force_ioctl: bool,
+    /// Kernel path (netlink): sockets to hand the kernel, used in parallel
+    /// when the server allows it (NBD_FLAG_CAN_MULTI_CONN); otherwise one.
+    pub connections: u32,
 }
 
 impl AttachConfig {
@@ -108,6 +111,7 @@ impl AttachConfig {
             fuse_mountpoint,
             direct_io: true,
             force_ioctl: false,
+            connections: 1,
         }
     }
 
@@ -189,9 +193,31 @@ fn attach_kernel(cfg: &AttachConfig) -> Result<Attachment> {
     match nl {
         Some(mut nl) => {
             let backend = cfg.endpoint.uri(&cfg.export);
-            let index = nl.connect(cfg.nbd_index, &[&stream], &info, cfg.kernel_timeouts(), &backend)?;
+            let mut streams = vec![stream];
+            let wanted = cfg.connections.clamp(1, limits::KERNEL_CONNECTIONS_MAX);
+            if wanted > 1 && !info.can_multi_conn() {
+                tracing::info!(wanted, "the server does not allow several connections; using one");
+            } else {
+                for _ in 1..wanted {
+                    let (s, more) = nbd::connect(&cfg.endpoint, &cfg.export, cfg.io_timeout)?;
+                    if more.size_bytes != info.size_bytes {
+                        return Err(Error::Invalid {
+                            what: "export",
+                            reason: "size changed between connections".into(),
+                        });
+                    }
+                    streams.push(s);
+                }
+            }
+            let refs: Vec<&nbd::Stream> = streams.iter().collect();
+            let index = nl.connect(cfg.nbd_index, &refs, &info, cfg.kernel_timeouts(), &backend)?;
             let device = kernel::device_path(index);
-            tracing::info!(device = %device.display(), size = info.size_bytes, "kernel nbd connected (netlink)");
+            tracing::info!(
+                device = %device.display(),
+                size = info.size_bytes,
+                connections = streams.len(),
+                "kernel nbd connected (netlink)"
+            );
             tune_queue(index);
             Ok(Attachment { device, kind: Kind::Kernel { index, size_bytes: info.size_bytes } })
         }

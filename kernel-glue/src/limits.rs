@@ -30,6 +30,9 @@ pub const OPTION_REPLIES_MAX: usize = 32;
 /// Block size handed to the kernel and to the loop device.
 pub const BLOCK_SIZE_BYTES: u32 = 4096;
 
+/// Sockets one kernel nbd device may get (`AttachConfig::connections`).
+pub const KERNEL_CONNECTIONS_MAX: u32 = 16;
+
 /// Default per-request timeout: after it, I/O fails with EIO.
 pub const IO_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 

@@ -79,7 +79,9 @@ basic)
     ok
     ;;
 restart)
-    dev=$(replicator attach --method kernel --nbd "$server" --export volume --timeout 5 --dead-conn-timeout 60 --run-dir /run/attach) || fail attach
+    # Two connections: a restart kills both, and each comes back through
+    # its own LINK_DEAD → RECONFIGURE round.
+    dev=$(replicator attach --method kernel --connections 2 --nbd "$server" --export volume --timeout 5 --dead-conn-timeout 60 --run-dir /run/attach) || fail attach
     echo "GLUE-DEVICE $dev"
     mkfs.ext4 -q -F "$dev" || fail mkfs
     mount -t ext4 "$dev" /mnt || fail mount

@@ -49,6 +49,9 @@ pub struct AttachArgs {
     /// Kernel path: use /dev/nbdN.
     #[arg(long, value_name = "N")]
     nbd_index: Option<u32>,
+    /// Kernel path: parallel connections, if the server allows several (1-16).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    connections: u32,
     /// Directory for FUSE mounts, daemon records and logs.
     #[arg(long, value_name = "DIR", default_value = RUN_DIR_DEFAULT)]
     run_dir: PathBuf,
@@ -94,6 +97,7 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
     cfg.dead_conn_timeout = Duration::from_secs(args.dead_conn_timeout);
     cfg.nbd_index = args.nbd_index;
     cfg.force_ioctl = args.kernel_ioctl;
+    cfg.connections = args.connections;
     Ok(cfg)
 }
 

@@ -37,6 +37,9 @@ impl ExportInfo {
     pub fn can_write_zeroes(&self) -> bool {
         self.transmission_flags & TRANS_SEND_WRITE_ZEROES != 0
     }
+    pub fn can_multi_conn(&self) -> bool {
+        self.transmission_flags & TRANS_CAN_MULTI_CONN != 0
+    }
 }
 
 /// Connects to `endpoint`, negotiates `export` with `NBD_OPT_GO` and returns
