@@ -26,6 +26,13 @@ use nix::unistd::Pid;
 /// Where attach records its FUSE daemons unless told otherwise.
 pub const RUN_DIR_DEFAULT: &str = "/run/replicator/attach";
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Auto,
+    Kernel,
+    Fuse,
+}
+
 #[derive(clap::Args)]
 pub struct AttachArgs {
     /// NBD server address (HOST:PORT).
@@ -44,8 +51,8 @@ pub struct AttachArgs {
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     dead_conn_timeout: u64,
     /// Block device kind: auto (kernel nbd if available, else FUSE + loop), kernel or fuse.
-    #[arg(long, default_value = "auto")]
-    method: String,
+    #[arg(long, value_enum, default_value_t = MethodArg::Auto)]
+    method: MethodArg,
     /// Kernel path: use /dev/nbdN.
     #[arg(long, value_name = "N")]
     nbd_index: Option<u32>,
@@ -86,7 +93,11 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
         (None, Some(p)) => Endpoint::Unix(p.clone()),
         _ => bail!(crate::UsageError("give exactly one of --nbd and --nbd-unix".into())),
     };
-    let method: Method = args.method.parse().map_err(|e: kernel_glue::Error| crate::UsageError(e.to_string()))?;
+    let method = match args.method {
+        MethodArg::Auto => Method::Auto,
+        MethodArg::Kernel => Method::Kernel,
+        MethodArg::Fuse => Method::Fuse,
+    };
     if args.timeout == 0 {
         bail!(crate::UsageError("--timeout must be at least 1 second".into()));
     }
