@@ -5,6 +5,8 @@
 //! `tests/tests/*.rs`.
 
 pub mod nbd;
+pub mod netns;
+pub mod pair;
 pub mod server;
 pub mod tls;
 pub mod util;

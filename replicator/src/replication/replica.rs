@@ -175,7 +175,7 @@ pub enum AdminError {
     NotUpToDate(DiskState),
     #[error("epoch {given} is not newer than epoch {seen} already seen; give a larger epoch or none")]
     StaleEpoch { given: u64, seen: u64 },
-    #[error("already primary")]
+    #[error("already primary (give a newer --epoch to raise this primary's epoch)")]
     AlreadyPrimary,
     #[error("not primary")]
     NotPrimary,
@@ -1074,8 +1074,12 @@ impl<P: Clone> Replica<P> {
             ))
         } else if self.role == Role::Primary && peer.epoch > self.epoch {
             Some(format!(
-                "this primary is stale: the peer has seen epoch {} > ours {}; demote this node",
-                peer.epoch, self.epoch
+                "this primary is stale: the peer has seen epoch {} > ours {}; demote this node, or keep its data \
+                 with `replicator primary {} --epoch {}` and `connect --discard-my-data` on the peer",
+                peer.epoch,
+                self.epoch,
+                self.cfg.resource,
+                peer.epoch + 1
             ))
         } else {
             None
@@ -1706,7 +1710,21 @@ impl<P: Clone> Replica<P> {
     pub fn promote(&mut self, now_ms: u64, force: bool, epoch: Option<u64>) -> Result<(), AdminError> {
         self.now_ms = now_ms;
         if self.role == Role::Primary {
-            return Err(AdminError::AlreadyPrimary);
+            // Re-asserting a primary with a newer epoch: how an admin (or the
+            // cluster) keeps this node's data after a split brain in which
+            // the peer was promoted later.
+            return match epoch {
+                Some(e) if e > self.epoch => {
+                    warn!(resource = %self.cfg.resource, old = self.epoch, new = e, "primary epoch raised by the admin");
+                    self.epoch = e;
+                    self.persist_meta();
+                    if let Some(link) = self.link().filter(|_| self.is_connected()) {
+                        self.send_state(now_ms, link);
+                    }
+                    Ok(())
+                }
+                _ => Err(AdminError::AlreadyPrimary),
+            };
         }
         if matches!(self.conn, Conn::Handshaking { .. }) {
             return Err(AdminError::Handshaking);

@@ -894,7 +894,12 @@ impl Sim {
     }
 
     fn converged(&self) -> bool {
-        self.inflight.is_empty()
+        // Both ends on the same live link (a silently dead one does not count).
+        let link = self.nodes[0].link;
+        let live = link.is_some()
+            && self.nodes.iter().all(|n| n.link == link && n.replica.as_ref().is_some_and(|r| r.link() == link))
+            && link.and_then(|l| self.links.get(&l)).is_some_and(|l| !l.blackholed && l.closed == [false, false]);
+        live && self.inflight.is_empty()
             && self.primary().is_some()
             && self.nodes.iter().all(|n| n.pending.is_empty() && n.replica.as_ref().is_some_and(|r| r.is_in_sync()))
             && self.links.values().all(|l| l.queues.iter().all(|q| q.is_empty()))
