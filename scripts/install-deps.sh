@@ -19,6 +19,11 @@ packages=(
     iptables
     openssl
     ca-certificates
+    qemu-system-x86   # kernel-glue VM tests: TCG guests with the real nbd driver
+    linux-image-amd64 # the guest kernel (/boot/vmlinuz-*) and its modules
+    busybox-static    # the guest's userland
+    socat             # qemu guestfwd: one host connection per guest connection
+    cpio              # packs the guest initramfs
 )
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 
@@ -63,7 +68,8 @@ if [ "$(id -u)" -eq 0 ]; then
     done
 fi
 
-for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3; do
+for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3 \
+    qemu-system-x86_64 busybox socat cpio; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ] && [ ! -x "/sbin/$tool" ]; then
         echo "install-deps: $tool still missing" >&2
         exit 1

@@ -14,6 +14,8 @@ use replicator::config::{self, Overrides};
 use replicator::metadata::{self, CreateOptions, MetaLocation};
 use replicator::nbd::handshake::TlsMode;
 
+mod attach;
+
 #[derive(Parser)]
 #[command(name = "replicator", version, about = "A replicated block volume served over NBD")]
 struct Cli {
@@ -35,6 +37,10 @@ enum Cmd {
     Admin(resource_cmd::AdminCmd),
     /// Show a resource's (or a plain server's) state, clients and I/O.
     Status(StatusArgs),
+    /// Make a block device of an NBD export; prints its path.
+    Attach(attach::AttachArgs),
+    /// Take away a device made by `attach`.
+    Detach(attach::DetachArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -218,6 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(res) => resource_cmd::status(&resource_cmd::ResArgs { res, node: args.node }, args.json),
             None => status(args),
         },
+        Cmd::Attach(args) => attach::attach(args),
+        Cmd::Detach(args) => attach::detach(args),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "replicator", &mut std::io::stdout());
             Ok(())
