@@ -293,3 +293,73 @@ fn secondary_refuses_clients_and_switchover_moves_the_primary() {
     let a = pair.disk_data(0, 3 * 4096).unwrap();
     assert_eq!(version_of(2, &a[8192..]), Some(9), "the new primary replicates to the old one");
 }
+
+/// Online verify finds a block corrupted behind the secondary's back and the
+/// primary repairs it; invalidate resyncs everything from the peer.
+#[test]
+fn verify_finds_and_repairs_a_corrupted_block_and_invalidate_resyncs() {
+    let Some((_dir, mut pair)) = setup("repl-verify", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let mut c = Client::connect(pair.nbd(0), "r0").unwrap();
+    for block in 0..64 {
+        c.write(block * BLOCK, &pattern(block, 5)).unwrap();
+    }
+    c.flush().unwrap();
+    // Corrupt block 40 on b's disk directly.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&pair.disks[1]).unwrap();
+        f.write_all_at(&[0xee; 4096], 40 * BLOCK).unwrap();
+        f.sync_all().unwrap();
+    }
+    pair.ok(0, &["verify"]).unwrap();
+    pair.wait(0, Duration::from_secs(60), "verify done", |s| {
+        s["connection"] == "Connected" && s["verify_out_of_sync_bytes"].as_u64().unwrap_or(0) > 0
+    })
+    .unwrap();
+    assert_eq!(pair.number(0, "verify_out_of_sync_bytes"), 1 << 20, "one verify chunk differs");
+    pair.wait_in_sync(Duration::from_secs(30)).unwrap();
+    pair.wait(0, Duration::from_secs(30), "repaired", |s| s["out_of_sync_bytes"] == 0).unwrap();
+    let b = pair.disk_data(1, 64 * BLOCK).unwrap();
+    assert_eq!(version_of(40, &b[40 * 4096..41 * 4096]), Some(5), "the primary's block was resent");
+
+    // Invalidate the secondary: a full resync brings everything back.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&pair.disks[1]).unwrap();
+        f.write_all_at(&[0x11; 8192], 10 * BLOCK).unwrap();
+        f.sync_all().unwrap();
+    }
+    let received_before = pair.number(1, "resync_received_bytes");
+    pair.ok(1, &["invalidate"]).unwrap();
+    pair.wait(1, Duration::from_secs(10), "resync starts", |s| s["disk"] != "UpToDate").ok();
+    pair.wait_in_sync(Duration::from_secs(60)).unwrap();
+    assert!(pair.number(1, "resync_received_bytes") - received_before >= 60 << 20, "a full resync ran");
+    let (a, b) = (pair.disk_data(0, 16 << 20).unwrap(), pair.disk_data(1, 16 << 20).unwrap());
+    assert!(a == b, "replicas differ after invalidate");
+    drop(c);
+}
+
+/// Protocols A and B replicate too (C is covered above).
+#[test]
+fn protocols_a_and_b_replicate_writes_and_flushes() {
+    for protocol in ["A", "B"] {
+        let opts = PairOptions { protocol, ..PairOptions::default() };
+        let Some((_dir, mut pair)) = setup(&format!("repl-proto-{protocol}"), &opts) else { return };
+        pair.bring_up().unwrap();
+        let mut c = Client::connect(pair.nbd(0), "r0").unwrap();
+        for block in 0..200 {
+            c.write(block * BLOCK, &pattern(block, 3)).unwrap();
+        }
+        c.flush().unwrap();
+        // A flush does not wait for the peer's disk under protocol A; the
+        // peer's acks drain the writes soon after.
+        pair.wait(0, Duration::from_secs(10), "writes acknowledged", |s| s["writes_in_flight"] == 0).unwrap();
+        let b = pair.disk_data(1, 200 * BLOCK).unwrap();
+        for block in 0..200u64 {
+            let at = (block * BLOCK) as usize;
+            assert_eq!(version_of(block, &b[at..at + 4096]), Some(3), "protocol {protocol}: block {block}");
+        }
+        assert_eq!(pair.field(0, "protocol"), protocol);
+    }
+}

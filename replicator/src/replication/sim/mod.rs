@@ -873,27 +873,32 @@ impl Sim {
                 }
                 self.drain(victim);
             }
-            // A node left StandAlone: a split brain the admin now resolves
-            // (the non-primary discards its data), or a refused handshake.
-            for n in 0..2 {
-                let now = self.now;
-                let standalone = self.nodes[n]
-                    .replica
-                    .as_ref()
-                    .is_some_and(|r| r.connection() == super::replica::ConnName::StandAlone);
-                if standalone {
-                    let status = self.nodes[n].replica.as_ref().map(|r| r.status(now)).expect("alive");
-                    let split = status.last_error.as_deref().is_some_and(|e| e.contains("split brain"));
-                    if split {
-                        self.split_brain_seen = true;
-                    }
-                    let discard = split && self.primary() != Some(n);
-                    if discard {
-                        resolved_split_brain = true;
-                        self.note(format!("node{n}: connect --discard-my-data"));
-                    }
+            // A node left StandAlone: a split brain the admin resolves (the
+            // primary's data survives; without a primary, a node the
+            // cluster knows current, else node 0), or a refused handshake.
+            let now = self.now;
+            let standalone =
+                |n: &Node| n.replica.as_ref().is_some_and(|r| r.connection() == super::replica::ConnName::StandAlone);
+            let split = |n: &Node| {
+                n.replica.as_ref().and_then(|r| r.status(now).last_error).is_some_and(|e| e.contains("split brain"))
+            };
+            if self.nodes.iter().any(|n| standalone(n) && split(n)) {
+                self.split_brain_seen = true;
+                resolved_split_brain = true;
+                let survivor = self.primary().unwrap_or(if !self.current[0] && self.current[1] { 1 } else { 0 });
+                self.current[survivor] = true;
+                self.note(format!("split brain: node{} connects --discard-my-data", 1 - survivor));
+                for n in 0..2 {
                     if let Some(r) = self.replica(n) {
-                        r.connect(now, discard);
+                        r.connect(now, n != survivor);
+                    }
+                    self.drain(n);
+                }
+            }
+            for n in 0..2 {
+                if standalone(&self.nodes[n]) {
+                    if let Some(r) = self.replica(n) {
+                        r.connect(now, false);
                     }
                     self.drain(n);
                 }
