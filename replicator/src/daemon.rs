@@ -145,7 +145,8 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         if let Ok(addr) = listener.local_addr() {
             eprintln!("replicator: listening metrics {addr}");
         }
-        tokio::spawn(crate::metrics::serve(listener, report.clone()))
+        let report = report.clone();
+        tokio::spawn(crate::metrics::serve(listener, Arc::new(move || crate::metrics::render(&report()))))
     });
     if config.tls_mode == TlsMode::Off {
         tracing::info!("TLS disabled: NBD traffic is plaintext (set --tls optional|required to enable)");

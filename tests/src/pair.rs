@@ -21,6 +21,7 @@ fn run(c: &mut Command) -> Result<Output> {
 pub const NAMES: [&str; 2] = ["a", "b"];
 pub const NBD_PORT: u16 = 10809;
 pub const REPL_PORT: u16 = 7789;
+pub const METRICS_PORT: u16 = 9933;
 
 pub struct PairOptions {
     pub protocol: &'static str,
@@ -78,7 +79,7 @@ impl Pair {
             let ip = net.host(i).ip;
             text.push_str(&format!(
                 "\n[[node]]\nname = \"{name}\"\nid = {i}\naddress = \"{ip}:{REPL_PORT}\"\ndisk = \"{}\"\n\
-                 nbd-listen = [\"{ip}:{NBD_PORT}\"]\ncontrol = \"{}\"\n",
+                 nbd-listen = [\"{ip}:{NBD_PORT}\"]\ncontrol = \"{}\"\nmetrics-listen = \"{ip}:{METRICS_PORT}\"\n",
                 disks[i].display(),
                 dir.join(format!("{name}.ctl")).display()
             ));
@@ -187,6 +188,17 @@ impl Pair {
         self.wait(0, Duration::from_secs(10), "connected", |s| s["connection"] == "Connected")?;
         self.ok(0, &["primary", "--force"])?;
         self.wait_in_sync(Duration::from_secs(60))
+    }
+
+    /// Node `i`'s Prometheus page.
+    pub fn metrics(&self, i: usize) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((self.net.host(i).ip, METRICS_PORT))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
     }
 
     /// The data area of node `i`'s disk, as stored.

@@ -276,6 +276,10 @@ fn secondary_refuses_clients_and_switchover_moves_the_primary() {
     pair.bring_up().unwrap();
     let refused = Client::connect(pair.nbd(1), "r0");
     assert!(refused.is_err(), "the secondary served an NBD client");
+    let metrics = pair.metrics(0).unwrap();
+    assert!(metrics.contains("replicator_resource_primary{resource=\"r0\"} 1"), "{metrics}");
+    assert!(metrics.contains("replicator_resource_peer_disk_up_to_date{resource=\"r0\"} 1"), "{metrics}");
+    assert!(pair.metrics(1).unwrap().contains("replicator_resource_primary{resource=\"r0\"} 0"));
     let client = Client::connect(pair.nbd(0), "r0").unwrap();
     let out = pair.admin(0, &["secondary"]).unwrap();
     assert!(!out.success() && out.stderr.contains("NBD client"), "{}", out.describe());

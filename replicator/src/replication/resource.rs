@@ -33,6 +33,7 @@
 //! nbd-listen = ["127.0.0.1:10809"]
 //! nbd-unix = ["/run/replicator/r0.nbd"]
 //! control = "/run/replicator/r0.ctl"
+//! metrics-listen = "127.0.0.1:9933"
 //! cert = "/etc/replicator/alpha.pem"
 //! key = "/etc/replicator/alpha.key"
 //! ```
@@ -188,6 +189,7 @@ struct NodeSection {
     #[serde(default)]
     nbd_unix: Vec<PathBuf>,
     control: Option<PathBuf>,
+    metrics_listen: Option<String>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 }
@@ -207,6 +209,8 @@ pub struct NodeConfig {
     pub nbd_listen: Vec<SocketAddr>,
     pub nbd_unix: Vec<PathBuf>,
     pub control: PathBuf,
+    /// Prometheus `/metrics` endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
 }
@@ -298,6 +302,12 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
         if n.tls == LinkSecurity::Mutual && (raw.cert.is_none() || raw.key.is_none()) {
             return Err(invalid(&key("cert"), "mutual TLS needs cert and key for every node".into()));
         }
+        let metrics_listen = match &raw.metrics_listen {
+            Some(a) => {
+                Some(a.parse::<SocketAddr>().map_err(|e| invalid(&key("metrics-listen"), format!("{a:?}: {e}")))?)
+            }
+            None => None,
+        };
         let control = raw.control.clone().unwrap_or_else(|| PathBuf::from(format!("/run/replicator/{}.ctl", r.name)));
         nodes.push(NodeConfig {
             name: raw.name.clone(),
@@ -308,6 +318,7 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
             nbd_listen,
             nbd_unix: raw.nbd_unix.clone(),
             control,
+            metrics_listen,
             cert: raw.cert.clone(),
             key: raw.key.clone(),
         });

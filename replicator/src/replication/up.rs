@@ -120,6 +120,12 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         listeners.push(Listener::Unix { listener: l, path: path.clone() });
     }
     let control_listener = control::bind(&res.local.control).await?;
+    let metrics_listener = match res.local.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr).await.map_err(|cause| ResourceError::Listen { addr: addr.to_string(), cause })?,
+        ),
+        None => None,
+    };
     let mut terminate = signal(SignalKind::terminate()).map_err(ResourceError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ResourceError::Signals)?;
 
@@ -132,6 +138,21 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         }
     }
     eprintln!("replicator: listening control {}", res.local.control.display());
+    let metrics_task = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("replicator: listening metrics {addr}");
+        }
+        let (status, shared) = (parts.status.clone(), shared.clone());
+        let body = move || {
+            crate::metrics::render_resource(&ResourceReport {
+                state: driver::state(&status.borrow()),
+                clients: shared.clients.list(),
+                io: shared.counters.snapshot(),
+                pid: std::process::id(),
+            })
+        };
+        tokio::spawn(crate::metrics::serve(listener, Arc::new(body)))
+    });
     tracing::info!(resource = %res.name, node = %res.local.name, peer = %res.peer.name, protocol = ?res.protocol, "resource up");
     eprintln!("replicator: ready");
 
@@ -158,6 +179,9 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         tracing::warn!(seconds = limits::SHUTDOWN_DRAIN_SECS, "some clients did not finish in time");
     }
     control_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     if let Some(a) = acceptor {
         a.abort();
     }
