@@ -12,12 +12,11 @@
 //! queued data.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -28,7 +27,7 @@ use super::replica::LinkId;
 use super::resource::{LinkSecurity, Resource};
 use super::wire::{self, FrameError, HEADER_BYTES};
 use crate::backing::AlignedBuf;
-use crate::tls::TlsError;
+use crate::tls::{load_certs as certs, TlsError};
 
 pub type Payload = AlignedBuf;
 
@@ -61,17 +60,6 @@ pub enum LinkError {
     WrongPeer { expected: String, why: String },
     #[error("connection attempt timed out")]
     Timeout,
-}
-
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| TlsError::Certs { path: path.to_owned(), cause: e.to_string() })?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Certs { path: path.to_owned(), cause: e.to_string() })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCerts(path.to_owned()));
-    }
-    Ok(certs)
 }
 
 /// Builds both TLS sides from the resource: our certificate and key, the

@@ -1280,27 +1280,11 @@ impl<P: Clone> Replica<P> {
                 self.pump_apply(now_ms);
             }
             Message::ResyncData { seq, offset, len, data } => {
-                if !matches!(sync, Sync::Target | Sync::None)
-                    || self.role == Role::Primary
-                    || !self.in_volume(offset, len)
-                {
-                    return self.protocol_error(now_ms, "unexpected or malformed resync data".into());
-                }
-                let barrier = self.apply.last_barrier();
-                self.apply.push(Incoming { offset, len, barrier, kind: InKind::Resync { seq, data } });
-                self.pump_apply(now_ms);
+                self.queue_resync_item(now_ms, sync, offset, len, InKind::Resync { seq, data });
             }
             Message::ResyncCsum { seq, offset, len, csum } => {
-                if !matches!(sync, Sync::Target | Sync::None)
-                    || self.role == Role::Primary
-                    || !self.in_volume(offset, len)
-                {
-                    return self.protocol_error(now_ms, "unexpected or malformed resync checksum".into());
-                }
-                let barrier = self.apply.last_barrier();
                 let kind = InKind::Checksum { seq, peer_csum: csum, verify: false };
-                self.apply.push(Incoming { offset, len, barrier, kind });
-                self.pump_apply(now_ms);
+                self.queue_resync_item(now_ms, sync, offset, len, kind);
             }
             Message::VerifyReq { seq, offset, len, csum } => {
                 if !self.in_volume(offset, len) {
@@ -1431,6 +1415,17 @@ impl<P: Clone> Replica<P> {
         }
     }
 
+    /// Resync data or a resync checksum for this node (a sync target, or a
+    /// secondary being repaired), queued behind what the peer sent before.
+    fn queue_resync_item(&mut self, now_ms: u64, sync: Sync, offset: u64, len: u32, kind: InKind<P>) {
+        if !matches!(sync, Sync::Target | Sync::None) || self.role == Role::Primary || !self.in_volume(offset, len) {
+            return self.protocol_error(now_ms, "unexpected or malformed resync frame".into());
+        }
+        let barrier = self.apply.last_barrier();
+        self.apply.push(Incoming { offset, len, barrier, kind });
+        self.pump_apply(now_ms);
+    }
+
     fn in_volume(&self, offset: u64, len: u32) -> bool {
         len > 0 && offset.checked_add(u64::from(len)).is_some_and(|end| end <= self.cfg.size_bytes)
     }
@@ -1498,6 +1493,12 @@ impl<P: Clone> Replica<P> {
             }
         }
         let _ = link;
+        self.complete_ready(now_ms);
+    }
+
+    /// Answers every request whose conditions now hold, then issues what
+    /// was deferred.
+    fn complete_ready(&mut self, now_ms: u64) {
         let ids: Vec<AppId> = self.writes.keys().copied().collect();
         for id in ids {
             self.try_complete_write(id);
@@ -1545,15 +1546,7 @@ impl<P: Clone> Replica<P> {
 
     fn unfreeze(&mut self, now_ms: u64) {
         self.frozen = false;
-        let ids: Vec<AppId> = self.writes.keys().copied().collect();
-        for id in ids {
-            self.try_complete_write(id);
-        }
-        let ids: Vec<AppId> = self.flushes.keys().copied().collect();
-        for id in ids {
-            self.try_complete_flush(id);
-        }
-        self.pump_deferred(now_ms);
+        self.complete_ready(now_ms);
     }
 
     // ----- resync and verify -----
