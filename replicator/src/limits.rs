@@ -41,6 +41,11 @@ pub const SERVER_CONNECTIONS_MAX: usize = 1024;
 /// ResyncDone: a few hundred bytes in practice).
 pub const REPL_CONTROL_PAYLOAD_BYTES_MAX: u32 = 64 * 1024;
 
+/// Peer data a node holds between reading it and writing it to disk
+/// (queued in the apply queue or in flight to the disk); the link reader
+/// stops when it is spent.
+pub const REPL_RECEIVE_BYTES_MAX: u64 = 128 * 1024 * 1024;
+
 /// Bytes one resync request covers (a run of dirty bitmap granules).
 pub const REPL_RESYNC_CHUNK_BYTES: u32 = 256 * 1024;
 

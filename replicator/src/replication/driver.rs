@@ -107,6 +107,8 @@ pub struct Driver {
     /// Role-change answers held until the peer applied the change, so a
     /// `secondary` here followed by `primary` there never races.
     settling: Vec<(AdminReplyTx, String, Instant)>,
+    /// Receive budget held by peer data until its write completes.
+    permits: HashMap<IoId, tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What `up` needs to talk to a running driver.
@@ -169,6 +171,7 @@ impl Driver {
             primary_tx,
             nbd_clients,
             settling: Vec::new(),
+            permits: HashMap::new(),
         };
         (driver, DriverParts { handle, admin: admin_tx, status: status_rx })
     }
@@ -307,7 +310,7 @@ impl Driver {
         let w = match op {
             IoOp::Write { offset, data, fua } => {
                 let len = data.len() as u32;
-                write(WriteKind::Write, offset, len, fua, Some(data))
+                write(WriteKind::Write, offset, len, fua, Some(Payload::new(data)))
             }
             IoOp::Trim { offset, len } => write(WriteKind::Trim, offset, len, false, None),
             IoOp::WriteZeroes { fast_only: true, .. } => {
@@ -334,9 +337,10 @@ impl Driver {
         let now = self.now_ms();
         let io = done.tag;
         let checksum = self.checksum_ios.remove(&io);
+        self.permits.remove(&io);
         let result = match done.result {
             Ok(IoOutput::Read(buf)) if checksum => Ok(DiskOutput::Checksum(crc32fast::hash(&buf))),
-            Ok(IoOutput::Read(buf)) => Ok(DiskOutput::Data(buf)),
+            Ok(IoOutput::Read(buf)) => Ok(DiskOutput::Data(Payload::new(buf))),
             Ok(_) => Ok(DiskOutput::Done),
             Err(failure) => Err(failure.errno()),
         };
@@ -368,7 +372,13 @@ impl Driver {
                 Action::Disk { io, op } => {
                     let op = match op {
                         DiskOp::Write { offset, len, kind, fua, data } => match (kind, data) {
-                            (WriteKind::Write, Some(data)) => IoOp::Write { offset, data, fua },
+                            (WriteKind::Write, Some(data)) => {
+                                let (data, permit) = data.into_parts();
+                                if let Some(permit) = permit {
+                                    self.permits.insert(io, permit);
+                                }
+                                IoOp::Write { offset, data, fua }
+                            }
                             (WriteKind::Trim, _) => IoOp::Trim { offset, len },
                             _ => IoOp::WriteZeroes { offset, len, may_trim: false, fast_only: false, fua },
                         },

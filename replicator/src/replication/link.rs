@@ -19,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::message::Message;
@@ -27,12 +27,52 @@ use super::replica::LinkId;
 use super::resource::{LinkSecurity, Resource};
 use super::wire::{self, FrameError, HEADER_BYTES};
 use crate::backing::AlignedBuf;
+use crate::limits;
 use crate::tls::{load_certs as certs, TlsError};
 
-pub type Payload = AlignedBuf;
+/// A frame's data. Data received from the peer holds a share of the
+/// link's receive budget until the driver has written it to disk, so a peer
+/// (even an authenticated one) cannot make this node buffer without bound:
+/// when the budget is spent, the reader stops and TCP pushes back.
+#[derive(Debug)]
+pub struct Payload {
+    pub buf: AlignedBuf,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Payload {
+    pub fn new(buf: AlignedBuf) -> Payload {
+        Payload { buf, permit: None }
+    }
+
+    /// The buffer and the budget it holds (release it when the data is on disk).
+    pub fn into_parts(self) -> (AlignedBuf, Option<OwnedSemaphorePermit>) {
+        (self.buf, self.permit)
+    }
+}
+
+impl Clone for Payload {
+    fn clone(&self) -> Payload {
+        Payload::new(self.buf.clone())
+    }
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
 
 pub trait LinkStream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> LinkStream for T {}
+
+/// The receive budget's unit.
+const RECEIVE_UNIT_BYTES: u64 = 4096;
+
+const _: () = assert!(
+    limits::REPL_RECEIVE_BYTES_MAX >= 2 * limits::NBD_REQUEST_BYTES_MAX as u64,
+    "the largest frame must fit the receive budget"
+);
 
 /// What the link tasks tell the driver.
 #[derive(Debug)]
@@ -196,6 +236,7 @@ pub fn start(link: LinkId, stream: Box<dyn LinkStream>, events: mpsc::Sender<Lin
 }
 
 async fn read_loop(link: LinkId, mut reader: impl AsyncRead + Unpin, events: mpsc::Sender<LinkEvent>) {
+    let budget = Arc::new(Semaphore::new((limits::REPL_RECEIVE_BYTES_MAX / RECEIVE_UNIT_BYTES) as usize));
     let mut header = [0u8; HEADER_BYTES];
     let why = loop {
         if let Err(e) = reader.read_exact(&mut header).await {
@@ -208,12 +249,14 @@ async fn read_loop(link: LinkId, mut reader: impl AsyncRead + Unpin, events: mps
                 return;
             }
         };
-        let mut payload = AlignedBuf::for_overwrite(head.payload_len());
-        if let Err(e) = reader.read_exact(&mut payload[..]).await {
+        let units = (head.payload_len() as u64).div_ceil(RECEIVE_UNIT_BYTES).max(1) as u32;
+        let Ok(permit) = budget.clone().acquire_many_owned(units).await else { return };
+        let mut buf = AlignedBuf::for_overwrite(head.payload_len());
+        if let Err(e) = reader.read_exact(&mut buf[..]).await {
             break format!("read from the peer: {e}");
         }
         // The payload buffer becomes the message's data: no copy.
-        match wire::decode_message(&head, payload) {
+        match wire::decode_message(&head, Payload { buf, permit: Some(permit) }) {
             Ok(msg) => {
                 if events.send(LinkEvent::Message { link, msg }).await.is_err() {
                     return;
@@ -254,7 +297,7 @@ async fn write_loop(
                 }
             },
         };
-        let frame = wire::encode(&msg, |p: &Payload| &p[..]);
+        let frame = wire::encode(&msg, |p: &Payload| &p.buf[..]);
         let result = async {
             out.write_all(&frame.header).await?;
             out.write_all(frame.payload.as_slice()).await
