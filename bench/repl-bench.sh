@@ -17,6 +17,7 @@
 #   RESYNC_RATE_KIB=204800          resync rate-max for part 2
 #   RESYNC_WRITE=256M               data fio writes while disconnected
 #   SKIP_DEPS=1                     do not run scripts/install-deps.sh
+#   RESYNC_ONLY=1                   only part 2
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -229,18 +230,23 @@ resync_bench() {
     "$BIN" disconnect "$dir/r0.toml" --node b >/dev/null
     fio --name=dirty --ioengine=nbd --uri="nbd://127.0.0.1:17911/r0" --size="$FIO_SIZE" --rw=randwrite \
         --bs=4k --iodepth=32 --io_size="$RESYNC_WRITE" --refill_buffers --output=/dev/null
-    local dirty sent_before start end sent
+    local dirty sent_before sent
     dirty=$(status_field "$dir/r0.toml" a out_of_sync_bytes)
     sent_before=$(status_field "$dir/r0.toml" a resync_sent_bytes)
-    start=$(date +%s.%N)
     "$BIN" connect "$dir/r0.toml" --node b >/dev/null
     wait_in_sync "$dir/r0.toml"
-    end=$(date +%s.%N)
     sent=$(( $(status_field "$dir/r0.toml" a resync_sent_bytes) - sent_before ))
-    python3 - "$dirty" "$sent" "$start" "$end" "$RESYNC_RATE_KIB" <<'EOF'
-import sys
-dirty, sent, start, end, rate_kib = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-secs = end - start
+    # Time from the source's "resync started" to "resync finished" log lines
+    # (the reconnect delay before it is not resync time).
+    python3 - "$dirty" "$sent" "$RESYNC_RATE_KIB" "$dir/a.log" <<'EOF'
+import sys, datetime, re
+dirty, sent, rate_kib, log = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+stamps = {}
+for line in open(log):
+    for key in ("resync started as source", "resync finished"):
+        if key in line:
+            stamps[key] = datetime.datetime.fromisoformat(re.match(r"(\S+?)Z", line).group(1))
+secs = (stamps["resync finished"] - stamps["resync started as source"]).total_seconds()
 mib_s = sent / secs / 2**20
 print(f"resync: {dirty/2**20:.1f} MiB dirty, {sent/2**20:.1f} MiB resent ({sent/max(dirty,1):.2f}x dirty) "
       f"in {secs:.2f} s = {mib_s:.0f} MiB/s ({mib_s*1024/rate_kib:.2f}x the configured {rate_kib/1024:.0f} MiB/s)")
@@ -248,6 +254,10 @@ EOF
     stop_all
 }
 
+if [ "${RESYNC_ONLY:-0}" = 1 ]; then
+    resync_bench | tee "$RESULTS/summary.txt"
+    exit 0
+fi
 suite tmpfs "$SHM_DIR"
 suite disk "$DISK_DIR/data"
 {
