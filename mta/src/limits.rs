@@ -1,0 +1,73 @@
+//! Every bound the MTA enforces, in one place. Units come last in each name.
+//!
+//! Relations between limits are checked at compile time at the bottom.
+
+/// A command line, CRLF included. RFC 5321 §4.5.3.1.4 asks for 512; AUTH
+/// initial responses (RFC 4954 §4) and SMTPUTF8 addresses need more.
+pub const COMMAND_LINE_BYTES_MAX: usize = 4096;
+
+/// A line of message text, CRLF included (RFC 5321 §4.5.3.1.6).
+pub const DATA_LINE_BYTES_MAX: usize = 1000;
+
+/// Local part of an address (RFC 5321 §4.5.3.1.1).
+pub const LOCAL_PART_BYTES_MAX: usize = 64;
+
+/// Domain of an address (RFC 5321 §4.5.3.1.2).
+pub const DOMAIN_BYTES_MAX: usize = 255;
+
+/// A whole path (RFC 5321 §4.5.3.1.3).
+pub const PATH_BYTES_MAX: usize = 256;
+
+/// Recipients per message; RFC 5321 §4.5.3.1.8 requires at least 100.
+pub const RECIPIENTS_PER_MESSAGE_MAX: usize = 1000;
+
+/// Default message size limit, advertised with SIZE (RFC 1870).
+pub const MESSAGE_BYTES_MAX_DEFAULT: u64 = 25 * 1024 * 1024;
+
+/// Hard ceiling for the configurable message size: a message is held in
+/// memory while it is received.
+pub const MESSAGE_BYTES_MAX_CEILING: u64 = 256 * 1024 * 1024;
+
+/// Protocol errors (5xx/4xx replies to bad commands) before the session is closed.
+pub const ERRORS_PER_SESSION_MAX: u32 = 10;
+
+/// Failed AUTH attempts in one session before it is closed.
+pub const AUTH_FAILURES_PER_SESSION_MAX: u32 = 3;
+
+/// Input buffered but not yet consumed by the session; beyond it the shell
+/// stops reading until the session catches up.
+pub const INPUT_BUFFER_BYTES_MAX: usize = 64 * 1024;
+
+/// Timeouts from RFC 5321 §4.5.3.2, in seconds.
+pub const COMMAND_TIMEOUT_SECS: u64 = 300;
+pub const DATA_BLOCK_TIMEOUT_SECS: u64 = 180;
+/// The TLS handshake after STARTTLS or on the implicit-TLS port.
+pub const TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 30;
+
+/// Default simultaneous connections per client IP.
+pub const CONNECTIONS_PER_IP_MAX_DEFAULT: u32 = 20;
+/// Default simultaneous connections in total.
+pub const CONNECTIONS_MAX_DEFAULT: u32 = 1000;
+
+/// AUTH rate limiting: failures inside the window before delays start, the
+/// first delay, and the longest one (delays double per further failure).
+pub const AUTH_FAILURES_FREE_MAX: u32 = 3;
+pub const AUTH_DELAY_MS_MIN: u64 = 500;
+pub const AUTH_DELAY_MS_MAX: u64 = 30_000;
+pub const AUTH_FAILURE_WINDOW_SECS: u64 = 900;
+/// Entries the AUTH limiter remembers (IPs plus logins); oldest dropped first.
+pub const AUTH_LIMITER_ENTRIES_MAX: usize = 100_000;
+
+/// Delivery attempts of one queued message before it is bounced... when
+/// remote delivery exists. Local delivery retries this often at most.
+pub const DELIVERY_RETRY_DELAY_SECS_MIN: u64 = 60;
+pub const DELIVERY_RETRY_DELAY_SECS_MAX: u64 = 3600;
+
+const _: () = assert!(COMMAND_LINE_BYTES_MAX >= 512);
+const _: () = assert!(DATA_LINE_BYTES_MAX >= 1000);
+const _: () = assert!(RECIPIENTS_PER_MESSAGE_MAX >= 100);
+const _: () = assert!(PATH_BYTES_MAX + 64 < COMMAND_LINE_BYTES_MAX);
+const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= MESSAGE_BYTES_MAX_CEILING);
+const _: () = assert!(INPUT_BUFFER_BYTES_MAX >= COMMAND_LINE_BYTES_MAX);
+const _: () = assert!(AUTH_DELAY_MS_MIN <= AUTH_DELAY_MS_MAX);
+const _: () = assert!(DELIVERY_RETRY_DELAY_SECS_MIN <= DELIVERY_RETRY_DELAY_SECS_MAX);
