@@ -1,6 +1,10 @@
 //! A strict, durable SMTP server for hosted domains.
 //!
-//! `smtp` is the sans-IO protocol core; the rest is the shell around it.
+//! `smtp` is the sans-IO protocol core; the rest (feature `daemon`) is the
+//! shell around it: directory, queue, delivery, listeners.
 
 pub mod limits;
 pub mod smtp;
+
+#[cfg(feature = "daemon")]
+pub mod directory;
