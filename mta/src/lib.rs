@@ -7,4 +7,12 @@ pub mod limits;
 pub mod smtp;
 
 #[cfg(feature = "daemon")]
+pub mod config;
+#[cfg(feature = "daemon")]
 pub mod directory;
+#[cfg(feature = "daemon")]
+pub mod durable;
+#[cfg(feature = "daemon")]
+pub mod maildir;
+#[cfg(feature = "daemon")]
+pub mod queue;
