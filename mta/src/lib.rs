@@ -7,12 +7,20 @@ pub mod limits;
 pub mod smtp;
 
 #[cfg(feature = "daemon")]
+pub mod auth_limit;
+#[cfg(feature = "daemon")]
 pub mod config;
+#[cfg(feature = "daemon")]
+pub mod delivery;
 #[cfg(feature = "daemon")]
 pub mod directory;
 #[cfg(feature = "daemon")]
 pub mod durable;
 #[cfg(feature = "daemon")]
+pub mod filter;
+#[cfg(feature = "daemon")]
 pub mod maildir;
 #[cfg(feature = "daemon")]
 pub mod queue;
+#[cfg(feature = "daemon")]
+pub mod tls;
