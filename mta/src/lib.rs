@@ -21,6 +21,12 @@ pub mod filter;
 #[cfg(feature = "daemon")]
 pub mod maildir;
 #[cfg(feature = "daemon")]
+pub mod privileges;
+#[cfg(feature = "daemon")]
 pub mod queue;
+#[cfg(feature = "daemon")]
+pub mod received;
+#[cfg(feature = "daemon")]
+pub mod server;
 #[cfg(feature = "daemon")]
 pub mod tls;

@@ -64,6 +64,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> QueueError + '_ {
 
 static ID_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+#[derive(Debug, Clone)]
 pub struct Queue {
     dir: PathBuf,
 }

@@ -87,6 +87,16 @@ pub struct Envelope {
     pub body: Body,
 }
 
+impl Envelope {
+    /// MAIL FROM for logs: `<>` for the null sender.
+    pub fn from_display(&self) -> String {
+        match &self.from {
+            ReversePath::Null => "<>".to_string(),
+            ReversePath::Mailbox(a) => a.to_string(),
+        }
+    }
+}
+
 /// Work the shell must do and answer with [`Session::handle_answer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Query {
