@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use tests::mta::{mta_bin, swaks, MailTree};
+use tests::mta::{swaks, MailTree};
 use tests::server::Daemon;
 use tests::{cmd, have_root, require_tools, run, run_output, wait_until};
 
@@ -174,11 +174,7 @@ fn check_config_describes_listeners_and_rejects_unknown_keys() {
 
     let text = std::fs::read_to_string(&tree.config).unwrap();
     std::fs::write(&tree.config, format!("open_relay = true\n{text}")).unwrap();
-    let out = run_output(
-        &mut Command::new(mta_bin()).args(["-c", tree.config.to_str().unwrap(), "check-config"]),
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let out = run_output(&mut tree.mta(["check-config"]), Duration::from_secs(30)).unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
     assert!(out.stderr.starts_with("mta: invalid config file"), "{}", out.describe());
     assert!(out.stderr.contains("open_relay"), "{}", out.describe());
