@@ -55,6 +55,9 @@ pub const AUTH_FAILURES_FREE_MAX: u32 = 3;
 pub const AUTH_DELAY_MS_MIN: u64 = 500;
 pub const AUTH_DELAY_MS_MAX: u64 = 30_000;
 pub const AUTH_FAILURE_WINDOW_SECS: u64 = 900;
+/// Argon2 verifications running at once (each takes ~19 MiB and a core
+/// for tens of milliseconds); further AUTH attempts wait their turn.
+pub const PASSWORD_VERIFICATIONS_CONCURRENT_MAX: usize = 4;
 /// Entries the AUTH limiter remembers (IPs plus logins); oldest dropped first.
 pub const AUTH_LIMITER_ENTRIES_MAX: usize = 100_000;
 

@@ -12,8 +12,13 @@ pub mod password;
 
 use std::collections::BTreeSet;
 
+use std::sync::Arc;
+
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
+use tokio::sync::Semaphore;
+
+use crate::limits::PASSWORD_VERIFICATIONS_CONCURRENT_MAX;
 
 use crate::smtp::address::{self, Address, AddressError};
 use crate::smtp::policy::{RecipientFacts, SenderFacts};
@@ -68,6 +73,8 @@ pub struct MailboxInfo {
 #[derive(Clone)]
 pub struct Directory {
     pool: AnyPool,
+    /// Bounds the memory and CPU that concurrent AUTH attempts can take.
+    hashing: Arc<Semaphore>,
 }
 
 impl Directory {
@@ -82,7 +89,7 @@ impl Directory {
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await.map_err(DirectoryError::Migrate)?;
         }
-        Ok(Directory { pool })
+        Ok(Directory { pool, hashing: Arc::new(Semaphore::new(PASSWORD_VERIFICATIONS_CONCURRENT_MAX)) })
     }
 
     pub async fn close(&self) {
@@ -304,6 +311,8 @@ impl Directory {
     /// Checks a login and password. Returns the canonical login on success.
     /// Disabled and unknown logins cost the same time as a wrong password.
     pub async fn verify_login(&self, login: &str, password: &str) -> Result<Option<String>, DirectoryError> {
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _permit = self.hashing.acquire().await.map_err(|_| DirectoryError::Hash("hashing pool closed".into()))?;
         let key = match Address::parse(login, true) {
             Ok(a) => a.key(),
             Err(_) => {
