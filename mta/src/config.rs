@@ -18,6 +18,11 @@
 //! address = "0.0.0.0:25"
 //! greeting_delay_ms = 0          # wait this long for clients that talk first
 //!
+//! [delivery]
+//! relay_host = "192.0.2.25:25"   # smart host for remote recipients
+//! require_tls = false            # true: never deliver without STARTTLS
+//! queue_lifetime_secs = 432000   # temporary failures bounce after this
+//!
 //! [privileges]
 //! user = "mta"                   # required when started as root
 //! chroot = true                  # chroot into data_dir after binding
@@ -85,6 +90,15 @@ struct RawTls {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDelivery {
+    relay_host: Option<String>,
+    #[serde(default)]
+    require_tls: bool,
+    queue_lifetime_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPrivileges {
     user: Option<String>,
     chroot: Option<bool>,
@@ -106,6 +120,8 @@ struct RawConfig {
     listener: Vec<RawListener>,
     #[serde(default)]
     privileges: RawPrivileges,
+    #[serde(default)]
+    delivery: RawDelivery,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +136,20 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
+
+/// Remote delivery settings.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Smart host for every remote recipient (`host:port` as an IP address).
+    pub relay_host: Option<SocketAddr>,
+    /// Fail (and retry) rather than deliver without STARTTLS.
+    pub require_tls: bool,
+    /// Temporary failures older than this bounce.
+    pub queue_lifetime_secs: u64,
+}
+
+/// Five days, as RFC 5321 §4.5.4.1 suggests (at least 4-5 days).
+pub const QUEUE_LIFETIME_SECS_DEFAULT: u64 = 5 * 24 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct Privileges {
@@ -140,6 +170,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     pub listeners: Vec<Listener>,
     pub privileges: Privileges,
+    pub delivery: Delivery,
     /// Where `RCPT TO:<Postmaster>` goes: postmaster@ the hostname's parent domain.
     pub postmaster: Address,
 }
@@ -213,6 +244,17 @@ impl Config {
             chroot: raw.privileges.chroot.unwrap_or(true),
             allow_root: raw.privileges.allow_root,
         };
+        let relay_host = match &raw.delivery.relay_host {
+            None => None,
+            Some(h) => Some(h.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("`delivery.relay_host` = {h:?} is not IP:PORT ({e}), e.g. \"192.0.2.25:25\""))
+            })?),
+        };
+        let delivery = Delivery {
+            relay_host,
+            require_tls: raw.delivery.require_tls,
+            queue_lifetime_secs: raw.delivery.queue_lifetime_secs.unwrap_or(QUEUE_LIFETIME_SECS_DEFAULT),
+        };
         let postmaster_domain =
             hostname.split_once('.').map(|(_, d)| d).filter(|d| d.contains('.')).unwrap_or(&hostname);
         let postmaster = Address::parse(&format!("postmaster@{postmaster_domain}"), true)
@@ -228,6 +270,7 @@ impl Config {
             tls,
             listeners,
             privileges,
+            delivery,
             postmaster,
         })
     }
@@ -267,6 +310,15 @@ impl Config {
                 ListenerKind::Submissions => "implicit TLS, AUTH PLAIN/LOGIN required before MAIL".to_string(),
             };
             s.push_str(&format!("listen {} ({}): {}\n", l.address, l.kind.name(), policy));
+        }
+        match self.delivery.relay_host {
+            Some(h) => s.push_str(&format!(
+                "remote delivery: via relay host {h}, STARTTLS {}\n",
+                if self.delivery.require_tls { "required" } else { "opportunistic" }
+            )),
+            None => {
+                s.push_str("remote delivery: disabled (no `[delivery] relay_host`; MX lookup is not implemented)\n")
+            }
         }
         s.push_str(
             "sender policy: authenticated logins only as addresses they own; no hosted-domain senders without AUTH\n",

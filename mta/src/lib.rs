@@ -9,6 +9,8 @@ pub mod smtp;
 #[cfg(feature = "daemon")]
 pub mod auth_limit;
 #[cfg(feature = "daemon")]
+pub mod bounce;
+#[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod delivery;
@@ -26,6 +28,8 @@ pub mod privileges;
 pub mod queue;
 #[cfg(feature = "daemon")]
 pub mod received;
+#[cfg(feature = "daemon")]
+pub mod remote;
 #[cfg(feature = "daemon")]
 pub mod server;
 #[cfg(feature = "daemon")]

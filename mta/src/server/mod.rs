@@ -10,6 +10,7 @@
 //! sessions to close (421) and wait a bounded time.
 
 pub mod connection;
+pub mod delivery_task;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,7 +25,6 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth_limit::AuthLimiter;
 use crate::config::{Config, Listener};
-use crate::delivery;
 use crate::directory::Directory;
 use crate::durable;
 use crate::filter::{Filter, RequireFromHeader};
@@ -34,8 +34,6 @@ use crate::tls::TlsStore;
 
 /// How long SIGTERM waits for sessions to end.
 const DRAIN_SECS: u64 = 10;
-/// Delivery runs at least this often, even without new mail (retries).
-const DELIVERY_SCAN_SECS: u64 = 30;
 /// Pause after a failed accept (e.g. out of descriptors).
 const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
 
@@ -199,7 +197,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         eprintln!("mta: listening {} {addr}", listener.kind.name());
         tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), socket, listener, shutdown_rx.clone())));
     }
-    let delivery = tokio::spawn(delivery_loop(shared.clone(), shutdown_rx.clone()));
+    let delivery = tokio::spawn(delivery_task::run(shared.clone(), shutdown_rx.clone()));
     tracing::info!(user = dropped.user.as_deref().unwrap_or("(unchanged)"), chroot = dropped.chrooted, "started");
     eprintln!("mta: ready");
 
@@ -278,32 +276,6 @@ async fn accept_loop(
             connection::serve(shared, tcp, peer, listener, shutdown).await;
             drop(slot);
         });
-    }
-}
-
-async fn delivery_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let queue = shared.queue.clone();
-        let boxes = shared.mailboxes_dir.clone();
-        let host = shared.config.hostname.clone();
-        match tokio::task::spawn_blocking(move || delivery::run_pass(&queue, &boxes, &host, delivery::now_unix())).await
-        {
-            Ok(Ok(stats)) if stats != delivery::PassStats::default() => {
-                tracing::debug!(
-                    delivered = stats.delivered_messages,
-                    deferred = stats.deferred_messages,
-                    "delivery pass"
-                )
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "delivery pass failed"),
-            Err(e) => tracing::error!(error = %e, "delivery task failed"),
-        }
-        tokio::select! {
-            _ = shared.delivery_wakeup.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(DELIVERY_SCAN_SECS)) => {}
-            _ = shutdown.changed() => return,
-        }
     }
 }
 

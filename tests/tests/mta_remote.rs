@@ -1,0 +1,107 @@
+//! Remote delivery between two `mta` instances: A relays an authenticated
+//! user's mail to B (as its relay host) over opportunistic STARTTLS; B's
+//! 550 for an unknown user comes back to the sender as a DSN.
+
+use std::time::Duration;
+
+use tests::mta::{read_maildir, swaks, MailTree};
+use tests::{require_tools, wait_until};
+
+#[test]
+fn relayed_mail_reaches_the_second_instance_and_failures_bounce() {
+    require_tools!("swaks");
+    let b = MailTree::new("mta-remote-b", "", None).unwrap();
+    b.admin(&["domain", "add", "example.net"]).unwrap();
+    let out = b.admin_stdin(&["user", "add", "carol@example.net"], "carol-pw\n").unwrap();
+    assert!(out.status.success());
+    let b_mta = b.serve().unwrap();
+
+    let relay = format!("[delivery]\nrelay_host = \"{}\"\n", b_mta.mx());
+    let a = MailTree::new("mta-remote-a", &relay, None).unwrap();
+    a.populate().unwrap();
+    let a_mta = a.serve().unwrap();
+    let check = a.admin(&["check-config"]).unwrap();
+    assert!(check.stdout.contains(&format!("remote delivery: via relay host {}", b_mta.mx())), "{}", check.stdout);
+
+    let out = swaks(
+        a_mta.submissions(),
+        &[
+            "-tlsc",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice@example.org",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "carol@example.net,nobody@example.net",
+            "--header",
+            "Subject: across",
+        ],
+    )
+    .unwrap();
+    assert!(out.success(), "{}", out.describe());
+
+    let carol = b.wait_messages("carol@example.net", 1, Duration::from_secs(30)).unwrap();
+    let text = String::from_utf8_lossy(&carol[0]).into_owned();
+    assert!(text.contains("Subject: across"), "{text}");
+    assert_eq!(text.matches("Received: from ").count(), 2, "{text}");
+    assert!(text.contains("with ESMTPS id "), "B's hop must be encrypted: {text}");
+
+    let bounces = a.wait_messages("alice@example.org", 1, Duration::from_secs(30)).unwrap();
+    let dsn = String::from_utf8_lossy(&bounces[0]).into_owned();
+    assert!(dsn.contains("Subject: Undelivered Mail Returned to Sender"), "{dsn}");
+    assert!(dsn.contains("Final-Recipient: rfc822; nobody@example.net"), "{dsn}");
+    assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
+    assert!(dsn.contains("Subject: across"), "original headers: {dsn}");
+    assert!(!dsn.contains("carol@example.net>:"), "carol was delivered: {dsn}");
+
+    // Nothing left in A's queue; B got exactly one copy.
+    wait_until(Duration::from_secs(20), "A's queue to drain", || {
+        a.admin(&["queue", "list"]).map(|o| o.stdout.is_empty()).unwrap_or(false)
+    })
+    .unwrap();
+    assert_eq!(read_maildir(&b.maildir("carol@example.net")).unwrap().len(), 1);
+    assert!(!a_mta.log().contains("alice-pw"));
+}
+
+// Without a route, relayed mail waits in the queue with the reason shown.
+#[test]
+fn remote_mail_without_a_route_stays_queued_with_a_reason() {
+    require_tools!("swaks");
+    let a = MailTree::new("mta-noroute", "", None).unwrap();
+    a.populate().unwrap();
+    let mta = a.serve().unwrap();
+    let out = swaks(
+        mta.submissions(),
+        &[
+            "-tlsc",
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "alice@example.org",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "x@remote.example",
+        ],
+    )
+    .unwrap();
+    assert!(out.success(), "{}", out.describe());
+    let mut listing = String::new();
+    wait_until(Duration::from_secs(20), "a deferred queue entry", || {
+        listing = a.admin(&["queue", "list"]).map(|o| o.stdout).unwrap_or_default();
+        listing.contains("attempts 1")
+    })
+    .unwrap();
+    assert!(listing.contains("x@remote.example") && listing.contains("relay_host"), "{listing}");
+    let id = listing.split('\t').next().unwrap().to_string();
+    a.admin(&["queue", "hold", &id]).unwrap();
+    assert!(a.admin(&["queue", "list"]).unwrap().stdout.contains("\theld\t"));
+    a.admin(&["queue", "delete", &id]).unwrap();
+    assert_eq!(a.admin(&["queue", "list"]).unwrap().stdout, "");
+}
