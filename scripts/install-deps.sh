@@ -23,6 +23,8 @@ packages=(
     libnet-ssleay-perl     # swaks STARTTLS / implicit TLS
     libio-socket-ssl-perl  # swaks STARTTLS / implicit TLS
     dovecot-core           # doveadm reads the mta's Maildir
+    mariadb-server         # the mta's MySQL directory path (a private server per test)
+    mariadb-client
 )
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 
@@ -67,7 +69,7 @@ if [ "$(id -u)" -eq 0 ]; then
     done
 fi
 
-for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3 swaks doveadm; do
+for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3 swaks doveadm mariadbd mariadb-install-db mariadb; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ] && [ ! -x "/sbin/$tool" ]; then
         echo "install-deps: $tool still missing" >&2
         exit 1
