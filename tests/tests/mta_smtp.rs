@@ -296,3 +296,65 @@ for i in range(5):
     assert!(times[4] >= 0.95, "{times:?}");
     assert!(started.elapsed() < Duration::from_secs(60), "{}", out.stdout);
 }
+
+const RECIPIENT_FLOOD_SCRIPT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b"EHLO flood.test\r\n")
+while not f.readline().startswith(b"250 "):
+    pass
+batch = b"MAIL FROM:<x@remote.example>\r\n" + b"RCPT TO:<alice@example.org>\r\n" * 10000
+try:
+    s.sendall(batch)
+except OSError as e:
+    print("send stopped:", type(e).__name__)
+codes = {}
+while True:
+    line = f.readline()
+    if not line:
+        break
+    codes[line[:3].decode()] = codes.get(line[:3].decode(), 0) + 1
+print("codes", sorted(codes.items()))
+"#;
+
+// 10k recipients, idle connections holding slots, and the memory they cost.
+#[test]
+fn recipient_floods_and_idle_connections_are_bounded() {
+    require_tools!("python3", "swaks");
+    let (tree, mta) = started("mta-flood", "connections_per_ip_max = 10");
+    let addr = mta.mx();
+    let out = python(RECIPIENT_FLOOD_SCRIPT, &[&addr.ip().to_string(), &addr.port().to_string()]).unwrap();
+    assert!(out.success(), "{}", out.describe());
+    // MAIL and 1000 RCPT accepted, then 452 until the error limit (10) closes the session.
+    assert!(out.stdout.contains("codes [('250', 1001), ('421', 1), ('452', 10)]"), "{}", out.stdout);
+
+    // Slowloris: ten connections that never finish a line hold every slot...
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"220 "));
+        s.write_all(b"EH").unwrap();
+        idle.push(s);
+    }
+    // ...so an eleventh from the same address is turned away politely.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut refused = String::new();
+    let _ = s.read_to_string(&mut refused);
+    assert!(refused.starts_with("421 4.7.0 Too many connections"), "{refused:?}");
+    let rss_kib = tests::util::vm_rss_kib(mta.pid()).unwrap();
+    assert!(rss_kib < 200 * 1024, "RSS {rss_kib} KiB");
+
+    // Closing them frees the slots; normal mail flows again.
+    drop(idle);
+    tests::wait_until(Duration::from_secs(20), "a free connection slot", || {
+        swaks(addr, &["--from", "x@remote.example", "--to", "alice@example.org"]).map(|o| o.success()).unwrap_or(false)
+    })
+    .unwrap();
+    tree.wait_messages("alice@example.org", 1, Duration::from_secs(20)).unwrap();
+}
