@@ -358,3 +358,38 @@ fn recipient_floods_and_idle_connections_are_bounded() {
     .unwrap();
     tree.wait_messages("alice@example.org", 1, Duration::from_secs(20)).unwrap();
 }
+
+const SERVED_CERT_SCRIPT: &str = r#"
+import hashlib, socket, ssl, sys
+port, pem = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+    with ctx.wrap_socket(raw) as s:
+        served = s.getpeercert(binary_form=True)
+        print("version", s.version())
+want = ssl.PEM_cert_to_DER_cert(open(pem).read())
+print("same" if served == want else "different")
+"#;
+
+// The certificate is re-read on SIGHUP; new handshakes get the new one.
+#[test]
+fn sighup_reloads_the_certificate() {
+    require_tools!("python3");
+    let (tree, mta) = started("mta-hup", "");
+    let port = mta.submissions().port().to_string();
+    let cert = tree.pki.server_cert.to_str().unwrap().to_string();
+    let out = python(SERVED_CERT_SCRIPT, &[&port, &cert]).unwrap();
+    assert!(out.stdout.contains("same"), "{}", out.describe());
+    assert!(out.stdout.contains("version TLSv1.3"), "{}", out.describe());
+
+    let fresh = tests::tls::make_pki(&tree.dir.join("pki2")).unwrap();
+    std::fs::copy(&fresh.server_cert, &tree.pki.server_cert).unwrap();
+    std::fs::copy(&fresh.server_key, &tree.pki.server_key).unwrap();
+    tests::run(&mut tests::cmd("kill", ["-HUP", &mta.pid().to_string()])).unwrap();
+    mta.daemon.logs.wait_for("mta: TLS certificate reloaded", Duration::from_secs(20)).unwrap();
+
+    let out = python(SERVED_CERT_SCRIPT, &[&port, fresh.server_cert.to_str().unwrap()]).unwrap();
+    assert!(out.stdout.contains("same"), "{}", out.describe());
+}
