@@ -34,9 +34,12 @@ pub const ERRORS_PER_SESSION_MAX: u32 = 10;
 /// Failed AUTH attempts in one session before it is closed.
 pub const AUTH_FAILURES_PER_SESSION_MAX: u32 = 3;
 
-/// Input buffered but not yet consumed by the session; beyond it the shell
-/// stops reading until the session catches up.
-pub const INPUT_BUFFER_BYTES_MAX: usize = 64 * 1024;
+/// Message bytes held in memory by all sessions together (messages are
+/// received into memory, then queued); a session that would exceed it gets
+/// 452 4.3.1 and is closed.
+pub const MESSAGES_MEMORY_BYTES_MAX: u64 = 512 * 1024 * 1024;
+/// Granularity of the server-wide message memory accounting.
+pub const MESSAGE_MEMORY_UNIT_BYTES: u64 = 64 * 1024;
 
 /// Timeouts from RFC 5321 §4.5.3.2, in seconds.
 pub const COMMAND_TIMEOUT_SECS: u64 = 300;
@@ -71,6 +74,7 @@ const _: () = assert!(DATA_LINE_BYTES_MAX >= 1000);
 const _: () = assert!(RECIPIENTS_PER_MESSAGE_MAX >= 100);
 const _: () = assert!(PATH_BYTES_MAX + 64 < COMMAND_LINE_BYTES_MAX);
 const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= MESSAGE_BYTES_MAX_CEILING);
-const _: () = assert!(INPUT_BUFFER_BYTES_MAX >= COMMAND_LINE_BYTES_MAX);
+const _: () = assert!(MESSAGES_MEMORY_BYTES_MAX >= 2 * MESSAGE_BYTES_MAX_DEFAULT);
+const _: () = assert!(MESSAGES_MEMORY_BYTES_MAX / MESSAGE_MEMORY_UNIT_BYTES <= u32::MAX as u64);
 const _: () = assert!(AUTH_DELAY_MS_MIN <= AUTH_DELAY_MS_MAX);
 const _: () = assert!(DELIVERY_RETRY_DELAY_SECS_MIN <= DELIVERY_RETRY_DELAY_SECS_MAX);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -18,7 +18,7 @@ use super::Shared;
 use crate::config::{Listener, ListenerKind};
 use crate::delivery::now_unix;
 use crate::filter::{self, Verdict};
-use crate::limits::TLS_HANDSHAKE_TIMEOUT_SECS;
+use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, TLS_HANDSHAKE_TIMEOUT_SECS};
 use crate::queue::{Queue, StoredEnvelope};
 use crate::received;
 use crate::smtp::address::ReversePath;
@@ -107,6 +107,7 @@ pub async fn serve(
     };
     let mut session = Session::new(session_config(&shared, listener.kind), peer.ip(), implicit_tls);
     let mut buf = vec![0u8; READ_BUFFER_BYTES];
+    let mut memory = MemoryCharge::new(shared.message_memory.clone());
 
     // Clients must wait for the greeting (RFC 5321 §3.1); spam engines often
     // do not. Whatever arrives during the delay makes `greet` refuse.
@@ -125,7 +126,10 @@ pub async fn serve(
 
     loop {
         match drive(&shared, &mut session, &mut stream, peer).await {
-            Ok(true) => {}
+            // A finished message gives its memory back here.
+            Ok(true) => {
+                memory.charge(session.message_bytes_buffered());
+            }
             Ok(false) => break,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "connection ended");
@@ -137,7 +141,13 @@ pub async fn serve(
             r = tokio::time::timeout(deadline, stream.read(&mut buf)) => match r {
                 Err(_) => session.handle_timeout(),
                 Ok(Ok(0)) => break,
-                Ok(Ok(n)) => session.handle_input(&buf[..n]),
+                Ok(Ok(n)) => {
+                    session.handle_input(&buf[..n]);
+                    if !memory.charge(session.message_bytes_buffered()) {
+                        tracing::warn!(%peer, "message memory budget exhausted; refusing");
+                        session.handle_overload();
+                    }
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "read failed");
                     break;
@@ -147,6 +157,43 @@ pub async fn serve(
         }
     }
     stream.shutdown().await;
+}
+
+/// This connection's share of the server-wide message memory budget, in
+/// `MESSAGE_MEMORY_UNIT_BYTES` units; it follows the message being
+/// received and drops to zero between messages.
+struct MemoryCharge {
+    budget: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl MemoryCharge {
+    fn new(budget: Arc<Semaphore>) -> MemoryCharge {
+        MemoryCharge { budget, held: None }
+    }
+
+    /// Adjusts the charge to `bytes`; false if the budget cannot cover it.
+    fn charge(&mut self, bytes: usize) -> bool {
+        let units = (bytes as u64).div_ceil(MESSAGE_MEMORY_UNIT_BYTES) as u32;
+        let held = self.held.as_ref().map_or(0, |p| p.num_permits() as u32);
+        if units == 0 {
+            self.held = None;
+            return true;
+        }
+        if units <= held {
+            return true;
+        }
+        match self.budget.clone().try_acquire_many_owned(units - held) {
+            Ok(more) => {
+                match &mut self.held {
+                    Some(p) => p.merge(more),
+                    None => self.held = Some(more),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// Sends replies and handles events until the session needs input.
@@ -278,5 +325,28 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_charge_follows_the_message_and_respects_the_budget() {
+        let unit = MESSAGE_MEMORY_UNIT_BYTES as usize;
+        let budget = Arc::new(Semaphore::new(3));
+        let mut a = MemoryCharge::new(budget.clone());
+        let mut b = MemoryCharge::new(budget.clone());
+        assert!(a.charge(1));
+        assert!(a.charge(unit + 1));
+        assert_eq!(budget.available_permits(), 1);
+        assert!(!b.charge(2 * unit), "over budget");
+        assert!(b.charge(unit));
+        assert_eq!(budget.available_permits(), 0);
+        assert!(a.charge(0));
+        assert_eq!(budget.available_permits(), 2);
+        assert!(b.charge(3 * unit));
+        assert_eq!(budget.available_permits(), 0);
     }
 }

@@ -28,6 +28,7 @@ use crate::config::{Config, Listener};
 use crate::directory::Directory;
 use crate::durable;
 use crate::filter::{Filter, RequireFromHeader};
+use crate::limits::{MESSAGES_MEMORY_BYTES_MAX, MESSAGE_MEMORY_UNIT_BYTES};
 use crate::privileges::{self, Dropped};
 use crate::queue::Queue;
 use crate::tls::TlsStore;
@@ -47,6 +48,9 @@ pub struct Shared {
     pub filters: Vec<Box<dyn Filter>>,
     pub delivery_wakeup: Notify,
     pub mailboxes_dir: PathBuf,
+    /// Server-wide budget for messages being received, in
+    /// `MESSAGE_MEMORY_UNIT_BYTES` units.
+    pub message_memory: Arc<Semaphore>,
 }
 
 /// The result of the privileged part of start-up.
@@ -182,6 +186,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         limiter: Mutex::new(AuthLimiter::new()),
         filters: vec![Box::new(RequireFromHeader)],
         delivery_wakeup: Notify::new(),
+        message_memory: Arc::new(Semaphore::new((MESSAGES_MEMORY_BYTES_MAX / MESSAGE_MEMORY_UNIT_BYTES) as usize)),
     });
     let slots = Arc::new(Slots {
         total: Arc::new(Semaphore::new(config.connections_max as usize)),

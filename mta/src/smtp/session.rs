@@ -359,6 +359,24 @@ impl Session {
         self.input.len()
     }
 
+    /// Message bytes held while receiving DATA (zero otherwise): what the
+    /// shell charges against the server-wide memory budget.
+    pub fn message_bytes_buffered(&self) -> usize {
+        match &self.state {
+            State::ReceivingData(d) => d.body.len(),
+            _ => 0,
+        }
+    }
+
+    /// The server-wide message memory budget is exhausted: refuse this
+    /// message for now and close (the client retries later).
+    pub fn handle_overload(&mut self) {
+        if !matches!(self.state, State::Closed) {
+            self.transaction = None;
+            self.close_with(Reply::new(452, (4, 3, 1), "Insufficient system storage, try again later"));
+        }
+    }
+
     fn process(&mut self) {
         let mut pos = 0;
         loop {

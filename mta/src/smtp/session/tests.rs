@@ -557,3 +557,15 @@ fn random_inputs_never_panic() {
         crate::smtp::fuzz::session(&stream);
     }
 }
+
+#[test]
+fn overload_refuses_the_message_in_progress() {
+    let mut h = in_data(Port::Mx);
+    h.send(b"Subject: x\r\n");
+    assert_eq!(h.s.message_bytes_buffered(), 12);
+    h.s.handle_overload();
+    assert_eq!(h.drive(), "452 4.3.1 Insufficient system storage, try again later\r\n");
+    assert!(h.closed);
+    assert_eq!(h.s.message_bytes_buffered(), 0);
+    assert!(h.queued.is_empty());
+}
