@@ -19,7 +19,8 @@
 //! greeting_delay_ms = 0          # wait this long for clients that talk first
 //!
 //! [delivery]
-//! relay_host = "192.0.2.25:25"   # smart host for remote recipients
+//! relay_host = "192.0.2.25:25"   # smart host; without it, MX lookup
+//! dns_server = "127.0.0.1:53"    # resolver for MX lookups (default: /etc/resolv.conf)
 //! require_tls = false            # true: never deliver without STARTTLS
 //! queue_lifetime_secs = 432000   # temporary failures bounce after this
 //!
@@ -92,6 +93,8 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawDelivery {
     relay_host: Option<String>,
+    dns_server: Option<String>,
+    mx_port: Option<u16>,
     #[serde(default)]
     require_tls: bool,
     queue_lifetime_secs: Option<u64>,
@@ -144,6 +147,10 @@ pub struct Delivery {
     pub relay_host: Option<SocketAddr>,
     /// Fail (and retry) rather than deliver without STARTTLS.
     pub require_tls: bool,
+    /// Resolver for MX lookups; the system's (/etc/resolv.conf) if unset.
+    pub dns_server: Option<SocketAddr>,
+    /// Port of MX hosts: 25, except in tests.
+    pub mx_port: u16,
     /// Temporary failures older than this bounce.
     pub queue_lifetime_secs: u64,
 }
@@ -250,8 +257,16 @@ impl Config {
                 invalid(format!("`delivery.relay_host` = {h:?} is not IP:PORT ({e}), e.g. \"192.0.2.25:25\""))
             })?),
         };
+        let dns_server = match &raw.delivery.dns_server {
+            None => None,
+            Some(h) => Some(h.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("`delivery.dns_server` = {h:?} is not IP:PORT ({e}), e.g. \"127.0.0.1:53\""))
+            })?),
+        };
         let delivery = Delivery {
             relay_host,
+            dns_server,
+            mx_port: raw.delivery.mx_port.unwrap_or(25),
             require_tls: raw.delivery.require_tls,
             queue_lifetime_secs: raw.delivery.queue_lifetime_secs.unwrap_or(QUEUE_LIFETIME_SECS_DEFAULT),
         };
@@ -316,9 +331,12 @@ impl Config {
                 "remote delivery: via relay host {h}, STARTTLS {}\n",
                 if self.delivery.require_tls { "required" } else { "opportunistic" }
             )),
-            None => {
-                s.push_str("remote delivery: disabled (no `[delivery] relay_host`; MX lookup is not implemented)\n")
-            }
+            None => s.push_str(&format!(
+                "remote delivery: MX lookup via {}, port {}, STARTTLS {}\n",
+                self.delivery.dns_server.map_or("the system resolver".to_string(), |d| d.to_string()),
+                self.delivery.mx_port,
+                if self.delivery.require_tls { "required" } else { "opportunistic" }
+            )),
         }
         s.push_str(
             "sender policy: authenticated logins only as addresses they own; no hosted-domain senders without AUTH\n",

@@ -23,6 +23,8 @@ pub mod filter;
 #[cfg(feature = "daemon")]
 pub mod maildir;
 #[cfg(feature = "daemon")]
+pub mod mx;
+#[cfg(feature = "daemon")]
 pub mod privileges;
 #[cfg(feature = "daemon")]
 pub mod queue;

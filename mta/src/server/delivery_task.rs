@@ -1,8 +1,9 @@
 //! The delivery loop: woken per queued message and every 30 s, it takes
 //! each due message, delivers local copies, sends remote ones through the
-//! relay host, queues a DSN for failures, then removes or reschedules the
+//! relay host or the domains' MX hosts, queues a DSN for failures, then removes or reschedules the
 //! queue file — in that order (see `delivery`'s invariant).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 use super::Shared;
 use crate::bounce;
 use crate::delivery::{self, Attempt};
+use crate::mx::{Route, Router};
 use crate::queue::{Queue, QueueError, StoredEnvelope};
 use crate::remote::{self, Outgoing, RcptResult, TlsPolicy};
 use crate::smtp::address::Address;
@@ -18,7 +20,7 @@ use crate::smtp::address::Address;
 /// Delivery runs at least this often, even without new mail (retries).
 const DELIVERY_SCAN_SECS: u64 = 30;
 
-pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(shared: Arc<Shared>, router: Option<Router>, mut shutdown: watch::Receiver<bool>) {
     let tls_config = match remote::client_config() {
         Ok(c) => c,
         Err(e) => {
@@ -27,7 +29,7 @@ pub async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         }
     };
     loop {
-        if let Err(e) = pass(&shared, &tls_config).await {
+        if let Err(e) = pass(&shared, router.as_ref(), &tls_config).await {
             tracing::error!(error = %e, "delivery pass failed");
         }
         tokio::select! {
@@ -47,7 +49,11 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn pass(shared: &Arc<Shared>, tls_config: &Arc<rustls::ClientConfig>) -> Result<(), QueueError> {
+async fn pass(
+    shared: &Arc<Shared>,
+    router: Option<&Router>,
+    tls_config: &Arc<rustls::ClientConfig>,
+) -> Result<(), QueueError> {
     let now = delivery::now_unix();
     let queue = shared.queue.clone();
     let due = blocking(move || queue.due(now)).await?;
@@ -60,13 +66,14 @@ async fn pass(shared: &Arc<Shared>, tls_config: &Arc<rustls::ClientConfig>) -> R
             Err(QueueError::NotFound(_)) => continue,
             Err(e) => return Err(e),
         };
-        deliver_one(shared, tls_config, envelope, message).await?;
+        deliver_one(shared, router, tls_config, envelope, message).await?;
     }
     Ok(())
 }
 
 async fn deliver_one(
     shared: &Arc<Shared>,
+    router: Option<&Router>,
     tls_config: &Arc<rustls::ClientConfig>,
     envelope: StoredEnvelope,
     message: Vec<u8>,
@@ -78,7 +85,7 @@ async fn deliver_one(
     let remote = if envelope.remote.is_empty() {
         Vec::new()
     } else {
-        send_remote(shared, tls_config, &envelope, &message).await
+        send_remote(shared, router, tls_config, &envelope, &message).await
     };
     let now = delivery::now_unix();
     let plan = delivery::plan(
@@ -107,23 +114,70 @@ async fn deliver_one(
 
 async fn send_remote(
     shared: &Shared,
+    router: Option<&Router>,
     tls_config: &Arc<rustls::ClientConfig>,
     envelope: &StoredEnvelope,
     message: &[u8],
 ) -> Vec<(String, RcptResult)> {
-    let Some(relay) = shared.config.delivery.relay_host else {
-        let why = "no route to remote domains: set `[delivery] relay_host` (MX lookup is not implemented)".to_string();
+    let policy = if shared.config.delivery.require_tls { TlsPolicy::Required } else { TlsPolicy::Opportunistic };
+    if let Some(relay) = shared.config.delivery.relay_host {
+        let hosts = vec![(relay.ip().to_string(), relay)];
+        return send_via(shared, tls_config, policy, &hosts, envelope, &envelope.remote, message).await;
+    }
+    let Some(router) = router else {
+        let why = "no route to remote domains: no relay host and no DNS resolver".to_string();
         return envelope.remote.iter().map(|r| (r.clone(), RcptResult::Temporary(why.clone()))).collect();
     };
-    let policy = if shared.config.delivery.require_tls { TlsPolicy::Required } else { TlsPolicy::Opportunistic };
-    let out = Outgoing { helo: &shared.config.hostname, from: &envelope.from, recipients: &envelope.remote, message };
-    let results = remote::send(relay, &relay.ip().to_string(), policy, tls_config.clone(), &out).await;
-    for (rcpt, r) in &results {
-        match r {
-            RcptResult::Delivered => tracing::info!(id = %envelope.id, to = %rcpt, via = %relay, "delivered remotely"),
-            other => {
-                tracing::info!(id = %envelope.id, to = %rcpt, via = %relay, result = ?other, "remote delivery failed")
+    // One transaction per destination domain, in first-seen order.
+    let mut domains: Vec<(String, Vec<String>)> = Vec::new();
+    for rcpt in &envelope.remote {
+        let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d).to_lowercase();
+        match domains.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, list)) => list.push(rcpt.clone()),
+            None => domains.push((domain, vec![rcpt.clone()])),
+        }
+    }
+    let mut results = Vec::new();
+    for (domain, rcpts) in domains {
+        match router.route(&domain).await {
+            Route::Hosts(hosts) => {
+                results.extend(send_via(shared, tls_config, policy, &hosts, envelope, &rcpts, message).await)
             }
+            Route::Refused { status, why } => {
+                results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Permanent(format!("550 {status} {why}")))))
+            }
+            Route::Retry(why) => results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Temporary(why.clone())))),
+        }
+    }
+    results
+}
+
+/// Tries each host in turn until one gives an answer that is not temporary.
+async fn send_via(
+    shared: &Shared,
+    tls_config: &Arc<rustls::ClientConfig>,
+    policy: TlsPolicy,
+    hosts: &[(String, SocketAddr)],
+    envelope: &StoredEnvelope,
+    rcpts: &[String],
+    message: &[u8],
+) -> Vec<(String, RcptResult)> {
+    let out = Outgoing { helo: &shared.config.hostname, from: &envelope.from, recipients: rcpts, message };
+    let mut results = Vec::new();
+    for (name, addr) in hosts {
+        results = remote::send(*addr, name, policy, tls_config.clone(), &out).await;
+        for (rcpt, r) in &results {
+            match r {
+                RcptResult::Delivered => {
+                    tracing::info!(id = %envelope.id, to = %rcpt, via = %addr, "delivered remotely")
+                }
+                other => {
+                    tracing::info!(id = %envelope.id, to = %rcpt, via = %addr, result = ?other, "remote delivery failed")
+                }
+            }
+        }
+        if !results.iter().all(|(_, r)| matches!(r, RcptResult::Temporary(_))) {
+            break;
         }
     }
     results

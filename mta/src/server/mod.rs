@@ -29,6 +29,7 @@ use crate::directory::Directory;
 use crate::durable;
 use crate::filter::{Filter, RequireFromHeader};
 use crate::limits::{MESSAGES_MEMORY_BYTES_MAX, MESSAGE_MEMORY_UNIT_BYTES};
+use crate::mx;
 use crate::privileges::{self, Dropped};
 use crate::queue::Queue;
 use crate::tls::TlsStore;
@@ -60,6 +61,8 @@ pub struct Prepared {
     tls: Option<TlsStore>,
     dropped: Dropped,
     directory_url: String,
+    /// Read before the chroot, which hides /etc/resolv.conf.
+    resolver: Option<mx::ResolverSettings>,
 }
 
 /// The SQLite file behind a `sqlite://` URL, if it is one.
@@ -109,6 +112,16 @@ pub fn prepare(config: Config) -> Result<Prepared> {
             owned.push(PathBuf::from(format!("{}{suffix}", db.display())));
         }
     }
+    let resolver = match config.delivery.relay_host {
+        Some(_) => None,
+        None => match mx::resolver_settings(config.delivery.dns_server) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no DNS resolver configuration: remote mail will wait in the queue");
+                None
+            }
+        },
+    };
     let dropped = privileges::drop_privileges(&config.privileges, &config.data_dir, &owned)
         .context("failed to drop privileges")?;
     let directory_url = match &sqlite {
@@ -129,7 +142,7 @@ pub fn prepare(config: Config) -> Result<Prepared> {
             _ => tracing::warn!("TLS files are outside the chroot: certificate reload on SIGHUP disabled"),
         }
     }
-    Ok(Prepared { config, listeners, tls, dropped, directory_url })
+    Ok(Prepared { config, listeners, tls, dropped, directory_url, resolver })
 }
 
 /// Per-IP and total connection slots.
@@ -171,7 +184,7 @@ impl Slots {
 }
 
 pub async fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { config, listeners, tls, dropped, directory_url } = prepared;
+    let Prepared { config, listeners, tls, dropped, directory_url, resolver } = prepared;
     let (queue, discarded) = Queue::open(&dropped.data_dir.join("queue")).context("failed to open the queue")?;
     if discarded > 0 {
         tracing::warn!(discarded, "discarded partial queue files left by a crash");
@@ -202,7 +215,8 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         eprintln!("mta: listening {} {addr}", listener.kind.name());
         tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), socket, listener, shutdown_rx.clone())));
     }
-    let delivery = tokio::spawn(delivery_task::run(shared.clone(), shutdown_rx.clone()));
+    let router = resolver.map(|r| mx::Router::new(r, config.delivery.mx_port));
+    let delivery = tokio::spawn(delivery_task::run(shared.clone(), router, shutdown_rx.clone()));
     tracing::info!(user = dropped.user.as_deref().unwrap_or("(unchanged)"), chroot = dropped.chrooted, "started");
     eprintln!("mta: ready");
 
