@@ -17,6 +17,7 @@
 //! kind = "mx"                    # mx (25), submission (587), submissions (465)
 //! address = "0.0.0.0:25"
 //! greeting_delay_ms = 0          # wait this long for clients that talk first
+//! proxy_protocol = false         # true: a PROXY v2 header precedes SMTP
 //!
 //! [delivery]
 //! relay_host = "192.0.2.25:25"   # smart host; without it, MX lookup
@@ -80,6 +81,8 @@ struct RawListener {
     address: String,
     #[serde(default)]
     greeting_delay_ms: u64,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +135,8 @@ pub struct Listener {
     pub kind: ListenerKind,
     pub address: SocketAddr,
     pub greeting_delay_ms: u64,
+    /// Connections start with a PROXY v2 header from a load balancer.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -234,7 +239,12 @@ impl Config {
             if l.greeting_delay_ms > 30_000 {
                 return Err(invalid(format!("`listener[{i}].greeting_delay_ms` must be at most 30000")));
             }
-            listeners.push(Listener { kind: l.kind, address, greeting_delay_ms: l.greeting_delay_ms });
+            listeners.push(Listener {
+                kind: l.kind,
+                address,
+                greeting_delay_ms: l.greeting_delay_ms,
+                proxy_protocol: l.proxy_protocol,
+            });
         }
         let tls = raw.tls.map(|t| TlsFiles { cert: t.cert, key: t.key });
         if tls.is_none() {
@@ -324,7 +334,8 @@ impl Config {
                 ListenerKind::Submission => "STARTTLS required, then AUTH PLAIN/LOGIN required before MAIL".to_string(),
                 ListenerKind::Submissions => "implicit TLS, AUTH PLAIN/LOGIN required before MAIL".to_string(),
             };
-            s.push_str(&format!("listen {} ({}): {}\n", l.address, l.kind.name(), policy));
+            let proxy = if l.proxy_protocol { " [behind a PROXY v2 load balancer]" } else { "" };
+            s.push_str(&format!("listen {} ({}){proxy}: {}\n", l.address, l.kind.name(), policy));
         }
         match self.delivery.relay_host {
             Some(h) => s.push_str(&format!(

@@ -27,6 +27,8 @@ pub mod mx;
 #[cfg(feature = "daemon")]
 pub mod privileges;
 #[cfg(feature = "daemon")]
+pub mod proxy;
+#[cfg(feature = "daemon")]
 pub mod queue;
 #[cfg(feature = "daemon")]
 pub mod received;

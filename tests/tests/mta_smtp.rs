@@ -393,3 +393,52 @@ fn sighup_reloads_the_certificate() {
     let out = python(SERVED_CERT_SCRIPT, &[&port, fresh.server_cert.to_str().unwrap()]).unwrap();
     assert!(out.stdout.contains("same"), "{}", out.describe());
 }
+
+const PROXY_CLIENT_SCRIPT: &str = r#"
+import smtplib, socket, struct, sys
+host, port = sys.argv[1], int(sys.argv[2])
+sig = b"\r\n\r\n\x00\r\nQUIT\n"
+header = sig + bytes([0x21, 0x11]) + struct.pack(">H", 12) + socket.inet_aton("203.0.113.7") + socket.inet_aton("127.0.0.1") + struct.pack(">HH", 40000, 25)
+
+class ProxiedSMTP(smtplib.SMTP):
+    def _get_socket(self, host, port, timeout):
+        s = socket.create_connection((host, port), timeout)
+        s.sendall(header)
+        return s
+
+s = ProxiedSMTP(host, port, timeout=30)
+s.sendmail("x@remote.example", ["alice@example.org"], "From: x@remote.example\r\nSubject: proxied\r\n\r\nhi\r\n")
+s.quit()
+raw = socket.create_connection((host, port), timeout=30)
+raw.sendall(b"EHLO no-proxy-header.example\r\n")
+try:
+    got = raw.recv(512)
+except ConnectionResetError:
+    got = b""
+print("without header:", got)
+"#;
+
+// Behind a load balancer: the PROXY v2 header names the real client.
+#[test]
+fn proxy_protocol_listener_uses_the_real_client_address() {
+    require_tools!("python3");
+    let extra = "[[listener]]\nkind = \"mx\"\naddress = \"127.0.0.1:0\"\nproxy_protocol = true\n";
+    let (tree, mta) = started("mta-proxy", extra);
+    let check = tree.admin(&["check-config"]).unwrap();
+    assert!(check.stdout.contains("(mx) [behind a PROXY v2 load balancer]"), "{}", check.stdout);
+    // Listeners print in config order: the PROXY one comes first.
+    let proxied: std::net::SocketAddr = mta
+        .daemon
+        .logs
+        .lines()
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("mta: listening mx ").map(|a| a.parse().unwrap()))
+        .unwrap();
+    assert_ne!(proxied, mta.mx());
+    let out = python(PROXY_CLIENT_SCRIPT, &[&proxied.ip().to_string(), &proxied.port().to_string()]).unwrap();
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stdout.contains("without header: b''"), "{}", out.stdout);
+    let msgs = tree.wait_messages("alice@example.org", 1, Duration::from_secs(20)).unwrap();
+    let text = String::from_utf8_lossy(&msgs[0]).into_owned();
+    assert!(text.contains("([203.0.113.7])"), "{text}");
+}

@@ -19,6 +19,7 @@ use crate::config::{Listener, ListenerKind};
 use crate::delivery::now_unix;
 use crate::filter::{self, Verdict};
 use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, TLS_HANDSHAKE_TIMEOUT_SECS};
+use crate::proxy::{self, Proxied, ProxyError};
 use crate::queue::{Queue, StoredEnvelope};
 use crate::received;
 use crate::smtp::address::ReversePath;
@@ -71,6 +72,28 @@ async fn tls_accept(shared: &Shared, tcp: TcpStream) -> io::Result<TlsStream<Tcp
         Ok(r) => r,
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
     }
+}
+
+/// Reads exactly one PROXY v2 header (never a byte more: on the
+/// implicit-TLS port the next bytes belong to the TLS handshake).
+pub async fn read_proxy_header(tcp: &mut TcpStream) -> io::Result<Proxied> {
+    let read = async {
+        let mut buf = vec![0u8; 16];
+        tcp.read_exact(&mut buf).await?;
+        let invalid = |e: ProxyError| io::Error::new(io::ErrorKind::InvalidData, e);
+        if proxy::parse(&buf).map_err(invalid)?.is_none() {
+            let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+            buf.resize(16 + len, 0);
+            tcp.read_exact(&mut buf[16..]).await?;
+        }
+        match proxy::parse(&buf).map_err(invalid)? {
+            Some((proxied, used)) if used == buf.len() => Ok(proxied),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidData, "incomplete PROXY header")),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(TLS_HANDSHAKE_TIMEOUT_SECS), read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no PROXY header in time"))?
 }
 
 pub fn session_config(shared: &Shared, kind: ListenerKind) -> SessionConfig {

@@ -31,6 +31,7 @@ use crate::filter::{Filter, RequireFromHeader};
 use crate::limits::{MESSAGES_MEMORY_BYTES_MAX, MESSAGE_MEMORY_UNIT_BYTES};
 use crate::mx;
 use crate::privileges::{self, Dropped};
+use crate::proxy::Proxied;
 use crate::queue::Queue;
 use crate::tls::TlsStore;
 
@@ -171,8 +172,9 @@ impl Drop for Slot {
 }
 
 impl Slots {
-    fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
-        let permit = self.total.clone().try_acquire_owned().ok()?;
+    /// A per-IP slot for a connection that already holds a total permit
+    /// (taken at accept, before a PROXY header names the real client).
+    fn try_take(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.per_ip_max {
@@ -276,26 +278,40 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(slot) = slots.try_take(peer.ip()) else {
+        let Ok(permit) = slots.total.clone().try_acquire_owned() else {
             tracing::info!(%peer, "connection limit reached; refusing");
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tcp.write_all(b"421 4.7.0 Too many connections, try again later\r\n"),
-                )
-                .await;
-            });
+            tokio::spawn(refuse(tcp));
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let listener = listener.clone();
-        let shutdown = shutdown.clone();
+        let (shared, slots, listener, shutdown) = (shared.clone(), slots.clone(), listener.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let peer = if listener.proxy_protocol {
+                match connection::read_proxy_header(&mut tcp).await {
+                    Ok(Proxied::Client(client)) => client,
+                    Ok(Proxied::Local) => peer,
+                    Err(e) => {
+                        tracing::warn!(balancer = %peer, error = %e, "bad PROXY header; closing");
+                        return;
+                    }
+                }
+            } else {
+                peer
+            };
+            let Some(slot) = slots.try_take(peer.ip(), permit) else {
+                tracing::info!(%peer, "per-IP connection limit reached; refusing");
+                refuse(tcp).await;
+                return;
+            };
             connection::serve(shared, tcp, peer, listener, shutdown).await;
             drop(slot);
         });
     }
+}
+
+async fn refuse(mut tcp: tokio::net::TcpStream) {
+    let reply = b"421 4.7.0 Too many connections, try again later\r\n";
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(reply)).await;
 }
 
 /// The mail tree path for `check-config` output.
