@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Proof that a file is on disk under its final name, directory entry included.
@@ -56,8 +56,6 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     }
     sync_dir(dir.parent().unwrap_or(Path::new("/")))
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 #[cfg(test)]
 mod tests {

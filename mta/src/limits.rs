@@ -64,8 +64,8 @@ pub const PASSWORD_VERIFICATIONS_CONCURRENT_MAX: usize = 4;
 /// Entries the AUTH limiter remembers (IPs plus logins); oldest dropped first.
 pub const AUTH_LIMITER_ENTRIES_MAX: usize = 100_000;
 
-/// Delivery attempts of one queued message before it is bounced... when
-/// remote delivery exists. Local delivery retries this often at most.
+/// Retry delays after failed delivery attempts: doubling from the first to
+/// the last (bounces come from the queue lifetime, not a count).
 pub const DELIVERY_RETRY_DELAY_SECS_MIN: u64 = 60;
 pub const DELIVERY_RETRY_DELAY_SECS_MAX: u64 = 3600;
 
