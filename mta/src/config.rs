@@ -8,6 +8,7 @@
 //! message_bytes_max = 26214400
 //! connections_max = 1000
 //! connections_per_ip_max = 20
+//! enforce_from_header = true     # authenticated: From: only with owned addresses
 //!
 //! [tls]
 //! cert = "/srv/mail/tls/cert.pem"
@@ -121,6 +122,7 @@ struct RawConfig {
     message_bytes_max: Option<u64>,
     connections_max: Option<u32>,
     connections_per_ip_max: Option<u32>,
+    enforce_from_header: Option<bool>,
     tls: Option<RawTls>,
     #[serde(default)]
     listener: Vec<RawListener>,
@@ -179,6 +181,8 @@ pub struct Config {
     pub message_bytes_max: u64,
     pub connections_max: u32,
     pub connections_per_ip_max: u32,
+    /// Authenticated users may only put addresses they own in `From:`.
+    pub enforce_from_header: bool,
     pub tls: Option<TlsFiles>,
     pub listeners: Vec<Listener>,
     pub privileges: Privileges,
@@ -292,6 +296,7 @@ impl Config {
             message_bytes_max,
             connections_max,
             connections_per_ip_max,
+            enforce_from_header: raw.enforce_from_header.unwrap_or(true),
             tls,
             listeners,
             privileges,
@@ -352,6 +357,9 @@ impl Config {
         s.push_str(
             "sender policy: authenticated logins only as addresses they own; no hosted-domain senders without AUTH\n",
         );
+        if self.enforce_from_header {
+            s.push_str("From: header: authenticated users only with addresses they own\n");
+        }
         let p = &self.privileges;
         if p.allow_root {
             s.push_str("privileges: allow_root: stays root, no chroot (tests only)\n");

@@ -21,6 +21,8 @@ pub mod durable;
 #[cfg(feature = "daemon")]
 pub mod filter;
 #[cfg(feature = "daemon")]
+pub mod header_from;
+#[cfg(feature = "daemon")]
 pub mod maildir;
 #[cfg(feature = "daemon")]
 pub mod mx;

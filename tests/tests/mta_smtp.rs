@@ -155,9 +155,19 @@ fn spoofed_senders_are_refused() {
     assert!(!out.success(), "{}", out.describe());
     assert_contains(&out, "553 5.7.1 Sender address rejected: not owned by the authenticated user");
 
+    // The envelope is fine, but the From: header claims bob.
+    let mut forged = vec!["-tls", "--auth", "PLAIN", "--from", "alice@example.org", "--to", "bob@example.org"];
+    forged.extend(AUTH_ALICE);
+    forged.extend(["--header", "From: Bob <bob@example.org>"]);
+    let out = swaks(mta.submission(), &forged).unwrap();
+    assert!(!out.success(), "{}", out.describe());
+    assert_contains(&out, "553 5.7.1 From: header address not owned by the authenticated user");
+
     // After `mta sender allow`, the same submission goes through.
     tree.admin(&["sender", "allow", "alice@example.org", "bob@example.org"]).unwrap();
     let out = swaks(mta.submission(), &args).unwrap();
+    assert!(out.success(), "{}", out.describe());
+    let out = swaks(mta.submission(), &forged).unwrap();
     assert!(out.success(), "{}", out.describe());
 }
 

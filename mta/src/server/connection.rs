@@ -18,11 +18,13 @@ use super::Shared;
 use crate::config::{Listener, ListenerKind};
 use crate::delivery::now_unix;
 use crate::filter::{self, Verdict};
+use crate::header_from;
 use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, TLS_HANDSHAKE_TIMEOUT_SECS};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::queue::{Queue, StoredEnvelope};
 use crate::received;
 use crate::smtp::address::ReversePath;
+use crate::smtp::reply::Reply;
 use crate::smtp::session::{Answer, AuthOutcome, EnqueueOutcome, Envelope, Event, Query, Session, SessionConfig};
 
 const READ_BUFFER_BYTES: usize = 8192;
@@ -306,6 +308,12 @@ async fn enqueue(shared: &Shared, envelope: Envelope, message: Vec<u8>) -> Enque
             return EnqueueOutcome::Refused(r);
         }
     }
+    if let (Some(login), true) = (&envelope.login, shared.config.enforce_from_header) {
+        if let Some(refusal) = check_from_header(shared, login, &message).await {
+            tracing::info!(peer = %envelope.peer, login = ?login, code = refusal_code(&refusal), "From: header refused");
+            return refusal;
+        }
+    }
     let id = Queue::new_id();
     let now = now_unix();
     let header = received::header(&envelope, &shared.config.hostname, &id, now);
@@ -341,6 +349,42 @@ async fn enqueue(shared: &Shared, envelope: Envelope, message: Vec<u8>) -> Enque
             tracing::error!(error = %e, "queueing task failed");
             EnqueueOutcome::TempFail
         }
+    }
+}
+
+/// No spoofing in the header either: every `From:` address must be owned
+/// by the login. `None` means the message may go on.
+async fn check_from_header(shared: &Shared, login: &str, message: &[u8]) -> Option<EnqueueOutcome> {
+    let Some(addresses) = header_from::from_addresses(message) else {
+        return Some(EnqueueOutcome::Refused(Reply::new(
+            550,
+            (5, 6, 0),
+            "Message needs exactly one well-formed From: header field",
+        )));
+    };
+    for a in &addresses {
+        match shared.directory.sender_facts(Some(login), a).await {
+            Ok(f) if f.owned_by_login => {}
+            Ok(_) => {
+                return Some(EnqueueOutcome::Refused(Reply::new(
+                    553,
+                    (5, 7, 1),
+                    "From: header address not owned by the authenticated user",
+                )))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "From: check: directory unavailable");
+                return Some(EnqueueOutcome::TempFail);
+            }
+        }
+    }
+    None
+}
+
+fn refusal_code(o: &EnqueueOutcome) -> u16 {
+    match o {
+        EnqueueOutcome::Refused(r) => r.code,
+        _ => 451,
     }
 }
 
