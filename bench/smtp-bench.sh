@@ -44,7 +44,9 @@ if [ "${SKIP_DEPS:-0}" != 1 ]; then
     fi
 fi
 cargo build --release -p mta
-MTA="$PWD/${CARGO_TARGET_DIR:-target}/release/mta"
+target_dir="${CARGO_TARGET_DIR:-target}"
+case "$target_dir" in /*) ;; *) target_dir="$PWD/$target_dir" ;; esac
+MTA="$target_dir/release/mta"
 
 RESULTS="$BENCH_DIR/results-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RESULTS"
@@ -78,7 +80,7 @@ port, n = int(sys.argv[1]), int(sys.argv[2])
 s = smtplib.SMTP("127.0.0.1", port, timeout=60)
 s.ehlo("probe.test")
 lat = []
-body = "From: probe@remote.example\r\nSubject: probe\r\n\r\n" + "x" * 1000 + "\r\n"
+body = "From: probe@remote.example\r\nSubject: probe\r\n\r\n" + ("x" * 98 + "\r\n") * 10
 for i in range(n):
     s.mail("probe@remote.example"); s.rcpt("alice@example.org")
     code, _ = s.docmd("DATA")
@@ -113,7 +115,10 @@ load() {
     /usr/sbin/smtp-source -s "$SESSIONS" -m "$MESSAGES" -l "$SIZE" -d \
         -f sender@remote.example -t alice@example.org "127.0.0.1:$port" >"$RESULTS/$name.source" 2>&1
     end=$(date +%s.%N)
-    wait "$prober"
+    if ! wait "$prober"; then
+        echo "$name: the latency probe failed" >&2
+        return 1
+    fi
     local deadline=$((SECONDS + 600))
     while [ "$(count_mail "$maildirs")" -lt "$expected" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     local delivered_end
@@ -194,6 +199,8 @@ bench_postfix() {
     mkdir -p "$dir/mail"
     chown nobody:nogroup "$dir/mail"
     postfix stop >/dev/null 2>&1 || true
+    # Debian's "No configuration" install leaves no main.cf.
+    [ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
     echo "alice@example.org example.org/alice/" >"$dir/vmailbox"
     postmap "$dir/vmailbox"
     postconf -e \
@@ -203,11 +210,14 @@ bench_postfix() {
         "virtual_mailbox_domains = example.org" "virtual_mailbox_maps = hash:$dir/vmailbox" \
         "virtual_mailbox_base = $dir/mail" "virtual_uid_maps = static:65534" "virtual_gid_maps = static:65534" \
         "smtpd_forbid_bare_newline = normalize" "smtpd_forbid_unauth_pipelining = yes" \
-        "maillog_file = $RESULTS/postfix.log" "compatibility_level = 3.6"
+        "maillog_file = $RESULTS/postfix.log" "compatibility_level = 3.6" "alias_maps =" "alias_database =" \
+        "smtputf8_enable = yes"
     postconf -M "smtp/inet=127.0.0.1:$POSTFIX_PORT inet n - n - - smtpd"
     postfix start >/dev/null 2>&1 || postfix reload
     sleep 1
-    load postfix "$POSTFIX_PORT" "$dir/mail" "postfix/"
+    # Postfix children run with argv[0] = their service name.
+    load postfix "$POSTFIX_PORT" "$dir/mail" '^(/usr/lib/postfix/sbin/master|smtpd|cleanup|qmgr|virtual|trivial-rewrite|pickup|anvil|proxymap|tlsmgr|scache)( |$)'
+
     postfix stop >/dev/null 2>&1 || true
 }
 
