@@ -19,8 +19,11 @@ use crate::smtp::address::Address;
 
 /// Delivery runs at least this often, even without new mail (retries).
 const DELIVERY_SCAN_SECS: u64 = 30;
+/// Messages delivered at once.
+const DELIVERIES_CONCURRENT_MAX: usize = 16;
 
 pub async fn run(shared: Arc<Shared>, router: Option<Router>, mut shutdown: watch::Receiver<bool>) {
+    let router = router.map(Arc::new);
     let tls_config = match remote::client_config() {
         Ok(c) => c,
         Err(e) => {
@@ -49,26 +52,48 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Delivers every due message, `DELIVERIES_CONCURRENT_MAX` at a time (each
+/// one waits on fsyncs or a remote server most of its time).
 async fn pass(
     shared: &Arc<Shared>,
-    router: Option<&Router>,
+    router: Option<&Arc<Router>>,
     tls_config: &Arc<rustls::ClientConfig>,
 ) -> Result<(), QueueError> {
     let now = delivery::now_unix();
     let queue = shared.queue.clone();
     let due = blocking(move || queue.due(now)).await?;
+    let mut running = tokio::task::JoinSet::new();
+    let mut first_error = None;
     for listed in due {
-        let queue = shared.queue.clone();
-        let id = listed.id.clone();
-        let (envelope, message) = match blocking(move || queue.read(&id)).await {
-            Ok(m) => m,
-            // Deleted or held by the admin since it was listed.
-            Err(QueueError::NotFound(_)) => continue,
-            Err(e) => return Err(e),
-        };
-        deliver_one(shared, router, tls_config, envelope, message).await?;
+        while running.len() >= DELIVERIES_CONCURRENT_MAX {
+            if let Some(Ok(Err(e))) = running.join_next().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        let (shared, router, tls_config) = (shared.clone(), router.cloned(), tls_config.clone());
+        running.spawn(async move {
+            let queue = shared.queue.clone();
+            let id = listed.id.clone();
+            match blocking(move || queue.read(&id)).await {
+                Ok((envelope, message)) => {
+                    deliver_one(&shared, router.as_deref(), &tls_config, envelope, message).await
+                }
+                // Deleted or held by the admin since it was listed.
+                Err(QueueError::NotFound(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
+        });
     }
-    Ok(())
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => tracing::error!(error = %e, "delivery task panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn deliver_one(
