@@ -60,11 +60,12 @@ trap cleanup EXIT
 
 # Peak RSS (KiB) of processes matching a pgrep pattern, until $1 disappears.
 sample_rss() {
-    local stopfile=$1 pattern=$2 out=$3 peak=0 sum
+    local stopfile=$1 pattern=$2 out=$3 peak=0 sum v
     while [ ! -e "$stopfile" ]; do
         sum=0
         for p in $(pgrep -f "$pattern" || true); do
-            sum=$((sum + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+            v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+            sum=$((sum + ${v:-0}))
         done
         [ "$sum" -gt "$peak" ] && peak=$sum
         sleep 0.1
@@ -190,7 +191,7 @@ rss = [l for l in open("/proc/%s/status" % pid) if l.startswith("VmRSS:")][0].sp
 print(len(socks), rss)
 PY
     after=$(awk '{print $2}' "$RESULTS/idle.txt")
-    echo "mta idle connections: $IDLE, RSS $before KiB -> $after KiB, $(( (after - before) * 1024 / IDLE )) bytes per connection" | tee -a "$SUMMARY"
+    echo "mta idle connections: $IDLE, RSS $before KiB -> $after KiB, $(( (after - before) * 1024 / IDLE )) bytes per connection"
 }
 
 bench_postfix() {
