@@ -452,3 +452,32 @@ fn proxy_protocol_listener_uses_the_real_client_address() {
     let text = String::from_utf8_lossy(&msgs[0]).into_owned();
     assert!(text.contains("([203.0.113.7])"), "{text}");
 }
+
+// RFC 5321 §3.1: clients wait for the greeting. With a greeting delay, one
+// that talks first is refused (the pre-greeting test of Postfix's postscreen).
+#[test]
+fn talking_before_the_greeting_is_refused() {
+    let extra = "[[listener]]\nkind = \"mx\"\naddress = \"127.0.0.1:0\"\ngreeting_delay_ms = 500\n";
+    let (_tree, mta) = started("mta-pregreet", extra);
+    let delayed: std::net::SocketAddr = mta
+        .daemon
+        .logs
+        .lines()
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("mta: listening mx ").map(|a| a.parse().unwrap()))
+        .unwrap();
+    let mut eager = TcpStream::connect(delayed).unwrap();
+    eager.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    eager.write_all(b"EHLO eager.example\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = eager.read_to_string(&mut reply);
+    assert!(reply.starts_with("554 5.5.0 "), "{reply:?}");
+
+    let mut patient = TcpStream::connect(delayed).unwrap();
+    patient.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    let mut greeting = [0u8; 128];
+    let n = patient.read(&mut greeting).unwrap();
+    assert!(greeting[..n].starts_with(b"220 mx.example.org ESMTP"), "{:?}", String::from_utf8_lossy(&greeting[..n]));
+    assert!(started.elapsed() >= Duration::from_millis(450));
+}
