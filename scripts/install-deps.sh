@@ -19,6 +19,11 @@ packages=(
     iptables
     openssl
     ca-certificates
+    qemu-system-x86   # kernel-glue VM tests: TCG guests with the real nbd driver
+    linux-image-amd64 # the guest kernel (/boot/vmlinuz-*) and its modules
+    busybox-static    # the guest's userland
+    socat             # qemu guestfwd: one host connection per guest connection
+    cpio              # packs the guest initramfs
     swaks                  # SMTP client for the mta tests
     libnet-ssleay-perl     # swaks STARTTLS / implicit TLS
     libio-socket-ssl-perl  # swaks STARTTLS / implicit TLS
@@ -69,7 +74,8 @@ if [ "$(id -u)" -eq 0 ]; then
     done
 fi
 
-for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3 swaks doveadm mariadbd mariadb-install-db mariadb; do
+for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3 \
+    qemu-system-x86_64 busybox socat cpio swaks doveadm mariadbd mariadb-install-db mariadb; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ] && [ ! -x "/sbin/$tool" ]; then
         echo "install-deps: $tool still missing" >&2
         exit 1

@@ -5,8 +5,10 @@
 //! postcard-encoded message. The server also checks the peer's credentials:
 //! only root or the server's own user may ask.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,13 +22,88 @@ use crate::server::stats::{ClientInfo, IoSnapshot};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ControlRequest {
     Status,
+    /// An admin command for the replicated resource.
+    Resource(ResourceCommand),
+    /// Stream a [`ControlResponse::Resource`] at every state change.
+    Events,
+}
+
+/// Admin commands of `replicator up`, named after the CLI's subcommands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ResourceCommand {
+    Status,
+    Primary { force: bool, epoch: Option<u64> },
+    Secondary,
+    Connect { discard_my_data: bool },
+    Disconnect,
+    Verify,
+    Invalidate,
+    ResumeIo,
+    Outdate,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ControlResponse {
     Status(Box<StatusReport>),
     Error(String),
+    Resource(Box<ResourceReport>),
+    Done(String),
 }
+
+/// What `replicator status RES` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResourceReport {
+    pub state: ReplicaState,
+    pub clients: Vec<ClientInfo>,
+    pub io: IoSnapshot,
+    pub pid: u32,
+}
+
+/// The replica's status, flattened for the wire (see
+/// `replication::replica::Status` for the meaning of each field).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaState {
+    pub resource: String,
+    pub node: String,
+    pub role: String,
+    pub disk: String,
+    pub connection: String,
+    pub peer_node: Option<String>,
+    pub peer_role: Option<String>,
+    pub peer_disk: Option<String>,
+    pub protocol: String,
+    pub epoch: u64,
+    pub generations: [u64; 4],
+    pub out_of_sync_bytes: u64,
+    pub suspended: bool,
+    pub resync: Option<ProgressReport>,
+    pub verify: Option<ProgressReport>,
+    pub verify_out_of_sync_bytes: u64,
+    pub last_error: Option<String>,
+    pub writes_in_flight: u64,
+    pub resync_sent_bytes: u64,
+    pub resync_received_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProgressReport {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub percent: f64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+}
+
+/// How a control request is answered: once, or as a stream.
+pub enum ControlReply {
+    One(ControlResponse),
+    Stream(tokio::sync::mpsc::Receiver<ControlResponse>),
+}
+
+pub type ControlFuture = Pin<Box<dyn Future<Output = ControlReply> + Send>>;
+
+/// Answers control requests; the daemon provides one.
+pub type ControlHandler = Arc<dyn Fn(ControlRequest) -> ControlFuture + Send + Sync>;
 
 /// What `replicator status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -87,18 +164,18 @@ async fn read_message(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Asks the server behind `path` for its status.
-pub async fn query_status(path: &Path) -> Result<StatusReport, ControlError> {
-    let mut stream = UnixStream::connect(path).await.map_err(|cause| {
+async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+    UnixStream::connect(path).await.map_err(|cause| {
         if cause.kind() == std::io::ErrorKind::PermissionDenied {
             ControlError::Permission(path.to_owned())
         } else {
             ControlError::Connect { path: path.to_owned(), cause }
         }
-    })?;
-    let io = |cause| ControlError::Io { path: path.to_owned(), cause };
-    write_message(&mut stream, &ControlRequest::Status).await.map_err(io)?;
-    let bytes = read_message(&mut stream).await.map_err(|cause| {
+    })
+}
+
+async fn receive(stream: &mut UnixStream, path: &Path) -> Result<ControlResponse, ControlError> {
+    let bytes = read_message(stream).await.map_err(|cause| {
         if cause.kind() == std::io::ErrorKind::UnexpectedEof {
             ControlError::Permission(path.to_owned())
         } else {
@@ -106,9 +183,47 @@ pub async fn query_status(path: &Path) -> Result<StatusReport, ControlError> {
         }
     })?;
     match postcard::from_bytes(&bytes) {
-        Ok(ControlResponse::Status(report)) => Ok(*report),
         Ok(ControlResponse::Error(message)) => Err(ControlError::Server(message)),
+        Ok(response) => Ok(response),
         Err(e) => Err(ControlError::Decode { path: path.to_owned(), cause: e.to_string() }),
+    }
+}
+
+/// Sends one request and returns the answer (errors from the server become
+/// [`ControlError::Server`]).
+pub async fn call(path: &Path, request: &ControlRequest) -> Result<ControlResponse, ControlError> {
+    let mut stream = connect(path).await?;
+    write_message(&mut stream, request).await.map_err(|cause| ControlError::Io { path: path.to_owned(), cause })?;
+    receive(&mut stream, path).await
+}
+
+/// Sends `request` and calls `each` for every answer until the server
+/// closes the stream or `each` returns false.
+pub async fn stream(
+    path: &Path,
+    request: &ControlRequest,
+    mut each: impl FnMut(ControlResponse) -> bool,
+) -> Result<(), ControlError> {
+    let mut stream = connect(path).await?;
+    write_message(&mut stream, request).await.map_err(|cause| ControlError::Io { path: path.to_owned(), cause })?;
+    loop {
+        match receive(&mut stream, path).await {
+            Ok(response) => {
+                if !each(response) {
+                    return Ok(());
+                }
+            }
+            Err(ControlError::Permission(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Asks the server behind `path` for its status.
+pub async fn query_status(path: &Path) -> Result<StatusReport, ControlError> {
+    match call(path, &ControlRequest::Status).await? {
+        ControlResponse::Status(report) => Ok(*report),
+        other => Err(ControlError::Server(format!("unexpected answer {other:?}"))),
     }
 }
 
@@ -131,7 +246,7 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Answers control requests until the task is dropped.
-pub async fn serve(listener: UnixListener, report: Arc<dyn Fn() -> StatusReport + Send + Sync>) {
+pub async fn serve(listener: UnixListener, handler: ControlHandler) {
     let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -143,19 +258,41 @@ pub async fn serve(listener: UnixListener, report: Arc<dyn Fn() -> StatusReport 
             tracing::warn!("control connection from an unauthorised user refused");
             continue;
         }
-        let report = report.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let exchange = async {
-                let bytes = read_message(&mut stream).await?;
-                let response = match postcard::from_bytes::<ControlRequest>(&bytes) {
-                    Ok(ControlRequest::Status) => ControlResponse::Status(Box::new(report())),
-                    Err(e) => ControlResponse::Error(format!("malformed request: {e}")),
-                };
-                write_message(&mut stream, &response).await
+            let request = match tokio::time::timeout(Duration::from_secs(5), read_message(&mut stream)).await {
+                Ok(Ok(bytes)) => postcard::from_bytes::<ControlRequest>(&bytes),
+                _ => return,
             };
-            if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(5), exchange).await {
-                tracing::debug!(error = %err, "control exchange failed");
+            let reply = match request {
+                Ok(request) => handler(request).await,
+                Err(e) => ControlReply::One(ControlResponse::Error(format!("malformed request: {e}"))),
+            };
+            match reply {
+                ControlReply::One(response) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), write_message(&mut stream, &response)).await;
+                }
+                ControlReply::Stream(mut responses) => {
+                    while let Some(response) = responses.recv().await {
+                        if write_message(&mut stream, &response).await.is_err() {
+                            break;
+                        }
+                    }
+                }
             }
         });
     }
+}
+
+/// The handler of a standalone `serve`: status only.
+pub fn status_only(report: Arc<dyn Fn() -> StatusReport + Send + Sync>) -> ControlHandler {
+    Arc::new(move |request| {
+        let response = match request {
+            ControlRequest::Status => ControlResponse::Status(Box::new(report())),
+            _ => ControlResponse::Error(
+                "this server serves a plain volume, not a replicated resource (started with `serve`, not `up`)".into(),
+            ),
+        };
+        Box::pin(async move { ControlReply::One(response) })
+    })
 }

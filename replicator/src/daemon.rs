@@ -75,6 +75,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         block_size_min: if config.direct_io { 512 } else { 1 },
         block_size_preferred: limits::NBD_BLOCK_BYTES_PREFERRED,
         block_size_max: limits::NBD_REQUEST_BYTES_MAX,
+        unavailable: None,
     };
     let shared = Arc::new(Shared::new(backing.clone(), export, config.tls_mode, tls_acceptor));
 
@@ -144,7 +145,8 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         if let Ok(addr) = listener.local_addr() {
             eprintln!("replicator: listening metrics {addr}");
         }
-        tokio::spawn(crate::metrics::serve(listener, report.clone()))
+        let report = report.clone();
+        tokio::spawn(crate::metrics::serve(listener, Arc::new(move || crate::metrics::render(&report()))))
     });
     if config.tls_mode == TlsMode::Off {
         tracing::info!("TLS disabled: NBD traffic is plaintext (set --tls optional|required to enable)");
@@ -158,7 +160,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     );
     eprintln!("replicator: ready");
 
-    let control_task = tokio::spawn(control::serve(control_listener, report.clone()));
+    let control_task = tokio::spawn(control::serve(control_listener, control::status_only(report.clone())));
     let accept_tasks: Vec<_> =
         listeners.into_iter().map(|listener| tokio::spawn(server::accept_loop(shared.clone(), listener))).collect();
 

@@ -4,6 +4,7 @@
 //! - [`nbd`]: the NBD protocol, sans-IO (handshake, requests, replies).
 //! - [`server`]: the NBD server shell (listeners, connections, counters).
 //! - [`backing`]: the io_uring I/O engine that owns the backing store.
+//! - [`replication`]: two-node mirroring (sans-IO core, link, resync).
 //! - [`metadata`]: the versioned, checksummed, crash-safe on-disk metadata.
 //! - [`device`]: facts about the backing file or block device.
 //! - [`daemon`]: `serve` start-up and shutdown order.
@@ -20,6 +21,7 @@ pub mod limits;
 pub mod metadata;
 pub mod metrics;
 pub mod nbd;
+pub mod replication;
 pub mod server;
 pub mod tls;
 

@@ -37,6 +37,19 @@ pub const SERVER_INFLIGHT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 /// Concurrent client connections (NBD, all listeners together).
 pub const SERVER_CONNECTIONS_MAX: usize = 1024;
 
+/// Largest control payload on the replication link (Hello, State,
+/// ResyncDone: a few hundred bytes in practice).
+pub const REPL_CONTROL_PAYLOAD_BYTES_MAX: u32 = 64 * 1024;
+
+/// Bytes one resync request covers (a run of dirty bitmap granules).
+pub const REPL_RESYNC_CHUNK_BYTES: u32 = 256 * 1024;
+
+/// Resync bytes a sync source keeps in flight (read, sent, not acked).
+pub const REPL_RESYNC_INFLIGHT_BYTES_MAX: u64 = 8 * 1024 * 1024;
+
+/// Largest bitmap frame: 4096 (index, word) pairs.
+pub const REPL_BITMAP_PAYLOAD_BYTES_MAX: u32 = 4096 * 16;
+
 /// Seconds a client may take to finish the handshake before it is dropped.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 

@@ -2,6 +2,8 @@
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 
+mod resource_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,6 +13,8 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use replicator::config::{self, Overrides};
 use replicator::metadata::{self, CreateOptions, MetaLocation};
 use replicator::nbd::handshake::TlsMode;
+
+mod attach;
 
 #[derive(Parser)]
 #[command(name = "replicator", version, about = "A replicated block volume served over NBD")]
@@ -26,10 +30,17 @@ enum Cmd {
     /// Print a volume's metadata superblock as JSON.
     DumpMd(DiskArgs),
     /// Serve a volume over NBD (foreground daemon).
-    #[command(visible_alias = "up")]
     Serve(Box<ServeArgs>),
-    /// Show a running server's volume, clients and I/O counters.
+    /// Run this node of a replicated resource (foreground daemon).
+    Up(resource_cmd::UpArgs),
+    #[command(flatten)]
+    Admin(resource_cmd::AdminCmd),
+    /// Show a resource's (or a plain server's) state, clients and I/O.
     Status(StatusArgs),
+    /// Make a block device of an NBD export; prints its path.
+    Attach(attach::AttachArgs),
+    /// Take away a device made by `attach`.
+    Detach(attach::DetachArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -128,7 +139,12 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct StatusArgs {
-    /// Control socket of the server.
+    /// Resource name or file (omit for a plain `serve`).
+    res: Option<String>,
+    /// This node's name in the resource file [default: the hostname].
+    #[arg(long)]
+    node: Option<String>,
+    /// Control socket of a plain `serve`.
     #[arg(long, value_name = "PATH", default_value = config::CONTROL_SOCKET_DEFAULT)]
     control: PathBuf,
     /// Print JSON instead of a table.
@@ -139,7 +155,7 @@ struct StatusArgs {
 /// An error that is the user's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct UsageError(String);
+pub(crate) struct UsageError(String);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -202,7 +218,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve(args) => serve(*args),
-        Cmd::Status(args) => status(args),
+        Cmd::Up(args) => resource_cmd::up(args),
+        Cmd::Admin(cmd) => resource_cmd::admin(cmd),
+        Cmd::Status(args) => match args.res {
+            Some(res) => resource_cmd::status(&resource_cmd::ResArgs { res, node: args.node }, args.json),
+            None => status(args),
+        },
+        Cmd::Attach(args) => attach::attach(args),
+        Cmd::Detach(args) => attach::detach(args),
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "replicator", &mut std::io::stdout());
             Ok(())

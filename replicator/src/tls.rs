@@ -33,7 +33,8 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// Reads every PEM `CERTIFICATE` in `path` (at least one).
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| TlsError::Certs { path: path.to_owned(), cause: e.to_string() })?
         .collect::<Result<Vec<_>, _>>()

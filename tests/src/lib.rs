@@ -6,6 +6,8 @@
 
 pub mod mta;
 pub mod nbd;
+pub mod netns;
+pub mod pair;
 pub mod server;
 pub mod tls;
 pub mod util;

@@ -205,6 +205,8 @@ pub struct Server {
     pub unix: Vec<PathBuf>,
     pub control: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// `listening replication` address (`replicator up`, accepting node).
+    pub replication: Option<SocketAddr>,
     exit_status: Option<ExitStatus>,
 }
 
@@ -235,8 +237,17 @@ impl Server {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
+        Self::spawn_from(replicator(), args)
+    }
+
+    /// Like [`Self::spawn`], from a prepared command (e.g. `ip netns exec
+    /// NS replicator`).
+    pub fn spawn_from<I, S>(mut c: Command, args: I) -> Result<Server>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-        let mut c = replicator();
         c.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         if std::env::var_os("RUST_LOG").is_none() {
             c.env("RUST_LOG", "info");
@@ -258,6 +269,7 @@ impl Server {
             unix: vec![],
             control: None,
             metrics: None,
+            replication: None,
             exit_status: None,
         };
         let res = server.logs.wait_line(2, Instant::now() + READY_TIMEOUT, |l| l.trim() == "replicator: ready");
@@ -289,6 +301,7 @@ impl Server {
                 ["control", path] => self.control = Some(PathBuf::from(path)),
                 ["control", a, b] => self.control = Some(PathBuf::from(format!("{a} {b}"))),
                 ["metrics", addr] => self.metrics = Some(addr.parse().map_err(|_| bad())?),
+                ["replication", addr] => self.replication = Some(addr.parse().map_err(|_| bad())?),
                 _ => return Err(bad()),
             }
         }

@@ -65,3 +65,29 @@ pub fn ca_only_dir(pki: &Pki, dir: &Path) -> Result<PathBuf> {
     std::fs::copy(&pki.ca_cert, dir.join("ca-cert.pem"))?;
     Ok(dir.to_path_buf())
 }
+
+/// Certificates for replication nodes: each valid for its node name, as
+/// both TLS server and client, signed by one CA (`ca.pem`). Files:
+/// `NAME.pem`, `NAME.key`.
+pub fn make_node_pki(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "replicator cluster CA");
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    for name in names {
+        let mut p = CertificateParams::new(vec![name.to_string()])?;
+        p.distinguished_name.push(DnType::CommonName, *name);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &ca, &ca_key)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+    }
+    Ok(dir.join("ca.pem"))
+}

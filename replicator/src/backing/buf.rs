@@ -178,6 +178,12 @@ impl DerefMut for AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl Clone for AlignedBuf {
     fn clone(&self) -> Self {
         Self::from_slice(self)

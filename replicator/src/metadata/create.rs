@@ -95,7 +95,7 @@ pub fn create(opts: &CreateOptions) -> Result<Metadata, MetadataError> {
         al_slots: params.al_slots,
         al_extent_bytes: params.al_extent_bytes,
         al_extents_max: params.al_extents_max,
-        generations: Generations { current: random_nonzero_u64(), ..Generations::default() },
+        generations: Generations { current: Generations::JUST_CREATED, ..Generations::default() },
         flags: MetaFlags { external, ..MetaFlags::default() },
         primary_epoch: 0,
         node_id: 0,
@@ -155,17 +155,6 @@ fn refuse_to_clobber(target: &Target, geometry: &Geometry, start: u64, resize_fi
             overwrite_bytes: geometry.device_size_bytes - geometry.data_size_bytes,
         }
     })
-}
-
-/// A random generation id; 0 means "none" so it is never chosen.
-fn random_nonzero_u64() -> u64 {
-    loop {
-        let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
-        let value = high ^ low.rotate_left(32);
-        if value != 0 {
-            return value;
-        }
-    }
 }
 
 fn sync_parent_dir(path: &Path) -> Result<(), MetadataError> {

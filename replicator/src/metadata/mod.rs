@@ -22,6 +22,7 @@
 //! `superblock.rs` (typed superblock), `error.rs`.
 
 mod create;
+mod dirty;
 mod error;
 mod geometry;
 mod layout;
@@ -38,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub use create::create;
+pub use dirty::{ActivityLogStore, BitmapStore};
 pub use error::MetadataError;
 pub use open::open;
 pub use superblock::{Generations, MetaFlags, Superblock};

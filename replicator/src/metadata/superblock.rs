@@ -4,7 +4,7 @@
 //! encoding. How it is laid out on disk lives in `layout.rs`; whether its
 //! sizes and offsets fit the device lives in `geometry.rs`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The decoded superblock of a volume.
 ///
@@ -35,13 +35,21 @@ pub struct Superblock {
     pub node_id: u32,
 }
 
-/// Generation identifiers, DRBD-style. Placeholders until replication uses
-/// them: at create time `current` is a random nonzero value, the rest are 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+/// Generation identifiers, DRBD-style (see `replication::generations` for
+/// how they evolve and what they decide). Fresh metadata holds
+/// [`Generations::JUST_CREATED`] and zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Generations {
     pub current: u64,
     pub bitmap: u64,
     pub history: [u64; 2],
+}
+
+impl Generations {
+    /// `current` of metadata that never held data: both nodes start with it,
+    /// connect without syncing, and stay Inconsistent until one is made
+    /// primary with `--force`, which starts the initial full sync.
+    pub const JUST_CREATED: u64 = 4;
 }
 
 /// Persistent state flags, stored as bits of a little-endian u64.
@@ -55,6 +63,12 @@ pub struct MetaFlags {
     pub primary: bool,
     /// The metadata lives in a separate file, not at the end of the disk.
     pub external: bool,
+    /// This node crashed while primary and has not resynced since: its
+    /// activity log's extents may differ from the peer's.
+    pub crashed_primary: bool,
+    /// The peer is known to hold newer data (set by a fence handler or the
+    /// admin); cleared by a resync.
+    pub outdated: bool,
 }
 
 impl MetaFlags {
@@ -62,8 +76,15 @@ impl MetaFlags {
     pub const CLEAN_SHUTDOWN: u64 = 1 << 1;
     pub const PRIMARY: u64 = 1 << 2;
     pub const EXTERNAL: u64 = 1 << 3;
+    pub const CRASHED_PRIMARY: u64 = 1 << 4;
+    pub const OUTDATED: u64 = 1 << 5;
     /// Every bit this build understands.
-    pub const KNOWN_BITS: u64 = Self::CONSISTENT | Self::CLEAN_SHUTDOWN | Self::PRIMARY | Self::EXTERNAL;
+    pub const KNOWN_BITS: u64 = Self::CONSISTENT
+        | Self::CLEAN_SHUTDOWN
+        | Self::PRIMARY
+        | Self::EXTERNAL
+        | Self::CRASHED_PRIMARY
+        | Self::OUTDATED;
 
     /// Encodes the flags as on-disk bits.
     pub fn to_bits(self) -> u64 {
@@ -73,6 +94,8 @@ impl MetaFlags {
             (self.clean_shutdown, Self::CLEAN_SHUTDOWN),
             (self.primary, Self::PRIMARY),
             (self.external, Self::EXTERNAL),
+            (self.crashed_primary, Self::CRASHED_PRIMARY),
+            (self.outdated, Self::OUTDATED),
         ] {
             if set {
                 bits |= bit;
@@ -94,6 +117,8 @@ impl MetaFlags {
             clean_shutdown: bits & Self::CLEAN_SHUTDOWN != 0,
             primary: bits & Self::PRIMARY != 0,
             external: bits & Self::EXTERNAL != 0,
+            crashed_primary: bits & Self::CRASHED_PRIMARY != 0,
+            outdated: bits & Self::OUTDATED != 0,
         })
     }
 }

@@ -22,6 +22,7 @@ pub fn handshake(data: &[u8]) {
         block_size_min: 1,
         block_size_preferred: limits::NBD_BLOCK_BYTES_PREFERRED,
         block_size_max: limits::NBD_REQUEST_BYTES_MAX,
+        unavailable: None,
     };
     let mut hs = Handshake::new(export, tls);
     let mut output_bytes = 0usize;

@@ -38,6 +38,9 @@ pub struct ExportInfo {
     pub block_size_min: u32,
     pub block_size_preferred: u32,
     pub block_size_max: u32,
+    /// Set when the export may not be opened now (a replicated volume on a
+    /// secondary): GO/INFO get NBD_REP_ERR_POLICY with this message.
+    pub unavailable: Option<String>,
 }
 
 /// The outcome of a successful handshake.
@@ -74,6 +77,8 @@ pub enum HandshakeError {
     TooManyOptions(u32),
     #[error("client asked for unknown export {0:?}")]
     UnknownExport(String),
+    #[error("client asked for an export that is unavailable: {0}")]
+    Unavailable(String),
     #[error("client used NBD_OPT_EXPORT_NAME without TLS while TLS is required")]
     TlsRequired,
     #[error("input of {got} bytes given where {wanted} were wanted")]
@@ -284,6 +289,9 @@ impl Handshake {
                 if !self.export_matches(data) {
                     return Err(HandshakeError::UnknownExport(name));
                 }
+                if let Some(why) = &self.export.unavailable {
+                    return Err(HandshakeError::Unavailable(why.clone()));
+                }
                 let flags = self.transmission_flags();
                 self.output.extend_from_slice(&self.export.size_bytes.to_be_bytes());
                 self.output.extend_from_slice(&flags.to_be_bytes());
@@ -322,6 +330,10 @@ impl Handshake {
         };
         if !self.export_matches(name) {
             self.reply_error(option, wire::REP_ERR_UNKNOWN, "no such export");
+            return;
+        }
+        if let Some(why) = self.export.unavailable.clone() {
+            self.reply_error(option, wire::REP_ERR_POLICY, &why);
             return;
         }
         let mut info = Vec::with_capacity(12);

@@ -15,6 +15,7 @@ fn export(read_only: bool) -> ExportInfo {
         block_size_min: 1,
         block_size_preferred: 4096,
         block_size_max: 32 << 20,
+        unavailable: None,
     }
 }
 

@@ -129,7 +129,9 @@ pub async fn serve<S: SplitStream>(
     client: &ClientGuard<'_>,
 ) -> Result<(), ConnectionError> {
     let timeout = Duration::from_secs(limits::HANDSHAKE_TIMEOUT_SECS);
-    let mut handshake = Handshake::new(shared.export.clone(), shared.tls_mode);
+    let mut export = shared.export.clone();
+    export.unavailable = shared.replica.as_ref().and_then(|r| r.unavailable());
+    let mut handshake = Handshake::new(export, shared.tls_mode);
     let step = tokio::time::timeout(timeout, drive_handshake(&mut handshake, stream))
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout(limits::HANDSHAKE_TIMEOUT_SECS))??;
@@ -173,6 +175,11 @@ async fn transmission<S: SplitStream>(
         base_allocation: negotiated.base_allocation,
     };
     let session = Session::new(config, shared.counters.clone(), shared.inflight_bytes.clone());
+    // A replicated volume's writes go through the replica's task, so its
+    // sessions stay in tokio; a plain volume's run on the I/O thread.
+    if shared.replica.is_some() {
+        return run_session(&shared, stream, session).await;
+    }
     match stream.into_hosted_fd() {
         Ok(fd) => hosted_transmission(&shared, fd?, session).await,
         Err(stream) => run_session(&shared, stream, session).await,
@@ -217,7 +224,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             batch.push(IoRequest { tag, op, done: done_tx.clone() });
         }
         if !batch.is_empty() {
-            shared.backing.submit_batch(batch.drain(..));
+            match &shared.replica {
+                Some(replica) => replica.submit_batch(batch.drain(..)),
+                None => shared.backing.submit_batch(batch.drain(..)),
+            }
         }
         while let Some(transmit) = session.poll_transmit() {
             let bytes = match &transmit {

@@ -25,6 +25,9 @@ use stats::{ClientRegistry, IoCounters};
 /// State shared by every connection of one export.
 pub struct Shared {
     pub backing: Backing,
+    /// Set for a replicated resource: writes go through the replica, and
+    /// the export is open only while this node is primary.
+    pub replica: Option<crate::replication::driver::ReplicaHandle>,
     pub export: ExportInfo,
     pub tls_mode: TlsMode,
     pub tls_acceptor: Option<TlsAcceptor>,
@@ -45,6 +48,7 @@ impl Shared {
         let units = limits::SERVER_INFLIGHT_BYTES_MAX / u64::from(limits::INFLIGHT_UNIT_BYTES);
         Shared {
             backing,
+            replica: None,
             export,
             tls_mode,
             tls_acceptor,

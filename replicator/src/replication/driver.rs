@@ -1,0 +1,580 @@
+//! The shell around [`Replica`]: one tokio task owns it, feeds it every
+//! input (NBD writes, disk completions, link events, admin commands,
+//! timers) and carries out its actions in order: metadata persistence
+//! (synchronous, before the next action), disk operations on the io_uring
+//! engine, frames to the link writer, answers to NBD sessions, the fence
+//! handler.
+//!
+//! [`ReplicaHandle`] is what the NBD server holds: reads go straight to
+//! the backing engine (a primary's disk is current), writes, trims, zeroes
+//! and flushes go through the replica.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::link::{self, LinkEvent, LinkStream, LinkTls, LinkWriter, Payload};
+use super::message::{Role, WriteKind};
+use super::replica::{Action, AdminError, AppId, AppWrite, DiskOp, DiskOutput, IoId, LinkId, Replica, Status};
+use super::resource::Resource;
+use crate::backing::{Backing, CompletionSender, IoCompletion, IoFailure, IoOp, IoOutput, IoRequest};
+use crate::control::{ProgressReport, ReplicaState, ResourceCommand};
+use crate::metadata::{ActivityLogStore, BitmapStore, Metadata, MetadataError};
+
+/// The NBD server's view of a replicated volume.
+#[derive(Clone)]
+pub struct ReplicaHandle {
+    app: mpsc::UnboundedSender<IoRequest>,
+    backing: Backing,
+    primary: watch::Receiver<bool>,
+    resource: String,
+}
+
+impl ReplicaHandle {
+    pub fn submit_batch(&self, reqs: impl IntoIterator<Item = IoRequest>) {
+        for req in reqs {
+            match req.op {
+                IoOp::Read { .. } | IoOp::BlockStatus { .. } => self.backing.submit(req),
+                _ => {
+                    if let Err(mpsc::error::SendError(req)) = self.app.send(req) {
+                        let _ = req.done.send(IoCompletion { tag: req.tag, result: Err(IoFailure::EngineStopped) });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Why a new NBD client may not open the volume now (a secondary's
+    /// data may be behind or mid-resync).
+    pub fn unavailable(&self) -> Option<String> {
+        (!*self.primary.borrow())
+            .then(|| format!("resource {} is Secondary on this node; connect to the primary", self.resource))
+    }
+}
+
+/// Where an admin command's answer goes.
+pub type AdminReplyTx = oneshot::Sender<Result<AdminReply, String>>;
+
+/// An admin command and where to send its answer.
+pub struct AdminCall {
+    pub command: ResourceCommand,
+    pub reply: AdminReplyTx,
+}
+
+pub enum AdminReply {
+    Done(String),
+    State(Box<ReplicaState>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("failed to persist replication metadata: {0}")]
+    Persist(#[from] MetadataError),
+}
+
+pub struct Driver {
+    replica: Replica<Payload>,
+    res: Resource,
+    meta: Metadata,
+    bitmap_store: BitmapStore,
+    al_store: ActivityLogStore,
+    backing: Backing,
+    start: Instant,
+    app_rx: mpsc::UnboundedReceiver<IoRequest>,
+    disk_tx: CompletionSender,
+    disk_rx: mpsc::UnboundedReceiver<IoCompletion>,
+    link_tx: mpsc::Sender<LinkEvent>,
+    link_rx: mpsc::Receiver<LinkEvent>,
+    stream_tx: mpsc::Sender<Result<Box<dyn LinkStream>, String>>,
+    stream_rx: mpsc::Receiver<Result<Box<dyn LinkStream>, String>>,
+    fence_tx: mpsc::Sender<bool>,
+    fence_rx: mpsc::Receiver<bool>,
+    admin_rx: mpsc::Receiver<AdminCall>,
+    pending_app: HashMap<AppId, (u64, CompletionSender)>,
+    next_app: AppId,
+    checksum_ios: HashSet<IoId>,
+    link: Option<(LinkId, LinkWriter)>,
+    next_link: LinkId,
+    connecting: bool,
+    next_attempt: Instant,
+    tls: Option<LinkTls>,
+    status_tx: watch::Sender<Status>,
+    primary_tx: watch::Sender<bool>,
+    nbd_clients: Arc<dyn Fn() -> usize + Send + Sync>,
+    /// Role-change answers held until the peer applied the change, so a
+    /// `secondary` here followed by `primary` there never races.
+    settling: Vec<(AdminReplyTx, String, Instant)>,
+}
+
+/// What `up` needs to talk to a running driver.
+pub struct DriverParts {
+    pub handle: ReplicaHandle,
+    pub admin: mpsc::Sender<AdminCall>,
+    pub status: watch::Receiver<Status>,
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        replica: Replica<Payload>,
+        res: Resource,
+        meta: Metadata,
+        bitmap_store: BitmapStore,
+        al_store: ActivityLogStore,
+        backing: Backing,
+        tls: Option<LinkTls>,
+        nbd_clients: Arc<dyn Fn() -> usize + Send + Sync>,
+    ) -> (Driver, DriverParts) {
+        let (app_tx, app_rx) = mpsc::unbounded_channel();
+        let (disk_tx, disk_rx) = mpsc::unbounded_channel();
+        let (link_tx, link_rx) = mpsc::channel(256);
+        let (stream_tx, stream_rx) = mpsc::channel(4);
+        let (fence_tx, fence_rx) = mpsc::channel(1);
+        let (admin_tx, admin_rx) = mpsc::channel(16);
+        let status = replica.status(0);
+        let (status_tx, status_rx) = watch::channel(status);
+        let (primary_tx, primary_rx) = watch::channel(replica.role() == Role::Primary);
+        let handle =
+            ReplicaHandle { app: app_tx, backing: backing.clone(), primary: primary_rx, resource: res.name.clone() };
+        let driver = Driver {
+            replica,
+            res,
+            meta,
+            bitmap_store,
+            al_store,
+            backing,
+            start: Instant::now(),
+            app_rx,
+            disk_tx,
+            disk_rx,
+            link_tx,
+            link_rx,
+            stream_tx,
+            stream_rx,
+            fence_tx,
+            fence_rx,
+            admin_rx,
+            pending_app: HashMap::new(),
+            next_app: 1,
+            checksum_ios: HashSet::new(),
+            link: None,
+            next_link: 1,
+            connecting: false,
+            next_attempt: Instant::now(),
+            tls,
+            status_tx,
+            primary_tx,
+            nbd_clients,
+            settling: Vec::new(),
+        };
+        (driver, DriverParts { handle, admin: admin_tx, status: status_rx })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Accepts peer connections forever (the node with the higher id).
+    pub fn spawn_acceptor(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        let tls = self.tls.clone();
+        let tx = self.stream_tx.clone();
+        let timeout = Duration::from_millis(self.res.io_timeout_ms);
+        let peer = self.res.peer.name.clone();
+        tokio::spawn(async move {
+            loop {
+                match link::accept(&listener, tls.as_ref(), timeout).await {
+                    Ok((stream, from)) => {
+                        tracing::debug!(%from, %peer, "peer connection accepted");
+                        if tx.send(Ok(stream)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, "refused a replication connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Runs until `shutdown` flips; then persists a clean state.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), DriverError> {
+        self.execute()?;
+        loop {
+            self.maybe_connect();
+            let now = self.now_ms();
+            let wake = self.replica.poll_timeout().map(|t| self.start + Duration::from_millis(t.max(now)));
+            let reconnect =
+                (self.replica.wants_link() && self.link.is_none() && !self.connecting).then_some(self.next_attempt);
+            tokio::select! {
+                Some(req) = self.app_rx.recv() => self.app_request(req),
+                Some(done) = self.disk_rx.recv() => self.disk_done(done),
+                Some(event) = self.link_rx.recv() => self.link_event(event),
+                Some(stream) = self.stream_rx.recv() => {
+                    self.connecting = false;
+                    match stream {
+                        Ok(stream) => self.stream_up(stream),
+                        Err(why) => {
+                            tracing::debug!(resource = %self.res.name, "connect attempt failed: {why}");
+                            self.next_attempt = Instant::now() + Duration::from_millis(self.res.connect_interval_ms);
+                        }
+                    }
+                }
+                Some(ok) = self.fence_rx.recv() => {
+                    let now = self.now_ms();
+                    self.replica.handle_fence_result(now, ok);
+                }
+                Some(call) = self.admin_rx.recv() => self.admin(call),
+                _ = sleep_until(wake), if wake.is_some() => {
+                    let now = self.now_ms();
+                    self.replica.handle_timeout(now);
+                }
+                _ = sleep_until(reconnect), if reconnect.is_some() => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        let now = self.now_ms();
+                        self.replica.shutdown(now);
+                        self.execute()?;
+                        if let Some((_, writer)) = self.link.take() {
+                            writer.close();
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            self.execute()?;
+        }
+    }
+
+    fn maybe_connect(&mut self) {
+        let connector = self.res.local.id < self.res.peer.id;
+        if !connector || !self.replica.wants_link() || self.link.is_some() || self.connecting {
+            return;
+        }
+        if Instant::now() < self.next_attempt {
+            return;
+        }
+        self.connecting = true;
+        let (addr, tls, tx) = (self.res.peer.address, self.tls.clone(), self.stream_tx.clone());
+        let timeout = Duration::from_millis(self.res.io_timeout_ms);
+        tokio::spawn(async move {
+            let result = link::connect(addr, tls.as_ref(), timeout).await.map_err(|e| e.to_string());
+            let _ = tx.send(result).await;
+        });
+    }
+
+    fn stream_up(&mut self, stream: Box<dyn LinkStream>) {
+        if !self.replica.wants_link() || self.link.is_some() {
+            return; // dropped: closes the connection
+        }
+        let id = self.next_link;
+        self.next_link += 1;
+        let writer = link::start(id, stream, self.link_tx.clone());
+        self.link = Some((id, writer));
+        tracing::info!(resource = %self.res.name, peer = %self.res.peer.name, link = id, "connected to the peer");
+        let now = self.now_ms();
+        self.replica.handle_connected(now, id);
+    }
+
+    fn link_event(&mut self, event: LinkEvent) {
+        let now = self.now_ms();
+        match event {
+            LinkEvent::Message { link, msg } => self.replica.handle_message(now, link, msg),
+            LinkEvent::FrameError { link, error } => self.replica.handle_frame_error(now, link, &error),
+            LinkEvent::Closed { link, why } => {
+                if self.link.as_ref().is_some_and(|(id, _)| *id == link) {
+                    tracing::info!(resource = %self.res.name, "link closed: {why}");
+                    if let Some((_, writer)) = self.link.take() {
+                        writer.close();
+                    }
+                    self.next_attempt = Instant::now() + Duration::from_millis(self.res.connect_interval_ms);
+                }
+                self.replica.handle_disconnected(now, link);
+            }
+        }
+    }
+
+    fn app_request(&mut self, req: IoRequest) {
+        let now = self.now_ms();
+        let id = self.next_app;
+        self.next_app += 1;
+        let IoRequest { tag, op, done } = req;
+        let write = |kind, offset, len, fua, data| AppWrite { id, offset, len, kind, fua, data };
+        let w = match op {
+            IoOp::Write { offset, data, fua } => {
+                let len = data.len() as u32;
+                write(WriteKind::Write, offset, len, fua, Some(data))
+            }
+            IoOp::Trim { offset, len } => write(WriteKind::Trim, offset, len, false, None),
+            IoOp::WriteZeroes { fast_only: true, .. } => {
+                // Fast zeroing cannot be promised for both disks.
+                let _ = done.send(IoCompletion { tag, result: Err(IoFailure::NotSupported) });
+                return;
+            }
+            IoOp::WriteZeroes { offset, len, fua, .. } => write(WriteKind::Zeroes, offset, len, fua, None),
+            IoOp::Flush => {
+                self.pending_app.insert(id, (tag, done));
+                self.replica.handle_flush(now, id);
+                return;
+            }
+            IoOp::Read { .. } | IoOp::BlockStatus { .. } => {
+                self.backing.submit(IoRequest { tag, op, done });
+                return;
+            }
+        };
+        self.pending_app.insert(id, (tag, done));
+        self.replica.handle_write(now, w);
+    }
+
+    fn disk_done(&mut self, done: IoCompletion) {
+        let now = self.now_ms();
+        let io = done.tag;
+        let checksum = self.checksum_ios.remove(&io);
+        let result = match done.result {
+            Ok(IoOutput::Read(buf)) if checksum => Ok(DiskOutput::Checksum(crc32fast::hash(&buf))),
+            Ok(IoOutput::Read(buf)) => Ok(DiskOutput::Data(buf)),
+            Ok(_) => Ok(DiskOutput::Done),
+            Err(failure) => Err(failure.errno()),
+        };
+        self.replica.handle_disk(now, io, result);
+    }
+
+    /// Carries out the replica's actions, in order.
+    fn execute(&mut self) -> Result<(), DriverError> {
+        while let Some(action) = self.replica.poll_action() {
+            match action {
+                Action::PersistMeta(m) => tokio::task::block_in_place(|| {
+                    self.meta.update(|sb| {
+                        sb.generations = m.generations;
+                        sb.flags.consistent = m.consistent;
+                        sb.flags.outdated = m.outdated;
+                        sb.flags.primary = m.primary;
+                        sb.flags.crashed_primary = m.crashed_primary;
+                        sb.flags.clean_shutdown = m.clean_shutdown;
+                        sb.primary_epoch = m.epoch;
+                    })
+                })?,
+                Action::PersistBitmap => {
+                    let words = self.replica.bitmap().words();
+                    tokio::task::block_in_place(|| self.bitmap_store.store(&self.meta, words))?;
+                }
+                Action::PersistActivityLog(extents) => {
+                    tokio::task::block_in_place(|| self.al_store.store(&self.meta, &extents))?;
+                }
+                Action::Disk { io, op } => {
+                    let op = match op {
+                        DiskOp::Write { offset, len, kind, fua, data } => match (kind, data) {
+                            (WriteKind::Write, Some(data)) => IoOp::Write { offset, data, fua },
+                            (WriteKind::Trim, _) => IoOp::Trim { offset, len },
+                            _ => IoOp::WriteZeroes { offset, len, may_trim: false, fast_only: false, fua },
+                        },
+                        DiskOp::Read { offset, len } => IoOp::Read { offset, len },
+                        DiskOp::Checksum { offset, len } => {
+                            self.checksum_ios.insert(io);
+                            IoOp::Read { offset, len }
+                        }
+                        DiskOp::Flush => IoOp::Flush,
+                    };
+                    self.backing.submit(IoRequest { tag: io, op, done: self.disk_tx.clone() });
+                }
+                Action::Send { link, msg } => {
+                    if let Some((id, writer)) = &self.link {
+                        if *id == link {
+                            writer.send(msg);
+                        }
+                    }
+                }
+                Action::Complete { id, result } => {
+                    if let Some((tag, done)) = self.pending_app.remove(&id) {
+                        let result = result.map(|()| IoOutput::Done).map_err(IoFailure::Errno);
+                        let _ = done.send(IoCompletion { tag, result });
+                    }
+                }
+                Action::CloseLink { link } => {
+                    if self.link.as_ref().is_some_and(|(id, _)| *id == link) {
+                        if let Some((_, writer)) = self.link.take() {
+                            writer.close();
+                        }
+                        self.next_attempt = Instant::now() + Duration::from_millis(self.res.connect_interval_ms);
+                    }
+                }
+                Action::Fence => self.spawn_fence(),
+            }
+        }
+        if !self.settling.is_empty() {
+            let settled = self.replica.state_settled();
+            let deadline = Duration::from_millis(self.res.io_timeout_ms);
+            for (reply, message, since) in std::mem::take(&mut self.settling) {
+                if settled || since.elapsed() > deadline {
+                    let _ = reply.send(Ok(AdminReply::Done(message)));
+                } else {
+                    self.settling.push((reply, message, since));
+                }
+            }
+        }
+        let now = self.now_ms();
+        let status = self.replica.status(now);
+        self.status_tx.send_if_modified(|old| {
+            let changed = *old != status;
+            if changed {
+                *old = status;
+            }
+            changed
+        });
+        self.primary_tx.send_if_modified(|p| {
+            let now_primary = self.replica.role() == Role::Primary;
+            let changed = *p != now_primary;
+            *p = now_primary;
+            changed
+        });
+        Ok(())
+    }
+
+    /// Runs the fence-peer handler (DRBD's exit-code convention: 3, 4, 5
+    /// and 7 mean the peer is outdated, down or fenced; 0 is accepted too).
+    fn spawn_fence(&self) {
+        let tx = self.fence_tx.clone();
+        let Some(handler) = self.res.fence_peer.clone() else {
+            tracing::error!(resource = %self.res.name, "fencing is configured but handlers.fence-peer is not set");
+            tokio::spawn(async move {
+                let _ = tx.send(false).await;
+            });
+            return;
+        };
+        let (resource, peer, address) =
+            (self.res.name.clone(), self.res.peer.name.clone(), self.res.peer.address.to_string());
+        tokio::spawn(async move {
+            tracing::warn!(%resource, %peer, handler = %handler.display(), "running the fence-peer handler");
+            let run = tokio::process::Command::new(&handler)
+                .env("REPLICATOR_RESOURCE", &resource)
+                .env("REPLICATOR_PEER", &peer)
+                .env("REPLICATOR_PEER_ADDRESS", &address)
+                .kill_on_drop(true)
+                .status();
+            let ok = match tokio::time::timeout(Duration::from_secs(60), run).await {
+                Ok(Ok(status)) => {
+                    let code = status.code();
+                    tracing::warn!(%resource, ?code, "fence-peer handler finished");
+                    matches!(code, Some(0 | 3 | 4 | 5 | 7))
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(%resource, "cannot run the fence-peer handler {}: {e}", handler.display());
+                    false
+                }
+                Err(_) => {
+                    tracing::error!(%resource, "the fence-peer handler timed out after 60 s");
+                    false
+                }
+            };
+            let _ = tx.send(ok).await;
+        });
+    }
+
+    fn admin(&mut self, call: AdminCall) {
+        let now = self.now_ms();
+        let name = self.res.name.clone();
+        let done = |s: String| Ok(AdminReply::Done(s));
+        let err = |e: AdminError| Err(format!("{name}: {e}"));
+        let result = match call.command {
+            ResourceCommand::Status => Ok(AdminReply::State(Box::new(state(&self.replica.status(now))))),
+            ResourceCommand::Primary { force, epoch } => match self.replica.promote(now, force, epoch) {
+                Ok(()) => {
+                    let message = format!("{name}: Primary (epoch {})", self.replica.epoch());
+                    self.settling.push((call.reply, message, Instant::now()));
+                    return;
+                }
+                Err(e) => err(e),
+            },
+            ResourceCommand::Secondary => {
+                let clients = (self.nbd_clients)();
+                if clients > 0 {
+                    Err(format!(
+                        "{name}: {clients} NBD client(s) still connected; unmount and disconnect them first \
+                         (e.g. `replicator detach {name}`)"
+                    ))
+                } else {
+                    match self.replica.demote(now) {
+                        Ok(()) => {
+                            self.settling.push((call.reply, format!("{name}: Secondary"), Instant::now()));
+                            return;
+                        }
+                        Err(e) => err(e),
+                    }
+                }
+            }
+            ResourceCommand::Connect { discard_my_data } => {
+                self.replica.connect(now, discard_my_data);
+                done(format!(
+                    "{name}: connecting{}",
+                    if discard_my_data { " (discarding local changes on split brain)" } else { "" }
+                ))
+            }
+            ResourceCommand::Disconnect => {
+                self.replica.disconnect(now);
+                done(format!("{name}: StandAlone"))
+            }
+            ResourceCommand::Verify => match self.replica.verify(now) {
+                Ok(()) => done(format!("{name}: online verify started; watch `replicator status {name}`")),
+                Err(e) => err(e),
+            },
+            ResourceCommand::Invalidate => match self.replica.invalidate(now) {
+                Ok(()) => done(format!("{name}: invalidated; a full resync from the peer follows")),
+                Err(e) => err(e),
+            },
+            ResourceCommand::ResumeIo => {
+                self.replica.resume_io(now);
+                done(format!("{name}: I/O resumed"))
+            }
+            ResourceCommand::Outdate => match self.replica.outdate(now) {
+                Ok(()) => done(format!("{name}: Outdated")),
+                Err(e) => err(e),
+            },
+        };
+        let _ = call.reply.send(result);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wire form of a replica's status.
+pub fn state(s: &Status) -> ReplicaState {
+    let progress = |p: &super::replica::Progress| ProgressReport {
+        total_bytes: p.total_bytes,
+        done_bytes: p.done_bytes,
+        percent: p.percent,
+        rate_bytes_per_sec: p.rate_bytes_per_sec,
+        eta_secs: p.eta_secs,
+    };
+    let g = &s.generations;
+    ReplicaState {
+        resource: s.resource.clone(),
+        node: s.node.clone(),
+        role: format!("{:?}", s.role),
+        disk: format!("{:?}", s.disk),
+        connection: format!("{:?}", s.connection),
+        peer_node: s.peer_node.clone(),
+        peer_role: s.peer_role.map(|r| format!("{r:?}")),
+        peer_disk: s.peer_disk.map(|d| format!("{d:?}")),
+        protocol: format!("{:?}", s.protocol),
+        epoch: s.epoch,
+        generations: [g.current, g.bitmap, g.history[0], g.history[1]],
+        out_of_sync_bytes: s.out_of_sync_bytes,
+        suspended: s.suspended,
+        resync: s.resync.as_ref().map(progress),
+        verify: s.verify.as_ref().map(progress),
+        verify_out_of_sync_bytes: s.verify_out_of_sync_bytes,
+        last_error: s.last_error.clone(),
+        writes_in_flight: s.writes_in_flight as u64,
+        resync_sent_bytes: s.resync_sent_bytes,
+        resync_received_bytes: s.resync_received_bytes,
+    }
+}

@@ -1,0 +1,2018 @@
+//! `Replica`: one node's replication state machine, sans-IO.
+//!
+//! It owns roles, disk and connection states, generation identifiers, the
+//! dirty bitmap and activity log, the primary's write path (protocols
+//! A/B/C, barriers, fencing freeze), the secondary's ordered apply queue,
+//! resync (source and target) and online verify. It never touches a
+//! socket, a file or a clock:
+//!
+//! - inputs are `handle_*(now_ms, …)` calls and admin methods;
+//! - outputs are [`Action`]s drained with [`Replica::poll_action`], which the
+//!   shell must carry out **in order**; `Persist*` actions are synchronous
+//!   (durable before the next action runs), everything else is started and
+//!   its result comes back as an input;
+//! - [`Replica::poll_timeout`] says when to call [`Replica::handle_timeout`].
+//!
+//! `P` is the shell's data buffer; the core clones it when the same data
+//! goes to the disk and to the peer, and otherwise only moves it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::RangeInclusive;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::activity_log::ActivityLog;
+use super::apply::{ApplyQueue, InKind, Incoming, Started};
+use super::bitmap::Bitmap;
+use super::generations::{self, AfterSplitBrain, Decision, Side};
+use super::message::{AckKind, DiskState, Hello, Message, PeerState, Protocol, ResyncDone, Role, WriteKind};
+use super::resync::{Resync, Verify};
+use super::wire::FrameError;
+use crate::metadata::Generations;
+
+pub type AppId = u64;
+pub type IoId = u64;
+pub type LinkId = u64;
+
+/// What a primary does when it loses its peer (DRBD's `fencing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fencing {
+    /// Carry on alone.
+    DontCare,
+    /// Run the fence handler (to outdate the peer), without waiting.
+    ResourceOnly,
+    /// Freeze I/O, run the fence handler, resume only when it succeeds.
+    ResourceAndStonith,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub resource: String,
+    pub node_name: String,
+    pub node_id: u32,
+    pub size_bytes: u64,
+    pub granularity_bytes: u32,
+    pub al_extent_bytes: u32,
+    pub al_extents_max: u32,
+    pub protocol: Protocol,
+    pub fencing: Fencing,
+    pub after_split_brain: AfterSplitBrain,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub io_timeout_ms: u64,
+    pub resync_rate_min_bytes_per_sec: u64,
+    pub resync_rate_max_bytes_per_sec: u64,
+    pub resync_chunk_bytes: u32,
+    pub resync_inflight_bytes_max: u64,
+    pub resync_checksums: bool,
+    /// Seeds the generation-id generator (a fresh random value in production).
+    pub seed: u64,
+}
+
+/// What the shell loaded from the metadata at start.
+#[derive(Debug, Clone)]
+pub struct Persisted {
+    pub generations: Generations,
+    pub consistent: bool,
+    pub outdated: bool,
+    pub primary: bool,
+    pub crashed_primary: bool,
+    pub clean_shutdown: bool,
+    pub epoch: u64,
+    pub bitmap_words: Vec<u64>,
+    pub al_extents: Vec<u32>,
+}
+
+/// The persistent state the shell must write (superblock fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MetaState {
+    pub generations: Generations,
+    pub consistent: bool,
+    pub outdated: bool,
+    pub primary: bool,
+    pub crashed_primary: bool,
+    pub clean_shutdown: bool,
+    pub epoch: u64,
+}
+
+/// An application write handed to [`Replica::handle_write`].
+#[derive(Debug)]
+pub struct AppWrite<P> {
+    pub id: AppId,
+    pub offset: u64,
+    pub len: u32,
+    pub kind: WriteKind,
+    pub fua: bool,
+    /// `Some` exactly for [`WriteKind::Write`].
+    pub data: Option<P>,
+}
+
+#[derive(Debug)]
+pub enum DiskOp<P> {
+    Write {
+        offset: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+        data: Option<P>,
+    },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    /// crc32 of the range.
+    Checksum {
+        offset: u64,
+        len: u32,
+    },
+    Flush,
+}
+
+#[derive(Debug)]
+pub enum DiskOutput<P> {
+    Done,
+    Data(P),
+    Checksum(u32),
+}
+
+#[derive(Debug)]
+pub enum Action<P> {
+    /// Write the superblock fields durably before the next action.
+    PersistMeta(MetaState),
+    /// Write [`Replica::bitmap`] durably before the next action.
+    PersistBitmap,
+    /// Write the activity log's extent set durably before the next action.
+    PersistActivityLog(Vec<u32>),
+    Disk {
+        io: IoId,
+        op: DiskOp<P>,
+    },
+    Send {
+        link: LinkId,
+        msg: Message<P>,
+    },
+    /// Answer an application request (errno on failure).
+    Complete {
+        id: AppId,
+        result: Result<(), i32>,
+    },
+    /// Drop this link; if [`Replica::wants_link`], connect again later.
+    CloseLink {
+        link: LinkId,
+    },
+    /// Run the fence handler against the peer; answer with
+    /// [`Replica::handle_fence_result`].
+    Fence,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("the peer is primary; demote it first (`replicator secondary` on the peer)")]
+    PeerIsPrimary,
+    #[error("the local disk is {0:?}, not UpToDate; promote anyway with --force (the peer's newer data will be overwritten)")]
+    NotUpToDate(DiskState),
+    #[error("epoch {given} is not newer than epoch {seen} already seen; give a larger epoch or none")]
+    StaleEpoch { given: u64, seen: u64 },
+    #[error("already primary (give a newer --epoch to raise this primary's epoch)")]
+    AlreadyPrimary,
+    #[error("not primary")]
+    NotPrimary,
+    #[error("{0} writes still in flight; wait for them or disconnect the clients first")]
+    WritesInFlight(usize),
+    #[error("verify needs a connected peer with both disks UpToDate (now {0})")]
+    CannotVerify(String),
+    #[error("invalidate is refused on a primary; demote first")]
+    InvalidatePrimary,
+    #[error("the connection handshake is in progress; retry in a moment")]
+    Handshaking,
+}
+
+/// Connection state names as DRBD users know them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ConnName {
+    StandAlone,
+    Connecting,
+    /// Link up, generations being compared.
+    WfReportParams,
+    /// Decided to resync, exchanging bitmaps.
+    WfBitmap,
+    Connected,
+    SyncSource,
+    SyncTarget,
+    VerifySource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Progress {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub percent: f64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub resource: String,
+    pub node: String,
+    pub role: Role,
+    pub disk: DiskState,
+    pub connection: ConnName,
+    pub peer_role: Option<Role>,
+    pub peer_disk: Option<DiskState>,
+    pub peer_node: Option<String>,
+    pub protocol: Protocol,
+    pub epoch: u64,
+    pub generations: Generations,
+    pub out_of_sync_bytes: u64,
+    pub suspended: bool,
+    pub resync: Option<Progress>,
+    pub verify: Option<Progress>,
+    pub verify_out_of_sync_bytes: u64,
+    pub last_error: Option<String>,
+    pub writes_in_flight: usize,
+    pub resync_sent_bytes: u64,
+    pub resync_received_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerWait {
+    /// The link was down when the write was issued (or went down): it is in
+    /// the bitmap instead.
+    NotReplicated,
+    Sent,
+    Received,
+    Done,
+}
+
+#[derive(Debug)]
+struct Write {
+    offset: u64,
+    len: u32,
+    extents: RangeInclusive<u32>,
+    local: Option<Result<(), i32>>,
+    peer: PeerWait,
+    /// The application has its answer (protocols A and B answer before the
+    /// peer's final ack; the entry stays until then).
+    answered: bool,
+    /// The peer acknowledged writing it.
+    peer_wrote: bool,
+}
+
+#[derive(Debug)]
+struct Flush {
+    local: Option<Result<(), i32>>,
+    peer: PeerWait,
+}
+
+#[derive(Debug)]
+enum Deferred<P> {
+    Write { id: AppId, offset: u64, len: u32, kind: WriteKind, fua: bool, data: Option<P> },
+    Flush { id: AppId },
+}
+
+/// Something sent that awaits an answer from the peer, by seq.
+#[derive(Debug, Clone, Copy)]
+enum Outstanding {
+    Write(AppId),
+    Flush(AppId),
+    Resync,
+    Verify,
+}
+
+#[derive(Debug)]
+enum IoPurpose {
+    AppWrite(AppId),
+    AppFlush(AppId),
+    /// A secondary applying something the peer sent.
+    Apply {
+        link: LinkId,
+    },
+    ResyncRead {
+        link: LinkId,
+        seq: u64,
+    },
+    VerifyRead {
+        link: LinkId,
+        seq: u64,
+    },
+}
+
+#[derive(Debug)]
+enum Conn {
+    StandAlone,
+    Connecting,
+    /// Hello sent; `sent` is what it said about us, which the decision must
+    /// use (the peer decides from exactly that).
+    Handshaking {
+        link: LinkId,
+        since_ms: u64,
+        sent: Side,
+    },
+    Established(Box<Peer>),
+}
+
+#[derive(Debug)]
+struct Peer {
+    link: LinkId,
+    name: String,
+    role: Role,
+    disk: DiskState,
+    last_rx_ms: u64,
+    last_tx_ms: u64,
+    ping_sent_ms: Option<u64>,
+    sync: Sync,
+    /// This connection reached the replicating state (a primary starts a new
+    /// generation when it loses such a peer, not after a failed handshake).
+    replicating: bool,
+}
+
+/// What the connection is doing besides replicating application writes.
+/// The resync and verify drivers themselves live in `Replica::resync` and
+/// `Replica::verify`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    None,
+    /// Waiting for the peer's bitmap before the resync can start.
+    SourceWaitBitmap,
+    Source,
+    /// Sent my bitmap; applying resync data until ResyncDone.
+    Target,
+    Verify,
+}
+
+pub struct Replica<P> {
+    cfg: Config,
+    role: Role,
+    disk: DiskState,
+    generations: Generations,
+    consistent: bool,
+    outdated: bool,
+    crashed_primary: bool,
+    /// Newest primary epoch seen (own epoch while primary).
+    epoch: u64,
+    bitmap: Bitmap,
+    al: ActivityLog,
+    conn: Conn,
+    frozen: bool,
+    fence_running: bool,
+    discard_my_data: bool,
+    writes: HashMap<AppId, Write>,
+    flushes: HashMap<AppId, Flush>,
+    deferred: VecDeque<Deferred<P>>,
+    outstanding: BTreeMap<u64, (Outstanding, u64)>,
+    ios: HashMap<IoId, IoPurpose>,
+    apply: ApplyQueue<P>,
+    next_io: IoId,
+    next_seq: u64,
+    barrier: u64,
+    completed_since_barrier: bool,
+    last_app_write_ms: u64,
+    rng: u64,
+    actions: VecDeque<Action<P>>,
+    last_error: Option<String>,
+    verify_oos_bytes: u64,
+    resync_sent_bytes: u64,
+    resync_received_bytes: u64,
+    last_bitmap_persist_ms: u64,
+    bitmap_unpersisted: bool,
+    resync: Option<Resync>,
+    verify: Option<Verify>,
+    /// The latest `now_ms` given to any input.
+    now_ms: u64,
+    /// A role change was sent and the peer has not yet answered the ping
+    /// that follows it (so it may not have applied it).
+    state_unconfirmed: bool,
+}
+
+impl<P: Clone> Replica<P> {
+    /// Starts from persisted state. After a crash (no clean shutdown) of a
+    /// primary, the activity log's extents are merged into the bitmap and the
+    /// node is marked crashed-primary, both persisted before anything else.
+    pub fn new(cfg: Config, persisted: Persisted, now_ms: u64) -> Replica<P> {
+        let bitmap = Bitmap::from_words(cfg.size_bytes, cfg.granularity_bytes, &persisted.bitmap_words);
+        let al = ActivityLog::new(cfg.al_extent_bytes, cfg.al_extents_max, &persisted.al_extents);
+        let disk = if !persisted.consistent {
+            DiskState::Inconsistent
+        } else if persisted.outdated {
+            DiskState::Outdated
+        } else {
+            DiskState::UpToDate
+        };
+        let mut r = Replica {
+            role: if persisted.primary && persisted.clean_shutdown { Role::Primary } else { Role::Secondary },
+            disk,
+            generations: persisted.generations,
+            consistent: persisted.consistent,
+            outdated: persisted.outdated,
+            crashed_primary: persisted.crashed_primary,
+            epoch: persisted.epoch,
+            bitmap,
+            al,
+            conn: Conn::Connecting,
+            frozen: false,
+            fence_running: false,
+            discard_my_data: false,
+            writes: HashMap::new(),
+            flushes: HashMap::new(),
+            deferred: VecDeque::new(),
+            outstanding: BTreeMap::new(),
+            ios: HashMap::new(),
+            apply: ApplyQueue::default(),
+            next_io: 1,
+            next_seq: 1,
+            barrier: 0,
+            completed_since_barrier: false,
+            last_app_write_ms: 0,
+            rng: cfg.seed | 1,
+            actions: VecDeque::new(),
+            last_error: None,
+            verify_oos_bytes: 0,
+            resync_sent_bytes: 0,
+            resync_received_bytes: 0,
+            last_bitmap_persist_ms: now_ms,
+            bitmap_unpersisted: false,
+            resync: None,
+            verify: None,
+            now_ms,
+            state_unconfirmed: false,
+            cfg,
+        };
+        if !persisted.clean_shutdown && persisted.primary {
+            let extents = persisted.al_extents.clone();
+            for e in &extents {
+                let start = u64::from(*e) * r.al.extent_bytes();
+                if start < r.cfg.size_bytes {
+                    let len = r.al.extent_bytes().min(r.cfg.size_bytes - start);
+                    r.bitmap.set_bytes(start, len);
+                }
+            }
+            r.crashed_primary = true;
+            warn!(
+                resource = %r.cfg.resource,
+                extents = extents.len(),
+                "recovering from a crash while primary: activity-log extents marked for resync; starting as secondary"
+            );
+            r.actions.push_back(Action::PersistBitmap);
+        }
+        // Running: a crash from here on is not a clean shutdown; a primary
+        // that restarts cleanly stays primary.
+        r.persist_meta_with(false);
+        r
+    }
+
+    // ----- queries -----
+
+    pub fn poll_action(&mut self) -> Option<Action<P>> {
+        self.actions.pop_front()
+    }
+
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bitmap
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn generations(&self) -> Generations {
+        self.generations
+    }
+
+    /// Primary, not frozen: application writes will be completed.
+    pub fn is_writable(&self) -> bool {
+        self.role == Role::Primary && !self.frozen
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// The shell should keep (re)connecting.
+    pub fn wants_link(&self) -> bool {
+        matches!(self.conn, Conn::Connecting)
+    }
+
+    pub fn link(&self) -> Option<LinkId> {
+        match &self.conn {
+            Conn::Handshaking { link, .. } => Some(*link),
+            Conn::Established(p) => Some(p.link),
+            _ => None,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        matches!(self.conn, Conn::Established(_))
+    }
+
+    /// Connected, no resync or bitmap exchange under way.
+    pub fn is_in_sync(&self) -> bool {
+        matches!(&self.conn, Conn::Established(p) if matches!(p.sync, Sync::None | Sync::Verify))
+            && self.disk == DiskState::UpToDate
+    }
+
+    pub fn connection(&self) -> ConnName {
+        match &self.conn {
+            Conn::StandAlone => ConnName::StandAlone,
+            Conn::Connecting => ConnName::Connecting,
+            Conn::Handshaking { .. } => ConnName::WfReportParams,
+            Conn::Established(p) => match &p.sync {
+                Sync::None => ConnName::Connected,
+                Sync::SourceWaitBitmap => ConnName::WfBitmap,
+                Sync::Source => ConnName::SyncSource,
+                Sync::Target => ConnName::SyncTarget,
+                Sync::Verify => ConnName::VerifySource,
+            },
+        }
+    }
+
+    pub fn status(&self, now_ms: u64) -> Status {
+        let peer = match &self.conn {
+            Conn::Established(p) => Some(p),
+            _ => None,
+        };
+        let resync = self.resync.as_ref().map(|r| r.progress(&self.bitmap, now_ms));
+        let verify = self.verify.as_ref().map(|v| v.progress(now_ms));
+        Status {
+            resource: self.cfg.resource.clone(),
+            node: self.cfg.node_name.clone(),
+            role: self.role,
+            disk: self.disk,
+            connection: self.connection(),
+            peer_role: peer.map(|p| p.role),
+            peer_disk: peer.map(|p| p.disk),
+            peer_node: peer.map(|p| p.name.clone()),
+            protocol: self.cfg.protocol,
+            epoch: self.epoch,
+            generations: self.generations,
+            out_of_sync_bytes: self.bitmap.dirty_bytes().min(self.cfg.size_bytes),
+            suspended: self.frozen,
+            resync,
+            verify,
+            verify_out_of_sync_bytes: self.verify_oos_bytes,
+            last_error: self.last_error.clone(),
+            writes_in_flight: self.writes.len() + self.flushes.len(),
+            resync_sent_bytes: self.resync_sent_bytes,
+            resync_received_bytes: self.resync_received_bytes,
+        }
+    }
+
+    /// When [`Self::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        let mut at = |t: u64| next = Some(next.map_or(t, |n| n.min(t)));
+        match &self.conn {
+            Conn::Handshaking { since_ms, .. } => at(since_ms + self.cfg.io_timeout_ms),
+            Conn::Established(p) => {
+                match p.ping_sent_ms {
+                    Some(sent) => at(sent + self.cfg.ping_timeout_ms),
+                    None => at(p.last_rx_ms + self.cfg.ping_interval_ms),
+                }
+                if let Some((_, (_, sent))) = self.outstanding.iter().next() {
+                    at(sent + self.cfg.io_timeout_ms);
+                }
+                if let Some(t) = self.resync.as_ref().and_then(|r| r.wake_at()) {
+                    at(t);
+                }
+                if self.bitmap_unpersisted {
+                    at(self.last_bitmap_persist_ms + BITMAP_PERSIST_INTERVAL_MS);
+                }
+            }
+            _ => {}
+        }
+        next
+    }
+
+    // ----- application requests -----
+
+    /// An application write (only a primary gets these; the shell refuses
+    /// writes elsewhere). Completed later with [`Action::Complete`].
+    pub fn handle_write(&mut self, now_ms: u64, w: AppWrite<P>) {
+        self.now_ms = now_ms;
+        self.last_app_write_ms = now_ms;
+        let AppWrite { id, offset, len, kind, fua, data } = w;
+        if self.role != Role::Primary || matches!(self.disk, DiskState::Failed) {
+            self.actions.push_back(Action::Complete { id, result: Err(libc::EROFS) });
+            return;
+        }
+        if !self.in_volume(offset, len) {
+            self.actions.push_back(Action::Complete { id, result: Err(libc::EINVAL) });
+            return;
+        }
+        self.deferred.push_back(Deferred::Write { id, offset, len, kind, fua, data });
+        self.pump_deferred(now_ms);
+    }
+
+    pub fn handle_flush(&mut self, now_ms: u64, id: AppId) {
+        self.now_ms = now_ms;
+        if self.role != Role::Primary {
+            self.actions.push_back(Action::Complete { id, result: Err(libc::EROFS) });
+            return;
+        }
+        self.deferred.push_back(Deferred::Flush { id });
+        self.pump_deferred(now_ms);
+    }
+
+    /// Issues deferred requests in order until one must wait.
+    fn pump_deferred(&mut self, now_ms: u64) {
+        while let Some(front) = self.deferred.front() {
+            if self.frozen {
+                return;
+            }
+            match front {
+                Deferred::Write { offset, len, .. } => {
+                    let (offset, len) = (*offset, *len);
+                    if self.resync_conflict(offset, len) {
+                        return;
+                    }
+                    let extents = self.al.extents(offset, u64::from(len));
+                    match self.al.begin(extents.clone()) {
+                        Err(_) => return,
+                        Ok(Some(change)) => {
+                            if change.evicted {
+                                self.persist_bitmap(now_ms);
+                            }
+                            self.actions.push_back(Action::PersistActivityLog(change.extents));
+                        }
+                        Ok(None) => {}
+                    }
+                    let Some(Deferred::Write { id, offset, len, kind, fua, data }) = self.deferred.pop_front() else {
+                        unreachable!("front was a write")
+                    };
+                    self.issue_write(now_ms, id, offset, len, kind, fua, data, extents);
+                }
+                Deferred::Flush { .. } => {
+                    let Some(Deferred::Flush { id }) = self.deferred.pop_front() else {
+                        unreachable!("front was a flush")
+                    };
+                    self.issue_flush(now_ms, id);
+                }
+            }
+        }
+    }
+
+    /// A resync read of an overlapping range is in flight on this source:
+    /// the write waits so the peer gets the resync data first.
+    fn resync_conflict(&self, offset: u64, len: u32) -> bool {
+        self.resync.as_ref().is_some_and(|r| r.reading_overlaps(offset, u64::from(len)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue_write(
+        &mut self,
+        now_ms: u64,
+        id: AppId,
+        offset: u64,
+        len: u32,
+        kind: WriteKind,
+        fua: bool,
+        data: Option<P>,
+        extents: RangeInclusive<u32>,
+    ) {
+        if self.completed_since_barrier {
+            self.barrier += 1;
+            self.completed_since_barrier = false;
+        }
+        let replicate = self.replicating_link();
+        let peer = match replicate {
+            Some(link) => {
+                let seq = self.take_seq();
+                self.outstanding.insert(seq, (Outstanding::Write(id), now_ms));
+                let msg = Message::Data {
+                    seq,
+                    epoch: self.epoch,
+                    barrier: self.barrier,
+                    offset,
+                    len,
+                    kind,
+                    fua,
+                    data: data.clone(),
+                };
+                self.send(now_ms, link, msg);
+                // Protocol A may answer now (see try_complete_write) but still
+                // waits for the peer's ack before forgetting the write, so a
+                // lost link marks it dirty.
+                PeerWait::Sent
+            }
+            None => {
+                self.mark_dirty(offset, u64::from(len));
+                PeerWait::NotReplicated
+            }
+        };
+        self.writes.insert(id, Write { offset, len, extents, local: None, peer, answered: false, peer_wrote: false });
+        let io = self.take_io(IoPurpose::AppWrite(id));
+        self.actions.push_back(Action::Disk { io, op: DiskOp::Write { offset, len, kind, fua, data } });
+    }
+
+    fn issue_flush(&mut self, now_ms: u64, id: AppId) {
+        let peer = match self.replicating_link() {
+            Some(link) => {
+                let seq = self.take_seq();
+                self.outstanding.insert(seq, (Outstanding::Flush(id), now_ms));
+                self.send(now_ms, link, Message::Flush { seq, barrier: self.barrier });
+                PeerWait::Sent
+            }
+            None => PeerWait::NotReplicated,
+        };
+        self.flushes.insert(id, Flush { local: None, peer });
+        let io = self.take_io(IoPurpose::AppFlush(id));
+        self.actions.push_back(Action::Disk { io, op: DiskOp::Flush });
+    }
+
+    /// The link app writes are replicated on: established, and the peer is
+    /// not going to be overwritten wholesale by a full sync from us anyway.
+    fn replicating_link(&self) -> Option<LinkId> {
+        match &self.conn {
+            Conn::Established(p) if p.replicating => Some(p.link),
+            _ => None,
+        }
+    }
+
+    fn mark_dirty(&mut self, offset: u64, len: u64) {
+        self.bitmap.set_bytes(offset, len);
+        self.bitmap_unpersisted = true;
+        if let Some(r) = self.resync.as_mut() {
+            r.invalidate(offset, len);
+        }
+    }
+
+    /// Completes application requests whose conditions are met.
+    fn try_complete_write(&mut self, id: AppId) {
+        if self.frozen {
+            return;
+        }
+        let Some(w) = self.writes.get(&id) else { return };
+        let Some(local) = w.local else { return };
+        let peer_ok = match w.peer {
+            PeerWait::NotReplicated | PeerWait::Done => true,
+            PeerWait::Received => self.cfg.protocol != Protocol::C,
+            PeerWait::Sent => self.cfg.protocol == Protocol::A,
+        };
+        if !peer_ok {
+            return;
+        }
+        // Protocol A/B may complete before the peer's final ack: keep the
+        // entry (without answering twice) until that ack or a disconnect.
+        let finished = matches!(w.peer, PeerWait::NotReplicated | PeerWait::Done);
+        if !w.answered {
+            self.completed_since_barrier = true;
+            self.actions.push_back(Action::Complete { id, result: local });
+        }
+        if finished {
+            let w = self.writes.remove(&id).expect("checked above");
+            // Both disks now hold this write: the granules it covers are in
+            // sync, unless another write to them is still tracked (a later
+            // one decides what the blocks hold, and may have failed on one
+            // side).
+            if w.peer_wrote && local.is_ok() && !self.overlaps_tracked(w.offset, u64::from(w.len)) {
+                self.bitmap.clear_covered_bytes(w.offset, u64::from(w.len));
+            }
+            self.al.end(w.extents);
+            self.pump_after_write();
+        } else if let Some(w) = self.writes.get_mut(&id) {
+            w.answered = true;
+        }
+    }
+
+    fn try_complete_flush(&mut self, id: AppId) {
+        if self.frozen {
+            return;
+        }
+        let Some(f) = self.flushes.get(&id) else { return };
+        let Some(local) = f.local else { return };
+        // Protocol A does not wait for the peer's disk, for flushes either.
+        if matches!(f.peer, PeerWait::Sent | PeerWait::Received) && self.cfg.protocol != Protocol::A {
+            return;
+        }
+        self.flushes.remove(&id);
+        self.actions.push_back(Action::Complete { id, result: local });
+    }
+
+    fn overlaps_tracked(&self, offset: u64, len: u64) -> bool {
+        let end = offset + len;
+        self.writes.values().any(|w| w.offset < end && offset < w.offset + u64::from(w.len))
+    }
+
+    /// A write finished: deferred requests and a waiting resync may go on.
+    fn pump_after_write(&mut self) {
+        let now = self.now_ms;
+        if !self.deferred.is_empty() {
+            self.pump_deferred(now);
+        }
+        if self.resync.is_some() {
+            self.pump_resync(now);
+        }
+    }
+
+    // ----- disk completions -----
+
+    pub fn handle_disk(&mut self, now_ms: u64, io: IoId, result: Result<DiskOutput<P>, i32>) {
+        self.now_ms = now_ms;
+        let Some(purpose) = self.ios.remove(&io) else {
+            debug_assert!(false, "completion for unknown io {io}");
+            return;
+        };
+        match purpose {
+            IoPurpose::AppWrite(id) => {
+                let r = result.map(|_| ());
+                if let Some(w) = self.writes.get_mut(&id) {
+                    w.local = Some(r);
+                    if let Err(errno) = r {
+                        let (offset, len) = (w.offset, u64::from(w.len));
+                        // The peer may have written what we could not.
+                        self.mark_dirty(offset, len);
+                        self.note_error(format!(
+                            "local write at {offset} failed: errno {errno}; the range is marked out of sync"
+                        ));
+                    }
+                }
+                self.try_complete_write(id);
+                self.maybe_start_repair(now_ms);
+                if self.resync.is_some() {
+                    self.pump_resync(now_ms);
+                }
+            }
+            IoPurpose::AppFlush(id) => {
+                if let Some(f) = self.flushes.get_mut(&id) {
+                    f.local = Some(result.map(|_| ()));
+                }
+                self.try_complete_flush(id);
+            }
+            IoPurpose::Apply { link } => self.apply_done(now_ms, io, link, result),
+            IoPurpose::ResyncRead { link, seq } => self.resync_read_done(now_ms, link, seq, result),
+            IoPurpose::VerifyRead { link, seq } => self.verify_read_done(now_ms, link, seq, result),
+        }
+    }
+
+    fn apply_done(&mut self, now_ms: u64, io: IoId, link: LinkId, result: Result<DiskOutput<P>, i32>) {
+        let Some(started) = self.apply.finish(io) else { return };
+        let live = self.link() == Some(link);
+        if live {
+            let ok = result.is_ok();
+            let msg = match (started, result) {
+                (Started::Write { seq, .. }, _) => {
+                    Message::Ack { seq, kind: if ok { AckKind::Written } else { AckKind::Failed } }
+                }
+                (Started::Resync { seq, len }, _) => {
+                    if ok {
+                        self.resync_received_bytes += u64::from(len);
+                    }
+                    Message::ResyncAck { seq, ok }
+                }
+                (Started::Flush { seq }, _) => Message::FlushAck { seq, ok },
+                (Started::Checksum { seq, peer_csum, verify }, r) => {
+                    let equal = matches!(r, Ok(DiskOutput::Checksum(c)) if c == peer_csum);
+                    if verify {
+                        let kind = match (ok, equal) {
+                            (false, _) => AckKind::Failed,
+                            (true, true) => AckKind::Written,
+                            (true, false) => AckKind::Received,
+                        };
+                        Message::VerifyReply { seq, kind }
+                    } else {
+                        Message::ResyncCsumReply { seq, equal }
+                    }
+                }
+            };
+            if !ok {
+                self.note_error(format!("local disk failed applying a peer's {started:?}"));
+                // This disk now misses a write the primary may acknowledge:
+                // it must not be promoted until a resync repairs it.
+                if matches!(started, Started::Write { .. }) && self.disk == DiskState::UpToDate {
+                    self.outdated = true;
+                    self.disk = DiskState::Outdated;
+                    self.persist_meta();
+                }
+            }
+            self.send(now_ms, link, msg);
+        }
+        self.pump_apply(now_ms);
+    }
+
+    fn pump_apply(&mut self, _now_ms: u64) {
+        let Some(link) = self.link() else { return };
+        while let Some(item) = self.apply.next_startable() {
+            let Incoming { offset, len, kind, .. } = item;
+            let (op, started) = match kind {
+                InKind::Write { seq, kind, fua, data } => {
+                    (DiskOp::Write { offset, len, kind, fua, data }, Started::Write { seq, len })
+                }
+                InKind::Resync { seq, data } => (
+                    DiskOp::Write { offset, len, kind: WriteKind::Write, fua: false, data: Some(data) },
+                    Started::Resync { seq, len },
+                ),
+                InKind::Flush { seq } => (DiskOp::Flush, Started::Flush { seq }),
+                InKind::Checksum { seq, peer_csum, verify } => {
+                    (DiskOp::Checksum { offset, len }, Started::Checksum { seq, peer_csum, verify })
+                }
+            };
+            let io = self.take_io(IoPurpose::Apply { link });
+            self.apply.started(io, offset, len, started);
+            self.actions.push_back(Action::Disk { io, op });
+        }
+    }
+
+    fn resync_read_done(&mut self, now_ms: u64, link: LinkId, seq: u64, result: Result<DiskOutput<P>, i32>) {
+        if self.link() != Some(link) {
+            return;
+        }
+        let Some(r) = self.resync.as_mut() else { return };
+        let checksum = r.is_checksum_stage(seq);
+        let msg = match result {
+            Ok(DiskOutput::Data(data)) if !checksum => {
+                let Some((offset, len)) = r.range(seq) else { return };
+                r.sent(seq, u64::from(len));
+                self.resync_sent_bytes += u64::from(len);
+                Message::ResyncData { seq, offset, len, data }
+            }
+            Ok(DiskOutput::Checksum(csum)) if checksum => {
+                let Some((offset, len)) = r.range(seq) else { return };
+                r.sent(seq, 0);
+                Message::ResyncCsum { seq, offset, len, csum }
+            }
+            Ok(_) => unreachable!("resync reads ask for data or a checksum as their stage says"),
+            Err(errno) => {
+                r.abandon(seq);
+                self.note_error(format!("resync read failed: errno {errno}; the blocks stay out of sync"));
+                self.pump_resync(now_ms);
+                return;
+            }
+        };
+        self.outstanding.insert(seq, (Outstanding::Resync, now_ms));
+        self.send(now_ms, link, msg);
+        // Application writes held back by this read may go now.
+        self.pump_deferred(now_ms);
+        self.pump_resync(now_ms);
+    }
+
+    fn verify_read_done(&mut self, now_ms: u64, link: LinkId, seq: u64, result: Result<DiskOutput<P>, i32>) {
+        if self.link() != Some(link) {
+            return;
+        }
+        let Some(v) = self.verify.as_mut() else { return };
+        let Some((offset, len)) = v.range(seq) else { return };
+        match result {
+            Ok(DiskOutput::Checksum(csum)) => {
+                self.outstanding.insert(seq, (Outstanding::Verify, now_ms));
+                self.send(now_ms, link, Message::VerifyReq { seq, offset, len, csum });
+            }
+            _ => {
+                v.take(seq);
+                self.note_error(format!("verify read at {offset} failed; range marked out of sync"));
+                self.mark_dirty(offset, u64::from(len));
+                self.pump_verify(now_ms);
+            }
+        }
+    }
+
+    // ----- the link -----
+
+    /// A transport to the peer is up and authenticated.
+    pub fn handle_connected(&mut self, now_ms: u64, link: LinkId) {
+        self.now_ms = now_ms;
+        if !matches!(self.conn, Conn::Connecting) {
+            self.actions.push_back(Action::CloseLink { link });
+            return;
+        }
+        self.conn = Conn::Handshaking { link, since_ms: now_ms, sent: self.side() };
+        let hello = self.hello();
+        self.send(now_ms, link, Message::Hello(Box::new(hello)));
+    }
+
+    pub fn handle_disconnected(&mut self, now_ms: u64, link: LinkId) {
+        self.now_ms = now_ms;
+        if self.link() == Some(link) {
+            self.lose_peer(now_ms, "connection to the peer lost".into(), false);
+        }
+    }
+
+    /// A frame from the peer failed its checks: drop the link.
+    pub fn handle_frame_error(&mut self, now_ms: u64, link: LinkId, error: &FrameError) {
+        self.now_ms = now_ms;
+        if self.link() == Some(link) {
+            self.protocol_error(now_ms, format!("bad frame from the peer: {error}"));
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            resource: self.cfg.resource.clone(),
+            node_name: self.cfg.node_name.clone(),
+            node_id: self.cfg.node_id,
+            size_bytes: self.cfg.size_bytes,
+            granularity_bytes: self.cfg.granularity_bytes,
+            protocol: self.cfg.protocol,
+            generations: self.generations,
+            role: self.role,
+            disk: self.disk,
+            crashed_primary: self.crashed_primary,
+            epoch: self.epoch,
+            discard_my_data: self.discard_my_data,
+            dirty_bits: self.bitmap.count(),
+        }
+    }
+
+    fn side(&self) -> Side {
+        Side {
+            generations: self.generations,
+            consistent: matches!(self.disk, DiskState::UpToDate | DiskState::Outdated),
+            crashed_primary: self.crashed_primary,
+            primary: self.role == Role::Primary,
+            discard_my_data: self.discard_my_data,
+            dirty_bits: self.bitmap.count(),
+            node_id: self.cfg.node_id,
+            epoch: self.epoch,
+        }
+    }
+
+    pub fn handle_message(&mut self, now_ms: u64, link: LinkId, msg: Message<P>) {
+        self.now_ms = now_ms;
+        if self.link() != Some(link) {
+            return;
+        }
+        match &mut self.conn {
+            Conn::Handshaking { .. } => match msg {
+                Message::Hello(hello) => self.handle_hello(now_ms, link, *hello),
+                _ => self.protocol_error(now_ms, "the peer sent data before its parameters".into()),
+            },
+            Conn::Established(p) => {
+                p.last_rx_ms = now_ms;
+                p.ping_sent_ms = None;
+                self.handle_established(now_ms, link, msg);
+            }
+            Conn::StandAlone | Conn::Connecting => {}
+        }
+    }
+
+    fn handle_hello(&mut self, now_ms: u64, link: LinkId, peer: Hello) {
+        let mismatch = if peer.resource != self.cfg.resource {
+            Some(format!(
+                "the peer serves resource {:?}, not {:?}; check the resource files",
+                peer.resource, self.cfg.resource
+            ))
+        } else if peer.node_id == self.cfg.node_id {
+            Some(format!("the peer has this node's id {}; give each node its own id", peer.node_id))
+        } else if peer.size_bytes != self.cfg.size_bytes {
+            Some(format!(
+                "the peer's volume holds {} bytes, this one {}; make both backing disks the same size",
+                peer.size_bytes, self.cfg.size_bytes
+            ))
+        } else if peer.granularity_bytes != self.cfg.granularity_bytes {
+            Some(format!(
+                "bitmap granularity differs ({} vs {} bytes); recreate metadata with the same --bitmap-granularity",
+                peer.granularity_bytes, self.cfg.granularity_bytes
+            ))
+        } else if peer.protocol != self.cfg.protocol {
+            Some(format!(
+                "protocol differs ({:?} vs {:?}); use one resource file on both nodes",
+                peer.protocol, self.cfg.protocol
+            ))
+        } else if peer.role == Role::Primary && self.role == Role::Primary {
+            Some("both nodes are primary: split brain; demote one and resolve with --discard-my-data".into())
+        } else if peer.role == Role::Primary && peer.epoch < self.epoch {
+            Some(format!(
+                "the peer is a stale primary (epoch {} < newest seen {}); it must be demoted and resynced",
+                peer.epoch, self.epoch
+            ))
+        } else if self.role == Role::Primary && peer.epoch > self.epoch {
+            Some(format!(
+                "this primary is stale: the peer has seen epoch {} > ours {}; demote this node, or keep its data \
+                 with `replicator primary {} --epoch {}` and `connect --discard-my-data` on the peer",
+                peer.epoch,
+                self.epoch,
+                self.cfg.resource,
+                peer.epoch + 1
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = mismatch {
+            self.fail_handshake(link, why);
+            return;
+        }
+        if peer.epoch > self.epoch {
+            self.epoch = peer.epoch;
+            self.persist_meta();
+        }
+        let peer_side = Side {
+            generations: peer.generations,
+            consistent: matches!(peer.disk, DiskState::UpToDate | DiskState::Outdated),
+            crashed_primary: peer.crashed_primary,
+            primary: peer.role == Role::Primary,
+            discard_my_data: peer.discard_my_data,
+            dirty_bits: peer.dirty_bits,
+            node_id: peer.node_id,
+            epoch: peer.epoch,
+        };
+        let me = match &self.conn {
+            Conn::Handshaking { sent, .. } => *sent,
+            _ => self.side(),
+        };
+        let raw = generations::decide(&me, &peer_side);
+        let decision = generations::resolve(raw, &me, &peer_side, self.cfg.after_split_brain);
+        info!(resource = %self.cfg.resource, peer = %peer.node_name, ?raw, ?decision, "handshake decision");
+        let sync = match decision {
+            Decision::SplitBrain { .. } => {
+                self.fail_handshake(
+                    link,
+                    format!(
+                        "split brain detected with {}: both nodes changed the data since they last agreed; \
+                         nothing was overwritten. On the node whose changes must go, run \
+                         `replicator connect {} --discard-my-data`; then `replicator connect {}` on the other",
+                        peer.node_name, self.cfg.resource, self.cfg.resource
+                    ),
+                );
+                return;
+            }
+            Decision::Unrelated => {
+                self.fail_handshake(
+                    link,
+                    format!(
+                        "the data on {} is unrelated to this node's (no common generation): wrong disk, or \
+                         metadata recreated; to overwrite one side, recreate its metadata (create-md --force)",
+                        peer.node_name
+                    ),
+                );
+                return;
+            }
+            Decision::Target { .. } if self.role == Role::Primary => {
+                self.fail_handshake(link, "this primary would have to become sync target; demote it first".into());
+                return;
+            }
+            Decision::NoSync => Sync::None,
+            Decision::Source { full } => {
+                if full {
+                    self.bitmap.set_all();
+                    self.bitmap_unpersisted = true;
+                }
+                Sync::SourceWaitBitmap
+            }
+            Decision::Target { full } => {
+                if full {
+                    self.bitmap.set_all();
+                }
+                self.consistent = false;
+                self.disk = DiskState::Inconsistent;
+                self.persist_meta();
+                self.persist_bitmap(now_ms);
+                Sync::Target
+            }
+        };
+        if matches!(decision, Decision::Source { .. } | Decision::Target { .. }) {
+            self.discard_my_data = false;
+        }
+        if decision == Decision::NoSync && self.disk == DiskState::Outdated && peer_side.consistent {
+            // Same data generation: nothing newer exists after all.
+            self.outdated = false;
+            self.disk = DiskState::UpToDate;
+            self.persist_meta();
+        }
+        self.conn = Conn::Established(Box::new(Peer {
+            link,
+            name: peer.node_name.clone(),
+            role: peer.role,
+            disk: if matches!(decision, Decision::Source { .. }) { DiskState::Inconsistent } else { peer.disk },
+            last_rx_ms: now_ms,
+            last_tx_ms: now_ms,
+            ping_sent_ms: None,
+            sync,
+            replicating: true,
+        }));
+        if sync == Sync::Target {
+            let pairs: Vec<(u64, u64)> = self.bitmap.nonzero_words().collect();
+            let mut chunks = pairs.chunks(BITMAP_PAIRS_PER_FRAME).peekable();
+            if chunks.peek().is_none() {
+                self.send(now_ms, link, Message::Bitmap { pairs: Vec::new(), last: true });
+            }
+            while let Some(chunk) = chunks.next() {
+                let last = chunks.peek().is_none();
+                self.send(now_ms, link, Message::Bitmap { pairs: chunk.to_vec(), last });
+            }
+        }
+        if self.frozen {
+            info!(resource = %self.cfg.resource, "peer is back: resuming suspended I/O");
+            self.unfreeze(now_ms);
+        }
+        self.last_error = None;
+    }
+
+    fn fail_handshake(&mut self, link: LinkId, why: String) {
+        warn!(resource = %self.cfg.resource, "{why}");
+        self.last_error = Some(why);
+        self.conn = Conn::StandAlone;
+        self.actions.push_back(Action::CloseLink { link });
+    }
+
+    fn handle_established(&mut self, now_ms: u64, link: LinkId, msg: Message<P>) {
+        let sync = match &self.conn {
+            Conn::Established(p) => p.sync,
+            _ => return,
+        };
+        match msg {
+            Message::Hello(_) => self.protocol_error(now_ms, "second Hello on one connection".into()),
+            Message::Ping => self.send(now_ms, link, Message::PingAck),
+            Message::PingAck => self.state_unconfirmed = false,
+            Message::State(state) => {
+                if state.role == Role::Primary && self.role == Role::Primary {
+                    self.lose_peer(now_ms, "both nodes became primary; disconnected to protect the data".into(), true);
+                    self.actions.push_back(Action::CloseLink { link });
+                    return;
+                }
+                if state.epoch > self.epoch {
+                    self.epoch = state.epoch;
+                    self.persist_meta();
+                }
+                if let Conn::Established(p) = &mut self.conn {
+                    p.role = state.role;
+                    p.disk = state.disk;
+                }
+            }
+            Message::Bitmap { pairs, last } => {
+                if sync != Sync::SourceWaitBitmap {
+                    return self.protocol_error(now_ms, "unexpected bitmap".into());
+                }
+                for (index, word) in pairs {
+                    if !self.bitmap.merge_word(index, word) {
+                        return self.protocol_error(now_ms, format!("bitmap word {index} lies outside the volume"));
+                    }
+                }
+                if last {
+                    self.bitmap_unpersisted = true;
+                    self.start_resync(now_ms);
+                }
+            }
+            Message::Data { seq, epoch, barrier, offset, len, kind, fua, data } => {
+                if self.role == Role::Primary {
+                    return self.protocol_error(now_ms, "the peer sent writes to a primary".into());
+                }
+                if epoch < self.epoch {
+                    let why = format!("refusing writes from a stale primary (epoch {epoch} < {})", self.epoch);
+                    self.lose_peer(now_ms, why, true);
+                    self.actions.push_back(Action::CloseLink { link });
+                    return;
+                }
+                if epoch > self.epoch {
+                    self.epoch = epoch;
+                    self.persist_meta();
+                }
+                if !self.in_volume(offset, len) || (kind == WriteKind::Write) != data.is_some() {
+                    return self
+                        .protocol_error(now_ms, format!("write at {offset}+{len} is malformed or outside the volume"));
+                }
+                if self.cfg.protocol == Protocol::B {
+                    self.send(now_ms, link, Message::Ack { seq, kind: AckKind::Received });
+                }
+                self.apply.push(Incoming { offset, len, barrier, kind: InKind::Write { seq, kind, fua, data } });
+                self.pump_apply(now_ms);
+            }
+            Message::Flush { seq, barrier } => {
+                self.apply.push(Incoming { offset: 0, len: 0, barrier, kind: InKind::Flush { seq } });
+                self.pump_apply(now_ms);
+            }
+            Message::ResyncData { seq, offset, len, data } => {
+                self.queue_resync_item(now_ms, sync, offset, len, InKind::Resync { seq, data });
+            }
+            Message::ResyncCsum { seq, offset, len, csum } => {
+                let kind = InKind::Checksum { seq, peer_csum: csum, verify: false };
+                self.queue_resync_item(now_ms, sync, offset, len, kind);
+            }
+            Message::VerifyReq { seq, offset, len, csum } => {
+                if !self.in_volume(offset, len) {
+                    return self.protocol_error(now_ms, "verify request outside the volume".into());
+                }
+                let barrier = self.apply.last_barrier();
+                let kind = InKind::Checksum { seq, peer_csum: csum, verify: true };
+                self.apply.push(Incoming { offset, len, barrier, kind });
+                self.pump_apply(now_ms);
+            }
+            Message::ResyncDone(done) => {
+                if !matches!(sync, Sync::Target | Sync::None) || self.role == Role::Primary {
+                    return self.protocol_error(now_ms, "unexpected end of resync".into());
+                }
+                self.generations = done.generations;
+                self.consistent = true;
+                self.outdated = false;
+                self.crashed_primary = false;
+                self.disk = DiskState::UpToDate;
+                self.bitmap.clear_all();
+                self.persist_bitmap(now_ms);
+                self.persist_meta();
+                if let Conn::Established(p) = &mut self.conn {
+                    p.sync = Sync::None;
+                    p.disk = DiskState::UpToDate;
+                }
+                info!(resource = %self.cfg.resource, "resync finished: disk UpToDate");
+            }
+            Message::Ack { seq, kind } => match self.outstanding.get(&seq) {
+                Some((Outstanding::Write(id), _)) => {
+                    let id = *id;
+                    if kind != AckKind::Received {
+                        self.outstanding.remove(&seq);
+                    }
+                    let mut failed = None;
+                    if let Some(w) = self.writes.get_mut(&id) {
+                        match kind {
+                            AckKind::Received if w.peer == PeerWait::Sent => w.peer = PeerWait::Received,
+                            AckKind::Received => {}
+                            AckKind::Written => {
+                                w.peer = PeerWait::Done;
+                                w.peer_wrote = true;
+                            }
+                            AckKind::Failed => {
+                                w.peer = PeerWait::Done;
+                                failed = Some((w.offset, u64::from(w.len)));
+                            }
+                        }
+                    }
+                    if let Some((offset, len)) = failed {
+                        self.mark_dirty(offset, len);
+                        // The peer outdated itself; it is UpToDate again only
+                        // after the repair resync.
+                        if let Conn::Established(p) = &mut self.conn {
+                            p.disk = DiskState::Outdated;
+                        }
+                    }
+                    self.try_complete_write(id);
+                    self.maybe_start_repair(now_ms);
+                }
+                _ => self.protocol_error(now_ms, format!("ack for unknown write {seq}")),
+            },
+            Message::FlushAck { seq, ok } => match self.outstanding.remove(&seq) {
+                Some((Outstanding::Flush(id), _)) => {
+                    if !ok {
+                        self.note_error("the peer failed a flush".into());
+                    }
+                    if let Some(f) = self.flushes.get_mut(&id) {
+                        f.peer = PeerWait::Done;
+                    }
+                    self.try_complete_flush(id);
+                }
+                _ => self.protocol_error(now_ms, format!("flush ack for unknown flush {seq}")),
+            },
+            Message::ResyncAck { seq, ok } => {
+                if !matches!(self.outstanding.remove(&seq), Some((Outstanding::Resync, _))) {
+                    return self.protocol_error(now_ms, format!("resync ack for unknown block {seq}"));
+                }
+                if let Some(r) = self.resync.as_mut() {
+                    if ok {
+                        if let Some(bits) = r.finished(seq) {
+                            self.bitmap.clear_bits(bits);
+                            self.bitmap_unpersisted = true;
+                        }
+                    } else {
+                        r.abandon(seq);
+                        self.note_error("the peer failed to write resync data; the blocks stay out of sync".into());
+                    }
+                }
+                self.pump_resync(now_ms);
+            }
+            Message::ResyncCsumReply { seq, equal } => {
+                if !matches!(self.outstanding.remove(&seq), Some((Outstanding::Resync, _))) {
+                    return self.protocol_error(now_ms, format!("checksum reply for unknown block {seq}"));
+                }
+                let Some(r) = self.resync.as_mut() else { return };
+                if equal {
+                    if let Some(bits) = r.finished(seq) {
+                        self.bitmap.clear_bits(bits);
+                        self.bitmap_unpersisted = true;
+                    }
+                    self.pump_resync(now_ms);
+                } else {
+                    r.needs_data(seq);
+                    self.pump_resync(now_ms);
+                }
+            }
+            Message::VerifyReply { seq, kind } => {
+                if !matches!(self.outstanding.remove(&seq), Some((Outstanding::Verify, _))) {
+                    return self.protocol_error(now_ms, format!("verify reply for unknown block {seq}"));
+                }
+                let Some(v) = self.verify.as_mut() else { return };
+                let Some((offset, len)) = v.take(seq) else { return };
+                match kind {
+                    AckKind::Written => {}
+                    AckKind::Received => {
+                        v.out_of_sync_bytes += u64::from(len);
+                        self.mark_dirty(offset, u64::from(len));
+                        warn!(resource = %self.cfg.resource, offset, len, "verify: out of sync");
+                    }
+                    AckKind::Failed => {
+                        self.note_error(format!("the peer could not read {offset}+{len} for verify"));
+                        self.mark_dirty(offset, u64::from(len));
+                    }
+                }
+                self.pump_verify(now_ms);
+            }
+        }
+    }
+
+    /// Resync data or a resync checksum for this node (a sync target, or a
+    /// secondary being repaired), queued behind what the peer sent before.
+    fn queue_resync_item(&mut self, now_ms: u64, sync: Sync, offset: u64, len: u32, kind: InKind<P>) {
+        if !matches!(sync, Sync::Target | Sync::None) || self.role == Role::Primary || !self.in_volume(offset, len) {
+            return self.protocol_error(now_ms, "unexpected or malformed resync frame".into());
+        }
+        let barrier = self.apply.last_barrier();
+        self.apply.push(Incoming { offset, len, barrier, kind });
+        self.pump_apply(now_ms);
+    }
+
+    fn in_volume(&self, offset: u64, len: u32) -> bool {
+        len > 0 && offset.checked_add(u64::from(len)).is_some_and(|end| end <= self.cfg.size_bytes)
+    }
+
+    fn protocol_error(&mut self, now_ms: u64, why: String) {
+        let link = self.link();
+        self.lose_peer(now_ms, format!("protocol error: {why}"), false);
+        if let Some(link) = link {
+            self.actions.push_back(Action::CloseLink { link });
+        }
+    }
+
+    /// The peer is gone (or refused). Everything it did not acknowledge goes
+    /// into the bitmap; a primary starts a new data generation, persisted
+    /// before any write is answered; fencing may freeze I/O.
+    fn lose_peer(&mut self, now_ms: u64, why: String, standalone: bool) {
+        let was_replicating = matches!(&self.conn, Conn::Established(p) if p.replicating);
+        // Only a peer that held our data generation falls behind now (also
+        // during a repair resync, which leaves it UpToDate or Outdated); an
+        // Inconsistent sync target still holds the generation our bitmap
+        // counts from.
+        let peer_was_current = matches!(&self.conn, Conn::Established(p)
+            if p.replicating && matches!(p.disk, DiskState::UpToDate | DiskState::Outdated));
+        let link = self.link();
+        warn!(resource = %self.cfg.resource, "{why}");
+        self.last_error = Some(why);
+        self.conn = if standalone { Conn::StandAlone } else { Conn::Connecting };
+        self.resync = None;
+        self.verify = None;
+        self.apply.drop_queued();
+        let outstanding = std::mem::take(&mut self.outstanding);
+        for (_, (what, _)) in outstanding {
+            match what {
+                Outstanding::Write(id) => {
+                    if let Some(w) = self.writes.get_mut(&id) {
+                        w.peer = PeerWait::NotReplicated;
+                        let (offset, len) = (w.offset, u64::from(w.len));
+                        self.mark_dirty(offset, len);
+                    }
+                }
+                Outstanding::Flush(id) => {
+                    if let Some(f) = self.flushes.get_mut(&id) {
+                        f.peer = PeerWait::NotReplicated;
+                    }
+                }
+                Outstanding::Resync | Outstanding::Verify => {}
+            }
+        }
+        // Writes whose Data frame never got an ack number (none today) and
+        // flushes sent without tracking (protocol A) need nothing more.
+        if self.role == Role::Primary && peer_was_current {
+            let fresh = self.fresh_generation();
+            self.generations.start_new(fresh);
+            self.persist_meta();
+        }
+        if self.role == Role::Primary && was_replicating {
+            match self.cfg.fencing {
+                Fencing::DontCare => {}
+                Fencing::ResourceOnly => self.start_fence(),
+                Fencing::ResourceAndStonith => {
+                    warn!(resource = %self.cfg.resource, "peer lost: I/O suspended until the fence handler succeeds");
+                    self.frozen = true;
+                    self.start_fence();
+                }
+            }
+        }
+        let _ = link;
+        self.complete_ready(now_ms);
+    }
+
+    /// Answers every request whose conditions now hold, then issues what
+    /// was deferred.
+    fn complete_ready(&mut self, now_ms: u64) {
+        let ids: Vec<AppId> = self.writes.keys().copied().collect();
+        for id in ids {
+            self.try_complete_write(id);
+        }
+        let ids: Vec<AppId> = self.flushes.keys().copied().collect();
+        for id in ids {
+            self.try_complete_flush(id);
+        }
+        self.pump_deferred(now_ms);
+    }
+
+    fn start_fence(&mut self) {
+        if !self.fence_running {
+            self.fence_running = true;
+            self.actions.push_back(Action::Fence);
+        }
+    }
+
+    /// The fence handler finished. Success resumes suspended I/O.
+    pub fn handle_fence_result(&mut self, now_ms: u64, ok: bool) {
+        self.now_ms = now_ms;
+        self.fence_running = false;
+        if ok {
+            info!(resource = %self.cfg.resource, "fence handler succeeded");
+            if self.frozen {
+                self.unfreeze(now_ms);
+            }
+        } else {
+            let why = "fence handler failed: I/O stays suspended until the peer reconnects or an admin \
+                       fences it by hand and runs `replicator resume-io`"
+                .to_string();
+            warn!(resource = %self.cfg.resource, "{why}");
+            self.last_error = Some(why);
+        }
+    }
+
+    /// Admin override after fencing by hand.
+    pub fn resume_io(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        if self.frozen {
+            warn!(resource = %self.cfg.resource, "I/O resumed by the admin");
+            self.unfreeze(now_ms);
+        }
+    }
+
+    fn unfreeze(&mut self, now_ms: u64) {
+        self.frozen = false;
+        self.complete_ready(now_ms);
+    }
+
+    // ----- resync and verify -----
+
+    fn start_resync(&mut self, now_ms: u64) {
+        let cfg = &self.cfg;
+        self.resync = Some(Resync::new(
+            &self.bitmap,
+            cfg.resync_chunk_bytes,
+            cfg.resync_inflight_bytes_max,
+            cfg.resync_rate_min_bytes_per_sec,
+            cfg.resync_rate_max_bytes_per_sec,
+            cfg.resync_checksums,
+            now_ms,
+        ));
+        if let Conn::Established(p) = &mut self.conn {
+            p.sync = Sync::Source;
+        }
+        info!(resource = %self.cfg.resource, out_of_sync_bytes = self.bitmap.dirty_bytes(), "resync started as source");
+        self.pump_resync(now_ms);
+    }
+
+    /// Blocks went out of sync while connected (a failed write on either
+    /// side, or verify found differences): the primary (or the verifier)
+    /// resends them now, as a resync without a new handshake.
+    fn maybe_start_repair(&mut self, now_ms: u64) {
+        let idle = matches!(&self.conn, Conn::Established(p) if p.sync == Sync::None && p.role != Role::Primary);
+        if idle && self.bitmap.count() > 0 && self.disk == DiskState::UpToDate {
+            info!(resource = %self.cfg.resource, out_of_sync_bytes = self.bitmap.dirty_bytes(), "resending out-of-sync blocks");
+            self.start_resync(now_ms);
+        }
+    }
+
+    fn pump_resync(&mut self, now_ms: u64) {
+        let Some(link) = self.link() else { return };
+        loop {
+            let Some(mut r) = self.resync.take() else { return };
+            if self.bitmap.count() == 0 && r.is_idle() {
+                self.finish_resync(now_ms, link);
+                return;
+            }
+            let writes = &self.writes;
+            let blocked = |offset: u64, len: u64| {
+                let end = offset + len;
+                writes.values().any(|w| w.local.is_none() && w.offset < end && offset < w.offset + u64::from(w.len))
+            };
+            if let Some((seq, offset, len)) = r.next_data_read(&blocked) {
+                self.resync = Some(r);
+                let io = self.take_io(IoPurpose::ResyncRead { link, seq });
+                self.actions.push_back(Action::Disk { io, op: DiskOp::Read { offset, len } });
+                continue;
+            }
+            let mut next_seq = self.next_seq;
+            let step = r.next(
+                &self.bitmap,
+                self.cfg.size_bytes,
+                now_ms,
+                self.last_app_write_ms,
+                &mut || {
+                    let s = next_seq;
+                    next_seq += 1;
+                    s
+                },
+                &blocked,
+            );
+            self.next_seq = next_seq;
+            self.resync = Some(r);
+            let Some(step) = step else { return };
+            let op = if step.checksum_first {
+                DiskOp::Checksum { offset: step.offset, len: step.len }
+            } else {
+                DiskOp::Read { offset: step.offset, len: step.len }
+            };
+            let io = self.take_io(IoPurpose::ResyncRead { link, seq: step.seq });
+            self.actions.push_back(Action::Disk { io, op });
+        }
+    }
+
+    fn finish_resync(&mut self, now_ms: u64, link: LinkId) {
+        self.resync = None;
+        self.generations.sync_done();
+        self.crashed_primary = false;
+        self.outdated = false;
+        self.persist_bitmap(now_ms);
+        self.persist_meta();
+        if let Conn::Established(p) = &mut self.conn {
+            p.sync = Sync::None;
+            p.disk = DiskState::UpToDate;
+        }
+        info!(resource = %self.cfg.resource, "resync finished: peer UpToDate");
+        self.send(now_ms, link, Message::ResyncDone(ResyncDone { generations: self.generations }));
+    }
+
+    fn pump_verify(&mut self, now_ms: u64) {
+        let Some(link) = self.link() else { return };
+        let Some(mut v) = self.verify.take() else { return };
+        if v.is_done() {
+            info!(resource = %self.cfg.resource, out_of_sync_bytes = v.out_of_sync_bytes, "verify finished");
+            self.verify_oos_bytes = v.out_of_sync_bytes;
+            if let Conn::Established(p) = &mut self.conn {
+                p.sync = Sync::None;
+            }
+            self.persist_bitmap(now_ms);
+            self.maybe_start_repair(now_ms);
+            return;
+        }
+        let mut next_seq = self.next_seq;
+        let mut steps = Vec::new();
+        while let Some(step) = v.next(&mut || {
+            let s = next_seq;
+            next_seq += 1;
+            s
+        }) {
+            steps.push(step);
+        }
+        self.next_seq = next_seq;
+        self.verify = Some(v);
+        for (seq, offset, len) in steps {
+            let io = self.take_io(IoPurpose::VerifyRead { link, seq });
+            self.actions.push_back(Action::Disk { io, op: DiskOp::Checksum { offset, len } });
+        }
+    }
+
+    // ----- timers -----
+
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        match &mut self.conn {
+            Conn::Handshaking { since_ms, .. } if now_ms >= *since_ms + self.cfg.io_timeout_ms => {
+                let link = self.link();
+                self.lose_peer(now_ms, "the peer did not send its parameters in time".into(), false);
+                if let Some(link) = link {
+                    self.actions.push_back(Action::CloseLink { link });
+                }
+                return;
+            }
+            Conn::Established(p) => {
+                let link = p.link;
+                if let Some(sent) = p.ping_sent_ms {
+                    if now_ms >= sent + self.cfg.ping_timeout_ms {
+                        let why = format!("the peer did not answer a ping within {} ms", self.cfg.ping_timeout_ms);
+                        self.lose_peer(now_ms, why, false);
+                        self.actions.push_back(Action::CloseLink { link });
+                        return;
+                    }
+                } else if now_ms >= p.last_rx_ms + self.cfg.ping_interval_ms {
+                    p.ping_sent_ms = Some(now_ms);
+                    self.send(now_ms, link, Message::Ping);
+                }
+                if let Some((_, (_, sent))) = self.outstanding.iter().next() {
+                    if now_ms >= sent + self.cfg.io_timeout_ms {
+                        let why = format!("the peer did not acknowledge within {} ms", self.cfg.io_timeout_ms);
+                        self.lose_peer(now_ms, why, false);
+                        self.actions.push_back(Action::CloseLink { link });
+                        return;
+                    }
+                }
+                if self.resync.is_some() {
+                    self.pump_resync(now_ms);
+                }
+            }
+            _ => {}
+        }
+        if self.bitmap_unpersisted && now_ms >= self.last_bitmap_persist_ms + BITMAP_PERSIST_INTERVAL_MS {
+            self.persist_bitmap(now_ms);
+        }
+    }
+
+    // ----- admin -----
+
+    /// Makes this node primary with `epoch` (default: one past the newest
+    /// seen).
+    pub fn promote(&mut self, now_ms: u64, force: bool, epoch: Option<u64>) -> Result<(), AdminError> {
+        self.now_ms = now_ms;
+        if self.role == Role::Primary {
+            // Re-asserting a primary with a newer epoch: how an admin (or the
+            // cluster) keeps this node's data after a split brain in which
+            // the peer was promoted later.
+            return match epoch {
+                Some(e) if e > self.epoch => {
+                    warn!(resource = %self.cfg.resource, old = self.epoch, new = e, "primary epoch raised by the admin");
+                    self.epoch = e;
+                    self.persist_meta();
+                    if let Some(link) = self.link().filter(|_| self.is_connected()) {
+                        self.send_state(now_ms, link);
+                    }
+                    Ok(())
+                }
+                _ => Err(AdminError::AlreadyPrimary),
+            };
+        }
+        if matches!(self.conn, Conn::Handshaking { .. }) {
+            return Err(AdminError::Handshaking);
+        }
+        if let Conn::Established(p) = &self.conn {
+            if p.role == Role::Primary {
+                return Err(AdminError::PeerIsPrimary);
+            }
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(AdminError::NotUpToDate(self.disk));
+        }
+        let new_epoch = epoch.unwrap_or(self.epoch + 1);
+        if new_epoch <= self.epoch {
+            return Err(AdminError::StaleEpoch { given: new_epoch, seen: self.epoch });
+        }
+        let connected = self.is_connected();
+        if self.disk != DiskState::UpToDate {
+            warn!(resource = %self.cfg.resource, disk = ?self.disk, "FORCED promotion: this node's data becomes the truth; the peer will be overwritten by a full sync");
+            let fresh = self.fresh_generation();
+            self.generations.force_new(fresh);
+            self.consistent = true;
+            self.outdated = false;
+            self.disk = DiskState::UpToDate;
+            self.bitmap.set_all();
+            self.persist_bitmap(now_ms);
+        } else if !connected {
+            let fresh = self.fresh_generation();
+            self.generations.start_new(fresh);
+        }
+        self.role = Role::Primary;
+        self.epoch = new_epoch;
+        self.persist_meta();
+        info!(resource = %self.cfg.resource, epoch = new_epoch, "promoted to primary");
+        if let Some(link) = self.link() {
+            if force && self.resync.is_none() && connected {
+                // Renegotiate so the peer is fully synced from us.
+                self.lose_peer(now_ms, "forced promotion: reconnecting to resync the peer".into(), false);
+                self.actions.push_back(Action::CloseLink { link });
+            } else if connected {
+                self.send_state(now_ms, link);
+            }
+        }
+        if !self.is_connected() && self.cfg.fencing == Fencing::ResourceAndStonith {
+            warn!(resource = %self.cfg.resource, "promoted without a peer: I/O suspended until the fence handler succeeds");
+            self.frozen = true;
+            self.start_fence();
+        }
+        Ok(())
+    }
+
+    /// Makes this node secondary. The shell first makes sure no client holds
+    /// the volume writable; writes in flight make this fail.
+    pub fn demote(&mut self, now_ms: u64) -> Result<(), AdminError> {
+        self.now_ms = now_ms;
+        if self.role != Role::Primary {
+            return Err(AdminError::NotPrimary);
+        }
+        if matches!(self.conn, Conn::Handshaking { .. }) {
+            return Err(AdminError::Handshaking);
+        }
+        let pending = self.writes.len() + self.flushes.len() + self.deferred.len();
+        if pending > 0 && !self.frozen {
+            return Err(AdminError::WritesInFlight(pending));
+        }
+        if pending > 0 {
+            // Suspended I/O of a primary being given up (its peer won): the
+            // writes were never acknowledged and never will be.
+            warn!(resource = %self.cfg.resource, pending, "demoting a suspended primary: failing its suspended I/O");
+            self.fail_all_pending();
+        }
+        self.role = Role::Secondary;
+        self.frozen = false;
+        self.persist_bitmap(now_ms);
+        if self.al.clear() {
+            self.actions.push_back(Action::PersistActivityLog(Vec::new()));
+        }
+        self.persist_meta();
+        info!(resource = %self.cfg.resource, "demoted to secondary");
+        if let (Some(link), true) = (self.link(), self.is_connected()) {
+            self.send_state(now_ms, link);
+        }
+        Ok(())
+    }
+
+    fn fail_all_pending(&mut self) {
+        for (id, w) in std::mem::take(&mut self.writes) {
+            if !w.answered {
+                self.actions.push_back(Action::Complete { id, result: Err(libc::EIO) });
+            }
+            self.al.end(w.extents);
+        }
+        for (id, _) in std::mem::take(&mut self.flushes) {
+            self.actions.push_back(Action::Complete { id, result: Err(libc::EIO) });
+        }
+        for d in std::mem::take(&mut self.deferred) {
+            let id = match d {
+                Deferred::Write { id, .. } | Deferred::Flush { id } => id,
+            };
+            self.actions.push_back(Action::Complete { id, result: Err(libc::EIO) });
+        }
+        self.outstanding.retain(|_, (what, _)| !matches!(what, Outstanding::Write(_) | Outstanding::Flush(_)));
+    }
+
+    /// Starts connecting (from StandAlone). `discard_my_data`: on a split
+    /// brain, this node's changes are the ones thrown away.
+    pub fn connect(&mut self, now_ms: u64, discard_my_data: bool) {
+        self.now_ms = now_ms;
+        self.discard_my_data = discard_my_data;
+        if matches!(self.conn, Conn::StandAlone) {
+            self.conn = Conn::Connecting;
+        }
+    }
+
+    /// Drops the peer and stays StandAlone until [`Self::connect`].
+    pub fn disconnect(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        match self.link() {
+            Some(link) => {
+                self.lose_peer(now_ms, "disconnected by the admin".into(), true);
+                self.actions.push_back(Action::CloseLink { link });
+            }
+            None => self.conn = Conn::StandAlone,
+        }
+    }
+
+    /// Starts an online verify against the peer.
+    pub fn verify(&mut self, now_ms: u64) -> Result<(), AdminError> {
+        self.now_ms = now_ms;
+        let ok = matches!(&self.conn, Conn::Established(p) if p.sync == Sync::None && p.disk == DiskState::UpToDate)
+            && self.disk == DiskState::UpToDate;
+        if !ok {
+            return Err(AdminError::CannotVerify(format!("{:?}, disk {:?}", self.connection(), self.disk)));
+        }
+        self.verify = Some(Verify::new(self.cfg.size_bytes, VERIFY_CHUNK_BYTES, now_ms));
+        self.verify_oos_bytes = 0;
+        if let Conn::Established(p) = &mut self.conn {
+            p.sync = Sync::Verify;
+        }
+        info!(resource = %self.cfg.resource, "online verify started");
+        self.pump_verify(now_ms);
+        Ok(())
+    }
+
+    /// Throws away the local data: full resync from the peer on the next
+    /// connect (now, if connected).
+    pub fn invalidate(&mut self, now_ms: u64) -> Result<(), AdminError> {
+        self.now_ms = now_ms;
+        if self.role == Role::Primary {
+            return Err(AdminError::InvalidatePrimary);
+        }
+        self.consistent = false;
+        self.disk = DiskState::Inconsistent;
+        self.bitmap.set_all();
+        self.persist_bitmap(now_ms);
+        self.persist_meta();
+        if let Some(link) = self.link() {
+            self.lose_peer(now_ms, "invalidated: reconnecting for a full resync".into(), false);
+            self.actions.push_back(Action::CloseLink { link });
+        }
+        Ok(())
+    }
+
+    /// The peer's fence handler says this node's data is outdated.
+    pub fn outdate(&mut self, now_ms: u64) -> Result<(), AdminError> {
+        self.now_ms = now_ms;
+        if self.role == Role::Primary {
+            return Err(AdminError::NotPrimary);
+        }
+        if self.disk == DiskState::UpToDate {
+            self.outdated = true;
+            self.disk = DiskState::Outdated;
+            self.persist_meta();
+        }
+        Ok(())
+    }
+
+    /// Clean stop: persist the bitmap, empty the activity log if nothing is
+    /// in flight, and mark the shutdown clean.
+    pub fn shutdown(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.persist_bitmap(now_ms);
+        let idle = self.writes.is_empty() && self.flushes.is_empty();
+        if idle && self.al.clear() {
+            self.actions.push_back(Action::PersistActivityLog(Vec::new()));
+        }
+        self.persist_meta_with(idle);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn debug_state(&self) -> String {
+        format!(
+            "writes {:?}\nflushes {:?}\ndeferred {}\noutstanding {:?}\nfrozen {} fence_running {}",
+            self.writes,
+            self.flushes,
+            self.deferred.len(),
+            self.outstanding,
+            self.frozen,
+            self.fence_running
+        )
+    }
+
+    // ----- helpers -----
+
+    /// Tells the peer our role and disk, followed by a ping: its answer
+    /// proves the peer applied the change (frames are processed in order).
+    fn send_state(&mut self, now_ms: u64, link: LinkId) {
+        let state = PeerState { role: self.role, disk: self.disk, epoch: self.epoch };
+        self.send(now_ms, link, Message::State(state));
+        self.send(now_ms, link, Message::Ping);
+        self.state_unconfirmed = true;
+    }
+
+    /// No role change is waiting for the peer (it applied the last one, or
+    /// there is no peer to tell).
+    pub fn state_settled(&self) -> bool {
+        !self.state_unconfirmed || !self.is_connected()
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn take_io(&mut self, purpose: IoPurpose) -> IoId {
+        let io = self.next_io;
+        self.next_io += 1;
+        self.ios.insert(io, purpose);
+        io
+    }
+
+    fn send(&mut self, now_ms: u64, link: LinkId, msg: Message<P>) {
+        if let Conn::Established(p) = &mut self.conn {
+            p.last_tx_ms = now_ms;
+        }
+        self.actions.push_back(Action::Send { link, msg });
+    }
+
+    fn note_error(&mut self, why: String) {
+        warn!(resource = %self.cfg.resource, "{why}");
+        self.last_error = Some(why);
+    }
+
+    fn fresh_generation(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        generations::fresh_generation(x)
+    }
+
+    fn persist_meta(&mut self) {
+        self.persist_meta_with(false);
+    }
+
+    fn persist_meta_with(&mut self, clean_shutdown: bool) {
+        self.actions.push_back(Action::PersistMeta(MetaState {
+            generations: self.generations,
+            consistent: self.consistent,
+            outdated: self.outdated,
+            primary: self.role == Role::Primary,
+            crashed_primary: self.crashed_primary,
+            clean_shutdown,
+            epoch: self.epoch,
+        }));
+    }
+
+    fn persist_bitmap(&mut self, now_ms: u64) {
+        self.actions.push_back(Action::PersistBitmap);
+        self.bitmap_unpersisted = false;
+        self.last_bitmap_persist_ms = now_ms;
+    }
+}
+
+const BITMAP_PERSIST_INTERVAL_MS: u64 = 5_000;
+const BITMAP_PAIRS_PER_FRAME: usize = 4096;
+const VERIFY_CHUNK_BYTES: u32 = 1 << 20;

@@ -1,0 +1,1015 @@
+//! Deterministic simulation of two replicas: real `Replica` cores, a
+//! simulated disk, network, clock, cluster manager and application, all
+//! driven by one seed.
+//!
+//! A schedule runs a *safety phase* (random writes and flushes from an
+//! application that follows the primary, while faults strike: crashes of
+//! either node, link resets and silent cuts, message delays, disk errors,
+//! slow or failing fencing, planned switchovers, verify) and then a
+//! *liveness phase* (faults stop, crashed nodes restart, the cluster is
+//! healed) and checks:
+//!
+//! - never two writable primaries (with `resource-and-stonith` fencing);
+//! - no acknowledged write lost (protocols B and C; every block reads as
+//!   its last acknowledged version or a later unacknowledged one);
+//! - resync converges: both replicas Connected, UpToDate and identical;
+//! - a deliberate split brain is detected, overwrites nothing, and
+//!   `--discard-my-data` resolves it.
+//!
+//! A failure panics with the seed; `REPLICATOR_SIM_SEED=<seed> cargo test
+//! -p replicator sim_replays_one_seed -- --nocapture` replays it (add
+//! `SIM_TRACE=1` to log every state change of both nodes).
+//! `REPLICATOR_SIM_SEEDS` and `REPLICATOR_SIM_BASE` pick the range of
+//! seeds `sim_many_seeds` runs (default 2000 from 0).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use super::generations::AfterSplitBrain;
+use super::message::{Message, Protocol, Role, WriteKind};
+use super::replica::{
+    Action, AppId, AppWrite, Config, DiskOp, DiskOutput, Fencing, IoId, LinkId, MetaState, Persisted, Replica,
+};
+use crate::metadata::Generations;
+use crate::test_rng::Rng;
+
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = 64;
+/// Block contents: one version token per 4 KiB block of the range.
+type Data = Vec<u64>;
+
+#[derive(Debug, Clone, Copy)]
+struct Swarm {
+    protocol: Protocol,
+    fencing: Fencing,
+    checksums: bool,
+    crash_pct: u64,
+    cut_pct: u64,
+    disk_error_per_mille: u64,
+    delay_ms_max: u64,
+    fence_fail_pct: u64,
+    split_brain: bool,
+}
+
+impl Swarm {
+    fn pick(rng: &mut Rng) -> Swarm {
+        let protocol = [Protocol::A, Protocol::B, Protocol::C, Protocol::C][rng.below(4) as usize];
+        let fencing = [Fencing::DontCare, Fencing::ResourceOnly, Fencing::ResourceAndStonith][rng.below(3) as usize];
+        Swarm {
+            protocol,
+            fencing,
+            checksums: rng.below(2) == 0,
+            crash_pct: rng.below(4),
+            cut_pct: rng.below(5),
+            disk_error_per_mille: if rng.below(4) == 0 { rng.below(5) } else { 0 },
+            delay_ms_max: [1, 5, 40][rng.below(3) as usize],
+            fence_fail_pct: if rng.below(4) == 0 { 30 } else { 0 },
+            split_brain: fencing == Fencing::DontCare && rng.below(3) == 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    DiskDone { node: usize, incarnation: u64, io: IoId },
+    Deliver { link: LinkId, to: usize },
+    Disconnect { link: LinkId, node: usize },
+    FenceDone { node: usize, incarnation: u64 },
+    Tick,
+}
+
+struct PendingIo {
+    op: DiskOp<Data>,
+    fail: bool,
+}
+
+#[derive(Clone)]
+struct SimMeta {
+    state: MetaState,
+    bitmap: Vec<u64>,
+    al: Vec<u32>,
+}
+
+struct Node {
+    replica: Option<Replica<Data>>,
+    incarnation: u64,
+    disk: Vec<u64>,
+    pending: HashMap<IoId, PendingIo>,
+    meta: SimMeta,
+    link: Option<LinkId>,
+    /// When the node lost its link (for the manager's promotion decisions).
+    down_since_ms: Option<u64>,
+}
+
+struct Link {
+    /// Per direction (index = receiver): queued messages in order.
+    queues: [std::collections::VecDeque<Message<Data>>; 2],
+    last_delivery: [u64; 2],
+    /// Silently dropping everything (a partition nobody was told about).
+    blackholed: bool,
+    closed: [bool; 2],
+}
+
+/// A client write: first block, block count, version.
+type Blocks = (u64, u64, u64);
+
+/// Per block: the last acknowledged version and later unacknowledged ones.
+#[derive(Default, Clone)]
+struct Allowed(Vec<u64>);
+
+struct Sim {
+    seed: u64,
+    rng: Rng,
+    swarm: Swarm,
+    now: u64,
+    seq: u64,
+    events: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    event_store: HashMap<usize, Event>,
+    next_event: usize,
+    nodes: [Node; 2],
+    links: HashMap<LinkId, Link>,
+    next_link: LinkId,
+    partitioned: bool,
+    /// Client requests in flight: id → (node, blocks, version) (flush: no blocks).
+    inflight: HashMap<AppId, (usize, Option<Blocks>)>,
+    busy_blocks: HashMap<u64, AppId>,
+    allowed: Vec<Allowed>,
+    next_id: AppId,
+    next_version: u64,
+    acked_writes: u64,
+    lossy: bool,
+    log: Vec<String>,
+    faults: bool,
+    split_brain_seen: bool,
+    /// The cluster's knowledge (what clusterd keeps in Raft): which nodes
+    /// hold every acknowledged write, and the newest epoch handed out.
+    current: [bool; 2],
+    max_epoch: u64,
+    /// Both nodes acknowledged writes as primaries at the same time.
+    diverged: bool,
+    last_trace: [String; 2],
+    /// Per block: (time, node, version) of every write that reached a disk.
+    history: Vec<Vec<(u64, usize, u64)>>,
+}
+
+fn cfg(node: usize, swarm: &Swarm, seed: u64) -> Config {
+    Config {
+        resource: "r0".into(),
+        node_name: format!("node{node}"),
+        node_id: node as u32,
+        size_bytes: BLOCKS * BLOCK,
+        granularity_bytes: BLOCK as u32,
+        al_extent_bytes: (4 * BLOCK) as u32,
+        al_extents_max: 6,
+        protocol: swarm.protocol,
+        fencing: swarm.fencing,
+        after_split_brain: AfterSplitBrain::Disconnect,
+        ping_interval_ms: 200,
+        ping_timeout_ms: 300,
+        io_timeout_ms: 1000,
+        resync_rate_min_bytes_per_sec: 256 * 1024,
+        resync_rate_max_bytes_per_sec: 4 * 1024 * 1024,
+        resync_chunk_bytes: (4 * BLOCK) as u32,
+        resync_inflight_bytes_max: 16 * BLOCK,
+        resync_checksums: swarm.checksums,
+        seed: Rng::new(seed ^ ((node as u64) << 56)).next(),
+    }
+}
+
+fn csum(blocks: &[u64]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for b in blocks {
+        h.update(&b.to_le_bytes());
+    }
+    h.finalize()
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = Rng::new(seed);
+        let swarm = Swarm::pick(&mut rng);
+        let meta = SimMeta {
+            state: MetaState {
+                generations: Generations { current: Generations::JUST_CREATED, ..Generations::default() },
+                consistent: false,
+                outdated: false,
+                primary: false,
+                crashed_primary: false,
+                clean_shutdown: true,
+                epoch: 0,
+            },
+            bitmap: Vec::new(),
+            al: Vec::new(),
+        };
+        let node = |_| Node {
+            replica: None,
+            incarnation: 0,
+            disk: vec![0; BLOCKS as usize],
+            pending: HashMap::new(),
+            meta: meta.clone(),
+            link: None,
+            down_since_ms: None,
+        };
+        let mut sim = Sim {
+            seed,
+            rng,
+            swarm,
+            now: 0,
+            seq: 0,
+            events: BinaryHeap::new(),
+            event_store: HashMap::new(),
+            next_event: 0,
+            nodes: [node(0), node(1)],
+            links: HashMap::new(),
+            next_link: 1,
+            partitioned: false,
+            inflight: HashMap::new(),
+            busy_blocks: HashMap::new(),
+            allowed: vec![Allowed(vec![0]); BLOCKS as usize],
+            next_id: 1,
+            next_version: 1,
+            acked_writes: 0,
+            lossy: swarm.protocol == Protocol::A,
+            log: Vec::new(),
+            faults: true,
+            split_brain_seen: false,
+            current: [true, false],
+            max_epoch: 1,
+            diverged: false,
+            history: vec![Vec::new(); BLOCKS as usize],
+            last_trace: Default::default(),
+        };
+        // Node 0's disk starts with data; both metadata fresh, as after
+        // create-md on both nodes.
+        for b in 0..BLOCKS as usize {
+            sim.nodes[0].disk[b] = 0;
+        }
+        sim.start(0);
+        sim.start(1);
+        sim.schedule(1, Event::Tick);
+        sim
+    }
+
+    fn note(&mut self, s: String) {
+        if self.log.len() > 4000 {
+            self.log.remove(0);
+        }
+        self.log.push(format!("{:>7} {s}", self.now));
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let keep = if std::env::var("REPLICATOR_SIM_SEED").is_ok() { usize::MAX } else { 60 };
+        let tail = self.log.iter().rev().take(keep).rev().cloned().collect::<Vec<_>>().join("\n");
+        panic!(
+            "simulation seed {} failed: {what}\nswarm: {:?}\nlast events:\n{tail}\nreplay: REPLICATOR_SIM_SEED={} cargo test -p replicator sim_replays_one_seed -- --nocapture",
+            self.seed, self.swarm, self.seed
+        );
+    }
+
+    fn schedule(&mut self, delay: u64, event: Event) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.seq += 1;
+        self.events.push(Reverse((self.now + delay, self.seq, id)));
+        self.event_store.insert(id, event);
+    }
+
+    fn persisted(&self, node: usize) -> Persisted {
+        let m = &self.nodes[node].meta;
+        Persisted {
+            generations: m.state.generations,
+            consistent: m.state.consistent,
+            outdated: m.state.outdated,
+            primary: m.state.primary,
+            crashed_primary: m.state.crashed_primary,
+            clean_shutdown: m.state.clean_shutdown,
+            epoch: m.state.epoch,
+            bitmap_words: m.bitmap.clone(),
+            al_extents: m.al.clone(),
+        }
+    }
+
+    fn start(&mut self, node: usize) {
+        let p = self.persisted(node);
+        let gen_seed = self.seed ^ (self.nodes[node].incarnation << 40);
+        let r = Replica::new(cfg(node, &self.swarm, gen_seed), p, self.now);
+        self.nodes[node].incarnation += 1;
+        self.nodes[node].replica = Some(r);
+        self.nodes[node].down_since_ms = Some(self.now);
+        self.note(format!("node{node} started"));
+        self.drain(node);
+    }
+
+    fn crash(&mut self, node: usize, why: &str) {
+        if self.nodes[node].replica.is_none() {
+            return;
+        }
+        self.note(format!("node{node} CRASH ({why})"));
+        self.nodes[node].replica = None;
+        // Submitted writes may or may not have reached the disk.
+        let pending: Vec<(IoId, PendingIo)> = self.nodes[node].pending.drain().collect();
+        for (_, p) in pending {
+            if let DiskOp::Write { offset, len, kind, data, .. } = p.op {
+                if !p.fail && self.rng.below(2) == 0 {
+                    apply_write(&mut self.nodes[node].disk, offset, len, kind, data.as_deref());
+                    self.record(node, offset, len);
+                }
+            }
+        }
+        if let Some(link) = self.nodes[node].link.take() {
+            let peer = 1 - node;
+            if let Some(l) = self.links.get_mut(&link) {
+                l.closed[node] = true;
+            }
+            // A dead process's socket is reset at once; a dead host is noticed
+            // only by timeouts.
+            if self.rng.below(2) == 0 {
+                let d = 1 + self.rng.below(5);
+                self.schedule(d, Event::Disconnect { link, node: peer });
+            } else if let Some(l) = self.links.get_mut(&link) {
+                l.blackholed = true;
+            }
+        }
+        // Requests on the dead node are never answered.
+        let lost: Vec<AppId> = self.inflight.iter().filter(|(_, (n, _))| *n == node).map(|(id, _)| *id).collect();
+        for id in lost {
+            if let Some((_, Some((first, n, _)))) = self.inflight.remove(&id) {
+                for b in first..first + n {
+                    self.busy_blocks.remove(&b);
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, node: usize, offset: u64, len: u32) {
+        let first = offset / BLOCK;
+        for b in first..first + u64::from(len) / BLOCK {
+            let v = self.nodes[node].disk[b as usize];
+            self.history[b as usize].push((self.now, node, v));
+        }
+    }
+
+    fn replica(&mut self, node: usize) -> Option<&mut Replica<Data>> {
+        self.nodes[node].replica.as_mut()
+    }
+
+    /// Carries out a node's actions, in order.
+    fn drain(&mut self, node: usize) {
+        loop {
+            let Some(r) = self.nodes[node].replica.as_mut() else { return };
+            let Some(action) = r.poll_action() else { return };
+            match action {
+                Action::PersistMeta(state) => self.nodes[node].meta.state = state,
+                Action::PersistBitmap => {
+                    let words = self.nodes[node].replica.as_ref().map(|r| r.bitmap().words().to_vec());
+                    self.nodes[node].meta.bitmap = words.unwrap_or_default();
+                }
+                Action::PersistActivityLog(extents) => self.nodes[node].meta.al = extents,
+                Action::Disk { io, op } => {
+                    let fail = self.faults && self.rng.below(1000) < self.swarm.disk_error_per_mille;
+                    self.nodes[node].pending.insert(io, PendingIo { op, fail });
+                    let delay = self.rng.below(3);
+                    let incarnation = self.nodes[node].incarnation;
+                    self.schedule(delay, Event::DiskDone { node, incarnation, io });
+                }
+                Action::Send { link, msg } => self.send(node, link, msg),
+                Action::Complete { id, result } => self.completed(node, id, result),
+                Action::CloseLink { link } => {
+                    let now = self.now;
+                    let why = self.nodes[node].replica.as_ref().and_then(|r| r.status(now).last_error);
+                    self.note(format!("node{node} closes link {link}: {why:?}"));
+                    self.close_link(node, link)
+                }
+                Action::Fence => {
+                    let delay = 20 + self.rng.below(200);
+                    let incarnation = self.nodes[node].incarnation;
+                    self.schedule(delay, Event::FenceDone { node, incarnation });
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, from: usize, link: LinkId, msg: Message<Data>) {
+        let to = 1 - from;
+        let delay = 1 + self.rng.below(self.swarm.delay_ms_max);
+        let now = self.now;
+        let Some(l) = self.links.get_mut(&link) else { return };
+        if l.blackholed || l.closed[from] || l.closed[to] {
+            return;
+        }
+        l.queues[to].push_back(msg);
+        // TCP: in order, so each delivery is no earlier than the previous.
+        let at = (now + delay).max(l.last_delivery[to]);
+        l.last_delivery[to] = at;
+        let d = at - now;
+        self.schedule(d, Event::Deliver { link, to });
+    }
+
+    fn close_link(&mut self, node: usize, link: LinkId) {
+        if self.nodes[node].link == Some(link) {
+            self.nodes[node].link = None;
+            self.nodes[node].down_since_ms = Some(self.now);
+        }
+        let peer = 1 - node;
+        if let Some(l) = self.links.get_mut(&link) {
+            l.closed[node] = true;
+            if !l.closed[peer] && !l.blackholed {
+                let d = 1 + self.rng.below(3);
+                self.schedule(d, Event::Disconnect { link, node: peer });
+            }
+        }
+    }
+
+    fn completed(&mut self, node: usize, id: AppId, result: Result<(), i32>) {
+        let Some((n, what)) = self.inflight.remove(&id) else {
+            self.fail(&format!("node{node} completed unknown request {id}"));
+        };
+        if n != node {
+            self.fail("a request completed on another node");
+        }
+        if let Some((first, count, version)) = what {
+            for b in first..first + count {
+                self.busy_blocks.remove(&b);
+                if result.is_ok() {
+                    self.allowed[b as usize] = Allowed(vec![version]);
+                }
+            }
+            if result.is_ok() {
+                self.acked_writes += 1;
+                let other = self.nodes[1 - node].replica.as_ref();
+                if other.is_some_and(|r| r.role() == Role::Primary) {
+                    self.diverged = true;
+                    self.note(format!("node{node} acknowledged a write while node{} is primary too", 1 - node));
+                }
+            }
+        }
+    }
+
+    fn primary(&self) -> Option<usize> {
+        (0..2).find(|n| self.nodes[*n].replica.as_ref().is_some_and(|r| r.role() == Role::Primary))
+    }
+
+    fn check_single_writer(&self) {
+        if self.swarm.fencing != Fencing::ResourceAndStonith {
+            return;
+        }
+        let writable = (0..2).filter(|n| self.nodes[*n].replica.as_ref().is_some_and(|r| r.is_writable())).count();
+        if writable > 1 {
+            self.fail("two writable primaries");
+        }
+    }
+
+    /// The application: writes and flushes to the primary, one request per
+    /// block at a time.
+    fn workload(&mut self) {
+        let Some(p) = self.primary() else { return };
+        if self.inflight.len() >= 6 {
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if self.rng.below(8) == 0 {
+            self.inflight.insert(id, (p, None));
+            let now = self.now;
+            if let Some(r) = self.replica(p) {
+                r.handle_flush(now, id);
+            }
+            self.drain(p);
+            return;
+        }
+        let count = 1 + self.rng.below(3);
+        let first = self.rng.below(BLOCKS - count + 1);
+        if (first..first + count).any(|b| self.busy_blocks.contains_key(&b)) {
+            return;
+        }
+        let version = self.next_version;
+        self.next_version += 1;
+        for b in first..first + count {
+            self.busy_blocks.insert(b, id);
+            self.allowed[b as usize].0.push(version);
+        }
+        self.inflight.insert(id, (p, Some((first, count, version))));
+        let data = vec![version; count as usize];
+        let fua = self.rng.below(10) == 0;
+        let now = self.now;
+        if let Some(r) = self.replica(p) {
+            let len = (count * BLOCK) as u32;
+            r.handle_write(
+                now,
+                AppWrite { id, offset: first * BLOCK, len, kind: WriteKind::Write, fua, data: Some(data) },
+            );
+        }
+        self.drain(p);
+    }
+
+    /// Connects the nodes when both want it and the network allows.
+    fn maybe_connect(&mut self) {
+        if self.partitioned {
+            return;
+        }
+        let wants = |n: &Node| n.replica.as_ref().is_some_and(|r| r.wants_link()) && n.link.is_none();
+        if !(wants(&self.nodes[0]) && wants(&self.nodes[1])) {
+            return;
+        }
+        let link = self.next_link;
+        self.next_link += 1;
+        self.links.insert(
+            link,
+            Link { queues: Default::default(), last_delivery: [0, 0], blackholed: false, closed: [false, false] },
+        );
+        let g: Vec<String> = (0..2)
+            .map(|n| {
+                self.nodes[n].replica.as_ref().map_or(String::new(), |r| {
+                    let g = r.generations();
+                    let short = |x: u64| x % 100_000;
+                    format!(
+                        "{:?}/{:?} C{} B{} H{},{} bits{}",
+                        r.role(),
+                        r.disk(),
+                        short(g.current),
+                        short(g.bitmap),
+                        short(g.history[0]),
+                        short(g.history[1]),
+                        r.bitmap().count()
+                    )
+                })
+            })
+            .collect();
+        self.note(format!("link {link} up: node0 {} | node1 {}", g[0], g[1]));
+        for n in 0..2 {
+            self.nodes[n].link = Some(link);
+            self.nodes[n].down_since_ms = None;
+            let now = self.now;
+            if let Some(r) = self.replica(n) {
+                r.handle_connected(now, link);
+            }
+            self.drain(n);
+        }
+    }
+
+    /// Cluster decisions: promote a survivor, plan switchovers, verify.
+    fn manager(&mut self) {
+        let now = self.now;
+        let primary = self.primary();
+        if primary.is_none() {
+            // Promote a node that can be (UpToDate), preferring a connected one.
+            let candidates: Vec<usize> = (0..2)
+                .filter(|n| {
+                    self.nodes[*n].replica.as_ref().is_some_and(|r| r.disk() == super::DiskState::UpToDate)
+                        && (self.current[*n] || (self.swarm.split_brain && self.faults))
+                })
+                .collect();
+            // Never promote while the other node is alive but cut off, unless
+            // fencing will settle it (or the schedule wants a split brain).
+            for n in candidates {
+                let other_alive = self.nodes[1 - n].replica.is_some();
+                let connected = self.nodes[n].replica.as_ref().is_some_and(|r| r.is_connected());
+                let allowed = !other_alive
+                    || connected
+                    || self.swarm.fencing == Fencing::ResourceAndStonith
+                    || (self.swarm.split_brain && self.faults);
+                if allowed && self.rng.below(4) == 0 {
+                    let e = Some(self.max_epoch + 1);
+                    let r = self.replica(n).expect("candidate alive");
+                    if r.promote(now, false, e).is_ok() {
+                        self.max_epoch += 1;
+                        self.note(format!("node{n} promoted (epoch {e:?})"));
+                    }
+                    self.drain(n);
+                    break;
+                }
+            }
+        } else if let Some(p) = primary {
+            // A secondary that lost the primary may be promoted by the cluster
+            // with fencing (the fence handler then kills the old primary).
+            let s = 1 - p;
+            let lost_for = self.nodes[s].down_since_ms.map(|t| now.saturating_sub(t)).unwrap_or(0);
+            let can = self.current[s]
+                && self.nodes[s].replica.as_ref().is_some_and(|r| {
+                    r.role() == Role::Secondary && r.disk() == super::DiskState::UpToDate && !r.is_connected()
+                });
+            if self.faults && can && lost_for > 800 && self.rng.below(50) == 0 {
+                let wants = self.swarm.fencing == Fencing::ResourceAndStonith || self.swarm.split_brain;
+                if wants {
+                    let e = Some(self.max_epoch + 1);
+                    if let Some(r) = self.replica(s) {
+                        if r.promote(now, false, e).is_ok() {
+                            self.max_epoch += 1;
+                            self.note(format!("node{s} promoted while cut off (epoch {e:?})"));
+                        }
+                    }
+                    self.drain(s);
+                }
+            }
+            // Planned switchover when idle and in sync.
+            if self.faults && self.inflight.is_empty() && self.rng.below(400) == 0 {
+                let in_sync = (0..2).all(|n| self.nodes[n].replica.as_ref().is_some_and(|r| r.is_in_sync()));
+                if in_sync {
+                    let ok = self.replica(p).map(|r| r.demote(now).is_ok()).unwrap_or(false);
+                    self.drain(p);
+                    if ok {
+                        self.note(format!("switchover node{p} -> node{s}"));
+                        let e = Some(self.max_epoch + 1);
+                        if let Some(r) = self.replica(s) {
+                            if r.promote(now, false, e).is_ok() {
+                                self.max_epoch += 1;
+                            }
+                        }
+                        self.drain(s);
+                    }
+                }
+            }
+            if self.faults && self.rng.below(600) == 0 {
+                if let Some(r) = self.replica(p) {
+                    if r.verify(now).is_ok() {
+                        self.note("verify started".into());
+                    }
+                }
+                self.drain(p);
+            }
+        }
+    }
+
+    fn inject_faults(&mut self) {
+        if !self.faults {
+            return;
+        }
+        let roll = self.rng.below(1000);
+        if roll < self.swarm.crash_pct {
+            let n = self.rng.below(2) as usize;
+            // One node at a time: with both down, protocol B may lose acked
+            // writes by design.
+            if self.nodes[1 - n].replica.is_some() {
+                self.crash(n, "fault");
+            }
+        } else if roll < self.swarm.crash_pct + self.swarm.cut_pct {
+            if self.partitioned {
+                self.partitioned = false;
+                self.note("partition healed".into());
+            } else {
+                self.partitioned = true;
+                let silent = self.rng.below(2) == 0;
+                self.note(format!("partition ({})", if silent { "silent" } else { "reset" }));
+                for link in self.links.keys().copied().collect::<Vec<_>>() {
+                    if silent {
+                        if let Some(l) = self.links.get_mut(&link) {
+                            l.blackholed = true;
+                        }
+                    } else {
+                        for n in 0..2 {
+                            self.schedule(1, Event::Disconnect { link, node: n });
+                        }
+                    }
+                }
+            }
+        } else if roll < 30 {
+            for n in 0..2 {
+                if self.nodes[n].replica.is_none() && self.rng.below(3) == 0 {
+                    self.start(n);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick => {
+                self.inject_faults();
+                self.maybe_connect();
+                self.manager();
+                if self.faults && self.rng.below(3) != 0 {
+                    self.workload();
+                }
+                for n in 0..2 {
+                    let now = self.now;
+                    let due = self.nodes[n].replica.as_ref().and_then(|r| r.poll_timeout()).is_some_and(|t| t <= now);
+                    if due {
+                        if let Some(r) = self.replica(n) {
+                            r.handle_timeout(now);
+                        }
+                        self.drain(n);
+                    }
+                }
+                self.schedule(1, Event::Tick);
+            }
+            Event::DiskDone { node, incarnation, io } => {
+                if self.nodes[node].incarnation != incarnation {
+                    return;
+                }
+                let Some(p) = self.nodes[node].pending.remove(&io) else { return };
+                let disk = &mut self.nodes[node].disk;
+                let mut written = None;
+                let result = if p.fail {
+                    Err(libc::EIO)
+                } else {
+                    Ok(match p.op {
+                        DiskOp::Write { offset, len, kind, data, .. } => {
+                            apply_write(disk, offset, len, kind, data.as_deref());
+                            written = Some((offset, len));
+                            DiskOutput::Done
+                        }
+                        DiskOp::Flush => DiskOutput::Done,
+                        DiskOp::Read { offset, len } => DiskOutput::Data(read(disk, offset, len).to_vec()),
+                        DiskOp::Checksum { offset, len } => DiskOutput::Checksum(csum(read(disk, offset, len))),
+                    })
+                };
+                if let Some((offset, len)) = written {
+                    self.record(node, offset, len);
+                }
+                let now = self.now;
+                if let Some(r) = self.replica(node) {
+                    r.handle_disk(now, io, result);
+                }
+                self.drain(node);
+            }
+            Event::Deliver { link, to } => {
+                let Some(l) = self.links.get_mut(&link) else { return };
+                if l.blackholed || l.closed[to] {
+                    l.queues[to].clear();
+                    return;
+                }
+                let Some(msg) = l.queues[to].pop_front() else { return };
+                let now = self.now;
+                if let Some(r) = self.replica(to) {
+                    r.handle_message(now, link, msg);
+                }
+                self.drain(to);
+            }
+            Event::Disconnect { link, node } => {
+                if self.nodes[node].link == Some(link) {
+                    self.nodes[node].link = None;
+                    self.nodes[node].down_since_ms = Some(self.now);
+                    if let Some(l) = self.links.get_mut(&link) {
+                        l.closed[node] = true;
+                    }
+                    let now = self.now;
+                    if let Some(r) = self.replica(node) {
+                        r.handle_disconnected(now, link);
+                    }
+                    self.drain(node);
+                }
+            }
+            Event::FenceDone { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].replica.is_none() {
+                    return;
+                }
+                let ok = self.rng.below(100) >= self.swarm.fence_fail_pct;
+                if ok {
+                    self.crash(1 - node, "fenced");
+                }
+                let now = self.now;
+                if let Some(r) = self.replica(node) {
+                    r.handle_fence_result(now, ok);
+                }
+                self.drain(node);
+            }
+        }
+        // A node whose link the simulation dropped (both ends closed) is told.
+        self.links.retain(|_, l| !(l.closed[0] && l.closed[1]));
+        for n in 0..2 {
+            if let Some(link) = self.nodes[n].link {
+                let gone = self.links.get(&link).is_none_or(|l| l.closed[n]);
+                if gone {
+                    self.nodes[n].link = None;
+                }
+            }
+        }
+        self.track_current();
+        if std::env::var("SIM_TRACE").is_ok() {
+            for n in 0..2 {
+                if let Some(r) = &self.nodes[n].replica {
+                    let g = r.generations();
+                    let line = format!(
+                        "node{n} {:?} {:?} {:?} C{} B{} bits{}",
+                        r.role(),
+                        r.disk(),
+                        r.connection(),
+                        g.current % 100_000,
+                        g.bitmap % 100_000,
+                        r.bitmap().count()
+                    );
+                    if self.last_trace[n] != line {
+                        self.last_trace[n] = line.clone();
+                        self.note(format!("trace {line}"));
+                    }
+                }
+            }
+        }
+        self.check_single_writer();
+        for n in 0..2 {
+            if let Some(r) = &self.nodes[n].replica {
+                let g = r.generations();
+                if g.bitmap != 0 && g.bitmap == g.current {
+                    self.fail(&format!("node{n} has equal current and bitmap generations: {g:?}"));
+                }
+            }
+        }
+    }
+
+    /// What the cluster learns: a node in sync with the primary holds
+    /// everything; one that is not, while the primary writes, falls behind.
+    fn track_current(&mut self) {
+        let Some(p) = self.primary() else { return };
+        let s = 1 - p;
+        let in_sync = (0..2).all(|n| self.nodes[n].replica.as_ref().is_some_and(|r| r.is_in_sync()));
+        if in_sync {
+            self.current = [true, true];
+        } else if self.nodes[p].replica.as_ref().is_some_and(|r| r.is_writable()) {
+            self.current[p] = true;
+            self.current[s] = false;
+        }
+    }
+
+    fn run_until(&mut self, end: u64, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        while let Some(Reverse((at, _, id))) = self.events.pop() {
+            if at > end {
+                self.events.push(Reverse((at, 0, id)));
+                return false;
+            }
+            self.now = at;
+            let event = self.event_store.remove(&id).expect("event stored");
+            self.handle(event);
+            if done(self) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Heal everything and wait for two identical, connected replicas.
+    fn converge(&mut self) {
+        self.faults = false;
+        self.partitioned = false;
+        for l in self.links.values_mut() {
+            if l.blackholed {
+                l.closed = [true, true];
+            }
+        }
+        let deadline = self.now + 120_000;
+        let mut resolved_split_brain = false;
+        loop {
+            for n in 0..2 {
+                if self.nodes[n].replica.is_none() {
+                    self.start(n);
+                }
+            }
+            // A stale primary (the peer saw a newer epoch), or two primaries
+            // after fencing failed on both sides: the older epoch gives up,
+            // its suspended writes failing.
+            let epoch = |n: usize| self.nodes[n].replica.as_ref().map_or(0, |r| r.epoch());
+            let is_primary = |n: usize| self.nodes[n].replica.as_ref().is_some_and(|r| r.role() == Role::Primary);
+            let stale = (0..2).find(|n| is_primary(*n) && epoch(*n) < epoch(1 - *n));
+            let victim = match stale {
+                Some(n) => Some(n),
+                None if is_primary(0) && is_primary(1) => Some(if epoch(0) < epoch(1) { 0 } else { 1 }),
+                None => None,
+            };
+            if let Some(victim) = victim {
+                let now = self.now;
+                if let Some(r) = self.replica(victim) {
+                    if r.demote(now).is_ok() {
+                        self.note(format!("node{victim} demoted by the admin (stale or second primary)"));
+                    }
+                }
+                self.drain(victim);
+            }
+            // A node left StandAlone: a split brain the admin resolves (the
+            // primary's data survives; without a primary, a node the
+            // cluster knows current, else node 0), or a refused handshake.
+            let now = self.now;
+            let standalone =
+                |n: &Node| n.replica.as_ref().is_some_and(|r| r.connection() == super::replica::ConnName::StandAlone);
+            let split = |n: &Node| {
+                n.replica.as_ref().and_then(|r| r.status(now).last_error).is_some_and(|e| e.contains("split brain"))
+            };
+            if self.nodes.iter().any(|n| standalone(n) && split(n)) {
+                self.split_brain_seen = true;
+                resolved_split_brain = true;
+                let survivor = self.primary().unwrap_or(if !self.current[0] && self.current[1] { 1 } else { 0 });
+                self.current[survivor] = true;
+                self.note(format!("split brain: node{} connects --discard-my-data", 1 - survivor));
+                for n in 0..2 {
+                    if let Some(r) = self.replica(n) {
+                        r.connect(now, n != survivor);
+                    }
+                    self.drain(n);
+                }
+            }
+            for n in 0..2 {
+                if standalone(&self.nodes[n]) {
+                    if let Some(r) = self.replica(n) {
+                        r.connect(now, false);
+                    }
+                    self.drain(n);
+                }
+            }
+            let settled = self.run_until(self.now + 2000, |s| s.converged());
+            if settled {
+                break;
+            }
+            if self.now >= deadline {
+                let st: Vec<_> = (0..2)
+                    .map(|n| self.nodes[n].replica.as_ref().map(|r| (r.status(self.now), r.debug_state())))
+                    .collect();
+                self.fail(&format!("replicas did not converge: {st:#?}"));
+            }
+        }
+        let _ = resolved_split_brain;
+        if self.nodes[0].disk != self.nodes[1].disk {
+            let diff: Vec<usize> =
+                (0..BLOCKS as usize).filter(|b| self.nodes[0].disk[*b] != self.nodes[1].disk[*b]).collect();
+            let h: Vec<String> = diff.iter().map(|b| format!("block {b}: {:?}", self.history[*b])).collect();
+            self.fail(&format!("replicas differ after convergence in blocks {diff:?}\n{}", h.join("\n")));
+        }
+    }
+
+    fn converged(&self) -> bool {
+        // Both ends on the same live link (a silently dead one does not count).
+        let link = self.nodes[0].link;
+        let live = link.is_some()
+            && self.nodes.iter().all(|n| n.link == link && n.replica.as_ref().is_some_and(|r| r.link() == link))
+            && link.and_then(|l| self.links.get(&l)).is_some_and(|l| !l.blackholed && l.closed == [false, false]);
+        live && self.inflight.is_empty()
+            && self.primary().is_some()
+            && self.nodes.iter().all(|n| n.pending.is_empty() && n.replica.as_ref().is_some_and(|r| r.is_in_sync()))
+            && self.links.values().all(|l| l.queues.iter().all(|q| q.is_empty()))
+    }
+
+    fn check_acked_writes(&self) {
+        if self.lossy || self.split_brain_seen {
+            return;
+        }
+        for (b, (value, allowed)) in self.nodes[0].disk.iter().zip(&self.allowed).enumerate() {
+            if !allowed.0.contains(value) {
+                self.fail(&format!(
+                    "acknowledged write lost: block {b} holds version {value} but must be one of {:?}\nhistory: {:?}",
+                    allowed.0, self.history[b]
+                ));
+            }
+        }
+    }
+}
+
+fn apply_write(disk: &mut [u64], offset: u64, len: u32, kind: WriteKind, data: Option<&[u64]>) {
+    let first = (offset / BLOCK) as usize;
+    let n = (u64::from(len) / BLOCK) as usize;
+    for i in 0..n {
+        disk[first + i] = match (kind, data) {
+            (WriteKind::Write, Some(d)) => d[i],
+            _ => 0,
+        };
+    }
+}
+
+fn read(disk: &[u64], offset: u64, len: u32) -> &[u64] {
+    let first = (offset / BLOCK) as usize;
+    &disk[first..first + (u64::from(len) / BLOCK) as usize]
+}
+
+/// One schedule: bring-up (node 0 forced primary, initial full sync), the
+/// safety phase, then convergence and the checks.
+fn run(seed: u64, safety_ms: u64) -> Sim {
+    let mut sim = Sim::new(seed);
+    // Initial sync: like `replicator primary --force` on the first node.
+    sim.faults = false;
+    sim.run_until(50, |_| false);
+    let now = sim.now;
+    if let Some(r) = sim.replica(0) {
+        r.promote(now, true, Some(1)).expect("forced promotion of a fresh node");
+    }
+    sim.drain(0);
+    sim.faults = true;
+    let end = sim.now + safety_ms;
+    sim.run_until(end, |_| false);
+    sim.converge();
+    sim.check_acked_writes();
+    if sim.diverged && !sim.split_brain_seen {
+        sim.fail("both nodes wrote as primaries but no split brain was detected");
+    }
+    sim
+}
+
+fn seeds_from_env(default: u64) -> u64 {
+    std::env::var("REPLICATOR_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+#[test]
+fn sim_many_seeds() {
+    let seeds = seeds_from_env(2000);
+    let base = std::env::var("REPLICATOR_SIM_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0u64);
+    let mut acked = 0;
+    for seed in base..base + seeds {
+        let sim = run(seed, 8_000);
+        acked += sim.acked_writes;
+    }
+    assert!(acked > seeds * 50, "the workload acknowledged too few writes ({acked}) to mean anything");
+}
+
+#[test]
+fn sim_replays_one_seed() {
+    let Some(seed) = std::env::var("REPLICATOR_SIM_SEED").ok().and_then(|s| s.parse().ok()) else { return };
+    let sim = run(seed, 8_000);
+    for line in &sim.log {
+        println!("{line}");
+    }
+}

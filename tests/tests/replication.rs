@@ -1,0 +1,369 @@
+//! Two real `replicator up` processes in two network namespaces: failover
+//! after kill -9, link cuts with bitmap resync, split brain, hostile peers.
+//! Needs root (namespaces, iptables).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use tests::nbd::Client;
+use tests::pair::{Pair, PairOptions, REPL_PORT};
+use tests::{have_root, require_tools, TestDir};
+
+const BLOCK: u64 = 4096;
+
+/// A block's content: its number and a version, then filler derived from
+/// both, so a torn or misplaced block is caught too.
+fn pattern(block: u64, version: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BLOCK as usize);
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ version;
+    while out.len() < BLOCK as usize {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The version in a block, if it holds a valid pattern for `block`.
+fn version_of(block: u64, bytes: &[u8]) -> Option<u64> {
+    let b = u64::from_le_bytes(bytes[..8].try_into().ok()?);
+    let v = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
+    (b == block && bytes == pattern(block, v).as_slice()).then_some(v)
+}
+
+fn setup(name: &str, opts: &PairOptions) -> Option<(TestDir, Pair)> {
+    if !have_root("network namespaces and iptables") {
+        return None;
+    }
+    if !tests::have_tools(&["ip", "iptables"]) {
+        return None;
+    }
+    let dir = TestDir::new(name);
+    let pair = Pair::new(&dir, opts).expect("two-host test network");
+    Some((dir, pair))
+}
+
+/// Protocol C: every write acknowledged before the primary is killed with
+/// SIGKILL reads back from the promoted secondary.
+#[test]
+fn kill_primary_then_every_acknowledged_write_survives_on_the_secondary() {
+    let Some((_dir, mut pair)) = setup("repl-kill", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let blocks = 1024u64;
+    let mut client = Client::connect(pair.nbd(0), "r0").unwrap();
+    let mut acked: HashMap<u64, u64> = HashMap::new();
+    let mut version = 0u64;
+    // A stream of versioned writes; kill the primary part-way through.
+    let kill_after = 1500;
+    let mut killed = false;
+    for i in 0..4000u64 {
+        let block = (i * 7919) % blocks;
+        version += 1;
+        if i == kill_after {
+            pair.kill(0);
+            killed = true;
+        }
+        match client.write(block * BLOCK, &pattern(block, version)) {
+            Ok(()) => {
+                acked.insert(block, version);
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(killed, "the primary was killed mid-stream");
+    assert!(acked.len() > 500, "only {} blocks acknowledged before the kill", acked.len());
+    drop(client);
+
+    pair.wait(1, Duration::from_secs(10), "b notices the primary is gone", |s| s["connection"] != "Connected").unwrap();
+    pair.ok(1, &["primary"]).unwrap();
+    let mut b = Client::connect(pair.nbd(1), "r0").unwrap();
+    let mut checked = 0;
+    for (block, want) in &acked {
+        let bytes = b.read(block * BLOCK, BLOCK as u32).unwrap();
+        let got = version_of(*block, &bytes);
+        assert!(
+            got.is_some_and(|v| v >= *want),
+            "block {block}: acknowledged version {want} lost on the new primary (found {got:?})"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, acked.len());
+}
+
+/// A link cut while writing: the primary continues alone, and on
+/// reconnect resends only the blocks written meanwhile.
+#[test]
+fn link_cut_resyncs_only_dirty_blocks_and_replicas_end_identical() {
+    let Some((_dir, mut pair)) = setup("repl-cut", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let mut client = Client::connect(pair.nbd(0), "r0").unwrap();
+    for block in 0..256 {
+        client.write(block * BLOCK, &pattern(block, 1)).unwrap();
+    }
+    let (a, b) = (pair.net.host(0), pair.net.host(1));
+    a.cut(b).unwrap();
+    // Writes during the cut: the first waits for the ping timeout, then the
+    // primary goes on alone and tracks what the peer misses.
+    let mut dirty = std::collections::BTreeSet::new();
+    for i in 0..300u64 {
+        let block = 1000 + (i * 37) % 2000;
+        client.write(block * BLOCK, &pattern(block, 2 + i)).unwrap();
+        dirty.insert(block);
+    }
+    pair.wait(0, Duration::from_secs(10), "primary alone", |s| s["connection"] != "Connected").unwrap();
+    let sent_before = pair.number(0, "resync_sent_bytes");
+    a.heal(b).unwrap();
+    pair.wait_in_sync(Duration::from_secs(30)).unwrap();
+    client.flush().unwrap();
+    let resent = pair.number(0, "resync_sent_bytes") - sent_before;
+    let dirty_bytes = dirty.len() as u64 * BLOCK;
+    assert!(resent > 0, "nothing was resynced");
+    assert!(resent <= dirty_bytes, "resync sent {resent} bytes for {} dirty blocks ({dirty_bytes} bytes)", dirty.len());
+    drop(client);
+    // Everything written lies in the first 16 MiB.
+    let data_size = 16 << 20;
+    let (da, db) = (pair.disk_data(0, data_size).unwrap(), pair.disk_data(1, data_size).unwrap());
+    assert!(
+        da == db,
+        "replicas differ after resync (first difference at {:?})",
+        tests::util::first_difference(&da, &db)
+    );
+}
+
+/// Both sides primary while cut off: the reconnect detects split brain,
+/// overwrites nothing, and `connect --discard-my-data` resolves it.
+#[test]
+fn split_brain_is_detected_and_resolved_with_discard_my_data() {
+    let Some((_dir, mut pair)) = setup("repl-sb", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let (a, b) = (pair.net.host(0), pair.net.host(1));
+    a.cut(b).unwrap();
+    pair.wait(1, Duration::from_secs(10), "b alone", |s| s["connection"] != "Connected").unwrap();
+    pair.wait(0, Duration::from_secs(10), "a alone", |s| s["connection"] != "Connected").unwrap();
+    pair.ok(1, &["primary"]).unwrap();
+    let mut ca = Client::connect(pair.nbd(0), "r0").unwrap();
+    let mut cb = Client::connect(pair.nbd(1), "r0").unwrap();
+    for block in 0..10 {
+        ca.write(block * BLOCK, &pattern(block, 100)).unwrap();
+    }
+    for block in 20..30 {
+        cb.write(block * BLOCK, &pattern(block, 200)).unwrap();
+    }
+    ca.flush().unwrap();
+    cb.flush().unwrap();
+    drop(cb);
+    a.heal(b).unwrap();
+    for i in 0..2 {
+        pair.wait(i, Duration::from_secs(15), "split brain detected", |s| {
+            s["connection"] == "StandAlone" && s["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
+        })
+        .unwrap();
+    }
+    // Nothing was overwritten.
+    let a_disk = pair.disk_data(0, 128 << 10).unwrap();
+    let b_disk = pair.disk_data(1, 128 << 10).unwrap();
+    assert_eq!(version_of(3, &a_disk[3 * 4096..4 * 4096]), Some(100));
+    assert_eq!(version_of(25, &b_disk[25 * 4096..26 * 4096]), Some(200));
+    // The admin keeps a's data: b was promoted later (newer epoch), so a's
+    // epoch is raised first, then b gives up its changes.
+    pair.ok(0, &["primary", "--epoch", "10"]).unwrap();
+    pair.ok(1, &["secondary"]).unwrap();
+    pair.ok(1, &["connect", "--discard-my-data"]).unwrap();
+    pair.ok(0, &["connect"]).unwrap();
+    pair.wait_in_sync(Duration::from_secs(30)).unwrap();
+    let b_disk = pair.disk_data(1, 128 << 10).unwrap();
+    assert_eq!(version_of(3, &b_disk[3 * 4096..4 * 4096]), Some(100), "a's change reached b");
+    assert_eq!(version_of(25, &b_disk[25 * 4096..26 * 4096]), None, "b's change was discarded");
+    let a_disk = pair.disk_data(0, 128 << 10).unwrap();
+    assert_eq!(a_disk, b_disk);
+    drop(ca);
+}
+
+/// Garbage and a frame with a bad checksum on the replication port are
+/// dropped without harm; the real peer connects afterwards.
+#[test]
+fn corrupt_frames_are_refused_and_the_node_stays_up() {
+    let Some((_dir, mut pair)) = setup("repl-corrupt", &PairOptions::default()) else { return };
+    pair.start(1).unwrap();
+    let addr = std::net::SocketAddr::from((pair.net.host(1).ip, REPL_PORT));
+    let mut garbage = TcpStream::connect(addr).unwrap();
+    garbage.write_all(&[0xa5; 4096]).unwrap();
+    let mut sink = Vec::new();
+    garbage.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = garbage.read_to_end(&mut sink);
+    pair.server(1).logs.wait_for("bad frame from the peer", Duration::from_secs(10)).unwrap();
+
+    // A well-formed Ping header whose crc is wrong.
+    let mut header = [0u8; 56];
+    header[..4].copy_from_slice(b"RPL1");
+    header[4] = 1;
+    header[5] = 15;
+    header[52..].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+    let mut bad_crc = TcpStream::connect(addr).unwrap();
+    bad_crc.write_all(&header).unwrap();
+    bad_crc.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = bad_crc.read_to_end(&mut sink);
+    pair.server(1).logs.wait_for("checksum mismatch", Duration::from_secs(10)).unwrap();
+
+    pair.start(0).unwrap();
+    pair.wait(0, Duration::from_secs(10), "the real peer connects", |s| s["connection"] == "Connected").unwrap();
+}
+
+/// Mutual TLS: a node holding a certificate for another name, or one from
+/// another CA, is refused before any frame is read; the right peer works.
+#[test]
+fn tls_link_refuses_wrong_certificates_and_accepts_the_peer() {
+    if !have_root("network namespaces") {
+        return;
+    }
+    require_tools!("ip");
+    let dir = TestDir::new("repl-tls");
+    let pki = dir.join("pki");
+    tests::tls::make_node_pki(&pki, &["a", "b", "mallory"]).unwrap();
+    let other_ca = dir.join("other");
+    tests::tls::make_node_pki(&other_ca, &["a"]).unwrap();
+    let opts = PairOptions { pki: Some(pki.clone()), ..PairOptions::default() };
+    let mut pair = Pair::new(&dir, &opts).unwrap();
+    pair.start(1).unwrap();
+
+    // Node a presenting mallory's certificate (right CA, wrong name).
+    let text = std::fs::read_to_string(&pair.res).unwrap();
+    let mallory = dir.join("mallory.toml");
+    std::fs::write(
+        &mallory,
+        text.replace(&pki.join("a.pem").display().to_string(), &pki.join("mallory.pem").display().to_string())
+            .replace(&pki.join("a.key").display().to_string(), &pki.join("mallory.key").display().to_string()),
+    )
+    .unwrap();
+    pair.start_with(0, &mallory).unwrap();
+    pair.server(1).logs.wait_for("is not for node \"a\"", Duration::from_secs(10)).unwrap();
+    pair.kill(0);
+
+    // Node a with a certificate from another CA.
+    let foreign = dir.join("foreign.toml");
+    std::fs::write(
+        &foreign,
+        text.replace(&pki.join("a.pem").display().to_string(), &other_ca.join("a.pem").display().to_string())
+            .replace(&pki.join("a.key").display().to_string(), &other_ca.join("a.key").display().to_string()),
+    )
+    .unwrap();
+    pair.start_with(0, &foreign).unwrap();
+    pair.server(1).logs.wait_for("TLS handshake with the peer failed", Duration::from_secs(10)).unwrap();
+    assert_ne!(pair.field(1, "connection"), "Connected");
+    pair.kill(0);
+
+    pair.start(0).unwrap();
+    pair.wait(0, Duration::from_secs(10), "TLS peer connects", |s| s["connection"] == "Connected").unwrap();
+    pair.ok(0, &["primary", "--force"]).unwrap();
+    pair.wait_in_sync(Duration::from_secs(60)).unwrap();
+    let mut c = Client::connect(pair.nbd(0), "r0").unwrap();
+    c.write(0, &pattern(0, 7)).unwrap();
+    c.flush().unwrap();
+    let b = pair.disk_data(1, 4096).unwrap();
+    assert_eq!(version_of(0, &b), Some(7), "a write replicated over TLS");
+}
+
+/// A secondary refuses NBD clients; demotion is refused while a client is
+/// connected; a planned switchover moves the writable role.
+#[test]
+fn secondary_refuses_clients_and_switchover_moves_the_primary() {
+    let Some((_dir, mut pair)) = setup("repl-roles", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let refused = Client::connect(pair.nbd(1), "r0");
+    assert!(refused.is_err(), "the secondary served an NBD client");
+    let metrics = pair.metrics(0).unwrap();
+    assert!(metrics.contains("replicator_resource_primary{resource=\"r0\"} 1"), "{metrics}");
+    assert!(metrics.contains("replicator_resource_peer_disk_up_to_date{resource=\"r0\"} 1"), "{metrics}");
+    assert!(pair.metrics(1).unwrap().contains("replicator_resource_primary{resource=\"r0\"} 0"));
+    let client = Client::connect(pair.nbd(0), "r0").unwrap();
+    let out = pair.admin(0, &["secondary"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("NBD client"), "{}", out.describe());
+    let out = pair.admin(1, &["primary"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("peer is primary"), "{}", out.describe());
+    drop(client);
+    tests::wait_until(Duration::from_secs(5), "client gone", || {
+        pair.admin(0, &["secondary"]).is_ok_and(|o| o.success())
+    })
+    .unwrap();
+    pair.ok(1, &["primary"]).unwrap();
+    let mut c = Client::connect(pair.nbd(1), "r0").unwrap();
+    c.write(8192, &pattern(2, 9)).unwrap();
+    c.flush().unwrap();
+    let a = pair.disk_data(0, 3 * 4096).unwrap();
+    assert_eq!(version_of(2, &a[8192..]), Some(9), "the new primary replicates to the old one");
+}
+
+/// Online verify finds a block corrupted behind the secondary's back and the
+/// primary repairs it; invalidate resyncs everything from the peer.
+#[test]
+fn verify_finds_and_repairs_a_corrupted_block_and_invalidate_resyncs() {
+    let Some((_dir, mut pair)) = setup("repl-verify", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let mut c = Client::connect(pair.nbd(0), "r0").unwrap();
+    for block in 0..64 {
+        c.write(block * BLOCK, &pattern(block, 5)).unwrap();
+    }
+    c.flush().unwrap();
+    // Corrupt block 40 on b's disk directly.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&pair.disks[1]).unwrap();
+        f.write_all_at(&[0xee; 4096], 40 * BLOCK).unwrap();
+        f.sync_all().unwrap();
+    }
+    pair.ok(0, &["verify"]).unwrap();
+    pair.wait(0, Duration::from_secs(60), "verify done", |s| {
+        s["connection"] == "Connected" && s["verify_out_of_sync_bytes"].as_u64().unwrap_or(0) > 0
+    })
+    .unwrap();
+    assert_eq!(pair.number(0, "verify_out_of_sync_bytes"), 1 << 20, "one verify chunk differs");
+    pair.wait_in_sync(Duration::from_secs(30)).unwrap();
+    pair.wait(0, Duration::from_secs(30), "repaired", |s| s["out_of_sync_bytes"] == 0).unwrap();
+    let b = pair.disk_data(1, 64 * BLOCK).unwrap();
+    assert_eq!(version_of(40, &b[40 * 4096..41 * 4096]), Some(5), "the primary's block was resent");
+
+    // Invalidate the secondary: a full resync brings everything back.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&pair.disks[1]).unwrap();
+        f.write_all_at(&[0x11; 8192], 10 * BLOCK).unwrap();
+        f.sync_all().unwrap();
+    }
+    let received_before = pair.number(1, "resync_received_bytes");
+    pair.ok(1, &["invalidate"]).unwrap();
+    pair.wait(1, Duration::from_secs(10), "resync starts", |s| s["disk"] != "UpToDate").ok();
+    pair.wait_in_sync(Duration::from_secs(60)).unwrap();
+    assert!(pair.number(1, "resync_received_bytes") - received_before >= 60 << 20, "a full resync ran");
+    let (a, b) = (pair.disk_data(0, 16 << 20).unwrap(), pair.disk_data(1, 16 << 20).unwrap());
+    assert!(a == b, "replicas differ after invalidate");
+    drop(c);
+}
+
+/// Protocols A and B replicate too (C is covered above).
+#[test]
+fn protocols_a_and_b_replicate_writes_and_flushes() {
+    for protocol in ["A", "B"] {
+        let opts = PairOptions { protocol, ..PairOptions::default() };
+        let Some((_dir, mut pair)) = setup(&format!("repl-proto-{protocol}"), &opts) else { return };
+        pair.bring_up().unwrap();
+        let mut c = Client::connect(pair.nbd(0), "r0").unwrap();
+        for block in 0..200 {
+            c.write(block * BLOCK, &pattern(block, 3)).unwrap();
+        }
+        c.flush().unwrap();
+        // A flush does not wait for the peer's disk under protocol A; the
+        // peer's acks drain the writes soon after.
+        pair.wait(0, Duration::from_secs(10), "writes acknowledged", |s| s["writes_in_flight"] == 0).unwrap();
+        let b = pair.disk_data(1, 200 * BLOCK).unwrap();
+        for block in 0..200u64 {
+            let at = (block * BLOCK) as usize;
+            assert_eq!(version_of(block, &b[at..at + 4096]), Some(3), "protocol {protocol}: block {block}");
+        }
+        assert_eq!(pair.field(0, "protocol"), protocol);
+    }
+}
