@@ -24,6 +24,12 @@ packages=(
     busybox-static    # the guest's userland
     socat             # qemu guestfwd: one host connection per guest connection
     cpio              # packs the guest initramfs
+    swaks                  # SMTP client for the mta tests
+    libnet-ssleay-perl     # swaks STARTTLS / implicit TLS
+    libio-socket-ssl-perl  # swaks STARTTLS / implicit TLS
+    dovecot-core           # doveadm reads the mta's Maildir
+    mariadb-server         # the mta's MySQL directory path (a private server per test)
+    mariadb-client
 )
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 
@@ -69,7 +75,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3 \
-    qemu-system-x86_64 busybox socat cpio; do
+    qemu-system-x86_64 busybox socat cpio swaks doveadm mariadbd mariadb-install-db mariadb; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ] && [ ! -x "/sbin/$tool" ]; then
         echo "install-deps: $tool still missing" >&2
         exit 1

@@ -1,0 +1,436 @@
+//! The TOML configuration file, validated into a [`Config`]. Unknown keys
+//! are errors; every error names the key and what to do about it.
+//!
+//! ```toml
+//! hostname = "mail.example.org"
+//! data_dir = "/srv/mail"          # queue/, mailboxes/, directory.sqlite3
+//! # directory_url = "mysql://mta:secret@127.0.0.1/mail"   # default: SQLite in data_dir
+//! message_bytes_max = 26214400
+//! connections_max = 1000
+//! connections_per_ip_max = 20
+//! enforce_from_header = true     # authenticated: From: only with owned addresses
+//!
+//! [tls]
+//! cert = "/srv/mail/tls/cert.pem"
+//! key = "/srv/mail/tls/key.pem"
+//!
+//! [[listener]]
+//! kind = "mx"                    # mx (25), submission (587), submissions (465)
+//! address = "0.0.0.0:25"
+//! greeting_delay_ms = 0          # wait this long for clients that talk first
+//! proxy_protocol = false         # true: a PROXY v2 header precedes SMTP
+//!
+//! [delivery]
+//! relay_host = "192.0.2.25:25"   # smart host; without it, MX lookup
+//! dns_server = "127.0.0.1:53"    # resolver for MX lookups (default: /etc/resolv.conf)
+//! require_tls = false            # true: never deliver without STARTTLS
+//! queue_lifetime_secs = 432000   # temporary failures bounce after this
+//!
+//! [privileges]
+//! user = "mta"                   # required when started as root
+//! chroot = true                  # chroot into data_dir after binding
+//! allow_root = false             # tests only: stay root, no chroot
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::limits::{
+    CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT, MESSAGE_BYTES_MAX_CEILING, MESSAGE_BYTES_MAX_DEFAULT,
+};
+use crate::smtp::address::{self, Address};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
+    #[error("invalid config file {path}: {cause}")]
+    Parse { path: PathBuf, cause: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// What a listener is for; decides TLS and AUTH behaviour (RFC 6409, 8314).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// Inbound MX (port 25): STARTTLS offered, no AUTH, unauthenticated mail
+    /// only to local recipients.
+    Mx,
+    /// Submission (port 587): STARTTLS, then AUTH, required before MAIL.
+    Submission,
+    /// Implicit-TLS submission (port 465): AUTH required before MAIL.
+    Submissions,
+}
+
+impl ListenerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Mx => "mx",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Submissions => "submissions",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    kind: ListenerKind,
+    address: String,
+    #[serde(default)]
+    greeting_delay_ms: u64,
+    #[serde(default)]
+    proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    relay_host: Option<String>,
+    dns_server: Option<String>,
+    mx_port: Option<u16>,
+    #[serde(default)]
+    require_tls: bool,
+    queue_lifetime_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivileges {
+    user: Option<String>,
+    chroot: Option<bool>,
+    #[serde(default)]
+    allow_root: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hostname: String,
+    data_dir: PathBuf,
+    directory_url: Option<String>,
+    message_bytes_max: Option<u64>,
+    connections_max: Option<u32>,
+    connections_per_ip_max: Option<u32>,
+    enforce_from_header: Option<bool>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    privileges: RawPrivileges,
+    #[serde(default)]
+    delivery: RawDelivery,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub kind: ListenerKind,
+    pub address: SocketAddr,
+    pub greeting_delay_ms: u64,
+    /// Connections start with a PROXY v2 header from a load balancer.
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Remote delivery settings.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Smart host for every remote recipient (`host:port` as an IP address).
+    pub relay_host: Option<SocketAddr>,
+    /// Fail (and retry) rather than deliver without STARTTLS.
+    pub require_tls: bool,
+    /// Resolver for MX lookups; the system's (/etc/resolv.conf) if unset.
+    pub dns_server: Option<SocketAddr>,
+    /// Port of MX hosts: 25, except in tests.
+    pub mx_port: u16,
+    /// Temporary failures older than this bounce.
+    pub queue_lifetime_secs: u64,
+}
+
+/// Five days, as RFC 5321 §4.5.4.1 suggests (at least 4-5 days).
+pub const QUEUE_LIFETIME_SECS_DEFAULT: u64 = 5 * 24 * 3600;
+
+#[derive(Debug, Clone)]
+pub struct Privileges {
+    pub user: Option<String>,
+    pub chroot: bool,
+    pub allow_root: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub hostname: String,
+    pub data_dir: PathBuf,
+    pub directory_url: String,
+    pub message_bytes_max: u64,
+    pub connections_max: u32,
+    pub connections_per_ip_max: u32,
+    /// Authenticated users may only put addresses they own in `From:`.
+    pub enforce_from_header: bool,
+    pub tls: Option<TlsFiles>,
+    pub listeners: Vec<Listener>,
+    pub privileges: Privileges,
+    pub delivery: Delivery,
+    /// Where `RCPT TO:<Postmaster>` goes: postmaster@ the hostname's parent domain.
+    pub postmaster: Address,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_owned(), cause })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), cause: e.to_string() })?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
+
+        let hostname = address::check_domain(&raw.hostname).map_err(|e| {
+            invalid(format!(
+                "`hostname` = {:?} is not a domain name ({e}); use the server's fully qualified name",
+                raw.hostname
+            ))
+        })?;
+        if !raw.data_dir.is_absolute() {
+            return Err(invalid(format!("`data_dir` = {:?} must be an absolute path", raw.data_dir)));
+        }
+        let directory_url = match raw.directory_url {
+            Some(u) if u.starts_with("sqlite:") || u.starts_with("mysql:") || u.starts_with("mariadb:") => {
+                u.replacen("mariadb:", "mysql:", 1)
+            }
+            Some(u) => {
+                return Err(invalid(format!(
+                    "`directory_url` = {:?} must start with sqlite:, mysql: or mariadb:",
+                    crate::directory::redact_url(&u)
+                )))
+            }
+            None => default_directory_url(&raw.data_dir),
+        };
+        let message_bytes_max = raw.message_bytes_max.unwrap_or(MESSAGE_BYTES_MAX_DEFAULT);
+        if message_bytes_max == 0 || message_bytes_max > MESSAGE_BYTES_MAX_CEILING {
+            return Err(invalid(format!("`message_bytes_max` must be between 1 and {MESSAGE_BYTES_MAX_CEILING}")));
+        }
+        let connections_max = raw.connections_max.unwrap_or(CONNECTIONS_MAX_DEFAULT);
+        let connections_per_ip_max = raw.connections_per_ip_max.unwrap_or(CONNECTIONS_PER_IP_MAX_DEFAULT);
+        if connections_max == 0 || connections_per_ip_max == 0 {
+            return Err(invalid("`connections_max` and `connections_per_ip_max` must be at least 1".into()));
+        }
+        if raw.listener.is_empty() {
+            return Err(invalid("no `[[listener]]` sections; add at least one (kind and address)".into()));
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in raw.listener.iter().enumerate() {
+            let address = l.address.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("`listener[{i}].address` = {:?} is not IP:PORT ({e}), e.g. \"0.0.0.0:25\"", l.address))
+            })?;
+            if l.greeting_delay_ms > 30_000 {
+                return Err(invalid(format!("`listener[{i}].greeting_delay_ms` must be at most 30000")));
+            }
+            listeners.push(Listener {
+                kind: l.kind,
+                address,
+                greeting_delay_ms: l.greeting_delay_ms,
+                proxy_protocol: l.proxy_protocol,
+            });
+        }
+        let tls = raw.tls.map(|t| TlsFiles { cert: t.cert, key: t.key });
+        if tls.is_none() {
+            if let Some(l) = listeners.iter().find(|l| l.kind != ListenerKind::Mx) {
+                return Err(invalid(format!(
+                    "listener {} ({}) needs TLS: add a `[tls]` section with `cert` and `key`",
+                    l.address,
+                    l.kind.name()
+                )));
+            }
+        }
+        let privileges = Privileges {
+            user: raw.privileges.user,
+            chroot: raw.privileges.chroot.unwrap_or(true),
+            allow_root: raw.privileges.allow_root,
+        };
+        let relay_host = match &raw.delivery.relay_host {
+            None => None,
+            Some(h) => Some(h.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("`delivery.relay_host` = {h:?} is not IP:PORT ({e}), e.g. \"192.0.2.25:25\""))
+            })?),
+        };
+        let dns_server = match &raw.delivery.dns_server {
+            None => None,
+            Some(h) => Some(h.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("`delivery.dns_server` = {h:?} is not IP:PORT ({e}), e.g. \"127.0.0.1:53\""))
+            })?),
+        };
+        let delivery = Delivery {
+            relay_host,
+            dns_server,
+            mx_port: raw.delivery.mx_port.unwrap_or(25),
+            require_tls: raw.delivery.require_tls,
+            queue_lifetime_secs: raw.delivery.queue_lifetime_secs.unwrap_or(QUEUE_LIFETIME_SECS_DEFAULT),
+        };
+        let postmaster_domain =
+            hostname.split_once('.').map(|(_, d)| d).filter(|d| d.contains('.')).unwrap_or(&hostname);
+        let postmaster = Address::parse(&format!("postmaster@{postmaster_domain}"), true)
+            .map_err(|e| invalid(format!("cannot derive the postmaster address from `hostname`: {e}")))?;
+        Ok(Config {
+            path: path.to_owned(),
+            hostname,
+            data_dir: raw.data_dir,
+            directory_url,
+            message_bytes_max,
+            connections_max,
+            connections_per_ip_max,
+            enforce_from_header: raw.enforce_from_header.unwrap_or(true),
+            tls,
+            listeners,
+            privileges,
+            delivery,
+            postmaster,
+        })
+    }
+
+    pub fn queue_dir(&self) -> PathBuf {
+        self.data_dir.join("queue")
+    }
+
+    pub fn mailboxes_dir(&self) -> PathBuf {
+        self.data_dir.join("mailboxes")
+    }
+
+    /// A human summary for `check-config`: what listens where, with what policy.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("hostname: {}\n", self.hostname));
+        s.push_str(&format!("data_dir: {}\n", self.data_dir.display()));
+        s.push_str(&format!("directory: {}\n", crate::directory::redact_url(&self.directory_url)));
+        s.push_str(&format!("message size limit: {} bytes\n", self.message_bytes_max));
+        s.push_str(&format!(
+            "connections: at most {} in total, {} per client IP\n",
+            self.connections_max, self.connections_per_ip_max
+        ));
+        match &self.tls {
+            Some(t) => {
+                s.push_str(&format!("tls: cert {} key {} (TLS 1.2 and 1.3 only)\n", t.cert.display(), t.key.display()))
+            }
+            None => s.push_str("tls: none (STARTTLS not offered)\n"),
+        }
+        for l in &self.listeners {
+            let policy = match l.kind {
+                ListenerKind::Mx => {
+                    let tls = if self.tls.is_some() { "STARTTLS offered" } else { "no TLS" };
+                    format!("{tls}, no AUTH; unauthenticated mail only to existing local recipients")
+                }
+                ListenerKind::Submission => "STARTTLS required, then AUTH PLAIN/LOGIN required before MAIL".to_string(),
+                ListenerKind::Submissions => "implicit TLS, AUTH PLAIN/LOGIN required before MAIL".to_string(),
+            };
+            let proxy = if l.proxy_protocol { " [behind a PROXY v2 load balancer]" } else { "" };
+            s.push_str(&format!("listen {} ({}){proxy}: {}\n", l.address, l.kind.name(), policy));
+        }
+        match self.delivery.relay_host {
+            Some(h) => s.push_str(&format!(
+                "remote delivery: via relay host {h}, STARTTLS {}\n",
+                if self.delivery.require_tls { "required" } else { "opportunistic" }
+            )),
+            None => s.push_str(&format!(
+                "remote delivery: MX lookup via {}, port {}, STARTTLS {}\n",
+                self.delivery.dns_server.map_or("the system resolver".to_string(), |d| d.to_string()),
+                self.delivery.mx_port,
+                if self.delivery.require_tls { "required" } else { "opportunistic" }
+            )),
+        }
+        s.push_str(
+            "sender policy: authenticated logins only as addresses they own; no hosted-domain senders without AUTH\n",
+        );
+        if self.enforce_from_header {
+            s.push_str("From: header: authenticated users only with addresses they own\n");
+        }
+        let p = &self.privileges;
+        if p.allow_root {
+            s.push_str("privileges: allow_root: stays root, no chroot (tests only)\n");
+        } else {
+            s.push_str(&format!(
+                "privileges: drop to user {} after binding, chroot {}\n",
+                p.user.as_deref().unwrap_or("(none: must not start as root)"),
+                if p.chroot { self.data_dir.display().to_string() } else { "disabled".to_string() }
+            ));
+        }
+        s
+    }
+}
+
+pub fn default_directory_url(data_dir: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", data_dir.join("directory.sqlite3").display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+hostname = "mx.example.org"
+data_dir = "/srv/mail"
+[[listener]]
+kind = "mx"
+address = "127.0.0.1:2525"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/mta/mta.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_strict_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.hostname, "mx.example.org");
+        assert_eq!(c.directory_url, "sqlite:///srv/mail/directory.sqlite3?mode=rwc");
+        assert_eq!(c.message_bytes_max, MESSAGE_BYTES_MAX_DEFAULT);
+        assert!(c.privileges.chroot);
+        assert!(!c.privileges.allow_root);
+        assert_eq!(c.postmaster.to_string(), "postmaster@example.org");
+        assert!(c.describe().contains("listen 127.0.0.1:2525 (mx)"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let e = parse(&format!("{MINIMAL}\nrelay_networks = [\"0.0.0.0/0\"]\n")).unwrap_err().to_string();
+        assert!(e.contains("relay_networks"), "{e}");
+        let e = parse(&MINIMAL.replace("kind = \"mx\"", "kind = \"mx\"\nport = 25")).unwrap_err().to_string();
+        assert!(e.contains("port"), "{e}");
+        let e = parse(&MINIMAL.replace("\"mx\"", "\"relay\"")).unwrap_err().to_string();
+        assert!(e.contains("relay"), "{e}");
+    }
+
+    #[test]
+    fn submission_without_tls_is_refused_with_the_fix() {
+        let e = parse(&MINIMAL.replace("\"mx\"", "\"submission\"")).unwrap_err().to_string();
+        assert!(e.contains("add a `[tls]` section"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = parse(&MINIMAL.replace("127.0.0.1:2525", "localhost")).unwrap_err().to_string();
+        assert!(e.contains("listener[0].address"), "{e}");
+        let e = parse(&MINIMAL.replace("/srv/mail", "srv/mail")).unwrap_err().to_string();
+        assert!(e.contains("data_dir"), "{e}");
+        let e = parse(&format!("directory_url = \"postgres://u:pw@h/db\"\n{MINIMAL}")).unwrap_err().to_string();
+        assert!(e.contains("directory_url") && !e.contains("pw@"), "{e}");
+        let e = parse(&MINIMAL.replace("[[listener]]\nkind = \"mx\"\naddress = \"127.0.0.1:2525\"\n", "")).unwrap_err();
+        assert!(e.to_string().contains("[[listener]]"), "{e}");
+    }
+}

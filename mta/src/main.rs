@@ -1,0 +1,274 @@
+//! The `mta` command: `serve`, `check-config`, and directory and queue
+//! administration. Thin glue over the library.
+//!
+//! Exit codes: 0 success, 1 operating error (printed once as
+//! `mta: <cause chain>`), 2 usage error.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use mta::config::Config;
+use mta::directory::Directory;
+use mta::queue::Queue;
+
+#[derive(Parser)]
+#[command(name = "mta", version, about = "A strict, durable SMTP server for hosted domains")]
+struct Cli {
+    /// Configuration file.
+    #[arg(short, long, default_value = "/etc/mta/mta.toml", global = true)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the SMTP server.
+    Serve,
+    /// Validate the configuration and print what would listen where, with what policy.
+    CheckConfig,
+    /// Hosted domains.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Mailboxes (logins). Passwords are read from a prompt or stdin, never from arguments.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Aliases (`@domain` as the source is a catch-all).
+    #[command(subcommand)]
+    Alias(AliasCmd),
+    /// Extra MAIL FROM addresses a login may use (it may always use its own).
+    #[command(subcommand)]
+    Sender(SenderCmd),
+    /// The mail queue.
+    #[command(subcommand)]
+    Queue(QueueCmd),
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    Add { name: String },
+    Del { name: String },
+    List,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a mailbox; asks for the password (or reads one line from stdin).
+    Add {
+        address: String,
+    },
+    Del {
+        address: String,
+    },
+    /// Change a password; asks for it (or reads one line from stdin).
+    Passwd {
+        address: String,
+    },
+    Enable {
+        address: String,
+    },
+    Disable {
+        address: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum AliasCmd {
+    Add { source: String, destination: String },
+    Del { source: String, destination: String },
+    List,
+}
+
+#[derive(Subcommand)]
+enum SenderCmd {
+    Allow { login: String, address: String },
+    Deny { login: String, address: String },
+    List,
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    List,
+    /// Make every deferred message due now (the server picks them up on its next pass).
+    Flush,
+    Delete {
+        id: String,
+    },
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mta: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Serve => {
+            let prepared = mta::server::prepare(config)?;
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start tokio")?;
+            rt.block_on(mta::server::run(prepared))
+        }
+        Command::CheckConfig => check_config(&config),
+        Command::Queue(cmd) => queue_cmd(&config, cmd),
+        Command::Domain(cmd) => with_directory(&config, |d| async move { domain_cmd(&d, cmd).await }),
+        Command::User(cmd) => with_directory(&config, |d| async move { user_cmd(&d, cmd).await }),
+        Command::Alias(cmd) => with_directory(&config, |d| async move { alias_cmd(&d, cmd).await }),
+        Command::Sender(cmd) => with_directory(&config, |d| async move { sender_cmd(&d, cmd).await }),
+    }
+}
+
+fn with_directory<F, Fut>(config: &Config, f: F) -> Result<()>
+where
+    F: FnOnce(Directory) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("failed to start tokio")?;
+    rt.block_on(async {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("failed to create data_dir {}", config.data_dir.display()))?;
+        let d = Directory::open(&config.directory_url).await?;
+        let r = f(d.clone()).await;
+        d.close().await;
+        r
+    })
+}
+
+fn check_config(config: &Config) -> Result<()> {
+    mta::privileges::check(&config.privileges, nix::unistd::Uid::effective().is_root())?;
+    if let Some(t) = &config.tls {
+        mta::tls::server_config(&t.cert, &t.key).context("failed to load TLS material")?;
+    }
+    print!("{}", config.describe());
+    print!("{}", mta::server::describe_paths(config));
+    println!("config ok: {}", config.path.display());
+    Ok(())
+}
+
+/// Reads a new password: twice from a terminal prompt, else one line from stdin.
+fn read_password() -> Result<String> {
+    if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("Password: ").context("failed to read the password")?;
+        let b = rpassword::prompt_password("Again: ").context("failed to read the password")?;
+        if a != b {
+            bail!("the passwords do not match");
+        }
+        Ok(a)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("failed to read the password from stdin")?;
+        Ok(line.trim_end_matches(['\n', '\r']).to_string())
+    }
+}
+
+async fn domain_cmd(d: &Directory, cmd: DomainCmd) -> Result<()> {
+    match cmd {
+        DomainCmd::Add { name } => println!("added domain {}", d.add_domain(&name).await?),
+        DomainCmd::Del { name } => {
+            d.del_domain(&name).await?;
+            println!("deleted domain {name}");
+        }
+        DomainCmd::List => d.list_domains().await?.iter().for_each(|n| println!("{n}")),
+    }
+    Ok(())
+}
+
+async fn user_cmd(d: &Directory, cmd: UserCmd) -> Result<()> {
+    match cmd {
+        UserCmd::Add { address } => {
+            let password = read_password()?;
+            println!("added mailbox {}", d.add_user(&address, &password).await?);
+        }
+        UserCmd::Passwd { address } => {
+            let password = read_password()?;
+            d.set_password(&address, &password).await?;
+            println!("password changed for {address}");
+        }
+        UserCmd::Del { address } => {
+            d.del_user(&address).await?;
+            println!("deleted mailbox {address} (its Maildir is kept on disk)");
+        }
+        UserCmd::Enable { address } => d.set_enabled(&address, true).await?,
+        UserCmd::Disable { address } => d.set_enabled(&address, false).await?,
+        UserCmd::List => {
+            for u in d.list_users().await? {
+                println!("{}\t{}", u.address, if u.enabled { "enabled" } else { "disabled" });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn alias_cmd(d: &Directory, cmd: AliasCmd) -> Result<()> {
+    match cmd {
+        AliasCmd::Add { source, destination } => {
+            let (s, t) = d.add_alias(&source, &destination).await?;
+            println!("added alias {s} -> {t}");
+        }
+        AliasCmd::Del { source, destination } => d.del_alias(&source, &destination).await?,
+        AliasCmd::List => d.list_aliases().await?.iter().for_each(|(s, t)| println!("{s}\t{t}")),
+    }
+    Ok(())
+}
+
+async fn sender_cmd(d: &Directory, cmd: SenderCmd) -> Result<()> {
+    match cmd {
+        SenderCmd::Allow { login, address } => d.allow_sender(&login, &address).await?,
+        SenderCmd::Deny { login, address } => d.deny_sender(&login, &address).await?,
+        SenderCmd::List => d.list_senders().await?.iter().for_each(|(l, a)| println!("{l}\t{a}")),
+    }
+    Ok(())
+}
+
+fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
+    let (queue, _) = Queue::open(&config.queue_dir())?;
+    match cmd {
+        QueueCmd::List => {
+            for e in queue.list()? {
+                let env = &e.envelope;
+                let from = if env.from.is_empty() { "<>" } else { &env.from };
+                println!(
+                    "{}\t{}\t{} bytes\tfrom {}\tto {}\tattempts {}{}",
+                    env.id,
+                    if e.held { "held" } else { "active" },
+                    e.size_bytes,
+                    from,
+                    env.local.iter().chain(env.remote.iter()).cloned().collect::<Vec<_>>().join(","),
+                    env.attempts,
+                    env.last_error.as_deref().map(|s| format!("\t{s}")).unwrap_or_default()
+                );
+            }
+        }
+        QueueCmd::Flush => println!("{} messages due now", queue.flush()?),
+        QueueCmd::Delete { id } => queue.remove(&id)?,
+        QueueCmd::Hold { id } => queue.set_held(&id, true)?,
+        QueueCmd::Release { id } => queue.set_held(&id, false)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The delivery loop: woken per queued message and every 30 s, it takes
+//! each due message, delivers local copies, sends remote ones through the
+//! relay host or the domains' MX hosts, queues a DSN for failures, then removes or reschedules the
+//! queue file — in that order (see `delivery`'s invariant).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Shared;
+use crate::bounce;
+use crate::delivery::{self, Attempt};
+use crate::mx::{Route, Router};
+use crate::queue::{Queue, QueueError, StoredEnvelope};
+use crate::remote::{self, Outgoing, RcptResult, TlsPolicy};
+use crate::smtp::address::Address;
+
+/// Delivery runs at least this often, even without new mail (retries).
+const DELIVERY_SCAN_SECS: u64 = 30;
+/// Messages delivered at once.
+const DELIVERIES_CONCURRENT_MAX: usize = 16;
+
+pub async fn run(shared: Arc<Shared>, router: Option<Router>, mut shutdown: watch::Receiver<bool>) {
+    let router = router.map(Arc::new);
+    let tls_config = match remote::client_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the TLS client configuration; remote delivery disabled");
+            return;
+        }
+    };
+    loop {
+        if let Err(e) = pass(&shared, router.as_ref(), &tls_config).await {
+            tracing::error!(error = %e, "delivery pass failed");
+        }
+        tokio::select! {
+            _ = shared.delivery_wakeup.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(DELIVERY_SCAN_SECS)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, QueueError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(QueueError::Corrupt { path: "(task)".into(), why: e.to_string() }),
+    }
+}
+
+/// Delivers every due message, `DELIVERIES_CONCURRENT_MAX` at a time (each
+/// one waits on fsyncs or a remote server most of its time).
+async fn pass(
+    shared: &Arc<Shared>,
+    router: Option<&Arc<Router>>,
+    tls_config: &Arc<rustls::ClientConfig>,
+) -> Result<(), QueueError> {
+    let now = delivery::now_unix();
+    let queue = shared.queue.clone();
+    let due = blocking(move || queue.due(now)).await?;
+    let mut running = tokio::task::JoinSet::new();
+    let mut first_error = None;
+    for listed in due {
+        while running.len() >= DELIVERIES_CONCURRENT_MAX {
+            if let Some(Ok(Err(e))) = running.join_next().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        let (shared, router, tls_config) = (shared.clone(), router.cloned(), tls_config.clone());
+        running.spawn(async move {
+            let queue = shared.queue.clone();
+            let id = listed.id.clone();
+            match blocking(move || queue.read(&id)).await {
+                Ok((envelope, message)) => {
+                    deliver_one(&shared, router.as_deref(), &tls_config, envelope, message).await
+                }
+                // Deleted or held by the admin since it was listed.
+                Err(QueueError::NotFound(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => tracing::error!(error = %e, "delivery task panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn deliver_one(
+    shared: &Arc<Shared>,
+    router: Option<&Router>,
+    tls_config: &Arc<rustls::ClientConfig>,
+    envelope: StoredEnvelope,
+    message: Vec<u8>,
+) -> Result<(), QueueError> {
+    let message = Arc::new(message);
+    let (boxes, host, env, msg) =
+        (shared.mailboxes_dir.clone(), shared.config.hostname.clone(), envelope.clone(), message.clone());
+    let local_failed = blocking(move || Ok(delivery::deliver_local(&boxes, &host, &env, &msg))).await?;
+    let remote = if envelope.remote.is_empty() {
+        Vec::new()
+    } else {
+        send_remote(shared, router, tls_config, &envelope, &message).await
+    };
+    let now = delivery::now_unix();
+    let plan = delivery::plan(
+        envelope.clone(),
+        Attempt { local_failed, remote },
+        now,
+        shared.config.delivery.queue_lifetime_secs,
+    );
+    if !plan.bounces.is_empty() {
+        if envelope.from.is_empty() {
+            tracing::warn!(id = %envelope.id, failed = plan.bounces.len(), "bounce undeliverable; dropping (null sender)");
+        } else {
+            queue_bounce(shared, &envelope, &plan.bounces, &message, now).await?;
+        }
+    }
+    let queue = shared.queue.clone();
+    if plan.finished {
+        let id = envelope.id.clone();
+        blocking(move || queue.remove(&id)).await
+    } else {
+        let updated = plan.envelope;
+        tracing::info!(id = %updated.id, attempts = updated.attempts, error = updated.last_error.as_deref().unwrap_or(""), "delivery deferred");
+        blocking(move || queue.update(&updated)).await
+    }
+}
+
+async fn send_remote(
+    shared: &Shared,
+    router: Option<&Router>,
+    tls_config: &Arc<rustls::ClientConfig>,
+    envelope: &StoredEnvelope,
+    message: &[u8],
+) -> Vec<(String, RcptResult)> {
+    let policy = if shared.config.delivery.require_tls { TlsPolicy::Required } else { TlsPolicy::Opportunistic };
+    if let Some(relay) = shared.config.delivery.relay_host {
+        let hosts = vec![(relay.ip().to_string(), relay)];
+        return send_via(shared, tls_config, policy, &hosts, envelope, &envelope.remote, message).await;
+    }
+    let Some(router) = router else {
+        let why = "no route to remote domains: no relay host and no DNS resolver".to_string();
+        return envelope.remote.iter().map(|r| (r.clone(), RcptResult::Temporary(why.clone()))).collect();
+    };
+    // One transaction per destination domain, in first-seen order.
+    let mut domains: Vec<(String, Vec<String>)> = Vec::new();
+    for rcpt in &envelope.remote {
+        let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d).to_lowercase();
+        match domains.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, list)) => list.push(rcpt.clone()),
+            None => domains.push((domain, vec![rcpt.clone()])),
+        }
+    }
+    let mut results = Vec::new();
+    for (domain, rcpts) in domains {
+        match router.route(&domain).await {
+            Route::Hosts(hosts) => {
+                results.extend(send_via(shared, tls_config, policy, &hosts, envelope, &rcpts, message).await)
+            }
+            Route::Refused { status, why } => {
+                results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Permanent(format!("550 {status} {why}")))))
+            }
+            Route::Retry(why) => results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Temporary(why.clone())))),
+        }
+    }
+    results
+}
+
+/// Tries each host in turn until one gives an answer that is not temporary.
+async fn send_via(
+    shared: &Shared,
+    tls_config: &Arc<rustls::ClientConfig>,
+    policy: TlsPolicy,
+    hosts: &[(String, SocketAddr)],
+    envelope: &StoredEnvelope,
+    rcpts: &[String],
+    message: &[u8],
+) -> Vec<(String, RcptResult)> {
+    let out = Outgoing { helo: &shared.config.hostname, from: &envelope.from, recipients: rcpts, message };
+    let mut results = Vec::new();
+    for (name, addr) in hosts {
+        results = remote::send(*addr, name, policy, tls_config.clone(), &out).await;
+        for (rcpt, r) in &results {
+            match r {
+                RcptResult::Delivered => {
+                    tracing::info!(id = %envelope.id, to = %rcpt, via = %addr, "delivered remotely")
+                }
+                other => {
+                    tracing::info!(id = %envelope.id, to = %rcpt, via = %addr, result = ?other, "remote delivery failed")
+                }
+            }
+        }
+        if !results.iter().all(|(_, r)| matches!(r, RcptResult::Temporary(_))) {
+            break;
+        }
+    }
+    results
+}
+
+/// Queues a DSN to the original sender, local or remote.
+async fn queue_bounce(
+    shared: &Shared,
+    original: &StoredEnvelope,
+    failures: &[(String, String, String)],
+    message: &[u8],
+    now: u64,
+) -> Result<(), QueueError> {
+    let dsn = bounce::dsn(&shared.config.hostname, original, failures, message, now);
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    match Address::parse(&original.from, true) {
+        Ok(sender) => match shared.directory.recipient_facts(&sender).await {
+            Ok(f) if f.domain_hosted => local = f.mailboxes,
+            Ok(_) => remote.push(original.from.clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "directory unavailable for a bounce; retrying later");
+                return Err(QueueError::Corrupt { path: "(directory)".into(), why: e.to_string() });
+            }
+        },
+        Err(e) => tracing::warn!(id = %original.id, error = %e, "bounce to an unparseable sender dropped"),
+    }
+    if local.is_empty() && remote.is_empty() {
+        tracing::warn!(id = %original.id, "bounce has no deliverable recipient; dropped");
+        return Ok(());
+    }
+    let id = Queue::new_id();
+    let header = format!(
+        "Received: from localhost\r\n\tby {} with local id {id};\r\n\t{}\r\n",
+        shared.config.hostname,
+        crate::received::rfc5322_date(now)
+    );
+    let stored = StoredEnvelope {
+        id: id.clone(),
+        received_unix: now,
+        from: String::new(),
+        login: None,
+        local,
+        remote,
+        attempts: 0,
+        next_attempt_unix: 0,
+        last_error: None,
+    };
+    let queue = shared.queue.clone();
+    blocking(move || queue.enqueue(&stored, &[header.as_bytes(), &dsn]).map(|_durable| ())).await?;
+    tracing::info!(%id, original = %original.id, to = %original.from, "bounce queued");
+    shared.delivery_wakeup.notify_one();
+    Ok(())
+}

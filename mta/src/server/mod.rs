@@ -1,0 +1,321 @@
+//! The daemon: start-up order, listeners, connection limits, delivery
+//! task, signals and drain.
+//!
+//! Start-up order ([`prepare`], synchronous, before any thread exists):
+//! bind every listener → load TLS → create the mail tree's directories →
+//! chown them, chroot, drop to the service user. Then [`run`] (tokio):
+//! open the queue (discarding partial files) and the directory, print
+//! `mta: listening KIND ADDR` per listener and `mta: ready`, accept.
+//! SIGHUP reloads the certificate; SIGTERM/SIGINT stop accepting, tell
+//! sessions to close (421) and wait a bounded time.
+
+pub mod connection;
+pub mod delivery_task;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::auth_limit::AuthLimiter;
+use crate::config::{Config, Listener};
+use crate::directory::Directory;
+use crate::durable;
+use crate::filter::{Filter, RequireFromHeader};
+use crate::limits::{MESSAGES_MEMORY_BYTES_MAX, MESSAGE_MEMORY_UNIT_BYTES};
+use crate::mx;
+use crate::privileges::{self, Dropped};
+use crate::proxy::Proxied;
+use crate::queue::Queue;
+use crate::tls::TlsStore;
+
+/// How long SIGTERM waits for sessions to end.
+const DRAIN_SECS: u64 = 10;
+/// Pause after a failed accept (e.g. out of descriptors).
+const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
+
+/// State every connection shares.
+pub struct Shared {
+    pub config: Config,
+    pub directory: Directory,
+    pub queue: Queue,
+    pub tls: Option<TlsStore>,
+    pub limiter: Mutex<AuthLimiter>,
+    pub filters: Vec<Box<dyn Filter>>,
+    pub delivery_wakeup: Notify,
+    pub mailboxes_dir: PathBuf,
+    /// Server-wide budget for messages being received, in
+    /// `MESSAGE_MEMORY_UNIT_BYTES` units.
+    pub message_memory: Arc<Semaphore>,
+}
+
+/// The result of the privileged part of start-up.
+pub struct Prepared {
+    config: Config,
+    listeners: Vec<(Listener, std::net::TcpListener)>,
+    tls: Option<TlsStore>,
+    dropped: Dropped,
+    directory_url: String,
+    /// Read before the chroot, which hides /etc/resolv.conf.
+    resolver: Option<mx::ResolverSettings>,
+}
+
+/// The SQLite file behind a `sqlite://` URL, if it is one.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://")?;
+    Some(PathBuf::from(rest.split('?').next().unwrap_or(rest)))
+}
+
+/// Binds, loads TLS, prepares the mail tree and drops privileges.
+pub fn prepare(config: Config) -> Result<Prepared> {
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        let socket = std::net::TcpListener::bind(l.address)
+            .with_context(|| format!("failed to bind {} listener on {}", l.kind.name(), l.address))?;
+        socket.set_nonblocking(true).context("failed to make a listener non-blocking")?;
+        listeners.push((l.clone(), socket));
+    }
+    let mut tls = match &config.tls {
+        Some(t) => Some(TlsStore::load(&t.cert, &t.key).context("failed to load TLS material")?),
+        None => {
+            tracing::info!("no [tls] section: STARTTLS disabled");
+            None
+        }
+    };
+    let queue_dir = config.queue_dir();
+    let mailboxes_dir = config.mailboxes_dir();
+    for dir in [queue_dir.join("incoming"), queue_dir.join("active"), queue_dir.join("hold"), mailboxes_dir.clone()] {
+        durable::create_dir_durable(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let mut owned = vec![
+        config.data_dir.clone(),
+        queue_dir.clone(),
+        queue_dir.join("incoming"),
+        queue_dir.join("active"),
+        queue_dir.join("hold"),
+        mailboxes_dir,
+    ];
+    for sub in ["incoming", "active", "hold"] {
+        let dir = queue_dir.join(sub);
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("failed to list {}", dir.display()))?.flatten() {
+            owned.push(entry.path());
+        }
+    }
+    let sqlite = sqlite_path(&config.directory_url);
+    if let Some(db) = &sqlite {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            owned.push(PathBuf::from(format!("{}{suffix}", db.display())));
+        }
+    }
+    let resolver = match config.delivery.relay_host {
+        Some(_) => None,
+        None => match mx::resolver_settings(config.delivery.dns_server) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no DNS resolver configuration: remote mail will wait in the queue");
+                None
+            }
+        },
+    };
+    let dropped = privileges::drop_privileges(&config.privileges, &config.data_dir, &owned)
+        .context("failed to drop privileges")?;
+    let directory_url = match &sqlite {
+        Some(db) if dropped.chrooted => {
+            let Some(inside) = privileges::rebase(db, &config.data_dir, &dropped) else {
+                bail!("the SQLite directory {} must live inside data_dir when chroot is on", db.display());
+            };
+            config.directory_url.replacen(&db.display().to_string(), &inside.display().to_string(), 1)
+        }
+        _ => config.directory_url.clone(),
+    };
+    if let (Some(store), Some(files)) = (&mut tls, &config.tls) {
+        match (
+            privileges::rebase(&files.cert, &config.data_dir, &dropped),
+            privileges::rebase(&files.key, &config.data_dir, &dropped),
+        ) {
+            (Some(cert), Some(key)) => store.rebase(cert, key),
+            _ => tracing::warn!("TLS files are outside the chroot: certificate reload on SIGHUP disabled"),
+        }
+    }
+    Ok(Prepared { config, listeners, tls, dropped, directory_url, resolver })
+}
+
+/// Per-IP and total connection slots.
+struct Slots {
+    total: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    per_ip_max: u32,
+}
+
+struct Slot {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.slots.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Slots {
+    /// A per-IP slot for a connection that already holds a total permit
+    /// (taken at accept, before a PROXY header names the real client).
+    fn try_take(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.per_ip_max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { slots: self.clone(), ip, _permit: permit })
+    }
+}
+
+pub async fn run(prepared: Prepared) -> Result<()> {
+    let Prepared { config, listeners, tls, dropped, directory_url, resolver } = prepared;
+    let (queue, discarded) = Queue::open(&dropped.data_dir.join("queue")).context("failed to open the queue")?;
+    if discarded > 0 {
+        tracing::warn!(discarded, "discarded partial queue files left by a crash");
+    }
+    let directory = Directory::open(&directory_url).await.context("failed to open the directory")?;
+    let shared = Arc::new(Shared {
+        mailboxes_dir: dropped.data_dir.join("mailboxes"),
+        config: config.clone(),
+        directory,
+        queue,
+        tls,
+        limiter: Mutex::new(AuthLimiter::new()),
+        filters: vec![Box::new(RequireFromHeader)],
+        delivery_wakeup: Notify::new(),
+        message_memory: Arc::new(Semaphore::new((MESSAGES_MEMORY_BYTES_MAX / MESSAGE_MEMORY_UNIT_BYTES) as usize)),
+    });
+    let slots = Arc::new(Slots {
+        total: Arc::new(Semaphore::new(config.connections_max as usize)),
+        per_ip: Mutex::new(HashMap::new()),
+        per_ip_max: config.connections_per_ip_max,
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let mut tasks = Vec::new();
+    for (listener, socket) in listeners {
+        let socket = TcpListener::from_std(socket).context("failed to register a listener with tokio")?;
+        let addr = socket.local_addr().context("listener address")?;
+        eprintln!("mta: listening {} {addr}", listener.kind.name());
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), socket, listener, shutdown_rx.clone())));
+    }
+    let router = resolver.map(|r| mx::Router::new(r, config.delivery.mx_port));
+    let delivery = tokio::spawn(delivery_task::run(shared.clone(), router, shutdown_rx.clone()));
+    tracing::info!(user = dropped.user.as_deref().unwrap_or("(unchanged)"), chroot = dropped.chrooted, "started");
+    eprintln!("mta: ready");
+
+    wait_for_shutdown(&shared).await?;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let all = config.connections_max;
+    if tokio::time::timeout(Duration::from_secs(DRAIN_SECS), slots.total.acquire_many(all)).await.is_err() {
+        tracing::warn!("sessions still open after {DRAIN_SECS} s; exiting anyway");
+    }
+    let _ = delivery.await;
+    shared.directory.close().await;
+    eprintln!("mta: stopped");
+    Ok(())
+}
+
+async fn wait_for_shutdown(shared: &Shared) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => match &shared.tls {
+                Some(store) => match store.reload() {
+                    Ok(()) => eprintln!("mta: TLS certificate reloaded"),
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
+                },
+                None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+            },
+        }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    slots: Arc<Slots>,
+    socket: TcpListener,
+    listener: Listener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = socket.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let (mut tcp, peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.total.clone().try_acquire_owned() else {
+            tracing::info!(%peer, "connection limit reached; refusing");
+            tokio::spawn(refuse(tcp));
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, slots, listener, shutdown) = (shared.clone(), slots.clone(), listener.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let peer = if listener.proxy_protocol {
+                match connection::read_proxy_header(&mut tcp).await {
+                    Ok(Proxied::Client(client)) => client,
+                    Ok(Proxied::Local) => peer,
+                    Err(e) => {
+                        tracing::warn!(balancer = %peer, error = %e, "bad PROXY header; closing");
+                        return;
+                    }
+                }
+            } else {
+                peer
+            };
+            let Some(slot) = slots.try_take(peer.ip(), permit) else {
+                tracing::info!(%peer, "per-IP connection limit reached; refusing");
+                refuse(tcp).await;
+                return;
+            };
+            connection::serve(shared, tcp, peer, listener, shutdown).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn refuse(mut tcp: tokio::net::TcpStream) {
+    let reply = b"421 4.7.0 Too many connections, try again later\r\n";
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(reply)).await;
+}
+
+/// The mail tree path for `check-config` output.
+pub fn describe_paths(config: &Config) -> String {
+    let q: &Path = &config.queue_dir();
+    format!("queue: {}\nmailboxes: {}\n", q.display(), config.mailboxes_dir().display())
+}

@@ -1,0 +1,834 @@
+//! One SMTP conversation as a sans-IO state machine: bytes in, reply bytes,
+//! directory queries and connection events out. No sockets, no clocks, no
+//! files; the shell (`server::connection`) does all I/O.
+//!
+//! Call order for the shell:
+//! 1. [`Session::new`], then [`Session::greet`] once the greeting delay
+//!    passed (input fed before that is a pre-greeting violation).
+//! 2. [`Session::handle_input`] with whatever bytes arrived.
+//! 3. Drain [`Session::poll_transmit`] (reply bytes) and
+//!    [`Session::poll_event`]. A [`Event::Query`] must be answered with
+//!    [`Session::handle_answer`] before anything else is fed; send pending
+//!    reply bytes before acting on [`Event::StartTls`] or [`Event::Close`].
+//! 4. After the TLS handshake, [`Session::handle_tls_established`]. When the
+//!    read deadline from [`Session::read_timeout_secs`] passes,
+//!    [`Session::handle_timeout`].
+//!
+//! Defences that live here: bare CR/LF anywhere closes the session with
+//! 521 (SMTP smuggling, see ARCHITECTURE.md); input before the greeting or
+//! past a command that ends a pipelining group closes it with 554 5.5.0;
+//! AUTH only over TLS; every line and counter is bounded (`limits`).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::IpAddr;
+
+use base64::Engine as _;
+
+use super::address::{Address, AddressError, ForwardPath, ReversePath};
+use super::command::{self, Body, Command, CommandError, MailParams, Mechanism};
+use super::policy::{self, RecipientDecision, RecipientFacts, SenderDecision, SenderFacts};
+use super::reply::{self, Reply};
+use crate::limits::{
+    AUTH_FAILURES_PER_SESSION_MAX, COMMAND_LINE_BYTES_MAX, COMMAND_TIMEOUT_SECS, DATA_BLOCK_TIMEOUT_SECS,
+    DATA_LINE_BYTES_MAX, ERRORS_PER_SESSION_MAX, RECIPIENTS_PER_MESSAGE_MAX, TLS_HANDSHAKE_TIMEOUT_SECS,
+};
+
+/// What a listener allows; fixed for the session's life.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Our name in the greeting and EHLO reply.
+    pub hostname: String,
+    /// STARTTLS may be offered (certificate loaded, not implicit TLS).
+    pub starttls: bool,
+    /// AUTH is offered, and only once TLS is active.
+    pub auth: bool,
+    /// MAIL needs an authenticated session (submission).
+    pub auth_required: bool,
+    /// MAIL needs TLS (submission).
+    pub tls_required: bool,
+    pub message_bytes_max: u64,
+    /// Where `RCPT TO:<Postmaster>` goes.
+    pub postmaster: Address,
+}
+
+/// A password that does not print itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The envelope of an accepted message, with what the trace header needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub helo: String,
+    pub peer: IpAddr,
+    pub tls: bool,
+    pub login: Option<String>,
+    pub from: ReversePath,
+    /// Local mailboxes (aliases already expanded), without duplicates.
+    pub local: Vec<String>,
+    /// Remote recipients (authenticated sessions only).
+    pub remote: Vec<Address>,
+    pub smtputf8: bool,
+    pub body: Body,
+}
+
+impl Envelope {
+    /// MAIL FROM for logs: `<>` for the null sender.
+    pub fn from_display(&self) -> String {
+        match &self.from {
+            ReversePath::Null => "<>".to_string(),
+            ReversePath::Mailbox(a) => a.to_string(),
+        }
+    }
+}
+
+/// Work the shell must do and answer with [`Session::handle_answer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// Verify a login/password (rate limiting is the shell's job).
+    Credentials { login: String, password: Secret },
+    /// Facts for the sender policy.
+    Sender { login: Option<String>, address: Address },
+    /// Facts for the recipient policy.
+    Recipient { address: Address },
+    /// Run the filters, then queue durably; answer only once the message
+    /// is on disk (or refused).
+    Enqueue { envelope: Envelope, message: Vec<u8> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Success { login: String },
+    Invalid,
+    TempFail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Durable in the queue under this id.
+    Queued {
+        id: String,
+    },
+    /// A filter refused (5xx) or deferred (4xx) the message.
+    Refused(Reply),
+    TempFail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Credentials(AuthOutcome),
+    /// `None`: the directory is unavailable (4xx to the client).
+    Sender(Option<SenderFacts>),
+    Recipient(Option<RecipientFacts>),
+    Enqueued(EnqueueOutcome),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Query(Query),
+    /// Send pending replies, then start the TLS handshake.
+    StartTls,
+    /// Send pending replies, then close the connection.
+    Close,
+}
+
+#[derive(Debug)]
+enum AuthStep {
+    PlainResponse,
+    LoginUser,
+    LoginPassword { login: String },
+}
+
+#[derive(Debug, Default)]
+struct DataState {
+    body: Vec<u8>,
+    too_big: bool,
+    long_line: bool,
+    /// Inside a line already known to be too long: drop bytes until LF.
+    skipping_line: bool,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Credentials,
+    Sender { from: Address, params: MailParams },
+    Recipient { address: Address },
+    Enqueue,
+}
+
+#[derive(Debug)]
+enum State {
+    ExpectGreeting,
+    ExpectCommand,
+    ExpectAuthResponse(AuthStep),
+    ReceivingData(DataState),
+    AwaitingAnswer(Pending),
+    ExpectTlsHandshake,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    from: ReversePath,
+    params: MailParams,
+    local: Vec<String>,
+    remote: Vec<Address>,
+    recipients: usize,
+}
+
+enum Line {
+    /// Start and end (exclusive, without CRLF) of a complete line in `input`.
+    Complete(usize, usize),
+    Incomplete,
+    BareNewline,
+    TooLong,
+}
+
+pub struct Session {
+    config: SessionConfig,
+    peer: IpAddr,
+    state: State,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    events: VecDeque<Event>,
+    tls: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    login: Option<String>,
+    transaction: Option<Transaction>,
+    errors: u32,
+    auth_failures: u32,
+}
+
+impl Session {
+    /// `tls` is true on implicit-TLS listeners (the handshake is done).
+    pub fn new(config: SessionConfig, peer: IpAddr, tls: bool) -> Session {
+        Session {
+            config,
+            peer,
+            state: State::ExpectGreeting,
+            input: Vec::new(),
+            output: Vec::new(),
+            events: VecDeque::new(),
+            tls,
+            helo: None,
+            esmtp: false,
+            login: None,
+            transaction: None,
+            errors: 0,
+            auth_failures: 0,
+        }
+    }
+
+    /// Sends the greeting, or 554 and close if the client already talked.
+    pub fn greet(&mut self) {
+        assert!(matches!(self.state, State::ExpectGreeting), "greet called twice");
+        if !self.input.is_empty() {
+            self.input.clear();
+            return self.close_with(reply::sync_error());
+        }
+        self.state = State::ExpectCommand;
+        let greeting = Reply::plain(220, format!("{} ESMTP", self.config.hostname));
+        greeting.encode_into(&mut self.output);
+    }
+
+    pub fn handle_input(&mut self, bytes: &[u8]) {
+        match self.state {
+            State::Closed => {}
+            State::ExpectTlsHandshake => {
+                // The shell hands the socket to TLS and must not read plaintext;
+                // if it did, this is injected plaintext (CVE-2011-0411 style).
+                self.close_with(reply::sync_error());
+            }
+            _ => {
+                self.input.extend_from_slice(bytes);
+                self.process();
+            }
+        }
+    }
+
+    pub fn handle_answer(&mut self, answer: Answer) {
+        let pending = match std::mem::replace(&mut self.state, State::ExpectCommand) {
+            State::AwaitingAnswer(p) => p,
+            other => panic!("answer {answer:?} without a pending query (state {other:?})"),
+        };
+        match (pending, answer) {
+            (Pending::Credentials, Answer::Credentials(outcome)) => self.finish_auth(outcome),
+            (Pending::Sender { from, params }, Answer::Sender(facts)) => match facts {
+                None => self.respond(reply::temp_failure()),
+                Some(facts) => {
+                    let decision = policy::sender_decision(self.login.is_some(), false, facts);
+                    self.finish_mail(ReversePath::Mailbox(from), params, decision);
+                }
+            },
+            (Pending::Recipient { address }, Answer::Recipient(facts)) => match facts {
+                None => self.respond(reply::temp_failure()),
+                Some(facts) => self.finish_rcpt(address, policy::recipient_decision(self.login.is_some(), facts)),
+            },
+            (Pending::Enqueue, Answer::Enqueued(outcome)) => {
+                self.transaction = None;
+                match outcome {
+                    EnqueueOutcome::Queued { id } => {
+                        self.respond(Reply::new(250, (2, 0, 0), format!("Ok: queued as {id}")))
+                    }
+                    EnqueueOutcome::Refused(r) => self.respond(r),
+                    EnqueueOutcome::TempFail => self.respond(reply::temp_failure()),
+                }
+            }
+            (p, a) => panic!("answer {a:?} does not match pending query {p:?}"),
+        }
+        self.process();
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: RFC 3207 §4.2, forget
+    /// everything learnt before it.
+    pub fn handle_tls_established(&mut self) {
+        assert!(matches!(self.state, State::ExpectTlsHandshake), "TLS established outside STARTTLS");
+        assert!(self.input.is_empty());
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.transaction = None;
+        self.state = State::ExpectCommand;
+    }
+
+    pub fn handle_timeout(&mut self) {
+        if !matches!(self.state, State::Closed) {
+            self.close_with(reply::timeout());
+        }
+    }
+
+    pub fn handle_shutdown(&mut self) {
+        if !matches!(self.state, State::Closed) {
+            self.close_with(reply::shutting_down());
+        }
+    }
+
+    /// Reply bytes to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if self.output.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut self.output))
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// How long the shell waits for the next input before [`Session::handle_timeout`].
+    pub fn read_timeout_secs(&self) -> u64 {
+        match self.state {
+            State::ReceivingData(_) => DATA_BLOCK_TIMEOUT_SECS,
+            State::ExpectTlsHandshake => TLS_HANDSHAKE_TIMEOUT_SECS,
+            _ => COMMAND_TIMEOUT_SECS,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The authenticated login, if any.
+    pub fn login(&self) -> Option<&str> {
+        self.login.as_deref()
+    }
+
+    /// Bytes received but not yet consumed (bounded by the line limits).
+    pub fn buffered_input_bytes(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Message bytes held while receiving DATA (zero otherwise): what the
+    /// shell charges against the server-wide memory budget.
+    pub fn message_bytes_buffered(&self) -> usize {
+        match &self.state {
+            State::ReceivingData(d) => d.body.len(),
+            _ => 0,
+        }
+    }
+
+    /// The server-wide message memory budget is exhausted: refuse this
+    /// message for now and close (the client retries later).
+    pub fn handle_overload(&mut self) {
+        if !matches!(self.state, State::Closed) {
+            self.transaction = None;
+            self.close_with(Reply::new(452, (4, 3, 1), "Insufficient system storage, try again later"));
+        }
+    }
+
+    fn process(&mut self) {
+        let mut pos = 0;
+        loop {
+            let progressed = match &self.state {
+                State::ExpectCommand => self.take_command(&mut pos),
+                State::ExpectAuthResponse(_) => self.take_auth_response(&mut pos),
+                State::ReceivingData(_) => self.take_data(&mut pos),
+                _ => false,
+            };
+            if !progressed {
+                break;
+            }
+        }
+        if matches!(self.state, State::Closed) {
+            self.input.clear();
+        } else {
+            self.input.drain(..pos);
+        }
+    }
+
+    fn next_line(&self, pos: usize, max: usize) -> Line {
+        let rest = &self.input[pos..];
+        match rest.iter().position(|&b| b == b'\n') {
+            None if rest.len() >= max => Line::TooLong,
+            None => Line::Incomplete,
+            Some(i) if i + 1 > max => Line::TooLong,
+            Some(0) => Line::BareNewline,
+            Some(i) if rest[i - 1] != b'\r' || rest[..i - 1].contains(&b'\r') => Line::BareNewline,
+            Some(i) => Line::Complete(pos, pos + i - 1),
+        }
+    }
+
+    /// Consumes one command line if complete; false if nothing more can be done now.
+    fn take_command(&mut self, pos: &mut usize) -> bool {
+        let (start, end) = match self.next_line(*pos, COMMAND_LINE_BYTES_MAX) {
+            Line::Incomplete => return false,
+            Line::BareNewline => {
+                self.close_with(reply::bare_newline());
+                return false;
+            }
+            Line::TooLong => {
+                self.close_with(reply::line_too_long());
+                return false;
+            }
+            Line::Complete(s, e) => (s, e),
+        };
+        *pos = end + 2;
+        let more_input = *pos < self.input.len();
+        let parsed = command::parse(&self.input[start..end]);
+        if let Ok(cmd) = &parsed {
+            let pipelining = self.esmtp;
+            if more_input && !matches!(cmd, Command::Quit) && (cmd.ends_pipeline_group() || !pipelining) {
+                self.close_with(reply::sync_error());
+                return false;
+            }
+        }
+        match parsed {
+            Ok(cmd) => self.dispatch(cmd),
+            Err(e) => self.respond(command_error_reply(&e)),
+        }
+        !matches!(self.state, State::Closed)
+    }
+
+    fn dispatch(&mut self, cmd: Command) {
+        match cmd {
+            Command::Helo(name) => {
+                self.transaction = None;
+                self.helo = Some(name);
+                self.esmtp = false;
+                self.respond(Reply::plain(250, self.config.hostname.clone()));
+            }
+            Command::Ehlo(name) => {
+                self.transaction = None;
+                self.helo = Some(name);
+                self.esmtp = true;
+                let r = self.ehlo_reply();
+                self.respond(r);
+            }
+            Command::Mail { from, params } => self.start_mail(from, params),
+            Command::Rcpt { to } => self.start_rcpt(to),
+            Command::Data => self.start_data(),
+            Command::Rset => {
+                self.transaction = None;
+                self.respond(reply::ok());
+            }
+            Command::Noop => self.respond(reply::ok()),
+            Command::Quit => self.close_with(reply::bye()),
+            // No address enumeration: RFC 5321 §7.3 lets us disable both.
+            Command::Vrfy => self.respond(reply::not_implemented("VRFY command is disabled")),
+            Command::Expn => self.respond(reply::not_implemented("EXPN command is disabled")),
+            Command::Help => self.respond(Reply::new(214, (2, 0, 0), "See RFC 5321")),
+            Command::StartTls => self.start_tls(),
+            Command::Auth { mechanism, initial } => self.start_auth(mechanism, initial),
+        }
+    }
+
+    fn ehlo_reply(&self) -> Reply {
+        let mut lines = vec![
+            self.config.hostname.clone(),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.message_bytes_max),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.config.starttls && !self.tls {
+            lines.push("STARTTLS".to_string());
+        }
+        if self.config.auth && self.tls {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        Reply { code: 250, enhanced: None, lines }
+    }
+
+    fn start_tls(&mut self) {
+        if !self.config.starttls || self.tls {
+            let text = if self.tls { "TLS already active" } else { "STARTTLS not available" };
+            return self.respond(reply::bad_sequence(text));
+        }
+        if self.helo.is_none() {
+            return self.respond(reply::bad_sequence("Send EHLO first"));
+        }
+        self.respond(Reply::new(220, (2, 0, 0), "Ready to start TLS"));
+        if !matches!(self.state, State::Closed) {
+            self.state = State::ExpectTlsHandshake;
+            self.events.push_back(Event::StartTls);
+        }
+    }
+
+    fn start_mail(&mut self, from: ReversePath, params: MailParams) {
+        if self.helo.is_none() {
+            return self.respond(reply::bad_sequence("Send HELO/EHLO first"));
+        }
+        if self.config.tls_required && !self.tls {
+            return self.respond(reply::tls_required());
+        }
+        if self.config.auth_required && self.login.is_none() {
+            return self.respond(reply::auth_required());
+        }
+        if self.transaction.is_some() {
+            return self.respond(reply::bad_sequence("Nested MAIL command"));
+        }
+        if !self.esmtp && params != MailParams::default() {
+            return self.respond(Reply::new(555, (5, 5, 4), "MAIL parameters need EHLO"));
+        }
+        if params.size.is_some_and(|n| n > self.config.message_bytes_max) {
+            return self.respond(reply::message_too_big());
+        }
+        match from {
+            ReversePath::Null => {
+                let facts = SenderFacts { domain_hosted: false, owned_by_login: false };
+                let decision = policy::sender_decision(self.login.is_some(), true, facts);
+                self.finish_mail(ReversePath::Null, params, decision);
+            }
+            ReversePath::Mailbox(address) => {
+                let query = Query::Sender { login: self.login.clone(), address: address.clone() };
+                self.await_answer(Pending::Sender { from: address, params }, query);
+            }
+        }
+    }
+
+    fn finish_mail(&mut self, from: ReversePath, params: MailParams, decision: SenderDecision) {
+        match decision {
+            SenderDecision::Accept => {
+                self.transaction =
+                    Some(Transaction { from, params, local: Vec::new(), remote: Vec::new(), recipients: 0 });
+                self.respond(Reply::new(250, (2, 1, 0), "Sender ok"));
+            }
+            SenderDecision::Reject(r) => self.respond(r),
+        }
+    }
+
+    fn start_rcpt(&mut self, to: ForwardPath) {
+        let Some(txn) = &self.transaction else {
+            return self.respond(reply::bad_sequence("Need MAIL command"));
+        };
+        if txn.recipients >= RECIPIENTS_PER_MESSAGE_MAX {
+            return self.respond(reply::too_many_recipients());
+        }
+        let address = match to {
+            ForwardPath::Postmaster => self.config.postmaster.clone(),
+            ForwardPath::Mailbox(a) => a,
+        };
+        if !address.is_ascii() && !txn.params.smtputf8 {
+            return self.respond(reply::bad_recipient(&AddressError::NeedsSmtpUtf8.to_string()));
+        }
+        self.await_answer(Pending::Recipient { address: address.clone() }, Query::Recipient { address });
+    }
+
+    fn finish_rcpt(&mut self, address: Address, decision: RecipientDecision) {
+        let Some(txn) = &mut self.transaction else {
+            panic!("recipient answer without a transaction");
+        };
+        match decision {
+            RecipientDecision::Local(mailboxes) => {
+                for m in mailboxes {
+                    if !txn.local.contains(&m) {
+                        txn.local.push(m);
+                    }
+                }
+                txn.recipients += 1;
+                self.respond(Reply::new(250, (2, 1, 5), "Recipient ok"));
+            }
+            RecipientDecision::Relay => {
+                if !txn.remote.contains(&address) {
+                    txn.remote.push(address);
+                }
+                txn.recipients += 1;
+                self.respond(Reply::new(250, (2, 1, 5), "Recipient ok"));
+            }
+            RecipientDecision::Reject(r) => self.respond(r),
+        }
+    }
+
+    fn start_data(&mut self) {
+        match &self.transaction {
+            None => self.respond(reply::bad_sequence("Need MAIL command")),
+            Some(t) if t.recipients == 0 => self.respond(Reply::new(554, (5, 5, 1), "No valid recipients")),
+            Some(_) => {
+                self.respond(reply::start_data());
+                self.state = State::ReceivingData(DataState::default());
+            }
+        }
+    }
+
+    /// Consumes message lines; true if the state changed (end of data).
+    fn take_data(&mut self, pos: &mut usize) -> bool {
+        let State::ReceivingData(data) = &mut self.state else { unreachable!() };
+        let max = self.config.message_bytes_max;
+        loop {
+            let rest = &self.input[*pos..];
+            let Some(i) = rest.iter().position(|&b| b == b'\n') else {
+                // A partial line: bound it. The final byte may be the CR of a CRLF.
+                if rest.len() >= DATA_LINE_BYTES_MAX {
+                    data.long_line = true;
+                    data.skipping_line = true;
+                    let keep = usize::from(rest.last() == Some(&b'\r'));
+                    if rest[..rest.len() - keep].contains(&b'\r') {
+                        return self.close_with_bool(reply::bare_newline());
+                    }
+                    *pos += rest.len() - keep;
+                }
+                return false;
+            };
+            let line = &rest[..=i];
+            if i == 0 || line[i - 1] != b'\r' || line[..i - 1].contains(&b'\r') {
+                return self.close_with_bool(reply::bare_newline());
+            }
+            *pos += i + 1;
+            if data.skipping_line {
+                data.skipping_line = false;
+                continue;
+            }
+            if line.len() > DATA_LINE_BYTES_MAX {
+                data.long_line = true;
+                continue;
+            }
+            let content = &line[..i - 1];
+            if content == b"." {
+                break;
+            }
+            // RFC 5321 §4.5.2: remove one leading dot.
+            let unstuffed = if content.first() == Some(&b'.') { &line[1..] } else { line };
+            if data.body.len() as u64 + unstuffed.len() as u64 > max {
+                data.too_big = true;
+            }
+            if !data.too_big {
+                data.body.extend_from_slice(unstuffed);
+            }
+        }
+        let State::ReceivingData(data) = std::mem::replace(&mut self.state, State::ExpectCommand) else {
+            unreachable!()
+        };
+        if data.too_big {
+            self.transaction = None;
+            self.respond(reply::message_too_big());
+        } else if data.long_line {
+            self.transaction = None;
+            self.respond(Reply::new(554, (5, 6, 0), "Message has lines longer than 998 characters"));
+        } else {
+            let Some(txn) = self.transaction.take() else { panic!("DATA without a transaction") };
+            let envelope = Envelope {
+                helo: self.helo.clone().unwrap_or_default(),
+                peer: self.peer,
+                tls: self.tls,
+                login: self.login.clone(),
+                from: txn.from,
+                local: txn.local,
+                remote: txn.remote,
+                smtputf8: txn.params.smtputf8,
+                body: txn.params.body,
+            };
+            self.await_answer(Pending::Enqueue, Query::Enqueue { envelope, message: data.body });
+        }
+        true
+    }
+
+    fn start_auth(&mut self, mechanism: Mechanism, initial: Option<String>) {
+        if !self.config.auth {
+            return self.respond(reply::not_implemented("AUTH not available on this port"));
+        }
+        if !self.tls {
+            return self.respond(reply::encryption_required_for_auth());
+        }
+        if !self.esmtp {
+            return self.respond(reply::bad_sequence("Send EHLO first"));
+        }
+        if self.login.is_some() {
+            return self.respond(reply::bad_sequence("Already authenticated"));
+        }
+        if self.transaction.is_some() {
+            return self.respond(reply::bad_sequence("AUTH not allowed during a mail transaction"));
+        }
+        match (mechanism, initial) {
+            (Mechanism::Plain, None) => {
+                self.respond(Reply::plain(334, ""));
+                self.state = State::ExpectAuthResponse(AuthStep::PlainResponse);
+            }
+            // RFC 4954 §4: "=" is an empty initial response.
+            (Mechanism::Plain, Some(r)) => self.auth_plain(&r),
+            (Mechanism::Login, None) => {
+                self.respond(Reply::plain(334, "VXNlcm5hbWU6"));
+                self.state = State::ExpectAuthResponse(AuthStep::LoginUser);
+            }
+            (Mechanism::Login, Some(r)) => self.auth_login_user(&r),
+        }
+    }
+
+    fn take_auth_response(&mut self, pos: &mut usize) -> bool {
+        let (start, end) = match self.next_line(*pos, COMMAND_LINE_BYTES_MAX) {
+            Line::Incomplete => return false,
+            Line::BareNewline => return self.close_with_bool(reply::bare_newline()),
+            Line::TooLong => return self.close_with_bool(reply::line_too_long()),
+            Line::Complete(s, e) => (s, e),
+        };
+        *pos = end + 2;
+        if *pos < self.input.len() {
+            return self.close_with_bool(reply::sync_error());
+        }
+        let line = String::from_utf8_lossy(&self.input[start..end]).into_owned();
+        let State::ExpectAuthResponse(step) = std::mem::replace(&mut self.state, State::ExpectCommand) else {
+            unreachable!()
+        };
+        if line == "*" {
+            self.respond(reply::auth_cancelled());
+            return true;
+        }
+        match step {
+            AuthStep::PlainResponse => self.auth_plain(&line),
+            AuthStep::LoginUser => self.auth_login_user(&line),
+            AuthStep::LoginPassword { login } => match decode_text(&line) {
+                Some(password) => self.verify(login, password),
+                None => self.respond(reply::bad_arguments("Invalid base64 in AUTH response")),
+            },
+        }
+        true
+    }
+
+    fn auth_plain(&mut self, response: &str) {
+        let decoded = if response == "=" { Some(String::new()) } else { decode_text(response) };
+        let Some(decoded) = decoded else {
+            return self.respond(reply::bad_arguments("Invalid base64 in AUTH response"));
+        };
+        // RFC 4616: [authzid] NUL authcid NUL passwd. We do not let one
+        // login act for another, so authzid must be empty or the same.
+        let parts: Vec<&str> = decoded.split('\0').collect();
+        match parts.as_slice() {
+            [authzid, authcid, password] if !authcid.is_empty() && (authzid.is_empty() || authzid == authcid) => {
+                self.verify(authcid.to_string(), password.to_string())
+            }
+            _ => self.fail_auth(),
+        }
+    }
+
+    fn auth_login_user(&mut self, response: &str) {
+        match decode_text(response) {
+            Some(login) if !login.is_empty() => {
+                self.respond(Reply::plain(334, "UGFzc3dvcmQ6"));
+                self.state = State::ExpectAuthResponse(AuthStep::LoginPassword { login });
+            }
+            _ => self.respond(reply::bad_arguments("Invalid base64 in AUTH response")),
+        }
+    }
+
+    fn verify(&mut self, login: String, password: String) {
+        self.await_answer(Pending::Credentials, Query::Credentials { login, password: Secret::new(password) });
+    }
+
+    fn finish_auth(&mut self, outcome: AuthOutcome) {
+        match outcome {
+            AuthOutcome::Success { login } => {
+                self.login = Some(login);
+                self.respond(reply::auth_ok());
+            }
+            AuthOutcome::Invalid => self.fail_auth(),
+            AuthOutcome::TempFail => self.respond(reply::auth_temp_failure()),
+        }
+    }
+
+    fn fail_auth(&mut self) {
+        self.auth_failures += 1;
+        if self.auth_failures >= AUTH_FAILURES_PER_SESSION_MAX {
+            reply::auth_failed().encode_into(&mut self.output);
+            self.close_with(Reply::new(421, (4, 7, 0), "Too many authentication failures"));
+        } else {
+            self.respond(reply::auth_failed());
+        }
+    }
+
+    fn await_answer(&mut self, pending: Pending, query: Query) {
+        self.state = State::AwaitingAnswer(pending);
+        self.events.push_back(Event::Query(query));
+    }
+
+    /// Sends a reply, counting errors; too many errors close the session.
+    fn respond(&mut self, r: Reply) {
+        r.encode_into(&mut self.output);
+        if r.is_error() {
+            self.errors += 1;
+            if self.errors >= ERRORS_PER_SESSION_MAX {
+                self.close_with(reply::too_many_errors());
+            }
+        }
+    }
+
+    fn close_with(&mut self, r: Reply) {
+        r.encode_into(&mut self.output);
+        self.state = State::Closed;
+        self.events.push_back(Event::Close);
+    }
+
+    fn close_with_bool(&mut self, r: Reply) -> bool {
+        self.close_with(r);
+        false
+    }
+}
+
+fn decode_text(b64: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn command_error_reply(e: &CommandError) -> Reply {
+    match e {
+        CommandError::Unrecognized => reply::unrecognized(),
+        CommandError::Syntax(text) => reply::bad_arguments(text),
+        CommandError::Sender(a) => reply::bad_sender(&a.to_string()),
+        CommandError::Recipient(a) => reply::bad_recipient(&a.to_string()),
+        CommandError::UnsupportedParameter => Reply::new(555, (5, 5, 4), "Unsupported parameter"),
+        CommandError::UnsupportedMechanism => Reply::new(504, (5, 5, 4), "Unrecognized authentication mechanism"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
