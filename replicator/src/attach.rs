@@ -35,8 +35,20 @@ enum MethodArg {
 
 #[derive(clap::Args)]
 pub struct AttachArgs {
+    /// A replicated resource (name or file): attach this node's NBD export
+    /// of it (its first nbd-unix socket, else its first nbd-listen address).
+    #[arg(conflicts_with_all = ["nbd", "nbd_unix"])]
+    res: Option<String>,
+    /// This node's name in the resource file [default: the hostname].
+    #[arg(long, requires = "res")]
+    node: Option<String>,
     /// NBD server address (HOST:PORT).
-    #[arg(long, value_name = "HOST:PORT", conflicts_with = "nbd_unix", required_unless_present = "nbd_unix")]
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        conflicts_with = "nbd_unix",
+        required_unless_present_any = ["nbd_unix", "res"]
+    )]
     nbd: Option<String>,
     /// NBD server Unix socket.
     #[arg(long, value_name = "PATH")]
@@ -88,10 +100,23 @@ const READY_PREFIX: &str = "device ";
 const DETACH_WAIT: Duration = Duration::from_secs(60);
 
 fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
-    let endpoint = match (&args.nbd, &args.nbd_unix) {
-        (Some(a), None) => Endpoint::Tcp(a.clone()),
-        (None, Some(p)) => Endpoint::Unix(p.clone()),
-        _ => bail!(crate::UsageError("give exactly one of --nbd and --nbd-unix".into())),
+    let (endpoint, export) = match (&args.res, &args.nbd, &args.nbd_unix) {
+        (Some(res), None, None) => {
+            let res =
+                crate::resource_cmd::load(&crate::resource_cmd::ResArgs { res: res.clone(), node: args.node.clone() })?;
+            let endpoint = match (res.local.nbd_unix.first(), res.local.nbd_listen.first()) {
+                (Some(path), _) => Endpoint::Unix(path.clone()),
+                (None, Some(addr)) => Endpoint::Tcp(addr.to_string()),
+                (None, None) => bail!(crate::UsageError(format!(
+                    "resource {} gives node {} no nbd-unix or nbd-listen",
+                    res.name, res.local.name
+                ))),
+            };
+            (endpoint, res.name)
+        }
+        (None, Some(a), None) => (Endpoint::Tcp(a.clone()), args.export.clone()),
+        (None, None, Some(p)) => (Endpoint::Unix(p.clone()), args.export.clone()),
+        _ => bail!(crate::UsageError("give a resource, or exactly one of --nbd and --nbd-unix".into())),
     };
     let method = match args.method {
         MethodArg::Auto => Method::Auto,
@@ -102,7 +127,7 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
         bail!(crate::UsageError("--timeout must be at least 1 second".into()));
     }
     let mountpoint = args.run_dir.join(format!("fuse-{}", std::process::id()));
-    let mut cfg = AttachConfig::new(endpoint, &args.export, mountpoint);
+    let mut cfg = AttachConfig::new(endpoint, &export, mountpoint);
     cfg.method = method;
     cfg.io_timeout = Duration::from_secs(args.timeout);
     cfg.dead_conn_timeout = Duration::from_secs(args.dead_conn_timeout);

@@ -133,6 +133,20 @@ pub fn status(args: &ResArgs, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
+        // Which local block device (attach) backs this node's export.
+        let exports: Vec<String> = res
+            .local
+            .nbd_unix
+            .iter()
+            .map(|p| p.display().to_string())
+            .chain(res.local.nbd_listen.iter().map(|a| a.to_string()))
+            .collect();
+        let attached = kernel_glue::record::list(std::path::Path::new(crate::attach::RUN_DIR_DEFAULT));
+        for a in attached {
+            if a.backend.as_deref().is_some_and(|b| exports.iter().any(|e| b.contains(e.as_str()))) {
+                println!("  device: {} ({:?})", a.device.display(), a.method);
+            }
+        }
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ use crate::server::{self, Listener, Shared};
 
 /// Runs the resource until SIGTERM/SIGINT.
 pub async fn run(res: Resource) -> Result<(), ResourceError> {
+    set_io_flusher();
     let disk = res.local.disk.clone();
     let _lock = crate::device::lock_disk(&disk).map_err(|cause| ResourceError::Lock { disk: disk.clone(), cause })?;
     let (meta, bitmap_store, words, al_store, extents) = {
@@ -199,6 +200,14 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// PR_SET_IO_FLUSHER: this process serves a block device that may be
+/// mounted on this very host, so memory reclaim must not wait on it.
+pub(crate) fn set_io_flusher() {
+    if let Err(e) = kernel_glue::set_io_flusher() {
+        tracing::info!("PR_SET_IO_FLUSHER not set ({e}); a volume attached on this host could deadlock under memory pressure without it (needs CAP_SYS_RESOURCE)");
+    }
 }
 
 /// Control requests: status and admin commands go to the driver; events
