@@ -62,9 +62,10 @@ pub struct AttachArgs {
     /// Kernel path: seconds I/O waits on a dead connection for a reconnect (0: fail at once).
     #[arg(long, value_name = "SECS", default_value_t = 0)]
     dead_conn_timeout: u64,
-    /// Block device kind: auto (kernel nbd if available, else FUSE + loop), kernel or fuse.
-    #[arg(long, value_enum, default_value_t = MethodArg::Auto)]
-    method: MethodArg,
+    /// Block device kind: auto (kernel nbd if available, else FUSE + loop), kernel or fuse
+    /// [default: the resource's attach-method, else auto].
+    #[arg(long, value_enum)]
+    method: Option<MethodArg>,
     /// Kernel path: use /dev/nbdN.
     #[arg(long, value_name = "N")]
     nbd_index: Option<u32>,
@@ -100,6 +101,7 @@ const READY_PREFIX: &str = "device ";
 const DETACH_WAIT: Duration = Duration::from_secs(60);
 
 fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
+    let mut configured = None;
     let (endpoint, export) = match (&args.res, &args.nbd, &args.nbd_unix) {
         (Some(res), None, None) => {
             let res =
@@ -112,6 +114,11 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
                     res.name, res.local.name
                 ))),
             };
+            configured = Some(match res.local.attach_method {
+                replicator::replication::resource::AttachMethod::Auto => Method::Auto,
+                replicator::replication::resource::AttachMethod::Kernel => Method::Kernel,
+                replicator::replication::resource::AttachMethod::Fuse => Method::Fuse,
+            });
             (endpoint, res.name)
         }
         (None, Some(a), None) => (Endpoint::Tcp(a.clone()), args.export.clone()),
@@ -119,9 +126,10 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
         _ => bail!(crate::UsageError("give a resource, or exactly one of --nbd and --nbd-unix".into())),
     };
     let method = match args.method {
-        MethodArg::Auto => Method::Auto,
-        MethodArg::Kernel => Method::Kernel,
-        MethodArg::Fuse => Method::Fuse,
+        Some(MethodArg::Auto) => Method::Auto,
+        Some(MethodArg::Kernel) => Method::Kernel,
+        Some(MethodArg::Fuse) => Method::Fuse,
+        None => configured.unwrap_or(Method::Auto),
     };
     if args.timeout == 0 {
         bail!(crate::UsageError("--timeout must be at least 1 second".into()));

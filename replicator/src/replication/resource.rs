@@ -34,6 +34,7 @@
 //! nbd-unix = ["/run/replicator/r0.nbd"]
 //! control = "/run/replicator/r0.ctl"
 //! metrics-listen = "127.0.0.1:9933"
+//! attach-method = "auto"        # or "kernel", "fuse" (replicator attach RES)
 //! cert = "/etc/replicator/alpha.pem"
 //! key = "/etc/replicator/alpha.key"
 //! ```
@@ -190,8 +191,21 @@ struct NodeSection {
     nbd_unix: Vec<PathBuf>,
     control: Option<PathBuf>,
     metrics_listen: Option<String>,
+    #[serde(default)]
+    attach_method: AttachMethod,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+}
+
+/// How `replicator attach RES` makes the block device on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMethod {
+    /// The kernel nbd driver where present, else FUSE + loop.
+    #[default]
+    Auto,
+    Kernel,
+    Fuse,
 }
 
 fn d_meta() -> String {
@@ -211,6 +225,7 @@ pub struct NodeConfig {
     pub control: PathBuf,
     /// Prometheus `/metrics` endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    pub attach_method: AttachMethod,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
 }
@@ -319,6 +334,7 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
             nbd_unix: raw.nbd_unix.clone(),
             control,
             metrics_listen,
+            attach_method: raw.attach_method,
             cert: raw.cert.clone(),
             key: raw.key.clone(),
         });
