@@ -1449,7 +1449,6 @@ impl<P: Clone> Replica<P> {
         // counts from.
         let peer_was_current = matches!(&self.conn, Conn::Established(p)
             if p.replicating && matches!(p.disk, DiskState::UpToDate | DiskState::Outdated));
-        let link = self.link();
         warn!(resource = %self.cfg.resource, "{why}");
         self.last_error = Some(why);
         self.conn = if standalone { Conn::StandAlone } else { Conn::Connecting };
@@ -1474,8 +1473,6 @@ impl<P: Clone> Replica<P> {
                 Outstanding::Resync | Outstanding::Verify => {}
             }
         }
-        // Writes whose Data frame never got an ack number (none today) and
-        // flushes sent without tracking (protocol A) need nothing more.
         if self.role == Role::Primary && peer_was_current {
             let fresh = self.fresh_generation();
             self.generations.start_new(fresh);
@@ -1492,7 +1489,6 @@ impl<P: Clone> Replica<P> {
                 }
             }
         }
-        let _ = link;
         self.complete_ready(now_ms);
     }
 
