@@ -1,0 +1,602 @@
+//! The failover safety core: `Failover`, one per resource group on each
+//! storage node, decides when this node may promote its volume, when it must
+//! stop writing, and what it asks the cluster log to record.
+//!
+//! Sans-IO: no clock, no sockets, no processes. Inputs go to
+//! `Failover::handle(now_ms, Input)` (times are the node's own monotonic
+//! milliseconds); outputs are drained with `poll_action` after every call, and
+//! `handle_timeout(now_ms)` is called at `poll_timeout()`.
+//!
+//! **The cluster log is a narrow interface.** The core only emits
+//! `Action::Propose(Entry)` and consumes `Input::Committed(Entry)` (in commit
+//! order) and `Input::Quorum(bool)`. Every node folds committed entries into
+//! the same `GroupState` with `GroupState::apply`, which refuses stale or
+//! unsafe entries deterministically (a grant must carry exactly the next
+//! epoch, a renewal the current one). A shell around the `raft` crate (0.7)
+//! maps `Propose` to `RawNode::propose`, each committed entry of a `Ready` to
+//! `Committed`, and "a leader is known and check-quorum holds" to `Quorum`;
+//! the simulation uses a small majority-commit log instead.
+//!
+//! Rules enforced here (issue 5):
+//! - promotion only through a committed `Entry::Grant` naming this node with
+//!   the next epoch, then only after the previous owner's lease ran out (plus
+//!   a clock-drift margin) or a fence of it succeeded;
+//! - a primary writes only while it holds a lease: the send time of its
+//!   newest *committed* renewal plus `lease_ms`; without one it freezes, and
+//!   at the lease's end it stops services and demotes;
+//! - a primary whose replication link is down freezes until the cluster log
+//!   records the peer's disk as Outdated (so a later grant cannot pick it);
+//! - grants go only to an UpToDate node when one exists, never to a node
+//!   marked failed (anti-flapping) until `Entry::Cleanup`;
+//! - sticky: nothing moves the group back once it moved.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::NodeId;
+
+/// Renewals awaiting commit that a primary remembers (older ones are
+/// forgotten; their commit would grant a lease already over anyway).
+const RENEWALS_INFLIGHT_MAX: usize = 64;
+
+/// A resource group (volume + services that move together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub u16);
+
+/// A node's volume state as the replicator reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskState {
+    UpToDate,
+    Outdated,
+    Inconsistent,
+}
+
+/// What the cluster log records about a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// The group belongs to `node` from `epoch` on (valid only as the next epoch).
+    Grant { group: GroupId, node: NodeId, epoch: u64 },
+    /// The owner of `epoch` is alive and holds quorum; `seq` ties the commit
+    /// back to the proposal's send time.
+    Renew { group: GroupId, epoch: u64, seq: u64 },
+    /// The owner of `epoch` reports a node's disk state (valid only for the current epoch).
+    Disk { group: GroupId, epoch: u64, node: NodeId, state: DiskState },
+    /// The group failed too often on `node`: not eligible until cleanup.
+    MarkFailed { group: GroupId, node: NodeId },
+    /// The admin cleared `node`'s failures (`clusterctl cleanup`).
+    Cleanup { group: GroupId, node: NodeId },
+}
+
+/// What applying one committed entry changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Granted { node: NodeId, epoch: u64, previous: Option<NodeId> },
+    Renewed { epoch: u64, seq: u64 },
+    Disk { node: NodeId, state: DiskState },
+    Failed(NodeId),
+    Cleaned(NodeId),
+    /// Stale (older epoch), unsafe, or for another group: no effect.
+    Ignored,
+}
+
+/// The replicated state of a group: every node derives the same value by
+/// applying the same committed entries in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub group: GroupId,
+    pub owner: Option<NodeId>,
+    pub epoch: u64,
+    pub disks: BTreeMap<NodeId, DiskState>,
+    pub failed: BTreeSet<NodeId>,
+}
+
+impl GroupState {
+    /// The state before any entry: no owner, epoch 0, the storage nodes'
+    /// disks as created (UpToDate after the initial sync).
+    pub fn new(group: GroupId, storage: &[NodeId], initial: DiskState) -> GroupState {
+        GroupState {
+            group,
+            owner: None,
+            epoch: 0,
+            disks: storage.iter().map(|n| (*n, initial)).collect(),
+            failed: BTreeSet::new(),
+        }
+    }
+
+    /// Whether a grant to `node` is allowed: a storage node, not failed, and
+    /// UpToDate unless no node is UpToDate.
+    pub fn may_grant(&self, node: NodeId) -> bool {
+        let Some(disk) = self.disks.get(&node) else { return false };
+        if self.failed.contains(&node) {
+            return false;
+        }
+        *disk == DiskState::UpToDate || !self.disks.values().any(|d| *d == DiskState::UpToDate)
+    }
+
+    pub fn apply(&mut self, entry: &Entry) -> Applied {
+        match *entry {
+            Entry::Grant { group, node, epoch } if group == self.group => {
+                if epoch != self.epoch + 1 || !self.may_grant(node) {
+                    return Applied::Ignored;
+                }
+                let previous = self.owner.replace(node);
+                self.epoch = epoch;
+                Applied::Granted { node, epoch, previous }
+            }
+            Entry::Renew { group, epoch, seq } if group == self.group && epoch == self.epoch => {
+                Applied::Renewed { epoch, seq }
+            }
+            Entry::Disk { group, epoch, node, state } if group == self.group && epoch == self.epoch => {
+                match self.disks.get_mut(&node) {
+                    Some(d) => {
+                        *d = state;
+                        Applied::Disk { node, state }
+                    }
+                    None => Applied::Ignored,
+                }
+            }
+            Entry::MarkFailed { group, node } if group == self.group => {
+                self.failed.insert(node);
+                Applied::Failed(node)
+            }
+            Entry::Cleanup { group, node } if group == self.group => {
+                self.failed.remove(&node);
+                Applied::Cleaned(node)
+            }
+            _ => Applied::Ignored,
+        }
+    }
+}
+
+/// Timing and policy of one group on one node.
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    pub group: GroupId,
+    pub me: NodeId,
+    /// The other storage node (the replication peer).
+    pub peer: NodeId,
+    pub renew_interval_ms: u64,
+    /// How long a committed renewal lets the owner write, from its send time.
+    pub lease_ms: u64,
+    /// Added to the lease by a node waiting for the previous owner's lease,
+    /// to cover the clocks' rate difference (see `drift_margin_ms`).
+    pub drift_margin_ms: u64,
+    /// A dead owner (heartbeat) is replaced only after no renewal was seen
+    /// for this long.
+    pub takeover_after_ms: u64,
+    /// How often an uncommitted proposal is sent again.
+    pub repropose_ms: u64,
+    /// A fence agent exists: a new owner fences a dead previous owner instead
+    /// of waiting out its lease when the fence is faster.
+    pub fence_configured: bool,
+    /// Anti-flapping: this many resource failures within the window mark the
+    /// node failed.
+    pub failures_max: u32,
+    pub failure_window_ms: u64,
+}
+
+/// The margin a node adds to a lease measured on another node's clock, when
+/// clock rates differ by at most `drift_ppm_max` from true time: the lease
+/// lasts at most `lease·(1+ρ)`, the wait at least `(lease+m)·(1−ρ)`.
+pub fn drift_margin_ms(lease_ms: u64, drift_ppm_max: u64) -> u64 {
+    assert!(drift_ppm_max < 500_000, "clock drift bound {drift_ppm_max} ppm is not a clock");
+    let m = (2 * lease_ms * drift_ppm_max).div_ceil(1_000_000 - drift_ppm_max);
+    m + 1
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FailoverConfigError {
+    #[error("lease_ms ({lease_ms}) must exceed 2 × renew_interval_ms ({renew_interval_ms}): one lost renewal must not freeze the primary; raise lease_ms")]
+    LeaseTooShort { lease_ms: u64, renew_interval_ms: u64 },
+    #[error("failures_max must be at least 1")]
+    NoFailuresAllowed,
+    #[error("node {0:?} cannot be its own replication peer")]
+    PeerIsMe(NodeId),
+}
+
+impl FailoverConfig {
+    pub fn validate(&self) -> Result<(), FailoverConfigError> {
+        if self.lease_ms <= 2 * self.renew_interval_ms {
+            return Err(FailoverConfigError::LeaseTooShort {
+                lease_ms: self.lease_ms,
+                renew_interval_ms: self.renew_interval_ms,
+            });
+        }
+        if self.failures_max == 0 {
+            return Err(FailoverConfigError::NoFailuresAllowed);
+        }
+        if self.me == self.peer {
+            return Err(FailoverConfigError::PeerIsMe(self.me));
+        }
+        Ok(())
+    }
+}
+
+/// Inputs from the heartbeat, the cluster log, the replicator, resource
+/// monitors and fence agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    PeerAlive(NodeId),
+    PeerDead(NodeId),
+    /// This node can commit entries (leader known, check-quorum holds).
+    Quorum(bool),
+    /// Newly committed entries in log order (one Raft `Ready`'s worth): all
+    /// are applied before the core acts, so a batch that grants the group to
+    /// this node and then to another never promotes it.
+    Committed(Vec<Entry>),
+    /// This node's volume state.
+    LocalDisk(DiskState),
+    /// This node's replication link to the peer came up or went down.
+    Replication { connected: bool },
+    /// Resync finished: the peer's disk equals ours.
+    PeerInSync,
+    /// A monitor of the group's services failed here.
+    ResourceFailed,
+    FenceDone { node: NodeId, ok: bool },
+}
+
+/// Effects for the shell, in the order they must happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Propose(Entry),
+    /// `replicator primary RES --epoch N` (I/O stays frozen until `Resume`).
+    Promote { epoch: u64 },
+    Resume,
+    Freeze,
+    StartServices,
+    RestartServices,
+    /// In reverse order of start.
+    StopServices,
+    Demote,
+    /// Run the fence agents (levels in order) with action=off on `node`.
+    Fence { node: NodeId },
+}
+
+/// What this node is doing with the group, named for what it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Secondary,
+    /// Granted; waiting for the previous owner's lease to end or its fence.
+    ExpectLeaseEndOrFence { epoch: u64, wait_until_ms: u64, fencing: Option<NodeId> },
+    /// Promoted with `epoch`; writes while `frozen` is false.
+    Primary { epoch: u64, promoted_ms: u64 },
+}
+
+/// The per-node failover state machine (see the module docs for call order).
+#[derive(Debug)]
+pub struct Failover {
+    cfg: FailoverConfig,
+    state: GroupState,
+    role: Role,
+    now_ms: u64,
+    peer_alive: Option<bool>,
+    quorum: bool,
+    local_disk: DiskState,
+    replication_connected: bool,
+    peer_in_sync: bool,
+    /// When this node last applied a grant or a current-epoch renewal.
+    owner_activity_ms: u64,
+    renew_seq: u64,
+    renewals_inflight: VecDeque<(u64, u64)>,
+    next_renew_ms: u64,
+    lease_until_ms: u64,
+    next_propose_ms: u64,
+    frozen: bool,
+    services_started: bool,
+    failures: VecDeque<u64>,
+    /// The epoch of the last grant this incarnation proposed for itself.
+    proposed_grant: Option<u64>,
+    actions: VecDeque<Action>,
+}
+
+impl Failover {
+    /// A core on a node that just started: it first makes sure the group is
+    /// stopped here (the volume is never writable across a restart).
+    pub fn new(cfg: FailoverConfig, initial: GroupState, local_disk: DiskState, now_ms: u64) -> Failover {
+        assert_ne!(cfg.me, cfg.peer);
+        assert!(initial.disks.contains_key(&cfg.me), "{:?} is not a storage node of the group", cfg.me);
+        let mut f = Failover {
+            cfg,
+            state: initial,
+            role: Role::Secondary,
+            now_ms,
+            peer_alive: None,
+            quorum: false,
+            local_disk,
+            replication_connected: false,
+            peer_in_sync: false,
+            owner_activity_ms: now_ms,
+            renew_seq: 0,
+            renewals_inflight: VecDeque::new(),
+            next_renew_ms: 0,
+            lease_until_ms: 0,
+            next_propose_ms: now_ms,
+            frozen: true,
+            services_started: false,
+            failures: VecDeque::new(),
+            proposed_grant: None,
+            actions: VecDeque::new(),
+        };
+        f.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
+        f
+    }
+
+    pub fn state(&self) -> &GroupState {
+        &self.state
+    }
+
+    /// Whether this node's volume accepts writes now (promoted, not frozen).
+    pub fn writable(&self) -> bool {
+        matches!(self.role, Role::Primary { .. }) && !self.frozen
+    }
+
+    /// The epoch this node is promoted with, if it is.
+    pub fn promoted_epoch(&self) -> Option<u64> {
+        match self.role {
+            Role::Primary { epoch, .. } => Some(epoch),
+            _ => None,
+        }
+    }
+
+    pub fn replication_connected(&self) -> bool {
+        self.replication_connected
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next time `handle_timeout` has something to do, strictly after
+    /// the last `now_ms` seen.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut t = vec![self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms];
+        match self.role {
+            Role::Secondary => {}
+            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => t.extend([wait_until_ms, self.next_renew_ms]),
+            Role::Primary { promoted_ms, .. } => t.extend([
+                self.next_renew_ms,
+                self.lease_until_ms,
+                self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms),
+            ]),
+        }
+        t.into_iter().filter(|t| *t > self.now_ms).min()
+    }
+
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.tick(now_ms);
+        self.update();
+    }
+
+    /// The admin's `cleanup`: proposes clearing `node`'s failures.
+    pub fn cleanup(&mut self, now_ms: u64, node: NodeId) {
+        self.tick(now_ms);
+        self.failures.clear();
+        self.actions.push_back(Action::Propose(Entry::Cleanup { group: self.cfg.group, node }));
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: Input) {
+        self.tick(now_ms);
+        match input {
+            Input::PeerAlive(n) if n == self.cfg.peer => self.peer_alive = Some(true),
+            Input::PeerDead(n) if n == self.cfg.peer => self.peer_alive = Some(false),
+            Input::PeerAlive(_) | Input::PeerDead(_) => {}
+            Input::Quorum(q) => self.quorum = q,
+            Input::Committed(entries) => {
+                for entry in &entries {
+                    self.committed(entry);
+                }
+            }
+            Input::LocalDisk(d) => self.local_disk = d,
+            Input::Replication { connected } => {
+                self.replication_connected = connected;
+                if !connected {
+                    self.peer_in_sync = false;
+                }
+            }
+            Input::PeerInSync => self.peer_in_sync = self.replication_connected,
+            Input::ResourceFailed => self.resource_failed(),
+            Input::FenceDone { node, ok } => {
+                if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: Some(victim) } = self.role {
+                    if victim == node {
+                        let wait_until_ms = if ok { self.now_ms } else { wait_until_ms };
+                        tracing::info!(?node, ok, "fence finished");
+                        self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: None };
+                    }
+                }
+            }
+        }
+        self.update();
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        assert!(now_ms >= self.now_ms, "time went backwards: {now_ms} < {}", self.now_ms);
+        self.now_ms = now_ms;
+    }
+
+    fn committed(&mut self, entry: &Entry) {
+        let owner_activity_before = self.owner_activity_ms;
+        match self.state.apply(entry) {
+            Applied::Granted { node, epoch, previous } => {
+                self.owner_activity_ms = self.now_ms;
+                if node == self.cfg.me && self.proposed_grant != Some(epoch) {
+                    // A grant this incarnation did not ask for (replayed
+                    // after a restart, or asked for before a step-down):
+                    // owning the group again takes the next epoch.
+                    tracing::info!(epoch, "replayed grant to this node; not acting on it");
+                    if self.role != Role::Secondary {
+                        self.step_down();
+                    }
+                } else if node == self.cfg.me {
+                    self.proposed_grant = None;
+                    // The previous owner may still write until its lease,
+                    // measured from a renewal this node saw no earlier than
+                    // it was sent, has surely ended on every clock.
+                    let other = previous.filter(|p| *p != self.cfg.me);
+                    let wait_until_ms = match other {
+                        Some(_) => owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms,
+                        None => self.now_ms,
+                    };
+                    let fencing =
+                        other.filter(|_| self.cfg.fence_configured && self.peer_alive == Some(false) && wait_until_ms > self.now_ms);
+                    tracing::info!(epoch, ?previous, wait_until_ms, "group granted to this node");
+                    if let Some(victim) = fencing {
+                        self.actions.push_back(Action::Fence { node: victim });
+                    }
+                    self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing };
+                    self.renewals_inflight.clear();
+                    self.lease_until_ms = 0;
+                    self.next_renew_ms = self.now_ms;
+                } else if self.role != Role::Secondary {
+                    tracing::warn!(?node, epoch, "group granted to another node; stepping down");
+                    self.step_down();
+                }
+            }
+            Applied::Renewed { epoch, seq } => {
+                self.owner_activity_ms = self.now_ms;
+                if self.owned_epoch() == Some(epoch) {
+                    while let Some(&(s, sent_ms)) = self.renewals_inflight.front() {
+                        if s > seq {
+                            break;
+                        }
+                        self.renewals_inflight.pop_front();
+                        if s == seq {
+                            self.lease_until_ms = self.lease_until_ms.max(sent_ms + self.cfg.lease_ms);
+                        }
+                    }
+                }
+            }
+            Applied::Failed(node) if node == self.cfg.me && self.role != Role::Secondary => {
+                tracing::warn!("group marked failed on this node; stepping down");
+                self.step_down();
+            }
+            Applied::Failed(_) | Applied::Cleaned(_) | Applied::Disk { .. } | Applied::Ignored => {}
+        }
+    }
+
+    fn owned_epoch(&self) -> Option<u64> {
+        match self.role {
+            Role::Secondary => None,
+            Role::ExpectLeaseEndOrFence { epoch, .. } | Role::Primary { epoch, .. } => Some(epoch),
+        }
+    }
+
+    fn resource_failed(&mut self) {
+        if !matches!(self.role, Role::Primary { .. }) {
+            return;
+        }
+        let window_start = self.now_ms.saturating_sub(self.cfg.failure_window_ms);
+        self.failures.retain(|t| *t > window_start);
+        self.failures.push_back(self.now_ms);
+        if self.failures.len() >= self.cfg.failures_max as usize {
+            tracing::warn!(failures = self.failures.len(), "too many resource failures; marking this node failed");
+            self.actions.push_back(Action::Propose(Entry::MarkFailed { group: self.cfg.group, node: self.cfg.me }));
+            self.failures.clear();
+        } else {
+            self.actions.push_back(Action::RestartServices);
+        }
+    }
+
+    fn step_down(&mut self) {
+        if matches!(self.role, Role::Primary { .. }) {
+            self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
+        }
+        self.frozen = true;
+        self.services_started = false;
+        self.role = Role::Secondary;
+        self.renewals_inflight.clear();
+        self.lease_until_ms = 0;
+    }
+
+    fn propose(&mut self, entry: Entry) {
+        self.actions.push_back(Action::Propose(entry));
+    }
+
+    /// Re-evaluates everything after an input or timeout.
+    fn update(&mut self) {
+        let now = self.now_ms;
+        let group = self.cfg.group;
+        if let Some(epoch) = self.owned_epoch() {
+            if self.quorum && now >= self.next_renew_ms {
+                self.renew_seq += 1;
+                if self.renewals_inflight.len() == RENEWALS_INFLIGHT_MAX {
+                    self.renewals_inflight.pop_front();
+                }
+                self.renewals_inflight.push_back((self.renew_seq, now));
+                self.next_renew_ms = now + self.cfg.renew_interval_ms;
+                self.propose(Entry::Renew { group, epoch, seq: self.renew_seq });
+            }
+        }
+        if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, .. } = self.role {
+            if now >= wait_until_ms {
+                assert_eq!(self.state.owner, Some(self.cfg.me));
+                assert_eq!(self.state.epoch, epoch);
+                tracing::info!(epoch, "promoting");
+                self.actions.push_back(Action::Promote { epoch });
+                self.role = Role::Primary { epoch, promoted_ms: now };
+                self.frozen = true;
+            }
+        }
+        if let Role::Primary { epoch, promoted_ms } = self.role {
+            let peer = self.cfg.peer;
+            let peer_up_to_date = self.state.disks.get(&peer) == Some(&DiskState::UpToDate);
+            let lease_over = now >= self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms);
+            if lease_over {
+                tracing::warn!(epoch, "lease ended without renewal; stopping and demoting");
+                self.step_down();
+            } else {
+                let writable = now < self.lease_until_ms
+                    && self.quorum
+                    && !(peer_up_to_date && !self.replication_connected)
+                    && !self.state.failed.contains(&self.cfg.me);
+                if writable && self.frozen {
+                    self.frozen = false;
+                    self.actions.push_back(Action::Resume);
+                    if !self.services_started {
+                        self.services_started = true;
+                        self.actions.push_back(Action::StartServices);
+                    }
+                } else if !writable && !self.frozen {
+                    self.frozen = true;
+                    self.actions.push_back(Action::Freeze);
+                }
+                if now >= self.next_propose_ms && self.quorum {
+                    let disk = if !self.replication_connected && peer_up_to_date {
+                        Some(DiskState::Outdated)
+                    } else if self.replication_connected && self.peer_in_sync && !peer_up_to_date {
+                        Some(DiskState::UpToDate)
+                    } else {
+                        None
+                    };
+                    if let Some(state) = disk {
+                        self.next_propose_ms = now + self.cfg.repropose_ms;
+                        self.propose(Entry::Disk { group, epoch, node: peer, state });
+                    }
+                }
+            }
+        }
+        if self.role == Role::Secondary && self.quorum && now >= self.next_propose_ms && self.wants_grant() {
+            self.next_propose_ms = now + self.cfg.repropose_ms;
+            let epoch = self.state.epoch + 1;
+            tracing::info!(epoch, owner = ?self.state.owner, "asking for the group");
+            self.proposed_grant = Some(epoch);
+            self.propose(Entry::Grant { group, node: self.cfg.me, epoch });
+        }
+    }
+
+    fn wants_grant(&self) -> bool {
+        let me = self.cfg.me;
+        if !self.state.may_grant(me) || self.local_disk == DiskState::Inconsistent {
+            return false;
+        }
+        match self.state.owner {
+            None => true,
+            Some(owner) if owner == me => true,
+            Some(owner) if self.state.failed.contains(&owner) => true,
+            Some(_) => {
+                self.peer_alive == Some(false) && self.now_ms >= self.owner_activity_ms + self.cfg.takeover_after_ms
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {}
