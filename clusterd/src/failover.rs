@@ -53,8 +53,10 @@ pub enum DiskState {
 /// What the cluster log records about a group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    /// The group belongs to `node` from `epoch` on (valid only as the next epoch).
-    Grant { group: GroupId, node: NodeId, epoch: u64 },
+    /// The group belongs to `node` from `epoch` on (valid only as the next
+    /// epoch). `incarnation` names the process that asked, so a restarted
+    /// node never mistakes an old grant for the one it is waiting for.
+    Grant { group: GroupId, node: NodeId, epoch: u64, incarnation: u64 },
     /// The owner of `epoch` is alive and holds quorum; `seq` ties the commit
     /// back to the proposal's send time.
     Renew { group: GroupId, epoch: u64, seq: u64 },
@@ -69,9 +71,20 @@ pub enum Entry {
 /// What applying one committed entry changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
-    Granted { node: NodeId, epoch: u64, previous: Option<NodeId> },
-    Renewed { epoch: u64, seq: u64 },
-    Disk { node: NodeId, state: DiskState },
+    Granted {
+        node: NodeId,
+        epoch: u64,
+        incarnation: u64,
+        previous: Option<NodeId>,
+    },
+    Renewed {
+        epoch: u64,
+        seq: u64,
+    },
+    Disk {
+        node: NodeId,
+        state: DiskState,
+    },
     Failed(NodeId),
     Cleaned(NodeId),
     /// Stale (older epoch), unsafe, or for another group: no effect.
@@ -114,13 +127,13 @@ impl GroupState {
 
     pub fn apply(&mut self, entry: &Entry) -> Applied {
         match *entry {
-            Entry::Grant { group, node, epoch } if group == self.group => {
+            Entry::Grant { group, node, epoch, incarnation } if group == self.group => {
                 if epoch != self.epoch + 1 || !self.may_grant(node) {
                     return Applied::Ignored;
                 }
                 let previous = self.owner.replace(node);
                 self.epoch = epoch;
-                Applied::Granted { node, epoch, previous }
+                Applied::Granted { node, epoch, incarnation, previous }
             }
             Entry::Renew { group, epoch, seq } if group == self.group && epoch == self.epoch => {
                 Applied::Renewed { epoch, seq }
@@ -168,6 +181,9 @@ pub struct FailoverConfig {
     /// A fence agent exists: a new owner fences a dead previous owner instead
     /// of waiting out its lease when the fence is faster.
     pub fence_configured: bool,
+    /// Differs at every start of the node (boot counter, or wall-clock
+    /// milliseconds at start-up); carried in this node's grants.
+    pub incarnation: u64,
     /// Anti-flapping: this many resource failures within the window mark the
     /// node failed.
     pub failures_max: u32,
@@ -226,12 +242,17 @@ pub enum Input {
     /// This node's volume state.
     LocalDisk(DiskState),
     /// This node's replication link to the peer came up or went down.
-    Replication { connected: bool },
+    Replication {
+        connected: bool,
+    },
     /// Resync finished: the peer's disk equals ours.
     PeerInSync,
     /// A monitor of the group's services failed here.
     ResourceFailed,
-    FenceDone { node: NodeId, ok: bool },
+    FenceDone {
+        node: NodeId,
+        ok: bool,
+    },
 }
 
 /// Effects for the shell, in the order they must happen.
@@ -239,7 +260,9 @@ pub enum Input {
 pub enum Action {
     Propose(Entry),
     /// `replicator primary RES --epoch N` (I/O stays frozen until `Resume`).
-    Promote { epoch: u64 },
+    Promote {
+        epoch: u64,
+    },
     Resume,
     Freeze,
     StartServices,
@@ -248,7 +271,9 @@ pub enum Action {
     StopServices,
     Demote,
     /// Run the fence agents (levels in order) with action=off on `node`.
-    Fence { node: NodeId },
+    Fence {
+        node: NodeId,
+    },
 }
 
 /// What this node is doing with the group, named for what it waits for.
@@ -256,9 +281,16 @@ pub enum Action {
 enum Role {
     Secondary,
     /// Granted; waiting for the previous owner's lease to end or its fence.
-    ExpectLeaseEndOrFence { epoch: u64, wait_until_ms: u64, fencing: Option<NodeId> },
+    ExpectLeaseEndOrFence {
+        epoch: u64,
+        wait_until_ms: u64,
+        fencing: Option<NodeId>,
+    },
     /// Promoted with `epoch`; writes while `frozen` is false.
-    Primary { epoch: u64, promoted_ms: u64 },
+    Primary {
+        epoch: u64,
+        promoted_ms: u64,
+    },
 }
 
 /// The per-node failover state machine (see the module docs for call order).
@@ -415,9 +447,9 @@ impl Failover {
     fn committed(&mut self, entry: &Entry) {
         let owner_activity_before = self.owner_activity_ms;
         match self.state.apply(entry) {
-            Applied::Granted { node, epoch, previous } => {
+            Applied::Granted { node, epoch, incarnation, previous } => {
                 self.owner_activity_ms = self.now_ms;
-                if node == self.cfg.me && self.proposed_grant != Some(epoch) {
+                if node == self.cfg.me && (incarnation != self.cfg.incarnation || self.proposed_grant != Some(epoch)) {
                     // A grant this incarnation did not ask for (replayed
                     // after a restart, or asked for before a step-down):
                     // owning the group again takes the next epoch.
@@ -435,8 +467,9 @@ impl Failover {
                         Some(_) => owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms,
                         None => self.now_ms,
                     };
-                    let fencing =
-                        other.filter(|_| self.cfg.fence_configured && self.peer_alive == Some(false) && wait_until_ms > self.now_ms);
+                    let fencing = other.filter(|_| {
+                        self.cfg.fence_configured && self.peer_alive == Some(false) && wait_until_ms > self.now_ms
+                    });
                     tracing::info!(epoch, ?previous, wait_until_ms, "group granted to this node");
                     if let Some(victim) = fencing {
                         self.actions.push_back(Action::Fence { node: victim });
@@ -578,7 +611,7 @@ impl Failover {
             let epoch = self.state.epoch + 1;
             tracing::info!(epoch, owner = ?self.state.owner, "asking for the group");
             self.proposed_grant = Some(epoch);
-            self.propose(Entry::Grant { group, node: self.cfg.me, epoch });
+            self.propose(Entry::Grant { group, node: self.cfg.me, epoch, incarnation: self.cfg.incarnation });
         }
     }
 

@@ -99,7 +99,13 @@ impl Datagram {
             w.copy_from_slice(&b[i..i + 8]);
             u64::from_be_bytes(w)
         };
-        Ok(Datagram { sender: NodeId(b[5]), path: b[6], cluster_id: u64_at(8), incarnation: u64_at(16), seq: u64_at(24) })
+        Ok(Datagram {
+            sender: NodeId(b[5]),
+            path: b[6],
+            cluster_id: u64_at(8),
+            incarnation: u64_at(16),
+            seq: u64_at(24),
+        })
     }
 }
 
@@ -128,9 +134,18 @@ pub enum HeartbeatEvent {
     PeerAlive(NodeId),
     PeerDead(NodeId),
     /// Silent for longer than warntime (reported once per silence).
-    PeerLate { node: NodeId, silent_ms: u64 },
-    PathUp { node: NodeId, path: u8 },
-    PathDown { node: NodeId, path: u8 },
+    PeerLate {
+        node: NodeId,
+        silent_ms: u64,
+    },
+    PathUp {
+        node: NodeId,
+        path: u8,
+    },
+    PathDown {
+        node: NodeId,
+        path: u8,
+    },
 }
 
 /// A datagram to send to `to` over `path`.
