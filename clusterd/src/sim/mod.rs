@@ -79,6 +79,7 @@ struct Swarm {
     /// Longer than the heartbeat's deadtime, a lease makes the new owner
     /// wait unless fencing is faster.
     lease_ms: u64,
+    quorum_loss_detect_ms: u64,
 }
 
 impl Swarm {
@@ -96,6 +97,7 @@ impl Swarm {
             fence_delay_ms_max: [10, 500, 3000][rng.below(3) as usize],
             resource_fail_pct: if rng.below(4) == 0 { 3 } else { 0 },
             lease_ms: [1000, 1000, 3000][rng.below(3) as usize],
+            quorum_loss_detect_ms: [100, 1000, 5000, u64::MAX][rng.below(4) as usize],
         }
     }
 }
@@ -129,6 +131,8 @@ struct Node {
     deliver_at: u64,
     propose_at: u64,
     quorum_reported: Option<bool>,
+    quorum_truth: bool,
+    quorum_truth_since: u64,
     wake_at: Option<u64>,
     was_writable: bool,
     up_since: u64,
@@ -201,6 +205,8 @@ impl Sim {
                 deliver_at: 0,
                 propose_at: 0,
                 quorum_reported: None,
+                quorum_truth: false,
+                quorum_truth_since: 0,
                 wake_at: None,
                 was_writable: false,
                 up_since: 0,
@@ -307,6 +313,8 @@ impl Sim {
         node.scheduled = 0;
         node.applied = 0;
         node.quorum_reported = None;
+        node.quorum_truth = false;
+        node.quorum_truth_since = now;
         node.wake_at = None;
         node.was_writable = false;
         node.repl_reported = false;
@@ -604,7 +612,15 @@ impl Sim {
                 continue;
             }
             let maj = self.has_majority(n);
-            if self.nodes[n].quorum_reported != Some(maj) {
+            if self.nodes[n].quorum_truth != maj {
+                self.nodes[n].quorum_truth = maj;
+                self.nodes[n].quorum_truth_since = self.now;
+            }
+            // Raft notices a lost quorum late (check-quorum after an
+            // election timeout), or never tells: the lease must not care.
+            let detect_ms = if maj { 100 } else { self.swarm.quorum_loss_detect_ms };
+            let known = self.now >= self.nodes[n].quorum_truth_since.saturating_add(detect_ms);
+            if known && self.nodes[n].quorum_reported != Some(maj) {
                 self.nodes[n].quorum_reported = Some(maj);
                 self.note(format!("node{n} quorum={maj}"));
                 self.input(n, Input::Quorum(maj));
@@ -796,16 +812,17 @@ impl Sim {
                 self.start(n);
             }
         }
-        let failed: Vec<NodeId> = self.checker.failed.iter().copied().collect();
-        for f in failed {
-            let local = self.local(A, self.now);
-            if let Some(fo) = self.nodes[A].fo.as_mut() {
-                fo.cleanup(local, f);
-            }
-            self.drive(A);
-        }
         let deadline = self.now + 30_000;
         loop {
+            // The admin runs `cleanup` until no node is marked failed.
+            let failed: Vec<NodeId> = self.checker.failed.iter().copied().collect();
+            for f in failed {
+                let local = self.local(A, self.now);
+                if let Some(fo) = self.nodes[A].fo.as_mut() {
+                    fo.cleanup(local, f);
+                }
+                self.drive(A);
+            }
             let end = deadline.min(self.now + 1000);
             let settled = self.run_until(end, |s| s.settled());
             if settled {
