@@ -80,6 +80,10 @@ struct Swarm {
     /// wait unless fencing is faster.
     lease_ms: u64,
     quorum_loss_detect_ms: u64,
+    /// Replication runs over its own link (a crossover cable), cut
+    /// independently of the cluster network: then only the lease keeps a
+    /// cut-off primary from writing.
+    separate_replication_link: bool,
 }
 
 impl Swarm {
@@ -98,6 +102,7 @@ impl Swarm {
             resource_fail_pct: if rng.below(4) == 0 { 3 } else { 0 },
             lease_ms: [1000, 1000, 3000][rng.below(3) as usize],
             quorum_loss_detect_ms: [100, 1000, 5000, u64::MAX][rng.below(4) as usize],
+            separate_replication_link: rng.below(2) == 0,
         }
     }
 }
@@ -163,6 +168,7 @@ struct Sim {
     acked_writes: u64,
     repl_truth_since: u64,
     repl_truth: bool,
+    repl_cut: bool,
     faults: bool,
     trace: Vec<String>,
     fences: u64,
@@ -235,6 +241,7 @@ impl Sim {
             acked_writes: 0,
             repl_truth_since: 0,
             repl_truth: false,
+            repl_cut: false,
             faults: false,
             trace: Vec::new(),
             fences: 0,
@@ -298,6 +305,12 @@ impl Sim {
 
     fn connected(&self, a: usize, b: usize) -> bool {
         a == b || (self.nodes[a].alive && self.nodes[b].alive && !self.cut[a][b])
+    }
+
+    /// The replication link between A and B works.
+    fn replicating(&self) -> bool {
+        let cut = if self.swarm.separate_replication_link { self.repl_cut } else { self.cut[A][B] };
+        self.nodes[A].alive && self.nodes[B].alive && !cut
     }
 
     fn has_majority(&self, n: usize) -> bool {
@@ -639,7 +652,7 @@ impl Sim {
     /// ping timeout after it breaks, shortly after it comes back (with an
     /// instant resync from the primary, or from the newer disk).
     fn repl_tick(&mut self) {
-        let truth = self.connected(A, B);
+        let truth = self.replicating();
         if truth != self.repl_truth {
             self.repl_truth = truth;
             self.repl_truth_since = self.now;
@@ -689,7 +702,9 @@ impl Sim {
         let Some(connected) = self.nodes[p].fo.as_ref().map(|f| f.replication_connected()) else { return };
         let v = self.max_acked + 1;
         if connected {
-            if !self.connected(p, q) {
+            // The peer refuses data from an older epoch once it saw a newer one.
+            let refused = self.nodes[q].fo.as_ref().and_then(|f| f.promoted_epoch()).is_some();
+            if !self.replicating() || refused {
                 return; // waits for the peer's ack, which never comes
             }
             self.nodes[q].data = v;
@@ -738,6 +753,11 @@ impl Sim {
                 7 => self.cut_link(A, W),
                 _ => self.cut_link(B, W),
             }
+        }
+        if self.swarm.separate_replication_link && self.rng.chance(self.swarm.partition_pct) {
+            self.repl_cut = !self.repl_cut;
+            self.stable_since = self.now;
+            self.note(format!("replication link cut={}", self.repl_cut));
         }
         if self.rng.chance(self.swarm.path_cut_pct) {
             let (a, b) = (self.rng.below(NODES as u64) as usize, self.rng.below(NODES as u64) as usize);
@@ -807,6 +827,7 @@ impl Sim {
         self.faults = false;
         self.set_partition(&[&[A, B, W]]);
         self.path_cut = [[[false; PATHS as usize]; NODES]; NODES];
+        self.repl_cut = false;
         for n in 0..NODES {
             if !self.nodes[n].alive {
                 self.start(n);
