@@ -419,12 +419,17 @@ impl Failover {
             }
             Input::LocalDisk(d) => self.local_disk = d,
             Input::Replication { connected } => {
+                // Report the peer's new disk state without delay.
+                self.next_propose_ms = self.now_ms;
                 self.replication_connected = connected;
                 if !connected {
                     self.peer_in_sync = false;
                 }
             }
-            Input::PeerInSync => self.peer_in_sync = self.replication_connected,
+            Input::PeerInSync => {
+                self.next_propose_ms = self.now_ms;
+                self.peer_in_sync = self.replication_connected;
+            }
             Input::ResourceFailed => self.resource_failed(),
             Input::FenceDone { node, ok } => {
                 if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: Some(victim) } = self.role {
@@ -578,7 +583,8 @@ impl Failover {
             } else {
                 let writable = now < self.lease_until_ms
                     && self.quorum
-                    && !(peer_up_to_date && !self.replication_connected)
+                    // Writes reach the peer, or the log no longer counts on it.
+                    && (self.replication_connected || !peer_up_to_date)
                     && !self.state.failed.contains(&self.cfg.me);
                 if writable && self.frozen {
                     self.frozen = false;
@@ -632,4 +638,310 @@ impl Failover {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+
+    const G: GroupId = GroupId(0);
+    const A: NodeId = NodeId(0);
+    const B: NodeId = NodeId(1);
+
+    fn cfg(me: NodeId, fence: bool) -> FailoverConfig {
+        FailoverConfig {
+            group: G,
+            me,
+            peer: NodeId(1 - me.0),
+            renew_interval_ms: 250,
+            lease_ms: 3000,
+            drift_margin_ms: 10,
+            takeover_after_ms: 1000,
+            repropose_ms: 500,
+            fence_configured: fence,
+            incarnation: 7,
+            failures_max: 3,
+            failure_window_ms: 10_000,
+        }
+    }
+
+    struct Harness {
+        f: Failover,
+        now: u64,
+    }
+
+    impl Harness {
+        fn new(me: NodeId, fence: bool) -> Harness {
+            let c = cfg(me, fence);
+            c.validate().unwrap();
+            let mut h = Harness {
+                f: Failover::new(c, GroupState::new(G, &[A, B], DiskState::UpToDate), DiskState::UpToDate, 0),
+                now: 0,
+            };
+            assert_eq!(h.actions(), vec![Action::Freeze, Action::StopServices, Action::Demote]);
+            h
+        }
+
+        fn actions(&mut self) -> Vec<Action> {
+            std::iter::from_fn(|| self.f.poll_action()).collect()
+        }
+
+        fn input(&mut self, i: Input) -> Vec<Action> {
+            self.f.handle(self.now, i);
+            self.actions()
+        }
+
+        fn advance_to(&mut self, t: u64) -> Vec<Action> {
+            let mut out = Vec::new();
+            while let Some(next) = self.f.poll_timeout().filter(|n| *n <= t) {
+                self.now = next;
+                self.f.handle_timeout(next);
+                out.extend(self.actions());
+            }
+            self.now = t;
+            self.f.handle_timeout(t);
+            out.extend(self.actions());
+            out
+        }
+
+        fn commit(&mut self, e: Entry) -> Vec<Action> {
+            self.input(Input::Committed(vec![e]))
+        }
+
+        /// Advances to `t`, committing every proposal at once (a healthy log).
+        fn advance_committing(&mut self, t: u64) {
+            while let Some(next) = self.f.poll_timeout().filter(|n| *n <= t) {
+                let a = self.advance_to(next);
+                self.commit_proposals(&a);
+            }
+            self.now = t;
+        }
+
+        /// Commits every proposal among `actions`, in order.
+        fn commit_proposals(&mut self, actions: &[Action]) -> Vec<Action> {
+            let mut out = Vec::new();
+            for a in actions {
+                if let Action::Propose(e) = a {
+                    out.extend(self.commit(e.clone()));
+                }
+            }
+            out
+        }
+    }
+
+    fn proposals(actions: &[Action]) -> Vec<&Entry> {
+        actions.iter().filter_map(|a| if let Action::Propose(e) = a { Some(e) } else { None }).collect()
+    }
+
+    #[test]
+    fn group_state_accepts_only_the_next_epoch_and_up_to_date_nodes() {
+        let mut s = GroupState::new(G, &[A, B], DiskState::UpToDate);
+        assert_eq!(s.apply(&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 1 }), Applied::Ignored);
+        assert_eq!(s.apply(&Entry::Grant { group: GroupId(9), node: A, epoch: 1, incarnation: 1 }), Applied::Ignored);
+        assert_eq!(s.apply(&Entry::Grant { group: G, node: NodeId(2), epoch: 1, incarnation: 1 }), Applied::Ignored);
+        assert!(matches!(
+            s.apply(&Entry::Grant { group: G, node: A, epoch: 1, incarnation: 1 }),
+            Applied::Granted { .. }
+        ));
+        // The owner of epoch 1 outdates B; a stale owner's report is ignored.
+        assert_eq!(s.apply(&Entry::Disk { group: G, epoch: 0, node: A, state: DiskState::Outdated }), Applied::Ignored);
+        s.apply(&Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated });
+        assert!(!s.may_grant(B), "an Outdated node while A is UpToDate");
+        assert_eq!(s.apply(&Entry::Grant { group: G, node: B, epoch: 2, incarnation: 1 }), Applied::Ignored);
+        s.apply(&Entry::MarkFailed { group: G, node: A });
+        assert!(!s.may_grant(A) && !s.may_grant(B), "A failed, B Outdated while A is UpToDate: nobody");
+        s.apply(&Entry::Cleanup { group: G, node: A });
+        assert!(s.may_grant(A));
+        assert_eq!(s.apply(&Entry::Renew { group: G, epoch: 0, seq: 1 }), Applied::Ignored);
+        assert_eq!(s.epoch, 1);
+        // No UpToDate node at all: the best remaining one may take it.
+        let mut s = GroupState::new(G, &[A, B], DiskState::Outdated);
+        assert!(s.may_grant(B));
+        s.disks.insert(A, DiskState::Inconsistent);
+        assert!(s.may_grant(A), "the rule only prefers UpToDate nodes; the core refuses Inconsistent local disks");
+    }
+
+    /// B owns epoch 1 and renewed at 100 ms; A takes over after B dies.
+    fn a_with_b_owner(fence: bool) -> Harness {
+        let mut h = Harness::new(A, fence);
+        h.input(Input::PeerAlive(B));
+        h.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
+        h.now = 100;
+        h.commit(Entry::Renew { group: G, epoch: 1, seq: 1 });
+        assert!(proposals(&h.input(Input::Quorum(true))).is_empty(), "B is alive and renewing");
+        h
+    }
+
+    #[test]
+    fn takeover_needs_a_committed_grant_then_the_old_lease() {
+        let mut h = a_with_b_owner(false);
+        h.now = 1000;
+        assert!(proposals(&h.input(Input::PeerDead(B))).is_empty(), "a renewal was seen within takeover_after_ms");
+        let a = h.advance_to(2000);
+        let grant = Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 };
+        // Asked at 1100 (1000 ms without renewal), again at 1600 (not committed yet).
+        assert_eq!(proposals(&a), vec![&grant, &grant]);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "no promotion before the commit");
+        let a = h.commit(grant);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "B's lease runs until 3100 + margin");
+        let a = h.advance_to(3109);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })));
+        let a = h.advance_to(3110);
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
+        assert!(!h.f.writable(), "promoted but no renewal of epoch 2 committed yet");
+        // Renewals go out while waiting; committing the newest opens I/O.
+        // B's disk must be recorded Outdated (the replication link is down),
+        // and a renewal of epoch 2 must commit.
+        assert!(proposals(&a).contains(&&Entry::Disk { group: G, epoch: 2, node: B, state: DiskState::Outdated }));
+        assert!(h.commit_proposals(&a).is_empty(), "no lease yet");
+        let renewals = h.advance_to(3300);
+        let a = h.commit_proposals(&renewals);
+        assert_eq!(a, vec![Action::Resume, Action::StartServices]);
+        assert!(h.f.writable());
+        assert_eq!(h.f.promoted_epoch(), Some(2));
+    }
+
+    #[test]
+    fn a_successful_fence_replaces_the_wait_and_a_failed_one_does_not() {
+        let mut h = a_with_b_owner(true);
+        h.now = 1500;
+        h.input(Input::PeerDead(B));
+        h.advance_to(2000);
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        assert!(a.contains(&Action::Fence { node: B }), "{a:?}");
+        h.now = 2100;
+        let a = h.input(Input::FenceDone { node: B, ok: true });
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
+
+        let mut h = a_with_b_owner(true);
+        h.now = 1500;
+        h.input(Input::PeerDead(B));
+        h.advance_to(2000);
+        h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        h.now = 2100;
+        let a = h.input(Input::FenceDone { node: B, ok: false });
+        assert!(!a.contains(&Action::Promote { epoch: 2 }), "a failed fence proves nothing");
+        assert!(h.advance_to(3110).contains(&Action::Promote { epoch: 2 }));
+    }
+
+    #[test]
+    fn a_healthy_owner_is_neither_replaced_nor_fenced() {
+        let mut h = a_with_b_owner(true);
+        // B's heartbeats are lost (A-B link cut) but its renewals keep
+        // committing through the witness: A never asks for the group.
+        h.now = 1500;
+        h.input(Input::PeerDead(B));
+        for t in (1600..20_000).step_by(500) {
+            h.now = t;
+            let a = h.commit(Entry::Renew { group: G, epoch: 1, seq: t });
+            assert!(proposals(&a).is_empty() && !a.iter().any(|a| matches!(a, Action::Fence { .. })), "{a:?}");
+        }
+    }
+
+    fn primary_a() -> Harness {
+        let mut h = Harness::new(A, false);
+        h.input(Input::PeerAlive(B));
+        h.input(Input::Replication { connected: true });
+        let a = h.input(Input::Quorum(true));
+        let grant = Entry::Grant { group: G, node: A, epoch: 1, incarnation: 7 };
+        assert_eq!(proposals(&a), vec![&grant], "nobody owns the group: ask at once");
+        let a = h.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 1 }), "no previous owner: no wait");
+        h.commit_proposals(&a);
+        assert!(h.f.writable());
+        h
+    }
+
+    #[test]
+    fn a_primary_without_committed_renewals_stops_within_its_lease() {
+        let mut h = primary_a();
+        // Quorum is lost but nobody told the core: renewals stop committing.
+        let a = h.advance_to(2999);
+        assert!(h.f.writable(), "the lease of the renewal sent at 0 lasts until 3000: {a:?}");
+        let a = h.advance_to(3000);
+        assert_eq!(
+            a.iter().filter(|a| !matches!(a, Action::Propose(_))).cloned().collect::<Vec<_>>(),
+            vec![Action::Freeze, Action::StopServices, Action::Demote]
+        );
+        assert!(!h.f.writable());
+        assert_eq!(h.f.promoted_epoch(), None);
+        // Owning the group again takes a new epoch.
+        let a = h.advance_to(3600);
+        assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_primary_freezes_on_quorum_loss_and_on_replication_loss_until_the_peer_is_outdated() {
+        let mut h = primary_a();
+        assert_eq!(h.input(Input::Quorum(false)), vec![Action::Freeze]);
+        assert_eq!(h.input(Input::Quorum(true)), vec![Action::Resume]);
+        let a = h.input(Input::Replication { connected: false });
+        assert_eq!(a[0], Action::Freeze);
+        let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated };
+        assert!(proposals(&a).contains(&&outdate), "{a:?}");
+        assert_eq!(h.commit(outdate), vec![Action::Resume]);
+        // Back in sync: B is UpToDate again in the log.
+        h.input(Input::Replication { connected: true });
+        let a = h.input(Input::PeerInSync);
+        let up = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::UpToDate };
+        assert!(proposals(&a).contains(&&up), "{a:?}");
+        h.commit(up);
+        assert_eq!(h.f.state().disks[&B], DiskState::UpToDate);
+        assert!(h.f.writable());
+    }
+
+    #[test]
+    fn repeated_resource_failures_mark_the_node_failed_and_it_steps_down() {
+        let mut h = primary_a();
+        h.now = 10;
+        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        // Failures outside the window are forgotten.
+        h.advance_committing(20_000);
+        assert!(h.f.writable());
+        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        let a = h.input(Input::ResourceFailed);
+        let failed = Entry::MarkFailed { group: G, node: A };
+        assert_eq!(proposals(&a), vec![&failed]);
+        let a = h.commit(failed);
+        assert_eq!(a, vec![Action::Freeze, Action::StopServices, Action::Demote]);
+        assert!(
+            proposals(&h.advance_to(30_000)).iter().all(|e| !matches!(e, Entry::Grant { .. })),
+            "failed: stays put"
+        );
+    }
+
+    #[test]
+    fn a_replayed_grant_after_restart_is_not_acted_on() {
+        // A restarts (new incarnation) and replays the log: the old grant
+        // to A must not promote it; it asks for the next epoch instead.
+        let mut h = Harness::new(A, false);
+        h.input(Input::Quorum(true));
+        h.actions();
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 1, incarnation: 3 });
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        let a = h.advance_to(1000);
+        assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
+    }
+
+    #[test]
+    fn sticky_the_group_does_not_move_back() {
+        let mut h = Harness::new(A, false);
+        h.input(Input::Quorum(true));
+        h.actions();
+        h.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
+        h.input(Input::PeerAlive(B));
+        for t in (0..10_000).step_by(200) {
+            h.now = t;
+            let a = h.commit(Entry::Renew { group: G, epoch: 1, seq: t });
+            assert!(proposals(&a).is_empty());
+        }
+    }
+
+    #[test]
+    fn config_relations_are_checked() {
+        let mut c = cfg(A, false);
+        c.lease_ms = 500;
+        assert!(matches!(c.validate(), Err(FailoverConfigError::LeaseTooShort { .. })));
+        assert!(drift_margin_ms(1000, 0) >= 1);
+        // 2 % drift on a 3 s lease: at least 2·3000·0.02/0.98 ≈ 123 ms.
+        assert!(drift_margin_ms(3000, 20_000) >= 123);
+    }
+}

@@ -368,4 +368,150 @@ impl Heartbeat {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    const KEY: &[u8] = b"cluster key";
+
+    fn cfg(me: u8, incarnation: u64) -> HeartbeatConfig {
+        HeartbeatConfig {
+            me: NodeId(me),
+            peers: (0..3).filter(|n| *n != me).map(NodeId).collect(),
+            paths: 2,
+            cluster_id: 7,
+            key: KEY.to_vec(),
+            incarnation,
+            interval_ms: 200,
+            deadtime_ms: 1500,
+            warntime_ms: 1000,
+            initdead_ms: 3000,
+        }
+    }
+
+    fn events(h: &mut Heartbeat) -> Vec<HeartbeatEvent> {
+        std::iter::from_fn(|| h.poll_event()).collect()
+    }
+
+    /// Node 1's datagram for node 0 on `path`.
+    fn from_b(incarnation: u64, seq: u64, path: u8) -> [u8; DATAGRAM_BYTES] {
+        Datagram { sender: NodeId(1), path, cluster_id: 7, incarnation, seq }.encode(KEY)
+    }
+
+    #[test]
+    fn datagrams_round_trip_and_any_flipped_bit_is_refused() {
+        let d = Datagram { sender: NodeId(2), path: 1, cluster_id: 7, incarnation: 9, seq: 42 };
+        let b = d.encode(KEY);
+        assert_eq!(Datagram::decode(&b, KEY), Ok(d));
+        for i in 0..DATAGRAM_BYTES * 8 {
+            let mut bad = b;
+            bad[i / 8] ^= 1 << (i % 8);
+            assert!(Datagram::decode(&bad, KEY).is_err(), "bit {i} flipped went unnoticed");
+        }
+        assert_eq!(Datagram::decode(&b, b"other key"), Err(DatagramError::Mac));
+        assert_eq!(Datagram::decode(&b[..63], KEY), Err(DatagramError::Length(63)));
+    }
+
+    #[test]
+    fn sends_on_every_path_to_every_peer_each_interval() {
+        let mut h = Heartbeat::new(cfg(0, 1), 0);
+        h.handle_timeout(0);
+        let t: Vec<Transmit> = std::iter::from_fn(|| h.poll_transmit()).collect();
+        assert_eq!(t.len(), 4);
+        for tx in &t {
+            let d = Datagram::decode(&tx.bytes, KEY).unwrap();
+            assert_eq!((d.sender, d.path, d.seq), (NodeId(0), tx.path, 1));
+        }
+        assert_eq!(h.poll_timeout(), 200);
+    }
+
+    #[test]
+    fn a_peer_is_alive_while_any_path_works_and_dead_after_deadtime_on_all() {
+        let mut h = Heartbeat::new(cfg(0, 1), 0);
+        h.handle_datagram(0, 0, &from_b(5, 1, 0));
+        h.handle_datagram(0, 1, &from_b(5, 1, 1));
+        assert!(events(&mut h).contains(&HeartbeatEvent::PeerAlive(NodeId(1))));
+        // Path 0 goes silent; path 1 keeps working.
+        for seq in 2..20u64 {
+            let now = seq * 200;
+            h.handle_timeout(now);
+            h.handle_datagram(now, 1, &from_b(5, seq, 1));
+        }
+        let e = events(&mut h);
+        assert!(e.contains(&HeartbeatEvent::PathDown { node: NodeId(1), path: 0 }), "{e:?}");
+        assert!(!e.iter().any(|e| matches!(e, HeartbeatEvent::PeerDead(NodeId(1)))), "{e:?}");
+        assert!(h.is_alive(NodeId(1)));
+        // Both silent from 3800: late at 4800 (warntime), dead at 5300, not before.
+        h.handle_timeout(4799);
+        assert!(!events(&mut h).iter().any(|e| matches!(e, HeartbeatEvent::PeerLate { node: NodeId(1), .. })));
+        h.handle_timeout(4800);
+        assert!(events(&mut h).contains(&HeartbeatEvent::PeerLate { node: NodeId(1), silent_ms: 1000 }));
+        h.handle_timeout(5299);
+        assert!(h.is_alive(NodeId(1)));
+        assert_eq!(h.poll_timeout(), 5300);
+        h.handle_timeout(5300);
+        assert!(events(&mut h).contains(&HeartbeatEvent::PeerDead(NodeId(1))));
+        assert!(!h.is_alive(NodeId(1)));
+    }
+
+    #[test]
+    fn never_heard_peers_are_dead_after_initdead() {
+        let mut h = Heartbeat::new(cfg(0, 1), 0);
+        h.handle_timeout(2999);
+        assert!(!events(&mut h).iter().any(|e| matches!(e, HeartbeatEvent::PeerDead(_))));
+        h.handle_timeout(3000);
+        let e = events(&mut h);
+        assert!(e.contains(&HeartbeatEvent::PeerDead(NodeId(1))) && e.contains(&HeartbeatEvent::PeerDead(NodeId(2))));
+    }
+
+    #[test]
+    fn replayed_spoofed_and_moved_datagrams_are_counted_and_ignored() {
+        let mut h = Heartbeat::new(cfg(0, 1), 0);
+        h.handle_datagram(0, 0, &from_b(5, 10, 0));
+        h.handle_datagram(1, 0, &from_b(5, 10, 0));
+        h.handle_datagram(2, 0, &from_b(5, 9, 0));
+        // Captured before the sender restarted (older incarnation).
+        h.handle_datagram(3, 0, &from_b(4, 99, 0));
+        assert_eq!(h.counters().replayed, 3);
+        // Moved from path 0 to path 1: signed for path 0.
+        h.handle_datagram(4, 1, &from_b(5, 11, 0));
+        // Wrong key, unknown sender, other cluster, itself.
+        let d = Datagram { sender: NodeId(1), path: 0, cluster_id: 7, incarnation: 5, seq: 12 };
+        h.handle_datagram(5, 0, &d.encode(b"wrong"));
+        h.handle_datagram(5, 0, &Datagram { sender: NodeId(9), ..d }.encode(KEY));
+        h.handle_datagram(5, 0, &Datagram { cluster_id: 8, ..d }.encode(KEY));
+        h.handle_datagram(5, 0, &Datagram { sender: NodeId(0), ..d }.encode(KEY));
+        assert_eq!(h.counters().spoofed, 5);
+        h.handle_datagram(6, 0, b"short");
+        assert_eq!(h.counters(), Counters { accepted: 1, malformed: 1, spoofed: 5, replayed: 3 });
+        // A restarted sender (newer incarnation, seq from 1) is accepted.
+        h.handle_datagram(7, 0, &from_b(6, 1, 0));
+        assert_eq!(h.counters().accepted, 2);
+        // Spoofed traffic never keeps a dead peer alive.
+        h.handle_timeout(1507);
+        events(&mut h);
+        for t in 1508..1600 {
+            h.handle_datagram(t, 0, &d.encode(b"wrong"));
+        }
+        h.handle_timeout(1600);
+        assert!(!h.is_alive(NodeId(1)));
+    }
+
+    #[test]
+    fn random_bytes_never_panic_or_count_as_heartbeats() {
+        let mut rng = Rng::new(1);
+        let mut h = Heartbeat::new(cfg(0, 1), 0);
+        for i in 0..20_000u64 {
+            let len = if rng.below(2) == 0 { DATAGRAM_BYTES } else { rng.below(100) as usize };
+            let mut b: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            if len >= 5 && rng.below(2) == 0 {
+                b[..4].copy_from_slice(MAGIC);
+                b[4] = VERSION;
+            }
+            h.handle_datagram(i, (rng.below(3)) as u8, &b);
+        }
+        let c = h.counters();
+        assert_eq!(c.accepted, 0);
+        assert_eq!(c.malformed + c.spoofed, 20_000);
+    }
+}
