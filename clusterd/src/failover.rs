@@ -60,8 +60,9 @@ pub enum Entry {
     /// The owner of `epoch` is alive and holds quorum; `seq` ties the commit
     /// back to the proposal's send time.
     Renew { group: GroupId, epoch: u64, seq: u64 },
-    /// The owner of `epoch` reports a node's disk state (valid only for the current epoch).
-    Disk { group: GroupId, epoch: u64, node: NodeId, state: DiskState },
+    /// The owner of `epoch` reports a node's disk state (valid only for the
+    /// current epoch); `report` numbers the owner's reports in order.
+    Disk { group: GroupId, epoch: u64, node: NodeId, state: DiskState, report: u64 },
     /// The group failed too often on `node`: not eligible until cleanup.
     MarkFailed { group: GroupId, node: NodeId },
     /// The admin cleared `node`'s failures (`clusterctl cleanup`).
@@ -84,6 +85,7 @@ pub enum Applied {
     Disk {
         node: NodeId,
         state: DiskState,
+        report: u64,
     },
     Failed(NodeId),
     Cleaned(NodeId),
@@ -138,11 +140,11 @@ impl GroupState {
             Entry::Renew { group, epoch, seq } if group == self.group && epoch == self.epoch => {
                 Applied::Renewed { epoch, seq }
             }
-            Entry::Disk { group, epoch, node, state } if group == self.group && epoch == self.epoch => {
+            Entry::Disk { group, epoch, node, state, report } if group == self.group && epoch == self.epoch => {
                 match self.disks.get_mut(&node) {
                     Some(d) => {
                         *d = state;
-                        Applied::Disk { node, state }
+                        Applied::Disk { node, state, report }
                     }
                     None => Applied::Ignored,
                 }
@@ -315,6 +317,10 @@ pub struct Failover {
     frozen: bool,
     services_started: bool,
     failures: VecDeque<u64>,
+    /// Numbers this node's disk reports; the newest UpToDate report about
+    /// the peer not yet superseded by a committed Outdated one (0: none).
+    disk_reports: u64,
+    up_to_date_claim: u64,
     /// The epoch of the last grant this incarnation proposed for itself.
     proposed_grant: Option<u64>,
     actions: VecDeque<Action>,
@@ -345,6 +351,8 @@ impl Failover {
             frozen: true,
             services_started: false,
             failures: VecDeque::new(),
+            disk_reports: 0,
+            up_to_date_claim: 0,
             proposed_grant: None,
             actions: VecDeque::new(),
         };
@@ -506,6 +514,13 @@ impl Failover {
                 tracing::warn!("group marked failed on this node; stepping down");
                 self.step_down();
             }
+            Applied::Disk { node, state: DiskState::Outdated, report }
+                if node == self.cfg.peer && report > self.up_to_date_claim =>
+            {
+                // Every UpToDate report this node made came before: the log
+                // now surely says Outdated.
+                self.up_to_date_claim = 0;
+            }
             Applied::Failed(_) | Applied::Cleaned(_) | Applied::Disk { .. } | Applied::Ignored => {}
         }
     }
@@ -542,6 +557,7 @@ impl Failover {
         self.role = Role::Secondary;
         self.renewals_inflight.clear();
         self.lease_until_ms = 0;
+        self.up_to_date_claim = 0;
     }
 
     fn propose(&mut self, entry: Entry) {
@@ -575,7 +591,11 @@ impl Failover {
         }
         if let Role::Primary { epoch, promoted_ms } = self.role {
             let peer = self.cfg.peer;
-            let peer_up_to_date = self.state.disks.get(&peer) == Some(&DiskState::UpToDate);
+            let committed_up_to_date = self.state.disks.get(&peer) == Some(&DiskState::UpToDate);
+            // An UpToDate report may have committed without this node
+            // having seen it yet: count on the peer until a later Outdated
+            // report is seen committed.
+            let peer_up_to_date = committed_up_to_date || self.up_to_date_claim != 0;
             let lease_over = now >= self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms);
             if lease_over {
                 tracing::warn!(epoch, "lease ended without renewal; stopping and demoting");
@@ -600,14 +620,19 @@ impl Failover {
                 if now >= self.next_propose_ms && self.quorum {
                     let disk = if !self.replication_connected && peer_up_to_date {
                         Some(DiskState::Outdated)
-                    } else if self.replication_connected && self.peer_in_sync && !peer_up_to_date {
+                    } else if self.replication_connected && self.peer_in_sync && !committed_up_to_date {
                         Some(DiskState::UpToDate)
                     } else {
                         None
                     };
                     if let Some(state) = disk {
                         self.next_propose_ms = now + self.cfg.repropose_ms;
-                        self.propose(Entry::Disk { group, epoch, node: peer, state });
+                        self.disk_reports += 1;
+                        let report = self.disk_reports;
+                        if state == DiskState::UpToDate {
+                            self.up_to_date_claim = report;
+                        }
+                        self.propose(Entry::Disk { group, epoch, node: peer, state, report });
                     }
                 }
             }
@@ -741,8 +766,11 @@ mod tests {
             Applied::Granted { .. }
         ));
         // The owner of epoch 1 outdates B; a stale owner's report is ignored.
-        assert_eq!(s.apply(&Entry::Disk { group: G, epoch: 0, node: A, state: DiskState::Outdated }), Applied::Ignored);
-        s.apply(&Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated });
+        assert_eq!(
+            s.apply(&Entry::Disk { group: G, epoch: 0, node: A, state: DiskState::Outdated, report: 1 }),
+            Applied::Ignored
+        );
+        s.apply(&Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 1 });
         assert!(!s.may_grant(B), "an Outdated node while A is UpToDate");
         assert_eq!(s.apply(&Entry::Grant { group: G, node: B, epoch: 2, incarnation: 1 }), Applied::Ignored);
         s.apply(&Entry::MarkFailed { group: G, node: A });
@@ -789,7 +817,13 @@ mod tests {
         // Renewals go out while waiting; committing the newest opens I/O.
         // B's disk must be recorded Outdated (the replication link is down),
         // and a renewal of epoch 2 must commit.
-        assert!(proposals(&a).contains(&&Entry::Disk { group: G, epoch: 2, node: B, state: DiskState::Outdated }));
+        assert!(proposals(&a).contains(&&Entry::Disk {
+            group: G,
+            epoch: 2,
+            node: B,
+            state: DiskState::Outdated,
+            report: 1
+        }));
         assert!(h.commit_proposals(&a).is_empty(), "no lease yet");
         let renewals = h.advance_to(3300);
         let a = h.commit_proposals(&renewals);
@@ -874,16 +908,23 @@ mod tests {
         assert_eq!(h.input(Input::Quorum(true)), vec![Action::Resume]);
         let a = h.input(Input::Replication { connected: false });
         assert_eq!(a[0], Action::Freeze);
-        let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated };
+        let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 1 };
         assert!(proposals(&a).contains(&&outdate), "{a:?}");
         assert_eq!(h.commit(outdate), vec![Action::Resume]);
         // Back in sync: B is UpToDate again in the log.
         h.input(Input::Replication { connected: true });
         let a = h.input(Input::PeerInSync);
-        let up = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::UpToDate };
+        let up = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::UpToDate, report: 2 };
         assert!(proposals(&a).contains(&&up), "{a:?}");
-        h.commit(up);
+        // The link drops before the report's commit reached this node: it
+        // may have committed, so B counts as UpToDate and I/O freezes.
+        let a = h.input(Input::Replication { connected: false });
+        assert_eq!(a[0], Action::Freeze);
+        let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 3 };
+        assert!(proposals(&a).contains(&&outdate), "{a:?}");
+        assert!(h.commit(up).is_empty());
         assert_eq!(h.f.state().disks[&B], DiskState::UpToDate);
+        assert_eq!(h.commit(outdate), vec![Action::Resume]);
         assert!(h.f.writable());
     }
 
