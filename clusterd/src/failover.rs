@@ -963,6 +963,22 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_node_ignores_its_old_grant_even_for_the_epoch_it_just_asked() {
+        // Restarted with an empty state, A asks for epoch 1 before catching
+        // up; the log then replays the grant of epoch 1 that A's previous
+        // incarnation (3) got. It must not promote on it (sim seed 970).
+        let mut h = Harness::new(A, false);
+        let a = h.input(Input::Quorum(true));
+        assert_eq!(proposals(&a), vec![&Entry::Grant { group: G, node: A, epoch: 1, incarnation: 7 }]);
+        let a = h.input(Input::Committed(vec![
+            Entry::Grant { group: G, node: A, epoch: 1, incarnation: 3 },
+            Entry::Renew { group: G, epoch: 1, seq: 1 },
+        ]));
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        assert_eq!(h.f.promoted_epoch(), None);
+    }
+
+    #[test]
     fn sticky_the_group_does_not_move_back() {
         let mut h = Harness::new(A, false);
         h.input(Input::Quorum(true));
