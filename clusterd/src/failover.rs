@@ -480,8 +480,14 @@ impl Failover {
                         Some(_) => owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms,
                         None => self.now_ms,
                     };
-                    let fencing = other.filter(|_| {
-                        self.cfg.fence_configured && self.peer_alive == Some(false) && wait_until_ms > self.now_ms
+                    // Fence only an owner that vanished: one marked failed
+                    // steps down by itself (its heartbeat may merely be cut),
+                    // so its lease is waited out instead (sim seed 20400).
+                    let fencing = other.filter(|p| {
+                        self.cfg.fence_configured
+                            && self.peer_alive == Some(false)
+                            && !self.state.failed.contains(p)
+                            && wait_until_ms > self.now_ms
                     });
                     tracing::info!(epoch, ?previous, wait_until_ms, "group granted to this node");
                     if let Some(victim) = fencing {

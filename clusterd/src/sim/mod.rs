@@ -949,10 +949,11 @@ fn sim_many_seeds() {
 
 /// Seeds that once found a bug (valid for this swarm layout): 5024 (a
 /// primary wrote alone after its peer's UpToDate report committed unseen),
-/// 1817 (found a lease wait without the drift margin).
+/// 1817 (found a lease wait without the drift margin), 20400 (a failed
+/// owner whose heartbeat paths were cut was fenced).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817] {
+    for seed in [5024, 1817, 20400] {
         run(seed);
     }
 }
