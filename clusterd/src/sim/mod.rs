@@ -908,7 +908,21 @@ impl Sim {
         if !self.run_until(t0 + bound, |s| s.writable(q)) {
             self.fail(&format!("no failover to node{q} within {bound} ms of the primary's death"));
         }
-        self.now - t0
+        let failover_ms = self.now - t0;
+        // The whole cluster restarts: the group comes back on its owner.
+        self.heal();
+        let owner = self.primary();
+        for n in 0..NODES {
+            self.crash(n, "liveness: whole-cluster restart");
+        }
+        for n in 0..NODES {
+            self.start(n);
+        }
+        self.heal();
+        if self.primary() != owner {
+            self.fail(&format!("a whole-cluster restart moved the group from {owner:?} to {:?}", self.primary()));
+        }
+        failover_ms
     }
 }
 
@@ -932,15 +946,21 @@ fn env_u64(name: &str) -> Option<u64> {
 fn sim_many_seeds() {
     let seeds = env_u64("CLUSTERD_SIM_SEEDS").unwrap_or(3000);
     let base = env_u64("CLUSTERD_SIM_BASE").unwrap_or(0);
-    let (mut acked, mut fences, mut promotions, mut failover_max) = (0, 0, 0, 0);
+    let (mut acked, mut fences, mut promotions) = (0, 0, 0);
+    let mut failover_ms = Vec::new();
     for seed in base..base + seeds {
-        let (sim, failover_ms) = run(seed);
+        let (sim, ms) = run(seed);
         acked += sim.acked_writes;
         fences += sim.fences;
         promotions += sim.promotions;
-        failover_max = failover_max.max(failover_ms);
+        failover_ms.push(ms);
     }
-    println!("{seeds} seeds: {acked} writes, {promotions} promotions, {fences} fences, failover max {failover_max} ms");
+    failover_ms.sort_unstable();
+    let median = failover_ms.get(failover_ms.len() / 2).copied().unwrap_or(0);
+    let max = failover_ms.last().copied().unwrap_or(0);
+    println!(
+        "{seeds} seeds: {acked} writes, {promotions} promotions, {fences} fences; failover after kill -9: median {median} ms, max {max} ms"
+    );
     // The schedules must exercise something: writes, many failovers, fencing.
     assert!(acked > seeds * 100, "too few writes ({acked}) to mean anything");
     assert!(promotions > seeds * 2, "too few promotions ({promotions})");
