@@ -673,9 +673,17 @@ impl Sim {
         if stale.is_empty() {
             return;
         }
+        let promoted: Vec<usize> = [A, B]
+            .into_iter()
+            .filter(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.promoted_epoch().is_some()))
+            .collect();
+        if truth && promoted.len() == 2 {
+            // The replicator refuses a Hello from a second primary (the
+            // stale one demotes when its lease ends): no connection yet.
+            return;
+        }
         if truth {
-            let primary =
-                [A, B].into_iter().find(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.promoted_epoch().is_some()));
+            let primary = promoted.first().copied();
             let source = primary.unwrap_or(if self.nodes[A].data >= self.nodes[B].data { A } else { B });
             let target = 1 - source;
             if primary.is_some() && self.nodes[target].data > self.nodes[source].data {
@@ -970,10 +978,11 @@ fn sim_many_seeds() {
 /// Seeds that once found a bug (valid for this swarm layout): 5024 (a
 /// primary wrote alone after its peer's UpToDate report committed unseen),
 /// 1817 (found a lease wait without the drift margin), 20400 (a failed
-/// owner whose heartbeat paths were cut was fenced).
+/// owner whose heartbeat paths were cut was fenced), 23427 (the simulated
+/// replicator resynced from a stale, frozen primary).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817, 20400] {
+    for seed in [5024, 1817, 20400, 23427] {
         run(seed);
     }
 }
