@@ -388,17 +388,19 @@ impl Failover {
     /// The next time `handle_timeout` has something to do, strictly after
     /// the last `now_ms` seen.
     pub fn poll_timeout(&self) -> Option<u64> {
-        let mut t = vec![self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms];
-        match self.role {
-            Role::Secondary => {}
-            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => t.extend([wait_until_ms, self.next_renew_ms]),
-            Role::Primary { promoted_ms, .. } => t.extend([
-                self.next_renew_ms,
-                self.lease_until_ms,
-                self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms),
-            ]),
-        }
-        t.into_iter().filter(|t| *t > self.now_ms).min()
+        let never = u64::MAX;
+        let role = match self.role {
+            Role::Secondary => [never; 3],
+            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never],
+            Role::Primary { promoted_ms, .. } => {
+                [self.next_renew_ms, self.lease_until_ms, self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms)]
+            }
+        };
+        [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
+            .into_iter()
+            .chain(role)
+            .filter(|t| *t > self.now_ms && *t != never)
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now_ms: u64) {
