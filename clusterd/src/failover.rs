@@ -588,7 +588,10 @@ impl Failover {
             }
         }
         if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, .. } = self.role {
-            if now >= wait_until_ms {
+            // Promote only while holding a lease of the new epoch: a node
+            // cut off after its grant committed never promotes after a
+            // newer owner did (sim seed 44905).
+            if now >= wait_until_ms && now < self.lease_until_ms {
                 assert_eq!(self.state.owner, Some(self.cfg.me));
                 assert_eq!(self.state.epoch, epoch);
                 tracing::info!(epoch, "promoting");
@@ -817,27 +820,40 @@ mod tests {
         assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "no promotion before the commit");
         let a = h.commit(grant);
         assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "B's lease runs until 3100 + margin");
+        // A's first renewal (sent at 2000) commits: A holds a lease of
+        // epoch 2, but still waits for B's.
+        assert!(h.commit_proposals(&a).is_empty());
         let a = h.advance_to(3109);
         assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })));
         let a = h.advance_to(3110);
         assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
-        assert!(!h.f.writable(), "promoted but no renewal of epoch 2 committed yet");
-        // Renewals go out while waiting; committing the newest opens I/O.
-        // B's disk must be recorded Outdated (the replication link is down),
-        // and a renewal of epoch 2 must commit.
-        assert!(proposals(&a).contains(&&Entry::Disk {
-            group: G,
-            epoch: 2,
-            node: B,
-            state: DiskState::Outdated,
-            report: 1
-        }));
-        assert!(h.commit_proposals(&a).is_empty(), "no lease yet");
-        let renewals = h.advance_to(3300);
-        let a = h.commit_proposals(&renewals);
-        assert_eq!(a, vec![Action::Resume, Action::StartServices]);
+        // B's disk must be recorded Outdated first (the replication link is down).
+        assert!(!h.f.writable());
+        let outdate = Entry::Disk { group: G, epoch: 2, node: B, state: DiskState::Outdated, report: 1 };
+        assert!(proposals(&a).contains(&&outdate), "{a:?}");
+        assert_eq!(h.commit(outdate), vec![Action::Resume, Action::StartServices]);
         assert!(h.f.writable());
         assert_eq!(h.f.promoted_epoch(), Some(2));
+    }
+
+    #[test]
+    fn no_promotion_without_a_committed_renewal_of_the_new_epoch() {
+        let mut h = a_with_b_owner(false);
+        h.now = 1000;
+        h.input(Input::PeerDead(B));
+        h.advance_to(1100);
+        let grant_actions = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        // The wait is over, but A was cut off: none of its renewals commit.
+        let a = h.advance_to(10_000);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        // A late commit of the renewal sent at 1100 (lease until 4100) is
+        // too late to promote on.
+        let a = h.commit_proposals(&grant_actions);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        // A fresh one is not.
+        let a = h.advance_to(10_250);
+        let a = h.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
     }
 
     #[test]
@@ -848,6 +864,7 @@ mod tests {
         h.advance_to(2000);
         let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
         assert!(a.contains(&Action::Fence { node: B }), "{a:?}");
+        h.commit_proposals(&a);
         h.now = 2100;
         let a = h.input(Input::FenceDone { node: B, ok: true });
         assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
@@ -856,7 +873,8 @@ mod tests {
         h.now = 1500;
         h.input(Input::PeerDead(B));
         h.advance_to(2000);
-        h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        h.commit_proposals(&a);
         h.now = 2100;
         let a = h.input(Input::FenceDone { node: B, ok: false });
         assert!(!a.contains(&Action::Promote { epoch: 2 }), "a failed fence proves nothing");
@@ -885,8 +903,8 @@ mod tests {
         let grant = Entry::Grant { group: G, node: A, epoch: 1, incarnation: 7 };
         assert_eq!(proposals(&a), vec![&grant], "nobody owns the group: ask at once");
         let a = h.commit_proposals(&a);
-        assert!(a.contains(&Action::Promote { epoch: 1 }), "no previous owner: no wait");
-        h.commit_proposals(&a);
+        let a = h.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 1 }), "no previous owner: no wait, once a renewal committed");
         assert!(h.f.writable());
         h
     }

@@ -979,10 +979,11 @@ fn sim_many_seeds() {
 /// primary wrote alone after its peer's UpToDate report committed unseen),
 /// 1817 (found a lease wait without the drift margin), 20400 (a failed
 /// owner whose heartbeat paths were cut was fenced), 23427 (the simulated
-/// replicator resynced from a stale, frozen primary).
+/// replicator resynced from a stale, frozen primary), 44905 (a node cut off
+/// after its grant promoted after a newer owner had).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817, 20400, 23427] {
+    for seed in [5024, 1817, 20400, 23427, 44905] {
         run(seed);
     }
 }
