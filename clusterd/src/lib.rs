@@ -1,1 +1,25 @@
-//! Placeholder: see issue tracker; this crate is filled in by a later issue.
+//! clusterd: the cluster manager of the mail appliance (issue 5). It watches
+//! the nodes over authenticated heartbeats, keeps the cluster state in a
+//! replicated log, fences, and moves a resource group between the two
+//! storage nodes without ever letting both write the volume.
+//!
+//! This crate holds the sans-IO cores and their deterministic simulation:
+//! - `config`: the cluster configuration file, validated;
+//! - `heartbeat`: authenticated heartbeats over several paths, peer liveness;
+//! - `failover`: the safety core (grants, epochs, leases, fencing decisions);
+//! - `fence`: the fence-agents interface (stdin arguments, exit codes, levels);
+//! - `sim` (tests only): thousands of seeded schedules over the real cores.
+
+pub mod config;
+pub mod failover;
+pub mod fence;
+pub mod heartbeat;
+
+#[cfg(test)]
+mod rng;
+#[cfg(test)]
+mod sim;
+
+/// A cluster node, by its index in the configuration's node list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct NodeId(pub u8);

@@ -1,0 +1,1030 @@
+//! The failover safety core: `Failover`, one per resource group on each
+//! storage node, decides when this node may promote its volume, when it must
+//! stop writing, and what it asks the cluster log to record.
+//!
+//! Sans-IO: no clock, no sockets, no processes. Inputs go to
+//! `Failover::handle(now_ms, Input)` (times are the node's own monotonic
+//! milliseconds); outputs are drained with `poll_action` after every call, and
+//! `handle_timeout(now_ms)` is called at `poll_timeout()`.
+//!
+//! **The cluster log is a narrow interface.** The core only emits
+//! `Action::Propose(Entry)` and consumes `Input::Committed(Entry)` (in commit
+//! order) and `Input::Quorum(bool)`. Every node folds committed entries into
+//! the same `GroupState` with `GroupState::apply`, which refuses stale or
+//! unsafe entries deterministically (a grant must carry exactly the next
+//! epoch, a renewal the current one). A shell around the `raft` crate (0.7)
+//! maps `Propose` to `RawNode::propose`, each committed entry of a `Ready` to
+//! `Committed`, and "a leader is known and check-quorum holds" to `Quorum`;
+//! the simulation uses a small majority-commit log instead.
+//!
+//! Rules enforced here (issue 5):
+//! - promotion only through a committed `Entry::Grant` naming this node with
+//!   the next epoch, then only after the previous owner's lease ran out (plus
+//!   a clock-drift margin) or a fence of it succeeded;
+//! - a primary writes only while it holds a lease: the send time of its
+//!   newest *committed* renewal plus `lease_ms`; without one it freezes, and
+//!   at the lease's end it stops services and demotes;
+//! - a primary whose replication link is down freezes until the cluster log
+//!   records the peer's disk as Outdated (so a later grant cannot pick it);
+//! - grants go only to an UpToDate node when one exists, never to a node
+//!   marked failed (anti-flapping) until `Entry::Cleanup`;
+//! - sticky: nothing moves the group back once it moved.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::NodeId;
+
+/// Renewals awaiting commit that a primary remembers (older ones are
+/// forgotten; their commit would grant a lease already over anyway).
+const RENEWALS_INFLIGHT_MAX: usize = 64;
+
+/// A resource group (volume + services that move together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupId(pub u16);
+
+/// A node's volume state as the replicator reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskState {
+    UpToDate,
+    Outdated,
+    Inconsistent,
+}
+
+/// What the cluster log records about a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// The group belongs to `node` from `epoch` on (valid only as the next
+    /// epoch). `incarnation` names the process that asked, so a restarted
+    /// node never mistakes an old grant for the one it is waiting for.
+    Grant { group: GroupId, node: NodeId, epoch: u64, incarnation: u64 },
+    /// The owner of `epoch` is alive and holds quorum; `seq` ties the commit
+    /// back to the proposal's send time.
+    Renew { group: GroupId, epoch: u64, seq: u64 },
+    /// The owner of `epoch` reports a node's disk state (valid only for the
+    /// current epoch); `report` numbers the owner's reports in order.
+    Disk { group: GroupId, epoch: u64, node: NodeId, state: DiskState, report: u64 },
+    /// The group failed too often on `node`: not eligible until cleanup.
+    MarkFailed { group: GroupId, node: NodeId },
+    /// The admin cleared `node`'s failures (`clusterctl cleanup`).
+    Cleanup { group: GroupId, node: NodeId },
+}
+
+/// What applying one committed entry changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Granted {
+        node: NodeId,
+        epoch: u64,
+        incarnation: u64,
+        previous: Option<NodeId>,
+    },
+    Renewed {
+        epoch: u64,
+        seq: u64,
+    },
+    Disk {
+        node: NodeId,
+        state: DiskState,
+        report: u64,
+    },
+    Failed(NodeId),
+    Cleaned(NodeId),
+    /// Stale (older epoch), unsafe, or for another group: no effect.
+    Ignored,
+}
+
+/// The replicated state of a group: every node derives the same value by
+/// applying the same committed entries in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub group: GroupId,
+    pub owner: Option<NodeId>,
+    pub epoch: u64,
+    pub disks: BTreeMap<NodeId, DiskState>,
+    pub failed: BTreeSet<NodeId>,
+}
+
+impl GroupState {
+    /// The state before any entry: no owner, epoch 0, the storage nodes'
+    /// disks as created (UpToDate after the initial sync).
+    pub fn new(group: GroupId, storage: &[NodeId], initial: DiskState) -> GroupState {
+        GroupState {
+            group,
+            owner: None,
+            epoch: 0,
+            disks: storage.iter().map(|n| (*n, initial)).collect(),
+            failed: BTreeSet::new(),
+        }
+    }
+
+    /// Whether a grant to `node` is allowed: a storage node, not failed, and
+    /// UpToDate unless no node is UpToDate.
+    pub fn may_grant(&self, node: NodeId) -> bool {
+        let Some(disk) = self.disks.get(&node) else { return false };
+        if self.failed.contains(&node) {
+            return false;
+        }
+        *disk == DiskState::UpToDate || !self.disks.values().any(|d| *d == DiskState::UpToDate)
+    }
+
+    pub fn apply(&mut self, entry: &Entry) -> Applied {
+        match *entry {
+            Entry::Grant { group, node, epoch, incarnation } if group == self.group => {
+                if epoch != self.epoch + 1 || !self.may_grant(node) {
+                    return Applied::Ignored;
+                }
+                let previous = self.owner.replace(node);
+                self.epoch = epoch;
+                Applied::Granted { node, epoch, incarnation, previous }
+            }
+            Entry::Renew { group, epoch, seq } if group == self.group && epoch == self.epoch => {
+                Applied::Renewed { epoch, seq }
+            }
+            Entry::Disk { group, epoch, node, state, report } if group == self.group && epoch == self.epoch => {
+                match self.disks.get_mut(&node) {
+                    Some(d) => {
+                        *d = state;
+                        Applied::Disk { node, state, report }
+                    }
+                    None => Applied::Ignored,
+                }
+            }
+            Entry::MarkFailed { group, node } if group == self.group => {
+                self.failed.insert(node);
+                Applied::Failed(node)
+            }
+            Entry::Cleanup { group, node } if group == self.group => {
+                self.failed.remove(&node);
+                Applied::Cleaned(node)
+            }
+            _ => Applied::Ignored,
+        }
+    }
+}
+
+/// Timing and policy of one group on one node.
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    pub group: GroupId,
+    pub me: NodeId,
+    /// The other storage node (the replication peer).
+    pub peer: NodeId,
+    pub renew_interval_ms: u64,
+    /// How long a committed renewal lets the owner write, from its send time.
+    pub lease_ms: u64,
+    /// Added to the lease by a node waiting for the previous owner's lease,
+    /// to cover the clocks' rate difference (see `drift_margin_ms`).
+    pub drift_margin_ms: u64,
+    /// A dead owner (heartbeat) is replaced only after no renewal was seen
+    /// for this long.
+    pub takeover_after_ms: u64,
+    /// How often an uncommitted proposal is sent again.
+    pub repropose_ms: u64,
+    /// A fence agent exists: a new owner fences a dead previous owner instead
+    /// of waiting out its lease when the fence is faster.
+    pub fence_configured: bool,
+    /// Differs at every start of the node (boot counter, or wall-clock
+    /// milliseconds at start-up); carried in this node's grants.
+    pub incarnation: u64,
+    /// Anti-flapping: this many resource failures within the window mark the
+    /// node failed.
+    pub failures_max: u32,
+    pub failure_window_ms: u64,
+}
+
+/// The margin a node adds to a lease measured on another node's clock, when
+/// clock rates differ by at most `drift_ppm_max` from true time: the lease
+/// lasts at most `lease·(1+ρ)`, the wait at least `(lease+m)·(1−ρ)`.
+pub fn drift_margin_ms(lease_ms: u64, drift_ppm_max: u64) -> u64 {
+    assert!(drift_ppm_max < 500_000, "clock drift bound {drift_ppm_max} ppm is not a clock");
+    let m = (2 * lease_ms * drift_ppm_max).div_ceil(1_000_000 - drift_ppm_max);
+    m + 1
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FailoverConfigError {
+    #[error("lease_ms ({lease_ms}) must exceed 2 × renew_interval_ms ({renew_interval_ms}): one lost renewal must not freeze the primary; raise lease_ms")]
+    LeaseTooShort { lease_ms: u64, renew_interval_ms: u64 },
+    #[error("failures_max must be at least 1")]
+    NoFailuresAllowed,
+    #[error("node {0:?} cannot be its own replication peer")]
+    PeerIsMe(NodeId),
+}
+
+impl FailoverConfig {
+    pub fn validate(&self) -> Result<(), FailoverConfigError> {
+        if self.lease_ms <= 2 * self.renew_interval_ms {
+            return Err(FailoverConfigError::LeaseTooShort {
+                lease_ms: self.lease_ms,
+                renew_interval_ms: self.renew_interval_ms,
+            });
+        }
+        if self.failures_max == 0 {
+            return Err(FailoverConfigError::NoFailuresAllowed);
+        }
+        if self.me == self.peer {
+            return Err(FailoverConfigError::PeerIsMe(self.me));
+        }
+        Ok(())
+    }
+}
+
+/// Inputs from the heartbeat, the cluster log, the replicator, resource
+/// monitors and fence agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    PeerAlive(NodeId),
+    PeerDead(NodeId),
+    /// This node can commit entries (leader known, check-quorum holds).
+    Quorum(bool),
+    /// Newly committed entries in log order (one Raft `Ready`'s worth): all
+    /// are applied before the core acts, so a batch that grants the group to
+    /// this node and then to another never promotes it.
+    Committed(Vec<Entry>),
+    /// This node's volume state.
+    LocalDisk(DiskState),
+    /// This node's replication link to the peer came up or went down.
+    Replication {
+        connected: bool,
+    },
+    /// Resync finished: the peer's disk equals ours.
+    PeerInSync,
+    /// A monitor of the group's services failed here.
+    ResourceFailed,
+    FenceDone {
+        node: NodeId,
+        ok: bool,
+    },
+}
+
+/// Effects for the shell, in the order they must happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Propose(Entry),
+    /// `replicator primary RES --epoch N` (I/O stays frozen until `Resume`).
+    Promote {
+        epoch: u64,
+    },
+    Resume,
+    Freeze,
+    StartServices,
+    RestartServices,
+    /// In reverse order of start.
+    StopServices,
+    Demote,
+    /// Run the fence agents (levels in order) with action=off on `node`.
+    Fence {
+        node: NodeId,
+    },
+}
+
+/// What this node is doing with the group, named for what it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Secondary,
+    /// Granted; waiting for the previous owner's lease to end or its fence.
+    ExpectLeaseEndOrFence {
+        epoch: u64,
+        wait_until_ms: u64,
+        fencing: Option<NodeId>,
+    },
+    /// Promoted with `epoch`; writes while `frozen` is false.
+    Primary {
+        epoch: u64,
+        promoted_ms: u64,
+    },
+}
+
+/// The per-node failover state machine (see the module docs for call order).
+#[derive(Debug)]
+pub struct Failover {
+    cfg: FailoverConfig,
+    state: GroupState,
+    role: Role,
+    now_ms: u64,
+    peer_alive: Option<bool>,
+    quorum: bool,
+    local_disk: DiskState,
+    replication_connected: bool,
+    peer_in_sync: bool,
+    /// When this node last applied a grant or a current-epoch renewal.
+    owner_activity_ms: u64,
+    renew_seq: u64,
+    renewals_inflight: VecDeque<(u64, u64)>,
+    next_renew_ms: u64,
+    lease_until_ms: u64,
+    next_propose_ms: u64,
+    frozen: bool,
+    services_started: bool,
+    failures: VecDeque<u64>,
+    /// Numbers this node's disk reports; the newest UpToDate report about
+    /// the peer not yet superseded by a committed Outdated one (0: none).
+    disk_reports: u64,
+    up_to_date_claim: u64,
+    /// The epoch of the last grant this incarnation proposed for itself.
+    proposed_grant: Option<u64>,
+    actions: VecDeque<Action>,
+}
+
+impl Failover {
+    /// A core on a node that just started: it first makes sure the group is
+    /// stopped here (the volume is never writable across a restart).
+    pub fn new(cfg: FailoverConfig, initial: GroupState, local_disk: DiskState, now_ms: u64) -> Failover {
+        assert_ne!(cfg.me, cfg.peer);
+        assert!(initial.disks.contains_key(&cfg.me), "{:?} is not a storage node of the group", cfg.me);
+        let mut f = Failover {
+            cfg,
+            state: initial,
+            role: Role::Secondary,
+            now_ms,
+            peer_alive: None,
+            quorum: false,
+            local_disk,
+            replication_connected: false,
+            peer_in_sync: false,
+            owner_activity_ms: now_ms,
+            renew_seq: 0,
+            renewals_inflight: VecDeque::new(),
+            next_renew_ms: 0,
+            lease_until_ms: 0,
+            next_propose_ms: now_ms,
+            frozen: true,
+            services_started: false,
+            failures: VecDeque::new(),
+            disk_reports: 0,
+            up_to_date_claim: 0,
+            proposed_grant: None,
+            actions: VecDeque::new(),
+        };
+        f.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
+        f
+    }
+
+    pub fn state(&self) -> &GroupState {
+        &self.state
+    }
+
+    /// Whether this node's volume accepts writes now (promoted, not frozen).
+    pub fn writable(&self) -> bool {
+        matches!(self.role, Role::Primary { .. }) && !self.frozen
+    }
+
+    /// The epoch this node is promoted with, if it is.
+    pub fn promoted_epoch(&self) -> Option<u64> {
+        match self.role {
+            Role::Primary { epoch, .. } => Some(epoch),
+            _ => None,
+        }
+    }
+
+    pub fn replication_connected(&self) -> bool {
+        self.replication_connected
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next time `handle_timeout` has something to do, strictly after
+    /// the last `now_ms` seen.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let never = u64::MAX;
+        let role = match self.role {
+            Role::Secondary => [never; 3],
+            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never],
+            Role::Primary { promoted_ms, .. } => {
+                [self.next_renew_ms, self.lease_until_ms, self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms)]
+            }
+        };
+        [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
+            .into_iter()
+            .chain(role)
+            .filter(|t| *t > self.now_ms && *t != never)
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.tick(now_ms);
+        self.update();
+    }
+
+    /// The admin's `cleanup`: proposes clearing `node`'s failures.
+    pub fn cleanup(&mut self, now_ms: u64, node: NodeId) {
+        self.tick(now_ms);
+        self.failures.clear();
+        self.actions.push_back(Action::Propose(Entry::Cleanup { group: self.cfg.group, node }));
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: Input) {
+        self.tick(now_ms);
+        match input {
+            Input::PeerAlive(n) if n == self.cfg.peer => self.peer_alive = Some(true),
+            Input::PeerDead(n) if n == self.cfg.peer => self.peer_alive = Some(false),
+            Input::PeerAlive(_) | Input::PeerDead(_) => {}
+            Input::Quorum(q) => self.quorum = q,
+            Input::Committed(entries) => {
+                for entry in &entries {
+                    self.committed(entry);
+                }
+            }
+            Input::LocalDisk(d) => self.local_disk = d,
+            Input::Replication { connected } => {
+                // Report the peer's new disk state without delay.
+                self.next_propose_ms = self.now_ms;
+                self.replication_connected = connected;
+                if !connected {
+                    self.peer_in_sync = false;
+                }
+            }
+            Input::PeerInSync => {
+                self.next_propose_ms = self.now_ms;
+                self.peer_in_sync = self.replication_connected;
+            }
+            Input::ResourceFailed => self.resource_failed(),
+            Input::FenceDone { node, ok } => {
+                if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: Some(victim) } = self.role {
+                    if victim == node {
+                        let wait_until_ms = if ok { self.now_ms } else { wait_until_ms };
+                        tracing::info!(?node, ok, "fence finished");
+                        self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: None };
+                    }
+                }
+            }
+        }
+        self.update();
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        assert!(now_ms >= self.now_ms, "time went backwards: {now_ms} < {}", self.now_ms);
+        self.now_ms = now_ms;
+    }
+
+    fn committed(&mut self, entry: &Entry) {
+        let owner_activity_before = self.owner_activity_ms;
+        match self.state.apply(entry) {
+            Applied::Granted { node, epoch, incarnation, previous } => {
+                self.owner_activity_ms = self.now_ms;
+                if node == self.cfg.me && (incarnation != self.cfg.incarnation || self.proposed_grant != Some(epoch)) {
+                    // A grant this incarnation did not ask for (replayed
+                    // after a restart, or asked for before a step-down):
+                    // owning the group again takes the next epoch.
+                    tracing::info!(epoch, "replayed grant to this node; not acting on it");
+                    if self.role != Role::Secondary {
+                        self.step_down();
+                    }
+                } else if node == self.cfg.me {
+                    self.proposed_grant = None;
+                    // The previous owner may still write until its lease,
+                    // measured from a renewal this node saw no earlier than
+                    // it was sent, has surely ended on every clock.
+                    let other = previous.filter(|p| *p != self.cfg.me);
+                    let wait_until_ms = match other {
+                        Some(_) => owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms,
+                        None => self.now_ms,
+                    };
+                    // Fence only an owner that vanished: one marked failed
+                    // steps down by itself (its heartbeat may merely be cut),
+                    // so its lease is waited out instead (sim seed 20400).
+                    let fencing = other.filter(|p| {
+                        self.cfg.fence_configured
+                            && self.peer_alive == Some(false)
+                            && !self.state.failed.contains(p)
+                            && wait_until_ms > self.now_ms
+                    });
+                    tracing::info!(epoch, ?previous, wait_until_ms, "group granted to this node");
+                    if let Some(victim) = fencing {
+                        self.actions.push_back(Action::Fence { node: victim });
+                    }
+                    self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing };
+                    self.renewals_inflight.clear();
+                    self.lease_until_ms = 0;
+                    self.next_renew_ms = self.now_ms;
+                } else if self.role != Role::Secondary {
+                    tracing::warn!(?node, epoch, "group granted to another node; stepping down");
+                    self.step_down();
+                }
+            }
+            Applied::Renewed { epoch, seq } => {
+                self.owner_activity_ms = self.now_ms;
+                if self.owned_epoch() == Some(epoch) {
+                    while let Some(&(s, sent_ms)) = self.renewals_inflight.front() {
+                        if s > seq {
+                            break;
+                        }
+                        self.renewals_inflight.pop_front();
+                        if s == seq {
+                            self.lease_until_ms = self.lease_until_ms.max(sent_ms + self.cfg.lease_ms);
+                        }
+                    }
+                }
+            }
+            Applied::Failed(node) if node == self.cfg.me && self.role != Role::Secondary => {
+                tracing::warn!("group marked failed on this node; stepping down");
+                self.step_down();
+            }
+            Applied::Disk { node, state: DiskState::Outdated, report }
+                if node == self.cfg.peer && report > self.up_to_date_claim =>
+            {
+                // Every UpToDate report this node made came before: the log
+                // now surely says Outdated.
+                self.up_to_date_claim = 0;
+            }
+            Applied::Failed(_) | Applied::Cleaned(_) | Applied::Disk { .. } | Applied::Ignored => {}
+        }
+    }
+
+    fn owned_epoch(&self) -> Option<u64> {
+        match self.role {
+            Role::Secondary => None,
+            Role::ExpectLeaseEndOrFence { epoch, .. } | Role::Primary { epoch, .. } => Some(epoch),
+        }
+    }
+
+    fn resource_failed(&mut self) {
+        if !matches!(self.role, Role::Primary { .. }) {
+            return;
+        }
+        let window_start = self.now_ms.saturating_sub(self.cfg.failure_window_ms);
+        self.failures.retain(|t| *t > window_start);
+        self.failures.push_back(self.now_ms);
+        if self.failures.len() >= self.cfg.failures_max as usize {
+            tracing::warn!(failures = self.failures.len(), "too many resource failures; marking this node failed");
+            self.actions.push_back(Action::Propose(Entry::MarkFailed { group: self.cfg.group, node: self.cfg.me }));
+            self.failures.clear();
+        } else {
+            self.actions.push_back(Action::RestartServices);
+        }
+    }
+
+    fn step_down(&mut self) {
+        if matches!(self.role, Role::Primary { .. }) {
+            self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
+        }
+        self.frozen = true;
+        self.services_started = false;
+        self.role = Role::Secondary;
+        self.renewals_inflight.clear();
+        self.lease_until_ms = 0;
+        self.up_to_date_claim = 0;
+    }
+
+    fn propose(&mut self, entry: Entry) {
+        self.actions.push_back(Action::Propose(entry));
+    }
+
+    /// Re-evaluates everything after an input or timeout.
+    fn update(&mut self) {
+        let now = self.now_ms;
+        let group = self.cfg.group;
+        if let Some(epoch) = self.owned_epoch() {
+            if self.quorum && now >= self.next_renew_ms {
+                self.renew_seq += 1;
+                if self.renewals_inflight.len() == RENEWALS_INFLIGHT_MAX {
+                    self.renewals_inflight.pop_front();
+                }
+                self.renewals_inflight.push_back((self.renew_seq, now));
+                self.next_renew_ms = now + self.cfg.renew_interval_ms;
+                self.propose(Entry::Renew { group, epoch, seq: self.renew_seq });
+            }
+        }
+        if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, .. } = self.role {
+            // Promote only while holding a lease of the new epoch: a node
+            // cut off after its grant committed never promotes after a
+            // newer owner did (sim seed 44905).
+            if now >= wait_until_ms && now < self.lease_until_ms {
+                assert_eq!(self.state.owner, Some(self.cfg.me));
+                assert_eq!(self.state.epoch, epoch);
+                tracing::info!(epoch, "promoting");
+                self.actions.push_back(Action::Promote { epoch });
+                self.role = Role::Primary { epoch, promoted_ms: now };
+                self.frozen = true;
+            }
+        }
+        if let Role::Primary { epoch, promoted_ms } = self.role {
+            let peer = self.cfg.peer;
+            let committed_up_to_date = self.state.disks.get(&peer) == Some(&DiskState::UpToDate);
+            // An UpToDate report may have committed without this node
+            // having seen it yet: count on the peer until a later Outdated
+            // report is seen committed.
+            let peer_up_to_date = committed_up_to_date || self.up_to_date_claim != 0;
+            let lease_over = now >= self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms);
+            if lease_over {
+                tracing::warn!(epoch, "lease ended without renewal; stopping and demoting");
+                self.step_down();
+            } else {
+                let writable = now < self.lease_until_ms
+                    && self.quorum
+                    // Writes reach the peer, or the log no longer counts on it.
+                    && (self.replication_connected || !peer_up_to_date)
+                    && !self.state.failed.contains(&self.cfg.me);
+                if writable && self.frozen {
+                    self.frozen = false;
+                    self.actions.push_back(Action::Resume);
+                    if !self.services_started {
+                        self.services_started = true;
+                        self.actions.push_back(Action::StartServices);
+                    }
+                } else if !writable && !self.frozen {
+                    self.frozen = true;
+                    self.actions.push_back(Action::Freeze);
+                }
+                if now >= self.next_propose_ms && self.quorum {
+                    let disk = if !self.replication_connected && peer_up_to_date {
+                        Some(DiskState::Outdated)
+                    } else if self.replication_connected && self.peer_in_sync && !committed_up_to_date {
+                        Some(DiskState::UpToDate)
+                    } else {
+                        None
+                    };
+                    if let Some(state) = disk {
+                        self.next_propose_ms = now + self.cfg.repropose_ms;
+                        self.disk_reports += 1;
+                        let report = self.disk_reports;
+                        if state == DiskState::UpToDate {
+                            self.up_to_date_claim = report;
+                        }
+                        self.propose(Entry::Disk { group, epoch, node: peer, state, report });
+                    }
+                }
+            }
+        }
+        if self.role == Role::Secondary && self.quorum && now >= self.next_propose_ms && self.wants_grant() {
+            self.next_propose_ms = now + self.cfg.repropose_ms;
+            let epoch = self.state.epoch + 1;
+            tracing::info!(epoch, owner = ?self.state.owner, "asking for the group");
+            self.proposed_grant = Some(epoch);
+            self.propose(Entry::Grant { group, node: self.cfg.me, epoch, incarnation: self.cfg.incarnation });
+        }
+    }
+
+    fn wants_grant(&self) -> bool {
+        let me = self.cfg.me;
+        if !self.state.may_grant(me) || self.local_disk == DiskState::Inconsistent {
+            return false;
+        }
+        match self.state.owner {
+            None => true,
+            Some(owner) if owner == me => true,
+            Some(owner) if self.state.failed.contains(&owner) => true,
+            Some(_) => {
+                self.peer_alive == Some(false) && self.now_ms >= self.owner_activity_ms + self.cfg.takeover_after_ms
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: GroupId = GroupId(0);
+    const A: NodeId = NodeId(0);
+    const B: NodeId = NodeId(1);
+
+    fn cfg(me: NodeId, fence: bool) -> FailoverConfig {
+        FailoverConfig {
+            group: G,
+            me,
+            peer: NodeId(1 - me.0),
+            renew_interval_ms: 250,
+            lease_ms: 3000,
+            drift_margin_ms: 10,
+            takeover_after_ms: 1000,
+            repropose_ms: 500,
+            fence_configured: fence,
+            incarnation: 7,
+            failures_max: 3,
+            failure_window_ms: 10_000,
+        }
+    }
+
+    struct Harness {
+        f: Failover,
+        now: u64,
+    }
+
+    impl Harness {
+        fn new(me: NodeId, fence: bool) -> Harness {
+            let c = cfg(me, fence);
+            c.validate().unwrap();
+            let mut h = Harness {
+                f: Failover::new(c, GroupState::new(G, &[A, B], DiskState::UpToDate), DiskState::UpToDate, 0),
+                now: 0,
+            };
+            assert_eq!(h.actions(), vec![Action::Freeze, Action::StopServices, Action::Demote]);
+            h
+        }
+
+        fn actions(&mut self) -> Vec<Action> {
+            std::iter::from_fn(|| self.f.poll_action()).collect()
+        }
+
+        fn input(&mut self, i: Input) -> Vec<Action> {
+            self.f.handle(self.now, i);
+            self.actions()
+        }
+
+        fn advance_to(&mut self, t: u64) -> Vec<Action> {
+            let mut out = Vec::new();
+            while let Some(next) = self.f.poll_timeout().filter(|n| *n <= t) {
+                self.now = next;
+                self.f.handle_timeout(next);
+                out.extend(self.actions());
+            }
+            self.now = t;
+            self.f.handle_timeout(t);
+            out.extend(self.actions());
+            out
+        }
+
+        fn commit(&mut self, e: Entry) -> Vec<Action> {
+            self.input(Input::Committed(vec![e]))
+        }
+
+        /// Advances to `t`, committing every proposal at once (a healthy log).
+        fn advance_committing(&mut self, t: u64) {
+            while let Some(next) = self.f.poll_timeout().filter(|n| *n <= t) {
+                let a = self.advance_to(next);
+                self.commit_proposals(&a);
+            }
+            self.now = t;
+        }
+
+        /// Commits every proposal among `actions`, in order.
+        fn commit_proposals(&mut self, actions: &[Action]) -> Vec<Action> {
+            let mut out = Vec::new();
+            for a in actions {
+                if let Action::Propose(e) = a {
+                    out.extend(self.commit(e.clone()));
+                }
+            }
+            out
+        }
+    }
+
+    fn proposals(actions: &[Action]) -> Vec<&Entry> {
+        actions.iter().filter_map(|a| if let Action::Propose(e) = a { Some(e) } else { None }).collect()
+    }
+
+    #[test]
+    fn group_state_accepts_only_the_next_epoch_and_up_to_date_nodes() {
+        let mut s = GroupState::new(G, &[A, B], DiskState::UpToDate);
+        assert_eq!(s.apply(&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 1 }), Applied::Ignored);
+        assert_eq!(s.apply(&Entry::Grant { group: GroupId(9), node: A, epoch: 1, incarnation: 1 }), Applied::Ignored);
+        assert_eq!(s.apply(&Entry::Grant { group: G, node: NodeId(2), epoch: 1, incarnation: 1 }), Applied::Ignored);
+        assert!(matches!(
+            s.apply(&Entry::Grant { group: G, node: A, epoch: 1, incarnation: 1 }),
+            Applied::Granted { .. }
+        ));
+        // The owner of epoch 1 outdates B; a stale owner's report is ignored.
+        assert_eq!(
+            s.apply(&Entry::Disk { group: G, epoch: 0, node: A, state: DiskState::Outdated, report: 1 }),
+            Applied::Ignored
+        );
+        s.apply(&Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 1 });
+        assert!(!s.may_grant(B), "an Outdated node while A is UpToDate");
+        assert_eq!(s.apply(&Entry::Grant { group: G, node: B, epoch: 2, incarnation: 1 }), Applied::Ignored);
+        s.apply(&Entry::MarkFailed { group: G, node: A });
+        assert!(!s.may_grant(A) && !s.may_grant(B), "A failed, B Outdated while A is UpToDate: nobody");
+        s.apply(&Entry::Cleanup { group: G, node: A });
+        assert!(s.may_grant(A));
+        assert_eq!(s.apply(&Entry::Renew { group: G, epoch: 0, seq: 1 }), Applied::Ignored);
+        assert_eq!(s.epoch, 1);
+        // No UpToDate node at all: the best remaining one may take it.
+        let mut s = GroupState::new(G, &[A, B], DiskState::Outdated);
+        assert!(s.may_grant(B));
+        s.disks.insert(A, DiskState::Inconsistent);
+        assert!(s.may_grant(A), "the rule only prefers UpToDate nodes; the core refuses Inconsistent local disks");
+    }
+
+    /// B owns epoch 1 and renewed at 100 ms; A takes over after B dies.
+    fn a_with_b_owner(fence: bool) -> Harness {
+        let mut h = Harness::new(A, fence);
+        h.input(Input::PeerAlive(B));
+        h.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
+        h.now = 100;
+        h.commit(Entry::Renew { group: G, epoch: 1, seq: 1 });
+        assert!(proposals(&h.input(Input::Quorum(true))).is_empty(), "B is alive and renewing");
+        h
+    }
+
+    #[test]
+    fn takeover_needs_a_committed_grant_then_the_old_lease() {
+        let mut h = a_with_b_owner(false);
+        h.now = 1000;
+        assert!(proposals(&h.input(Input::PeerDead(B))).is_empty(), "a renewal was seen within takeover_after_ms");
+        let a = h.advance_to(2000);
+        let grant = Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 };
+        // Asked at 1100 (1000 ms without renewal), again at 1600 (not committed yet).
+        assert_eq!(proposals(&a), vec![&grant, &grant]);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "no promotion before the commit");
+        let a = h.commit(grant);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "B's lease runs until 3100 + margin");
+        // A's first renewal (sent at 2000) commits: A holds a lease of
+        // epoch 2, but still waits for B's.
+        assert!(h.commit_proposals(&a).is_empty());
+        let a = h.advance_to(3109);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })));
+        let a = h.advance_to(3110);
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
+        // B's disk must be recorded Outdated first (the replication link is down).
+        assert!(!h.f.writable());
+        let outdate = Entry::Disk { group: G, epoch: 2, node: B, state: DiskState::Outdated, report: 1 };
+        assert!(proposals(&a).contains(&&outdate), "{a:?}");
+        assert_eq!(h.commit(outdate), vec![Action::Resume, Action::StartServices]);
+        assert!(h.f.writable());
+        assert_eq!(h.f.promoted_epoch(), Some(2));
+    }
+
+    #[test]
+    fn no_promotion_without_a_committed_renewal_of_the_new_epoch() {
+        let mut h = a_with_b_owner(false);
+        h.now = 1000;
+        h.input(Input::PeerDead(B));
+        h.advance_to(1100);
+        let grant_actions = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        // The wait is over, but A was cut off: none of its renewals commit.
+        let a = h.advance_to(10_000);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        // A late commit of the renewal sent at 1100 (lease until 4100) is
+        // too late to promote on.
+        let a = h.commit_proposals(&grant_actions);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        // A fresh one is not.
+        let a = h.advance_to(10_250);
+        let a = h.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_successful_fence_replaces_the_wait_and_a_failed_one_does_not() {
+        let mut h = a_with_b_owner(true);
+        h.now = 1500;
+        h.input(Input::PeerDead(B));
+        h.advance_to(2000);
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        assert!(a.contains(&Action::Fence { node: B }), "{a:?}");
+        h.commit_proposals(&a);
+        h.now = 2100;
+        let a = h.input(Input::FenceDone { node: B, ok: true });
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
+
+        let mut h = a_with_b_owner(true);
+        h.now = 1500;
+        h.input(Input::PeerDead(B));
+        h.advance_to(2000);
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        h.commit_proposals(&a);
+        h.now = 2100;
+        let a = h.input(Input::FenceDone { node: B, ok: false });
+        assert!(!a.contains(&Action::Promote { epoch: 2 }), "a failed fence proves nothing");
+        assert!(h.advance_to(3110).contains(&Action::Promote { epoch: 2 }));
+    }
+
+    #[test]
+    fn a_healthy_owner_is_neither_replaced_nor_fenced() {
+        let mut h = a_with_b_owner(true);
+        // B's heartbeats are lost (A-B link cut) but its renewals keep
+        // committing through the witness: A never asks for the group.
+        h.now = 1500;
+        h.input(Input::PeerDead(B));
+        for t in (1600..20_000).step_by(500) {
+            h.now = t;
+            let a = h.commit(Entry::Renew { group: G, epoch: 1, seq: t });
+            assert!(proposals(&a).is_empty() && !a.iter().any(|a| matches!(a, Action::Fence { .. })), "{a:?}");
+        }
+    }
+
+    fn primary_a() -> Harness {
+        let mut h = Harness::new(A, false);
+        h.input(Input::PeerAlive(B));
+        h.input(Input::Replication { connected: true });
+        let a = h.input(Input::Quorum(true));
+        let grant = Entry::Grant { group: G, node: A, epoch: 1, incarnation: 7 };
+        assert_eq!(proposals(&a), vec![&grant], "nobody owns the group: ask at once");
+        let a = h.commit_proposals(&a);
+        let a = h.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 1 }), "no previous owner: no wait, once a renewal committed");
+        assert!(h.f.writable());
+        h
+    }
+
+    #[test]
+    fn a_primary_without_committed_renewals_stops_within_its_lease() {
+        let mut h = primary_a();
+        // Quorum is lost but nobody told the core: renewals stop committing.
+        let a = h.advance_to(2999);
+        assert!(h.f.writable(), "the lease of the renewal sent at 0 lasts until 3000: {a:?}");
+        let a = h.advance_to(3000);
+        assert_eq!(
+            a.iter().filter(|a| !matches!(a, Action::Propose(_))).cloned().collect::<Vec<_>>(),
+            vec![Action::Freeze, Action::StopServices, Action::Demote]
+        );
+        assert!(!h.f.writable());
+        assert_eq!(h.f.promoted_epoch(), None);
+        // Owning the group again takes a new epoch.
+        let a = h.advance_to(3600);
+        assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_primary_freezes_on_quorum_loss_and_on_replication_loss_until_the_peer_is_outdated() {
+        let mut h = primary_a();
+        assert_eq!(h.input(Input::Quorum(false)), vec![Action::Freeze]);
+        assert_eq!(h.input(Input::Quorum(true)), vec![Action::Resume]);
+        let a = h.input(Input::Replication { connected: false });
+        assert_eq!(a[0], Action::Freeze);
+        let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 1 };
+        assert!(proposals(&a).contains(&&outdate), "{a:?}");
+        assert_eq!(h.commit(outdate), vec![Action::Resume]);
+        // Back in sync: B is UpToDate again in the log.
+        h.input(Input::Replication { connected: true });
+        let a = h.input(Input::PeerInSync);
+        let up = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::UpToDate, report: 2 };
+        assert!(proposals(&a).contains(&&up), "{a:?}");
+        // The link drops before the report's commit reached this node: it
+        // may have committed, so B counts as UpToDate and I/O freezes.
+        let a = h.input(Input::Replication { connected: false });
+        assert_eq!(a[0], Action::Freeze);
+        let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 3 };
+        assert!(proposals(&a).contains(&&outdate), "{a:?}");
+        assert!(h.commit(up).is_empty());
+        assert_eq!(h.f.state().disks[&B], DiskState::UpToDate);
+        assert_eq!(h.commit(outdate), vec![Action::Resume]);
+        assert!(h.f.writable());
+    }
+
+    #[test]
+    fn repeated_resource_failures_mark_the_node_failed_and_it_steps_down() {
+        let mut h = primary_a();
+        h.now = 10;
+        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        // Failures outside the window are forgotten.
+        h.advance_committing(20_000);
+        assert!(h.f.writable());
+        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        let a = h.input(Input::ResourceFailed);
+        let failed = Entry::MarkFailed { group: G, node: A };
+        assert_eq!(proposals(&a), vec![&failed]);
+        let a = h.commit(failed);
+        assert_eq!(a, vec![Action::Freeze, Action::StopServices, Action::Demote]);
+        assert!(
+            proposals(&h.advance_to(30_000)).iter().all(|e| !matches!(e, Entry::Grant { .. })),
+            "failed: stays put"
+        );
+    }
+
+    #[test]
+    fn a_replayed_grant_after_restart_is_not_acted_on() {
+        // A restarts (new incarnation) and replays the log: the old grant
+        // to A must not promote it; it asks for the next epoch instead.
+        let mut h = Harness::new(A, false);
+        h.input(Input::Quorum(true));
+        h.actions();
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 1, incarnation: 3 });
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        let a = h.advance_to(1000);
+        assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_restarted_node_ignores_its_old_grant_even_for_the_epoch_it_just_asked() {
+        // Restarted with an empty state, A asks for epoch 1 before catching
+        // up; the log then replays the grant of epoch 1 that A's previous
+        // incarnation (3) got. It must not promote on it (sim seed 970).
+        let mut h = Harness::new(A, false);
+        let a = h.input(Input::Quorum(true));
+        assert_eq!(proposals(&a), vec![&Entry::Grant { group: G, node: A, epoch: 1, incarnation: 7 }]);
+        let a = h.input(Input::Committed(vec![
+            Entry::Grant { group: G, node: A, epoch: 1, incarnation: 3 },
+            Entry::Renew { group: G, epoch: 1, seq: 1 },
+        ]));
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        assert_eq!(h.f.promoted_epoch(), None);
+    }
+
+    #[test]
+    fn sticky_the_group_does_not_move_back() {
+        let mut h = Harness::new(A, false);
+        h.input(Input::Quorum(true));
+        h.actions();
+        h.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
+        h.input(Input::PeerAlive(B));
+        for t in (0..10_000).step_by(200) {
+            h.now = t;
+            let a = h.commit(Entry::Renew { group: G, epoch: 1, seq: t });
+            assert!(proposals(&a).is_empty());
+        }
+    }
+
+    #[test]
+    fn config_relations_are_checked() {
+        let mut c = cfg(A, false);
+        c.lease_ms = 500;
+        assert!(matches!(c.validate(), Err(FailoverConfigError::LeaseTooShort { .. })));
+        assert!(drift_margin_ms(1000, 0) >= 1);
+        // 2 % drift on a 3 s lease: at least 2·3000·0.02/0.98 ≈ 123 ms.
+        assert!(drift_margin_ms(3000, 20_000) >= 123);
+    }
+}
