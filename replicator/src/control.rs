@@ -39,6 +39,7 @@ pub enum ResourceCommand {
     Verify,
     Invalidate,
     ResumeIo,
+    SuspendIo,
     Outdate,
 }
 

@@ -58,8 +58,12 @@ pub enum AdminCmd {
     Verify(ResArgs),
     /// Throw away the local data and resync everything from the peer.
     Invalidate(ResArgs),
-    /// Resume I/O suspended by fencing (after fencing the peer by hand).
+    /// Resume I/O suspended by fencing (after fencing the peer by hand) or
+    /// by `suspend-io`.
     ResumeIo(ResArgs),
+    /// Hold I/O of the primary (writes wait, unanswered) until `resume-io` or
+    /// demotion; the cluster manager uses it when its lease may end.
+    SuspendIo(ResArgs),
     /// Mark the local data Outdated (for fence-peer handlers).
     Outdate(ResArgs),
     /// Stream state changes.
@@ -109,6 +113,7 @@ pub fn admin(cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Verify(res) => (res, ResourceCommand::Verify),
         AdminCmd::Invalidate(res) => (res, ResourceCommand::Invalidate),
         AdminCmd::ResumeIo(res) => (res, ResourceCommand::ResumeIo),
+        AdminCmd::SuspendIo(res) => (res, ResourceCommand::SuspendIo),
         AdminCmd::Outdate(res) => (res, ResourceCommand::Outdate),
         AdminCmd::Events(res) => return events(&res),
     };

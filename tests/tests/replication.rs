@@ -296,6 +296,20 @@ fn secondary_refuses_clients_and_switchover_moves_the_primary() {
     c.flush().unwrap();
     let a = pair.disk_data(0, 3 * 4096).unwrap();
     assert_eq!(version_of(2, &a[8192..]), Some(9), "the new primary replicates to the old one");
+
+    // suspend-io (the cluster manager's freeze) holds writes unanswered
+    // until resume-io; the secondary refuses it.
+    let out = pair.admin(0, &["suspend-io"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("not primary"), "{}", out.describe());
+    pair.ok(1, &["suspend-io"]).unwrap();
+    assert_eq!(pair.state(1).unwrap()["suspended"], true);
+    c.stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let handle = c.send(1, 0, 12288, 4096, &pattern(3, 10)).unwrap();
+    assert!(c.recv(|_| 0).is_err(), "a write was answered while I/O was suspended");
+    pair.ok(1, &["resume-io"]).unwrap();
+    c.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let reply = c.recv(|_| 0).unwrap();
+    assert_eq!((reply.handle, reply.error), (handle, 0), "the held write completes after resume-io");
 }
 
 /// Online verify finds a block corrupted behind the secondary's back and the

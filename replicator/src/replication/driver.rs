@@ -535,6 +535,10 @@ impl Driver {
                 Ok(()) => done(format!("{name}: invalidated; a full resync from the peer follows")),
                 Err(e) => err(e),
             },
+            ResourceCommand::SuspendIo => match self.replica.suspend_io(now) {
+                Ok(()) => done(format!("{name}: I/O suspended until `replicator resume-io {name}` or demotion")),
+                Err(e) => err(e),
+            },
             ResourceCommand::ResumeIo => {
                 self.replica.resume_io(now);
                 done(format!("{name}: I/O resumed"))

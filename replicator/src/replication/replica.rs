@@ -357,6 +357,9 @@ pub struct Replica<P> {
     al: ActivityLog,
     conn: Conn,
     frozen: bool,
+    /// I/O held by `suspend-io` (the cluster manager lost its lease): only
+    /// `resume-io` or a demotion ends it, never a fence result or a peer.
+    held: bool,
     fence_running: bool,
     discard_my_data: bool,
     writes: HashMap<AppId, Write>,
@@ -413,6 +416,7 @@ impl<P: Clone> Replica<P> {
             al,
             conn: Conn::Connecting,
             frozen: false,
+            held: false,
             fence_running: false,
             discard_my_data: false,
             writes: HashMap::new(),
@@ -491,11 +495,17 @@ impl<P: Clone> Replica<P> {
 
     /// Primary, not frozen: application writes will be completed.
     pub fn is_writable(&self) -> bool {
-        self.role == Role::Primary && !self.frozen
+        self.role == Role::Primary && !self.io_suspended()
     }
 
     pub fn is_frozen(&self) -> bool {
-        self.frozen
+        self.io_suspended()
+    }
+
+    /// Completions and deferred requests wait: fencing froze I/O, or the
+    /// admin (cluster manager) held it.
+    fn io_suspended(&self) -> bool {
+        self.frozen || self.held
     }
 
     /// The shell should keep (re)connecting.
@@ -556,7 +566,7 @@ impl<P: Clone> Replica<P> {
             epoch: self.epoch,
             generations: self.generations,
             out_of_sync_bytes: self.bitmap.dirty_bytes().min(self.cfg.size_bytes),
-            suspended: self.frozen,
+            suspended: self.io_suspended(),
             resync,
             verify,
             verify_out_of_sync_bytes: self.verify_oos_bytes,
@@ -626,7 +636,7 @@ impl<P: Clone> Replica<P> {
     /// Issues deferred requests in order until one must wait.
     fn pump_deferred(&mut self, now_ms: u64) {
         while let Some(front) = self.deferred.front() {
-            if self.frozen {
+            if self.io_suspended() {
                 return;
             }
             match front {
@@ -748,7 +758,7 @@ impl<P: Clone> Replica<P> {
 
     /// Completes application requests whose conditions are met.
     fn try_complete_write(&mut self, id: AppId) {
-        if self.frozen {
+        if self.io_suspended() {
             return;
         }
         let Some(w) = self.writes.get(&id) else { return };
@@ -785,7 +795,7 @@ impl<P: Clone> Replica<P> {
     }
 
     fn try_complete_flush(&mut self, id: AppId) {
-        if self.frozen {
+        if self.io_suspended() {
             return;
         }
         let Some(f) = self.flushes.get(&id) else { return };
@@ -1534,10 +1544,27 @@ impl<P: Clone> Replica<P> {
     /// Admin override after fencing by hand.
     pub fn resume_io(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
-        if self.frozen {
+        if self.io_suspended() {
             warn!(resource = %self.cfg.resource, "I/O resumed by the admin");
+            self.held = false;
             self.unfreeze(now_ms);
         }
+    }
+
+    /// Holds I/O of a primary: writes and flushes are neither issued nor
+    /// answered until `resume_io` (or fail at a demotion). The cluster
+    /// manager calls it when its lease may run out, before another node
+    /// may be promoted.
+    pub fn suspend_io(&mut self, now_ms: u64) -> Result<(), AdminError> {
+        self.now_ms = now_ms;
+        if self.role != Role::Primary {
+            return Err(AdminError::NotPrimary);
+        }
+        if !self.held {
+            warn!(resource = %self.cfg.resource, "I/O suspended by the admin until `resume-io` or demotion");
+            self.held = true;
+        }
+        Ok(())
     }
 
     fn unfreeze(&mut self, now_ms: u64) {
@@ -1795,7 +1822,7 @@ impl<P: Clone> Replica<P> {
             return Err(AdminError::Handshaking);
         }
         let pending = self.writes.len() + self.flushes.len() + self.deferred.len();
-        if pending > 0 && !self.frozen {
+        if pending > 0 && !self.io_suspended() {
             return Err(AdminError::WritesInFlight(pending));
         }
         if pending > 0 {
@@ -1806,6 +1833,7 @@ impl<P: Clone> Replica<P> {
         }
         self.role = Role::Secondary;
         self.frozen = false;
+        self.held = false;
         self.persist_bitmap(now_ms);
         if self.al.clear() {
             self.actions.push_back(Action::PersistActivityLog(Vec::new()));
