@@ -67,6 +67,12 @@ pub enum Entry {
     MarkFailed { group: GroupId, node: NodeId },
     /// The admin cleared `node`'s failures (`clusterctl cleanup`).
     Cleanup { group: GroupId, node: NodeId },
+    /// The owner of `epoch` stopped its services and demoted for a planned
+    /// move: the group may be granted again without waiting for a lease.
+    Release { group: GroupId, epoch: u64 },
+    /// `node` is put in standby (`on`) or back online: a node in standby is
+    /// never granted a group, and an owner in standby releases it.
+    Standby { group: GroupId, node: NodeId, on: bool },
 }
 
 /// What applying one committed entry changed.
@@ -89,6 +95,11 @@ pub enum Applied {
     },
     Failed(NodeId),
     Cleaned(NodeId),
+    Released(NodeId),
+    Standby {
+        node: NodeId,
+        on: bool,
+    },
     /// Stale (older epoch), unsafe, or for another group: no effect.
     Ignored,
 }
@@ -102,6 +113,9 @@ pub struct GroupState {
     pub epoch: u64,
     pub disks: BTreeMap<NodeId, DiskState>,
     pub failed: BTreeSet<NodeId>,
+    pub standby: BTreeSet<NodeId>,
+    /// The owner released the group (planned move) and no longer writes.
+    pub released: bool,
 }
 
 impl GroupState {
@@ -114,14 +128,16 @@ impl GroupState {
             epoch: 0,
             disks: storage.iter().map(|n| (*n, initial)).collect(),
             failed: BTreeSet::new(),
+            standby: BTreeSet::new(),
+            released: false,
         }
     }
 
-    /// Whether a grant to `node` is allowed: a storage node, not failed, and
-    /// UpToDate unless no node is UpToDate.
+    /// Whether a grant to `node` is allowed: a storage node, not failed, not
+    /// in standby, and UpToDate unless no node is UpToDate.
     pub fn may_grant(&self, node: NodeId) -> bool {
         let Some(disk) = self.disks.get(&node) else { return false };
-        if self.failed.contains(&node) {
+        if self.failed.contains(&node) || self.standby.contains(&node) {
             return false;
         }
         *disk == DiskState::UpToDate || !self.disks.values().any(|d| *d == DiskState::UpToDate)
@@ -135,6 +151,7 @@ impl GroupState {
                 }
                 let previous = self.owner.replace(node);
                 self.epoch = epoch;
+                self.released = false;
                 Applied::Granted { node, epoch, incarnation, previous }
             }
             Entry::Renew { group, epoch, seq } if group == self.group && epoch == self.epoch => {
@@ -156,6 +173,23 @@ impl GroupState {
             Entry::Cleanup { group, node } if group == self.group => {
                 self.failed.remove(&node);
                 Applied::Cleaned(node)
+            }
+            Entry::Release { group, epoch } if group == self.group && epoch == self.epoch && !self.released => {
+                match self.owner {
+                    Some(owner) => {
+                        self.released = true;
+                        Applied::Released(owner)
+                    }
+                    None => Applied::Ignored,
+                }
+            }
+            Entry::Standby { group, node, on } if group == self.group && self.disks.contains_key(&node) => {
+                if on {
+                    self.standby.insert(node);
+                } else {
+                    self.standby.remove(&node);
+                }
+                Applied::Standby { node, on }
             }
             _ => Applied::Ignored,
         }
@@ -255,6 +289,9 @@ pub enum Input {
         node: NodeId,
         ok: bool,
     },
+    /// The shell finished an `Action::Demote` (needed by a planned release,
+    /// which proposes `Entry::Release` only once the volume is secondary).
+    Demoted,
 }
 
 /// Effects for the shell, in the order they must happen.
@@ -292,6 +329,12 @@ enum Role {
     Primary {
         epoch: u64,
         promoted_ms: u64,
+    },
+    /// A planned release: services stopping and the volume demoting while
+    /// the lease is still renewed; `demoted` once the shell confirmed.
+    Releasing {
+        epoch: u64,
+        demoted: bool,
     },
 }
 
@@ -366,7 +409,7 @@ impl Failover {
 
     /// Whether this node's volume accepts writes now (promoted, not frozen).
     pub fn writable(&self) -> bool {
-        matches!(self.role, Role::Primary { .. }) && !self.frozen
+        matches!(self.role, Role::Primary { .. } | Role::Releasing { demoted: false, .. }) && !self.frozen
     }
 
     /// The epoch this node is promoted with, if it is.
@@ -395,6 +438,7 @@ impl Failover {
             Role::Primary { promoted_ms, .. } => {
                 [self.next_renew_ms, self.lease_until_ms, self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms)]
             }
+            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never],
         };
         [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
             .into_iter()
@@ -409,6 +453,31 @@ impl Failover {
     }
 
     /// The admin's `cleanup`: proposes clearing `node`'s failures.
+    /// A planned move away from this node (`clusterctl move`, standby): if
+    /// it is the primary, stop services and demote in order while the lease
+    /// is kept, then record the release so the peer takes over at once.
+    /// Returns false when this node does not run the group, or the peer
+    /// could not take it (failed, standby, or its disk not UpToDate).
+    pub fn release(&mut self, now_ms: u64) -> bool {
+        self.tick(now_ms);
+        let Role::Primary { epoch, .. } = self.role else { return false };
+        if !self.state.may_grant(self.cfg.peer) || self.state.disks.get(&self.cfg.peer) != Some(&DiskState::UpToDate) {
+            tracing::warn!(epoch, "planned release refused: the peer cannot take the group");
+            return false;
+        }
+        tracing::info!(epoch, "planned release: stopping services and demoting");
+        // I/O stays as it is: stopping the services flushes through it.
+        self.role = Role::Releasing { epoch, demoted: false };
+        self.services_started = false;
+        self.actions.extend([Action::StopServices, Action::Demote]);
+        true
+    }
+
+    /// Whether a planned release is in progress here.
+    pub fn releasing(&self) -> bool {
+        matches!(self.role, Role::Releasing { .. })
+    }
+
     pub fn cleanup(&mut self, now_ms: u64, node: NodeId) {
         self.tick(now_ms);
         self.failures.clear();
@@ -441,6 +510,13 @@ impl Failover {
                 self.peer_in_sync = self.replication_connected;
             }
             Input::ResourceFailed => self.resource_failed(),
+            Input::Demoted => {
+                if let Role::Releasing { epoch, demoted: false } = self.role {
+                    self.role = Role::Releasing { epoch, demoted: true };
+                    self.frozen = true;
+                    self.next_propose_ms = self.now_ms;
+                }
+            }
             Input::FenceDone { node, ok } => {
                 if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: Some(victim) } = self.role {
                     if victim == node {
@@ -461,6 +537,7 @@ impl Failover {
 
     fn committed(&mut self, entry: &Entry) {
         let owner_activity_before = self.owner_activity_ms;
+        let released_before = self.state.released;
         match self.state.apply(entry) {
             Applied::Granted { node, epoch, incarnation, previous } => {
                 self.owner_activity_ms = self.now_ms;
@@ -478,9 +555,12 @@ impl Failover {
                     // measured from a renewal this node saw no earlier than
                     // it was sent, has surely ended on every clock.
                     let other = previous.filter(|p| *p != self.cfg.me);
+                    // A released owner demoted before recording it: no wait.
                     let wait_until_ms = match other {
-                        Some(_) => owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms,
-                        None => self.now_ms,
+                        Some(_) if !released_before => {
+                            owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms
+                        }
+                        _ => self.now_ms,
                     };
                     // Fence only an owner that vanished: one marked failed
                     // steps down by itself (its heartbeat may merely be cut),
@@ -529,14 +609,39 @@ impl Failover {
                 // now surely says Outdated.
                 self.up_to_date_claim = 0;
             }
-            Applied::Failed(_) | Applied::Cleaned(_) | Applied::Disk { .. } | Applied::Ignored => {}
+            Applied::Released(node) if node == self.cfg.me => {
+                if let Role::Releasing { .. } = self.role {
+                    tracing::info!("release recorded; the peer may take the group");
+                    self.role = Role::Secondary;
+                    self.renewals_inflight.clear();
+                    self.lease_until_ms = 0;
+                    self.up_to_date_claim = 0;
+                } else if self.role != Role::Secondary {
+                    // Not this incarnation's release (replayed): step down.
+                    self.step_down();
+                }
+            }
+            Applied::Standby { node, on: true } if node == self.cfg.me => {
+                if !self.release(self.now_ms) && self.role != Role::Secondary && !self.releasing() {
+                    tracing::info!("standby: giving up the group before promotion");
+                    self.step_down();
+                }
+            }
+            Applied::Failed(_)
+            | Applied::Cleaned(_)
+            | Applied::Disk { .. }
+            | Applied::Released(_)
+            | Applied::Standby { .. }
+            | Applied::Ignored => {}
         }
     }
 
     fn owned_epoch(&self) -> Option<u64> {
         match self.role {
             Role::Secondary => None,
-            Role::ExpectLeaseEndOrFence { epoch, .. } | Role::Primary { epoch, .. } => Some(epoch),
+            Role::ExpectLeaseEndOrFence { epoch, .. }
+            | Role::Primary { epoch, .. }
+            | Role::Releasing { epoch, .. } => Some(epoch),
         }
     }
 
@@ -557,7 +662,7 @@ impl Failover {
     }
 
     fn step_down(&mut self) {
-        if matches!(self.role, Role::Primary { .. }) {
+        if matches!(self.role, Role::Primary { .. } | Role::Releasing { demoted: false, .. }) {
             self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
         }
         self.frozen = true;
@@ -648,6 +753,15 @@ impl Failover {
                 }
             }
         }
+        if let Role::Releasing { epoch, demoted } = self.role {
+            if now >= self.lease_until_ms {
+                tracing::warn!(epoch, "lease ended during a planned release; stopping and demoting");
+                self.step_down();
+            } else if demoted && self.quorum && now >= self.next_propose_ms {
+                self.next_propose_ms = now + self.cfg.repropose_ms;
+                self.propose(Entry::Release { group, epoch });
+            }
+        }
         if self.role == Role::Secondary && self.quorum && now >= self.next_propose_ms && self.wants_grant() {
             self.next_propose_ms = now + self.cfg.repropose_ms;
             let epoch = self.state.epoch + 1;
@@ -664,7 +778,9 @@ impl Failover {
         }
         match self.state.owner {
             None => true,
-            Some(owner) if owner == me => true,
+            // A released group stays with its owner if the peer cannot take it.
+            Some(owner) if owner == me => !self.state.released || !self.state.may_grant(self.cfg.peer),
+            Some(_) if self.state.released => true,
             Some(owner) if self.state.failed.contains(&owner) => true,
             Some(_) => {
                 self.peer_alive == Some(false) && self.now_ms >= self.owner_activity_ms + self.cfg.takeover_after_ms

@@ -85,6 +85,8 @@ struct Swarm {
     /// independently of the cluster network: then only the lease keeps a
     /// cut-off primary from writing.
     separate_replication_link: bool,
+    /// Planned moves and standby/online by the admin.
+    admin_pct: u64,
 }
 
 impl Swarm {
@@ -104,6 +106,7 @@ impl Swarm {
             lease_ms: [1000, 1000, 3000][rng.below(3) as usize],
             quorum_loss_detect_ms: [100, 1000, 5000, u64::MAX][rng.below(4) as usize],
             separate_replication_link: rng.below(2) == 0,
+            admin_pct: [0, 1, 4][rng.below(3) as usize],
         }
     }
 }
@@ -115,6 +118,8 @@ enum Event {
     Propose { from: usize, inc: u64, entry: Entry },
     Deliver { node: usize, inc: u64, upto: usize },
     FenceDone { by: usize, inc: u64, victim: usize },
+    /// The shell finished demoting (after `Action::Demote`).
+    Demoted { node: usize, inc: u64 },
     Restart { node: usize },
     LogTick,
     ReplTick,
@@ -499,12 +504,13 @@ impl Sim {
                 let inc = self.nodes[n].inc;
                 self.schedule(d, Event::FenceDone { by: n, inc, victim: v });
             }
-            Action::Resume
-            | Action::Freeze
-            | Action::StartServices
-            | Action::RestartServices
-            | Action::StopServices
-            | Action::Demote => {}
+            Action::Demote => {
+                let d = self.delay();
+                let inc = self.nodes[n].inc;
+                self.schedule(d, Event::Demoted { node: n, inc });
+            }
+            Action::Resume | Action::Freeze | Action::StartServices | Action::RestartServices | Action::StopServices => {
+            }
         }
     }
 
@@ -598,6 +604,11 @@ impl Sim {
                 }
                 if self.nodes[by].inc == inc {
                     self.input(by, Input::FenceDone { node: NodeId(victim as u8), ok });
+                }
+            }
+            Event::Demoted { node, inc } => {
+                if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    self.input(node, Input::Demoted);
                 }
             }
             Event::Restart { node } => {
@@ -801,6 +812,29 @@ impl Sim {
                 self.input(p, Input::ResourceFailed);
             }
         }
+        // The admin moves the group (planned switchover) or puts a storage
+        // node in standby and back online.
+        if self.rng.chance(self.swarm.admin_pct) {
+            if let Some(p) = [A, B].into_iter().find(|n| self.writable(*n)) {
+                self.note(format!("admin: move the group away from node{p}"));
+                let local = self.local(p, self.now);
+                if let Some(fo) = self.nodes[p].fo.as_mut() {
+                    fo.release(local);
+                }
+                self.drive(p);
+            }
+        }
+        if self.rng.chance(self.swarm.admin_pct) {
+            let node = NodeId(self.rng.below(2) as u8);
+            let on = !self.checker.standby.contains(&node) && self.checker.standby.is_empty();
+            if let Some(from) = (0..NODES).find(|n| self.nodes[*n].alive) {
+                self.note(format!("admin: standby {node:?} = {on}"));
+                let entry = Entry::Standby { group: GROUP, node, on };
+                let inc = self.nodes[from].inc;
+                let d = self.delay();
+                self.schedule(d, Event::Propose { from, inc, entry });
+            }
+        }
         // The admin runs cleanup now and then.
         if self.rng.chance(2) {
             let failed: Vec<NodeId> = self.checker.failed.iter().copied().collect();
@@ -850,7 +884,14 @@ impl Sim {
         }
         let deadline = self.now + 30_000;
         loop {
-            // The admin runs `cleanup` until no node is marked failed.
+            // The admin brings standby nodes online and runs `cleanup`
+            // until no node is marked failed.
+            let standby: Vec<NodeId> = self.checker.standby.iter().copied().collect();
+            for node in standby {
+                let inc = self.nodes[A].inc;
+                let entry = Entry::Standby { group: GROUP, node, on: false };
+                self.schedule(1, Event::Propose { from: A, inc, entry });
+            }
             let failed: Vec<NodeId> = self.checker.failed.iter().copied().collect();
             for f in failed {
                 let local = self.local(A, self.now);
@@ -887,6 +928,7 @@ impl Sim {
         self.primary()
             .is_some_and(|p| self.nodes[p].fo.as_ref().and_then(|f| f.promoted_epoch()) == Some(self.checker.epoch))
             && self.checker.failed.is_empty()
+            && self.checker.standby.is_empty()
             && self.checker.disks.values().all(|d| *d == DiskState::UpToDate)
             && [A, B].iter().all(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.replication_connected()))
     }
