@@ -5,7 +5,8 @@
 //! ```toml
 //! [cluster]
 //! name = "mail"
-//! key_file = "/etc/clusterd/authkey"
+//! key_file = "/etc/clusterd/authkey"   # heartbeat HMAC key
+//! ca = "/etc/clusterd/ca.crt"           # signs every node's certificate
 //!
 //! [heartbeat]          # all optional; defaults shown
 //! interval_ms = 200
@@ -17,6 +18,9 @@
 //! name = "a"
 //! role = "storage"     # "storage" (two of them) or "witness" (at most one)
 //! heartbeat = ["10.0.0.1:694", "10.1.0.1:694"]   # one address per path
+//! raft = "10.0.0.1:7790"                           # cluster log, mutual TLS
+//! # cert = "/etc/clusterd/a.crt"  key = "/etc/clusterd/a.key"   (defaults)
+//! # state_dir = "/var/lib/clusterd"  control = "/run/clusterd/control.sock"
 //!
 //! [[fence]]            # fence devices per target node; level 1 is tried first
 //! node = "a"
@@ -67,6 +71,14 @@ pub struct ClusterConfig {
 pub struct ClusterSection {
     pub name: String,
     pub key_file: PathBuf,
+    /// The cluster CA: every node's certificate (log traffic, mutual TLS)
+    /// is signed by it and names the node.
+    #[serde(default = "default_ca")]
+    pub ca: PathBuf,
+}
+
+fn default_ca() -> PathBuf {
+    PathBuf::from("/etc/clusterd/ca.crt")
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -124,6 +136,35 @@ pub struct NodeSection {
     pub name: String,
     pub role: NodeRole,
     pub heartbeat: Vec<SocketAddr>,
+    /// Where this node's cluster log (Raft, mutual TLS) listens.
+    pub raft: SocketAddr,
+    /// This node's certificate and key [default: /etc/clusterd/NAME.crt, .key].
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The cluster log on local disk (never the replicated volume).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The admin socket `clusterd status` and friends talk to.
+    #[serde(default = "default_control")]
+    pub control: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/clusterd")
+}
+
+fn default_control() -> PathBuf {
+    PathBuf::from("/run/clusterd/control.sock")
+}
+
+impl NodeSection {
+    pub fn cert(&self) -> PathBuf {
+        self.cert.clone().unwrap_or_else(|| PathBuf::from(format!("/etc/clusterd/{}.crt", self.name)))
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.key.clone().unwrap_or_else(|| PathBuf::from(format!("/etc/clusterd/{}.key", self.name)))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -180,6 +221,11 @@ impl ClusterConfig {
             (false, true) => Mode::TwoNodeFenced,
             (false, false) => Mode::TwoNodeManual,
         }
+    }
+
+    /// The node called `name`, with its index (its `NodeId`).
+    pub fn node(&self, name: &str) -> Option<(crate::NodeId, &NodeSection)> {
+        self.nodes.iter().enumerate().find(|(_, n)| n.name == name).map(|(i, n)| (crate::NodeId(i as u8), n))
     }
 
     pub fn storage_nodes(&self) -> impl Iterator<Item = &NodeSection> {
@@ -323,16 +369,19 @@ key_file = "/etc/clusterd/authkey"
 name = "a"
 role = "storage"
 heartbeat = ["10.0.0.1:694", "10.1.0.1:694"]
+raft = "10.0.0.1:7790"
 
 [[node]]
 name = "b"
 role = "storage"
 heartbeat = ["10.0.0.2:694", "10.1.0.2:694"]
+raft = "10.0.0.2:7790"
 
 [[node]]
 name = "w"
 role = "witness"
 heartbeat = ["10.0.0.3:694", "10.1.0.3:694"]
+raft = "10.0.0.3:7790"
 "#;
 
     fn check(text: &str) -> Result<ClusterConfig, ConfigError> {

@@ -32,6 +32,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use crate::NodeId;
 
 /// Renewals awaiting commit that a primary remembers (older ones are
@@ -39,11 +41,11 @@ use crate::NodeId;
 const RENEWALS_INFLIGHT_MAX: usize = 64;
 
 /// A resource group (volume + services that move together).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct GroupId(pub u16);
 
 /// A node's volume state as the replicator reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskState {
     UpToDate,
     Outdated,
@@ -51,7 +53,7 @@ pub enum DiskState {
 }
 
 /// What the cluster log records about a group.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Entry {
     /// The group belongs to `node` from `epoch` on (valid only as the next
     /// epoch). `incarnation` names the process that asked, so a restarted
@@ -106,7 +108,7 @@ pub enum Applied {
 
 /// The replicated state of a group: every node derives the same value by
 /// applying the same committed entries in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupState {
     pub group: GroupId,
     pub owner: Option<NodeId>,
@@ -407,6 +409,10 @@ impl Failover {
         &self.state
     }
 
+    pub fn config(&self) -> &FailoverConfig {
+        &self.cfg
+    }
+
     /// Whether this node's volume accepts writes now (promoted, not frozen).
     pub fn writable(&self) -> bool {
         matches!(self.role, Role::Primary { .. } | Role::Releasing { demoted: false, .. }) && !self.frozen
@@ -621,6 +627,10 @@ impl Failover {
                     self.step_down();
                 }
             }
+            Applied::Released(_) => {
+                // The owner gave the group up: ask for it without delay.
+                self.next_propose_ms = self.now_ms;
+            }
             Applied::Standby { node, on: true } if node == self.cfg.me => {
                 if !self.release(self.now_ms) && self.role != Role::Secondary && !self.releasing() {
                     tracing::info!("standby: giving up the group before promotion");
@@ -754,9 +764,18 @@ impl Failover {
             }
         }
         if let Role::Releasing { epoch, demoted } = self.role {
+            let peer_up_to_date =
+                self.state.disks.get(&self.cfg.peer) == Some(&DiskState::UpToDate) || self.up_to_date_claim != 0;
             if now >= self.lease_until_ms {
                 tracing::warn!(epoch, "lease ended during a planned release; stopping and demoting");
                 self.step_down();
+            } else if !self.frozen && (!self.quorum || (!self.replication_connected && peer_up_to_date)) {
+                // The same conditions as a primary's: writes that would not
+                // reach the peer the log counts on wait (never resumed: the
+                // group is being given up).
+                tracing::warn!(epoch, "quorum or replication lost during a planned release; freezing");
+                self.frozen = true;
+                self.actions.push_back(Action::Freeze);
             } else if demoted && self.quorum && now >= self.next_propose_ms {
                 self.next_propose_ms = now + self.cfg.repropose_ms;
                 self.propose(Entry::Release { group, epoch });
@@ -1132,6 +1151,67 @@ mod tests {
             let a = h.commit(Entry::Renew { group: G, epoch: 1, seq: t });
             assert!(proposals(&a).is_empty());
         }
+    }
+
+    #[test]
+    fn a_planned_release_stops_then_demotes_then_records_and_the_peer_takes_over_at_once() {
+        let mut h = primary_a();
+        h.input(Input::PeerInSync);
+        h.now += 10;
+        // The peer's disk is UpToDate in the log (initial state): release works.
+        assert!(h.f.release(h.now));
+        assert_eq!(h.actions(), vec![Action::StopServices, Action::Demote]);
+        assert!(h.f.writable(), "stopping services still flushes through the volume");
+        // Renewals go on while the services stop.
+        let a = h.advance_to(h.now + 300);
+        assert!(proposals(&a).iter().any(|e| matches!(e, Entry::Renew { .. })), "{a:?}");
+        h.commit_proposals(&a);
+        let a = h.input(Input::Demoted);
+        let release = Entry::Release { group: G, epoch: 1 };
+        assert!(proposals(&a).contains(&&release), "{a:?}");
+        assert!(!h.f.writable());
+        assert!(h.commit(release.clone()).is_empty());
+        assert_eq!(h.f.promoted_epoch(), None);
+        // The peer: a released owner is no reason to wait for its lease.
+        let mut b = Harness::new(B, false);
+        b.input(Input::PeerAlive(A));
+        b.input(Input::Replication { connected: true });
+        b.input(Input::Quorum(true));
+        b.actions();
+        b.commit(Entry::Grant { group: G, node: A, epoch: 1, incarnation: 7 });
+        b.now = 100;
+        let a = b.commit(release);
+        let grant = Entry::Grant { group: G, node: B, epoch: 2, incarnation: 7 };
+        assert_eq!(proposals(&a), vec![&grant]);
+        let a = b.commit(grant);
+        let a = b.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "promoted at once after the renewal: {a:?}");
+        // A, secondary now, does not ask for the group back.
+        let a = h.commit(Entry::Grant { group: G, node: B, epoch: 2, incarnation: 7 });
+        assert!(proposals(&a).is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn release_is_refused_when_the_peer_cannot_take_the_group_and_standby_moves_it() {
+        let mut h = primary_a();
+        h.commit(Entry::Standby { group: G, node: B, on: true });
+        assert!(!h.f.release(h.now), "the peer is in standby");
+        assert!(h.f.writable());
+        h.commit(Entry::Standby { group: G, node: B, on: false });
+        // This node in standby: it releases by itself.
+        let a = h.commit(Entry::Standby { group: G, node: A, on: true });
+        assert_eq!(a, vec![Action::StopServices, Action::Demote]);
+        assert!(!h.f.state().may_grant(A));
+    }
+
+    #[test]
+    fn replication_loss_during_a_release_freezes() {
+        let mut h = primary_a();
+        assert!(h.f.release(h.now));
+        h.actions();
+        let a = h.input(Input::Replication { connected: false });
+        assert!(a.contains(&Action::Freeze), "{a:?}");
+        assert!(!h.f.writable());
     }
 
     #[test]

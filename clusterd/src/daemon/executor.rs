@@ -1,0 +1,166 @@
+//! One task per resource group carrying out the failover core's actions on
+//! this node, in order: the volume through the replicator CLI, the services
+//! through the group runner. `Freeze` jumps the queue (it must take effect
+//! within the lease even while a stop is under way); everything else waits
+//! for the previous action, and a `Demote` or `Promote` after
+//! `StopServices` waits until the services stopped.
+//!
+//! Results go back to the daemon's loop as `Report`s.
+
+use std::collections::VecDeque;
+
+use tokio::sync::mpsc;
+
+use crate::failover::{Action, GroupId};
+use crate::group::{GroupEvent, GroupHandle, Volume};
+
+/// What the executor tells the daemon's loop.
+#[derive(Debug)]
+pub enum Report {
+    /// The volume is secondary after a `Demote`.
+    Demoted(GroupId),
+    /// A service failed for good, or the volume refused a promotion: the
+    /// failover core counts it (and moves the group when it repeats).
+    ResourceFailed(GroupId),
+    /// Something worth an event line.
+    Event { group: GroupId, kind: &'static str, message: String },
+}
+
+pub fn spawn(
+    group: GroupId,
+    volume: Volume,
+    services: GroupHandle,
+    events: mpsc::Receiver<GroupEvent>,
+    report: mpsc::UnboundedSender<Report>,
+) -> mpsc::UnboundedSender<Action> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(Executor { group, volume, services, report, stopping: false, queue: VecDeque::new() }.run(rx, events));
+    tx
+}
+
+struct Executor {
+    group: GroupId,
+    volume: Volume,
+    services: GroupHandle,
+    report: mpsc::UnboundedSender<Report>,
+    /// A stop was requested and the runner has not reported `Stopped` yet.
+    stopping: bool,
+    queue: VecDeque<Action>,
+}
+
+impl Executor {
+    async fn run(mut self, mut actions: mpsc::UnboundedReceiver<Action>, mut events: mpsc::Receiver<GroupEvent>) {
+        let mut events_open = true;
+        loop {
+            self.drain().await;
+            tokio::select! {
+                biased;
+                action = actions.recv() => match action {
+                    Some(Action::Freeze) => self.freeze().await,
+                    Some(a) => self.queue.push_back(a),
+                    None => return,
+                },
+                event = events.recv(), if events_open => match event {
+                    Some(e) => self.service_event(e).await,
+                    None => events_open = false,
+                },
+            }
+        }
+    }
+
+    /// Runs queued actions until one must wait for the services to stop.
+    async fn drain(&mut self) {
+        while let Some(action) = self.queue.front() {
+            if self.stopping && !matches!(action, Action::StopServices) {
+                return;
+            }
+            let action = self.queue.pop_front().expect("front exists");
+            self.execute(action).await;
+        }
+    }
+
+    fn event(&self, kind: &'static str, message: String) {
+        let _ = self.report.send(Report::Event { group: self.group, kind, message });
+    }
+
+    async fn freeze(&mut self) {
+        match self.volume.freeze().await {
+            Ok(()) => self.event("freeze", "volume I/O suspended".into()),
+            // A secondary has nothing to hold.
+            Err(e) => tracing::debug!(group = ?self.group, "freeze: {e}"),
+        }
+    }
+
+    async fn execute(&mut self, action: Action) {
+        tracing::debug!(group = ?self.group, ?action, "executing");
+        match action {
+            Action::Promote { epoch } => match self.volume.promote(epoch).await {
+                Ok(()) => self.event("promote", format!("volume primary with epoch {epoch}")),
+                Err(e) => {
+                    self.event("error", format!("promotion failed: {e}"));
+                    let _ = self.report.send(Report::ResourceFailed(self.group));
+                }
+            },
+            Action::Resume => match self.volume.resume().await {
+                Ok(()) => self.event("resume", "volume I/O resumed".into()),
+                Err(e) => self.event("error", format!("resume failed: {e}")),
+            },
+            Action::Freeze => self.freeze().await,
+            Action::StartServices => {
+                if self.services.start().await.is_err() {
+                    tracing::error!(group = ?self.group, "the resource group task is gone");
+                }
+            }
+            Action::RestartServices => {
+                let _ = self.services.restart().await;
+            }
+            Action::StopServices => {
+                self.stopping = true;
+                let _ = self.services.stop().await;
+            }
+            Action::Demote => match self.volume.demote().await {
+                Ok(()) => {
+                    self.event("demote", "volume secondary".into());
+                    let _ = self.report.send(Report::Demoted(self.group));
+                }
+                Err(e) => {
+                    // Already secondary counts as done.
+                    let text = e.to_string();
+                    if text.contains("not primary") {
+                        let _ = self.report.send(Report::Demoted(self.group));
+                    } else {
+                        self.event("error", format!("demotion failed: {text}"));
+                    }
+                }
+            },
+            // Proposals and fencing are the daemon's loop's business.
+            Action::Propose(_) | Action::Fence { .. } => {}
+        }
+    }
+
+    async fn service_event(&mut self, e: GroupEvent) {
+        match e {
+            GroupEvent::Started => self.event("started", "services started".into()),
+            GroupEvent::Stopped => {
+                self.stopping = false;
+                self.event("stopped", "services stopped".into());
+            }
+            GroupEvent::Recovered { step } => self.event("recovered", format!("{step} restarted after a failure")),
+            GroupEvent::StartFailed { step, why } => {
+                self.event("error", format!("start of {step} failed: {why}"));
+                let _ = self.report.send(Report::ResourceFailed(self.group));
+            }
+            GroupEvent::Failed { step, why } => {
+                self.event("error", format!("{step} failed: {why}"));
+                let _ = self.report.send(Report::ResourceFailed(self.group));
+            }
+            GroupEvent::StopFailed { step, why } => {
+                // The step may still run: hold the volume's I/O so nothing it
+                // writes is acknowledged, and leave the rest to the lease.
+                self.stopping = false;
+                self.event("error", format!("stop of {step} failed: {why}; volume I/O held"));
+                self.freeze().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,861 @@
+//! `clusterd run`: the shell around the sans-IO cores. One tokio task (this
+//! module's loop) owns the heartbeat core, one failover core per resource
+//! group and the folded cluster state; sockets, the cluster log, the
+//! replicator and the services live in their own tasks and talk to the loop
+//! over channels:
+//! - `heartbeat_io`: UDP sockets per path;
+//! - `raft_log`: the cluster log (proposals out, committed entries in);
+//! - `executor`: one task per group carrying out volume/service actions;
+//! - a volume watcher per group polling `replicator status`;
+//! - `admin`: the Unix admin socket.
+//!
+//! Times given to the cores are milliseconds since the daemon started
+//! (monotonic); the incarnation is the wall clock at start-up.
+
+mod admin;
+mod executor;
+mod heartbeat_io;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::cluster_state::{ClusterEntry, ClusterState, Folded};
+use crate::config::{ClusterConfig, Mode, NodeRole};
+use crate::control::{
+    EventRecord, FenceReport, GroupReport, HeartbeatReport, NodeReport, Request, ResourceReport, Response,
+    StatusReport,
+};
+use crate::failover::{Action, DiskState, Entry, Failover, FailoverConfig, GroupId, GroupState, Input};
+use crate::fence::{AgentExit, FenceAction, FenceAgent, FencePlan, FenceProgress};
+use crate::group::{self, GroupHandle, GroupSpec, Volume, VolumeStatus};
+use crate::heartbeat::{Heartbeat, HeartbeatConfig, HeartbeatEvent};
+use crate::raft_log::{self, LogEvent, RaftLog, RaftLogConfig, RaftPeer, RaftTlsFiles};
+use crate::NodeId;
+
+use executor::Report;
+
+/// Applied entries between two snapshots of the folded state.
+const COMPACT_EVERY: u64 = 2000;
+/// How often each group's volume state is read.
+const VOLUME_POLL_MS: u64 = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot bind {what} on {addr}: {source} (is another clusterd running, or is the address not on this host?)")]
+    Bind { what: String, addr: SocketAddr, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("cluster log: {0}")]
+    Log(#[from] raft_log::RaftLogError),
+}
+
+/// Who this process is.
+pub struct Options {
+    pub config: ClusterConfig,
+    pub node: String,
+}
+
+/// A group on a storage node.
+struct GroupRt {
+    id: GroupId,
+    spec: GroupSpec,
+    fo: Failover,
+    exec: mpsc::UnboundedSender<Action>,
+    services: GroupHandle,
+    /// The newest volume state read, and what the core was last told.
+    volume: Option<VolumeStatus>,
+    told_disk: Option<DiskState>,
+    told_connected: Option<bool>,
+    told_in_sync: bool,
+    fencing: bool,
+}
+
+enum Internal {
+    Volume { group: GroupId, status: Option<VolumeStatus> },
+    FenceDone { group: Option<GroupId>, node: NodeId, ok: bool, why: String, reply: Option<mpsc::Sender<Response>> },
+}
+
+pub struct Daemon {
+    cfg: ClusterConfig,
+    me: NodeId,
+    name: String,
+    started: Instant,
+    incarnation: u64,
+    hb: Heartbeat,
+    hb_io: heartbeat_io::HeartbeatSockets,
+    alive: BTreeMap<NodeId, bool>,
+    raft: RaftLog,
+    quorum: bool,
+    state: ClusterState,
+    groups: Vec<GroupRt>,
+    events: broadcast::Sender<EventRecord>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    report_tx: mpsc::UnboundedSender<Report>,
+    applied_since_compact: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn cluster_id(name: &str) -> u64 {
+    let digest = Sha256::digest(name.as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// The storage nodes' ids (the replication pair), in configuration order.
+fn storage_ids(cfg: &ClusterConfig) -> Vec<NodeId> {
+    cfg.nodes.iter().enumerate().filter(|(_, n)| n.role == NodeRole::Storage).map(|(i, _)| NodeId(i as u8)).collect()
+}
+
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let cfg = opts.config;
+    let Some((me, node)) = cfg.node(&opts.node) else {
+        return Err(DaemonError::Config(format!(
+            "node {:?} is not in the configuration; pass --node with one of: {}",
+            opts.node,
+            cfg.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let node = node.clone();
+    if cfg.mode() != Mode::Witness {
+        return Err(DaemonError::Config(
+            "two-node mode (no witness) is not supported by this clusterd yet: add a [[node]] with \
+             role = \"witness\" (any small third machine) so a lone survivor knows whether it has quorum"
+                .into(),
+        ));
+    }
+    let key = std::fs::read(&cfg.cluster.key_file).map_err(|source| DaemonError::Io {
+        what: format!(
+            "reading the cluster key {} (create it with `head -c 32 /dev/urandom > {0}` on one node and copy it to all)",
+            cfg.cluster.key_file.display()
+        ),
+        source,
+    })?;
+    if key.len() < 16 {
+        return Err(DaemonError::Config(format!(
+            "{}: the cluster key has {} bytes; use at least 16 random bytes",
+            cfg.cluster.key_file.display(),
+            key.len()
+        )));
+    }
+    let started = Instant::now();
+    let incarnation = unix_ms();
+    let paths = node.heartbeat.len() as u8;
+    let hb = Heartbeat::new(
+        HeartbeatConfig {
+            me,
+            peers: (0..cfg.nodes.len() as u8).map(NodeId).filter(|n| *n != me).collect(),
+            paths,
+            cluster_id: cluster_id(&cfg.cluster.name),
+            key,
+            incarnation,
+            interval_ms: cfg.heartbeat.interval_ms,
+            deadtime_ms: cfg.heartbeat.deadtime_ms,
+            warntime_ms: cfg.heartbeat.warntime_ms,
+            initdead_ms: cfg.heartbeat.initdead_ms,
+        },
+        0,
+    );
+    let (dgram_tx, mut dgram_rx) = mpsc::channel(1024);
+    let hb_io = heartbeat_io::HeartbeatSockets::bind(
+        &node.heartbeat,
+        cfg.nodes.iter().map(|n| n.heartbeat.clone()).collect(),
+        dgram_tx,
+    )
+    .await?;
+
+    std::fs::create_dir_all(&node.state_dir).map_err(|source| DaemonError::Io {
+        what: format!("creating the state directory {}", node.state_dir.display()),
+        source,
+    })?;
+    let (raft, mut log_rx) = raft_log::start(RaftLogConfig {
+        me,
+        name: node.name.clone(),
+        listen: node.raft,
+        peers: cfg
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != usize::from(me.0))
+            .map(|(i, n)| RaftPeer { id: NodeId(i as u8), name: n.name.clone(), addr: n.raft })
+            .collect(),
+        state_dir: node.state_dir.join("log"),
+        tls: RaftTlsFiles { ca: cfg.cluster.ca.clone(), cert: node.cert(), key: node.key() },
+        tick_ms: 50,
+        election_ticks: 10,
+        heartbeat_ticks: 2,
+    })?;
+
+    let (events, _) = broadcast::channel(1024);
+    let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+    let storage = storage_ids(&cfg);
+    let specs: Vec<GroupSpec> = if node.role == NodeRole::Storage {
+        cfg.groups
+            .iter()
+            .map(|g| g.validate(true))
+            .collect::<Result<_, _>>()
+            .map_err(|e| DaemonError::Config(format!("group: {e}")))?
+    } else {
+        Vec::new()
+    };
+    let group_states: Vec<GroupState> = (0..cfg.groups.len())
+        .map(|i| GroupState::new(GroupId(i as u16), &storage, DiskState::UpToDate))
+        .collect();
+    let mut daemon = Daemon {
+        me,
+        name: node.name.clone(),
+        started,
+        incarnation,
+        hb,
+        hb_io,
+        alive: BTreeMap::new(),
+        raft,
+        quorum: false,
+        state: ClusterState::new(group_states),
+        groups: Vec::new(),
+        events,
+        internal_tx,
+        report_tx,
+        applied_since_compact: 0,
+        cfg,
+    };
+    for (i, spec) in specs.into_iter().enumerate() {
+        daemon.start_group(GroupId(i as u16), spec, &node.state_dir);
+    }
+    let (admin_tx, mut admin_rx) = mpsc::channel(64);
+    admin::listen(&node.control, admin_tx)?;
+    daemon.event(None, "start", format!("clusterd started on {} (incarnation {incarnation})", daemon.name));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Io { what: "installing the SIGTERM handler".into(), source })?;
+    loop {
+        daemon.flush();
+        let wake = daemon.next_timeout();
+        tokio::select! {
+            Some(d) = dgram_rx.recv() => {
+                let now = daemon.now_ms();
+                daemon.hb.handle_datagram(now, d.path, &d.bytes);
+            }
+            Some(ev) = log_rx.recv() => daemon.log_event(ev),
+            Some(r) = report_rx.recv() => daemon.report(r),
+            Some(i) = internal_rx.recv() => daemon.internal(i),
+            Some((req, reply)) = admin_rx.recv() => daemon.admin(req, reply),
+            _ = tokio::time::sleep_until(wake.into()) => daemon.timeout(),
+            _ = term.recv() => {
+                daemon.event(None, "stop", "SIGTERM: leaving the services as they are".into());
+                tracing::info!("SIGTERM: exiting (services and volume stay as they are; the lease lapses)");
+                daemon.raft.clone().shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Daemon {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn node_name(&self, n: NodeId) -> String {
+        self.cfg.nodes.get(usize::from(n.0)).map(|n| n.name.clone()).unwrap_or_else(|| format!("node{}", n.0))
+    }
+
+    fn start_group(&mut self, id: GroupId, spec: GroupSpec, state_dir: &std::path::Path) {
+        let storage = storage_ids(&self.cfg);
+        let peer = *storage.iter().find(|n| **n != self.me).expect("two storage nodes");
+        let fo_cfg = FailoverConfig {
+            group: id,
+            me: self.me,
+            peer,
+            renew_interval_ms: self.cfg.failover.renew_interval_ms,
+            lease_ms: self.cfg.failover.lease_ms,
+            drift_margin_ms: self.cfg.drift_margin_ms(),
+            takeover_after_ms: self.cfg.heartbeat.deadtime_ms,
+            repropose_ms: 500,
+            fence_configured: self.cfg.fences.iter().any(|f| f.node == self.node_name(peer)),
+            incarnation: self.incarnation,
+            failures_max: self.cfg.failover.failures_max,
+            failure_window_ms: self.cfg.failover.failure_window_ms,
+        };
+        let mut ctx = group::GroupContext::new(state_dir.join("run"));
+        ctx.node = Some(self.name.clone());
+        ctx.unknown_state = true;
+        let volume = Volume::new(&spec, Some(self.name.clone()));
+        let (services, service_events) = group::spawn(spec.clone(), ctx);
+        let exec = executor::spawn(id, volume.clone(), services.clone(), service_events, self.report_tx.clone());
+        // Poll the volume's state.
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(VOLUME_POLL_MS));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let status = match volume.status().await {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::debug!(group = ?id, "volume status: {e}");
+                        None
+                    }
+                };
+                if tx.send(Internal::Volume { group: id, status }).is_err() {
+                    return;
+                }
+            }
+        });
+        let fo = Failover::new(fo_cfg, self.state.groups[usize::from(id.0)].clone(), DiskState::Inconsistent, 0);
+        self.groups.push(GroupRt {
+            id,
+            spec,
+            fo,
+            exec,
+            services,
+            volume: None,
+            told_disk: None,
+            told_connected: None,
+            told_in_sync: false,
+            fencing: false,
+        });
+    }
+
+    fn event(&self, group: Option<GroupId>, kind: &str, message: String) {
+        let message = match group.and_then(|g| self.cfg.groups.get(usize::from(g.0))) {
+            Some(g) => format!("{}: {message}", g.name),
+            None => message,
+        };
+        tracing::info!(kind, "{message}");
+        let _ = self.events.send(EventRecord { unix_ms: unix_ms(), node: self.name.clone(), kind: kind.into(), message });
+    }
+
+    fn next_timeout(&self) -> Instant {
+        let mut t = self.hb.poll_timeout();
+        for g in &self.groups {
+            if let Some(at) = g.fo.poll_timeout() {
+                t = t.min(at);
+            }
+        }
+        self.started + Duration::from_millis(t)
+    }
+
+    fn timeout(&mut self) {
+        let now = self.now_ms();
+        self.hb.handle_timeout(now);
+        for g in &mut self.groups {
+            g.fo.handle_timeout(now);
+        }
+    }
+
+    fn to_groups(&mut self, input: Input) {
+        let now = self.now_ms();
+        for g in &mut self.groups {
+            g.fo.handle(now, input.clone());
+        }
+    }
+
+    /// Sends what the cores produced: heartbeats, liveness, actions.
+    fn flush(&mut self) {
+        loop {
+            let mut progress = false;
+            while let Some(t) = self.hb.poll_transmit() {
+                self.hb_io.send(&t);
+                progress = true;
+            }
+            while let Some(ev) = self.hb.poll_event() {
+                progress = true;
+                match ev {
+                    HeartbeatEvent::PeerAlive(n) => {
+                        self.alive.insert(n, true);
+                        self.event(None, "node-up", format!("{} is alive", self.node_name(n)));
+                        self.to_groups(Input::PeerAlive(n));
+                    }
+                    HeartbeatEvent::PeerDead(n) => {
+                        self.alive.insert(n, false);
+                        self.event(None, "node-down", format!("{} is dead (no heartbeat on any path)", self.node_name(n)));
+                        self.to_groups(Input::PeerDead(n));
+                    }
+                    HeartbeatEvent::PeerLate { node, silent_ms } => {
+                        tracing::warn!(node = %self.node_name(node), silent_ms, "heartbeat late");
+                    }
+                    HeartbeatEvent::PathUp { node, path } => {
+                        tracing::info!(node = %self.node_name(node), path, "heartbeat path up");
+                    }
+                    HeartbeatEvent::PathDown { node, path } => {
+                        self.event(None, "path-down", format!("heartbeat path {path} to {} is down", self.node_name(node)));
+                    }
+                }
+            }
+            for i in 0..self.groups.len() {
+                while let Some(action) = self.groups[i].fo.poll_action() {
+                    progress = true;
+                    self.act(i, action);
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn act(&mut self, i: usize, action: Action) {
+        let id = self.groups[i].id;
+        match action {
+            Action::Propose(entry) => self.raft.propose(ClusterEntry::Group(entry).encode()),
+            Action::Fence { node } => {
+                self.groups[i].fencing = true;
+                self.event(Some(id), "fence", format!("fencing {} before taking over", self.node_name(node)));
+                self.fence(Some(id), node, None);
+            }
+            other => {
+                if matches!(other, Action::Promote { .. } | Action::Demote | Action::StopServices) {
+                    self.event(Some(id), "action", format!("{other:?}"));
+                }
+                let _ = self.groups[i].exec.send(other);
+            }
+        }
+    }
+
+    /// Runs the fence levels configured for `node` in a blocking task.
+    fn fence(&self, group: Option<GroupId>, node: NodeId, reply: Option<mpsc::Sender<Response>>) {
+        let target = self.node_name(node);
+        let mut levels: BTreeMap<u32, Vec<FenceAgent>> = BTreeMap::new();
+        for (i, f) in self.cfg.fences.iter().enumerate().filter(|(_, f)| f.node == target) {
+            levels.entry(f.level).or_default().push(FenceAgent {
+                name: format!("fence{}:{}", i + 1, f.agent.display()),
+                path: f.agent.clone(),
+                args: f.args.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                timeout_ms: f.timeout_ms,
+            });
+        }
+        let tx = self.internal_tx.clone();
+        let plan = FencePlan::new(&target, FenceAction::Off, levels.into_values().collect());
+        tokio::task::spawn_blocking(move || {
+            let (ok, why) = match plan {
+                Err(e) => (false, e.to_string()),
+                Ok(mut plan) => loop {
+                    let Some(request) = plan.next_request() else {
+                        break (false, format!("no fence device is configured for {target}; add a [[fence]] for it"));
+                    };
+                    let exit: AgentExit = crate::fence::run_agent(&request);
+                    match plan.handle_exit(&exit) {
+                        FenceProgress::Continue => {}
+                        FenceProgress::Fenced => break (true, format!("{target} fenced")),
+                        FenceProgress::Failed(errors) => break (false, errors.join("; ")),
+                    }
+                },
+            };
+            let _ = tx.send(Internal::FenceDone { group, node, ok, why, reply });
+        });
+    }
+
+    fn internal(&mut self, i: Internal) {
+        match i {
+            Internal::Volume { group, status } => self.volume_seen(group, status),
+            Internal::FenceDone { group, node, ok, why, reply } => {
+                self.event(group, if ok { "fenced" } else { "fence-failed" }, why.clone());
+                self.raft.propose(ClusterEntry::Fenced { node, by: self.me, ok, unix_ms: unix_ms() }.encode());
+                if let Some(g) = group.and_then(|g| self.groups.iter_mut().find(|x| x.id == g)) {
+                    g.fencing = false;
+                    let now = self.started.elapsed().as_millis() as u64;
+                    g.fo.handle(now, Input::FenceDone { node, ok });
+                }
+                if let Some(reply) = reply {
+                    let r = if ok { Response::Done(why) } else { Response::Error(format!("fencing failed: {why}")) };
+                    let _ = reply.try_send(r);
+                }
+            }
+        }
+    }
+
+    /// Tells a group's core what changed in the volume's state.
+    fn volume_seen(&mut self, group: GroupId, status: Option<VolumeStatus>) {
+        let now = self.now_ms();
+        let Some(g) = self.groups.iter_mut().find(|g| g.id == group) else { return };
+        g.volume = status.clone();
+        let Some(s) = status else {
+            // The replicator does not answer: its disk cannot be trusted.
+            if g.told_disk != Some(DiskState::Inconsistent) {
+                g.told_disk = Some(DiskState::Inconsistent);
+                g.fo.handle(now, Input::LocalDisk(DiskState::Inconsistent));
+            }
+            if g.told_connected != Some(false) {
+                g.told_connected = Some(false);
+                g.told_in_sync = false;
+                g.fo.handle(now, Input::Replication { connected: false });
+            }
+            return;
+        };
+        let disk = s.disk_state().unwrap_or(DiskState::Inconsistent);
+        if g.told_disk != Some(disk) {
+            g.told_disk = Some(disk);
+            g.fo.handle(now, Input::LocalDisk(disk));
+        }
+        // Writes reach the peer once the handshake is over (also while a
+        // resync runs).
+        let connected = matches!(s.connection.as_str(), "Connected" | "SyncSource" | "SyncTarget" | "VerifySource");
+        if g.told_connected != Some(connected) {
+            g.told_connected = Some(connected);
+            g.told_in_sync = false;
+            g.fo.handle(now, Input::Replication { connected });
+        }
+        let in_sync = connected
+            && s.connection == "Connected"
+            && disk == DiskState::UpToDate
+            && s.peer_disk_state() == Some(DiskState::UpToDate);
+        if in_sync && !g.told_in_sync {
+            g.told_in_sync = true;
+            g.fo.handle(now, Input::PeerInSync);
+        } else if !in_sync {
+            g.told_in_sync = false;
+        }
+    }
+
+    fn report(&mut self, r: Report) {
+        let now = self.now_ms();
+        match r {
+            Report::Demoted(id) => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == id) {
+                    g.fo.handle(now, Input::Demoted);
+                }
+            }
+            Report::ResourceFailed(id) => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == id) {
+                    g.fo.handle(now, Input::ResourceFailed);
+                }
+            }
+            Report::Event { group, kind, message } => self.event(Some(group), kind, message),
+        }
+    }
+
+    fn log_event(&mut self, ev: LogEvent) {
+        match ev {
+            LogEvent::Quorum(q) => {
+                if q != self.quorum {
+                    self.quorum = q;
+                    self.event(None, "quorum", if q { "quorum gained".into() } else { "quorum LOST".into() });
+                }
+                self.to_groups(Input::Quorum(q));
+            }
+            LogEvent::Committed(entries) => {
+                let mut per_group: BTreeMap<GroupId, Vec<Entry>> = BTreeMap::new();
+                let mut moves = Vec::new();
+                for (index, bytes) in entries {
+                    self.applied_since_compact += 1;
+                    let entry = match ClusterEntry::decode(&bytes) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::error!(index, "skipping a log entry: {e}");
+                            self.state.applied = self.state.applied.max(index);
+                            continue;
+                        }
+                    };
+                    match self.state.apply(index, entry) {
+                        Ok(Folded::Group { group, entry, .. }) => per_group.entry(group).or_default().push(entry),
+                        Ok(Folded::Move { group, epoch, to }) => moves.push((group, epoch, to)),
+                        Ok(Folded::Fenced(r)) => tracing::info!(node = %self.node_name(r.node), ok = r.ok, "fence recorded"),
+                        Err(e) => tracing::error!(index, "skipping a log entry: {e}"),
+                    }
+                }
+                let now = self.now_ms();
+                for g in &mut self.groups {
+                    if let Some(entries) = per_group.remove(&g.id) {
+                        g.fo.handle(now, Input::Committed(entries));
+                    }
+                }
+                for (group, epoch, to) in moves {
+                    let me = self.me;
+                    if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                        if to != me && g.fo.promoted_epoch() == Some(epoch) {
+                            let released = g.fo.release(now);
+                            let msg = if released {
+                                "planned move: stopping services and demoting".to_string()
+                            } else {
+                                "planned move refused: the peer cannot take the group (standby, failed or not UpToDate)"
+                                    .to_string()
+                            };
+                            self.event(Some(group), "move", msg);
+                        }
+                    }
+                }
+                if self.applied_since_compact >= COMPACT_EVERY {
+                    self.applied_since_compact = 0;
+                    self.raft.compact(self.state.applied, self.state.snapshot());
+                }
+            }
+            LogEvent::Restore { index, data } => match ClusterState::restore(&data, self.cfg.groups.len()) {
+                Ok(mut state) => {
+                    state.applied = index;
+                    self.state = state;
+                    let now = self.now_ms();
+                    for g in &mut self.groups {
+                        // A fresh core from the snapshot: it stops the group
+                        // here first, as at start-up.
+                        let cfg = g.fo_config();
+                        let disk = g.told_disk.unwrap_or(DiskState::Inconsistent);
+                        g.fo = Failover::new(cfg, self.state.groups[usize::from(g.id.0)].clone(), disk, now);
+                        g.fo.handle(now, Input::Quorum(self.quorum));
+                    }
+                    self.event(None, "restore", format!("cluster state restored from a snapshot at index {index}"));
+                }
+                Err(e) => tracing::error!("ignoring a snapshot: {e}"),
+            },
+        }
+    }
+
+    fn admin(&mut self, req: Request, reply: mpsc::Sender<Response>) {
+        let answer = match req {
+            Request::Status => {
+                // Resource states come from the groups' tasks.
+                let mut report = self.status();
+                let handles: Vec<(usize, GroupHandle)> =
+                    self.groups.iter().map(|g| (usize::from(g.id.0), g.services.clone())).collect();
+                tokio::spawn(async move {
+                    for (i, resources) in resource_reports(handles).await {
+                        if let Some(g) = report.groups.get_mut(i) {
+                            g.resources = resources;
+                        }
+                    }
+                    let _ = reply.send(Response::Status(Box::new(report))).await;
+                });
+                return;
+            }
+            Request::Events => return admin::stream_events(self.events.subscribe(), reply),
+            Request::Fence { node } => match self.storage_node(&node) {
+                Ok(n) => {
+                    self.event(None, "fence", format!("admin fences {node}"));
+                    return self.fence(None, n, Some(reply));
+                }
+                Err(e) => Response::Error(e),
+            },
+            other => match self.admin_change(other) {
+                Ok(message) => Response::Done(message),
+                Err(e) => Response::Error(e),
+            },
+        };
+        let _ = reply.try_send(answer);
+    }
+
+    fn storage_node(&self, name: &str) -> Result<NodeId, String> {
+        match self.cfg.node(name) {
+            Some((id, n)) if n.role == NodeRole::Storage => Ok(id),
+            Some(_) => Err(format!("{name} is the witness, which runs no resources; name a storage node")),
+            None => Err(format!(
+                "no node {name:?} in the configuration (nodes: {})",
+                self.cfg.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    fn group_id(&self, name: &str) -> Result<GroupId, String> {
+        self.cfg.groups.iter().position(|g| g.name == name).map(|i| GroupId(i as u16)).ok_or_else(|| {
+            format!(
+                "no group {name:?} (groups: {})",
+                self.cfg.groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// Commands that change the cluster: all go through the log.
+    fn admin_change(&mut self, req: Request) -> Result<String, String> {
+        if !self.quorum {
+            return Err("no quorum: this node cannot reach a majority of the cluster, so nothing can be changed \
+                        from here; check the network and that the other nodes run clusterd (`clusterd status`)"
+                .into());
+        }
+        let groups: Vec<GroupId> = (0..self.cfg.groups.len()).map(|i| GroupId(i as u16)).collect();
+        let propose = |d: &Daemon, e: ClusterEntry| d.raft.propose(e.encode());
+        match req {
+            Request::Move { group, node } => {
+                let g = self.group_id(&group)?;
+                let to = self.storage_node(&node)?;
+                self.request_move(g, to).map(|m| format!("{group}: {m}"))
+            }
+            Request::Promote { node } => {
+                let to = self.storage_node(&node)?;
+                let mut out = Vec::new();
+                for g in groups {
+                    out.push(format!("{}: {}", self.cfg.groups[usize::from(g.0)].name, self.request_move(g, to)?));
+                }
+                Ok(out.join("\n"))
+            }
+            Request::Demote { node } => {
+                let from = self.storage_node(&node)?;
+                let to = *storage_ids(&self.cfg).iter().find(|n| **n != from).expect("two storage nodes");
+                let mut out = Vec::new();
+                for g in groups {
+                    if self.state.groups[usize::from(g.0)].owner == Some(from) {
+                        out.push(format!("{}: {}", self.cfg.groups[usize::from(g.0)].name, self.request_move(g, to)?));
+                    }
+                }
+                if out.is_empty() {
+                    return Ok(format!("{node} runs no group"));
+                }
+                Ok(out.join("\n"))
+            }
+            Request::Standby { node } => {
+                let n = self.storage_node(&node)?;
+                for group in groups {
+                    propose(self, ClusterEntry::Group(Entry::Standby { group, node: n, on: true }));
+                }
+                Ok(format!("{node}: standby (its groups move to the peer)"))
+            }
+            Request::Online { node } => {
+                let n = self.storage_node(&node)?;
+                for group in groups {
+                    propose(self, ClusterEntry::Group(Entry::Standby { group, node: n, on: false }));
+                }
+                Ok(format!("{node}: online"))
+            }
+            Request::Cleanup { node } => {
+                let nodes = match node {
+                    Some(name) => vec![self.storage_node(&name)?],
+                    None => storage_ids(&self.cfg),
+                };
+                let now = self.now_ms();
+                for group in groups {
+                    for n in &nodes {
+                        match self.groups.iter_mut().find(|g| g.id == group) {
+                            Some(g) => g.fo.cleanup(now, *n),
+                            None => propose(self, ClusterEntry::Group(Entry::Cleanup { group, node: *n })),
+                        }
+                    }
+                }
+                Ok("failures cleared".into())
+            }
+            Request::Status | Request::Events | Request::Fence { .. } => Err("not a change".into()),
+        }
+    }
+
+    fn request_move(&mut self, g: GroupId, to: NodeId) -> Result<String, String> {
+        let st = &self.state.groups[usize::from(g.0)];
+        let to_name = self.node_name(to);
+        if st.owner == Some(to) && !st.released {
+            return Ok(format!("already on {to_name}"));
+        }
+        if !st.may_grant(to) || st.disks.get(&to) != Some(&DiskState::UpToDate) {
+            return Err(format!(
+                "{to_name} cannot take the group now (disk {:?}{}{}); wait for the resync, `clusterd online {to_name}` or `clusterd cleanup {to_name}`",
+                st.disks.get(&to),
+                if st.standby.contains(&to) { ", standby" } else { "" },
+                if st.failed.contains(&to) { ", failed" } else { "" },
+            ));
+        }
+        match st.owner {
+            Some(owner) if !st.released => {
+                self.raft.propose(ClusterEntry::Move { group: g, epoch: st.epoch, to }.encode());
+                Ok(format!("moving from {} to {to_name}", self.node_name(owner)))
+            }
+            _ => Ok(format!("no node runs it; {to_name} takes it when eligible")),
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        let raft = self.raft.status();
+        let standby_any = |n: NodeId| self.state.groups.iter().any(|g| g.standby.contains(&n));
+        let nodes = self
+            .cfg
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let id = NodeId(i as u8);
+                let up = if id == self.me { Some(true) } else { self.alive.get(&id).copied() };
+                let state = match (up, standby_any(id)) {
+                    (Some(true), true) => "standby",
+                    (Some(true), false) => "online",
+                    (Some(false), _) => "offline",
+                    (None, _) => "unknown",
+                };
+                NodeReport {
+                    name: n.name.clone(),
+                    role: format!("{:?}", n.role).to_lowercase(),
+                    state: state.into(),
+                    this_node: id == self.me,
+                }
+            })
+            .collect();
+        let groups = self
+            .state
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let rt = self.groups.iter().find(|g| usize::from(g.id.0) == i);
+                let local_role = match rt {
+                    None => "none".to_string(),
+                    Some(g) if g.fo.releasing() => "Releasing".into(),
+                    Some(g) if g.fo.promoted_epoch().is_some() => "Primary".into(),
+                    Some(_) => "Secondary".into(),
+                };
+                GroupReport {
+                    name: self.cfg.groups[i].name.clone(),
+                    owner: st.owner.map(|n| self.node_name(n)),
+                    epoch: st.epoch,
+                    released: st.released,
+                    disks: st.disks.iter().map(|(n, d)| (self.node_name(*n), format!("{d:?}"))).collect(),
+                    failed: st.failed.iter().map(|n| self.node_name(*n)).collect(),
+                    standby: st.standby.iter().map(|n| self.node_name(*n)).collect(),
+                    local_role,
+                    writable: rt.is_some_and(|g| g.fo.writable()),
+                    resources: Vec::new(),
+                }
+            })
+            .collect();
+        let c = self.hb.counters();
+        StatusReport {
+            cluster: self.cfg.cluster.name.clone(),
+            node: self.name.clone(),
+            quorum: self.quorum,
+            leader: raft.leader.map(|n| self.node_name(n)),
+            term: raft.term,
+            nodes,
+            groups,
+            fences: self
+                .state
+                .fences
+                .iter()
+                .map(|f| FenceReport {
+                    node: self.node_name(f.node),
+                    by: self.node_name(f.by),
+                    ok: f.ok,
+                    unix_ms: f.unix_ms,
+                })
+                .collect(),
+            heartbeat: HeartbeatReport {
+                accepted: c.accepted,
+                malformed: c.malformed,
+                spoofed: c.spoofed,
+                replayed: c.replayed,
+            },
+        }
+    }
+}
+
+impl GroupRt {
+    fn fo_config(&self) -> FailoverConfig {
+        self.fo.config().clone()
+    }
+}
+
+/// Resource states for `status`, asked from each group's task.
+async fn resource_reports(handles: Vec<(usize, GroupHandle)>) -> Vec<(usize, Vec<ResourceReport>)> {
+    let mut out = Vec::new();
+    for (i, h) in handles {
+        if let Ok(st) = h.status().await {
+            out.push((
+                i,
+                st.steps
+                    .iter()
+                    .map(|s| ResourceReport { name: s.name.clone(), state: format!("{:?}", s.state).to_lowercase(), last_error: s.last_error.clone() })
+                    .collect(),
+            ));
+        }
+    }
+    out
+}
