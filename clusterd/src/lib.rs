@@ -10,7 +10,9 @@
 //! - `fence`: the fence-agents interface (stdin arguments, exit codes, levels);
 //! - `sim` (tests only): thousands of seeded schedules over the real cores.
 
+pub mod cluster_state;
 pub mod config;
+pub mod control;
 pub mod failover;
 pub mod fence;
 pub mod heartbeat;
