@@ -33,6 +33,9 @@ pub struct PairOptions {
     pub net: &'static str,
     /// Extra lines for the `[resource]` section.
     pub resource: &'static str,
+    /// Hosts on the test network: the pair is hosts 0 and 1; more hosts
+    /// (a cluster witness) run no replicator.
+    pub hosts: usize,
 }
 
 impl Default for PairOptions {
@@ -43,6 +46,7 @@ impl Default for PairOptions {
             pki: None,
             net: "ping-interval-ms = 300\nping-timeout-ms = 600\nconnect-interval-ms = 200\nio-timeout-ms = 3000",
             resource: "",
+            hosts: 2,
         }
     }
 }
@@ -58,7 +62,7 @@ pub struct Pair {
 impl Pair {
     /// Two hosts with fresh metadata and a resource file; nothing running.
     pub fn new(dir: &TestDir, opts: &PairOptions) -> Result<Pair> {
-        let net = Net::new(2)?;
+        let net = Net::new(opts.hosts.max(2))?;
         let disks = [dir.join("a.img"), dir.join("b.img")];
         for disk in &disks {
             std::fs::File::create(disk)?.set_len(opts.size_bytes)?;

@@ -17,13 +17,13 @@ use crate::util::{self, cmd, run, TestDir};
 /// loaded 2-core CI machine is slow to start, but not this slow).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Path of the `replicator` binary under test.
+/// Path of the workspace binary `name` under test.
 ///
-/// `REPLICATOR_BIN` wins; otherwise it is next to the test's own target
-/// directory: the test runs as `target/<profile>/deps/<name>-<hash>`, and
-/// `cargo build --workspace --bins` puts the binary in `target/<profile>/`.
-pub fn replicator_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("REPLICATOR_BIN") {
+/// The environment variable `env` wins; otherwise it is next to the test's
+/// own target directory: the test runs as `target/<profile>/deps/<name>-<hash>`,
+/// and `cargo build --workspace --bins` puts the binary in `target/<profile>/`.
+pub fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
@@ -31,13 +31,18 @@ pub fn replicator_bin() -> PathBuf {
     if dir.file_name() == Some(OsStr::new("deps")) {
         dir = dir.parent().expect("deps has a parent");
     }
-    let bin = dir.join("replicator");
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
-        "replicator binary not found at {} (run `cargo build --workspace --bins` first, or set REPLICATOR_BIN)",
+        "{name} binary not found at {} (run `cargo build --workspace --bins` first, or set {env})",
         bin.display()
     );
     bin
+}
+
+/// Path of the `replicator` binary under test (`REPLICATOR_BIN` wins).
+pub fn replicator_bin() -> PathBuf {
+    workspace_bin("replicator", "REPLICATOR_BIN")
 }
 
 pub fn replicator() -> Command {

@@ -1,0 +1,237 @@
+//! A three-host cluster: storage nodes `a` and `b` (a replicated resource,
+//! see [`crate::pair`]) and the witness `w`, each running `clusterd run`
+//! inside its network namespace, with a resource group of the test's
+//! choosing. Hosts "die" by SIGKILL of every process in their namespace.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::pair::{Pair, PairOptions};
+use crate::server::{replicator_bin, workspace_bin, Daemon};
+use crate::util::{cmd, run_output, wait_until, Output, TestDir, CMD_TIMEOUT};
+
+pub const NAMES: [&str; 3] = ["a", "b", "w"];
+pub const RAFT_PORT: u16 = 7790;
+pub const HEARTBEAT_PORTS: [u16; 2] = [694, 695];
+/// The stand-in service's port on the service address.
+pub const SERVICE_PORT: u16 = 2525;
+
+pub fn clusterd_bin() -> PathBuf {
+    workspace_bin("clusterd", "CLUSTERD_BIN")
+}
+
+/// The stand-in OCF agent (tests/agents/ocf-standin).
+pub fn agent(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("agents").join(name)
+}
+
+pub struct ClusterOptions {
+    /// `[[group.resource]]` tables after the volume; `@SERVICE_IP@` and
+    /// `@DIR@` are replaced by the service address and the test directory.
+    pub resources: String,
+    /// Extra top-level TOML (e.g. `[[fence]]` tables); same replacements.
+    pub extra: String,
+}
+
+pub struct Cluster {
+    pub pair: Pair,
+    pub config: PathBuf,
+    pub daemons: [Option<Daemon>; 3],
+    pub service_ip: Ipv4Addr,
+    pub dir: PathBuf,
+}
+
+fn run(c: &mut Command) -> Result<Output> {
+    run_output(c, CMD_TIMEOUT)
+}
+
+impl Cluster {
+    /// The replicated resource in sync with both nodes secondary, the
+    /// cluster configured; no clusterd running yet.
+    pub fn new(dir: &TestDir, opts: &ClusterOptions) -> Result<Cluster> {
+        let pki = dir.join("pki");
+        crate::tls::make_node_pki(&pki, &NAMES)?;
+        let pair_opts = PairOptions { hosts: 3, pki: Some(pki.clone()), ..PairOptions::default() };
+        let mut pair = Pair::new(dir, &pair_opts)?;
+        pair.bring_up()?;
+        pair.ok(0, &["secondary"])?;
+        let key = dir.join("authkey");
+        std::fs::write(&key, crate::util::random_bytes(32, std::process::id().into()))?;
+        let gw = pair.net.gateway.octets();
+        let service_ip = Ipv4Addr::new(gw[0], gw[1], gw[2], 100);
+        let subst = |s: &str| s.replace("@SERVICE_IP@", &service_ip.to_string()).replace("@DIR@", &dir.path().display().to_string());
+        let mut text = format!(
+            "[cluster]\nname = \"test\"\nkey_file = \"{}\"\nca = \"{}\"\n\n{}\n",
+            key.display(),
+            pki.join("ca.pem").display(),
+            subst(&opts.extra)
+        );
+        for (i, name) in NAMES.iter().enumerate() {
+            let ip = pair.net.host(i).ip;
+            text.push_str(&format!(
+                "\n[[node]]\nname = \"{name}\"\nrole = \"{}\"\nheartbeat = [\"{ip}:{}\", \"{ip}:{}\"]\nraft = \"{ip}:{RAFT_PORT}\"\n\
+                 cert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\ncontrol = \"{}\"\n",
+                if i == 2 { "witness" } else { "storage" },
+                HEARTBEAT_PORTS[0],
+                HEARTBEAT_PORTS[1],
+                pki.join(format!("{name}.pem")).display(),
+                pki.join(format!("{name}.key")).display(),
+                dir.join(format!("state-{name}")).display(),
+                dir.join(format!("clusterd-{name}.sock")).display(),
+            ));
+        }
+        text.push_str(&format!(
+            "\n[[group]]\nname = \"mail\"\nvolume = \"{}\"\nreplicator = \"{}\"\n{}\n",
+            pair.res.display(),
+            replicator_bin().display(),
+            subst(&opts.resources)
+        ));
+        let config = dir.join("cluster.toml");
+        std::fs::write(&config, text)?;
+        Ok(Cluster { pair, config, daemons: [None, None, None], service_ip, dir: dir.path().to_owned() })
+    }
+
+    /// `clusterd run` on host `i`; waits until its admin socket answers.
+    pub fn start(&mut self, i: usize) -> Result<()> {
+        let mut args = vec!["run".to_string(), "--config".into(), self.config.display().to_string()];
+        args.extend(["--node".into(), NAMES[i].into()]);
+        if i == 2 {
+            args.push("--witness".into());
+        }
+        let mut c = self.pair.net.host(i).cmd(&clusterd_bin().display().to_string(), &args);
+        c.env("CLUSTERD_LOG", std::env::var("CLUSTERD_LOG").unwrap_or_else(|_| "info".into()));
+        let mut d = Daemon::spawn(c)?;
+        let mut alive = true;
+        let up = wait_until(Duration::from_secs(20), "clusterd admin socket", || {
+            alive = d.is_running();
+            !alive || self.status(i).is_ok()
+        });
+        if !alive || up.is_err() {
+            bail!("clusterd on {} did not come up: {:?}\n{}", NAMES[i], up.err(), d.logs.text());
+        }
+        self.daemons[i] = Some(d);
+        Ok(())
+    }
+
+    pub fn start_all(&mut self) -> Result<()> {
+        for i in 0..3 {
+            self.start(i)?;
+        }
+        Ok(())
+    }
+
+    /// `clusterd ARGS --config … --node NAME` (runs in the root namespace:
+    /// the admin socket is a file).
+    pub fn ctl_cmd(&self, i: usize, args: &[&str]) -> Command {
+        let mut c = cmd(clusterd_bin(), args);
+        c.arg("--config").arg(&self.config).args(["--node", NAMES[i]]);
+        c
+    }
+
+    pub fn ctl(&self, i: usize, args: &[&str]) -> Result<Output> {
+        run(&mut self.ctl_cmd(i, args))
+    }
+
+    pub fn ctl_ok(&self, i: usize, args: &[&str]) -> Result<Output> {
+        let out = self.ctl(i, args)?;
+        if !out.success() {
+            bail!("clusterd {} on {}: {}", args.join(" "), NAMES[i], out.describe());
+        }
+        Ok(out)
+    }
+
+    pub fn status(&self, i: usize) -> Result<Value> {
+        let out = self.ctl(i, &["status", "--json"])?;
+        if !out.success() {
+            bail!("status on {}: {}", NAMES[i], out.describe());
+        }
+        serde_json::from_str(&out.stdout).with_context(|| format!("status json: {}", out.stdout))
+    }
+
+    /// The group's owner as node `i` sees it (None when released or unowned).
+    pub fn owner(&self, i: usize) -> Option<String> {
+        let s = self.status(i).ok()?;
+        let g = &s["groups"][0];
+        if g["released"] == true {
+            return None;
+        }
+        g["owner"].as_str().map(str::to_owned)
+    }
+
+    /// Node `i`'s failover core says the volume is writable here.
+    pub fn writable(&self, i: usize) -> bool {
+        self.status(i).is_ok_and(|s| s["groups"][0]["writable"] == true)
+    }
+
+    /// The replicator on storage node `i` is primary with I/O not suspended.
+    pub fn volume_writable(&self, i: usize) -> bool {
+        self.pair.state(i).is_ok_and(|s| s["role"] == "Primary" && s["suspended"] == false)
+    }
+
+    /// Waits until one storage node runs the group with its services
+    /// started and the stand-in service answering on the service address;
+    /// returns that node's index.
+    pub fn wait_running(&self, timeout: Duration) -> Result<usize> {
+        let mut which = None;
+        wait_until(timeout, "the group running with its service answering", || {
+            which = (0..2).find(|i| self.writable(*i) && self.volume_writable(*i));
+            which.is_some() && self.service_answer().is_some_and(|a| a.contains(NAMES[which.unwrap_or(0)]))
+        })
+        .map_err(|e| anyhow!("{e}\n{}", self.describe()))?;
+        which.ok_or_else(|| anyhow!("no node"))
+    }
+
+    /// One line from the stand-in service at the service address.
+    pub fn service_answer(&self) -> Option<String> {
+        use std::io::Read;
+        let addr = SocketAddr::from((self.service_ip, SERVICE_PORT));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// kill -9 of everything on host `i` (its daemons, the service, …).
+    pub fn kill_host(&mut self, i: usize) {
+        let ns = self.pair.net.host(i).ns.clone();
+        if let Ok(out) = run(&mut cmd("ip", ["netns", "pids", &ns])) {
+            let pids: Vec<&str> = out.stdout.split_whitespace().collect();
+            if !pids.is_empty() {
+                let _ = run(cmd("kill", ["-9"]).args(&pids));
+            }
+        }
+        self.daemons[i] = None;
+        if i < 2 {
+            self.pair.kill(i);
+        }
+    }
+
+    /// Everything the nodes say, for failure messages.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for i in 0..3 {
+            let status = self.ctl(i, &["status"]).map(|o| o.stdout + &o.stderr).unwrap_or_else(|e| e.to_string());
+            out.push_str(&format!("--- clusterd status on {} ---\n{status}\n", NAMES[i]));
+            if i < 2 {
+                let s = self.pair.state(i).map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                out.push_str(&format!("--- replicator on {} ---\n{s}\n", NAMES[i]));
+            }
+            if let Some(d) = &self.daemons[i] {
+                let text = d.logs.text();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                out.push_str(&format!("--- clusterd log tail on {} ---\n", NAMES[i]));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}

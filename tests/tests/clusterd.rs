@@ -1,0 +1,213 @@
+//! clusterd end to end: three hosts (storage `a` and `b`, witness `w`) in
+//! network namespaces, a replicated resource, and a resource group with a
+//! service address and a stand-in service. Needs root.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::cluster::{agent, Cluster, ClusterOptions, NAMES, SERVICE_PORT};
+use tests::{have_root, have_tools, TestDir};
+
+/// The service address and the stand-in service (its state file on the
+/// node's local disk).
+fn service_group() -> String {
+    format!(
+        "[[group.resource]]\nname = \"ip\"\nkind = \"ip\"\naddress = \"@SERVICE_IP@/24\"\ninterface = \"eth0\"\n\n\
+         [[group.resource]]\nname = \"standin\"\nkind = \"ocf\"\nagent = \"{}\"\nmonitor_interval_ms = 500\n\
+         params = {{ ip = \"@SERVICE_IP@\", port = \"{SERVICE_PORT}\", statefile = \"@DIR@/standin-state\", pidfile = \"@DIR@/standin.pid\" }}\n",
+        agent("ocf-standin").display()
+    )
+}
+
+fn setup(name: &str, opts: ClusterOptions) -> Option<(TestDir, Cluster)> {
+    if !have_root("network namespaces, iptables and service addresses") {
+        return None;
+    }
+    if !have_tools(&["ip", "iptables", "python3"]) {
+        return None;
+    }
+    let dir = TestDir::new(name);
+    let cluster = Cluster::new(&dir, &opts).expect("three-host cluster");
+    Some((dir, cluster))
+}
+
+fn default_setup(name: &str) -> Option<(TestDir, Cluster)> {
+    setup(name, ClusterOptions { resources: service_group(), extra: String::new() })
+}
+
+/// Samples both storage nodes' volumes until stopped; records every sample
+/// where both were writable.
+struct WriterChecker {
+    stop: Arc<AtomicBool>,
+    overlaps: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriterChecker {
+    fn start(cluster: &Cluster) -> WriterChecker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let overlaps = Arc::new(Mutex::new(Vec::new()));
+        let res = cluster.pair.res.clone();
+        let (s, o) = (stop.clone(), overlaps.clone());
+        let thread = std::thread::spawn(move || {
+            let writable = |i: usize| {
+                let out = tests::run_output(
+                    tests::replicator().args(["status", "--json"]).arg(&res).args(["--node", NAMES[i]]),
+                    Duration::from_secs(5),
+                );
+                out.ok()
+                    .and_then(|o| serde_json::from_str::<serde_json::Value>(&o.stdout).ok())
+                    .is_some_and(|v| v["state"]["role"] == "Primary" && v["state"]["suspended"] == false)
+            };
+            let t0 = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                let (a, b) = (writable(0), writable(1));
+                // Sampled one after the other: a second look at the first
+                // rules out a change between the two samples.
+                if a && b && writable(0) {
+                    o.lock().unwrap().push(format!("both writable at {:?}", t0.elapsed()));
+                }
+            }
+        });
+        WriterChecker { stop, overlaps, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.overlaps.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn kill_9_of_the_primary_host_moves_the_service_to_the_survivor() {
+    let Some((_dir, mut c)) = default_setup("cl-kill") else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    let q = 1 - p;
+    let status = c.ctl_ok(2, &["status"]).unwrap().stdout;
+    assert!(status.contains(&format!("mail on {}", NAMES[p])), "{status}");
+    let t0 = Instant::now();
+    c.kill_host(p);
+    let now = c.wait_running(Duration::from_secs(20)).unwrap();
+    assert_eq!(now, q);
+    eprintln!("failover after kill -9: {:?}", t0.elapsed());
+    let s = c.status(q).unwrap();
+    assert_eq!(s["groups"][0]["owner"], NAMES[q]);
+    assert!(s["groups"][0]["epoch"].as_u64().unwrap() >= 2, "{s}");
+}
+
+#[test]
+fn a_primary_cut_from_both_stops_writing_before_the_peer_starts() {
+    let Some((_dir, mut c)) = default_setup("cl-cut") else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    let q = 1 - p;
+    let checker = WriterChecker::start(&c);
+    let (hp, hq, hw) = (c.pair.net.host(p), c.pair.net.host(q), c.pair.net.host(2));
+    hp.cut(hq).unwrap();
+    hp.cut(hw).unwrap();
+    let moved = c.wait_running(Duration::from_secs(20));
+    let overlaps = checker.finish();
+    assert_eq!(moved.unwrap(), q);
+    assert!(overlaps.is_empty(), "two writable primaries: {overlaps:?}\n{}", c.describe());
+    // The cut-off node holds its volume's I/O (or demoted).
+    assert!(!c.volume_writable(p), "{}", c.describe());
+}
+
+#[test]
+fn a_cut_between_the_storage_nodes_alone_does_not_move_the_group() {
+    let Some((_dir, mut c)) = default_setup("cl-ab") else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    let q = 1 - p;
+    let epoch = c.status(p).unwrap()["groups"][0]["epoch"].as_u64().unwrap();
+    c.pair.net.host(p).cut(c.pair.net.host(q)).unwrap();
+    // The witness sees both: the owner keeps renewing through it. Watch
+    // for longer than deadtime + lease + margins.
+    let end = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < end {
+        let s = c.status(2).unwrap();
+        assert_eq!(s["groups"][0]["owner"], NAMES[p], "{s}");
+        assert_eq!(s["groups"][0]["epoch"].as_u64(), Some(epoch), "{s}");
+        assert!(!c.volume_writable(q), "{}", c.describe());
+    }
+    // With the peer recorded Outdated, the owner writes again.
+    tests::wait_until(Duration::from_secs(10), "owner writable again", || c.volume_writable(p) && c.writable(p))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.describe()));
+    let s = c.status(2).unwrap();
+    assert!(
+        s["groups"][0]["disks"].as_array().unwrap().iter().any(|d| d[0] == NAMES[q] && d[1] == "Outdated"),
+        "{s}"
+    );
+}
+
+#[test]
+fn planned_move_standby_and_admin_errors() {
+    let Some((_dir, mut c)) = default_setup("cl-move") else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    let q = 1 - p;
+    // Unknown node, witness, bad group: clear errors.
+    let out = c.ctl(p, &["move", "mail", "nosuch"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("no node \"nosuch\""), "{}", out.describe());
+    let out = c.ctl(p, &["move", "mail", "w"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("witness"), "{}", out.describe());
+    let out = c.ctl(p, &["move", "other", NAMES[q]]).unwrap();
+    assert!(!out.success() && out.stderr.contains("no group"), "{}", out.describe());
+    // A planned move, asked on the witness.
+    let checker = WriterChecker::start(&c);
+    c.ctl_ok(2, &["move", "mail", NAMES[q]]).unwrap();
+    let now = c.wait_running(Duration::from_secs(30)).unwrap();
+    assert_eq!(now, q);
+    // Standby of the owner moves it back; online lets it return later.
+    c.ctl_ok(p, &["standby", NAMES[q]]).unwrap();
+    let now = c.wait_running(Duration::from_secs(30)).unwrap();
+    assert_eq!(now, p);
+    let overlaps = checker.finish();
+    assert!(overlaps.is_empty(), "two writable primaries: {overlaps:?}");
+    let s = c.status(p).unwrap();
+    assert_eq!(s["groups"][0]["standby"][0], NAMES[q], "{s}");
+    let out = c.ctl(p, &["move", "mail", NAMES[q]]).unwrap();
+    assert!(!out.success() && out.stderr.contains("standby"), "{}", out.describe());
+    c.ctl_ok(p, &["online", NAMES[q]]).unwrap();
+    // The events stream and the human status.
+    let status = c.ctl_ok(q, &["status"]).unwrap().stdout;
+    assert!(status.contains("quorum yes") && status.contains(&format!("mail on {}", NAMES[p])), "{status}");
+}
+
+#[test]
+fn the_whole_cluster_restarts_with_the_same_owner() {
+    let Some((_dir, mut c)) = default_setup("cl-restart") else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    for i in 0..3 {
+        c.daemons[i] = None; // SIGKILL of clusterd only
+    }
+    c.start_all().unwrap();
+    let now = c.wait_running(Duration::from_secs(30)).unwrap();
+    assert_eq!(now, p, "{}", c.describe());
+}
+
+#[test]
+fn admin_commands_need_quorum_and_root() {
+    let Some((_dir, mut c)) = default_setup("cl-quorum") else { return };
+    c.start(0).unwrap();
+    // Alone: no quorum, nothing can change, and the group does not start.
+    let out = c.ctl(0, &["standby", "b"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("no quorum"), "{}", out.describe());
+    assert!(!c.writable(0));
+    // Not root: refused by the daemon even if the socket were reachable.
+    let sock = c.dir.join("clusterd-a.sock");
+    let out = tests::run(
+        tests::cmd("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(tests::cluster::clusterd_bin())
+            .args(["status", "--control"])
+            .arg(&sock),
+    )
+    .unwrap();
+    assert!(!out.success(), "{}", out.describe());
+}
