@@ -13,6 +13,7 @@
 pub mod config;
 pub mod failover;
 pub mod fence;
+pub mod group;
 pub mod heartbeat;
 
 #[cfg(test)]
