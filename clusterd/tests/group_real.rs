@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use clusterd::fence::{run_agent, AgentExit, FenceAction, FenceAgent, FencePlan};
 use clusterd::group::{self, GroupContext, GroupEvent, GroupSection, StepState};
 use tokio::sync::mpsc;
 
@@ -57,10 +58,10 @@ fn veth_of(ns: &str) -> String {
 impl Netns {
     fn new(tag: &str) -> Netns {
         let name = format!("cdg{tag}{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         sh("ip", &["netns", "add", &name]);
         let veth = veth_of(&name);
-        let _ = Command::new("ip").args(["link", "del", &veth]).status();
+        let _ = Command::new("ip").args(["link", "del", &veth]).stderr(Stdio::null()).status();
         sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name]);
         sh("ip", &["link", "set", &veth, "up"]);
         sh("ip", &["-n", &name, "link", "set", "eth0", "up"]);
@@ -305,4 +306,39 @@ fn filesystem_on_a_loop_device_fsck_mount_remount_umount() {
     drop(_unmount);
     drop(lo);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn fence(agent_args: Vec<(String, String)>, target: &str, action: FenceAction) -> AgentExit {
+    let device = FenceAgent { name: "netns".into(), path: agent("fence_netns"), args: agent_args, timeout_ms: 20_000 };
+    let plan = FencePlan::new(target, action, vec![vec![device]]).unwrap();
+    run_agent(&plan.next_request().unwrap())
+}
+
+#[test]
+fn fence_netns_kills_the_host_and_cuts_its_link() {
+    if !root_or_skip("fence_netns_kills_the_host_and_cuts_its_link") {
+        return;
+    }
+    let ns = Netns::new("f");
+    let mut inside = Command::new("ip").args(["netns", "exec", &ns.name, "sleep", "600"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sh("ip", &["netns", "pids", &ns.name]).trim().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the process never entered {}", ns.name);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let by_netns = vec![("netns".to_string(), ns.name.clone())];
+    // clusterd sends nodename=<node>; netns= maps it to the namespace.
+    assert_eq!(fence(by_netns.clone(), "node-a", FenceAction::Status), AgentExit::Code(0));
+    assert_eq!(fence(by_netns.clone(), "node-a", FenceAction::Off), AgentExit::Code(0));
+    let status = inside.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "not killed: {status:?}");
+    assert!(sh("ip", &["netns", "pids", &ns.name]).trim().is_empty());
+    assert!(!sh("ip", &["-n", &ns.name, "-o", "link", "show", "eth0"]).contains(",UP"), "link still up");
+    assert_eq!(fence(by_netns.clone(), "node-a", FenceAction::Status), AgentExit::Code(2));
+    assert_eq!(fence(by_netns, "node-a", FenceAction::On), AgentExit::Code(0));
+    // Without netns=, the node name is the namespace.
+    assert_eq!(fence(Vec::new(), &ns.name, FenceAction::Status), AgentExit::Code(0));
+    assert_eq!(fence(Vec::new(), &ns.name, FenceAction::Monitor), AgentExit::Code(0));
+    assert_eq!(fence(Vec::new(), "no-such-namespace", FenceAction::Status), AgentExit::Code(2));
+    assert!(matches!(fence(Vec::new(), "bad name!", FenceAction::Off), AgentExit::Code(1)));
 }
