@@ -266,16 +266,19 @@ fn filesystem_on_a_loop_device_fsck_mount_remount_umount() {
     let lo = Loop { device: sh("losetup", &["--find", "--show", image.to_str().unwrap()]).trim().to_owned() };
     let mnt = dir.join("mnt");
     let _unmount = Unmount(mnt.clone());
-    let toml = format!(
-        "name = \"fs\"\nvolume = \"unused\"\n[[resource]]\nname = \"data\"\nkind = \"filesystem\"\n\
-         device = \"{}\"\ndirectory = \"{}\"\nfstype = \"ext4\"\noptions = \"noatime\"\nmonitor_interval_ms = 200\n",
-        lo.device,
-        mnt.display()
-    );
-    let spec = toml::from_str::<GroupSection>(&toml).unwrap().validate(true).unwrap();
+    let spec = |force: bool| {
+        let toml = format!(
+            "name = \"fs\"\nvolume = \"unused\"\n[[resource]]\nname = \"data\"\nkind = \"filesystem\"\n\
+             device = \"{}\"\ndirectory = \"{}\"\nfstype = \"ext4\"\noptions = \"noatime\"\n\
+             monitor_interval_ms = 200\nforce_unmount = {force}\n",
+            lo.device,
+            mnt.display()
+        );
+        toml::from_str::<GroupSection>(&toml).unwrap().validate(true).unwrap()
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let (h, mut rx) = group::spawn(spec, GroupContext::new(dir.join("run")));
+        let (h, mut rx) = group::spawn(spec(false), GroupContext::new(dir.join("run")));
         h.start().await.unwrap();
         assert_eq!(next_event(&mut rx, "Started").await, GroupEvent::Started);
         assert!(mounted(&mnt), "not mounted after start");
@@ -285,23 +288,32 @@ fn filesystem_on_a_loop_device_fsck_mount_remount_umount() {
         assert_eq!(next_event(&mut rx, "Recovered").await, GroupEvent::Recovered { step: "data".into() });
         assert!(mounted(&mnt));
         assert_eq!(std::fs::read(mnt.join("mail")).unwrap(), b"kept");
-        // A busy mount point fails the stop: the group reports StopFailed.
-        let holder = std::fs::File::open(mnt.join("mail")).unwrap();
-        let cwd_holder = Command::new("sleep").arg("60").current_dir(&mnt).spawn().unwrap();
+        // Without force_unmount a busy mount point fails the stop.
+        let mut cwd_holder = Command::new("sleep").arg("60").current_dir(&mnt).spawn().unwrap();
         h.stop().await.unwrap();
         let event = next_event(&mut rx, "StopFailed").await;
         assert!(
             matches!(&event, GroupEvent::StopFailed { step, why } if step == "data" && why.contains("umount")),
             "{event:?}"
         );
-        let mut cwd_holder = cwd_holder;
+        assert_eq!(cwd_holder.try_wait().unwrap(), None, "the user was killed without force_unmount");
         cwd_holder.kill().unwrap();
         cwd_holder.wait().unwrap();
-        drop(holder);
         // Retried, it stops.
         h.stop().await.unwrap();
         assert_eq!(next_event(&mut rx, "Stopped").await, GroupEvent::Stopped);
         assert!(!mounted(&mnt), "still mounted after stop");
+
+        // With force_unmount (the default) the users are killed and the stop succeeds.
+        let (h, mut rx) = group::spawn(spec(true), GroupContext::new(dir.join("run")));
+        h.start().await.unwrap();
+        assert_eq!(next_event(&mut rx, "Started").await, GroupEvent::Started);
+        let mut cwd_holder = Command::new("sleep").arg("60").current_dir(&mnt).spawn().unwrap();
+        h.stop().await.unwrap();
+        assert_eq!(next_event(&mut rx, "Stopped").await, GroupEvent::Stopped);
+        assert!(!mounted(&mnt), "still mounted after a forced stop");
+        let status = cwd_holder.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{status:?}");
     });
     drop(_unmount);
     drop(lo);

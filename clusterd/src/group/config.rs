@@ -23,6 +23,7 @@
 //! fstype = "ext4"
 //! options = "noatime"             # optional
 //! fsck = true                     # optional: `fsck -a` before mount
+//! force_unmount = true            # optional: a busy umount kills the users (fuser -km), retries
 //!
 //! [[group.resource]]
 //! name = "ip"
@@ -103,6 +104,7 @@ pub struct ResourceSection {
     pub fstype: Option<String>,
     pub options: Option<String>,
     pub fsck: Option<bool>,
+    pub force_unmount: Option<bool>,
     // ip
     pub address: Option<String>,
     pub interface: Option<String>,
@@ -175,6 +177,9 @@ pub enum StepKind {
         fstype: String,
         options: Option<String>,
         fsck: bool,
+        /// On a busy umount, kill the processes using the file system
+        /// (as Pacemaker's Filesystem agent does) rather than fail the stop.
+        force_unmount: bool,
     },
     /// `address` keeps its prefix length (`10.0.0.100/24`).
     Ip {
@@ -272,7 +277,7 @@ impl GroupSection {
 /// The keys each kind accepts besides name, kind and the timing keys.
 fn allowed_keys(kind: &str) -> &'static [&'static str] {
     match kind {
-        "filesystem" => &["device", "directory", "fstype", "options", "fsck"],
+        "filesystem" => &["device", "directory", "fstype", "options", "fsck", "force_unmount"],
         "ip" => &["address", "interface"],
         "ocf" => &["agent", "params"],
         "systemd" => &["unit"],
@@ -292,6 +297,7 @@ fn present_keys(r: &ResourceSection) -> Vec<&'static str> {
     add(r.fstype.is_some(), "fstype");
     add(r.options.is_some(), "options");
     add(r.fsck.is_some(), "fsck");
+    add(r.force_unmount.is_some(), "force_unmount");
     add(r.address.is_some(), "address");
     add(r.interface.is_some(), "interface");
     add(r.agent.is_some(), "agent");
@@ -383,7 +389,14 @@ fn validate_kind(
                     ));
                 }
             }
-            StepKind::Filesystem { device, directory, fstype, options: r.options.clone(), fsck: r.fsck.unwrap_or(true) }
+            StepKind::Filesystem {
+                device,
+                directory,
+                fstype,
+                options: r.options.clone(),
+                fsck: r.fsck.unwrap_or(true),
+                force_unmount: r.force_unmount.unwrap_or(true),
+            }
         }
         "ip" => {
             let address = required(r.address.as_deref(), "address", "\"10.0.0.100/24\"")?;
@@ -585,7 +598,8 @@ stop_timeout_ms = 60000
                 directory: "/srv/mail".into(),
                 fstype: "ext4".into(),
                 options: Some("noatime".into()),
-                fsck: true
+                fsck: true,
+                force_unmount: true
             }
         );
         assert!(matches!(&g.steps[2].kind, StepKind::Ip { prefix_len: 24, interface, .. } if interface == "eth0"));

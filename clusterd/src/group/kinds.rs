@@ -21,12 +21,13 @@ pub(crate) async fn run(exec: &Exec, step: usize, op: Op, deadline: Instant) -> 
     let spec = &exec.spec.steps[step];
     match &spec.kind {
         StepKind::Attach => attach(exec, step, op, deadline).await,
-        StepKind::Filesystem { device, directory, fstype, options, fsck } => {
+        StepKind::Filesystem { device, directory, fstype, options, fsck, force_unmount } => {
             let device = match device {
                 DeviceSource::Path(p) => Some(p.clone()),
                 DeviceSource::Attach(i) => device_of(exec, *i),
             };
-            filesystem(device, directory, fstype, options.as_deref(), *fsck, op, deadline).await
+            let fs = Fs { directory, fstype, options: options.as_deref(), fsck: *fsck, force_unmount: *force_unmount };
+            filesystem(device, &fs, op, deadline).await
         }
         StepKind::Ip { address, ip, interface, .. } => ip_step(address, *ip, interface, op, deadline).await,
         StepKind::Ocf { .. } => {
@@ -229,15 +230,30 @@ pub fn mount_command(device: &Path, directory: &Path, fstype: &str, options: Opt
     c.arg(device).arg(directory)
 }
 
-async fn filesystem(
-    device: Option<PathBuf>,
-    directory: &Path,
-    fstype: &str,
-    options: Option<&str>,
+/// `fuser -k -M -m DIR`: SIGKILL to every process using the file system
+/// mounted on DIR; -M refuses when DIR is not a mount point (so a race
+/// with an unmount never kills the users of the parent file system).
+pub fn fuser_kill_command(directory: &Path) -> CommandSpec {
+    CommandSpec::new("fuser", &["-k", "-M", "-m"]).arg(directory)
+}
+
+struct Fs<'a> {
+    directory: &'a Path,
+    fstype: &'a str,
+    options: Option<&'a str>,
     fsck: bool,
-    op: Op,
-    deadline: Instant,
-) -> Outcome {
+    force_unmount: bool,
+}
+
+async fn umount(directory: &Path, deadline: Instant) -> Outcome {
+    match run_command(&CommandSpec::new("umount", &[]).arg(directory), deadline).await {
+        Ok(out) => zero_ok("umount", &out),
+        Err(e) => e.into(),
+    }
+}
+
+async fn filesystem(device: Option<PathBuf>, fs: &Fs<'_>, op: Op, deadline: Instant) -> Outcome {
+    let Fs { directory, fstype, options, fsck, force_unmount } = *fs;
     let mounted = match is_mounted(directory) {
         Ok(m) => m,
         Err(e) => return Outcome::Failed(e),
@@ -280,9 +296,20 @@ async fn filesystem(
             if !mounted {
                 return Outcome::NotRunning;
             }
-            match run_command(&CommandSpec::new("umount", &[]).arg(directory), deadline).await {
-                Ok(out) => zero_ok("umount", &out),
-                Err(e) => e.into(),
+            let first = umount(directory, deadline).await;
+            if first == Outcome::Ok || !force_unmount || !matches!(is_mounted(directory), Ok(true)) {
+                return first;
+            }
+            tracing::warn!(directory = %directory.display(), ?first, "umount failed; killing the file system's users");
+            match run_command(&fuser_kill_command(directory), deadline).await {
+                // 1: nobody was using it; umount failed for another reason.
+                Ok(out) => tracing::info!(code = ?out.code, killed = %out.stdout.trim(), "fuser"),
+                Err(e) => tracing::warn!(error = %e, "fuser failed (is psmisc installed?)"),
+            }
+            match umount(directory, deadline).await {
+                Outcome::Ok => Outcome::Ok,
+                Outcome::Failed(why) => Outcome::Failed(format!("{why} (after killing its users)")),
+                other => other,
             }
         }
     }
@@ -548,6 +575,7 @@ mod tests {
         let c = mount_command(Path::new("/dev/nbd0"), Path::new("/srv/mail"), "xfs", None);
         assert_eq!(args(&c), ["-t", "xfs", "/dev/nbd0", "/srv/mail"]);
         assert_eq!(args(&fsck_command(Path::new("/dev/nbd0"), "ext4")), ["-T", "-t", "ext4", "-a", "/dev/nbd0"]);
+        assert_eq!(args(&fuser_kill_command(Path::new("/srv/mail"))), ["-k", "-M", "-m", "/srv/mail"]);
         assert_eq!(fsck_outcome(&out(0, "")), Outcome::Ok);
         assert_eq!(fsck_outcome(&out(1, "")), Outcome::Ok);
         assert_eq!(fsck_outcome(&out(2, "")), Outcome::Ok);
