@@ -86,7 +86,7 @@ pub struct ProcOutput {
 }
 
 impl ProcOutput {
-    /// "exit code N: <stderr tail>" for error messages.
+    /// `exit code N: <stderr tail>` for error messages.
     pub fn describe(&self) -> String {
         let how = match self.code {
             Some(c) => format!("exit code {c}"),

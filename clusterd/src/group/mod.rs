@@ -5,10 +5,19 @@
 //! - `config`: the `[[group]]` table, validated into a `GroupSpec`;
 //! - `runner`: `GroupRunner`, the sans-IO core (order, monitors, restarts,
 //!   escalation);
-//! - `exec`: the tokio shell: runs each kind's commands with timeouts, and
-//!   `spawn` gives a `GroupHandle`;
+//! - `exec`: the tokio shell: `run_command` (timeouts kill the process
+//!   group), and `spawn`, which drives a runner and gives a `GroupHandle`;
+//! - `kinds`: what attach, filesystem, ip, ocf and systemd steps run;
 //! - `volume`: `Volume`, the replicator CLI (promote, demote, freeze,
 //!   resume, status).
+//!
+//! How the daemon maps the failover core's actions: `Promote { epoch }` →
+//! `Volume::promote`, `Resume` → `Volume::resume`, `StartServices` →
+//! `GroupHandle::start`, `RestartServices` → `restart`, `StopServices` →
+//! `stop` (then wait for `GroupEvent::Stopped` before `Demote`), `Freeze` →
+//! `Volume::freeze`, `Demote` → `Volume::demote`. `GroupEvent::Failed` and
+//! `StartFailed` become `Input::ResourceFailed`; `StopFailed` means the node
+//! must fence itself (or be fenced) before the peer may promote.
 //!
 //! **Invariant:** the runner never runs a process or reads a clock; the
 //! shell never decides what to run next.
