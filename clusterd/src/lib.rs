@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod failover;
 pub mod fence;
+pub mod group;
 pub mod heartbeat;
 
 #[cfg(test)]
