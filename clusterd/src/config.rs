@@ -64,6 +64,9 @@ pub struct ClusterConfig {
     pub nodes: Vec<NodeSection>,
     #[serde(default, rename = "fence")]
     pub fences: Vec<FenceSection>,
+    /// Resource groups (see `crate::group::config`).
+    #[serde(default, rename = "group")]
+    pub groups: Vec<crate::group::GroupSection>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -640,7 +640,6 @@ impl Failover {
             Applied::Failed(_)
             | Applied::Cleaned(_)
             | Applied::Disk { .. }
-            | Applied::Released(_)
             | Applied::Standby { .. }
             | Applied::Ignored => {}
         }

@@ -31,7 +31,7 @@ pub(crate) async fn run(exec: &Exec, step: usize, op: Op, deadline: Instant) -> 
         }
         StepKind::Ip { address, ip, interface, .. } => ip_step(address, *ip, interface, op, deadline).await,
         StepKind::Ocf { .. } => {
-            let (cmd, timeout_ms) = (ocf_command(spec, op, deadline), remaining_ms(deadline));
+            let (cmd, timeout_ms) = (ocf_command(spec, op, exec.ctx.node.as_deref(), deadline), remaining_ms(deadline));
             tracing::debug!(command = %cmd.describe(), timeout_ms, "OCF agent");
             match run_command(&cmd, deadline).await {
                 Ok(out) => ocf_outcome(op, &out),
@@ -420,7 +420,8 @@ pub fn is_secret_param(key: &str) -> bool {
     k.contains("pass") || k.contains("secret") || k.contains("token")
 }
 
-pub fn ocf_command(step: &StepSpec, op: Op, deadline: Instant) -> CommandSpec {
+/// `node`: this node's name, passed as Pacemaker does (`CRM_meta_on_node`).
+pub fn ocf_command(step: &StepSpec, op: Op, node: Option<&str>, deadline: Instant) -> CommandSpec {
     let StepKind::Ocf { agent, params } = &step.kind else {
         unreachable!("ocf_command on a {} step", step.kind.name())
     };
@@ -439,6 +440,9 @@ pub fn ocf_command(step: &StepSpec, op: Op, deadline: Instant) -> CommandSpec {
     c.env.push(("OCF_RESKEY_CRM_meta_timeout".into(), remaining_ms(deadline).to_string()));
     let interval = if op == Op::Monitor { step.timing.monitor_interval_ms } else { 0 };
     c.env.push(("OCF_RESKEY_CRM_meta_interval".into(), interval.to_string()));
+    if let Some(node) = node {
+        c.env.push(("OCF_RESKEY_CRM_meta_on_node".into(), node.to_owned()));
+    }
     for (k, v) in params {
         let key = format!("OCF_RESKEY_{k}");
         if is_secret_param(k) {
@@ -537,7 +541,7 @@ mod tests {
             kind: StepKind::Ocf { agent: "/usr/lib/ocf/resource.d/heartbeat/IPaddr2".into(), params },
             timing: StepTiming::default(),
         };
-        let c = ocf_command(&step, Op::Monitor, Instant::now() + Duration::from_secs(20));
+        let c = ocf_command(&step, Op::Monitor, Some("b"), Instant::now() + Duration::from_secs(20));
         assert_eq!(args(&c), ["monitor"]);
         let env: BTreeMap<&str, &str> = c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert_eq!(env["OCF_ROOT"], "/usr/lib/ocf");
@@ -546,12 +550,13 @@ mod tests {
         assert_eq!(env["OCF_RESOURCE_PROVIDER"], "heartbeat");
         assert_eq!(env["OCF_RESKEY_ip"], "10.0.0.9");
         assert_eq!(env["OCF_RESKEY_CRM_meta_interval"], "2000");
+        assert_eq!(env["OCF_RESKEY_CRM_meta_on_node"], "b");
         let t: u64 = env["OCF_RESKEY_CRM_meta_timeout"].parse().unwrap();
         assert!((19_000..=20_000).contains(&t), "{t}");
         assert!(!c.describe().contains("s3cret"));
         // An agent outside an OCF tree still gets the standard root.
         let step = StepSpec { kind: StepKind::Ocf { agent: "/opt/x/agent".into(), params: BTreeMap::new() }, ..step };
-        let c = ocf_command(&step, Op::Start, Instant::now());
+        let c = ocf_command(&step, Op::Start, None, Instant::now());
         assert!(c.env.contains(&("OCF_ROOT".into(), OCF_ROOT_DEFAULT.into())));
 
         assert_eq!(ocf_outcome(Op::Monitor, &out(0, "")), Outcome::Ok);
