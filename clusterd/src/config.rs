@@ -347,6 +347,27 @@ impl ClusterConfig {
                 ));
             }
         }
+        let mut group_names = std::collections::BTreeSet::new();
+        for g in &self.groups {
+            if !group_names.insert(g.name.as_str()) {
+                return Err(err("group.name", format!("{:?} is repeated", g.name), "give every group a unique name"));
+            }
+            g.validate(false).map_err(|e| ConfigError::Invalid {
+                file: file.to_owned(),
+                key: e.key.clone(),
+                problem: e.problem.clone(),
+                fix: e.fix.clone(),
+            })?;
+            if let Some(p) = &g.preferred {
+                if !self.storage_nodes().any(|n| &n.name == p) {
+                    return Err(err(
+                        "group.preferred",
+                        format!("{p:?} is not a storage node"),
+                        "name one of the two storage nodes, or remove the key",
+                    ));
+                }
+            }
+        }
         if self.mode() == Mode::TwoNodeManual && fo.automatic {
             return Err(err(
                 "failover.automatic",
@@ -433,6 +454,19 @@ raft = "10.0.0.3:7790"
         assert_eq!(invalid_key(&one_path), "node.heartbeat");
         let dup = GOOD.replace("name = \"w\"", "name = \"a\"");
         assert_eq!(invalid_key(&dup), "node.name");
+    }
+
+    #[test]
+    fn groups_are_validated_with_the_cluster() {
+        let group = "\n[[group]]\nname = \"mail\"\nvolume = \"r0\"\npreferred = \"a\"\n\
+                     [[group.resource]]\nname = \"ip\"\nkind = \"ip\"\naddress = \"10.0.0.100/24\"\ninterface = \"eth0\"\n";
+        let cfg = check(&format!("{GOOD}{group}")).unwrap();
+        assert_eq!(cfg.groups.len(), 1);
+        let no_prefix = group.replace("10.0.0.100/24", "10.0.0.100");
+        assert!(invalid_key(&format!("{GOOD}{no_prefix}")).contains("address"), "{no_prefix}");
+        let witness_preferred = group.replace("preferred = \"a\"", "preferred = \"w\"");
+        assert_eq!(invalid_key(&format!("{GOOD}{witness_preferred}")), "group.preferred");
+        assert_eq!(invalid_key(&format!("{GOOD}{group}{group}")), "group.name");
     }
 
     #[test]

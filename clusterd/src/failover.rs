@@ -214,6 +214,9 @@ pub struct FailoverConfig {
     /// A dead owner (heartbeat) is replaced only after no renewal was seen
     /// for this long.
     pub takeover_after_ms: u64,
+    /// The peer is the group's preferred node: a group nobody ever owned is
+    /// left to it unless it is dead or silent for `takeover_after_ms`.
+    pub peer_preferred: bool,
     /// How often an uncommitted proposal is sent again.
     pub repropose_ms: u64,
     /// A fence agent exists: a new owner fences a dead previous owner instead
@@ -795,7 +798,11 @@ impl Failover {
             return false;
         }
         match self.state.owner {
-            None => true,
+            None => {
+                !self.cfg.peer_preferred
+                    || self.peer_alive == Some(false)
+                    || self.now_ms >= self.owner_activity_ms + self.cfg.takeover_after_ms
+            }
             // A released group stays with its owner if the peer cannot take it.
             Some(owner) if owner == me => !self.state.released || !self.state.may_grant(self.cfg.peer),
             Some(_) if self.state.released => true,
@@ -824,6 +831,7 @@ mod tests {
             lease_ms: 3000,
             drift_margin_ms: 10,
             takeover_after_ms: 1000,
+            peer_preferred: false,
             repropose_ms: 500,
             fence_configured: fence,
             incarnation: 7,

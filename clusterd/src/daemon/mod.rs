@@ -279,6 +279,7 @@ impl Daemon {
             lease_ms: self.cfg.failover.lease_ms,
             drift_margin_ms: self.cfg.drift_margin_ms(),
             takeover_after_ms: self.cfg.heartbeat.deadtime_ms,
+            peer_preferred: spec.preferred.as_deref() == Some(self.node_name(peer).as_str()),
             repropose_ms: 500,
             fence_configured: self.cfg.fences.iter().any(|f| f.node == self.node_name(peer)),
             incarnation: self.incarnation,

@@ -87,6 +87,8 @@ struct Swarm {
     separate_replication_link: bool,
     /// Planned moves and standby/online by the admin.
     admin_pct: u64,
+    /// Node A is the group's preferred node.
+    a_preferred: bool,
 }
 
 impl Swarm {
@@ -107,6 +109,7 @@ impl Swarm {
             quorum_loss_detect_ms: [100, 1000, 5000, u64::MAX][rng.below(4) as usize],
             separate_replication_link: rng.below(2) == 0,
             admin_pct: [0, 1, 4][rng.below(3) as usize],
+            a_preferred: rng.below(2) == 0,
         }
     }
 }
@@ -181,7 +184,7 @@ struct Sim {
     promotions: u64,
 }
 
-fn failover_cfg(me: usize, fence: bool, incarnation: u64, lease_ms: u64) -> FailoverConfig {
+fn failover_cfg(me: usize, fence: bool, incarnation: u64, lease_ms: u64, a_preferred: bool) -> FailoverConfig {
     FailoverConfig {
         group: GROUP,
         me: NodeId(me as u8),
@@ -190,6 +193,7 @@ fn failover_cfg(me: usize, fence: bool, incarnation: u64, lease_ms: u64) -> Fail
         lease_ms,
         drift_margin_ms: drift_margin_ms(lease_ms, DRIFT_PPM_MAX),
         takeover_after_ms: TAKEOVER_AFTER_MS,
+        peer_preferred: a_preferred && me == 1,
         repropose_ms: 2 * RENEW_INTERVAL_MS,
         fence_configured: fence,
         incarnation,
@@ -361,7 +365,7 @@ impl Sim {
         ));
         if n != W {
             let initial = GroupState::new(GROUP, &STORAGE, DiskState::UpToDate);
-            let cfg = failover_cfg(n, self.swarm.fence, node.inc, self.swarm.lease_ms);
+            let cfg = failover_cfg(n, self.swarm.fence, node.inc, self.swarm.lease_ms, self.swarm.a_preferred);
             cfg.validate().expect("simulation config is valid");
             node.fo = Some(Failover::new(cfg, initial.clone(), DiskState::UpToDate, local));
             self.states[n] = initial;
