@@ -8,12 +8,15 @@
 //! - `heartbeat`: authenticated heartbeats over several paths, peer liveness;
 //! - `failover`: the safety core (grants, epochs, leases, fencing decisions);
 //! - `fence`: the fence-agents interface (stdin arguments, exit codes, levels);
+//! - `raft_log`: the replicated cluster log (Raft over mutual TLS, state on
+//!   local disk) that carries `failover`'s entries;
 //! - `sim` (tests only): thousands of seeded schedules over the real cores.
 
 pub mod config;
 pub mod failover;
 pub mod fence;
 pub mod heartbeat;
+pub mod raft_log;
 
 #[cfg(test)]
 mod rng;
