@@ -8,6 +8,8 @@
 //! - `heartbeat`: authenticated heartbeats over several paths, peer liveness;
 //! - `failover`: the safety core (grants, epochs, leases, fencing decisions);
 //! - `fence`: the fence-agents interface (stdin arguments, exit codes, levels);
+//! - `raft_log`: the replicated cluster log (Raft over mutual TLS, state on
+//!   local disk) that carries `failover`'s entries;
 //! - `sim` (tests only): thousands of seeded schedules over the real cores.
 
 pub mod cluster_state;
@@ -17,6 +19,7 @@ pub mod failover;
 pub mod fence;
 pub mod group;
 pub mod heartbeat;
+pub mod raft_log;
 
 #[cfg(test)]
 mod rng;
