@@ -15,6 +15,7 @@
 pub mod cluster_state;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod failover;
 pub mod fence;
 pub mod group;

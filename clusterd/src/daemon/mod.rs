@@ -64,7 +64,6 @@ pub struct Options {
 /// A group on a storage node.
 struct GroupRt {
     id: GroupId,
-    spec: GroupSpec,
     fo: Failover,
     exec: mpsc::UnboundedSender<Action>,
     services: GroupHandle,
@@ -314,7 +313,6 @@ impl Daemon {
         let fo = Failover::new(fo_cfg, self.state.groups[usize::from(id.0)].clone(), DiskState::Inconsistent, 0);
         self.groups.push(GroupRt {
             id,
-            spec,
             fo,
             exec,
             services,
@@ -733,7 +731,7 @@ impl Daemon {
         }
     }
 
-    fn request_move(&mut self, g: GroupId, to: NodeId) -> Result<String, String> {
+    fn request_move(&self, g: GroupId, to: NodeId) -> Result<String, String> {
         let st = &self.state.groups[usize::from(g.0)];
         let to_name = self.node_name(to);
         if st.owner == Some(to) && !st.released {
