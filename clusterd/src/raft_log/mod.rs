@@ -106,7 +106,9 @@ impl RaftLogConfig {
     }
 }
 
-/// What the log tells the daemon, in order.
+/// What the log tells the daemon, in order. The receiver ends (`None`) when
+/// the log stopped (shutdown, a disk error, a bug in raft): the daemon must
+/// then act as on `Quorum(false)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEvent {
     /// Newly committed entries in order (one Ready's worth), each with its
