@@ -492,6 +492,11 @@ async fn only_configured_peers_get_through_and_bad_input_drops_the_connection() 
     assert!(closed_by_server(&mut s).await, "a non-peer must be refused");
     wait_for("the unknown peer counted", WAIT, || stats().peers_unknown > before.peers_unknown).await;
 
+    // A client dialling node0 while expecting node1 refuses node0's
+    // certificate (what every sender checks against the peer it dials).
+    let wrong = tls_client(&ca, &pki.join("node2.pem"), &pki.join("node2.key"), "node1", addr).await;
+    assert!(wrong.is_err(), "a server certificate for another node must be refused");
+
     let (n1_cert, n1_key) = (pki.join("node1.pem"), pki.join("node1.key"));
     let as_node1 = || tls_client(&ca, &n1_cert, &n1_key, "node0", addr);
 
