@@ -195,6 +195,12 @@ pub struct RaftLog {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for RaftLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftLog").field("local_addr", &self.inner.local_addr).field("status", &self.status()).finish()
+    }
+}
+
 struct Inner {
     control: mpsc::Sender<Control>,
     status: watch::Receiver<RaftStatus>,
