@@ -572,7 +572,7 @@ async fn a_torn_tail_is_discarded_and_middle_corruption_names_the_fix() {
     let mut bad = after.clone();
     bad[record::MAGIC.len() + 8 + 2] ^= 0x40;
     std::fs::write(&file, &bad).expect("write corrupt file");
-    let err = start(c.nodes[0].cfg.clone()).err().expect("a corrupt state file must refuse to start");
+    let err = start(c.nodes[0].cfg.clone()).expect_err("a corrupt state file must refuse to start");
     let text = err.to_string();
     assert!(matches!(err, RaftLogError::Corrupt { offset: 8, .. }), "{text}");
     assert!(text.contains(&file.display().to_string()), "{text}");
