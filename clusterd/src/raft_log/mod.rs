@@ -22,6 +22,16 @@
 //! - `logger`: raft-rs's `slog` output forwarded to `tracing`;
 //! - `limits`: every bound of this module in one place.
 //!
+//! Membership is fixed by the configuration: every node starts an empty
+//! state directory with the same voter set (raft-rs's bootstrap by identical
+//! initial state); there are no conf changes. A node whose state directory
+//! was removed (the fix for a corrupt state file) rejoins under its old id:
+//! it clamps heartbeat commit indexes to its empty log instead of letting
+//! raft-rs panic, and the leader, seeing it reject entries it had
+//! acknowledged, replicates to it from scratch (entries or a snapshot).
+//! Raft assumes votes are never forgotten, so remove a state directory only
+//! while the other nodes are up and agree on a leader.
+//!
 //! **Invariant:** nothing a peer sends is decoded before its TLS handshake
 //! succeeded and its certificate named a configured peer; a message is
 //! attributed to a peer only through that certificate.
@@ -106,7 +116,9 @@ impl RaftLogConfig {
     }
 }
 
-/// What the log tells the daemon, in order.
+/// What the log tells the daemon, in order. The receiver ends (`None`) when
+/// the log stopped (shutdown, a disk error, a bug in raft): the daemon must
+/// then act as on `Quorum(false)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEvent {
     /// Newly committed entries in order (one Ready's worth), each with its
@@ -181,6 +193,12 @@ pub(crate) enum Control {
 #[derive(Clone)]
 pub struct RaftLog {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RaftLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftLog").field("local_addr", &self.inner.local_addr).field("status", &self.status()).finish()
+    }
 }
 
 struct Inner {

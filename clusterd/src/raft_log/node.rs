@@ -44,6 +44,18 @@ pub(crate) struct Node {
     started: Instant,
 }
 
+impl Drop for Node {
+    /// However the task ends (shutdown, disk failure, a panic inside
+    /// raft-rs), the status must not keep claiming a quorum; the event
+    /// receiver closes at the same time.
+    fn drop(&mut self) {
+        self.status.send_modify(|s| {
+            s.quorum = false;
+            s.leader = None;
+        });
+    }
+}
+
 /// The raft task stops: the daemon is gone or the disk failed.
 #[derive(Debug)]
 struct Stop(String);
@@ -139,10 +151,6 @@ impl Node {
         if let Err(Stop(why)) = self.persist(None).await {
             tracing::warn!(node = %self.name, "cluster log: final sync failed: {why}");
         }
-        self.status.send_modify(|s| {
-            s.quorum = false;
-            s.leader = None;
-        });
         tracing::info!(node = %self.name, "cluster log stopped");
     }
 

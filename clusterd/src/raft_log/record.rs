@@ -204,19 +204,11 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry { index, term, data: data.to_vec().into(), ..Default::default() }
     }
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.vote = vote;
-        h.commit = commit;
-        h
+        HardState { term, vote, commit, ..Default::default() }
     }
 
     /// One frame (one append) with these entries and hard state.
@@ -253,8 +245,7 @@ mod tests {
 
     #[test]
     fn snapshot_item_drops_entries_and_raises_commit() {
-        let mut s = Snapshot::default();
-        s.data = b"state".to_vec().into();
+        let mut s = Snapshot { data: b"state".to_vec().into(), ..Default::default() };
         s.mut_metadata().index = 7;
         s.mut_metadata().term = 3;
         let mut items = Vec::new();

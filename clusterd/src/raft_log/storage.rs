@@ -94,8 +94,7 @@ impl LogStore {
             return Err(format!("index {index} is not committed (commit {})", self.hard_state.commit));
         }
         let term = raft::Storage::term(self, index).map_err(|e| format!("no term for index {index}: {e}"))?;
-        let mut snap = Snapshot::default();
-        snap.data = state.into();
+        let mut snap = Snapshot { data: state.into(), ..Default::default() };
         let meta = snap.mut_metadata();
         meta.index = index;
         meta.term = term;

@@ -414,9 +414,10 @@ async fn compaction_restores_from_snapshots_locally_and_from_the_leader() {
     c.nodes[wiped].stop().await;
     std::fs::remove_dir_all(&c.nodes[wiped].cfg.state_dir).expect("wipe state dir");
     c.nodes[wiped].start();
-    wait_for("the wiped node receives a snapshot", WAIT, || !c.nodes[wiped].obs().restores.is_empty()).await;
+    // The leader finds out at its next append that the node lost its log.
     c.commit(leader, b"e11").await;
     let state = c.converged(12).await;
+    assert!(!c.nodes[wiped].obs().restores.is_empty(), "the wiped node caught up without a snapshot");
     assert_eq!(unfold(&fold(&state)), state);
     c.stop_all().await;
 }
@@ -490,6 +491,11 @@ async fn only_configured_peers_get_through_and_bad_input_drops_the_connection() 
     let _ = s.write_all(&frame(&Message::default())).await;
     assert!(closed_by_server(&mut s).await, "a non-peer must be refused");
     wait_for("the unknown peer counted", WAIT, || stats().peers_unknown > before.peers_unknown).await;
+
+    // A client dialling node0 while expecting node1 refuses node0's
+    // certificate (what every sender checks against the peer it dials).
+    let wrong = tls_client(&ca, &pki.join("node2.pem"), &pki.join("node2.key"), "node1", addr).await;
+    assert!(wrong.is_err(), "a server certificate for another node must be refused");
 
     let (n1_cert, n1_key) = (pki.join("node1.pem"), pki.join("node1.key"));
     let as_node1 = || tls_client(&ca, &n1_cert, &n1_key, "node0", addr);
@@ -566,7 +572,7 @@ async fn a_torn_tail_is_discarded_and_middle_corruption_names_the_fix() {
     let mut bad = after.clone();
     bad[record::MAGIC.len() + 8 + 2] ^= 0x40;
     std::fs::write(&file, &bad).expect("write corrupt file");
-    let err = start(c.nodes[0].cfg.clone()).err().expect("a corrupt state file must refuse to start");
+    let err = start(c.nodes[0].cfg.clone()).expect_err("a corrupt state file must refuse to start");
     let text = err.to_string();
     assert!(matches!(err, RaftLogError::Corrupt { offset: 8, .. }), "{text}");
     assert!(text.contains(&file.display().to_string()), "{text}");
