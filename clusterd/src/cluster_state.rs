@@ -135,7 +135,8 @@ pub fn group_of(entry: &Entry) -> GroupId {
         | Entry::MarkFailed { group, .. }
         | Entry::Cleanup { group, .. }
         | Entry::Release { group, .. }
-        | Entry::Standby { group, .. } => group,
+        | Entry::Standby { group, .. }
+        | Entry::EpochFloor { group, .. } => group,
     }
 }
 

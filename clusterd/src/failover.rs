@@ -75,6 +75,10 @@ pub enum Entry {
     /// `node` is put in standby (`on`) or back online: a node in standby is
     /// never granted a group, and an owner in standby releases it.
     Standby { group: GroupId, node: NodeId, on: bool },
+    /// The volume already saw primary epochs up to `floor` (it was used
+    /// before the cluster, or promoted by hand): the next grant must carry a
+    /// larger one. Valid only while no node runs the group.
+    EpochFloor { group: GroupId, floor: u64 },
 }
 
 /// What applying one committed entry changed.
@@ -102,6 +106,7 @@ pub enum Applied {
         node: NodeId,
         on: bool,
     },
+    EpochRaised(u64),
     /// Stale (older epoch), unsafe, or for another group: no effect.
     Ignored,
 }
@@ -184,6 +189,12 @@ impl GroupState {
                     }
                     None => Applied::Ignored,
                 }
+            }
+            Entry::EpochFloor { group, floor }
+                if group == self.group && floor > self.epoch && (self.owner.is_none() || self.released) =>
+            {
+                self.epoch = floor;
+                Applied::EpochRaised(floor)
             }
             Entry::Standby { group, node, on } if group == self.group && self.disks.contains_key(&node) => {
                 if on {
@@ -297,6 +308,8 @@ pub enum Input {
     /// The shell finished an `Action::Demote` (needed by a planned release,
     /// which proposes `Entry::Release` only once the volume is secondary).
     Demoted,
+    /// The newest primary epoch this node's volume has seen.
+    VolumeEpoch(u64),
 }
 
 /// Effects for the shell, in the order they must happen.
@@ -371,6 +384,8 @@ pub struct Failover {
     up_to_date_claim: u64,
     /// The epoch of the last grant this incarnation proposed for itself.
     proposed_grant: Option<u64>,
+    /// The newest epoch the local volume has seen (grants must exceed it).
+    volume_epoch: u64,
     actions: VecDeque<Action>,
 }
 
@@ -402,6 +417,7 @@ impl Failover {
             disk_reports: 0,
             up_to_date_claim: 0,
             proposed_grant: None,
+            volume_epoch: 0,
             actions: VecDeque::new(),
         };
         f.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
@@ -519,6 +535,7 @@ impl Failover {
                 self.peer_in_sync = self.replication_connected;
             }
             Input::ResourceFailed => self.resource_failed(),
+            Input::VolumeEpoch(e) => self.volume_epoch = e,
             Input::Demoted => {
                 if let Role::Releasing { epoch, demoted: false } = self.role {
                     self.role = Role::Releasing { epoch, demoted: true };
@@ -644,6 +661,7 @@ impl Failover {
             | Applied::Cleaned(_)
             | Applied::Disk { .. }
             | Applied::Standby { .. }
+            | Applied::EpochRaised(_)
             | Applied::Ignored => {}
         }
     }
@@ -785,7 +803,14 @@ impl Failover {
         }
         if self.role == Role::Secondary && self.quorum && now >= self.next_propose_ms && self.wants_grant() {
             self.next_propose_ms = now + self.cfg.repropose_ms;
-            let epoch = self.state.epoch + 1;
+            let free = self.state.owner.is_none() || self.state.released;
+            if free && self.volume_epoch > self.state.epoch {
+                // Raise the log's epoch past the volume's first; the grant
+                // below then carries the next one.
+                tracing::info!(floor = self.volume_epoch, "the volume saw newer epochs than the log");
+                self.propose(Entry::EpochFloor { group, floor: self.volume_epoch });
+            }
+            let epoch = self.state.epoch.max(if free { self.volume_epoch } else { 0 }) + 1;
             tracing::info!(epoch, owner = ?self.state.owner, "asking for the group");
             self.proposed_grant = Some(epoch);
             self.propose(Entry::Grant { group, node: self.cfg.me, epoch, incarnation: self.cfg.incarnation });
@@ -1219,6 +1244,23 @@ mod tests {
         let a = h.input(Input::Replication { connected: false });
         assert!(a.contains(&Action::Freeze), "{a:?}");
         assert!(!h.f.writable());
+    }
+
+    #[test]
+    fn a_volume_with_newer_epochs_raises_the_logs_floor_before_the_grant() {
+        let mut h = Harness::new(A, false);
+        h.input(Input::VolumeEpoch(7));
+        let a = h.input(Input::Quorum(true));
+        let floor = Entry::EpochFloor { group: G, floor: 7 };
+        let grant = Entry::Grant { group: G, node: A, epoch: 8, incarnation: 7 };
+        assert_eq!(proposals(&a), vec![&floor, &grant]);
+        let a = h.commit_proposals(&a);
+        let a = h.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 8 }), "{a:?}");
+        // Once a node runs the group, a floor changes nothing.
+        let mut s = h.f.state().clone();
+        assert_eq!(s.apply(&Entry::EpochFloor { group: G, floor: 20 }), Applied::Ignored);
+        assert_eq!(s.epoch, 8);
     }
 
     #[test]

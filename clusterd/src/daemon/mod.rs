@@ -72,6 +72,7 @@ struct GroupRt {
     told_disk: Option<DiskState>,
     told_connected: Option<bool>,
     told_in_sync: bool,
+    told_epoch: u64,
     fencing: bool,
 }
 
@@ -235,6 +236,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Io { what: "installing the SIGTERM handler".into(), source })?;
+    let mut log_open = true;
     loop {
         daemon.flush();
         let wake = daemon.next_timeout();
@@ -243,7 +245,16 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 let now = daemon.now_ms();
                 daemon.hb.handle_datagram(now, d.path, &d.bytes);
             }
-            Some(ev) = log_rx.recv() => daemon.log_event(ev),
+            ev = log_rx.recv(), if log_open => match ev {
+                Some(ev) => daemon.log_event(ev),
+                None => {
+                    // A disk error or a bug stopped the log: nothing can be
+                    // committed any more, so act as without quorum.
+                    log_open = false;
+                    daemon.event(None, "error", "the cluster log stopped (see the log above); acting as without quorum".into());
+                    daemon.log_event(LogEvent::Quorum(false));
+                }
+            },
             Some(r) = report_rx.recv() => daemon.report(r),
             Some(i) = internal_rx.recv() => daemon.internal(i),
             Some((req, reply)) = admin_rx.recv() => daemon.admin(req, reply),
@@ -320,6 +331,7 @@ impl Daemon {
             told_disk: None,
             told_connected: None,
             told_in_sync: false,
+            told_epoch: 0,
             fencing: false,
         });
     }
@@ -490,6 +502,10 @@ impl Daemon {
             }
             return;
         };
+        if g.told_epoch != s.epoch {
+            g.told_epoch = s.epoch;
+            g.fo.handle(now, Input::VolumeEpoch(s.epoch));
+        }
         let disk = s.disk_state().unwrap_or(DiskState::Inconsistent);
         if g.told_disk != Some(disk) {
             g.told_disk = Some(disk);
