@@ -43,12 +43,19 @@ enum Cmd {
         json: bool,
     },
     /// Move every group to NODE (planned, no write lost).
-    Promote { node: String },
+    Promote {
+        #[arg(id = "target", value_name = "NODE")]
+        node: String,
+    },
     /// Move every group NODE runs to its peer.
-    Demote { node: String },
+    Demote {
+        #[arg(id = "target", value_name = "NODE")]
+        node: String,
+    },
     /// Move GROUP to NODE (planned switchover, no write lost).
     Move {
         group: String,
+        #[arg(id = "target", value_name = "NODE")]
         node: String,
         /// Return once the move is logged instead of waiting for it.
         #[arg(long)]
@@ -58,18 +65,28 @@ enum Cmd {
         timeout: u64,
     },
     /// Put NODE in standby: it runs no group (its groups move away).
-    Standby { node: String },
+    Standby {
+        #[arg(id = "target", value_name = "NODE")]
+        node: String,
+    },
     /// Bring NODE back from standby.
-    Online { node: String },
+    Online {
+        #[arg(id = "target", value_name = "NODE")]
+        node: String,
+    },
     /// Fence (power off) NODE with its configured fence devices.
     Fence {
+        #[arg(id = "target", value_name = "NODE")]
         node: String,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
     },
     /// Clear resource failures of NODE (all nodes if omitted).
-    Cleanup { node: Option<String> },
+    Cleanup {
+        #[arg(id = "target", value_name = "NODE")]
+        node: Option<String>,
+    },
     /// Stream cluster events (one line each).
     Events,
     /// Print shell completions.

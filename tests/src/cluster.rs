@@ -163,9 +163,10 @@ impl Cluster {
         g["owner"].as_str().map(str::to_owned)
     }
 
-    /// Node `i`'s failover core says the volume is writable here.
+    /// Node `i`'s failover core says the volume is writable here, and
+    /// (the steady state) node `i` leads the cluster log.
     pub fn writable(&self, i: usize) -> bool {
-        self.status(i).is_ok_and(|s| s["groups"][0]["writable"] == true)
+        self.status(i).is_ok_and(|s| s["groups"][0]["writable"] == true && s["leader"] == NAMES[i])
     }
 
     /// The replicator on storage node `i` is primary with I/O not suspended.
@@ -184,6 +185,15 @@ impl Cluster {
         })
         .map_err(|e| anyhow!("{e}\n{}", self.describe()))?;
         which.ok_or_else(|| anyhow!("no node"))
+    }
+
+    /// Waits until storage node `i` runs the group and the service answers
+    /// from it.
+    pub fn wait_running_on(&self, i: usize, timeout: Duration) -> Result<()> {
+        wait_until(timeout, &format!("the group running on {}", NAMES[i]), || {
+            self.writable(i) && self.volume_writable(i) && self.service_answer().is_some_and(|a| a.contains(NAMES[i]))
+        })
+        .map_err(|e| anyhow!("{e}\n{}", self.describe()))
     }
 
     /// One line from the stand-in service at the service address.

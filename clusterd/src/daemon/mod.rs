@@ -98,6 +98,7 @@ pub struct Daemon {
     internal_tx: mpsc::UnboundedSender<Internal>,
     report_tx: mpsc::UnboundedSender<Report>,
     applied_since_compact: u64,
+    next_lead_request_ms: u64,
 }
 
 fn unix_ms() -> u64 {
@@ -225,6 +226,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         internal_tx,
         report_tx,
         applied_since_compact: 0,
+        next_lead_request_ms: 0,
         cfg,
     };
     for (i, spec) in specs.into_iter().enumerate() {
@@ -360,6 +362,16 @@ impl Daemon {
         self.hb.handle_timeout(now);
         for g in &mut self.groups {
             g.fo.handle_timeout(now);
+        }
+        // The owner of a group leads the log: a cut between the storage
+        // nodes then leaves it with the witness, i.e. with quorum.
+        let owner = self.groups.iter().any(|g| g.fo.promoted_epoch().is_some());
+        if owner && self.quorum && now >= self.next_lead_request_ms {
+            let leader = self.raft.status().leader;
+            if leader.is_some() && leader != Some(self.me) {
+                self.next_lead_request_ms = now + 1000;
+                self.raft.lead_here();
+            }
         }
     }
 

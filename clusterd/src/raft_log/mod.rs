@@ -187,6 +187,8 @@ pub(crate) fn node_of(raft_id: u64) -> Option<NodeId> {
 pub(crate) enum Control {
     Propose(Vec<u8>),
     Compact { index: u64, state: Vec<u8> },
+    /// Ask the leader to hand leadership to this node.
+    LeadHere,
 }
 
 /// The handle to a running node. Cheap to clone.
@@ -316,6 +318,14 @@ impl RaftLog {
         if let Err(e) = self.inner.control.try_send(Control::Compact { index: applied_index, state }) {
             tracing::debug!("cluster log: compaction request dropped: {e}");
         }
+    }
+
+    /// Asks the current leader to transfer leadership to this node (the
+    /// group's owner leads the log, so a cut between the two storage nodes
+    /// leaves the owner with the witness, and so with quorum). A no-op on
+    /// the leader or without one.
+    pub fn lead_here(&self) {
+        let _ = self.inner.control.try_send(Control::LeadHere);
     }
 
     pub fn status(&self) -> RaftStatus {

@@ -212,6 +212,13 @@ impl Node {
                     tracing::debug!(node = %self.name, "proposal dropped: {e}");
                 }
             }
+            Control::LeadHere => {
+                let (me, leader) = (self.raw.raft.id, self.raw.raft.leader_id);
+                if self.raw.raft.state != StateRole::Leader && leader != raft::INVALID_ID {
+                    tracing::info!(node = %self.name, from = leader, "asking for the log's leadership");
+                    self.raw.transfer_leader(me);
+                }
+            }
             Control::Compact { index, state } => {
                 if state.len() > SNAPSHOT_BYTES_MAX {
                     tracing::error!(node = %self.name, bytes = state.len(), max = SNAPSHOT_BYTES_MAX, "compaction refused: the state is too large for a snapshot");
