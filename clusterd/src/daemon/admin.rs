@@ -47,12 +47,15 @@ pub fn listen(path: &Path, tx: mpsc::Sender<AdminCall>) -> Result<(), DaemonErro
 async fn serve(stream: UnixStream, tx: mpsc::Sender<AdminCall>) {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let mut stream = BufReader::new(stream);
+    // The request line is read (bounded) before refusing, so the client is
+    // not cut off mid-write and sees the answer; it is decoded only for root.
+    let line = read_line(&mut stream).await;
     if uid != Some(0) {
         tracing::warn!(?uid, "admin socket: refused a client that is not root");
         let _ = write_line(stream.get_mut(), &Response::Error("permission denied: run as root".into())).await;
         return;
     }
-    let request = match read_line(&mut stream).await {
+    let request = match line {
         Ok(Some(line)) => match serde_json::from_slice::<Request>(&line) {
             Ok(r) => r,
             Err(e) => {
