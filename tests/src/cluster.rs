@@ -30,12 +30,37 @@ pub fn agent(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("agents").join(name)
 }
 
+/// The service address and the stand-in service, which logs its answers
+/// to `statefile` (`@DIR@` and `@SERVICE_IP@` are filled in).
+pub fn service_resources(statefile: &str) -> String {
+    format!(
+        "[[group.resource]]\nname = \"ip\"\nkind = \"ip\"\naddress = \"@SERVICE_IP@/24\"\ninterface = \"eth0\"\n\n\
+         [[group.resource]]\nname = \"standin\"\nkind = \"ocf\"\nagent = \"{}\"\nmonitor_interval_ms = 500\n\
+         params = {{ ip = \"@SERVICE_IP@\", port = \"{SERVICE_PORT}\", statefile = \"{statefile}\" }}\n",
+        agent("ocf-standin").display()
+    )
+}
+
+/// The whole stack: the volume attached (FUSE + loop here), ext4 checked
+/// and mounted at `@DIR@/mnt`, the service address, and the stand-in
+/// service with its state file on the replicated filesystem. Needs
+/// [`ClusterOptions::mkfs`].
+pub fn full_stack_resources() -> String {
+    format!(
+        "[[group.resource]]\nname = \"disk\"\nkind = \"attach\"\n\n\
+         [[group.resource]]\nname = \"fs\"\nkind = \"filesystem\"\ndevice = \"@attach\"\ndirectory = \"@DIR@/mnt\"\nfstype = \"ext4\"\n\n{}",
+        service_resources("@DIR@/mnt/standin-state")
+    )
+}
+
 pub struct ClusterOptions {
     /// `[[group.resource]]` tables after the volume; `@SERVICE_IP@` and
     /// `@DIR@` are replaced by the service address and the test directory.
     pub resources: String,
     /// Extra top-level TOML (e.g. `[[fence]]` tables); same replacements.
     pub extra: String,
+    /// Put an ext4 filesystem on the volume before the cluster starts.
+    pub mkfs: bool,
 }
 
 pub struct Cluster {
@@ -59,6 +84,10 @@ impl Cluster {
         let pair_opts = PairOptions { hosts: 3, pki: Some(pki.clone()), ..PairOptions::default() };
         let mut pair = Pair::new(dir, &pair_opts)?;
         pair.bring_up()?;
+        if opts.mkfs {
+            make_filesystem(&pair, &dir.join("mkfs-run"))?;
+            std::fs::create_dir_all(dir.join("mnt"))?;
+        }
         pair.ok(0, &["secondary"])?;
         let key = dir.join("authkey");
         std::fs::write(&key, crate::util::random_bytes(32, std::process::id().into()))?;
@@ -244,4 +273,29 @@ impl Cluster {
         }
         out
     }
+}
+
+/// ext4 on the primary `a` through `replicator attach` (FUSE + loop).
+fn make_filesystem(pair: &Pair, run_dir: &std::path::Path) -> Result<()> {
+    let mut c = crate::server::replicator();
+    c.args(["attach"]).arg(&pair.res).args(["--node", "a", "--method", "fuse", "--timeout", "20", "--run-dir"]).arg(run_dir);
+    let out = run_output(&mut c, Duration::from_secs(60))?;
+    if !out.success() {
+        bail!("attach for mkfs: {}", out.describe());
+    }
+    let device = out.stdout.trim().to_string();
+    let made = run(&mut cmd("mkfs.ext4", ["-q", "-F", &device]));
+    let mut c = crate::server::replicator();
+    c.args(["detach", &device]).arg("--run-dir").arg(run_dir);
+    let detached = run(&mut c);
+    let made = made?;
+    if !made.success() {
+        bail!("mkfs.ext4: {}", made.describe());
+    }
+    let detached = detached?;
+    if !detached.success() {
+        bail!("detach after mkfs: {}", detached.describe());
+    }
+    pair.wait(0, Duration::from_secs(10), "writes settled", |s| s["writes_in_flight"] == 0)?;
+    pair.wait_in_sync(Duration::from_secs(60))
 }

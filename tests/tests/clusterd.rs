@@ -6,19 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::cluster::{agent, Cluster, ClusterOptions, NAMES, SERVICE_PORT};
+use tests::cluster::{full_stack_resources, service_resources, Cluster, ClusterOptions, NAMES};
 use tests::{have_root, have_tools, TestDir};
-
-/// The service address and the stand-in service (its state file on the
-/// node's local disk).
-fn service_group() -> String {
-    format!(
-        "[[group.resource]]\nname = \"ip\"\nkind = \"ip\"\naddress = \"@SERVICE_IP@/24\"\ninterface = \"eth0\"\n\n\
-         [[group.resource]]\nname = \"standin\"\nkind = \"ocf\"\nagent = \"{}\"\nmonitor_interval_ms = 500\n\
-         params = {{ ip = \"@SERVICE_IP@\", port = \"{SERVICE_PORT}\", statefile = \"@DIR@/standin-state\", pidfile = \"@DIR@/standin.pid\" }}\n",
-        agent("ocf-standin").display()
-    )
-}
 
 fn setup(name: &str, opts: ClusterOptions) -> Option<(TestDir, Cluster)> {
     if !have_root("network namespaces, iptables and service addresses") {
@@ -33,7 +22,10 @@ fn setup(name: &str, opts: ClusterOptions) -> Option<(TestDir, Cluster)> {
 }
 
 fn default_setup(name: &str) -> Option<(TestDir, Cluster)> {
-    setup(name, ClusterOptions { resources: service_group(), extra: String::new() })
+    setup(
+        name,
+        ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false },
+    )
 }
 
 /// Samples both storage nodes' volumes until stopped; records every sample

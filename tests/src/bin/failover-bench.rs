@@ -12,17 +12,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use tests::cluster::{agent, Cluster, ClusterOptions, SERVICE_PORT};
+use tests::cluster::{service_resources, Cluster, ClusterOptions};
 use tests::TestDir;
-
-fn group() -> String {
-    format!(
-        "[[group.resource]]\nname = \"ip\"\nkind = \"ip\"\naddress = \"@SERVICE_IP@/24\"\ninterface = \"eth0\"\n\n\
-         [[group.resource]]\nname = \"standin\"\nkind = \"ocf\"\nagent = \"{}\"\nmonitor_interval_ms = 500\n\
-         params = {{ ip = \"@SERVICE_IP@\", port = \"{SERVICE_PORT}\", statefile = \"@DIR@/standin-state\", pidfile = \"@DIR@/standin.pid\" }}\n",
-        agent("ocf-standin").display()
-    )
-}
 
 /// Waits until the service answers from node `q`; the elapsed time since `t0`.
 fn answered_by(c: &Cluster, q: usize, t0: Instant) -> Result<Duration> {
@@ -70,7 +61,7 @@ fn stats(name: &str, times: &mut [Duration]) {
 fn main() -> Result<()> {
     let runs: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
     let dir = TestDir::new("failover-bench");
-    let mut c = Cluster::new(&dir, &ClusterOptions { resources: group(), extra: String::new() })?;
+    let mut c = Cluster::new(&dir, &ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false })?;
     c.start_all()?;
     c.wait_running(Duration::from_secs(30))?;
     let mut kill_times = Vec::new();
