@@ -165,6 +165,7 @@ fn check_config(config: &Config) -> Result<()> {
     if let Some(t) = &config.tls {
         mta::tls::server_config(&t.cert, &t.key).context("failed to load TLS material")?;
     }
+    mta::server::outbound_secrets(config)?;
     print!("{}", config.describe());
     print!("{}", mta::server::describe_paths(config));
     println!("config ok: {}", config.path.display());
