@@ -25,6 +25,7 @@ packages=(
     socat             # qemu guestfwd: one host connection per guest connection
     cpio              # packs the guest initramfs
     swaks                  # SMTP client for the mta tests
+    testssl.sh             # TLS scan of the mta listeners (tests/tests/mta_tls_scan.rs)
     libnet-ssleay-perl     # swaks STARTTLS / implicit TLS
     libio-socket-ssl-perl  # swaks STARTTLS / implicit TLS
     dovecot-core           # doveadm reads the mta's Maildir

@@ -294,10 +294,7 @@ pub fn fake_dns(mx: &[(&str, u16, &str)], a: &[(&str, &str)], nxdomain: &[&str])
 /// transaction into a file in `dump_dir`. Returns it (killed on drop) and its address.
 pub fn smtp_sink(dump_dir: &Path) -> Result<(Daemon, SocketAddr)> {
     std::fs::create_dir_all(dump_dir)?;
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?.port()
-    };
+    let port = crate::server::free_port()?;
     let mut c = Command::new("smtp-sink");
     if is_root() {
         // It refuses to keep root; the dumps are written as nobody.
