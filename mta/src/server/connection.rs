@@ -290,7 +290,15 @@ async fn answer(shared: &Shared, peer: SocketAddr, query: Query) -> Answer {
             }
         },
         Query::Recipient { address } => match shared.directory.recipient_facts(&address).await {
-            Ok(f) => Answer::Recipient(Some(f)),
+            Ok(mut f) => {
+                // One more byte must fit: refused once at or over quota.
+                let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, 1).await;
+                if !full.is_empty() {
+                    tracing::info!(%peer, to = %address, "recipient over quota");
+                }
+                f.over_quota = full.into_iter().map(|(m, _)| m).collect();
+                Answer::Recipient(Some(f))
+            }
             Err(e) => {
                 tracing::error!(%peer, error = %e, "recipient lookup failed");
                 Answer::Recipient(None)

@@ -98,9 +98,10 @@ async fn deliver_one(
     message: Vec<u8>,
 ) -> Result<(), QueueError> {
     let message = Arc::new(message);
+    let full = mailboxes_over_quota(shared, &envelope.local, message.len() as u64).await;
     let (boxes, host, env, msg) =
         (shared.mailboxes_dir.clone(), shared.config.hostname.clone(), envelope.clone(), message.clone());
-    let local_failed = blocking(move || Ok(delivery::deliver_local(&boxes, &host, &env, &msg))).await?;
+    let local_failed = blocking(move || Ok(delivery::deliver_local(&boxes, &host, &env, &msg, &full))).await?;
     let remote =
         if envelope.remote.is_empty() { Vec::new() } else { send_remote(shared, outbound, &envelope, &message).await };
     let now = delivery::now_unix();
@@ -126,6 +127,44 @@ async fn deliver_one(
         tracing::info!(id = %updated.id, attempts = updated.attempts, error = updated.last_error.as_deref().unwrap_or(""), "delivery deferred");
         blocking(move || queue.update(&updated)).await
     }
+}
+
+/// The mailboxes among `mailboxes` where `incoming_bytes` more would exceed
+/// the quota, with the reason. Lookup or disk errors count as "fits": the
+/// quota is a soft limit, and mail is not held back for it.
+pub(super) async fn mailboxes_over_quota(
+    shared: &Shared,
+    mailboxes: &[String],
+    incoming_bytes: u64,
+) -> Vec<(String, String)> {
+    if mailboxes.is_empty() {
+        return Vec::new();
+    }
+    let quotas = match shared.directory.quotas(mailboxes).await {
+        Ok(q) if q.is_empty() => return Vec::new(),
+        Ok(q) => q,
+        Err(e) => {
+            tracing::warn!(error = %e, "quota lookup failed; not enforcing quotas for this message");
+            return Vec::new();
+        }
+    };
+    let root = shared.mailboxes_dir.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut full = Vec::new();
+        for (mailbox, quota) in quotas {
+            match delivery::over_quota(&root, &mailbox, quota, incoming_bytes) {
+                Ok(Some(used)) => {
+                    let why = format!("mailbox full: {used} of {quota} bytes used, {incoming_bytes} more do not fit");
+                    full.push((mailbox, why));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%mailbox, error = %e, "cannot measure the mailbox; quota not enforced"),
+            }
+        }
+        full
+    })
+    .await;
+    checked.unwrap_or_default()
 }
 
 async fn send_remote(

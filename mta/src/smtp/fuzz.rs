@@ -64,6 +64,7 @@ fn drive(s: &mut Session) {
                     Query::Recipient { address } => Answer::Recipient(Some(RecipientFacts {
                         domain_hosted: address.domain() == "example.org",
                         mailboxes: vec![address.key()],
+                        over_quota: vec![],
                     })),
                     Query::Enqueue { message, .. } => {
                         assert!(message.len() <= 4096);

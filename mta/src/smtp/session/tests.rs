@@ -96,9 +96,11 @@ impl Harness {
                     "alice@example.org" => vec!["alice@example.org".to_string()],
                     "bob@example.org" | "postmaster@example.org" => vec!["bob@example.org".to_string()],
                     "sales@example.org" => vec!["alice@example.org".to_string(), "bob@example.org".to_string()],
+                    "full@example.org" => vec!["full@example.org".to_string()],
                     _ => vec![],
                 };
-                Answer::Recipient(Some(RecipientFacts { domain_hosted: hosted, mailboxes }))
+                let over_quota = mailboxes.iter().filter(|m| m.as_str() == "full@example.org").cloned().collect();
+                Answer::Recipient(Some(RecipientFacts { domain_hosted: hosted, mailboxes, over_quota }))
             }
             Query::Enqueue { envelope, message } => {
                 if self.queue_fails {
@@ -265,6 +267,18 @@ fn authenticated_user_sends_to_remote_and_local_recipients() {
     assert_eq!(env.local, vec!["alice@example.org".to_string(), "bob@example.org".to_string()]);
     assert_eq!(env.remote, vec![Address::parse("carol@remote.example", false).unwrap()]);
     assert_eq!(env.from, ReversePath::Mailbox(Address::parse("alice@example.org", false).unwrap()));
+}
+
+// A mailbox over quota is refused temporarily at RCPT; the others still work.
+#[test]
+fn over_quota_recipient_gets_452_4_2_2() {
+    let mut h = Harness::authenticated(Port::Submission);
+    h.send(b"MAIL FROM:<alice@example.org>\r\n");
+    assert_eq!(h.send(b"RCPT TO:<full@example.org>\r\n"), "452 4.2.2 Mailbox full, try again later\r\n");
+    assert_eq!(h.send(b"RCPT TO:<bob@example.org>\r\n"), "250 2.1.5 Recipient ok\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "354 End data with <CR><LF>.<CR><LF>\r\n");
+    h.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(h.queued[0].0.local, vec!["bob@example.org".to_string()]);
 }
 
 // The heart of "no spoofing".
