@@ -281,7 +281,7 @@ async fn sender_cmd(d: &Directory, cmd: SenderCmd) -> Result<()> {
 }
 
 fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
-    let (queue, _) = Queue::open(&config.queue_dir())?;
+    let queue = Queue::attach(&config.queue_dir())?;
     match cmd {
         QueueCmd::List => {
             for e in queue.list()? {
