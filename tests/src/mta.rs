@@ -158,13 +158,23 @@ impl MailTree {
 }
 
 pub fn read_maildir(dir: &Path) -> Result<Vec<Vec<u8>>> {
-    let new = dir.join("new");
-    if !new.is_dir() {
+    if !dir.join("new").is_dir() {
         return Ok(Vec::new());
     }
     let tmp_entries = std::fs::read_dir(dir.join("tmp"))?.count();
     if tmp_entries != 0 {
         bail!("{} has {tmp_entries} leftover files in tmp/", dir.display());
+    }
+    read_maildir_new(dir)
+}
+
+/// Like [`read_maildir`] but ignoring `tmp/`: after a crash, a delivery cut
+/// between writing to tmp/ and the rename into new/ leaves its file there
+/// (Maildir readers ignore tmp/; the message is still in the queue).
+pub fn read_maildir_new(dir: &Path) -> Result<Vec<Vec<u8>>> {
+    let new = dir.join("new");
+    if !new.is_dir() {
+        return Ok(Vec::new());
     }
     let mut out = Vec::new();
     let mut names: Vec<_> = std::fs::read_dir(&new)?.collect::<std::io::Result<Vec<_>>>()?;
