@@ -63,6 +63,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// One host to deliver to and how.
+#[derive(Clone, Copy)]
 pub struct Hop<'a> {
     pub addr: SocketAddr,
     /// The name the certificate must carry under `Verify` (MX host name, or
@@ -231,10 +232,38 @@ pub struct Outgoing<'a> {
     pub message: &'a [u8],
 }
 
+/// A failed TLS handshake, told apart from other errors so that `may`
+/// can retry without TLS.
+#[derive(Debug)]
+struct HandshakeFailed(String);
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HandshakeFailed {}
+
+fn is_handshake_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<HandshakeFailed>())
+}
+
 /// Delivers to one host. Connection-level failures, TLS policy failures
-/// and AUTH failures are temporary for all recipients.
+/// and AUTH failures are temporary for all recipients. Under `may`, a
+/// failed handshake is retried once without TLS on a new connection
+/// (RFC 7435: opportunistic security is never worse than cleartext), as
+/// Postfix does.
 pub async fn send(hop: &Hop<'_>, tls: &ClientTls, out: &Outgoing<'_>) -> Vec<(String, RcptResult)> {
-    match session(hop, tls, out).await {
+    let mut result = session(hop, tls, out).await;
+    if let Err(e) = &result {
+        if hop.level == TlsLevel::May && hop.auth.is_none() && !hop.implicit_tls && is_handshake_failure(e) {
+            tracing::info!(host = %hop.server_name, addr = %hop.addr, error = %e, "retrying without TLS (TLS policy may)");
+            let clear = Hop { level: TlsLevel::None, ..*hop };
+            result = session(&clear, tls, out).await;
+        }
+    }
+    match result {
         Ok(results) => results,
         Err(e) => {
             let why = format!("{}: {e}", hop.addr);
@@ -253,10 +282,8 @@ async fn handshake(
     let name =
         ServerName::try_from(hop.server_name.to_string()).map_err(|e| proto_err(format!("bad server name: {e}")))?;
     let stream = TlsConnector::from(tls.for_level(level)?).connect(name, tcp).await.map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("TLS handshake with {} failed (TLS policy {}): {e}", hop.server_name, hop.level.name()),
-        )
+        let why = format!("TLS handshake with {} failed (TLS policy {}): {e}", hop.server_name, hop.level.name());
+        io::Error::new(e.kind(), HandshakeFailed(why))
     })?;
     Ok(BufReader::new(stream))
 }

@@ -143,6 +143,90 @@ fn verify_policy_checks_the_ca_and_the_mx_host_name() {
     assert_eq!(b.messages("u@ver.example").unwrap().len(), 1, "only A's copy");
 }
 
+/// A server that offers STARTTLS but answers the handshake with a TLS
+/// alert; without STARTTLS it takes mail. Prints `port N`, then `GOT
+/// <recipient>` per message and `STARTTLS` per broken handshake.
+const BROKEN_TLS_SERVER: &str = r#"
+import socket, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(16)
+print("port", s.getsockname()[1], flush=True)
+
+def serve(c):
+    f = c.makefile("rb")
+    c.sendall(b"220 broken.example ESMTP\r\n")
+    rcpt = ""
+    while True:
+        line = f.readline()
+        if not line:
+            return
+        cmd = line.strip().upper()
+        if cmd.startswith(b"EHLO"):
+            c.sendall(b"250-broken.example\r\n250 STARTTLS\r\n")
+        elif cmd == b"STARTTLS":
+            c.sendall(b"220 go ahead\r\n")
+            f.read(5)
+            c.sendall(bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]))
+            print("STARTTLS", flush=True)
+            c.close()
+            return
+        elif cmd.startswith(b"MAIL"):
+            c.sendall(b"250 ok\r\n")
+        elif cmd.startswith(b"RCPT"):
+            rcpt = line.strip()[8:].decode()
+            c.sendall(b"250 ok\r\n")
+        elif cmd == b"DATA":
+            c.sendall(b"354 go\r\n")
+            while f.readline() not in (b".\r\n", b""):
+                pass
+            print("GOT", rcpt, flush=True)
+            c.sendall(b"250 queued\r\n")
+        elif cmd == b"QUIT":
+            c.sendall(b"221 bye\r\n")
+            c.close()
+            return
+        else:
+            c.sendall(b"500 what\r\n")
+
+while True:
+    conn, _ = s.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+// may: a broken handshake is retried in clear (RFC 7435), once; encrypt
+// never falls back.
+#[test]
+fn may_falls_back_to_cleartext_after_a_failed_handshake_encrypt_does_not() {
+    require_tools!("swaks", "python3");
+    let server = tests::server::Daemon::spawn(tests::cmd("python3", ["-u", "-c", BROKEN_TLS_SERVER])).unwrap();
+    server.logs.wait_for("port ", Duration::from_secs(20)).unwrap();
+    let port: u16 =
+        server.logs.lines().iter().find_map(|l| l.strip_prefix("port ").and_then(|p| p.trim().parse().ok())).unwrap();
+    let (_dns, dns_port) = fake_dns(
+        &[("opportunistic.example", 10, "mx.broken.example"), ("strict.example", 10, "mx.broken.example")],
+        &[("mx.broken.example", "127.0.0.1")],
+        &[],
+    )
+    .unwrap();
+    let delivery = format!(
+        "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {port}\n\
+         [delivery.tls_policy]\n\"strict.example\" = \"encrypt\"\n"
+    );
+    let a = MailTree::new("mta-tls-fallback", &delivery, None).unwrap();
+    a.populate().unwrap();
+    let a_mta = a.serve().unwrap();
+    submit(&a_mta, "o@opportunistic.example", "fallback");
+    server.logs.wait_for("GOT <o@opportunistic.example>", Duration::from_secs(30)).unwrap();
+    assert!(a_mta.log().contains("retrying without TLS (TLS policy may)"), "{}", a_mta.log());
+
+    submit(&a_mta, "s@strict.example", "no fallback");
+    let line = deferred_entry(&a, "s@strict.example");
+    assert!(line.contains("TLS handshake with mx.broken.example failed (TLS policy encrypt)"), "{line}");
+    assert!(!server.logs.text().contains("GOT <s@strict.example>"), "{}", server.logs.text());
+}
+
 // Config mistakes are refused with the key and the fix.
 #[test]
 fn bad_tls_policies_are_refused_by_check_config() {
