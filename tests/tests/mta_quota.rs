@@ -2,12 +2,41 @@
 //! refused at RCPT with 452 4.2.2 (temporary, so the sender retries); a
 //! message accepted but too big for the room left waits in the queue
 //! instead of being written or lost, and is delivered once there is room.
-//! Usage is the size of the files in the Maildir's new/ and cur/.
+//! Usage is the size of the files in the Maildir's new/ and cur/. A
+//! SIZE= declared with MAIL (RFC 1870) must fit at RCPT.
 
+use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
 
 use tests::mta::{swaks, MailTree};
 use tests::{require_tools, wait_until};
+
+/// Raw SMTP: sends each line and returns each reply's first line.
+fn transcript(addr: std::net::SocketAddr, lines: &[&str]) -> Vec<String> {
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut reply = || {
+        let mut first = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(r.read_line(&mut line).unwrap() > 0, "connection closed");
+            if first.is_empty() {
+                first = line.trim_end().to_string();
+            }
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return first;
+            }
+        }
+    };
+    let mut out = vec![reply()];
+    for l in lines {
+        w.write_all(format!("{l}\r\n").as_bytes()).unwrap();
+        out.push(reply());
+    }
+    out
+}
 
 fn send_to_bob(mta: &tests::mta::Mta, body_bytes: usize, subject: &str) -> tests::Output {
     // Lines of 76 characters (RFC 5322 allows at most 998).
@@ -45,6 +74,22 @@ fn over_quota_mailboxes_defer_at_delivery_and_refuse_at_rcpt() {
     let out = send_to_bob(&mta, 1000, "first");
     assert!(out.success(), "{}", out.describe());
     tree.wait_messages("bob@example.org", 1, Duration::from_secs(20)).unwrap();
+
+    // A declared SIZE that would not fit is refused at RCPT; a small one is not.
+    let replies = transcript(
+        mta.mx(),
+        &[
+            "EHLO quota.test",
+            "MAIL FROM:<someone@remote.example> SIZE=5000",
+            "RCPT TO:<bob@example.org>",
+            "RSET",
+            "MAIL FROM:<someone@remote.example> SIZE=100",
+            "RCPT TO:<bob@example.org>",
+            "QUIT",
+        ],
+    );
+    assert_eq!(replies[3], "452 4.2.2 Mailbox full, try again later", "{replies:?}");
+    assert_eq!(replies[6], "250 2.1.5 Recipient ok", "{replies:?}");
 
     // ~2.4 KB more does not fit: accepted (there was room at RCPT), then
     // kept in the queue with the reason, not written.

@@ -289,10 +289,12 @@ async fn answer(shared: &Shared, peer: SocketAddr, query: Query) -> Answer {
                 Answer::Sender(None)
             }
         },
-        Query::Recipient { address } => match shared.directory.recipient_facts(&address).await {
+        Query::Recipient { address, size } => match shared.directory.recipient_facts(&address).await {
             Ok(mut f) => {
-                // One more byte must fit: refused once at or over quota.
-                let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, 1).await;
+                // The declared size must fit, or at least one more byte:
+                // refused once at or over quota.
+                let incoming = size.unwrap_or(1).max(1);
+                let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, incoming).await;
                 if !full.is_empty() {
                     tracing::info!(%peer, to = %address, "recipient over quota");
                 }

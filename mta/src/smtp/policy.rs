@@ -23,7 +23,8 @@ pub struct RecipientFacts {
     /// Local mailboxes the address resolves to (aliases and catch-alls
     /// expanded); empty when no such user exists.
     pub mailboxes: Vec<String>,
-    /// Those of `mailboxes` already at or over their quota.
+    /// Those of `mailboxes` already at or over their quota, or without
+    /// room for the size MAIL declared.
     pub over_quota: Vec<String>,
 }
 

@@ -127,8 +127,9 @@ pub fn too_many_recipients() -> Reply {
 pub fn relay_denied() -> Reply {
     Reply::new(554, (5, 7, 1), "Relay access denied")
 }
-/// RCPT for a mailbox at or over its quota: temporary (RFC 3463 X.2.2), so
-/// the sender's server retries and the mail arrives once there is room.
+/// RCPT for a mailbox at or over its quota, or where MAIL's SIZE= would not
+/// fit: temporary (RFC 3463 X.2.2), so the sender's server retries and the
+/// mail arrives once there is room.
 pub fn mailbox_full() -> Reply {
     Reply::new(452, (4, 2, 2), "Mailbox full, try again later")
 }

@@ -106,8 +106,9 @@ pub enum Query {
     Credentials { login: String, password: Secret },
     /// Facts for the sender policy.
     Sender { login: Option<String>, address: Address },
-    /// Facts for the recipient policy.
-    Recipient { address: Address },
+    /// Facts for the recipient policy. `size` is MAIL's SIZE= (RFC 1870),
+    /// for the quota check.
+    Recipient { address: Address, size: Option<u64> },
     /// Run the filters, then queue durably; answer only once the message
     /// is on disk (or refused).
     Enqueue { envelope: Envelope, message: Vec<u8> },
@@ -592,7 +593,8 @@ impl Session {
         if !address.is_ascii() && !txn.params.smtputf8 {
             return self.respond(reply::bad_recipient(&AddressError::NeedsSmtpUtf8.to_string()));
         }
-        self.await_answer(Pending::Recipient { address: address.clone() }, Query::Recipient { address });
+        let size = txn.params.size;
+        self.await_answer(Pending::Recipient { address: address.clone() }, Query::Recipient { address, size });
     }
 
     fn finish_rcpt(&mut self, address: Address, decision: RecipientDecision) {

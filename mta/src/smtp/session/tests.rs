@@ -90,7 +90,7 @@ impl Harness {
                     owned_by_login: owned,
                 }))
             }
-            Query::Recipient { address } => {
+            Query::Recipient { address, .. } => {
                 let hosted = address.domain() == "example.org";
                 let mailboxes = match address.key().as_str() {
                     "alice@example.org" => vec!["alice@example.org".to_string()],
