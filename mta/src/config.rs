@@ -592,6 +592,10 @@ impl Config {
         s.push_str(
             "sender policy: authenticated logins only as addresses they own; no hosted-domain senders without AUTH\n",
         );
+        s.push_str(
+            "mailbox quotas: RCPT refused with 452 4.2.2 when full or when SIZE= does not fit; \
+             delivery waits for room (bounce after the queue lifetime)\n",
+        );
         if self.enforce_from_header {
             s.push_str("From: header: authenticated users only with addresses they own\n");
         }
