@@ -25,11 +25,16 @@ packages=(
     socat             # qemu guestfwd: one host connection per guest connection
     cpio              # packs the guest initramfs
     swaks                  # SMTP client for the mta tests
+    testssl.sh             # TLS scan of the mta listeners (tests/tests/mta_tls_scan.rs)
     libnet-ssleay-perl     # swaks STARTTLS / implicit TLS
     libio-socket-ssl-perl  # swaks STARTTLS / implicit TLS
     dovecot-core           # doveadm reads the mta's Maildir
     mariadb-server         # the mta's MySQL directory path (a private server per test)
     mariadb-client
+    postfix                # smtp-sink for the mta TLS-policy and relay tests, smtp-source for the bench
+    iputils-arping         # clusterd ip resource: gratuitous ARP (arping -U)
+    resource-agents        # OCF agents (ocf:heartbeat:IPaddr2) in clusterd's group tests
+    psmisc                 # fuser: clusterd filesystem force_unmount
 )
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 
@@ -48,6 +53,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Postfix without its interactive configuration (only its tools are used).
+    echo "postfix postfix/main_mailer_type select No configuration" | "${sudo[@]}" debconf-set-selections
     apt_opts=(-o DPkg::Lock::Timeout=300 -o Acquire::Retries=3)
     # An install straight after a fresh image needs package lists; refresh
     # them once, and again only if the install fails on stale lists.
@@ -75,7 +82,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 for tool in nbdinfo nbdcopy nbdfuse nbdkit fio qemu-img qemu-io qemu-nbd fusermount3 losetup mkfs.ext4 python3 \
-    qemu-system-x86_64 busybox socat cpio swaks doveadm mariadbd mariadb-install-db mariadb; do
+    qemu-system-x86_64 busybox socat cpio swaks doveadm mariadbd mariadb-install-db mariadb smtp-sink arping fuser; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ] && [ ! -x "/sbin/$tool" ]; then
         echo "install-deps: $tool still missing" >&2
         exit 1

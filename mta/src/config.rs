@@ -21,10 +21,20 @@
 //! proxy_protocol = false         # true: a PROXY v2 header precedes SMTP
 //!
 //! [delivery]
-//! relay_host = "192.0.2.25:25"   # smart host; without it, MX lookup
+//! relay_host = "192.0.2.25:587"  # smart host; without it, MX lookup
+//! relay_tls = "starttls"         # or "implicit" (TLS from the first byte, port 465)
+//! relay_tls_policy = "encrypt"   # TLS level towards the relay host (default: tls_policy_default,
+//!                                # at least "encrypt" with relay_auth)
+//! relay_auth = { username = "mx1@example.org", password_file = "/etc/mta/relay.pw" }  # mode 0600
 //! dns_server = "127.0.0.1:53"    # resolver for MX lookups (default: /etc/resolv.conf)
-//! require_tls = false            # true: never deliver without STARTTLS
+//! tls_policy_default = "may"     # none | may | encrypt | verify (see below)
+//! ca_file = "/etc/mta/ca.pem"    # roots for "verify" (default: the system bundle)
 //! queue_lifetime_secs = 432000   # temporary failures bounce after this
+//!
+//! [delivery.tls_policy]          # per destination domain; ".example.com" also covers subdomains
+//! "example.com" = "encrypt"      # STARTTLS required (certificate not checked); else deferred
+//! "partner.net" = "verify"       # STARTTLS required, certificate valid for the MX host name
+//! "legacy.org" = "none"          # never STARTTLS
 //!
 //! [privileges]
 //! user = "mta"                   # required when started as root
@@ -32,6 +42,7 @@
 //! allow_root = false             # tests only: stay root, no chroot
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -50,6 +61,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, cause: String },
     #[error("config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("relay password file {path}: {message}")]
+    PasswordFile { path: PathBuf, message: String },
 }
 
 /// What a listener is for; decides TLS and AUTH behaviour (RFC 6409, 8314).
@@ -93,14 +106,65 @@ struct RawTls {
     key: PathBuf,
 }
 
+/// How hard remote delivery insists on TLS, weakest first (the levels of
+/// Postfix's `smtp_tls_security_level`, without DANE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsLevel {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, certificate not checked (RFC 7435).
+    May,
+    /// STARTTLS required, certificate not checked; otherwise the mail waits.
+    Encrypt,
+    /// STARTTLS required and the certificate must chain to a trusted root
+    /// and name the host (MX host name, or the relay host's address).
+    Verify,
+}
+
+impl TlsLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsLevel::None => "none",
+            TlsLevel::May => "may",
+            TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Verify => "verify",
+        }
+    }
+}
+
+/// How the connection to the relay host starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTls {
+    /// Plain SMTP, then STARTTLS as the TLS level asks (port 25 or 587).
+    Starttls,
+    /// TLS from the first byte (RFC 8314, port 465).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelayAuth {
+    username: String,
+    password_file: PathBuf,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDelivery {
     relay_host: Option<String>,
+    relay_tls: Option<RelayTls>,
+    relay_tls_policy: Option<TlsLevel>,
+    relay_auth: Option<RawRelayAuth>,
     dns_server: Option<String>,
     mx_port: Option<u16>,
     #[serde(default)]
     require_tls: bool,
+    tls_policy_default: Option<TlsLevel>,
+    #[serde(default)]
+    tls_policy: BTreeMap<String, TlsLevel>,
+    ca_file: Option<PathBuf>,
     queue_lifetime_secs: Option<u64>,
 }
 
@@ -147,19 +211,97 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// Login at the relay host; the password stays in its file until start-up
+/// reads it ([`read_password_file`]).
+#[derive(Debug, Clone)]
+pub struct RelayAuth {
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
 /// Remote delivery settings.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     /// Smart host for every remote recipient (`host:port` as an IP address).
     pub relay_host: Option<SocketAddr>,
-    /// Fail (and retry) rather than deliver without STARTTLS.
-    pub require_tls: bool,
+    pub relay_tls: RelayTls,
+    /// TLS level towards the relay host; at least `Encrypt` with `relay_auth`.
+    pub relay_tls_level: TlsLevel,
+    pub relay_auth: Option<RelayAuth>,
+    /// TLS level for destinations without an entry in `tls_policy`.
+    pub tls_default: TlsLevel,
+    /// Per-domain TLS levels, keys lowercase; a leading `.` covers subdomains.
+    pub tls_policy: BTreeMap<String, TlsLevel>,
+    /// Trusted roots for `Verify`; the system bundle if unset.
+    pub ca_file: Option<PathBuf>,
     /// Resolver for MX lookups; the system's (/etc/resolv.conf) if unset.
     pub dns_server: Option<SocketAddr>,
     /// Port of MX hosts: 25, except in tests.
     pub mx_port: u16,
     /// Temporary failures older than this bounce.
     pub queue_lifetime_secs: u64,
+}
+
+/// The system's CA bundle (Debian's ca-certificates), read before chroot.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// A relay password file is at most this long.
+const PASSWORD_FILE_BYTES_MAX: u64 = 4096;
+
+impl Delivery {
+    /// The TLS level for mail to `domain`: its own entry, else the nearest
+    /// `.parent` entry, else the default.
+    pub fn tls_level_for(&self, domain: &str) -> TlsLevel {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(level) = self.tls_policy.get(&domain) {
+            return *level;
+        }
+        let mut rest = domain.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(level) = self.tls_policy.get(&format!(".{parent}")) {
+                return *level;
+            }
+            rest = parent;
+        }
+        self.tls_default
+    }
+
+    /// Whether any destination needs trusted roots (so start-up loads them).
+    pub fn needs_ca(&self) -> bool {
+        let relay = self.relay_host.is_some() && self.relay_tls_level == TlsLevel::Verify;
+        let mx = self.relay_host.is_none()
+            && (self.tls_default == TlsLevel::Verify || self.tls_policy.values().any(|l| *l == TlsLevel::Verify));
+        relay || mx
+    }
+
+    /// The CA file `verify` uses.
+    pub fn ca_path(&self) -> &Path {
+        self.ca_file.as_deref().unwrap_or(Path::new(SYSTEM_CA_FILE))
+    }
+}
+
+/// Reads a relay password: the file's first line, which must not be empty.
+/// The file must not be readable by group or others.
+pub fn read_password_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let invalid = |message: String| ConfigError::PasswordFile { path: path.to_owned(), message };
+    let unreadable = |e: std::io::Error| invalid(format!("cannot read it: {e}"));
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(format!(
+            "the relay password file has mode {mode:04o}: others may read it; run `chmod 600 {}`",
+            path.display()
+        )));
+    }
+    let mut text = String::new();
+    file.take(PASSWORD_FILE_BYTES_MAX).read_to_string(&mut text).map_err(unreadable)?;
+    let password = text.lines().next().unwrap_or("").to_string();
+    if password.is_empty() {
+        return Err(invalid("the relay password file is empty; put the password on its first line".into()));
+    }
+    Ok(password)
 }
 
 /// Five days, as RFC 5321 §4.5.4.1 suggests (at least 4-5 days).
@@ -277,11 +419,85 @@ impl Config {
                 invalid(format!("`delivery.dns_server` = {h:?} is not IP:PORT ({e}), e.g. \"127.0.0.1:53\""))
             })?),
         };
+        let d = &raw.delivery;
+        let tls_default = match (d.require_tls, d.tls_policy_default) {
+            (true, Some(_)) => {
+                return Err(invalid(
+                    "`delivery.require_tls` and `delivery.tls_policy_default` both set; keep only \
+                     `tls_policy_default` (require_tls = true means \"encrypt\")"
+                        .into(),
+                ))
+            }
+            (true, None) => TlsLevel::Encrypt,
+            (false, level) => level.unwrap_or(TlsLevel::May),
+        };
+        let mut tls_policy = BTreeMap::new();
+        for (key, level) in &d.tls_policy {
+            let bare = key.strip_prefix('.').unwrap_or(key);
+            let domain = address::check_domain(bare).map_err(|e| {
+                invalid(format!(
+                    "`delivery.tls_policy.\"{key}\"` is not a domain ({e}); write \"example.com\", or \
+                     \".example.com\" for its subdomains"
+                ))
+            })?;
+            let normalised = if key.starts_with('.') { format!(".{domain}") } else { domain };
+            tls_policy.insert(normalised.to_ascii_lowercase(), *level);
+        }
+        if relay_host.is_none() && (d.relay_tls.is_some() || d.relay_tls_policy.is_some() || d.relay_auth.is_some()) {
+            return Err(invalid(
+                "`delivery.relay_tls`, `relay_tls_policy` and `relay_auth` need `delivery.relay_host`".into(),
+            ));
+        }
+        let relay_tls = d.relay_tls.unwrap_or(RelayTls::Starttls);
+        let relay_auth = match &d.relay_auth {
+            None => None,
+            Some(a) => {
+                if a.username.is_empty() || a.username.chars().any(|c| c.is_control() || c == ' ') {
+                    return Err(invalid(
+                        "`delivery.relay_auth.username` must be non-empty, without spaces or control characters".into(),
+                    ));
+                }
+                if !a.password_file.is_absolute() {
+                    return Err(invalid(format!(
+                        "`delivery.relay_auth.password_file` = {:?} must be an absolute path",
+                        a.password_file
+                    )));
+                }
+                Some(RelayAuth { username: a.username.clone(), password_file: a.password_file.clone() })
+            }
+        };
+        let relay_floor =
+            if relay_auth.is_some() || relay_tls == RelayTls::Implicit { TlsLevel::Encrypt } else { TlsLevel::None };
+        let relay_tls_level = match d.relay_tls_policy {
+            Some(level) if level < relay_floor => {
+                let why = if relay_auth.is_some() {
+                    "credentials are only ever sent over TLS"
+                } else {
+                    "`relay_tls = \"implicit\"` always encrypts"
+                };
+                return Err(invalid(format!(
+                    "`delivery.relay_tls_policy` = \"{}\" is too weak: {why}; use \"encrypt\" or \"verify\"",
+                    level.name()
+                )));
+            }
+            Some(level) => level,
+            None => tls_default.max(relay_floor),
+        };
+        if let Some(ca) = &d.ca_file {
+            if !ca.is_absolute() {
+                return Err(invalid(format!("`delivery.ca_file` = {ca:?} must be an absolute path")));
+            }
+        }
         let delivery = Delivery {
             relay_host,
+            relay_tls,
+            relay_tls_level,
+            relay_auth,
+            tls_default,
+            tls_policy,
+            ca_file: d.ca_file.clone(),
             dns_server,
             mx_port: raw.delivery.mx_port.unwrap_or(25),
-            require_tls: raw.delivery.require_tls,
             queue_lifetime_secs: raw.delivery.queue_lifetime_secs.unwrap_or(QUEUE_LIFETIME_SECS_DEFAULT),
         };
         let postmaster_domain =
@@ -342,20 +558,43 @@ impl Config {
             let proxy = if l.proxy_protocol { " [behind a PROXY v2 load balancer]" } else { "" };
             s.push_str(&format!("listen {} ({}){proxy}: {}\n", l.address, l.kind.name(), policy));
         }
-        match self.delivery.relay_host {
-            Some(h) => s.push_str(&format!(
-                "remote delivery: via relay host {h}, STARTTLS {}\n",
-                if self.delivery.require_tls { "required" } else { "opportunistic" }
-            )),
-            None => s.push_str(&format!(
-                "remote delivery: MX lookup via {}, port {}, STARTTLS {}\n",
-                self.delivery.dns_server.map_or("the system resolver".to_string(), |d| d.to_string()),
-                self.delivery.mx_port,
-                if self.delivery.require_tls { "required" } else { "opportunistic" }
-            )),
+        let d = &self.delivery;
+        match d.relay_host {
+            Some(h) => {
+                let start = match d.relay_tls {
+                    RelayTls::Starttls => "STARTTLS",
+                    RelayTls::Implicit => "implicit TLS",
+                };
+                let auth = match &d.relay_auth {
+                    Some(a) => format!(", AUTH as {} (password from {})", a.username, a.password_file.display()),
+                    None => String::new(),
+                };
+                s.push_str(&format!(
+                    "remote delivery: via relay host {h}, {start}, TLS policy {}{auth}\n",
+                    d.relay_tls_level.name()
+                ))
+            }
+            None => {
+                s.push_str(&format!(
+                    "remote delivery: MX lookup via {}, port {}, TLS policy {} by default\n",
+                    d.dns_server.map_or("the system resolver".to_string(), |d| d.to_string()),
+                    d.mx_port,
+                    d.tls_default.name()
+                ));
+                for (domain, level) in &d.tls_policy {
+                    s.push_str(&format!("tls policy: {domain} {}\n", level.name()));
+                }
+            }
+        }
+        if d.needs_ca() {
+            s.push_str(&format!("tls verify roots: {}\n", d.ca_path().display()));
         }
         s.push_str(
             "sender policy: authenticated logins only as addresses they own; no hosted-domain senders without AUTH\n",
+        );
+        s.push_str(
+            "mailbox quotas: RCPT refused with 452 4.2.2 when full or when SIZE= does not fit; \
+             delivery waits for room (bounce after the queue lifetime)\n",
         );
         if self.enforce_from_header {
             s.push_str("From: header: authenticated users only with addresses they own\n");
@@ -432,5 +671,70 @@ address = "127.0.0.1:2525"
         assert!(e.contains("directory_url") && !e.contains("pw@"), "{e}");
         let e = parse(&MINIMAL.replace("[[listener]]\nkind = \"mx\"\naddress = \"127.0.0.1:2525\"\n", "")).unwrap_err();
         assert!(e.to_string().contains("[[listener]]"), "{e}");
+    }
+
+    #[test]
+    fn tls_policy_picks_the_domain_then_the_nearest_parent_then_the_default() {
+        let c = parse(&format!(
+            "{MINIMAL}[delivery]\ntls_policy_default = \"encrypt\"\n[delivery.tls_policy]\n\
+             \"Example.com\" = \"verify\"\n\".example.com\" = \"none\"\n\".a.example.com\" = \"may\"\n"
+        ))
+        .unwrap();
+        let d = &c.delivery;
+        assert_eq!(d.tls_level_for("example.com"), TlsLevel::Verify);
+        assert_eq!(d.tls_level_for("EXAMPLE.com."), TlsLevel::Verify);
+        assert_eq!(d.tls_level_for("b.example.com"), TlsLevel::None);
+        assert_eq!(d.tls_level_for("x.a.example.com"), TlsLevel::May);
+        assert_eq!(d.tls_level_for("other.org"), TlsLevel::Encrypt);
+        assert!(d.needs_ca());
+        assert_eq!(d.ca_path(), Path::new(SYSTEM_CA_FILE));
+        let plain = parse(MINIMAL).unwrap();
+        assert_eq!(plain.delivery.tls_level_for("x.org"), TlsLevel::May);
+        assert!(!plain.delivery.needs_ca());
+        let legacy = parse(&format!("{MINIMAL}[delivery]\nrequire_tls = true\n")).unwrap();
+        assert_eq!(legacy.delivery.tls_default, TlsLevel::Encrypt);
+    }
+
+    #[test]
+    fn relay_settings_are_checked() {
+        let e = parse(&format!("{MINIMAL}[delivery]\nrequire_tls = true\ntls_policy_default = \"may\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keep only `tls_policy_default`"), "{e}");
+        let auth = "relay_auth = { username = \"u\", password_file = \"/etc/mta/relay.pw\" }";
+        let e = parse(&format!("{MINIMAL}[delivery]\n{auth}\n")).unwrap_err().to_string();
+        assert!(e.contains("need `delivery.relay_host`"), "{e}");
+        let relay = "relay_host = \"192.0.2.1:587\"";
+        let c = parse(&format!("{MINIMAL}[delivery]\n{relay}\n{auth}\n")).unwrap();
+        assert_eq!(c.delivery.relay_tls_level, TlsLevel::Encrypt, "AUTH raises the default to encrypt");
+        let e = parse(&format!("{MINIMAL}[delivery]\n{relay}\n{auth}\nrelay_tls_policy = \"none\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only ever sent over TLS"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}[delivery]\n{relay}\nrelay_auth = {{ username = \"u\", password_file = \"relay.pw\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("password_file") && e.contains("absolute"), "{e}");
+        let c = parse(&format!("{MINIMAL}[delivery]\n{relay}\n")).unwrap();
+        assert_eq!(c.delivery.relay_tls_level, TlsLevel::May);
+    }
+
+    #[test]
+    fn password_files_must_be_private_and_non_empty() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mta-config-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("relay.pw");
+        std::fs::write(&f, "s3cret\nignored\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read_password_file(&f).unwrap_err().to_string();
+        assert!(e.contains(&format!("chmod 600 {}", f.display())) && !e.contains("s3cret"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_password_file(&f).unwrap(), "s3cret");
+        std::fs::write(&f, "\n").unwrap();
+        assert!(read_password_file(&f).unwrap_err().to_string().contains("empty"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

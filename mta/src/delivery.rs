@@ -7,6 +7,7 @@
 //! durable and any bounce is queued; a crash in between repeats that work
 //! on restart (at most one duplicate per crash), never loses it.
 
+use std::io;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,15 +26,31 @@ pub fn retry_delay_secs(attempts: u32) -> u64 {
     (DELIVERY_RETRY_DELAY_SECS_MIN << doublings).min(DELIVERY_RETRY_DELAY_SECS_MAX)
 }
 
-/// Local copies of one message; returns the mailboxes that failed (to retry).
+/// Whether `incoming_bytes` more do not fit under `quota_bytes`; `Some`
+/// with the bytes in use if so. RCPT asks with 1 (refused once at or over
+/// quota), delivery with the message size.
+pub fn over_quota(mailboxes: &Path, key: &str, quota_bytes: u64, incoming_bytes: u64) -> io::Result<Option<u64>> {
+    let used = maildir::usage_bytes(mailboxes, key)?;
+    Ok((used.saturating_add(incoming_bytes) > quota_bytes).then_some(used))
+}
+
+/// Local copies of one message; returns the mailboxes that failed (to
+/// retry). `full` lists mailboxes over quota (with the reason): they are
+/// not written and count as failed, so the message waits for room.
 pub fn deliver_local(
     mailboxes: &Path,
     hostname: &str,
     envelope: &StoredEnvelope,
     message: &[u8],
+    full: &[(String, String)],
 ) -> Vec<(String, String)> {
     let mut failed = Vec::new();
     for mailbox in &envelope.local {
+        if let Some((_, why)) = full.iter().find(|(m, _)| m == mailbox) {
+            tracing::info!(id = %envelope.id, to = %mailbox, why = %why, "local delivery deferred: mailbox full");
+            failed.push((mailbox.clone(), why.clone()));
+            continue;
+        }
         match maildir::deliver(mailboxes, mailbox, hostname, &[message]) {
             Ok(_durable) => tracing::info!(id = %envelope.id, to = %mailbox, "delivered to Maildir"),
             Err(e) => {
@@ -189,8 +206,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut env = envelope(0);
         env.local = vec!["alice@example.org".into(), "../evil@example.org".into()];
-        let failed = deliver_local(&dir, "mx.example.org", &env, b"m\r\n");
-        assert_eq!(failed.len(), 1);
+        let full = vec![("bob@example.org".to_string(), "mailbox full".to_string())];
+        env.local.push("bob@example.org".into());
+        let failed = deliver_local(&dir, "mx.example.org", &env, b"m\r\n", &full);
+        assert_eq!(failed.len(), 2);
+        assert_eq!(failed[1], ("bob@example.org".to_string(), "mailbox full".to_string()));
+        assert!(!dir.join("example.org/bob").exists());
+        assert_eq!(over_quota(&dir, "alice@example.org", 3, 1).unwrap(), Some(3));
+        assert_eq!(over_quota(&dir, "alice@example.org", 4, 1).unwrap(), None);
+        assert_eq!(over_quota(&dir, "alice@example.org", 4, 2).unwrap(), Some(3));
+        assert_eq!(over_quota(&dir, "bob@example.org", 4, 4).unwrap(), None);
         assert_eq!(failed[0].0, "../evil@example.org");
         assert_eq!(std::fs::read_dir(dir.join("example.org/alice/new")).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();

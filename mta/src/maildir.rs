@@ -42,6 +42,31 @@ pub fn deliver(root: &Path, key: &str, hostname: &str, message: &[&[u8]]) -> io:
     durable::write_atomically(&tmp, &dest, message)
 }
 
+/// Bytes a mailbox uses: the sizes of the files in `new/` and `cur/`
+/// (0 for a Maildir that does not exist yet). One directory scan per call,
+/// no cache (Dovecot's `maildirsize` would be one): fine for mailboxes of
+/// tens of thousands of messages.
+pub fn usage_bytes(root: &Path, key: &str) -> io::Result<u64> {
+    let dir = mailbox_dir(root, key)?;
+    let mut total = 0u64;
+    for sub in ["new", "cur"] {
+        let entries = match std::fs::read_dir(dir.join(sub)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            // A file moved by the IMAP server between readdir and stat is skipped.
+            if let Ok(meta) = entry?.metadata() {
+                if meta.is_file() {
+                    total = total.saturating_add(meta.len());
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +80,20 @@ mod tests {
         {
             assert!(mailbox_dir(root, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn usage_counts_new_and_cur_but_not_tmp() {
+        let root = std::env::temp_dir().join(format!("mta-maildir-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(usage_bytes(&root, "bob@example.org").unwrap(), 0);
+        let _proof = deliver(&root, "bob@example.org", "mx.example.org", &[&[b'x'; 100]]).unwrap();
+        let dir = root.join("example.org/bob");
+        std::fs::write(dir.join("cur/seen:2,S"), [b'y'; 50]).unwrap();
+        std::fs::write(dir.join("tmp/partial"), [b'z'; 1000]).unwrap();
+        assert_eq!(usage_bytes(&root, "bob@example.org").unwrap(), 150);
+        assert!(usage_bytes(&root, "../x@example.org").is_err());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -74,6 +74,11 @@ enum UserCmd {
     Disable {
         address: String,
     },
+    /// Set a quota in bytes (suffixes K, M, G: powers of 1024), or `none`.
+    Quota {
+        address: String,
+        quota: String,
+    },
     List,
 }
 
@@ -165,6 +170,7 @@ fn check_config(config: &Config) -> Result<()> {
     if let Some(t) = &config.tls {
         mta::tls::server_config(&t.cert, &t.key).context("failed to load TLS material")?;
     }
+    mta::server::outbound_secrets(config)?;
     print!("{}", config.describe());
     print!("{}", mta::server::describe_paths(config));
     println!("config ok: {}", config.path.display());
@@ -216,9 +222,11 @@ async fn user_cmd(d: &Directory, cmd: UserCmd) -> Result<()> {
         }
         UserCmd::Enable { address } => d.set_enabled(&address, true).await?,
         UserCmd::Disable { address } => d.set_enabled(&address, false).await?,
+        UserCmd::Quota { address, quota } => d.set_quota(&address, parse_quota(&quota)?).await?,
         UserCmd::List => {
             for u in d.list_users().await? {
-                println!("{}\t{}", u.address, if u.enabled { "enabled" } else { "disabled" });
+                let quota = u.quota_bytes.map_or(String::new(), |q| format!("\tquota {q} bytes"));
+                println!("{}\t{}{quota}", u.address, if u.enabled { "enabled" } else { "disabled" });
             }
         }
     }
@@ -237,6 +245,32 @@ async fn alias_cmd(d: &Directory, cmd: AliasCmd) -> Result<()> {
     Ok(())
 }
 
+/// `none`, or bytes with an optional K/M/G suffix (powers of 1024).
+fn parse_quota(text: &str) -> Result<Option<u64>> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let upper = text.to_ascii_uppercase();
+    let (digits, unit) = match upper.strip_suffix(['K', 'M', 'G']) {
+        Some(d) => (d, &upper[d.len()..]),
+        None => (upper.as_str(), ""),
+    };
+    let shift = match unit {
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => 0,
+    };
+    let n: u64 = digits.parse().map_err(|_| {
+        anyhow::anyhow!("quota {text:?} is not a number of bytes; write e.g. 500000, 200M, 2G, or none")
+    })?;
+    let bytes = n.checked_mul(1 << shift).filter(|b| *b > 0 && *b <= i64::MAX as u64);
+    match bytes {
+        Some(b) => Ok(Some(b)),
+        None => bail!("quota {text:?} must be between 1 byte and 8 EiB; `none` removes the quota"),
+    }
+}
+
 async fn sender_cmd(d: &Directory, cmd: SenderCmd) -> Result<()> {
     match cmd {
         SenderCmd::Allow { login, address } => d.allow_sender(&login, &address).await?,
@@ -247,7 +281,7 @@ async fn sender_cmd(d: &Directory, cmd: SenderCmd) -> Result<()> {
 }
 
 fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
-    let (queue, _) = Queue::open(&config.queue_dir())?;
+    let queue = Queue::attach(&config.queue_dir())?;
     match cmd {
         QueueCmd::List => {
             for e in queue.list()? {

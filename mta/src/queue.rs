@@ -90,6 +90,22 @@ impl Queue {
         Ok((q, discarded))
     }
 
+    /// Opens an existing queue for the admin commands, which run beside a
+    /// live daemon: nothing is created and nothing discarded (the files in
+    /// `incoming/` may be the daemon's writes in progress).
+    pub fn attach(dir: &Path) -> Result<Queue, QueueError> {
+        let q = Queue { dir: dir.to_owned() };
+        for sub in [q.incoming(), q.active(), q.held()] {
+            if !sub.is_dir() {
+                return Err(QueueError::Corrupt {
+                    path: sub,
+                    why: "missing: no queue here yet (start `mta serve` once, or check data_dir)".into(),
+                });
+            }
+        }
+        Ok(q)
+    }
+
     fn incoming(&self) -> PathBuf {
         self.dir.join("incoming")
     }
@@ -177,7 +193,8 @@ impl Queue {
         let (_, message) = self.read(&envelope.id)?;
         let json =
             serde_json::to_vec(envelope).map_err(|e| QueueError::Corrupt { path: path.clone(), why: e.to_string() })?;
-        let tmp = self.incoming().join(format!("{}.update", envelope.id));
+        // Per process: the daemon and an admin command may update at once.
+        let tmp = self.incoming().join(format!("{}.update.{}", envelope.id, std::process::id()));
         let dest = if held { self.held() } else { self.active() }.join(&envelope.id);
         let _proof: Durable =
             durable::write_atomically(&tmp, &dest, &[MAGIC, &json, b"\n", &message]).map_err(io_err(&dest))?;
@@ -307,6 +324,11 @@ mod tests {
         let (q, _) = Queue::open(&dir).unwrap();
         fs::write(dir.join("incoming/abc"), b"MTA-QUEUE-1\n{\"id\":").unwrap();
         drop(q);
+        // Admin commands attach beside a live daemon: nothing is discarded.
+        let attached = Queue::attach(&dir).unwrap();
+        assert!(attached.list().unwrap().is_empty());
+        assert!(dir.join("incoming/abc").exists());
+        assert!(Queue::attach(&dir.join("nonexistent")).is_err());
         let (q, discarded) = Queue::open(&dir).unwrap();
         assert_eq!(discarded, 1);
         assert!(q.list().unwrap().is_empty());

@@ -1,21 +1,31 @@
 //! The SMTP client for remote delivery: one connection to one host, EHLO,
-//! opportunistic STARTTLS (RFC 7435: encrypt when offered; the certificate
-//! is not verified unless TLS is required), one transaction, per-recipient
+//! STARTTLS as the destination's [`TlsLevel`] asks (or implicit TLS to a
+//! relay host), AUTH to a relay host, one transaction, per-recipient
 //! results.
 //!
-//! Main function: [`send`]. Routing (smart host or MX) is the caller's job.
+//! Main function: [`send`]. Routing (smart host or MX) and choosing the
+//! level are the caller's job.
+//!
+//! **Invariant:** with a level above `may`, no byte of the message leaves
+//! before the TLS handshake succeeded (the attempt fails temporarily
+//! instead); relay credentials are only ever written to a TLS stream.
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+pub use crate::config::TlsLevel;
 
 /// RFC 5321 §4.5.3.2 client timeouts, shortened for the initial connect.
 const CONNECT_TIMEOUT_SECS: u64 = 30;
@@ -34,12 +44,36 @@ pub enum RcptResult {
     Permanent(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsPolicy {
-    /// Use STARTTLS if offered; do not verify the certificate.
-    Opportunistic,
-    /// Fail (temporarily) unless STARTTLS succeeds.
-    Required,
+/// A relay host login. The password is never printed, not even by `Debug`.
+pub struct Credentials {
+    pub username: String,
+    password: String,
+}
+
+impl Credentials {
+    pub fn new(username: String, password: String) -> Credentials {
+        Credentials { username, password }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
+/// One host to deliver to and how.
+#[derive(Clone, Copy)]
+pub struct Hop<'a> {
+    pub addr: SocketAddr,
+    /// The name the certificate must carry under `Verify` (MX host name, or
+    /// the relay host's IP address); also sent as SNI.
+    pub server_name: &'a str,
+    pub level: TlsLevel,
+    /// TLS from the first byte (a relay host on port 465).
+    pub implicit_tls: bool,
+    /// AUTH after TLS (relay host only).
+    pub auth: Option<&'a Credentials>,
 }
 
 #[derive(Debug)]
@@ -128,15 +162,65 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-/// The client TLS configuration for opportunistic STARTTLS (TLS 1.2/1.3).
-pub fn client_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    #[error("failed to read CA certificates from {path}: {cause} (set `delivery.ca_file` to a PEM bundle)")]
+    Roots { path: std::path::PathBuf, cause: String },
+    #[error("no usable CA certificate in {0} (set `delivery.ca_file` to a PEM bundle of trusted roots)")]
+    NoRoots(std::path::PathBuf),
+    #[error("TLS client configuration rejected: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Client TLS configurations (TLS 1.2/1.3 only): one that accepts any
+/// certificate (`may`, `encrypt`) and, when a `verify` level is in use,
+/// one that checks it against trusted roots and the host name.
+#[derive(Clone)]
+pub struct ClientTls {
+    unverified: Arc<rustls::ClientConfig>,
+    verified: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl ClientTls {
+    /// `roots`: the PEM bundle `verify` trusts; `None` when no destination
+    /// uses `verify`. Read before chroot.
+    pub fn new(roots: Option<&Path>) -> Result<ClientTls, ClientTlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let unverified = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider.clone())))
+            .with_no_client_auth();
+        let verified = match roots {
+            None => None,
+            Some(path) => {
+                let mut store = rustls::RootCertStore::empty();
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| ClientTlsError::Roots { path: path.to_owned(), cause: e.to_string() })?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ClientTlsError::Roots { path: path.to_owned(), cause: e.to_string() })?;
+                let (added, _ignored) = store.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(ClientTlsError::NoRoots(path.to_owned()));
+                }
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+                    .with_root_certificates(store)
+                    .with_no_client_auth();
+                Some(Arc::new(config))
+            }
+        };
+        Ok(ClientTls { unverified: Arc::new(unverified), verified })
+    }
+
+    fn for_level(&self, level: TlsLevel) -> io::Result<Arc<rustls::ClientConfig>> {
+        match level {
+            TlsLevel::Verify => {
+                self.verified.clone().ok_or_else(|| io::Error::other("TLS policy verify but no trusted roots loaded"))
+            }
+            _ => Ok(self.unverified.clone()),
+        }
+    }
 }
 
 /// A message to send: envelope and the stored message (CRLF lines).
@@ -148,33 +232,74 @@ pub struct Outgoing<'a> {
     pub message: &'a [u8],
 }
 
-/// Delivers to one host. Connection-level failures are temporary for all recipients.
-pub async fn send(
-    addr: SocketAddr,
-    server_name: &str,
-    tls: TlsPolicy,
-    tls_config: Arc<rustls::ClientConfig>,
-    out: &Outgoing<'_>,
-) -> Vec<(String, RcptResult)> {
-    match session(addr, server_name, tls, tls_config, out).await {
+/// A failed TLS handshake, told apart from other errors so that `may`
+/// can retry without TLS.
+#[derive(Debug)]
+struct HandshakeFailed(String);
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HandshakeFailed {}
+
+fn is_handshake_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<HandshakeFailed>())
+}
+
+/// Delivers to one host. Connection-level failures, TLS policy failures
+/// and AUTH failures are temporary for all recipients. Under `may`, a
+/// failed handshake is retried once without TLS on a new connection
+/// (RFC 7435: opportunistic security is never worse than cleartext), as
+/// Postfix does.
+pub async fn send(hop: &Hop<'_>, tls: &ClientTls, out: &Outgoing<'_>) -> Vec<(String, RcptResult)> {
+    let mut result = session(hop, tls, out).await;
+    if let Err(e) = &result {
+        if hop.level == TlsLevel::May && hop.auth.is_none() && !hop.implicit_tls && is_handshake_failure(e) {
+            tracing::info!(host = %hop.server_name, addr = %hop.addr, error = %e, "retrying without TLS (TLS policy may)");
+            let clear = Hop { level: TlsLevel::None, ..*hop };
+            result = session(&clear, tls, out).await;
+        }
+    }
+    match result {
         Ok(results) => results,
         Err(e) => {
-            let why = format!("{addr}: {e}");
+            let why = format!("{}: {e}", hop.addr);
             out.recipients.iter().map(|r| (r.clone(), RcptResult::Temporary(why.clone()))).collect()
         }
     }
 }
 
-async fn session(
-    addr: SocketAddr,
-    server_name: &str,
-    tls: TlsPolicy,
-    tls_config: Arc<rustls::ClientConfig>,
-    out: &Outgoing<'_>,
-) -> io::Result<Vec<(String, RcptResult)>> {
-    let tcp = tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECS), TcpStream::connect(addr))
+async fn handshake(
+    hop: &Hop<'_>,
+    tls: &ClientTls,
+    tcp: TcpStream,
+) -> io::Result<BufReader<tokio_rustls::client::TlsStream<TcpStream>>> {
+    // `may` and `encrypt` accept any certificate; only `verify` checks it.
+    let level = hop.level.max(TlsLevel::Encrypt);
+    let name =
+        ServerName::try_from(hop.server_name.to_string()).map_err(|e| proto_err(format!("bad server name: {e}")))?;
+    let stream = TlsConnector::from(tls.for_level(level)?).connect(name, tcp).await.map_err(|e| {
+        let why = format!("TLS handshake with {} failed (TLS policy {}): {e}", hop.server_name, hop.level.name());
+        io::Error::new(e.kind(), HandshakeFailed(why))
+    })?;
+    Ok(BufReader::new(stream))
+}
+
+async fn session(hop: &Hop<'_>, tls: &ClientTls, out: &Outgoing<'_>) -> io::Result<Vec<(String, RcptResult)>> {
+    let tcp = tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_SECS), TcpStream::connect(hop.addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    if hop.implicit_tls {
+        let mut secure = handshake(hop, tls, tcp).await?;
+        let greeting = read_reply(&mut secure, REPLY_TIMEOUT_SECS).await?;
+        if greeting.code != 220 {
+            return Ok(all(out, &greeting));
+        }
+        return secure_session(&mut secure, hop, out).await;
+    }
     let mut plain = BufReader::new(tcp);
     let greeting = read_reply(&mut plain, REPLY_TIMEOUT_SECS).await?;
     if greeting.code != 220 {
@@ -185,11 +310,24 @@ async fn session(
         return Ok(all(out, &ehlo));
     }
     let offers_tls = ehlo.text.split(" / ").any(|l| l.eq_ignore_ascii_case("STARTTLS"));
-    if !offers_tls {
-        if tls == TlsPolicy::Required {
-            return Err(proto_err("STARTTLS required by policy but not offered".into()));
+    let use_tls = match hop.level {
+        TlsLevel::None => false,
+        TlsLevel::May => offers_tls,
+        TlsLevel::Encrypt | TlsLevel::Verify => true,
+    };
+    if !use_tls {
+        if hop.auth.is_some() {
+            return Err(proto_err("refusing to send relay credentials without TLS".into()));
         }
         return transaction(&mut plain, out, &ehlo.text).await;
+    }
+    if !offers_tls {
+        let why = if hop.auth.is_some() { "; relay credentials are never sent in clear" } else { "" };
+        return Err(proto_err(format!(
+            "TLS policy {} requires STARTTLS but {} does not offer it{why}",
+            hop.level.name(),
+            hop.server_name
+        )));
     }
     let r = command(&mut plain, "STARTTLS").await?;
     if r.code != 220 {
@@ -198,14 +336,70 @@ async fn session(
     if !plain.buffer().is_empty() {
         return Err(proto_err("server sent data after its STARTTLS reply".into()));
     }
-    let name = ServerName::try_from(server_name.to_string()).map_err(|e| proto_err(format!("bad server name: {e}")))?;
-    let tls_stream = TlsConnector::from(tls_config).connect(name, plain.into_inner()).await?;
-    let mut secure = BufReader::new(tls_stream);
-    let ehlo = command(&mut secure, &format!("EHLO {}", out.helo)).await?;
+    let mut secure = handshake(hop, tls, plain.into_inner()).await?;
+    secure_session(&mut secure, hop, out).await
+}
+
+/// EHLO over TLS, AUTH if configured, then the transaction.
+async fn secure_session<S: AsyncRead + AsyncWrite + Unpin>(
+    secure: &mut BufReader<S>,
+    hop: &Hop<'_>,
+    out: &Outgoing<'_>,
+) -> io::Result<Vec<(String, RcptResult)>> {
+    let ehlo = command(secure, &format!("EHLO {}", out.helo)).await?;
     if ehlo.code != 250 {
         return Ok(all(out, &ehlo));
     }
-    transaction(&mut secure, out, &ehlo.text).await
+    if let Some(creds) = hop.auth {
+        authenticate(secure, &ehlo.text, creds).await?;
+    }
+    transaction(secure, out, &ehlo.text).await
+}
+
+/// AUTH PLAIN, else LOGIN (RFC 4954, 4616). Any refusal is an error: the
+/// admin must fix the credentials, and the mail waits meanwhile.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    ehlo_text: &str,
+    creds: &Credentials,
+) -> io::Result<()> {
+    let mechanisms: Vec<String> = ehlo_text
+        .split(" / ")
+        .filter_map(|l| {
+            let upper = l.to_ascii_uppercase();
+            upper.strip_prefix("AUTH ").or_else(|| upper.strip_prefix("AUTH=")).map(str::to_string)
+        })
+        .flat_map(|m| m.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+    let refused =
+        |r: &Reply| proto_err(format!("the relay host refused AUTH for {}: {}", creds.username, r.describe()));
+    if mechanisms.iter().any(|m| m == "PLAIN") {
+        let token = b64(format!("\0{}\0{}", creds.username, creds.password).as_bytes());
+        let r = command(s, &format!("AUTH PLAIN {token}")).await?;
+        if r.code != 235 {
+            return Err(refused(&r));
+        }
+    } else if mechanisms.iter().any(|m| m == "LOGIN") {
+        let r = command(s, "AUTH LOGIN").await?;
+        if r.code != 334 {
+            return Err(refused(&r));
+        }
+        let r = command(s, &b64(creds.username.as_bytes())).await?;
+        if r.code != 334 {
+            return Err(refused(&r));
+        }
+        let r = command(s, &b64(creds.password.as_bytes())).await?;
+        if r.code != 235 {
+            return Err(refused(&r));
+        }
+    } else {
+        return Err(proto_err(format!(
+            "the relay host offers no AUTH PLAIN or LOGIN (it offers {:?})",
+            mechanisms.join(" ")
+        )));
+    }
+    Ok(())
 }
 
 fn classify(r: &Reply) -> RcptResult {

@@ -158,13 +158,23 @@ impl MailTree {
 }
 
 pub fn read_maildir(dir: &Path) -> Result<Vec<Vec<u8>>> {
-    let new = dir.join("new");
-    if !new.is_dir() {
+    if !dir.join("new").is_dir() {
         return Ok(Vec::new());
     }
     let tmp_entries = std::fs::read_dir(dir.join("tmp"))?.count();
     if tmp_entries != 0 {
         bail!("{} has {tmp_entries} leftover files in tmp/", dir.display());
+    }
+    read_maildir_new(dir)
+}
+
+/// Like [`read_maildir`] but ignoring `tmp/`: after a crash, a delivery cut
+/// between writing to tmp/ and the rename into new/ leaves its file there
+/// (Maildir readers ignore tmp/; the message is still in the queue).
+pub fn read_maildir_new(dir: &Path) -> Result<Vec<Vec<u8>>> {
+    let new = dir.join("new");
+    if !new.is_dir() {
+        return Ok(Vec::new());
     }
     let mut out = Vec::new();
     let mut names: Vec<_> = std::fs::read_dir(&new)?.collect::<std::io::Result<Vec<_>>>()?;
@@ -225,4 +235,97 @@ pub fn python(script: &str, args: &[&str]) -> Result<util::Output> {
     let mut c = Command::new("python3");
     c.arg("-c").arg(script).args(args);
     util::run_output(&mut c, Duration::from_secs(120))
+}
+
+/// A tiny authoritative DNS server (UDP only): prints its port, then
+/// answers MX and A queries from the zone given as JSON in argv.
+const FAKE_DNS: &str = r#"
+import json, socket, struct, sys
+zone = json.loads(sys.argv[1])
+zone_mx, zone_a, nx = zone["mx"], zone["a"], set(zone["nx"])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print("port", s.getsockname()[1], flush=True)
+
+def name(n):
+    out = b""
+    for label in [l for l in n.split(".") if l]:
+        out += bytes([len(label)]) + label.encode()
+    return out + b"\0"
+
+while True:
+    q, addr = s.recvfrom(4096)
+    qid, flags = struct.unpack(">HH", q[:4])
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
+        i += 1 + q[i]
+    qname = ".".join(labels)
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    answers = []
+    if qtype == 15:
+        for pref, host in zone_mx.get(qname, []):
+            answers.append((15, struct.pack(">H", pref) + name(host)))
+    elif qtype == 1 and qname in zone_a:
+        answers.append((1, socket.inet_aton(zone_a[qname])))
+    rcode = 3 if qname in nx else 0
+    head = struct.pack(">HHHHHH", qid, 0x8400 | (flags & 0x0100) | rcode, 1, len(answers), 0, 0)
+    body = b"".join(struct.pack(">HHHIH", 0xC00C, t, 1, 60, len(r)) + r for t, r in answers)
+    s.sendto(head + question + body, addr)
+"#;
+
+/// Starts the fake DNS server for a zone: MX records (domain, preference,
+/// host; host "" is a null MX), A records (host, IPv4) and names that do
+/// not exist. Returns the server (killed on drop) and its UDP port.
+pub fn fake_dns(mx: &[(&str, u16, &str)], a: &[(&str, &str)], nxdomain: &[&str]) -> Result<(Daemon, u16)> {
+    let mut mx_map = serde_json::Map::new();
+    for (domain, pref, host) in mx {
+        let entry = mx_map.entry(domain.to_string()).or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(list) = entry {
+            list.push(serde_json::json!([pref, host]));
+        }
+    }
+    let a_map: serde_json::Map<String, serde_json::Value> =
+        a.iter().map(|(h, ip)| (h.to_string(), serde_json::Value::String(ip.to_string()))).collect();
+    let zone = serde_json::json!({ "mx": mx_map, "a": a_map, "nx": nxdomain });
+    let dns = Daemon::spawn(util::cmd("python3", ["-u", "-c", FAKE_DNS, &zone.to_string()]))?;
+    dns.logs.wait_for("port ", Duration::from_secs(20))?;
+    let port = dns
+        .logs
+        .lines()
+        .iter()
+        .find_map(|l| l.strip_prefix("port ").and_then(|p| p.trim().parse().ok()))
+        .ok_or_else(|| anyhow!("fake DNS printed no port"))?;
+    Ok((dns, port))
+}
+
+/// Postfix's `smtp-sink` on 127.0.0.1 (no STARTTLS, no AUTH), dumping each
+/// transaction into a file in `dump_dir`. Returns it (killed on drop) and its address.
+pub fn smtp_sink(dump_dir: &Path) -> Result<(Daemon, SocketAddr)> {
+    std::fs::create_dir_all(dump_dir)?;
+    let port = crate::server::free_port()?;
+    let mut c = Command::new("smtp-sink");
+    if is_root() {
+        // It refuses to keep root; the dumps are written as nobody.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dump_dir, std::fs::Permissions::from_mode(0o777))?;
+        c.args(["-u", "nobody"]);
+    }
+    c.arg("-d").arg(format!("{}/%H%M%S.", dump_dir.display()));
+    c.arg(format!("127.0.0.1:{port}")).arg("16");
+    let sink = Daemon::spawn(c)?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    util::wait_until(Duration::from_secs(20), "smtp-sink to listen", || std::net::TcpStream::connect(addr).is_ok())?;
+    Ok((sink, addr))
+}
+
+/// The transactions `smtp-sink` dumped, as text.
+pub fn sink_dumps(dump_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dump_dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect()
 }

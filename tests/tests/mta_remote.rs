@@ -109,50 +109,15 @@ fn remote_mail_without_a_route_stays_queued_with_a_reason() {
     assert_eq!(a.admin(&["queue", "list"]).unwrap().stdout, "");
 }
 
-/// A tiny authoritative DNS server for the test zone: prints its port, then
-/// answers MX and A queries from argv (UDP only).
-const FAKE_DNS: &str = r#"
-import socket, struct, sys
-zone_mx = {"example.net": [(10, "mx.example.net")], "nullmx.example": [(0, "")]}
-zone_a = {"mx.example.net": "127.0.0.1"}
-nx = {"nxdomain.example"}
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", 0))
-print("port", s.getsockname()[1], flush=True)
-
-def name(n):
-    out = b""
-    for label in [l for l in n.split(".") if l]:
-        out += bytes([len(label)]) + label.encode()
-    return out + b"\0"
-
-while True:
-    q, addr = s.recvfrom(4096)
-    qid, flags = struct.unpack(">HH", q[:4])
-    i, labels = 12, []
-    while q[i]:
-        labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
-        i += 1 + q[i]
-    qname = ".".join(labels)
-    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
-    question = q[12:i + 5]
-    answers = []
-    if qtype == 15:
-        for pref, host in zone_mx.get(qname, []):
-            answers.append((15, struct.pack(">H", pref) + name(host)))
-    elif qtype == 1 and qname in zone_a:
-        answers.append((1, socket.inet_aton(zone_a[qname])))
-    rcode = 3 if qname in nx else 0
-    head = struct.pack(">HHHHHH", qid, 0x8400 | (flags & 0x0100) | rcode, 1, len(answers), 0, 0)
-    body = b"".join(struct.pack(">HHHIH", 0xC00C, t, 1, 60, len(r)) + r for t, r in answers)
-    s.sendto(head + question + body, addr)
-"#;
-
+/// The test zone: example.net's MX is 127.0.0.1; nullmx.example publishes
+/// a null MX; nxdomain.example does not exist.
 fn fake_dns() -> (tests::server::Daemon, u16) {
-    let dns = tests::server::Daemon::spawn(tests::cmd("python3", ["-u", "-c", FAKE_DNS])).unwrap();
-    dns.logs.wait_for("port ", Duration::from_secs(20)).unwrap();
-    let port = dns.logs.lines().iter().find_map(|l| l.strip_prefix("port ").and_then(|p| p.parse().ok())).unwrap();
-    (dns, port)
+    tests::mta::fake_dns(
+        &[("example.net", 10, "mx.example.net"), ("nullmx.example", 0, "")],
+        &[("mx.example.net", "127.0.0.1")],
+        &["nxdomain.example"],
+    )
+    .unwrap()
 }
 
 // Remote delivery by MX: the domain's MX host (a second mta) gets the mail;

@@ -187,6 +187,34 @@ impl Directory {
         Ok(())
     }
 
+    /// Sets (bytes) or clears (`None`) a mailbox's quota.
+    pub async fn set_quota(&self, address: &str, quota_bytes: Option<u64>) -> Result<(), DirectoryError> {
+        let key = parse(address)?.key();
+        let quota = quota_bytes.map(|q| i64::try_from(q).unwrap_or(i64::MAX));
+        let done = sqlx::query("UPDATE mailboxes SET quota_bytes = ? WHERE address = ?")
+            .bind(quota)
+            .bind(&key)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(DirectoryError::NotFound(format!("mailbox {key}")));
+        }
+        Ok(())
+    }
+
+    /// The quotas of these mailbox keys (those without one are left out).
+    pub async fn quotas(&self, mailboxes: &[String]) -> Result<Vec<(String, u64)>, DirectoryError> {
+        let mut out = Vec::new();
+        for key in mailboxes {
+            if let Some((info, _)) = self.mailbox(key).await? {
+                if let Some(q) = info.quota_bytes {
+                    out.push((key.clone(), u64::try_from(q).unwrap_or(0)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes the mailbox row and its sender-map entries; the Maildir on
     /// disk is left for the admin to archive.
     pub async fn del_user(&self, address: &str) -> Result<(), DirectoryError> {
@@ -353,7 +381,7 @@ impl Directory {
     pub async fn recipient_facts(&self, address: &Address) -> Result<RecipientFacts, DirectoryError> {
         let domain_hosted = self.domain_hosted(address.domain()).await?;
         if !domain_hosted {
-            return Ok(RecipientFacts { domain_hosted, mailboxes: Vec::new() });
+            return Ok(RecipientFacts { domain_hosted, mailboxes: Vec::new(), over_quota: Vec::new() });
         }
         let key = address.key();
         let mut found = BTreeSet::new();
@@ -361,7 +389,8 @@ impl Directory {
         if found.is_empty() && self.mailbox(&key).await?.is_none() {
             self.expand(&format!("@{}", address.domain()), 0, &mut found).await?;
         }
-        Ok(RecipientFacts { domain_hosted, mailboxes: found.into_iter().collect() })
+        // Quota use is on disk: the caller fills in `over_quota`.
+        Ok(RecipientFacts { domain_hosted, mailboxes: found.into_iter().collect(), over_quota: Vec::new() })
     }
 
     async fn expand(&self, key: &str, depth: usize, found: &mut BTreeSet<String>) -> Result<(), DirectoryError> {

@@ -45,6 +45,13 @@ async fn users_need_a_hosted_domain_and_authenticate_with_argon2() {
     assert_eq!(d.verify_login("alice@example.org", "new").await.unwrap(), None);
     let users = d.list_users().await.unwrap();
     assert_eq!(users, vec![MailboxInfo { address: "alice@example.org".into(), enabled: false, quota_bytes: None }]);
+    d.set_quota("Alice@example.org", Some(5000)).await.unwrap();
+    assert_eq!(d.list_users().await.unwrap()[0].quota_bytes, Some(5000));
+    let keys = vec!["alice@example.org".to_string(), "nobody@example.org".to_string()];
+    assert_eq!(d.quotas(&keys).await.unwrap(), vec![("alice@example.org".to_string(), 5000)]);
+    d.set_quota("alice@example.org", None).await.unwrap();
+    assert!(d.quotas(&keys).await.unwrap().is_empty());
+    assert!(matches!(d.set_quota("nobody@example.org", Some(1)).await, Err(DirectoryError::NotFound(_))));
 
     // The stored hash is a PHC string, never the password.
     let (_, phc) = d.mailbox("alice@example.org").await.unwrap().unwrap();
@@ -74,6 +81,7 @@ async fn recipients_resolve_through_aliases_and_catch_alls() {
     let facts = |mailboxes: &[&str]| RecipientFacts {
         domain_hosted: true,
         mailboxes: mailboxes.iter().map(|s| s.to_string()).collect(),
+        over_quota: vec![],
     };
     assert_eq!(d.recipient_facts(&a("Alice@Example.org")).await.unwrap(), facts(&["alice@example.org"]));
     assert_eq!(
@@ -85,7 +93,7 @@ async fn recipients_resolve_through_aliases_and_catch_alls() {
     assert_eq!(d.recipient_facts(&a("loop1@example.org")).await.unwrap(), facts(&[]));
     assert_eq!(
         d.recipient_facts(&a("x@remote.example")).await.unwrap(),
-        RecipientFacts { domain_hosted: false, mailboxes: vec![] }
+        RecipientFacts { domain_hosted: false, mailboxes: vec![], over_quota: vec![] }
     );
     d.set_enabled("bob@example.org", false).await.unwrap();
     assert_eq!(d.recipient_facts(&a("sales@example.org")).await.unwrap(), facts(&["alice@example.org"]));

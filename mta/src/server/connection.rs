@@ -289,8 +289,18 @@ async fn answer(shared: &Shared, peer: SocketAddr, query: Query) -> Answer {
                 Answer::Sender(None)
             }
         },
-        Query::Recipient { address } => match shared.directory.recipient_facts(&address).await {
-            Ok(f) => Answer::Recipient(Some(f)),
+        Query::Recipient { address, size } => match shared.directory.recipient_facts(&address).await {
+            Ok(mut f) => {
+                // The declared size must fit, or at least one more byte:
+                // refused once at or over quota.
+                let incoming = size.unwrap_or(1).max(1);
+                let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, incoming).await;
+                if !full.is_empty() {
+                    tracing::info!(%peer, to = %address, "recipient over quota");
+                }
+                f.over_quota = full.into_iter().map(|(m, _)| m).collect();
+                Answer::Recipient(Some(f))
+            }
             Err(e) => {
                 tracing::error!(%peer, error = %e, "recipient lookup failed");
                 Answer::Recipient(None)

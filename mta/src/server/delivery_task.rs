@@ -3,7 +3,6 @@
 //! relay host or the domains' MX hosts, queues a DSN for failures, then removes or reschedules the
 //! queue file — in that order (see `delivery`'s invariant).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,10 +10,11 @@ use tokio::sync::watch;
 
 use super::Shared;
 use crate::bounce;
+use crate::config::RelayTls;
 use crate::delivery::{self, Attempt};
 use crate::mx::{Route, Router};
 use crate::queue::{Queue, QueueError, StoredEnvelope};
-use crate::remote::{self, Outgoing, RcptResult, TlsPolicy};
+use crate::remote::{self, ClientTls, Credentials, Hop, Outgoing, RcptResult};
 use crate::smtp::address::Address;
 
 /// Delivery runs at least this often, even without new mail (retries).
@@ -22,17 +22,18 @@ const DELIVERY_SCAN_SECS: u64 = 30;
 /// Messages delivered at once.
 const DELIVERIES_CONCURRENT_MAX: usize = 16;
 
-pub async fn run(shared: Arc<Shared>, router: Option<Router>, mut shutdown: watch::Receiver<bool>) {
-    let router = router.map(Arc::new);
-    let tls_config = match remote::client_config() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the TLS client configuration; remote delivery disabled");
-            return;
-        }
-    };
+/// What remote delivery needs besides the shared state.
+pub struct Outbound {
+    /// MX routing; `None` with a relay host (or without a resolver).
+    pub router: Option<Router>,
+    pub tls: ClientTls,
+    pub relay_credentials: Option<Credentials>,
+}
+
+pub async fn run(shared: Arc<Shared>, outbound: Outbound, mut shutdown: watch::Receiver<bool>) {
+    let outbound = Arc::new(outbound);
     loop {
-        if let Err(e) = pass(&shared, router.as_ref(), &tls_config).await {
+        if let Err(e) = pass(&shared, &outbound).await {
             tracing::error!(error = %e, "delivery pass failed");
         }
         tokio::select! {
@@ -54,11 +55,7 @@ async fn blocking<T: Send + 'static>(
 
 /// Delivers every due message, `DELIVERIES_CONCURRENT_MAX` at a time (each
 /// one waits on fsyncs or a remote server most of its time).
-async fn pass(
-    shared: &Arc<Shared>,
-    router: Option<&Arc<Router>>,
-    tls_config: &Arc<rustls::ClientConfig>,
-) -> Result<(), QueueError> {
+async fn pass(shared: &Arc<Shared>, outbound: &Arc<Outbound>) -> Result<(), QueueError> {
     let now = delivery::now_unix();
     let queue = shared.queue.clone();
     let due = blocking(move || queue.due(now)).await?;
@@ -70,14 +67,12 @@ async fn pass(
                 first_error.get_or_insert(e);
             }
         }
-        let (shared, router, tls_config) = (shared.clone(), router.cloned(), tls_config.clone());
+        let (shared, outbound) = (shared.clone(), outbound.clone());
         running.spawn(async move {
             let queue = shared.queue.clone();
             let id = listed.id.clone();
             match blocking(move || queue.read(&id)).await {
-                Ok((envelope, message)) => {
-                    deliver_one(&shared, router.as_deref(), &tls_config, envelope, message).await
-                }
+                Ok((envelope, message)) => deliver_one(&shared, &outbound, envelope, message).await,
                 // Deleted or held by the admin since it was listed.
                 Err(QueueError::NotFound(_)) => Ok(()),
                 Err(e) => Err(e),
@@ -98,20 +93,17 @@ async fn pass(
 
 async fn deliver_one(
     shared: &Arc<Shared>,
-    router: Option<&Router>,
-    tls_config: &Arc<rustls::ClientConfig>,
+    outbound: &Outbound,
     envelope: StoredEnvelope,
     message: Vec<u8>,
 ) -> Result<(), QueueError> {
     let message = Arc::new(message);
+    let full = mailboxes_over_quota(shared, &envelope.local, message.len() as u64).await;
     let (boxes, host, env, msg) =
         (shared.mailboxes_dir.clone(), shared.config.hostname.clone(), envelope.clone(), message.clone());
-    let local_failed = blocking(move || Ok(delivery::deliver_local(&boxes, &host, &env, &msg))).await?;
-    let remote = if envelope.remote.is_empty() {
-        Vec::new()
-    } else {
-        send_remote(shared, router, tls_config, &envelope, &message).await
-    };
+    let local_failed = blocking(move || Ok(delivery::deliver_local(&boxes, &host, &env, &msg, &full))).await?;
+    let remote =
+        if envelope.remote.is_empty() { Vec::new() } else { send_remote(shared, outbound, &envelope, &message).await };
     let now = delivery::now_unix();
     let plan = delivery::plan(
         envelope.clone(),
@@ -137,19 +129,63 @@ async fn deliver_one(
     }
 }
 
+/// The mailboxes among `mailboxes` where `incoming_bytes` more would exceed
+/// the quota, with the reason. Lookup or disk errors count as "fits": the
+/// quota is a soft limit, and mail is not held back for it.
+pub(super) async fn mailboxes_over_quota(
+    shared: &Shared,
+    mailboxes: &[String],
+    incoming_bytes: u64,
+) -> Vec<(String, String)> {
+    if mailboxes.is_empty() {
+        return Vec::new();
+    }
+    let quotas = match shared.directory.quotas(mailboxes).await {
+        Ok(q) if q.is_empty() => return Vec::new(),
+        Ok(q) => q,
+        Err(e) => {
+            tracing::warn!(error = %e, "quota lookup failed; not enforcing quotas for this message");
+            return Vec::new();
+        }
+    };
+    let root = shared.mailboxes_dir.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut full = Vec::new();
+        for (mailbox, quota) in quotas {
+            match delivery::over_quota(&root, &mailbox, quota, incoming_bytes) {
+                Ok(Some(used)) => {
+                    let why = format!("mailbox full: {used} of {quota} bytes used, {incoming_bytes} more do not fit");
+                    full.push((mailbox, why));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%mailbox, error = %e, "cannot measure the mailbox; quota not enforced"),
+            }
+        }
+        full
+    })
+    .await;
+    checked.unwrap_or_default()
+}
+
 async fn send_remote(
     shared: &Shared,
-    router: Option<&Router>,
-    tls_config: &Arc<rustls::ClientConfig>,
+    outbound: &Outbound,
     envelope: &StoredEnvelope,
     message: &[u8],
 ) -> Vec<(String, RcptResult)> {
-    let policy = if shared.config.delivery.require_tls { TlsPolicy::Required } else { TlsPolicy::Opportunistic };
-    if let Some(relay) = shared.config.delivery.relay_host {
-        let hosts = vec![(relay.ip().to_string(), relay)];
-        return send_via(shared, tls_config, policy, &hosts, envelope, &envelope.remote, message).await;
+    let d = &shared.config.delivery;
+    if let Some(relay) = d.relay_host {
+        let name = relay.ip().to_string();
+        let hop = Hop {
+            addr: relay,
+            server_name: &name,
+            level: d.relay_tls_level,
+            implicit_tls: d.relay_tls == RelayTls::Implicit,
+            auth: outbound.relay_credentials.as_ref(),
+        };
+        return send_via(shared, outbound, &[hop], envelope, &envelope.remote, message).await;
     }
-    let Some(router) = router else {
+    let Some(router) = &outbound.router else {
         let why = "no route to remote domains: no relay host and no DNS resolver".to_string();
         return envelope.remote.iter().map(|r| (r.clone(), RcptResult::Temporary(why.clone()))).collect();
     };
@@ -166,7 +202,12 @@ async fn send_remote(
     for (domain, rcpts) in domains {
         match router.route(&domain).await {
             Route::Hosts(hosts) => {
-                results.extend(send_via(shared, tls_config, policy, &hosts, envelope, &rcpts, message).await)
+                let level = d.tls_level_for(&domain);
+                let hops: Vec<Hop> = hosts
+                    .iter()
+                    .map(|(name, addr)| Hop { addr: *addr, server_name: name, level, implicit_tls: false, auth: None })
+                    .collect();
+                results.extend(send_via(shared, outbound, &hops, envelope, &rcpts, message).await)
             }
             Route::Refused { status, why } => {
                 results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Permanent(format!("550 {status} {why}")))))
@@ -180,17 +221,17 @@ async fn send_remote(
 /// Tries each host in turn until one gives an answer that is not temporary.
 async fn send_via(
     shared: &Shared,
-    tls_config: &Arc<rustls::ClientConfig>,
-    policy: TlsPolicy,
-    hosts: &[(String, SocketAddr)],
+    outbound: &Outbound,
+    hops: &[Hop<'_>],
     envelope: &StoredEnvelope,
     rcpts: &[String],
     message: &[u8],
 ) -> Vec<(String, RcptResult)> {
     let out = Outgoing { helo: &shared.config.hostname, from: &envelope.from, recipients: rcpts, message };
     let mut results = Vec::new();
-    for (name, addr) in hosts {
-        results = remote::send(*addr, name, policy, tls_config.clone(), &out).await;
+    for hop in hops {
+        let addr = hop.addr;
+        results = remote::send(hop, &outbound.tls, &out).await;
         for (rcpt, r) in &results {
             match r {
                 RcptResult::Delivered => {

@@ -33,6 +33,7 @@ use crate::mx;
 use crate::privileges::{self, Dropped};
 use crate::proxy::Proxied;
 use crate::queue::Queue;
+use crate::remote::{ClientTls, Credentials};
 use crate::tls::TlsStore;
 
 /// How long SIGTERM waits for sessions to end.
@@ -64,6 +65,10 @@ pub struct Prepared {
     directory_url: String,
     /// Read before the chroot, which hides /etc/resolv.conf.
     resolver: Option<mx::ResolverSettings>,
+    /// Client TLS (with the `verify` roots) and the relay password, also
+    /// read before the chroot.
+    client_tls: ClientTls,
+    relay_credentials: Option<Credentials>,
 }
 
 /// The SQLite file behind a `sqlite://` URL, if it is one.
@@ -123,6 +128,7 @@ pub fn prepare(config: Config) -> Result<Prepared> {
             }
         },
     };
+    let (client_tls, relay_credentials) = outbound_secrets(&config)?;
     let dropped = privileges::drop_privileges(&config.privileges, &config.data_dir, &owned)
         .context("failed to drop privileges")?;
     let directory_url = match &sqlite {
@@ -143,7 +149,23 @@ pub fn prepare(config: Config) -> Result<Prepared> {
             _ => tracing::warn!("TLS files are outside the chroot: certificate reload on SIGHUP disabled"),
         }
     }
-    Ok(Prepared { config, listeners, tls, dropped, directory_url, resolver })
+    Ok(Prepared { config, listeners, tls, dropped, directory_url, resolver, client_tls, relay_credentials })
+}
+
+/// The client TLS roots (only when a `verify` level is configured) and the
+/// relay password; `check-config` runs this too.
+pub fn outbound_secrets(config: &Config) -> Result<(ClientTls, Option<Credentials>)> {
+    let d = &config.delivery;
+    let roots = d.needs_ca().then(|| d.ca_path());
+    let client_tls = ClientTls::new(roots).context("failed to load the trusted roots for TLS policy `verify`")?;
+    let credentials = match &d.relay_auth {
+        Some(a) => Some(Credentials::new(
+            a.username.clone(),
+            crate::config::read_password_file(&a.password_file).context("failed to load the relay password")?,
+        )),
+        None => None,
+    };
+    Ok((client_tls, credentials))
 }
 
 /// Per-IP and total connection slots.
@@ -186,7 +208,7 @@ impl Slots {
 }
 
 pub async fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { config, listeners, tls, dropped, directory_url, resolver } = prepared;
+    let Prepared { config, listeners, tls, dropped, directory_url, resolver, client_tls, relay_credentials } = prepared;
     let (queue, discarded) = Queue::open(&dropped.data_dir.join("queue")).context("failed to open the queue")?;
     if discarded > 0 {
         tracing::warn!(discarded, "discarded partial queue files left by a crash");
@@ -217,8 +239,12 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         eprintln!("mta: listening {} {addr}", listener.kind.name());
         tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), socket, listener, shutdown_rx.clone())));
     }
-    let router = resolver.map(|r| mx::Router::new(r, config.delivery.mx_port));
-    let delivery = tokio::spawn(delivery_task::run(shared.clone(), router, shutdown_rx.clone()));
+    let outbound = delivery_task::Outbound {
+        router: resolver.map(|r| mx::Router::new(r, config.delivery.mx_port)),
+        tls: client_tls,
+        relay_credentials,
+    };
+    let delivery = tokio::spawn(delivery_task::run(shared.clone(), outbound, shutdown_rx.clone()));
     tracing::info!(user = dropped.user.as_deref().unwrap_or("(unchanged)"), chroot = dropped.chrooted, "started");
     eprintln!("mta: ready");
 

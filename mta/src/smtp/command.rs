@@ -32,9 +32,19 @@ pub enum Mechanism {
 pub enum Command {
     Helo(String),
     Ehlo(String),
-    Mail { from: ReversePath, params: MailParams },
-    Rcpt { to: ForwardPath },
+    Mail {
+        from: ReversePath,
+        params: MailParams,
+    },
+    Rcpt {
+        to: ForwardPath,
+    },
     Data,
+    /// RFC 3030: `size` octets of message follow the command line at once.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -42,7 +52,10 @@ pub enum Command {
     Expn,
     Help,
     StartTls,
-    Auth { mechanism: Mechanism, initial: Option<String> },
+    Auth {
+        mechanism: Mechanism,
+        initial: Option<String>,
+    },
 }
 
 impl Command {
@@ -50,7 +63,8 @@ impl Command {
     /// reply before sending more. Anything already sent past them is
     /// treated as a synchronization error (command injection defence).
     pub fn ends_pipeline_group(&self) -> bool {
-        !matches!(self, Command::Mail { .. } | Command::Rcpt { .. } | Command::Rset)
+        // BDAT's chunk follows its command line by design (RFC 3030 §4.2).
+        !matches!(self, Command::Mail { .. } | Command::Rcpt { .. } | Command::Rset | Command::Bdat { .. })
     }
 }
 
@@ -68,6 +82,10 @@ pub enum CommandError {
     UnsupportedParameter,
     #[error("unsupported authentication mechanism")]
     UnsupportedMechanism,
+    /// A BDAT line without a usable size: the chunk that follows cannot be
+    /// skipped, so the session must end.
+    #[error("BDAT needs a chunk size and optionally LAST")]
+    BadChunk,
 }
 
 /// Parses one command line. `line` excludes the CRLF.
@@ -85,6 +103,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "MAIL" => parse_mail(arg),
         "RCPT" => parse_rcpt(arg),
         "DATA" => no_arg(Command::Data),
+        "BDAT" => parse_bdat(arg),
         "RSET" => no_arg(Command::Rset),
         // NOOP and HELP may carry a string that is ignored (RFC 5321 §4.1.1.9).
         "NOOP" => Ok(Command::Noop),
@@ -96,6 +115,22 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "AUTH" => parse_auth(arg),
         _ => Err(CommandError::Unrecognized),
     }
+}
+
+/// `BDAT size [LAST]`; the size has at most 19 digits (fits a u64).
+fn parse_bdat(arg: &str) -> Result<Command, CommandError> {
+    let mut words = arg.split(' ');
+    let size = words.next().unwrap_or("");
+    if size.is_empty() || size.len() > 19 || !size.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(CommandError::BadChunk);
+    }
+    let size = size.parse().map_err(|_| CommandError::BadChunk)?;
+    let last = match (words.next(), words.next()) {
+        (None, _) => false,
+        (Some(w), None) if w.eq_ignore_ascii_case("LAST") => true,
+        _ => return Err(CommandError::BadChunk),
+    };
+    Ok(Command::Bdat { size, last })
 }
 
 fn parse_helo_name(arg: &str) -> Result<String, CommandError> {
@@ -188,6 +223,14 @@ mod tests {
         assert_eq!(parse(b"ehlo client.example"), Ok(Command::Ehlo("client.example".into())));
         assert_eq!(parse(b"HeLo [192.0.2.1]"), Ok(Command::Helo("[192.0.2.1]".into())));
         assert_eq!(parse(b"data"), Ok(Command::Data));
+        assert_eq!(parse(b"BDAT 0 LAST"), Ok(Command::Bdat { size: 0, last: true }));
+        assert_eq!(parse(b"bdat 1000 last"), Ok(Command::Bdat { size: 1000, last: true }));
+        assert_eq!(parse(b"BDAT 42"), Ok(Command::Bdat { size: 42, last: false }));
+        for bad in
+            ["BDAT", "BDAT x", "BDAT -1", "BDAT 1 FIRST", "BDAT 1 LAST x", "BDAT 99999999999999999999", "BDAT  1"]
+        {
+            assert_eq!(parse(bad.as_bytes()), Err(CommandError::BadChunk), "{bad}");
+        }
         assert_eq!(parse(b"QUIT"), Ok(Command::Quit));
         assert_eq!(parse(b"StartTLS"), Ok(Command::StartTls));
         assert_eq!(parse(b"NOOP anything"), Ok(Command::Noop));

@@ -61,9 +61,10 @@ fn drive(s: &mut Session) {
                     Query::Sender { .. } => {
                         Answer::Sender(Some(SenderFacts { domain_hosted: false, owned_by_login: true }))
                     }
-                    Query::Recipient { address } => Answer::Recipient(Some(RecipientFacts {
+                    Query::Recipient { address, .. } => Answer::Recipient(Some(RecipientFacts {
                         domain_hosted: address.domain() == "example.org",
                         mailboxes: vec![address.key()],
+                        over_quota: vec![],
                     })),
                     Query::Enqueue { message, .. } => {
                         assert!(message.len() <= 4096);

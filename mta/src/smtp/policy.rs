@@ -23,6 +23,9 @@ pub struct RecipientFacts {
     /// Local mailboxes the address resolves to (aliases and catch-alls
     /// expanded); empty when no such user exists.
     pub mailboxes: Vec<String>,
+    /// Those of `mailboxes` already at or over their quota, or without
+    /// room for the size MAIL declared.
+    pub over_quota: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +58,14 @@ pub fn sender_decision(authenticated: bool, null_sender: bool, facts: SenderFact
 }
 
 /// RCPT TO: hosted domains accept existing mailboxes from anyone; other
-/// domains only from authenticated sessions.
+/// domains only from authenticated sessions. A recipient whose mailboxes
+/// are all over quota gets a temporary 452 4.2.2; if only some are (an
+/// alias), it is accepted and delivery defers the full ones.
 pub fn recipient_decision(authenticated: bool, facts: RecipientFacts) -> RecipientDecision {
+    let all_full = !facts.mailboxes.is_empty() && facts.mailboxes.iter().all(|m| facts.over_quota.contains(m));
+    if facts.domain_hosted && all_full {
+        return RecipientDecision::Reject(reply::mailbox_full());
+    }
     match (facts.domain_hosted, facts.mailboxes.is_empty(), authenticated) {
         (true, false, _) => RecipientDecision::Local(facts.mailboxes),
         (true, true, _) => RecipientDecision::Reject(reply::unknown_user()),
@@ -104,17 +113,33 @@ mod tests {
     fn recipient_decisions_exhaustive() {
         let boxes = vec!["bob@example.org".to_string()];
         for auth in [false, true] {
-            let local = recipient_decision(auth, RecipientFacts { domain_hosted: true, mailboxes: boxes.clone() });
+            let local = recipient_decision(
+                auth,
+                RecipientFacts { domain_hosted: true, mailboxes: boxes.clone(), over_quota: vec![] },
+            );
             assert_eq!(local, RecipientDecision::Local(boxes.clone()));
-            let unknown = recipient_decision(auth, RecipientFacts { domain_hosted: true, mailboxes: vec![] });
+            let unknown =
+                recipient_decision(auth, RecipientFacts { domain_hosted: true, mailboxes: vec![], over_quota: vec![] });
             assert_eq!(unknown, RecipientDecision::Reject(reply::unknown_user()));
+            let full = recipient_decision(
+                auth,
+                RecipientFacts { domain_hosted: true, mailboxes: boxes.clone(), over_quota: boxes.clone() },
+            );
+            assert_eq!(full, RecipientDecision::Reject(reply::mailbox_full()));
+            // An alias with room in one of its mailboxes is accepted.
+            let two = vec!["bob@example.org".to_string(), "carol@example.org".to_string()];
+            let partly = recipient_decision(
+                auth,
+                RecipientFacts { domain_hosted: true, mailboxes: two.clone(), over_quota: boxes.clone() },
+            );
+            assert_eq!(partly, RecipientDecision::Local(two));
         }
-        let remote = RecipientFacts { domain_hosted: false, mailboxes: vec![] };
+        let remote = RecipientFacts { domain_hosted: false, mailboxes: vec![], over_quota: vec![] };
         assert_eq!(recipient_decision(true, remote.clone()), RecipientDecision::Relay);
         assert_eq!(recipient_decision(false, remote), RecipientDecision::Reject(reply::relay_denied()));
         // Mailboxes without a hosted domain cannot happen from the directory,
         // but must not open a relay if they did.
-        let odd = RecipientFacts { domain_hosted: false, mailboxes: boxes };
+        let odd = RecipientFacts { domain_hosted: false, mailboxes: boxes, over_quota: vec![] };
         assert_eq!(recipient_decision(false, odd), RecipientDecision::Reject(reply::relay_denied()));
     }
 }

@@ -127,6 +127,12 @@ pub fn too_many_recipients() -> Reply {
 pub fn relay_denied() -> Reply {
     Reply::new(554, (5, 7, 1), "Relay access denied")
 }
+/// RCPT for a mailbox at or over its quota, or where MAIL's SIZE= would not
+/// fit: temporary (RFC 3463 X.2.2), so the sender's server retries and the
+/// mail arrives once there is room.
+pub fn mailbox_full() -> Reply {
+    Reply::new(452, (4, 2, 2), "Mailbox full, try again later")
+}
 pub fn unknown_user() -> Reply {
     Reply::new(550, (5, 1, 1), "Mailbox unavailable: no such user here")
 }

@@ -15,7 +15,9 @@
 //!    [`Session::handle_timeout`].
 //!
 //! Defences that live here: bare CR/LF anywhere closes the session with
-//! 521 (SMTP smuggling, see ARCHITECTURE.md); input before the greeting or
+//! 521 (SMTP smuggling, see ARCHITECTURE.md), except inside BDAT chunks
+//! (RFC 3030), whose explicit lengths leave no framing to confuse: there a
+//! bare CR/LF refuses the message with 554 5.6.0 and the session goes on; input before the greeting or
 //! past a command that ends a pipelining group closes it with 554 5.5.0;
 //! AUTH only over TLS; every line and counter is bounded (`limits`).
 
@@ -104,8 +106,9 @@ pub enum Query {
     Credentials { login: String, password: Secret },
     /// Facts for the sender policy.
     Sender { login: Option<String>, address: Address },
-    /// Facts for the recipient policy.
-    Recipient { address: Address },
+    /// Facts for the recipient policy. `size` is MAIL's SIZE= (RFC 1870),
+    /// for the quota check.
+    Recipient { address: Address, size: Option<u64> },
     /// Run the filters, then queue durably; answer only once the message
     /// is on disk (or refused).
     Enqueue { envelope: Envelope, message: Vec<u8> },
@@ -163,6 +166,16 @@ struct DataState {
     skipping_line: bool,
 }
 
+/// One BDAT chunk being read (RFC 3030): exactly `remaining` more octets.
+#[derive(Debug)]
+struct ChunkState {
+    size: u64,
+    remaining: u64,
+    last: bool,
+    /// Read and drop the chunk, then send this error.
+    refuse: Option<Reply>,
+}
+
 #[derive(Debug)]
 enum Pending {
     Credentials,
@@ -177,6 +190,7 @@ enum State {
     ExpectCommand,
     ExpectAuthResponse(AuthStep),
     ReceivingData(DataState),
+    ReceivingChunk(ChunkState),
     AwaitingAnswer(Pending),
     ExpectTlsHandshake,
     Closed,
@@ -189,6 +203,9 @@ struct Transaction {
     local: Vec<String>,
     remote: Vec<Address>,
     recipients: usize,
+    /// BDAT chunks so far; non-empty or `chunking` means DATA is refused.
+    chunks: Vec<u8>,
+    chunking: bool,
 }
 
 enum Line {
@@ -335,7 +352,7 @@ impl Session {
     /// How long the shell waits for the next input before [`Session::handle_timeout`].
     pub fn read_timeout_secs(&self) -> u64 {
         match self.state {
-            State::ReceivingData(_) => DATA_BLOCK_TIMEOUT_SECS,
+            State::ReceivingData(_) | State::ReceivingChunk(_) => DATA_BLOCK_TIMEOUT_SECS,
             State::ExpectTlsHandshake => TLS_HANDSHAKE_TIMEOUT_SECS,
             _ => COMMAND_TIMEOUT_SECS,
         }
@@ -362,10 +379,11 @@ impl Session {
     /// Message bytes held while receiving DATA (zero otherwise): what the
     /// shell charges against the server-wide memory budget.
     pub fn message_bytes_buffered(&self) -> usize {
-        match &self.state {
+        let data = match &self.state {
             State::ReceivingData(d) => d.body.len(),
             _ => 0,
-        }
+        };
+        data + self.transaction.as_ref().map_or(0, |t| t.chunks.len())
     }
 
     /// The server-wide message memory budget is exhausted: refuse this
@@ -384,6 +402,7 @@ impl Session {
                 State::ExpectCommand => self.take_command(&mut pos),
                 State::ExpectAuthResponse(_) => self.take_auth_response(&mut pos),
                 State::ReceivingData(_) => self.take_data(&mut pos),
+                State::ReceivingChunk(_) => self.take_chunk(&mut pos),
                 _ => false,
             };
             if !progressed {
@@ -435,6 +454,8 @@ impl Session {
         }
         match parsed {
             Ok(cmd) => self.dispatch(cmd),
+            // The chunk after it cannot be skipped without its size.
+            Err(e @ CommandError::BadChunk) => self.close_with(command_error_reply(&e)),
             Err(e) => self.respond(command_error_reply(&e)),
         }
         !matches!(self.state, State::Closed)
@@ -458,6 +479,7 @@ impl Session {
             Command::Mail { from, params } => self.start_mail(from, params),
             Command::Rcpt { to } => self.start_rcpt(to),
             Command::Data => self.start_data(),
+            Command::Bdat { size, last } => self.start_bdat(size, last),
             Command::Rset => {
                 self.transaction = None;
                 self.respond(reply::ok());
@@ -481,6 +503,7 @@ impl Session {
             "8BITMIME".to_string(),
             "SMTPUTF8".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
+            "CHUNKING".to_string(),
         ];
         if self.config.starttls && !self.tls {
             lines.push("STARTTLS".to_string());
@@ -541,8 +564,15 @@ impl Session {
     fn finish_mail(&mut self, from: ReversePath, params: MailParams, decision: SenderDecision) {
         match decision {
             SenderDecision::Accept => {
-                self.transaction =
-                    Some(Transaction { from, params, local: Vec::new(), remote: Vec::new(), recipients: 0 });
+                self.transaction = Some(Transaction {
+                    from,
+                    params,
+                    local: Vec::new(),
+                    remote: Vec::new(),
+                    recipients: 0,
+                    chunks: Vec::new(),
+                    chunking: false,
+                });
                 self.respond(Reply::new(250, (2, 1, 0), "Sender ok"));
             }
             SenderDecision::Reject(r) => self.respond(r),
@@ -563,7 +593,8 @@ impl Session {
         if !address.is_ascii() && !txn.params.smtputf8 {
             return self.respond(reply::bad_recipient(&AddressError::NeedsSmtpUtf8.to_string()));
         }
-        self.await_answer(Pending::Recipient { address: address.clone() }, Query::Recipient { address });
+        let size = txn.params.size;
+        self.await_answer(Pending::Recipient { address: address.clone() }, Query::Recipient { address, size });
     }
 
     fn finish_rcpt(&mut self, address: Address, decision: RecipientDecision) {
@@ -595,6 +626,7 @@ impl Session {
         match &self.transaction {
             None => self.respond(reply::bad_sequence("Need MAIL command")),
             Some(t) if t.recipients == 0 => self.respond(Reply::new(554, (5, 5, 1), "No valid recipients")),
+            Some(t) if t.chunking => self.respond(reply::bad_sequence("DATA not allowed after BDAT")),
             Some(_) => {
                 self.respond(reply::start_data());
                 self.state = State::ReceivingData(DataState::default());
@@ -657,20 +689,82 @@ impl Session {
             self.transaction = None;
             self.respond(Reply::new(554, (5, 6, 0), "Message has lines longer than 998 characters"));
         } else {
-            let Some(txn) = self.transaction.take() else { panic!("DATA without a transaction") };
-            let envelope = Envelope {
-                helo: self.helo.clone().unwrap_or_default(),
-                peer: self.peer,
-                tls: self.tls,
-                login: self.login.clone(),
-                from: txn.from,
-                local: txn.local,
-                remote: txn.remote,
-                smtputf8: txn.params.smtputf8,
-                body: txn.params.body,
-            };
-            self.await_answer(Pending::Enqueue, Query::Enqueue { envelope, message: data.body });
+            self.enqueue(data.body);
         }
+        true
+    }
+
+    /// Hands the finished transaction's message to the shell to queue.
+    fn enqueue(&mut self, message: Vec<u8>) {
+        let Some(txn) = self.transaction.take() else { panic!("message end without a transaction") };
+        let envelope = Envelope {
+            helo: self.helo.clone().unwrap_or_default(),
+            peer: self.peer,
+            tls: self.tls,
+            login: self.login.clone(),
+            from: txn.from,
+            local: txn.local,
+            remote: txn.remote,
+            smtputf8: txn.params.smtputf8,
+            body: txn.params.body,
+        };
+        self.await_answer(Pending::Enqueue, Query::Enqueue { envelope, message });
+    }
+
+    /// BDAT (RFC 3030): the chunk is always read, even when refused, so
+    /// that its bytes are never taken for commands. A chunk that cannot fit
+    /// under the size limit ends the session instead of being read.
+    fn start_bdat(&mut self, size: u64, last: bool) {
+        let have = self.transaction.as_ref().map_or(0, |t| t.chunks.len() as u64);
+        if size > self.config.message_bytes_max.saturating_sub(have) {
+            self.transaction = None;
+            return self.close_with(reply::message_too_big());
+        }
+        let refuse = match &mut self.transaction {
+            _ if !self.esmtp => Some(reply::bad_sequence("Send EHLO first")),
+            None => Some(reply::bad_sequence("Need MAIL command")),
+            Some(t) if t.recipients == 0 => Some(Reply::new(554, (5, 5, 1), "No valid recipients")),
+            Some(t) => {
+                t.chunking = true;
+                None
+            }
+        };
+        self.state = State::ReceivingChunk(ChunkState { size, remaining: size, last, refuse });
+    }
+
+    /// Consumes chunk bytes; true once the chunk is complete.
+    fn take_chunk(&mut self, pos: &mut usize) -> bool {
+        let State::ReceivingChunk(chunk) = &mut self.state else { unreachable!() };
+        let available = (self.input.len() - *pos) as u64;
+        let n = available.min(chunk.remaining) as usize;
+        if chunk.refuse.is_none() {
+            if let Some(txn) = &mut self.transaction {
+                txn.chunks.extend_from_slice(&self.input[*pos..*pos + n]);
+            }
+        }
+        *pos += n;
+        chunk.remaining -= n as u64;
+        if chunk.remaining > 0 {
+            return false;
+        }
+        let State::ReceivingChunk(chunk) = std::mem::replace(&mut self.state, State::ExpectCommand) else {
+            unreachable!()
+        };
+        if let Some(r) = chunk.refuse {
+            self.respond(r);
+            return !matches!(self.state, State::Closed);
+        }
+        if !chunk.last {
+            self.respond(Reply::new(250, (2, 0, 0), format!("{} octets received", chunk.size)));
+            return true;
+        }
+        let mut message = self.transaction.as_mut().map(|t| std::mem::take(&mut t.chunks)).unwrap_or_default();
+        if let Err(r) = check_chunked_message(&mut message) {
+            self.transaction = None;
+            self.respond(r);
+            return !matches!(self.state, State::Closed);
+        }
+        self.enqueue(message);
         true
     }
 
@@ -814,6 +908,32 @@ impl Session {
     }
 }
 
+/// A message received by BDAT must satisfy what DATA enforces line by
+/// line: CRLF line ends only and lines of at most 998 characters; it gets
+/// a final CRLF if it lacks one.
+fn check_chunked_message(message: &mut Vec<u8>) -> Result<(), Reply> {
+    if message.is_empty() {
+        return Err(Reply::new(554, (5, 6, 0), "Empty message"));
+    }
+    let mut line_start = 0;
+    for (i, &b) in message.iter().enumerate() {
+        let bare_cr = b == b'\r' && message.get(i + 1) != Some(&b'\n');
+        let bare_lf = b == b'\n' && (i == 0 || message[i - 1] != b'\r');
+        if bare_cr || bare_lf {
+            return Err(Reply::new(554, (5, 6, 0), "Message has bare <CR> or <LF>; lines must end in <CR><LF>"));
+        }
+        if b == b'\n' {
+            line_start = i + 1;
+        } else if b != b'\r' && i + 1 - line_start > DATA_LINE_BYTES_MAX - 2 {
+            return Err(Reply::new(554, (5, 6, 0), "Message has lines longer than 998 characters"));
+        }
+    }
+    if !message.ends_with(b"\r\n") {
+        message.extend_from_slice(b"\r\n");
+    }
+    Ok(())
+}
+
 fn decode_text(b64: &str) -> Option<String> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
     String::from_utf8(bytes).ok()
@@ -827,6 +947,7 @@ fn command_error_reply(e: &CommandError) -> Reply {
         CommandError::Recipient(a) => reply::bad_recipient(&a.to_string()),
         CommandError::UnsupportedParameter => Reply::new(555, (5, 5, 4), "Unsupported parameter"),
         CommandError::UnsupportedMechanism => Reply::new(504, (5, 5, 4), "Unrecognized authentication mechanism"),
+        CommandError::BadChunk => Reply::new(501, (5, 5, 4), "BDAT needs a chunk size and optionally LAST"),
     }
 }
 

@@ -90,15 +90,17 @@ impl Harness {
                     owned_by_login: owned,
                 }))
             }
-            Query::Recipient { address } => {
+            Query::Recipient { address, .. } => {
                 let hosted = address.domain() == "example.org";
                 let mailboxes = match address.key().as_str() {
                     "alice@example.org" => vec!["alice@example.org".to_string()],
                     "bob@example.org" | "postmaster@example.org" => vec!["bob@example.org".to_string()],
                     "sales@example.org" => vec!["alice@example.org".to_string(), "bob@example.org".to_string()],
+                    "full@example.org" => vec!["full@example.org".to_string()],
                     _ => vec![],
                 };
-                Answer::Recipient(Some(RecipientFacts { domain_hosted: hosted, mailboxes }))
+                let over_quota = mailboxes.iter().filter(|m| m.as_str() == "full@example.org").cloned().collect();
+                Answer::Recipient(Some(RecipientFacts { domain_hosted: hosted, mailboxes, over_quota }))
             }
             Query::Enqueue { envelope, message } => {
                 if self.queue_fails {
@@ -137,7 +139,7 @@ fn ehlo_lists_extensions_and_starttls_but_no_auth_before_tls() {
     assert_eq!(
         h.send(b"EHLO client.example\r\n"),
         "250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
-         250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n"
+         250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 STARTTLS\r\n"
     );
     h.send(b"STARTTLS\r\n");
     assert_eq!(h.tls_starts, 1);
@@ -265,6 +267,18 @@ fn authenticated_user_sends_to_remote_and_local_recipients() {
     assert_eq!(env.local, vec!["alice@example.org".to_string(), "bob@example.org".to_string()]);
     assert_eq!(env.remote, vec![Address::parse("carol@remote.example", false).unwrap()]);
     assert_eq!(env.from, ReversePath::Mailbox(Address::parse("alice@example.org", false).unwrap()));
+}
+
+// A mailbox over quota is refused temporarily at RCPT; the others still work.
+#[test]
+fn over_quota_recipient_gets_452_4_2_2() {
+    let mut h = Harness::authenticated(Port::Submission);
+    h.send(b"MAIL FROM:<alice@example.org>\r\n");
+    assert_eq!(h.send(b"RCPT TO:<full@example.org>\r\n"), "452 4.2.2 Mailbox full, try again later\r\n");
+    assert_eq!(h.send(b"RCPT TO:<bob@example.org>\r\n"), "250 2.1.5 Recipient ok\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "354 End data with <CR><LF>.<CR><LF>\r\n");
+    h.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(h.queued[0].0.local, vec!["bob@example.org".to_string()]);
 }
 
 // The heart of "no spoofing".
@@ -568,4 +582,87 @@ fn overload_refuses_the_message_in_progress() {
     assert!(h.closed);
     assert_eq!(h.s.message_bytes_buffered(), 0);
     assert!(h.queued.is_empty());
+}
+
+/// An MX session with MAIL and one local RCPT done, ready for BDAT.
+fn bdat_ready() -> Harness {
+    let mut h = Harness::greeted(Port::Mx);
+    h.send(b"EHLO c\r\n");
+    assert_eq!(
+        h.send(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\n"),
+        "250 2.1.0 Sender ok\r\n250 2.1.5 Recipient ok\r\n"
+    );
+    h
+}
+
+// RFC 3030 §2-4: chunks are exact octet counts, no dot-stuffing, replies per
+// chunk, and the message is queued after BDAT LAST.
+#[test]
+fn bdat_chunks_are_taken_verbatim_and_queued_after_last() {
+    let mut h = bdat_ready();
+    assert_eq!(h.send(b"BDAT 14\r\nSubject: x\r\n\r\n"), "250 2.0.0 14 octets received\r\n");
+    // A chunk split across reads, with a line that DATA would unstuff.
+    assert_eq!(h.send(b"BDAT 11 LAST\r\n.dot"), "");
+    assert_eq!(h.s.message_bytes_buffered(), 18, "buffered chunks count against the memory budget");
+    assert_eq!(h.send(b"\r\nend\r\n"), "250 2.0.0 Ok: queued as Q1\r\n");
+    assert_eq!(h.queued[0].1, b"Subject: x\r\n\r\n.dot\r\nend\r\n");
+    assert_eq!(h.queued[0].0.local, vec!["bob@example.org".to_string()]);
+    assert_eq!(h.s.message_bytes_buffered(), 0);
+    // Pipelined: a whole transaction in one write, BDAT 0 LAST included.
+    let r =
+        h.send(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\nBDAT 3\r\nab\nBDAT 0 LAST\r\nQUIT\r\n");
+    assert_eq!(
+        r,
+        "250 2.1.0 Sender ok\r\n250 2.1.5 Recipient ok\r\n250 2.0.0 3 octets received\r\n\
+         554 5.6.0 Message has bare <CR> or <LF>; lines must end in <CR><LF>\r\n221 2.0.0 Bye\r\n"
+    );
+    assert_eq!(h.queued.len(), 1);
+}
+
+#[test]
+fn bdat_message_without_final_crlf_gets_one() {
+    let mut h = bdat_ready();
+    assert_eq!(h.send(b"BDAT 10 LAST\r\nSubject: x"), "250 2.0.0 Ok: queued as Q1\r\n");
+    assert_eq!(h.queued[0].1, b"Subject: x\r\n");
+}
+
+// Refused chunks are still read, so their bytes are never commands.
+#[test]
+fn refused_bdat_chunks_are_skipped_not_parsed() {
+    let mut h = Harness::greeted(Port::Mx);
+    h.send(b"EHLO c\r\n");
+    assert_eq!(h.send(b"BDAT 6 LAST\r\nQUIT\r\n"), "503 5.5.1 Need MAIL command\r\n");
+    assert!(!h.closed);
+    h.send(b"MAIL FROM:<x@remote.example>\r\n");
+    assert_eq!(h.send(b"BDAT 6 LAST\r\nRSET\r\n"), "554 5.5.1 No valid recipients\r\n");
+    let mut h = bdat_ready();
+    assert_eq!(h.send(b"BDAT 2\r\nab"), "250 2.0.0 2 octets received\r\n");
+    assert_eq!(h.send(b"DATA\r\n"), "503 5.5.1 DATA not allowed after BDAT\r\n");
+    assert!(h.queued.is_empty());
+}
+
+#[test]
+fn bdat_limits_close_the_session() {
+    // Over the size limit (10 000 here) across chunks: 552 and close, unread.
+    let mut h = bdat_ready();
+    h.send(b"BDAT 6000\r\n");
+    h.send(&vec![b'a'; 6000]);
+    assert_eq!(h.send(b"BDAT 6000 LAST\r\n"), "552 5.3.4 Message size exceeds fixed limit\r\n");
+    assert!(h.closed);
+    assert_eq!(h.s.message_bytes_buffered(), 0);
+    // A size that is not a number cannot be skipped.
+    let mut h = bdat_ready();
+    assert_eq!(h.send(b"BDAT lots\r\nxyz"), "501 5.5.4 BDAT needs a chunk size and optionally LAST\r\n");
+    assert!(h.closed);
+    // Long lines, as with DATA.
+    let mut h = bdat_ready();
+    let mut msg = vec![b'a'; 999];
+    msg.extend_from_slice(b"\r\n");
+    h.send(format!("BDAT {} LAST\r\n", msg.len()).as_bytes());
+    assert_eq!(h.send(&msg), "554 5.6.0 Message has lines longer than 998 characters\r\n");
+    let mut ok = vec![b'a'; 998];
+    ok.extend_from_slice(b"\r\n");
+    h.send(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<bob@example.org>\r\n");
+    h.send(format!("BDAT {} LAST\r\n", ok.len()).as_bytes());
+    assert_eq!(h.send(&ok), "250 2.0.0 Ok: queued as Q1\r\n");
 }
