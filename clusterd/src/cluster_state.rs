@@ -73,8 +73,16 @@ pub struct ClusterState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Folded {
     /// A failover entry: pass it to the group's core.
-    Group { group: GroupId, entry: Entry, applied: Applied },
-    Move { group: GroupId, epoch: u64, to: NodeId },
+    Group {
+        group: GroupId,
+        entry: Entry,
+        applied: Applied,
+    },
+    Move {
+        group: GroupId,
+        epoch: u64,
+        to: NodeId,
+    },
     Fenced(FenceRecord),
 }
 
@@ -88,8 +96,7 @@ impl ClusterState {
         match entry {
             ClusterEntry::Group(entry) => {
                 let group = group_of(&entry);
-                let state =
-                    self.groups.get_mut(usize::from(group.0)).ok_or(StateError::UnknownGroup(group))?;
+                let state = self.groups.get_mut(usize::from(group.0)).ok_or(StateError::UnknownGroup(group))?;
                 let applied = state.apply(&entry);
                 Ok(Folded::Group { group, entry, applied })
             }

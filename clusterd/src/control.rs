@@ -16,15 +16,30 @@ pub const LINE_MAX: usize = 1 << 20;
 pub enum Request {
     Status,
     /// Move every group to `node`.
-    Promote { node: String },
+    Promote {
+        node: String,
+    },
     /// Move every group `node` runs to its peer.
-    Demote { node: String },
-    Move { group: String, node: String },
-    Standby { node: String },
-    Online { node: String },
-    Fence { node: String },
+    Demote {
+        node: String,
+    },
+    Move {
+        group: String,
+        node: String,
+    },
+    Standby {
+        node: String,
+    },
+    Online {
+        node: String,
+    },
+    Fence {
+        node: String,
+    },
     /// Clear failures of `node` (all storage nodes when None).
-    Cleanup { node: Option<String> },
+    Cleanup {
+        node: Option<String>,
+    },
     Events,
 }
 

@@ -669,9 +669,9 @@ impl Failover {
     fn owned_epoch(&self) -> Option<u64> {
         match self.role {
             Role::Secondary => None,
-            Role::ExpectLeaseEndOrFence { epoch, .. }
-            | Role::Primary { epoch, .. }
-            | Role::Releasing { epoch, .. } => Some(epoch),
+            Role::ExpectLeaseEndOrFence { epoch, .. } | Role::Primary { epoch, .. } | Role::Releasing { epoch, .. } => {
+                Some(epoch)
+            }
         }
     }
 

@@ -11,7 +11,11 @@ use clusterd::config::{ClusterConfig, NodeRole};
 use clusterd::control::{self, Request, Response, StatusReport};
 
 #[derive(Parser)]
-#[command(name = "clusterd", version, about = "Cluster manager of the mail appliance: heartbeats, a Raft cluster log, fencing, and the resource group that moves between the two storage nodes.")]
+#[command(
+    name = "clusterd",
+    version,
+    about = "Cluster manager of the mail appliance: heartbeats, a Raft cluster log, fencing, and the resource group that moves between the two storage nodes."
+)]
 struct Cli {
     /// Cluster configuration file.
     #[arg(long, global = true, default_value = "/etc/clusterd/cluster.toml")]
@@ -126,10 +130,9 @@ fn main() {
 fn node_name(cli: &Cli) -> anyhow::Result<String> {
     match &cli.node {
         Some(n) => Ok(n.clone()),
-        None => Ok(nix::unistd::gethostname()
-            .context("reading the hostname (pass --node)")?
-            .to_string_lossy()
-            .into_owned()),
+        None => {
+            Ok(nix::unistd::gethostname().context("reading the hostname (pass --node)")?.to_string_lossy().into_owned())
+        }
     }
 }
 

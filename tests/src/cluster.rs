@@ -93,7 +93,9 @@ impl Cluster {
         std::fs::write(&key, crate::util::random_bytes(32, std::process::id().into()))?;
         let gw = pair.net.gateway.octets();
         let service_ip = Ipv4Addr::new(gw[0], gw[1], gw[2], 100);
-        let subst = |s: &str| s.replace("@SERVICE_IP@", &service_ip.to_string()).replace("@DIR@", &dir.path().display().to_string());
+        let subst = |s: &str| {
+            s.replace("@SERVICE_IP@", &service_ip.to_string()).replace("@DIR@", &dir.path().display().to_string())
+        };
         let mut text = format!(
             "[cluster]\nname = \"test\"\nkey_file = \"{}\"\nca = \"{}\"\n\n{}\n",
             key.display(),
@@ -278,7 +280,10 @@ impl Cluster {
 /// ext4 on the primary `a` through `replicator attach` (FUSE + loop).
 fn make_filesystem(pair: &Pair, run_dir: &std::path::Path) -> Result<()> {
     let mut c = crate::server::replicator();
-    c.args(["attach"]).arg(&pair.res).args(["--node", "a", "--method", "fuse", "--timeout", "20", "--run-dir"]).arg(run_dir);
+    c.args(["attach"])
+        .arg(&pair.res)
+        .args(["--node", "a", "--method", "fuse", "--timeout", "20", "--run-dir"])
+        .arg(run_dir);
     let out = run_output(&mut c, Duration::from_secs(60))?;
     if !out.success() {
         bail!("attach for mkfs: {}", out.describe());

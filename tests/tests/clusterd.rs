@@ -130,10 +130,7 @@ fn a_cut_between_the_storage_nodes_alone_does_not_move_the_group() {
     tests::wait_until(Duration::from_secs(10), "owner writable again", || c.volume_writable(p) && c.writable(p))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.describe()));
     let s = c.status(2).unwrap();
-    assert!(
-        s["groups"][0]["disks"].as_array().unwrap().iter().any(|d| d[0] == NAMES[q] && d[1] == "Outdated"),
-        "{s}"
-    );
+    assert!(s["groups"][0]["disks"].as_array().unwrap().iter().any(|d| d[0] == NAMES[q] && d[1] == "Outdated"), "{s}");
 }
 
 #[test]
@@ -206,4 +203,60 @@ fn admin_commands_need_quorum_and_root() {
     std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let out = as_nobody();
     assert!(!out.success() && out.stderr.contains("run as root"), "{}", out.describe());
+}
+
+/// The counter in a stand-in answer ("b 17" → ("b", 17)).
+fn parse_answer(a: &str) -> Option<(String, u64)> {
+    let mut it = a.split_whitespace();
+    Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+}
+
+/// The whole stack (attach, fsck + mount of ext4, service address, a
+/// service whose state lives on the replicated filesystem) moves by plan
+/// and back while a client keeps asking: every answered counter is larger
+/// than all before it, so no acknowledged write was lost on the way.
+#[test]
+fn planned_move_of_the_full_stack_loses_no_acknowledged_write() {
+    if !std::path::Path::new("/dev/fuse").exists() && !tests::skip("/dev/fuse missing") {
+        return;
+    }
+    if !have_tools(&["mkfs.ext4", "fsck.ext4", "losetup", "fuser"]) {
+        return;
+    }
+    let opts = ClusterOptions { resources: full_stack_resources(), extra: String::new(), mkfs: true };
+    let Some((_dir, mut c)) = setup("cl-stack", opts) else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(60)).unwrap();
+    let q = 1 - p;
+    let mut answers: Vec<(String, u64)> = Vec::new();
+    let ask = |c: &Cluster, answers: &mut Vec<(String, u64)>| {
+        if let Some(a) = c.service_answer().and_then(|a| parse_answer(&a)) {
+            answers.push(a);
+        }
+    };
+    for _ in 0..20 {
+        ask(&c, &mut answers);
+    }
+    for (target, other) in [(q, p), (p, q)] {
+        let mut mover = c.ctl_cmd(other, &["move", "mail", NAMES[target], "--timeout", "60"]);
+        let mut child =
+            mover.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        // Keep asking while the group stops, moves and starts.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            ask(&c, &mut answers);
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "move: {}", String::from_utf8_lossy(&out.stderr));
+        c.wait_running_on(target, Duration::from_secs(60)).unwrap();
+        for _ in 0..20 {
+            ask(&c, &mut answers);
+        }
+        assert_eq!(answers.last().map(|a| a.0.as_str()), Some(NAMES[target]), "{answers:?}");
+    }
+    eprintln!("answers across two planned moves: {answers:?}");
+    let counters: Vec<u64> = answers.iter().map(|a| a.1).collect();
+    assert!(counters.windows(2).all(|w| w[0] < w[1]), "a counter was issued twice (a write lost): {answers:?}");
+    let served_by: std::collections::BTreeSet<&str> = answers.iter().map(|a| a.0.as_str()).collect();
+    assert_eq!(served_by.len(), 2, "{answers:?}");
 }

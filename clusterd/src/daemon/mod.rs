@@ -26,8 +26,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::cluster_state::{ClusterEntry, ClusterState, Folded};
 use crate::config::{ClusterConfig, Mode, NodeRole};
 use crate::control::{
-    EventRecord, FenceReport, GroupReport, HeartbeatReport, NodeReport, Request, ResourceReport, Response,
-    StatusReport,
+    EventRecord, FenceReport, GroupReport, HeartbeatReport, NodeReport, Request, ResourceReport, Response, StatusReport,
 };
 use crate::failover::{Action, DiskState, Entry, Failover, FailoverConfig, GroupId, GroupState, Input};
 use crate::fence::{AgentExit, FenceAction, FenceAgent, FencePlan, FenceProgress};
@@ -47,7 +46,9 @@ const VOLUME_POLL_MS: u64 = 200;
 pub enum DaemonError {
     #[error("{0}")]
     Config(String),
-    #[error("cannot bind {what} on {addr}: {source} (is another clusterd running, or is the address not on this host?)")]
+    #[error(
+        "cannot bind {what} on {addr}: {source} (is another clusterd running, or is the address not on this host?)"
+    )]
     Bind { what: String, addr: SocketAddr, source: std::io::Error },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
@@ -207,9 +208,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     } else {
         Vec::new()
     };
-    let group_states: Vec<GroupState> = (0..cfg.groups.len())
-        .map(|i| GroupState::new(GroupId(i as u16), &storage, DiskState::UpToDate))
-        .collect();
+    let group_states: Vec<GroupState> =
+        (0..cfg.groups.len()).map(|i| GroupState::new(GroupId(i as u16), &storage, DiskState::UpToDate)).collect();
     let mut daemon = Daemon {
         me,
         name: node.name.clone(),
@@ -344,7 +344,8 @@ impl Daemon {
             None => message,
         };
         tracing::info!(kind, "{message}");
-        let _ = self.events.send(EventRecord { unix_ms: unix_ms(), node: self.name.clone(), kind: kind.into(), message });
+        let _ =
+            self.events.send(EventRecord { unix_ms: unix_ms(), node: self.name.clone(), kind: kind.into(), message });
     }
 
     fn next_timeout(&self) -> Instant {
@@ -400,7 +401,11 @@ impl Daemon {
                     }
                     HeartbeatEvent::PeerDead(n) => {
                         self.alive.insert(n, false);
-                        self.event(None, "node-down", format!("{} is dead (no heartbeat on any path)", self.node_name(n)));
+                        self.event(
+                            None,
+                            "node-down",
+                            format!("{} is dead (no heartbeat on any path)", self.node_name(n)),
+                        );
                         self.to_groups(Input::PeerDead(n));
                     }
                     HeartbeatEvent::PeerLate { node, silent_ms } => {
@@ -410,7 +415,11 @@ impl Daemon {
                         tracing::info!(node = %self.node_name(node), path, "heartbeat path up");
                     }
                     HeartbeatEvent::PathDown { node, path } => {
-                        self.event(None, "path-down", format!("heartbeat path {path} to {} is down", self.node_name(node)));
+                        self.event(
+                            None,
+                            "path-down",
+                            format!("heartbeat path {path} to {} is down", self.node_name(node)),
+                        );
                     }
                 }
             }
@@ -585,7 +594,9 @@ impl Daemon {
                     match self.state.apply(index, entry) {
                         Ok(Folded::Group { group, entry, .. }) => per_group.entry(group).or_default().push(entry),
                         Ok(Folded::Move { group, epoch, to }) => moves.push((group, epoch, to)),
-                        Ok(Folded::Fenced(r)) => tracing::info!(node = %self.node_name(r.node), ok = r.ok, "fence recorded"),
+                        Ok(Folded::Fenced(r)) => {
+                            tracing::info!(node = %self.node_name(r.node), ok = r.ok, "fence recorded")
+                        }
                         Err(e) => tracing::error!(index, "skipping a log entry: {e}"),
                     }
                 }
@@ -879,7 +890,11 @@ async fn resource_reports(handles: Vec<(usize, GroupHandle)>) -> Vec<(usize, Vec
                 i,
                 st.steps
                     .iter()
-                    .map(|s| ResourceReport { name: s.name.clone(), state: format!("{:?}", s.state).to_lowercase(), last_error: s.last_error.clone() })
+                    .map(|s| ResourceReport {
+                        name: s.name.clone(),
+                        state: format!("{:?}", s.state).to_lowercase(),
+                        last_error: s.last_error.clone(),
+                    })
                     .collect(),
             ));
         }

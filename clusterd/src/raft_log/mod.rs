@@ -186,7 +186,10 @@ pub(crate) fn node_of(raft_id: u64) -> Option<NodeId> {
 #[derive(Debug)]
 pub(crate) enum Control {
     Propose(Vec<u8>),
-    Compact { index: u64, state: Vec<u8> },
+    Compact {
+        index: u64,
+        state: Vec<u8>,
+    },
     /// Ask the leader to hand leadership to this node.
     LeadHere,
 }

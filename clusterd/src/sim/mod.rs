@@ -116,14 +116,39 @@ impl Swarm {
 
 #[derive(Debug)]
 enum Event {
-    Wake { node: usize, inc: u64 },
-    Datagram { to: usize, from: usize, path: u8, bytes: [u8; DATAGRAM_BYTES] },
-    Propose { from: usize, inc: u64, entry: Entry },
-    Deliver { node: usize, inc: u64, upto: usize },
-    FenceDone { by: usize, inc: u64, victim: usize },
+    Wake {
+        node: usize,
+        inc: u64,
+    },
+    Datagram {
+        to: usize,
+        from: usize,
+        path: u8,
+        bytes: [u8; DATAGRAM_BYTES],
+    },
+    Propose {
+        from: usize,
+        inc: u64,
+        entry: Entry,
+    },
+    Deliver {
+        node: usize,
+        inc: u64,
+        upto: usize,
+    },
+    FenceDone {
+        by: usize,
+        inc: u64,
+        victim: usize,
+    },
     /// The shell finished demoting (after `Action::Demote`).
-    Demoted { node: usize, inc: u64 },
-    Restart { node: usize },
+    Demoted {
+        node: usize,
+        inc: u64,
+    },
+    Restart {
+        node: usize,
+    },
     LogTick,
     ReplTick,
     FaultTick,
@@ -513,8 +538,11 @@ impl Sim {
                 let inc = self.nodes[n].inc;
                 self.schedule(d, Event::Demoted { node: n, inc });
             }
-            Action::Resume | Action::Freeze | Action::StartServices | Action::RestartServices | Action::StopServices => {
-            }
+            Action::Resume
+            | Action::Freeze
+            | Action::StartServices
+            | Action::RestartServices
+            | Action::StopServices => {}
         }
     }
 

@@ -61,7 +61,10 @@ fn stats(name: &str, times: &mut [Duration]) {
 fn main() -> Result<()> {
     let runs: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
     let dir = TestDir::new("failover-bench");
-    let mut c = Cluster::new(&dir, &ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false })?;
+    let mut c = Cluster::new(
+        &dir,
+        &ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false },
+    )?;
     c.start_all()?;
     c.wait_running(Duration::from_secs(30))?;
     let mut kill_times = Vec::new();
@@ -79,8 +82,18 @@ fn main() -> Result<()> {
                 hp.cut(hw)?;
             }
             let t = answered_by(&c, q, t0)?;
-            eprintln!("run {run}: {} of {} -> service on {} after {:.2} s", if killed { "kill -9" } else { "cut" }, tests::cluster::NAMES[p], tests::cluster::NAMES[q], t.as_secs_f64());
-            if killed { kill_times.push(t) } else { cut_times.push(t) }
+            eprintln!(
+                "run {run}: {} of {} -> service on {} after {:.2} s",
+                if killed { "kill -9" } else { "cut" },
+                tests::cluster::NAMES[p],
+                tests::cluster::NAMES[q],
+                t.as_secs_f64()
+            );
+            if killed {
+                kill_times.push(t)
+            } else {
+                cut_times.push(t)
+            }
             recover(&mut c, p, killed)?;
         }
     }
@@ -90,6 +103,9 @@ fn main() -> Result<()> {
     println!("\nFor comparison, failure *detection* alone with defaults (before fencing and restart):");
     println!("  Heartbeat (deadtime 30 s)                            30.0 s");
     println!("  Corosync/Pacemaker (token 3 s + consensus 3.6 s)      6.6 s");
-    println!("  ratio of clusterd's median kill -9 failover to Corosync's detection: {:.2}", kill_times[kill_times.len() / 2].as_secs_f64() / 6.6);
+    println!(
+        "  ratio of clusterd's median kill -9 failover to Corosync's detection: {:.2}",
+        kill_times[kill_times.len() / 2].as_secs_f64() / 6.6
+    );
     Ok(())
 }
