@@ -61,6 +61,9 @@ pub struct ClusterOptions {
     pub extra: String,
     /// Put an ext4 filesystem on the volume before the cluster starts.
     pub mkfs: bool,
+    /// Fills the new filesystem (mounted at the given directory) before
+    /// the cluster starts.
+    pub prepare: Option<fn(&std::path::Path) -> Result<()>>,
 }
 
 pub struct Cluster {
@@ -85,7 +88,7 @@ impl Cluster {
         let mut pair = Pair::new(dir, &pair_opts)?;
         pair.bring_up()?;
         if opts.mkfs {
-            make_filesystem(&pair, &dir.join("mkfs-run"))?;
+            make_filesystem(&pair, &dir.join("mkfs-run"), opts.prepare)?;
             std::fs::create_dir_all(dir.join("mnt"))?;
         }
         pair.ok(0, &["secondary"])?;
@@ -278,7 +281,11 @@ impl Cluster {
 }
 
 /// ext4 on the primary `a` through `replicator attach` (FUSE + loop).
-fn make_filesystem(pair: &Pair, run_dir: &std::path::Path) -> Result<()> {
+fn make_filesystem(
+    pair: &Pair,
+    run_dir: &std::path::Path,
+    prepare: Option<fn(&std::path::Path) -> Result<()>>,
+) -> Result<()> {
     let mut c = crate::server::replicator();
     c.args(["attach"])
         .arg(&pair.res)
@@ -289,7 +296,26 @@ fn make_filesystem(pair: &Pair, run_dir: &std::path::Path) -> Result<()> {
         bail!("attach for mkfs: {}", out.describe());
     }
     let device = out.stdout.trim().to_string();
-    let made = run(&mut cmd("mkfs.ext4", ["-q", "-F", &device]));
+    let made = run(&mut cmd("mkfs.ext4", ["-q", "-F", &device])).and_then(|made| {
+        if !made.success() {
+            return Ok(made);
+        }
+        if let Some(prepare) = prepare {
+            let mnt = run_dir.join("mnt");
+            std::fs::create_dir_all(&mnt)?;
+            let mounted = run(cmd("mount", [device.as_str()]).arg(&mnt))?;
+            if !mounted.success() {
+                bail!("mount for preparing: {}", mounted.describe());
+            }
+            let prepared = prepare(&mnt);
+            let unmounted = run(cmd("umount", Vec::<String>::new()).arg(&mnt))?;
+            prepared?;
+            if !unmounted.success() {
+                bail!("umount after preparing: {}", unmounted.describe());
+            }
+        }
+        Ok(made)
+    });
     let mut c = crate::server::replicator();
     c.args(["detach", &device]).arg("--run-dir").arg(run_dir);
     let detached = run(&mut c);
@@ -303,4 +329,53 @@ fn make_filesystem(pair: &Pair, run_dir: &std::path::Path) -> Result<()> {
     }
     pair.wait(0, Duration::from_secs(10), "writes settled", |s| s["writes_in_flight"] == 0)?;
     pair.wait_in_sync(Duration::from_secs(60))
+}
+
+impl Drop for Cluster {
+    /// Every process of every host dies (daemons, services, FUSE servers of
+    /// attached volumes); once they are gone, the loop devices the groups'
+    /// attach steps still had (their records under each node's state
+    /// directory) are detached, so tests do not leak loop devices.
+    fn drop(&mut self) {
+        let mut pids = Vec::new();
+        for i in 0..3 {
+            let ns = self.pair.net.host(i).ns.clone();
+            if let Ok(out) = run(&mut cmd("ip", ["netns", "pids", &ns])) {
+                pids.extend(out.stdout.split_whitespace().map(str::to_owned));
+            }
+            self.kill_host(i);
+        }
+        // Gone, or a zombie (PID 1 may reap late).
+        let gone = |pids: &[String]| {
+            pids.iter().all(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .map(|st| st.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+                    .unwrap_or(true)
+            })
+        };
+        let _ = wait_until(Duration::from_secs(10), "the hosts' processes to exit", || gone(&pids));
+        for name in &NAMES[..2] {
+            let records = self.dir.join(format!("state-{name}")).join("run").join("mail");
+            let Ok(entries) = std::fs::read_dir(&records) else { continue };
+            for e in entries.flatten() {
+                let Ok(dev) = std::fs::read_to_string(e.path()) else { continue };
+                let dev = dev.trim().to_owned();
+                let Some(loop_name) = dev.strip_prefix("/dev/") else { continue };
+                let bound = format!("/sys/block/{loop_name}/loop/backing_file");
+                // A FUSE server killed while its loop device had I/O in
+                // flight can leave a thread waiting on its own, dead,
+                // connection: abort that FUSE connection (named after the
+                // backing file's device minor).
+                if let Ok(out) = run(&mut cmd("losetup", ["--list", "--noheadings", "--output", "BACK-MAJ:MIN", &dev])) {
+                    if let Some(minor) = out.stdout.trim().strip_prefix("0:") {
+                        let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+                    }
+                }
+                let _ = wait_until(Duration::from_secs(10), "the loop device to detach", || {
+                    let _ = run(&mut cmd("losetup", ["-d", &dev]));
+                    !std::path::Path::new(&bound).exists()
+                });
+            }
+        }
+    }
 }

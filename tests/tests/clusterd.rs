@@ -24,7 +24,7 @@ fn setup(name: &str, opts: ClusterOptions) -> Option<(TestDir, Cluster)> {
 fn default_setup(name: &str) -> Option<(TestDir, Cluster)> {
     setup(
         name,
-        ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false },
+        ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false, prepare: None },
     )
 }
 
@@ -223,7 +223,7 @@ fn planned_move_of_the_full_stack_loses_no_acknowledged_write() {
     if !have_tools(&["mkfs.ext4", "fsck.ext4", "losetup", "fuser"]) {
         return;
     }
-    let opts = ClusterOptions { resources: full_stack_resources(), extra: String::new(), mkfs: true };
+    let opts = ClusterOptions { resources: full_stack_resources(), extra: String::new(), mkfs: true, prepare: None };
     let Some((_dir, mut c)) = setup("cl-stack", opts) else { return };
     c.start_all().unwrap();
     let p = c.wait_running(Duration::from_secs(60)).unwrap();
