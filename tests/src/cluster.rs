@@ -25,9 +25,14 @@ pub fn clusterd_bin() -> PathBuf {
     workspace_bin("clusterd", "CLUSTERD_BIN")
 }
 
-/// The stand-in OCF agent (tests/agents/ocf-standin).
+/// A test agent (tests/agents/NAME: the stand-in service, fence_netns).
 pub fn agent(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("agents").join(name)
+}
+
+/// The agents shipped with clusterd (clusterd/agents: the MTA's).
+pub fn agent_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clusterd/agents")
 }
 
 /// The service address and the stand-in service, which logs its answers
@@ -206,6 +211,35 @@ impl Cluster {
     /// The replicator on storage node `i` is primary with I/O not suspended.
     pub fn volume_writable(&self, i: usize) -> bool {
         self.pair.state(i).is_ok_and(|s| s["role"] == "Primary" && s["suspended"] == false)
+    }
+
+    /// Node `i` runs the group: writable there, the log's leader, every
+    /// resource started.
+    pub fn runs_group(&self, i: usize) -> bool {
+        self.volume_writable(i)
+            && self.status(i).is_ok_and(|s| {
+                let g = &s["groups"][0];
+                g["writable"] == true
+                    && s["leader"] == NAMES[i]
+                    && g["resources"].as_array().is_some_and(|r| r.iter().all(|r| r["state"] == "started"))
+            })
+    }
+
+    /// Waits until a storage node runs the group; returns its index.
+    pub fn wait_group(&self, timeout: Duration) -> Result<usize> {
+        let mut which = None;
+        wait_until(timeout, "a node running the group", || {
+            which = (0..2).find(|i| self.runs_group(*i));
+            which.is_some()
+        })
+        .map_err(|e| anyhow!("{e}\n{}", self.describe()))?;
+        which.ok_or_else(|| anyhow!("no node"))
+    }
+
+    /// Waits until storage node `i` runs the group.
+    pub fn wait_group_on(&self, i: usize, timeout: Duration) -> Result<()> {
+        wait_until(timeout, &format!("the group running on {}", NAMES[i]), || self.runs_group(i))
+            .map_err(|e| anyhow!("{e}\n{}", self.describe()))
     }
 
     /// Waits until one storage node runs the group with its services

@@ -778,8 +778,8 @@ impl Daemon {
         }
         if !st.may_grant(to) || st.disks.get(&to) != Some(&DiskState::UpToDate) {
             return Err(format!(
-                "{to_name} cannot take the group now (disk {:?}{}{}); wait for the resync, `clusterd online {to_name}` or `clusterd cleanup {to_name}`",
-                st.disks.get(&to),
+                "{to_name} cannot take the group now (disk {}{}{}); wait for the resync, `clusterd online {to_name}` or `clusterd cleanup {to_name}`",
+                st.disks.get(&to).map(|d| format!("{d:?}")).unwrap_or_else(|| "unknown".into()),
                 if st.standby.contains(&to) { ", standby" } else { "" },
                 if st.failed.contains(&to) { ", failed" } else { "" },
             ));
