@@ -400,7 +400,8 @@ impl Drop for Cluster {
                 // flight can leave a thread waiting on its own, dead,
                 // connection: abort that FUSE connection (named after the
                 // backing file's device minor).
-                if let Ok(out) = run(&mut cmd("losetup", ["--list", "--noheadings", "--output", "BACK-MAJ:MIN", &dev])) {
+                if let Ok(out) = run(&mut cmd("losetup", ["--list", "--noheadings", "--output", "BACK-MAJ:MIN", &dev]))
+                {
                     if let Some(minor) = out.stdout.trim().strip_prefix("0:") {
                         let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
                     }

@@ -24,7 +24,12 @@ fn setup(name: &str, opts: ClusterOptions) -> Option<(TestDir, Cluster)> {
 fn default_setup(name: &str) -> Option<(TestDir, Cluster)> {
     setup(
         name,
-        ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false, prepare: None },
+        ClusterOptions {
+            resources: service_resources("@DIR@/standin-state"),
+            extra: String::new(),
+            mkfs: false,
+            prepare: None,
+        },
     )
 }
 

@@ -116,8 +116,8 @@ fn send(c: &Cluster, n: usize, tag: &str) -> Result<()> {
         // The server's answer to the message itself: the last 250 (swaks
         // writes its transcript to either stream).
         let transcript = format!("{}{}", out.stdout, out.stderr);
-        let queued = transcript.lines().filter(|l| l.contains("<~") && l.contains(" 250 ")).last().unwrap_or("");
-        println!("  {tag} #{k}: {}", queued.split_once("<~").map(|(_, r)| r.trim()).unwrap_or(""));
+        let queued = transcript.lines().filter(|l| l.contains("queued as")).last().unwrap_or("");
+        println!("  {tag} #{k}: {}", queued.trim_start_matches([' ', '<', '-', '~']));
     }
     Ok(())
 }
@@ -148,7 +148,8 @@ fn main() -> Result<()> {
         agent_dir().join("mta").display(),
         mta_bin().display()
     );
-    let mut c = Cluster::new(&dir, &ClusterOptions { resources, extra: String::new(), mkfs: true, prepare: Some(prepare) })?;
+    let mut c =
+        Cluster::new(&dir, &ClusterOptions { resources, extra: String::new(), mkfs: true, prepare: Some(prepare) })?;
     let pki = tests::tls::make_pki(&config_dir.join("mta-pki-live"))?;
     std::fs::write(
         config_dir.join("mta.toml"),
@@ -173,7 +174,11 @@ fn main() -> Result<()> {
     let t0 = Instant::now();
     c.kill_host(p);
     c.wait_group_on(q, Duration::from_secs(60))?;
-    println!("  {} took over in {:.1} s: volume promoted, fsck + mount, address moved, MTA started", NAMES[q], t0.elapsed().as_secs_f64());
+    println!(
+        "  {} took over in {:.1} s: volume promoted, fsck + mount, address moved, MTA started",
+        NAMES[q],
+        t0.elapsed().as_secs_f64()
+    );
     wait_messages(&c, q, 5)?;
     status(&c, q)?;
 
@@ -186,9 +191,8 @@ fn main() -> Result<()> {
     c.start(p)?;
     c.pair.wait_in_sync(Duration::from_secs(120))?;
     tests::wait_until(Duration::from_secs(30), "the cluster log to record both disks UpToDate", || {
-        c.status(2).is_ok_and(|s| {
-            s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d[1] == "UpToDate"))
-        })
+        c.status(2)
+            .is_ok_and(|s| s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d[1] == "UpToDate")))
     })?;
     println!("  replicas in sync; the cluster log records both disks UpToDate");
 
@@ -200,7 +204,11 @@ fn main() -> Result<()> {
 
     println!("\ndemo finished: no accepted mail was lost across a crash and a move.");
     if std::env::var_os("DEMO_KEEP").is_some() {
-        println!("DEMO_KEEP is set: the cluster keeps running; `{} status --config {} --node a`; Ctrl-C ends it.", tests::cluster::clusterd_bin().display(), c.config.display());
+        println!(
+            "DEMO_KEEP is set: the cluster keeps running; `{} status --config {} --node a`; Ctrl-C ends it.",
+            tests::cluster::clusterd_bin().display(),
+            c.config.display()
+        );
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }

@@ -63,7 +63,12 @@ fn main() -> Result<()> {
     let dir = TestDir::new("failover-bench");
     let mut c = Cluster::new(
         &dir,
-        &ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra: String::new(), mkfs: false, prepare: None },
+        &ClusterOptions {
+            resources: service_resources("@DIR@/standin-state"),
+            extra: String::new(),
+            mkfs: false,
+            prepare: None,
+        },
     )?;
     c.start_all()?;
     c.wait_running(Duration::from_secs(30))?;
