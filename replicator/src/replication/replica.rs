@@ -360,6 +360,12 @@ pub struct Replica<P> {
     /// I/O held by `suspend-io` (the cluster manager lost its lease): only
     /// `resume-io` or a demotion ends it, never a fence result or a peer.
     held: bool,
+    /// A primary without its peer starts a new data generation at its
+    /// first write that the peer does not get (persisted before that write
+    /// is issued), not when the peer goes away: a primary cut off and
+    /// demoted before writing anything then resyncs from the new primary
+    /// instead of looking like a split brain.
+    rotate_on_write: bool,
     fence_running: bool,
     discard_my_data: bool,
     writes: HashMap<AppId, Write>,
@@ -417,6 +423,7 @@ impl<P: Clone> Replica<P> {
             conn: Conn::Connecting,
             frozen: false,
             held: false,
+            rotate_on_write: false,
             fence_running: false,
             discard_my_data: false,
             writes: HashMap::new(),
@@ -694,6 +701,13 @@ impl<P: Clone> Replica<P> {
             self.completed_since_barrier = false;
         }
         let replicate = self.replicating_link();
+        if replicate.is_none() && self.rotate_on_write {
+            self.rotate_on_write = false;
+            let fresh = self.fresh_generation();
+            self.generations.start_new(fresh);
+            // Durable before the write's disk action below.
+            self.persist_meta();
+        }
         let peer = match replicate {
             Some(link) => {
                 let seq = self.take_seq();
@@ -1198,6 +1212,9 @@ impl<P: Clone> Replica<P> {
             sync,
             replicating: true,
         }));
+        // Both sides agree on the data from here: a later disconnect decides
+        // anew whether a generation must start.
+        self.rotate_on_write = false;
         if sync == Sync::Target {
             let pairs: Vec<(u64, u64)> = self.bitmap.nonzero_words().collect();
             let mut chunks = pairs.chunks(BITMAP_PAIRS_PER_FRAME).peekable();
@@ -1484,9 +1501,15 @@ impl<P: Clone> Replica<P> {
             }
         }
         if self.role == Role::Primary && peer_was_current {
-            let fresh = self.fresh_generation();
-            self.generations.start_new(fresh);
-            self.persist_meta();
+            if self.bitmap.count() > 0 {
+                // Writes the peer may lack already exist: they belong to a
+                // new generation.
+                let fresh = self.fresh_generation();
+                self.generations.start_new(fresh);
+                self.persist_meta();
+            } else {
+                self.rotate_on_write = true;
+            }
         }
         if self.role == Role::Primary && was_replicating {
             match self.cfg.fencing {
@@ -1787,8 +1810,7 @@ impl<P: Clone> Replica<P> {
             self.bitmap.set_all();
             self.persist_bitmap(now_ms);
         } else if !connected {
-            let fresh = self.fresh_generation();
-            self.generations.start_new(fresh);
+            self.rotate_on_write = true;
         }
         self.role = Role::Primary;
         self.epoch = new_epoch;
@@ -1834,6 +1856,7 @@ impl<P: Clone> Replica<P> {
         self.role = Role::Secondary;
         self.frozen = false;
         self.held = false;
+        self.rotate_on_write = false;
         self.persist_bitmap(now_ms);
         if self.al.clear() {
             self.actions.push_back(Action::PersistActivityLog(Vec::new()));
