@@ -376,7 +376,7 @@ impl Daemon {
         }
     }
 
-    fn to_groups(&mut self, input: Input) {
+    fn tell_groups(&mut self, input: Input) {
         let now = self.now_ms();
         for g in &mut self.groups {
             g.fo.handle(now, input.clone());
@@ -397,7 +397,7 @@ impl Daemon {
                     HeartbeatEvent::PeerAlive(n) => {
                         self.alive.insert(n, true);
                         self.event(None, "node-up", format!("{} is alive", self.node_name(n)));
-                        self.to_groups(Input::PeerAlive(n));
+                        self.tell_groups(Input::PeerAlive(n));
                     }
                     HeartbeatEvent::PeerDead(n) => {
                         self.alive.insert(n, false);
@@ -406,7 +406,7 @@ impl Daemon {
                             "node-down",
                             format!("{} is dead (no heartbeat on any path)", self.node_name(n)),
                         );
-                        self.to_groups(Input::PeerDead(n));
+                        self.tell_groups(Input::PeerDead(n));
                     }
                     HeartbeatEvent::PeerLate { node, silent_ms } => {
                         tracing::warn!(node = %self.node_name(node), silent_ms, "heartbeat late");
@@ -576,7 +576,7 @@ impl Daemon {
                     self.quorum = q;
                     self.event(None, "quorum", if q { "quorum gained".into() } else { "quorum LOST".into() });
                 }
-                self.to_groups(Input::Quorum(q));
+                self.tell_groups(Input::Quorum(q));
             }
             LogEvent::Committed(entries) => {
                 let mut per_group: BTreeMap<GroupId, Vec<Entry>> = BTreeMap::new();

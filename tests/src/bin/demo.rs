@@ -116,7 +116,7 @@ fn send(c: &Cluster, n: usize, tag: &str) -> Result<()> {
         // The server's answer to the message itself: the last 250 (swaks
         // writes its transcript to either stream).
         let transcript = format!("{}{}", out.stdout, out.stderr);
-        let queued = transcript.lines().filter(|l| l.contains("queued as")).last().unwrap_or("");
+        let queued = transcript.lines().rfind(|l| l.contains("queued as")).unwrap_or("");
         println!("  {tag} #{k}: {}", queued.trim_start_matches([' ', '<', '-', '~']));
     }
     Ok(())
