@@ -360,11 +360,12 @@ pub struct Replica<P> {
     /// I/O held by `suspend-io` (the cluster manager lost its lease): only
     /// `resume-io` or a demotion ends it, never a fence result or a peer.
     held: bool,
-    /// A primary without its peer starts a new data generation at its
+    /// A primary that lost its peer starts a new data generation at its
     /// first write that the peer does not get (persisted before that write
     /// is issued), not when the peer goes away: a primary cut off and
     /// demoted before writing anything then resyncs from the new primary
-    /// instead of looking like a split brain.
+    /// instead of looking like a split brain. (A node promoted without a
+    /// peer starts one at once.)
     rotate_on_write: bool,
     fence_running: bool,
     discard_my_data: bool,
@@ -1810,7 +1811,10 @@ impl<P: Clone> Replica<P> {
             self.bitmap.set_all();
             self.persist_bitmap(now_ms);
         } else if !connected {
-            self.rotate_on_write = true;
+            // At once, unlike after a peer loss: a crashed primary that
+            // returns must find this node's data newer than its own.
+            let fresh = self.fresh_generation();
+            self.generations.start_new(fresh);
         }
         self.role = Role::Primary;
         self.epoch = new_epoch;

@@ -858,19 +858,7 @@ impl Sim {
             // its suspended writes failing.
             let epoch = |n: usize| self.nodes[n].replica.as_ref().map_or(0, |r| r.epoch());
             let is_primary = |n: usize| self.nodes[n].replica.as_ref().is_some_and(|r| r.role() == Role::Primary);
-            // A primary that never wrote while its peer did (it starts its
-            // data generation at its first unreplicated write) must become
-            // sync target, which a primary refuses: the admin demotes it,
-            // as its error says.
-            let now = self.now;
-            let behind = |n: usize| {
-                self.nodes[n]
-                    .replica
-                    .as_ref()
-                    .and_then(|r| r.status(now).last_error)
-                    .is_some_and(|e| e.contains("would have to become sync target"))
-            };
-            let stale = (0..2).find(|n| is_primary(*n) && (epoch(*n) < epoch(1 - *n) || behind(*n)));
+            let stale = (0..2).find(|n| is_primary(*n) && epoch(*n) < epoch(1 - *n));
             let victim = match stale {
                 Some(n) => Some(n),
                 None if is_primary(0) && is_primary(1) => Some(if epoch(0) < epoch(1) { 0 } else { 1 }),
