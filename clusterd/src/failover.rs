@@ -733,6 +733,10 @@ impl Failover {
                 self.actions.push_back(Action::Promote { epoch });
                 self.role = Role::Primary { epoch, promoted_ms: now };
                 self.frozen = true;
+                // Report the peer's disk at once (not after the grant's
+                // re-proposal pause): a lost peer must be recorded Outdated
+                // before this node may write.
+                self.next_propose_ms = now;
             }
         }
         if let Role::Primary { epoch, promoted_ms } = self.role {
