@@ -282,9 +282,9 @@ impl Cluster {
     /// Everything the nodes say, for failure messages.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        for i in 0..self.hosts() {
+        for (i, name) in NAMES.iter().enumerate().take(self.hosts()) {
             let status = self.ctl(i, &["status"]).map(|o| o.stdout + &o.stderr).unwrap_or_else(|e| e.to_string());
-            out.push_str(&format!("--- clusterd status on {} ---\n{status}\n", NAMES[i]));
+            out.push_str(&format!("--- clusterd status on {name} ---\n{status}\n"));
             if i < 2 {
                 let s = self.pair.state(i).map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 out.push_str(&format!("--- replicator on {} ---\n{s}\n", NAMES[i]));

@@ -423,7 +423,7 @@ impl Daemon {
         }
     }
 
-    fn to_groups(&mut self, input: Input) {
+    fn tell_groups(&mut self, input: Input) {
         let now = self.now_ms();
         for g in &mut self.groups {
             g.fo.handle(now, input.clone());
@@ -444,7 +444,7 @@ impl Daemon {
                     HeartbeatEvent::PeerAlive(n) => {
                         self.alive.insert(n, true);
                         self.event(None, "node-up", format!("{} is alive", self.node_name(n)));
-                        self.to_groups(Input::PeerAlive(n));
+                        self.tell_groups(Input::PeerAlive(n));
                         self.two_node_peer(n, true);
                     }
                     HeartbeatEvent::PeerDead(n) => {
@@ -454,7 +454,7 @@ impl Daemon {
                             "node-down",
                             format!("{} is dead (no heartbeat on any path)", self.node_name(n)),
                         );
-                        self.to_groups(Input::PeerDead(n));
+                        self.tell_groups(Input::PeerDead(n));
                         self.two_node_peer(n, false);
                     }
                     HeartbeatEvent::PeerLate { node, silent_ms } => {
@@ -636,7 +636,7 @@ impl Daemon {
                     self.quorum = q;
                     self.event(None, "quorum", if q { "quorum gained".into() } else { "quorum LOST".into() });
                 }
-                self.to_groups(Input::Quorum(q));
+                self.tell_groups(Input::Quorum(q));
                 self.two_node_log_view();
             }
             LogEvent::Committed(entries) => {
