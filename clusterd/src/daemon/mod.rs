@@ -973,7 +973,13 @@ impl Daemon {
         match action {
             two_node::Action::Fence => self.fence(None, peer, None, true),
             two_node::Action::ForceSingleVoter => self.force_single_voter(false),
-            two_node::Action::AddPeerBack => self.raft.add_voter(peer),
+            // Only once this node's log connection to the peer is up: a
+            // voter added while unreachable would take the quorum away.
+            two_node::Action::AddPeerBack => {
+                if self.raft.status().peers.contains(&(peer, true)) {
+                    self.raft.add_voter(peer);
+                }
+            }
             two_node::Action::Event { kind, message } => self.event(None, kind, message),
         }
     }
