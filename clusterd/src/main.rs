@@ -274,7 +274,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !yes {
                 if *confirm_down {
                     eprint!(
-                        "Confirm that node {node} is really OFF (two writers would corrupt the volume); \
+                        "Confirm that node {node} is really OFF (two writers would corrupt the volume) and \
+                         that this node ran together with it last (otherwise this node's data may be older); \
                          this node then takes over alone. Type the node name to confirm: "
                     );
                 } else {

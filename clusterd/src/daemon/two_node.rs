@@ -8,12 +8,18 @@
 //! log's only voter, but only once the peer is known to be off:
 //!
 //! 1. **Wait for all.** Nothing automatic happens until this process has
-//!    heard the peer's heartbeat once. The rule is per process start, not
-//!    per state directory: a node that comes back alone after a full outage
-//!    cannot tell "both were in sync" from "the peer fenced me and ran
-//!    alone since", and in the second case its log and volume are stale;
-//!    fencing the real survivor's corpse and promoting would lose the
-//!    survivor's writes. Such a node waits for its peer, or for the admin
+//!    heard the peer's heartbeat *and* had quorum in the two-voter log, i.e.
+//!    both nodes were up together and this node followed (or led) the
+//!    shared log, so its log holds what the pair committed (among it the
+//!    peer's disk state: a node whose volume the log records Outdated is
+//!    never granted the group while the peer is UpToDate). The rule is per
+//!    process start, not per state directory: a node that comes back alone
+//!    after a full outage cannot tell "both were in sync" from "the peer
+//!    fenced me and ran alone since", and in the second case its log and
+//!    volume are stale; fencing the real survivor and promoting would lose
+//!    the survivor's writes. Heartbeats alone are not enough for the same
+//!    reason (a fenced node that returns sees the survivor before it is a
+//!    voter again). Such a node waits for its peer, or for the admin
 //!    (`clusterd fence PEER --confirm-down`). A survivor that already forced
 //!    itself to be the only voter does not wait: that membership is in its
 //!    state file, so after a restart it has quorum alone.
@@ -86,8 +92,9 @@ pub(crate) enum Action {
 /// What the node waits for, named so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    /// Wait-for-all: the peer not heard since this process started.
-    ExpectPeerOnce,
+    /// Wait-for-all: not yet paired (peer heard and quorum in the
+    /// two-voter log) since this process started.
+    ExpectPairedOnce,
     /// Two voters and nothing wrong (or the peer merely not yet dead).
     Paired,
     ExpectFenceDelay {
@@ -125,7 +132,7 @@ impl TwoNode {
     pub(crate) fn new(cfg: TwoNodeConfig, now_ms: u64) -> TwoNode {
         TwoNode {
             cfg,
-            phase: Phase::ExpectPeerOnce,
+            phase: Phase::ExpectPairedOnce,
             now_ms,
             peer_alive: None,
             quorum: false,
@@ -243,8 +250,11 @@ impl TwoNode {
             Policy::Manual => "two-node mode (manual)",
         };
         let what = match &self.phase {
-            Phase::ExpectPeerOnce => {
-                format!("waiting to see {peer} once before acting automatically (wait-for-all)")
+            Phase::ExpectPairedOnce => {
+                format!(
+                    "waiting to run together with {peer} once (its heartbeat and a shared log quorum) before \
+                     acting automatically (wait-for-all)"
+                )
             }
             Phase::Paired if self.peer_alive == Some(false) && self.quorum => format!("{peer} silent"),
             Phase::Paired => "both nodes vote".into(),
@@ -297,11 +307,15 @@ impl TwoNode {
             self.event("two-node", format!("{peer} is a voter again"));
             self.phase = Phase::Paired;
         }
-        if self.phase == Phase::ExpectPeerOnce {
-            if self.peer_alive != Some(true) {
+        if self.phase == Phase::ExpectPairedOnce {
+            // Not single-voter here, so a quorum is one with the peer.
+            if self.peer_alive != Some(true) || !self.quorum {
                 return;
             }
-            self.event("two-node", format!("{peer} seen: automatic two-node actions enabled (wait-for-all met)"));
+            self.event(
+                "two-node",
+                format!("running together with {peer}: automatic two-node actions enabled (wait-for-all met)"),
+            );
             self.phase = Phase::Paired;
         }
         let dead_alone = self.peer_alive == Some(false) && !self.quorum;
@@ -375,9 +389,17 @@ mod tests {
         t.handle_timeout(100_000);
         assert!(drain(&mut t).is_empty(), "wait-for-all: never fence a peer not seen since start");
         assert!(t.status_line().contains("wait-for-all"), "{}", t.status_line());
-        // Seen once, then dead: now it fences.
+        // Heard, but never a voter together (a fenced node returning next
+        // to a single-voter survivor): still waiting.
         t.handle_peer(100_100, true);
         t.handle_peer(100_200, false);
+        t.handle_timeout(200_000);
+        assert!(drain(&mut t).is_empty(), "heartbeat alone does not meet wait-for-all");
+        // Paired once (heartbeat + shared quorum), then dead: now it fences.
+        t.handle_peer(200_100, true);
+        t.handle_log(200_100, true, false, false);
+        t.handle_peer(200_200, false);
+        t.handle_log(200_300, false, false, false);
         assert_eq!(drain(&mut t), vec![Action::Fence]);
     }
 
@@ -425,6 +447,7 @@ mod tests {
     fn only_a_successful_fence_forces_a_single_voter() {
         let mut t = node(Policy::Fenced, 0);
         t.handle_peer(0, true);
+        t.handle_log(0, true, false, false);
         t.handle_peer(1000, false);
         t.handle_log(1000, false, false, false);
         assert_eq!(drain(&mut t), vec![Action::Fence]);
