@@ -33,6 +33,12 @@
 //! Without a witness the cluster runs in two-node mode, which fails over
 //! automatically only with fence devices for both storage nodes; without
 //! them `failover.automatic = false` must be written down.
+//!
+//! ```toml
+//! [failover]           # two-node mode only; defaults shown
+//! fence_delay_ms = 5000      # how long fence_delay_node waits before fencing its peer
+//! # fence_delay_node = "a"   # default: the first storage node listed
+//! ```
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -110,6 +116,12 @@ pub struct FailoverSection {
     pub failure_window_ms: u64,
     /// Move the group back to its preferred node when it returns (off: sticky).
     pub failback: bool,
+    /// Two-node mode: how long `fence_delay_node` waits before fencing its
+    /// peer, so that in a split the two nodes do not fence each other at
+    /// once (the other node fences without delay and wins the race).
+    pub fence_delay_ms: u64,
+    /// The node that waits [default: the first storage node listed].
+    pub fence_delay_node: Option<String>,
 }
 
 impl Default for FailoverSection {
@@ -122,6 +134,8 @@ impl Default for FailoverSection {
             failures_max: 3,
             failure_window_ms: 600_000,
             failback: false,
+            fence_delay_ms: 5000,
+            fence_delay_node: None,
         }
     }
 }
@@ -235,6 +249,20 @@ impl ClusterConfig {
         self.nodes.iter().filter(|n| n.role == NodeRole::Storage)
     }
 
+    /// Two-node mode: how long node `name` waits before fencing its peer
+    /// (`failover.fence_delay_ms` on the delayed node, 0 on the other).
+    pub fn fence_delay_ms_for(&self, name: &str) -> u64 {
+        let delayed = match &self.failover.fence_delay_node {
+            Some(n) => Some(n.as_str()),
+            None => self.storage_nodes().next().map(|n| n.name.as_str()),
+        };
+        if delayed == Some(name) {
+            self.failover.fence_delay_ms
+        } else {
+            0
+        }
+    }
+
     /// The clock-drift margin a new owner adds to the previous owner's lease.
     pub fn drift_margin_ms(&self) -> u64 {
         drift_margin_ms(self.failover.lease_ms, self.failover.clock_drift_ppm_max)
@@ -298,6 +326,15 @@ impl ClusterConfig {
         }
         if fo.failback {
             return Err(err("failover.failback", "is not implemented yet".into(), "remove it (groups are sticky)"));
+        }
+        if let Some(n) = &fo.fence_delay_node {
+            if !self.storage_nodes().any(|s| &s.name == n) {
+                return Err(err(
+                    "failover.fence_delay_node",
+                    format!("{n:?} is not a storage node"),
+                    "name one of the two storage nodes (the one that should lose a fence race)",
+                ));
+            }
         }
         let storage = self.storage_nodes().count();
         if storage != 2 {
@@ -486,6 +523,14 @@ raft = "10.0.0.3:7790"
              [[fence]]\nnode = \"b\"\nagent = \"/usr/sbin/fence_ipmilan\"\n"
         );
         assert_eq!(check(&fenced).unwrap().mode(), Mode::TwoNodeFenced);
+        let fenced = check(&fenced).unwrap();
+        assert_eq!((fenced.fence_delay_ms_for("a"), fenced.fence_delay_ms_for("b")), (5000, 0), "first node waits");
+        let chosen =
+            check(&format!("{two}\n[failover]\nautomatic = false\nfence_delay_node = \"b\"\nfence_delay_ms = 3000\n"))
+                .unwrap();
+        assert_eq!((chosen.fence_delay_ms_for("a"), chosen.fence_delay_ms_for("b")), (0, 3000));
+        let bad = format!("{two}\n[failover]\nautomatic = false\nfence_delay_node = \"w\"\n");
+        assert_eq!(invalid_key(&bad), "failover.fence_delay_node");
         let wrong_target = format!("{GOOD}\n[[fence]]\nnode = \"w\"\nagent = \"/bin/true\"\n");
         assert_eq!(invalid_key(&wrong_target), "fence.node");
     }

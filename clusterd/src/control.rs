@@ -35,6 +35,10 @@ pub enum Request {
     },
     Fence {
         node: String,
+        /// Two-node mode: do not run fence agents; the admin confirms that
+        /// `node` is off, and this node becomes the cluster log's only voter.
+        #[serde(default)]
+        confirm_down: bool,
     },
     /// Clear failures of `node` (all storage nodes when None).
     Cleanup {
@@ -62,6 +66,9 @@ pub struct StatusReport {
     pub groups: Vec<GroupReport>,
     pub fences: Vec<FenceReport>,
     pub heartbeat: HeartbeatReport,
+    /// Two-node mode: what this node does about its peer (None with a witness).
+    #[serde(default)]
+    pub two_node: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,11 +201,14 @@ mod tests {
         assert!(matches!(read_line(&mut r).await, Err(ControlError::TooLong)));
         writer.abort();
         let (a, mut b) = tokio::io::duplex(4096);
-        write_line(&mut b, &Request::Fence { node: "b".into() }).await.unwrap();
+        write_line(&mut b, &Request::Fence { node: "b".into(), confirm_down: false }).await.unwrap();
         drop(b);
         let mut r = BufReader::new(a);
         let line = read_line(&mut r).await.unwrap().unwrap();
-        assert_eq!(serde_json::from_slice::<Request>(&line).unwrap(), Request::Fence { node: "b".into() });
+        assert_eq!(
+            serde_json::from_slice::<Request>(&line).unwrap(),
+            Request::Fence { node: "b".into(), confirm_down: false }
+        );
         assert!(read_line(&mut r).await.unwrap().is_none());
     }
 }

@@ -85,6 +85,11 @@ enum Cmd {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Two-node mode: run no fence agent; you confirm NODE is really off
+        /// (powered off, or its heartbeat and log links are cut for good), and
+        /// this node becomes the cluster log's only voter and takes over.
+        #[arg(long)]
+        confirm_down: bool,
     },
     /// Clear resource failures of NODE (all nodes if omitted).
     Cleanup {
@@ -265,16 +270,24 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
-        Cmd::Fence { node, yes } => {
+        Cmd::Fence { node, yes, confirm_down } => {
             if !yes {
-                eprint!("Fence (power off) node {node}? Type the node name to confirm: ");
+                if *confirm_down {
+                    eprint!(
+                        "Confirm that node {node} is really OFF (two writers would corrupt the volume) and \
+                         that this node ran together with it last (otherwise this node's data may be older); \
+                         this node then takes over alone. Type the node name to confirm: "
+                    );
+                } else {
+                    eprint!("Fence (power off) node {node}? Type the node name to confirm: ");
+                }
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line).context("reading the confirmation")?;
                 if line.trim() != node {
                     return Err(UsageError("not confirmed; nothing done (use --yes in scripts)".into()).into());
                 }
             }
-            done(call(&control_path(&cli)?, Request::Fence { node: node.clone() })?)
+            done(call(&control_path(&cli)?, Request::Fence { node: node.clone(), confirm_down: *confirm_down })?)
         }
         Cmd::Events => {
             let path = control_path(&cli)?;
@@ -315,6 +328,9 @@ fn render_status(s: &StatusReport) -> String {
             None => ", no log leader".into(),
         }
     );
+    if let Some(t) = &s.two_node {
+        let _ = writeln!(out, "{t}");
+    }
     let _ = writeln!(out, "\nNodes:");
     for n in &s.nodes {
         let _ = writeln!(

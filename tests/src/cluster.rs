@@ -62,7 +62,9 @@ pub struct ClusterOptions {
     /// `[[group.resource]]` tables after the volume; `@SERVICE_IP@` and
     /// `@DIR@` are replaced by the service address and the test directory.
     pub resources: String,
-    /// Extra top-level TOML (e.g. `[[fence]]` tables); same replacements.
+    /// Extra top-level TOML (e.g. `[[fence]]` tables); same replacements,
+    /// plus `@NETNS_a@` / `@NETNS_b@` (the storage hosts' namespaces, for
+    /// the fence_netns agent).
     pub extra: String,
     /// Put an ext4 filesystem on the volume before the cluster starts.
     pub mkfs: bool,
@@ -77,6 +79,8 @@ pub struct Cluster {
     pub daemons: [Option<Daemon>; 3],
     pub service_ip: Ipv4Addr,
     pub dir: PathBuf,
+    /// Whether host `w` is part of the cluster (false: two-node mode).
+    pub witness: bool,
 }
 
 fn run(c: &mut Command) -> Result<Output> {
@@ -87,6 +91,16 @@ impl Cluster {
     /// The replicated resource in sync with both nodes secondary, the
     /// cluster configured; no clusterd running yet.
     pub fn new(dir: &TestDir, opts: &ClusterOptions) -> Result<Cluster> {
+        Cluster::build(dir, opts, true)
+    }
+
+    /// Two-node mode: storage nodes `a` and `b` only, no witness (host `w`
+    /// exists but runs nothing).
+    pub fn new_two_node(dir: &TestDir, opts: &ClusterOptions) -> Result<Cluster> {
+        Cluster::build(dir, opts, false)
+    }
+
+    fn build(dir: &TestDir, opts: &ClusterOptions, witness: bool) -> Result<Cluster> {
         let pki = dir.join("pki");
         crate::tls::make_node_pki(&pki, &NAMES)?;
         let pair_opts = PairOptions { hosts: 3, pki: Some(pki.clone()), ..PairOptions::default() };
@@ -102,7 +116,10 @@ impl Cluster {
         let gw = pair.net.gateway.octets();
         let service_ip = Ipv4Addr::new(gw[0], gw[1], gw[2], 100);
         let subst = |s: &str| {
-            s.replace("@SERVICE_IP@", &service_ip.to_string()).replace("@DIR@", &dir.path().display().to_string())
+            s.replace("@SERVICE_IP@", &service_ip.to_string())
+                .replace("@DIR@", &dir.path().display().to_string())
+                .replace("@NETNS_a@", &pair.net.host(0).ns)
+                .replace("@NETNS_b@", &pair.net.host(1).ns)
         };
         let mut text = format!(
             "[cluster]\nname = \"test\"\nkey_file = \"{}\"\nca = \"{}\"\n\n{}\n",
@@ -110,7 +127,7 @@ impl Cluster {
             pki.join("ca.pem").display(),
             subst(&opts.extra)
         );
-        for (i, name) in NAMES.iter().enumerate() {
+        for (i, name) in NAMES.iter().enumerate().take(if witness { 3 } else { 2 }) {
             let ip = pair.net.host(i).ip;
             text.push_str(&format!(
                 "\n[[node]]\nname = \"{name}\"\nrole = \"{}\"\nheartbeat = [\"{ip}:{}\", \"{ip}:{}\"]\nraft = \"{ip}:{RAFT_PORT}\"\n\
@@ -132,7 +149,7 @@ impl Cluster {
         ));
         let config = dir.join("cluster.toml");
         std::fs::write(&config, text)?;
-        Ok(Cluster { pair, config, daemons: [None, None, None], service_ip, dir: dir.path().to_owned() })
+        Ok(Cluster { pair, config, daemons: [None, None, None], service_ip, dir: dir.path().to_owned(), witness })
     }
 
     /// `clusterd run` on host `i`; waits until its admin socket answers.
@@ -158,7 +175,7 @@ impl Cluster {
     }
 
     pub fn start_all(&mut self) -> Result<()> {
-        for i in 0..3 {
+        for i in 0..self.hosts() {
             self.start(i)?;
         }
         Ok(())
@@ -290,10 +307,19 @@ impl Cluster {
         }
     }
 
+    /// How many hosts run clusterd (3 with the witness, 2 without).
+    pub fn hosts(&self) -> usize {
+        if self.witness {
+            3
+        } else {
+            2
+        }
+    }
+
     /// Everything the nodes say, for failure messages.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        for (i, name) in NAMES.iter().enumerate() {
+        for (i, name) in NAMES.iter().enumerate().take(self.hosts()) {
             let status = self.ctl(i, &["status"]).map(|o| o.stdout + &o.stderr).unwrap_or_else(|e| e.to_string());
             out.push_str(&format!("--- clusterd status on {name} ---\n{status}\n"));
             if i < 2 {

@@ -7,7 +7,10 @@
 //! - `raft_log`: the cluster log (proposals out, committed entries in);
 //! - `executor`: one task per group carrying out volume/service actions;
 //! - a volume watcher per group polling `replicator status`;
-//! - `admin`: the Unix admin socket.
+//! - `admin`: the Unix admin socket;
+//! - `two_node`: two-node mode (no witness): wait-for-all, fencing the dead
+//!   peer, forcing the log to a single voter and adding the peer back (its
+//!   module docs hold the safety argument).
 //!
 //! Times given to the cores are milliseconds since the daemon started
 //! (monotonic); the incarnation is the wall clock at start-up.
@@ -15,6 +18,7 @@
 mod admin;
 mod executor;
 mod heartbeat_io;
+mod two_node;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -78,8 +82,24 @@ struct GroupRt {
 }
 
 enum Internal {
-    Volume { group: GroupId, status: Option<VolumeStatus> },
-    FenceDone { group: Option<GroupId>, node: NodeId, ok: bool, why: String, reply: Option<mpsc::Sender<Response>> },
+    Volume {
+        group: GroupId,
+        status: Option<VolumeStatus>,
+    },
+    FenceDone {
+        group: Option<GroupId>,
+        node: NodeId,
+        ok: bool,
+        why: String,
+        reply: Option<mpsc::Sender<Response>>,
+        /// Asked by two-node mode (its answer goes to `TwoNode`).
+        two_node: bool,
+    },
+    /// `RaftLog::force_single_voter` finished.
+    Forced {
+        result: Result<(), String>,
+        by_admin: bool,
+    },
 }
 
 pub struct Daemon {
@@ -100,6 +120,11 @@ pub struct Daemon {
     report_tx: mpsc::UnboundedSender<Report>,
     applied_since_compact: u64,
     next_lead_request_ms: u64,
+    /// Two-node mode on a storage node: the peer and the mode's core.
+    two: Option<(NodeId, two_node::TwoNode)>,
+    state_dir: std::path::PathBuf,
+    /// The admin waiting for `fence --confirm-down` to finish.
+    confirm_reply: Option<mpsc::Sender<Response>>,
 }
 
 fn unix_ms() -> u64 {
@@ -126,13 +151,25 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         )));
     };
     let node = node.clone();
-    if cfg.mode() != Mode::Witness {
-        return Err(DaemonError::Config(
-            "two-node mode (no witness) is not supported by this clusterd yet: add a [[node]] with \
-             role = \"witness\" (any small third machine) so a lone survivor knows whether it has quorum"
-                .into(),
-        ));
-    }
+    let two = match cfg.mode() {
+        Mode::Witness => None,
+        _ if node.role != NodeRole::Storage => None,
+        mode => {
+            let peer = *storage_ids(&cfg).iter().find(|n| **n != me).expect("two storage nodes");
+            let policy = if mode == Mode::TwoNodeFenced && cfg.failover.automatic {
+                two_node::Policy::Fenced
+            } else {
+                two_node::Policy::Manual
+            };
+            let tn_cfg = two_node::TwoNodeConfig {
+                peer_name: cfg.nodes[usize::from(peer.0)].name.clone(),
+                policy,
+                fence_delay_ms: cfg.fence_delay_ms_for(&node.name),
+            };
+            tracing::info!(?policy, fence_delay_ms = tn_cfg.fence_delay_ms, "two-node mode (no witness)");
+            Some((peer, two_node::TwoNode::new(tn_cfg, 0)))
+        }
+    };
     let key = std::fs::read(&cfg.cluster.key_file).map_err(|source| DaemonError::Io {
         what: format!(
             "reading the cluster key {} (create it with `head -c 32 /dev/urandom > {0}` on one node and copy it to all)",
@@ -227,6 +264,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         report_tx,
         applied_since_compact: 0,
         next_lead_request_ms: 0,
+        two,
+        state_dir: node.state_dir.clone(),
+        confirm_reply: None,
         cfg,
     };
     for (i, spec) in specs.into_iter().enumerate() {
@@ -355,6 +395,9 @@ impl Daemon {
                 t = t.min(at);
             }
         }
+        if let Some(at) = self.two.as_ref().and_then(|(_, tn)| tn.poll_timeout()) {
+            t = t.min(at);
+        }
         self.started + Duration::from_millis(t)
     }
 
@@ -363,6 +406,10 @@ impl Daemon {
         self.hb.handle_timeout(now);
         for g in &mut self.groups {
             g.fo.handle_timeout(now);
+        }
+        self.two_node_log_view();
+        if let Some((_, tn)) = &mut self.two {
+            tn.handle_timeout(now);
         }
         // The owner of a group leads the log: a cut between the storage
         // nodes then leaves it with the witness, i.e. with quorum.
@@ -398,6 +445,7 @@ impl Daemon {
                         self.alive.insert(n, true);
                         self.event(None, "node-up", format!("{} is alive", self.node_name(n)));
                         self.tell_groups(Input::PeerAlive(n));
+                        self.two_node_peer(n, true);
                     }
                     HeartbeatEvent::PeerDead(n) => {
                         self.alive.insert(n, false);
@@ -407,6 +455,7 @@ impl Daemon {
                             format!("{} is dead (no heartbeat on any path)", self.node_name(n)),
                         );
                         self.tell_groups(Input::PeerDead(n));
+                        self.two_node_peer(n, false);
                     }
                     HeartbeatEvent::PeerLate { node, silent_ms } => {
                         tracing::warn!(node = %self.node_name(node), silent_ms, "heartbeat late");
@@ -429,6 +478,10 @@ impl Daemon {
                     self.act(i, action);
                 }
             }
+            while let Some(action) = self.two.as_mut().and_then(|(_, tn)| tn.poll_action()) {
+                progress = true;
+                self.two_node_act(action);
+            }
             if !progress {
                 return;
             }
@@ -442,7 +495,7 @@ impl Daemon {
             Action::Fence { node } => {
                 self.groups[i].fencing = true;
                 self.event(Some(id), "fence", format!("fencing {} before taking over", self.node_name(node)));
-                self.fence(Some(id), node, None);
+                self.fence(Some(id), node, None, false);
             }
             other => {
                 if matches!(other, Action::Promote { .. } | Action::Demote | Action::StopServices) {
@@ -454,7 +507,7 @@ impl Daemon {
     }
 
     /// Runs the fence levels configured for `node` in a blocking task.
-    fn fence(&self, group: Option<GroupId>, node: NodeId, reply: Option<mpsc::Sender<Response>>) {
+    fn fence(&self, group: Option<GroupId>, node: NodeId, reply: Option<mpsc::Sender<Response>>, two_node: bool) {
         let target = self.node_name(node);
         let mut levels: BTreeMap<u32, Vec<FenceAgent>> = BTreeMap::new();
         for (i, f) in self.cfg.fences.iter().enumerate().filter(|(_, f)| f.node == target) {
@@ -482,16 +535,23 @@ impl Daemon {
                     }
                 },
             };
-            let _ = tx.send(Internal::FenceDone { group, node, ok, why, reply });
+            let _ = tx.send(Internal::FenceDone { group, node, ok, why, reply, two_node });
         });
     }
 
     fn internal(&mut self, i: Internal) {
         match i {
             Internal::Volume { group, status } => self.volume_seen(group, status),
-            Internal::FenceDone { group, node, ok, why, reply } => {
+            Internal::Forced { result, by_admin } => self.forced(result, by_admin),
+            Internal::FenceDone { group, node, ok, why, reply, two_node } => {
                 self.event(group, if ok { "fenced" } else { "fence-failed" }, why.clone());
                 self.raft.propose(ClusterEntry::Fenced { node, by: self.me, ok, unix_ms: unix_ms() }.encode());
+                if two_node {
+                    let now = self.now_ms();
+                    if let Some((_, tn)) = &mut self.two {
+                        tn.handle_fence_done(now, ok, &why);
+                    }
+                }
                 if let Some(g) = group.and_then(|g| self.groups.iter_mut().find(|x| x.id == g)) {
                     g.fencing = false;
                     let now = self.started.elapsed().as_millis() as u64;
@@ -577,6 +637,7 @@ impl Daemon {
                     self.event(None, "quorum", if q { "quorum gained".into() } else { "quorum LOST".into() });
                 }
                 self.tell_groups(Input::Quorum(q));
+                self.two_node_log_view();
             }
             LogEvent::Committed(entries) => {
                 let mut per_group: BTreeMap<GroupId, Vec<Entry>> = BTreeMap::new();
@@ -664,10 +725,17 @@ impl Daemon {
                 return;
             }
             Request::Events => return admin::stream_events(self.events.subscribe(), reply),
-            Request::Fence { node } => match self.storage_node(&node) {
+            Request::Fence { node, confirm_down: true } => match self.confirm_down(&node) {
+                Ok(()) => {
+                    self.confirm_reply = Some(reply);
+                    return;
+                }
+                Err(e) => Response::Error(e),
+            },
+            Request::Fence { node, confirm_down: false } => match self.storage_node(&node) {
                 Ok(n) => {
                     self.event(None, "fence", format!("admin fences {node}"));
-                    return self.fence(None, n, Some(reply));
+                    return self.fence(None, n, Some(reply), false);
                 }
                 Err(e) => Response::Error(e),
             },
@@ -871,7 +939,121 @@ impl Daemon {
                 spoofed: c.spoofed,
                 replayed: c.replayed,
             },
+            two_node: self.two.as_ref().map(|(_, tn)| tn.status_line()),
         }
+    }
+}
+
+/// Two-node mode (see `two_node`).
+impl Daemon {
+    fn two_node_peer(&mut self, n: NodeId, alive: bool) {
+        let now = self.now_ms();
+        if let Some((peer, tn)) = &mut self.two {
+            if *peer == n {
+                tn.handle_peer(now, alive);
+            }
+        }
+    }
+
+    /// Tells the two-node core what the log looks like now.
+    fn two_node_log_view(&mut self) {
+        let now = self.now_ms();
+        let st = self.raft.status();
+        let single = st.voters == [self.me];
+        let leader_here = st.leader == Some(self.me);
+        let quorum = self.quorum;
+        if let Some((_, tn)) = &mut self.two {
+            tn.handle_log(now, quorum, single, leader_here);
+        }
+    }
+
+    fn two_node_act(&mut self, action: two_node::Action) {
+        let Some((peer, _)) = &self.two else { return };
+        let peer = *peer;
+        match action {
+            two_node::Action::Fence => self.fence(None, peer, None, true),
+            two_node::Action::ForceSingleVoter => self.force_single_voter(false),
+            // Only once this node's log connection to the peer is up: a
+            // voter added while unreachable would take the quorum away.
+            two_node::Action::AddPeerBack => {
+                if self.raft.status().peers.contains(&(peer, true)) {
+                    self.raft.add_voter(peer);
+                }
+            }
+            two_node::Action::Event { kind, message } => self.event(None, kind, message),
+        }
+    }
+
+    fn force_single_voter(&self, by_admin: bool) {
+        let raft = self.raft.clone();
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let result = raft.force_single_voter().await;
+            let _ = tx.send(Internal::Forced { result, by_admin });
+        });
+    }
+
+    /// `clusterd fence NODE --confirm-down`.
+    fn confirm_down(&mut self, name: &str) -> Result<(), String> {
+        let n = self.storage_node(name)?;
+        let now = self.now_ms();
+        let Some((peer, tn)) = &mut self.two else {
+            return Err("--confirm-down is for two-node mode (no witness); with a witness the cluster fails over \
+                        by quorum: use `clusterd fence NODE` to run its fence devices"
+                .into());
+        };
+        if n != *peer {
+            return Err(format!("{name} is this node; run --confirm-down on the surviving node, naming the dead one"));
+        }
+        tn.confirm_down(now)?;
+        self.event(None, "fence", format!("the admin confirmed {name} is down (--confirm-down)"));
+        Ok(())
+    }
+
+    fn forced(&mut self, result: Result<(), String>, by_admin: bool) {
+        let now = self.now_ms();
+        let Some((peer, _)) = &self.two else { return };
+        let peer = *peer;
+        let peer_name = self.node_name(peer);
+        let reply = self.confirm_reply.take();
+        match result {
+            Ok(()) => {
+                // The fence history: in the log (committed once this node
+                // leads alone) and in a local file an admin can read.
+                self.raft
+                    .propose(ClusterEntry::Fenced { node: peer, by: self.me, ok: true, unix_ms: unix_ms() }.encode());
+                let how = if by_admin { "confirmed down by the admin" } else { "fenced by its fence device" };
+                let line = format!("{} {peer_name} {how}; {} became the only voter\n", unix_ms(), self.name);
+                let path = self.state_dir.join("two-node-fences");
+                let written =
+                    std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| {
+                        std::io::Write::write_all(&mut f, line.as_bytes()).and_then(|()| f.sync_data())
+                    });
+                if let Err(e) = written {
+                    tracing::warn!(path = %path.display(), "cannot record the fence: {e}");
+                }
+                self.event(
+                    None,
+                    "two-node",
+                    format!("{peer_name} {how}: this node is the cluster log's only voter and takes over"),
+                );
+                if let Some(r) = reply {
+                    let _ = r.try_send(Response::Done(format!(
+                        "{peer_name} recorded as down; this node is the only voter and takes over the groups \
+                         (`clusterd status`); {peer_name} is added back when it returns"
+                    )));
+                }
+            }
+            Err(why) => {
+                if let Some((_, tn)) = &mut self.two {
+                    tn.handle_force_failed(now, &why);
+                }
+                if let Some(r) = reply {
+                    let _ = r.try_send(Response::Error(format!("could not make this node the only voter: {why}")));
+                }
+            }
+        }
+        self.two_node_log_view();
     }
 }
 

@@ -22,9 +22,14 @@
 //! - `logger`: raft-rs's `slog` output forwarded to `tracing`;
 //! - `limits`: every bound of this module in one place.
 //!
-//! Membership is fixed by the configuration: every node starts an empty
+//! Membership comes from the configuration: every node starts an empty
 //! state directory with the same voter set (raft-rs's bootstrap by identical
-//! initial state); there are no conf changes. A node whose state directory
+//! initial state). The one exception is two-node mode (see `daemon`'s
+//! two-node docs): after fencing its peer a node shrinks the voters to
+//! itself with [`RaftLog::force_single_voter`] (no entry: there is no quorum
+//! to commit one; the membership is written to the state file), and adds the
+//! peer back with [`RaftLog::add_voter`] (a committed conf change) when it
+//! returns. A node whose state directory
 //! was removed (the fix for a corrupt state file) rejoins under its old id:
 //! it clamps heartbeat commit indexes to its empty log instead of letting
 //! raft-rs panic, and the leader, seeing it reject entries it had
@@ -148,6 +153,9 @@ pub struct RaftStatus {
     /// The index the latest snapshot covers (0: none).
     pub snapshot: u64,
     pub quorum: bool,
+    /// The voters of the log (all nodes, or this node alone after
+    /// `force_single_voter`).
+    pub voters: Vec<NodeId>,
     /// Each peer and whether this node's outbound connection to it is up.
     pub peers: Vec<(NodeId, bool)>,
 }
@@ -192,6 +200,8 @@ pub(crate) enum Control {
     },
     /// Ask the leader to hand leadership to this node.
     LeadHere,
+    ForceSingleVoter(tokio::sync::oneshot::Sender<Result<(), String>>),
+    AddVoter(NodeId),
 }
 
 /// The handle to a running node. Cheap to clone.
@@ -329,6 +339,32 @@ impl RaftLog {
     /// the leader or without one.
     pub fn lead_here(&self) {
         let _ = self.inner.control.try_send(Control::LeadHere);
+    }
+
+    /// Two-node mode, only after the peer was fenced (or the admin
+    /// confirmed it is down): makes this node the log's only voter without
+    /// a committed entry, persists the new membership (a restart keeps it),
+    /// and campaigns. The quorum then returns with this node alone.
+    ///
+    /// Safe only because the peer is off: it cannot commit anything (it
+    /// would need this node's vote) and it rejoins as a follower, its
+    /// uncommitted tail replaced by this node's log. Errors when the log has
+    /// other than two voters or stopped.
+    pub async fn force_single_voter(&self) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .control
+            .send(Control::ForceSingleVoter(tx))
+            .await
+            .map_err(|_| "the cluster log stopped".to_string())?;
+        rx.await.map_err(|_| "the cluster log stopped".to_string())?
+    }
+
+    /// Asks the leader to add `node` back as a voter (committed conf
+    /// change). A no-op unless this node leads and `node` is a configured
+    /// peer that is not a voter; repeat until `status().voters` has it.
+    pub fn add_voter(&self, node: NodeId) {
+        let _ = self.inner.control.try_send(Control::AddVoter(node));
     }
 
     pub fn status(&self) -> RaftStatus {

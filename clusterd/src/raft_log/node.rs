@@ -9,12 +9,20 @@
 //! 4. append new entries and the hard state to the state file, fsync;
 //! 5. send the persisted messages (votes, append responses);
 //! 6. `advance`, then the light ready's commit, messages and entries.
+//!
+//! Committed conf-change entries (two-node mode adding a peer back) are
+//! applied as they are handed on, and the new membership is written to the
+//! state file in the same batch. `force_single` changes the membership
+//! without an entry (see `RaftLog::force_single_voter`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType,
+};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -83,6 +91,7 @@ impl Node {
             ..Default::default()
         };
         raft_cfg.validate()?;
+        let voters = store.conf_state().voters.clone();
         let raw = RawNode::new(&raft_cfg, store, &logger::logger(&cfg.name))?;
         Ok(Node {
             name: cfg.name.clone(),
@@ -92,7 +101,7 @@ impl Node {
             links: links.into_iter().map(|l| (l.raft_id, l)).collect(),
             events,
             status,
-            quorum: QuorumView::new(raft_id(cfg.me), cfg.peers.len() + 1, cfg.election_timeout_ms()),
+            quorum: QuorumView::new(raft_id(cfg.me), voters, cfg.election_timeout_ms()),
             has_quorum: false,
             applied,
             tick_ms: cfg.tick_ms,
@@ -212,6 +221,11 @@ impl Node {
                     tracing::debug!(node = %self.name, "proposal dropped: {e}");
                 }
             }
+            Control::ForceSingleVoter(reply) => {
+                let r = self.force_single().await?;
+                let _ = reply.send(r);
+            }
+            Control::AddVoter(node) => self.add_voter(raft_id(node)),
             Control::LeadHere => {
                 let (me, leader) = (self.raw.raft.id, self.raw.raft.leader_id);
                 if self.raw.raft.state != StateRole::Leader && leader != raft::INVALID_ID {
@@ -280,6 +294,11 @@ impl Node {
 
     async fn deliver(&mut self, entries: Vec<Entry>) -> Result<(), Stop> {
         let Some(last) = entries.last().map(|e| e.index) else { return Ok(()) };
+        for e in &entries {
+            if e.get_entry_type() != EntryType::EntryNormal {
+                self.apply_conf_entry(e);
+            }
+        }
         let payloads: Vec<(u64, Vec<u8>)> = entries
             .into_iter()
             .filter(|e| e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty())
@@ -290,6 +309,90 @@ impl Node {
         }
         self.applied = self.applied.max(last);
         Ok(())
+    }
+
+    /// Applies a committed conf-change entry unless the stored membership
+    /// already includes it (a replay after a restart, or one made before a
+    /// forced single-voter membership, which must stay forced).
+    fn apply_conf_entry(&mut self, e: &Entry) {
+        if e.index <= self.raw.store().conf_index() {
+            return;
+        }
+        let cc: Result<ConfChangeV2, String> = match e.get_entry_type() {
+            EntryType::EntryConfChange => ConfChange::parse_from_bytes(&e.data)
+                .map(|c| single(c.node_id, c.get_change_type()))
+                .map_err(|x| x.to_string()),
+            EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| x.to_string()),
+            EntryType::EntryNormal => return,
+        };
+        let applied = cc.and_then(|cc| self.raw.apply_conf_change(&cc).map_err(|x| x.to_string()));
+        match applied {
+            Ok(cs) => {
+                tracing::info!(node = %self.name, index = e.index, voters = ?cs.voters, "cluster log membership changed");
+                self.set_membership(cs, e.index);
+            }
+            // Committed on every node alike: skipping it is what all do.
+            Err(why) => tracing::error!(node = %self.name, index = e.index, "skipping a conf change: {why}"),
+        }
+    }
+
+    /// Takes a new membership into the store, the quorum view and the
+    /// pending bytes of the state file.
+    fn set_membership(&mut self, cs: raft::eraftpb::ConfState, index: u64) {
+        self.quorum.set_voters(cs.voters.clone());
+        self.raw.mut_store().set_conf_state(cs, index);
+        let m = self.raw.store().membership();
+        record::encode_membership(&m, &mut self.pending);
+    }
+
+    /// Two-node mode after the peer was fenced: this node becomes the only
+    /// voter without a committed entry (there is no quorum to commit one),
+    /// persists that, and campaigns, which it wins alone.
+    async fn force_single(&mut self) -> Result<Result<(), String>, Stop> {
+        let me = self.raw.raft.id;
+        let voters = self.raw.raft.prs().conf().voters().ids().iter().collect::<Vec<u64>>();
+        if voters == [me] {
+            return Ok(Ok(()));
+        }
+        if !voters.contains(&me) {
+            return Ok(Err("this node is not a voter of the cluster log".into()));
+        }
+        if voters.len() != 2 {
+            return Ok(Err(format!("the cluster log has {} voters; only a pair can shrink to one", voters.len())));
+        }
+        let others: Vec<u64> = voters.iter().copied().filter(|v| *v != me).collect();
+        let [other] = others[..] else { unreachable!("two voters, this node one of them") };
+        let cc = single(other, ConfChangeType::RemoveNode);
+        let cs = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => return Ok(Err(format!("raft refused the membership change: {e}"))),
+        };
+        // Conf changes in the log up to its end are older than this one.
+        let last = self.raw.raft.raft_log.last_index();
+        tracing::warn!(node = %self.name, removed = ?others, "cluster log forced to this node as the only voter");
+        self.set_membership(cs, last);
+        self.persist(None).await?;
+        if let Err(e) = self.raw.campaign() {
+            tracing::warn!(node = %self.name, "campaign after forcing a single voter: {e}");
+        }
+        Ok(Ok(()))
+    }
+
+    /// The leader adds a returning peer back as a voter through a committed
+    /// conf change (ignored unless this node leads, the peer is not a voter
+    /// and no other conf change is pending; the daemon asks again).
+    fn add_voter(&mut self, id: u64) {
+        if self.raw.raft.state != StateRole::Leader || self.raw.raft.has_pending_conf() {
+            return;
+        }
+        if self.raw.raft.prs().conf().voters().contains(id) || !self.links.contains_key(&id) {
+            return;
+        }
+        let cc = single(id, ConfChangeType::AddNode);
+        match self.raw.propose_conf_change(Vec::new(), cc) {
+            Ok(()) => tracing::info!(node = %self.name, peer = id, "proposing to add the peer back as a voter"),
+            Err(e) => tracing::debug!(node = %self.name, "adding a voter: {e}"),
+        }
     }
 
     async fn on_ready(&mut self) -> Result<(), Stop> {
@@ -362,6 +465,7 @@ impl Node {
             applied: self.applied,
             snapshot: r.raft_log.store.snapshot_ref().get_metadata().index,
             quorum,
+            voters: r.prs().conf().voters().ids().iter().filter_map(node_of).collect(),
             peers: self
                 .links
                 .values()
@@ -380,4 +484,13 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// A conf change of one voter (raft-rs's "simple" change).
+fn single(node_id: u64, change_type: ConfChangeType) -> ConfChangeV2 {
+    let mut c = ConfChangeSingle { node_id, ..Default::default() };
+    c.set_change_type(change_type);
+    let mut cc = ConfChangeV2::default();
+    cc.set_changes(vec![c].into());
+    cc
 }

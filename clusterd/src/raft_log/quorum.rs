@@ -13,15 +13,21 @@ use raft::StateRole;
 
 pub(crate) struct QuorumView {
     me: u64,
-    voters: usize,
+    /// The voters (raft ids, this node included when it votes).
+    voters: Vec<u64>,
     election_timeout_ms: u64,
     /// Raft id → when a message from it last arrived (ms on the node's clock).
     heard_ms: BTreeMap<u64, u64>,
 }
 
 impl QuorumView {
-    pub(crate) fn new(me: u64, voters: usize, election_timeout_ms: u64) -> QuorumView {
+    pub(crate) fn new(me: u64, voters: Vec<u64>, election_timeout_ms: u64) -> QuorumView {
         QuorumView { me, voters, election_timeout_ms, heard_ms: BTreeMap::new() }
+    }
+
+    /// The membership changed (two-node mode: one voter, then two again).
+    pub(crate) fn set_voters(&mut self, voters: Vec<u64>) {
+        self.voters = voters;
     }
 
     pub(crate) fn heard(&mut self, from: u64, now_ms: u64) {
@@ -35,8 +41,10 @@ impl QuorumView {
     pub(crate) fn has_quorum(&self, role: StateRole, leader: u64, now_ms: u64) -> bool {
         match role {
             StateRole::Leader => {
-                let others = self.heard_ms.keys().filter(|id| **id != self.me && self.recent(**id, now_ms)).count();
-                1 + others > self.voters / 2
+                // Only voters count: a node being added back is heard from
+                // before it votes.
+                let others = self.voters.iter().filter(|id| **id != self.me && self.recent(**id, now_ms)).count();
+                1 + others > self.voters.len() / 2
             }
             StateRole::Follower => leader != 0 && leader != self.me && self.recent(leader, now_ms),
             StateRole::Candidate | StateRole::PreCandidate => false,
@@ -50,7 +58,7 @@ mod tests {
 
     #[test]
     fn leader_needs_a_recent_majority() {
-        let mut q = QuorumView::new(1, 3, 500);
+        let mut q = QuorumView::new(1, vec![1, 2, 3], 500);
         assert!(!q.has_quorum(StateRole::Leader, 1, 0));
         q.heard(2, 100);
         assert!(q.has_quorum(StateRole::Leader, 1, 599));
@@ -58,17 +66,23 @@ mod tests {
         q.heard(3, 550);
         assert!(q.has_quorum(StateRole::Leader, 1, 600));
         // Two voters: the leader needs the other one.
-        let mut two = QuorumView::new(1, 2, 500);
+        let mut two = QuorumView::new(1, vec![1, 2], 500);
         assert!(!two.has_quorum(StateRole::Leader, 1, 0));
         two.heard(2, 0);
         assert!(two.has_quorum(StateRole::Leader, 1, 10));
-        // One voter: always.
-        assert!(QuorumView::new(1, 1, 500).has_quorum(StateRole::Leader, 1, 0));
+        // One voter: always; a non-voter heard from does not count.
+        let mut one = QuorumView::new(1, vec![1], 500);
+        assert!(one.has_quorum(StateRole::Leader, 1, 0));
+        one.set_voters(vec![1, 2]);
+        assert!(!one.has_quorum(StateRole::Leader, 1, 0), "two voters again: needs the other");
+        let mut two = QuorumView::new(1, vec![1, 2], 500);
+        two.heard(3, 0);
+        assert!(!two.has_quorum(StateRole::Leader, 1, 10), "node 3 does not vote");
     }
 
     #[test]
     fn follower_needs_its_leader_recently() {
-        let mut q = QuorumView::new(2, 3, 500);
+        let mut q = QuorumView::new(2, vec![1, 2, 3], 500);
         q.heard(3, 0);
         assert!(!q.has_quorum(StateRole::Follower, 0, 10), "no leader known");
         assert!(!q.has_quorum(StateRole::Follower, 1, 10), "heard from another node, not the leader");

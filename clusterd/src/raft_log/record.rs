@@ -8,7 +8,13 @@
 //!   kind 1 = Entry      : replaces every entry from its index on, then appends it
 //!   kind 2 = HardState  : replaces the hard state
 //!   kind 3 = Snapshot   : replaces the snapshot (data + metadata) and drops all entries
+//!   kind 4 = Membership : a SnapshotMetadata whose conf_state replaces the voters and whose
+//!                         index says which log entries it already includes (two-node mode)
 //! ```
+//!
+//! The voters live in the snapshot's metadata and, after a membership
+//! change (`RaftLog::force_single_voter`, or an applied conf-change entry),
+//! in a Membership item: whichever comes last in the file wins.
 //!
 //! Every append is one frame written with one `write` and followed by an
 //! fsync before the next, so a crash can damage only the **last frame**: a
@@ -20,7 +26,7 @@
 //! file and a rename, so they are never torn.
 
 use protobuf::Message as _;
-use raft::eraftpb::{Entry, HardState, Snapshot};
+use raft::eraftpb::{Entry, HardState, Snapshot, SnapshotMetadata};
 
 use super::limits::RECORD_BYTES_MAX;
 
@@ -33,6 +39,7 @@ const IMAGE_FRAME_BYTES: usize = 16 << 20;
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
+const KIND_MEMBERSHIP: u8 = 4;
 
 /// The state a file describes.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -42,6 +49,9 @@ pub(crate) struct Replayed {
     pub snapshot: Snapshot,
     /// Contiguous, starting right after the snapshot's index.
     pub entries: Vec<Entry>,
+    /// The newest membership (voters, and the log index whose conf changes
+    /// it already includes), from a Membership item or the snapshot.
+    pub membership: Option<SnapshotMetadata>,
     /// Bytes of the file holding valid frames (the file is cut there).
     pub valid_bytes: u64,
     /// Bytes of a torn tail that were discarded.
@@ -67,6 +77,10 @@ pub(crate) fn encode_snapshot(s: &Snapshot, out: &mut Vec<u8>) {
     encode(KIND_SNAPSHOT, s, out);
 }
 
+pub(crate) fn encode_membership(m: &SnapshotMetadata, out: &mut Vec<u8>) {
+    encode(KIND_MEMBERSHIP, m, out);
+}
+
 fn encode(kind: u8, m: &impl protobuf::Message, out: &mut Vec<u8>) {
     let start = out.len();
     out.push(kind);
@@ -89,14 +103,20 @@ pub(crate) fn frame(items: &[u8]) -> Vec<u8> {
 }
 
 /// A whole file describing exactly this state (what a rewrite writes).
-pub(crate) fn image(snapshot: &Snapshot, entries: &[Entry], hard_state: &HardState) -> Vec<u8> {
+pub(crate) fn image(
+    snapshot: &Snapshot,
+    membership: &SnapshotMetadata,
+    entries: &[Entry],
+    hard_state: &HardState,
+) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
     let mut items = Vec::new();
     if snapshot.get_metadata().index > 0 {
         encode_snapshot(snapshot, &mut items);
-        out.extend_from_slice(&frame(&items));
-        items.clear();
     }
+    encode_membership(membership, &mut items);
+    out.extend_from_slice(&frame(&items));
+    items.clear();
     for e in entries {
         encode_entry(e, &mut items);
         if items.len() >= IMAGE_FRAME_BYTES {
@@ -193,6 +213,13 @@ fn apply(st: &mut Replayed, kind: u8, body: &[u8]) -> Result<(), String> {
         KIND_SNAPSHOT => {
             st.snapshot = Snapshot::parse_from_bytes(body).map_err(|e| format!("undecodable snapshot: {e}"))?;
             st.entries.clear();
+            if st.snapshot.get_metadata().conf_state.is_some() {
+                st.membership = Some(st.snapshot.get_metadata().clone());
+            }
+        }
+        KIND_MEMBERSHIP => {
+            let m = SnapshotMetadata::parse_from_bytes(body).map_err(|e| format!("undecodable membership: {e}"))?;
+            st.membership = Some(m);
         }
         other => return Err(format!("unknown record kind {other}")),
     }
@@ -256,7 +283,10 @@ mod tests {
         assert_eq!(st.snapshot, s);
         assert_eq!(st.entries, vec![entry(8, 3, b"h")]);
         assert_eq!((st.hard_state.commit, st.hard_state.term), (7, 3));
-        let again = replay(&image(&st.snapshot, &st.entries, &st.hard_state)).expect("image replays");
+        let mut m = SnapshotMetadata { index: 8, ..Default::default() };
+        m.mut_conf_state().voters = vec![1];
+        let again = replay(&image(&st.snapshot, &m, &st.entries, &st.hard_state)).expect("image replays");
+        assert_eq!(again.membership.as_ref(), Some(&m), "the membership survives a rewrite");
         assert_eq!((again.snapshot, again.entries, again.hard_state), (st.snapshot, st.entries, st.hard_state));
     }
 

@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use super::record::{self, Replayed};
@@ -26,6 +26,10 @@ const STATE_FILE_TMP: &str = "raft.log.tmp";
 pub(crate) struct LogStore {
     hard_state: HardState,
     conf_state: ConfState,
+    /// The log index whose conf-change entries `conf_state` already
+    /// includes: replaying committed entries up to it must not apply them
+    /// again (a forced single-voter membership would be undone).
+    conf_index: u64,
     snapshot: Snapshot,
     /// `entries[i].index == snapshot index + 1 + i`.
     entries: Vec<Entry>,
@@ -46,6 +50,28 @@ impl LogStore {
 
     pub(crate) fn snapshot_ref(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    pub(crate) fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub(crate) fn conf_index(&self) -> u64 {
+        self.conf_index
+    }
+
+    /// Records a new membership that includes the log's conf changes up to
+    /// `index`; the caller persists `membership()` before acting on it.
+    pub(crate) fn set_conf_state(&mut self, cs: ConfState, index: u64) {
+        self.conf_state = cs;
+        self.conf_index = self.conf_index.max(index);
+    }
+
+    /// The membership as the state file stores it.
+    pub(crate) fn membership(&self) -> SnapshotMetadata {
+        let mut m = SnapshotMetadata { index: self.conf_index, ..Default::default() };
+        m.set_conf_state(self.conf_state.clone());
+        m
     }
 
     /// Appends entries from a `Ready`, replacing any conflicting suffix.
@@ -79,6 +105,7 @@ impl LogStore {
         self.hard_state.term = self.hard_state.term.max(meta.term);
         if let Some(cs) = meta.conf_state.as_ref() {
             self.conf_state = cs.clone();
+            self.conf_index = meta.index;
         }
         self.entries.clear();
         self.snapshot = snap;
@@ -107,7 +134,7 @@ impl LogStore {
 
     /// The whole state as a file image.
     pub(crate) fn image(&self) -> Vec<u8> {
-        record::image(&self.snapshot, &self.entries, &self.hard_state)
+        record::image(&self.snapshot, &self.membership(), &self.entries, &self.hard_state)
     }
 }
 
@@ -157,13 +184,25 @@ impl raft::Storage for LogStore {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         // Without a compaction every entry is still in the log, so a
         // follower never needs a snapshot; raft retries later otherwise.
         if self.snapshot_index() == 0 || self.snapshot_index() < request_index {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
-        Ok(self.snapshot.clone())
+        let mut snap = self.snapshot.clone();
+        // A snapshot taken while this node was the only voter names only
+        // it; the peer it is sent to was added back since (the leader sends
+        // only to voters), and raft-rs refuses a snapshot whose voters omit
+        // the receiver. The current voters are a superset that the entries
+        // after the snapshot (the AddNode among them) lead to anyway.
+        let names_receiver = |cs: &ConfState| cs.voters.contains(&to) || cs.learners.contains(&to);
+        if snap.get_metadata().conf_state.as_ref().is_some_and(|cs| !names_receiver(cs))
+            && names_receiver(&self.conf_state)
+        {
+            snap.mut_metadata().set_conf_state(self.conf_state.clone());
+        }
+        Ok(snap)
     }
 }
 
@@ -252,6 +291,7 @@ pub(crate) fn open(cfg: &RaftLogConfig) -> Result<(LogStore, StateFile, StartSna
             let empty = LogStore {
                 hard_state: HardState::default(),
                 conf_state: conf_state.clone(),
+                conf_index: 0,
                 snapshot: Snapshot::default(),
                 entries: Vec::new(),
             };
@@ -275,7 +315,7 @@ pub(crate) fn open(cfg: &RaftLogConfig) -> Result<(LogStore, StateFile, StartSna
             })?
         }
     };
-    let Replayed { hard_state, snapshot, entries, valid_bytes, torn_bytes } = replayed;
+    let Replayed { hard_state, snapshot, entries, membership, valid_bytes, torn_bytes } = replayed;
     let file = OpenOptions::new().append(true).open(&path).map_err(|source| RaftLogError::Io {
         action: "open",
         path: path.clone(),
@@ -289,19 +329,27 @@ pub(crate) fn open(cfg: &RaftLogConfig) -> Result<(LogStore, StateFile, StartSna
             source,
         })?;
     }
-    if let Some(cs) = snapshot.get_metadata().conf_state.as_ref() {
-        let mut stored = cs.voters.clone();
-        stored.sort_unstable();
-        if stored != voters {
-            return Err(RaftLogError::Config(format!(
-                "the voters recorded in {} ({stored:?}) differ from the configured nodes ({voters:?}); \
-                 membership is fixed: restore the node list, or remove the state directory {} on every node \
-                 to start a new cluster log",
-                path.display(),
-                dir.display()
-            )));
+    // Two-node mode may have shrunk the voters to this node alone (see
+    // `RaftLog::force_single_voter`); any other difference means the node
+    // list changed under the log.
+    let (conf_state, conf_index) = match membership.as_ref().and_then(|m| m.conf_state.as_ref().map(|cs| (cs, m.index)))
+    {
+        Some((cs, index)) => {
+            let mut stored = cs.voters.clone();
+            stored.sort_unstable();
+            if stored.is_empty() || stored.iter().any(|v| !voters.contains(v)) {
+                return Err(RaftLogError::Config(format!(
+                    "the voters recorded in {} ({stored:?}) are not among the configured nodes ({voters:?}); \
+                     membership follows the node list: restore it, or remove the state directory {} on every node \
+                     to start a new cluster log",
+                    path.display(),
+                    dir.display()
+                )));
+            }
+            (cs.clone(), index)
         }
-    }
+        None => (conf_state, 0),
+    };
     let start = (snapshot.get_metadata().index > 0).then(|| (snapshot.get_metadata().index, snapshot.data.to_vec()));
     tracing::info!(
         path = %path.display(),
@@ -311,6 +359,6 @@ pub(crate) fn open(cfg: &RaftLogConfig) -> Result<(LogStore, StateFile, StartSna
         term = hard_state.term,
         "cluster log: state loaded"
     );
-    let store = LogStore { hard_state, conf_state, snapshot, entries };
+    let store = LogStore { hard_state, conf_state, conf_index, snapshot, entries };
     Ok((store, StateFile { dir, path, file }, start))
 }

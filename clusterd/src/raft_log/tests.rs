@@ -579,3 +579,65 @@ async fn a_torn_tail_is_discarded_and_middle_corruption_names_the_fix() {
     assert!(text.contains("remove the state directory"), "{text}");
     c.stop_all().await;
 }
+
+/// Two-node mode: a lone survivor forced to be the only voter commits
+/// alone, keeps that membership across a restart, and adds its peer back
+/// through a committed conf change when it returns (the peer catching up
+/// through a snapshot taken while it was not a voter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_single_voter_commits_alone_across_a_restart_and_adds_its_peer_back() {
+    let mut c = Cluster::new("single", 2);
+    c.start_all();
+    let leader = c.leader().await;
+    c.commit(leader, b"pair").await;
+    c.converged(1).await;
+    // Node 1 is "fenced": node 0 is alone and without quorum.
+    c.nodes[1].stop().await;
+    wait_for("Quorum(false) on the survivor", WAIT, || !c.nodes[0].obs().quorum).await;
+    c.nodes[0].log().propose(b"lost".to_vec());
+    assert!(
+        !wait_until(Duration::from_millis(800), || c.nodes[0].obs().payloads.len() > 1).await,
+        "a lone node of two committed without being forced"
+    );
+    c.nodes[0].log().force_single_voter().await.expect("force");
+    wait_for("the survivor the only voter", WAIT, || c.nodes[0].log().status().voters == vec![NodeId(0)]).await;
+    c.commit(0, b"alone-1").await;
+    wait_for("Quorum(true) alone", WAIT, || c.nodes[0].obs().quorum).await;
+    // Forcing again is a no-op.
+    c.nodes[0].log().force_single_voter().await.expect("force again");
+    let snap = c.nodes[0].compact();
+    wait_for("compacted", WAIT, || c.nodes[0].log().status().snapshot == snap).await;
+
+    // A restart keeps the single-voter membership.
+    c.nodes[0].stop().await;
+    c.nodes[0].start();
+    wait_for("the restarted survivor leads alone", WAIT, || {
+        let st = c.nodes[0].log().status();
+        st.leader == Some(NodeId(0)) && st.quorum
+    })
+    .await;
+    assert_eq!(c.nodes[0].log().status().voters, vec![NodeId(0)]);
+    c.commit(0, b"alone-2").await;
+
+    // The peer returns: added back, it catches up, and both commit again.
+    c.nodes[1].start();
+    wait_for("the peer added back as a voter", WAIT, || {
+        c.nodes[0].log().add_voter(NodeId(1));
+        c.nodes[0].log().status().voters == vec![NodeId(0), NodeId(1)]
+    })
+    .await;
+    c.commit(1, b"pair-again").await;
+    let state = c.converged(4).await;
+    for p in [&b"pair"[..], b"alone-1", b"alone-2", b"pair-again"] {
+        assert!(state.iter().any(|s| s == p), "{:?} missing from {state:?}", String::from_utf8_lossy(p));
+    }
+    assert!(!c.nodes[1].obs().restores.is_empty(), "the peer caught up through the snapshot");
+    // Two voters again: without the peer, no quorum.
+    c.nodes[1].stop().await;
+    wait_for("Quorum(false) without the peer again", WAIT, || !c.nodes[0].obs().quorum).await;
+    // Restarted, node 0 still has two voters (the AddNode is in its log).
+    c.nodes[0].stop().await;
+    c.nodes[0].start();
+    wait_for("status after restart", WAIT, || c.nodes[0].log().status().voters.len() == 2).await;
+    c.stop_all().await;
+}
