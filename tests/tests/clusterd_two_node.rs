@@ -15,7 +15,8 @@ fn setup(name: &str, extra: String) -> Option<(TestDir, Cluster)> {
         return None;
     }
     let dir = TestDir::new(name);
-    let opts = ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra, mkfs: false };
+    let opts =
+        ClusterOptions { resources: service_resources("@DIR@/standin-state"), extra, mkfs: false, prepare: None };
     let cluster = Cluster::new_two_node(&dir, &opts).expect("two-host cluster");
     Some((dir, cluster))
 }
