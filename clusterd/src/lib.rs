@@ -18,6 +18,7 @@ pub mod control;
 pub mod daemon;
 pub mod failover;
 pub mod fence;
+pub mod fuzz;
 pub mod group;
 pub mod heartbeat;
 pub mod raft_log;

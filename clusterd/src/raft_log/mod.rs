@@ -47,7 +47,7 @@ mod limits;
 mod logger;
 mod node;
 mod quorum;
-mod record;
+pub(crate) mod record;
 mod storage;
 mod tls;
 mod transport;
