@@ -40,9 +40,13 @@ fn recover(c: &mut Cluster, p: usize, killed: bool) -> Result<()> {
         hp.heal(hw)?;
     }
     c.pair.wait_in_sync(Duration::from_secs(120))?;
-    tests::wait_until(Duration::from_secs(30), "the returning node online", || {
-        c.status(2).is_ok_and(|s| s["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["state"] == "online")))
-            && c.status(p).is_ok_and(|s| s["quorum"] == true)
+    // Online, with quorum, and recorded UpToDate in the log again (an
+    // Outdated node is never promoted).
+    tests::wait_until(Duration::from_secs(30), "the returning node online and UpToDate", || {
+        c.status(2).is_ok_and(|s| {
+            s["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["state"] == "online"))
+                && s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d[1] == "UpToDate"))
+        }) && c.status(p).is_ok_and(|s| s["quorum"] == true)
     })
 }
 
