@@ -116,6 +116,8 @@ pub struct FailoverSection {
     pub failure_window_ms: u64,
     /// Move the group back to its preferred node when it returns (off: sticky).
     pub failback: bool,
+    /// How long a node runs a group before failback gives it back.
+    pub failback_after_ms: u64,
     /// Two-node mode: how long `fence_delay_node` waits before fencing its
     /// peer, so that in a split the two nodes do not fence each other at
     /// once (the other node fences without delay and wins the race).
@@ -134,6 +136,7 @@ impl Default for FailoverSection {
             failures_max: 3,
             failure_window_ms: 600_000,
             failback: false,
+            failback_after_ms: 5000,
             fence_delay_ms: 5000,
             fence_delay_node: None,
         }
@@ -324,8 +327,12 @@ impl ClusterConfig {
         if fo.failures_max == 0 {
             return Err(err("failover.failures_max", "is 0".into(), "set it to 1 or more (default 3)"));
         }
-        if fo.failback {
-            return Err(err("failover.failback", "is not implemented yet".into(), "remove it (groups are sticky)"));
+        if fo.failback && !self.groups.iter().any(|g| g.preferred.is_some()) {
+            return Err(err(
+                "failover.failback",
+                "is on but no group names a preferred node".into(),
+                "set `preferred = \"NODE\"` in the groups that should move back, or remove failback",
+            ));
         }
         if let Some(n) = &fo.fence_delay_node {
             if !self.storage_nodes().any(|s| &s.name == n) {

@@ -228,6 +228,11 @@ pub struct FailoverConfig {
     /// The peer is the group's preferred node: a group nobody ever owned is
     /// left to it unless it is dead or silent for `takeover_after_ms`.
     pub peer_preferred: bool,
+    /// Failback: a primary gives the group back (planned release) to its
+    /// preferred peer once that peer is alive, in sync and eligible, after
+    /// this node has run it for `failback_after_ms`. Off: sticky.
+    pub failback: bool,
+    pub failback_after_ms: u64,
     /// How often an uncommitted proposal is sent again.
     pub repropose_ms: u64,
     /// A fence agent exists: a new owner fences a dead previous owner instead
@@ -767,6 +772,20 @@ impl Failover {
                     self.frozen = true;
                     self.actions.push_back(Action::Freeze);
                 }
+                if self.cfg.failback
+                    && self.cfg.peer_preferred
+                    && !self.frozen
+                    && now >= promoted_ms + self.cfg.failback_after_ms
+                    && self.peer_alive == Some(true)
+                    && self.replication_connected
+                    && self.peer_in_sync
+                    && committed_up_to_date
+                    && self.state.may_grant(peer)
+                {
+                    tracing::info!(epoch, "failback: giving the group back to its preferred node");
+                    self.release(now);
+                    return;
+                }
                 if now >= self.next_propose_ms && self.quorum {
                     let disk = if !self.replication_connected && peer_up_to_date {
                         Some(DiskState::Outdated)
@@ -861,6 +880,8 @@ mod tests {
             drift_margin_ms: 10,
             takeover_after_ms: 1000,
             peer_preferred: false,
+            failback: false,
+            failback_after_ms: 5000,
             repropose_ms: 500,
             fence_configured: fence,
             incarnation: 7,
@@ -1265,6 +1286,40 @@ mod tests {
         let mut s = h.f.state().clone();
         assert_eq!(s.apply(&Entry::EpochFloor { group: G, floor: 20 }), Applied::Ignored);
         assert_eq!(s.epoch, 8);
+    }
+
+    #[test]
+    fn failback_gives_the_group_back_to_a_preferred_peer_in_sync_and_only_then() {
+        let mut h = primary_a();
+        h.f.cfg.peer_preferred = true;
+        h.f.cfg.failback = true;
+        h.f.cfg.failback_after_ms = 2000;
+        h.input(Input::PeerInSync);
+        // Too early: the group stays.
+        h.advance_committing(1500);
+        assert!(h.f.writable());
+        // Later, with the peer alive and in sync: a planned release.
+        h.input(Input::PeerAlive(B));
+        let mut released = false;
+        for t in (1600..3000).step_by(100) {
+            let a = h.advance_to(t);
+            h.commit_proposals(&a);
+            if a.contains(&Action::StopServices) {
+                assert!(a.contains(&Action::Demote), "{a:?}");
+                released = true;
+                break;
+            }
+        }
+        assert!(released, "no failback");
+        assert!(h.f.releasing());
+        // Sticky without failback, or with a peer out of sync.
+        let mut h = primary_a();
+        h.f.cfg.peer_preferred = true;
+        h.f.cfg.failback = true;
+        h.f.cfg.failback_after_ms = 0;
+        h.input(Input::PeerAlive(B));
+        h.advance_committing(3000);
+        assert!(h.f.writable() && !h.f.releasing(), "the peer never reported in sync");
     }
 
     #[test]

@@ -332,6 +332,8 @@ impl Daemon {
             drift_margin_ms: self.cfg.drift_margin_ms(),
             takeover_after_ms: self.cfg.heartbeat.deadtime_ms,
             peer_preferred: spec.preferred.as_deref() == Some(self.node_name(peer).as_str()),
+            failback: self.cfg.failover.failback,
+            failback_after_ms: self.cfg.failover.failback_after_ms,
             repropose_ms: 500,
             fence_configured: self.cfg.fences.iter().any(|f| f.node == self.node_name(peer)),
             incarnation: self.incarnation,

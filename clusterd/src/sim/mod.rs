@@ -89,6 +89,8 @@ struct Swarm {
     admin_pct: u64,
     /// Node A is the group's preferred node.
     a_preferred: bool,
+    /// The group moves back to A when it can (with `a_preferred`).
+    failback: bool,
 }
 
 impl Swarm {
@@ -110,6 +112,7 @@ impl Swarm {
             separate_replication_link: rng.below(2) == 0,
             admin_pct: [0, 1, 4][rng.below(3) as usize],
             a_preferred: rng.below(2) == 0,
+            failback: rng.below(3) == 0,
         }
     }
 }
@@ -209,7 +212,14 @@ struct Sim {
     promotions: u64,
 }
 
-fn failover_cfg(me: usize, fence: bool, incarnation: u64, lease_ms: u64, a_preferred: bool) -> FailoverConfig {
+fn failover_cfg(
+    me: usize,
+    fence: bool,
+    incarnation: u64,
+    lease_ms: u64,
+    a_preferred: bool,
+    failback: bool,
+) -> FailoverConfig {
     FailoverConfig {
         group: GROUP,
         me: NodeId(me as u8),
@@ -219,6 +229,8 @@ fn failover_cfg(me: usize, fence: bool, incarnation: u64, lease_ms: u64, a_prefe
         drift_margin_ms: drift_margin_ms(lease_ms, DRIFT_PPM_MAX),
         takeover_after_ms: TAKEOVER_AFTER_MS,
         peer_preferred: a_preferred && me == 1,
+        failback,
+        failback_after_ms: 3000,
         repropose_ms: 2 * RENEW_INTERVAL_MS,
         fence_configured: fence,
         incarnation,
@@ -390,7 +402,14 @@ impl Sim {
         ));
         if n != W {
             let initial = GroupState::new(GROUP, &STORAGE, DiskState::UpToDate);
-            let cfg = failover_cfg(n, self.swarm.fence, node.inc, self.swarm.lease_ms, self.swarm.a_preferred);
+            let cfg = failover_cfg(
+                n,
+                self.swarm.fence,
+                node.inc,
+                self.swarm.lease_ms,
+                self.swarm.a_preferred,
+                self.swarm.failback,
+            );
             cfg.validate().expect("simulation config is valid");
             node.fo = Some(Failover::new(cfg, initial.clone(), DiskState::UpToDate, local));
             self.states[n] = initial;
@@ -961,6 +980,8 @@ impl Sim {
             .is_some_and(|p| self.nodes[p].fo.as_ref().and_then(|f| f.promoted_epoch()) == Some(self.checker.epoch))
             && self.checker.failed.is_empty()
             && self.checker.standby.is_empty()
+            // With failback, a healthy cluster settles on the preferred node.
+            && (!(self.swarm.failback && self.swarm.a_preferred) || self.primary() == Some(A))
             && self.checker.disks.values().all(|d| *d == DiskState::UpToDate)
             && [A, B].iter().all(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.replication_connected()))
     }
