@@ -229,6 +229,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 None => shared.backing.submit_batch(batch.drain(..)),
             }
         }
+        // Completions that already arrived answer in the same write.
+        while let Ok(completion) = done_rx.try_recv() {
+            session.handle_completion(completion.tag, completion.result);
+        }
         while let Some(transmit) = session.poll_transmit() {
             let bytes = match &transmit {
                 Transmit::Bytes(bytes) => &bytes[..],
