@@ -16,8 +16,13 @@
 #   SHM_DIR=/dev/shm/replicator-repl-bench    tmpfs files
 #   RESYNC_RATE_KIB=204800          resync rate-max for part 2
 #   RESYNC_WRITE=256M               data fio writes while disconnected
+#   BIN=path                        replicator binary to measure (no build)
 #   SKIP_DEPS=1                     do not run scripts/install-deps.sh
 #   RESYNC_ONLY=1                   only part 2
+#   SKIP_RESYNC=1                   only part 1
+#   SUITES="tmpfs disk"             which disk kinds part 1 runs
+#   TARGETS="standalone protocol-C protocol-A nbdkit"   what part 1 compares
+#                                   (standalone and protocol-C at least)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,10 +35,12 @@ DISK_DIR="${DISK_DIR:-/var/tmp/replicator-repl-bench}"
 SHM_DIR="${SHM_DIR:-/dev/shm/replicator-repl-bench}"
 RESYNC_RATE_KIB="${RESYNC_RATE_KIB:-204800}"
 RESYNC_WRITE="${RESYNC_WRITE:-256M}"
+SUITES="${SUITES:-tmpfs disk}"
+TARGETS="${TARGETS:-standalone protocol-C protocol-A nbdkit}"
 
 [ "${SKIP_DEPS:-0}" = 1 ] || bash scripts/install-deps.sh
-cargo build --release -p replicator
-BIN="$PWD/target/release/replicator"
+[ -n "${BIN:-}" ] || cargo build --release -p replicator
+BIN="${BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/replicator}"
 RESULTS="$DISK_DIR/results-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RESULTS"
 
@@ -158,7 +165,7 @@ suite() { # label dir
     local label=$1 dir=$2
     mkdir -p "$dir"
     for round in $(seq "$ROUNDS"); do
-        for target in standalone protocol-C protocol-A nbdkit; do
+        for target in $TARGETS; do
             stop_all
             echo "== $label: $target (round $round of $ROUNDS)"
             case "$target" in
@@ -204,6 +211,7 @@ report() { # label
     for job in $JOBS; do
         declare -A value=()
         for target in standalone protocol-C protocol-A nbdkit; do
+            case " $TARGETS " in *" $target "*) ;; *) value[$target]=nan; continue ;; esac
             if [ "$job" = seqwrite-1m ]; then col=2; else col=1; fi
             value[$target]=$(for f in "$RESULTS/$label-$target-$job"-r*.json; do iops_of "$f" | cut -d' ' -f"$col"; done | median)
         done
@@ -258,12 +266,15 @@ if [ "${RESYNC_ONLY:-0}" = 1 ]; then
     resync_bench | tee "$RESULTS/summary.txt"
     exit 0
 fi
-suite tmpfs "$SHM_DIR"
-suite disk "$DISK_DIR/data"
+for s in $SUITES; do
+    case "$s" in
+    tmpfs) suite tmpfs "$SHM_DIR" ;;
+    disk) suite disk "$DISK_DIR/data" ;;
+    esac
+done
 {
     echo "machine: $(nproc) cores, $(uname -r), $(date -u)"
-    report tmpfs
-    report disk
-    resync_bench
+    for s in $SUITES; do report "$s"; done
+    [ "${SKIP_RESYNC:-0}" = 1 ] || resync_bench
 } | tee "$RESULTS/summary.txt"
 rm -rf "$SHM_DIR"

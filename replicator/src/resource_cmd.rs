@@ -75,6 +75,23 @@ pub fn load(args: &ResArgs) -> anyhow::Result<Resource> {
     resource::load(&path, args.node.as_deref()).map_err(|e| UsageError(e.to_string()).into())
 }
 
+/// Async worker threads for `up`: one per core left over by the I/O
+/// thread (which has a core's worth of work under load), at least one.
+/// A replicated write hops between the NBD session, the replica's task and
+/// the link tasks; on one worker those hops are queue operations, on
+/// several they are cross-thread wake-ups (a context switch each), which
+/// cost more than the parallelism gains when the cores are busy anyway.
+/// `TOKIO_WORKER_THREADS` overrides it.
+fn up_worker_threads() -> usize {
+    if let Some(n) = std::env::var("TOKIO_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        if n > 0 {
+            return n;
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_sub(1).max(1)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("failed to start the async runtime")
 }
@@ -96,6 +113,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .worker_threads(up_worker_threads())
         .thread_name("replicator")
         .build()
         .context("failed to start the async runtime")?;

@@ -20,7 +20,7 @@ use std::alloc::{self, Layout};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::{self, NonNull};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Alignment of every [`AlignedBuf`], in bytes.
 pub const BUF_ALIGN: usize = 4096;
@@ -202,6 +202,60 @@ impl fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The bytes themselves are rarely useful in logs and can be huge.
         f.debug_struct("AlignedBuf").field("len", &self.len).finish()
+    }
+}
+
+/// The bytes a write takes from the caller: a buffer it owns, or one it
+/// shares read-only with others (a replicated write's payload goes to the
+/// local disk and, without a copy, to the link). The engine only reads
+/// from it, and keeps its share until the write completed, so the memory
+/// the kernel reads stays allocated and unchanged: every holder of an
+/// `Arc<AlignedBuf>` sees only `&[u8]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteBuf {
+    Owned(AlignedBuf),
+    Shared(Arc<AlignedBuf>),
+}
+
+impl WriteBuf {
+    /// A buffer holding a copy of `bytes`.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        WriteBuf::Owned(AlignedBuf::from_slice(bytes))
+    }
+}
+
+impl Default for WriteBuf {
+    fn default() -> Self {
+        WriteBuf::Owned(AlignedBuf::new())
+    }
+}
+
+impl From<AlignedBuf> for WriteBuf {
+    fn from(buf: AlignedBuf) -> Self {
+        WriteBuf::Owned(buf)
+    }
+}
+
+impl From<Arc<AlignedBuf>> for WriteBuf {
+    fn from(buf: Arc<AlignedBuf>) -> Self {
+        WriteBuf::Shared(buf)
+    }
+}
+
+impl Deref for WriteBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            WriteBuf::Owned(buf) => buf,
+            WriteBuf::Shared(buf) => buf,
+        }
+    }
+}
+
+impl AsRef<[u8]> for WriteBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
     }
 }
 

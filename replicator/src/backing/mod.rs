@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 
 use tracing::warn;
 
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, WriteBuf};
 pub use engine::hosted::{HostedConnection, HostedSession, PayloadTarget, Transmit};
 pub use shared::BackingStats;
 
@@ -97,7 +97,7 @@ pub enum IoOp {
     /// `fua`: durable before completion (RWF_DSYNC).
     Write {
         offset: u64,
-        data: AlignedBuf,
+        data: WriteBuf,
         fua: bool,
     },
     /// fdatasync: covers every write completed before the flush was submitted.

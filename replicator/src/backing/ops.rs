@@ -8,7 +8,7 @@
 
 use io_uring::{opcode, squeue::Entry, types};
 
-use super::buf::AlignedBuf;
+use super::buf::{AlignedBuf, WriteBuf};
 use super::shared::{OpKind, Shared};
 use super::zero::ZeroOp;
 use super::{extents, IoCompletion, IoFailure, IoOp, IoOutput, IoRequest};
@@ -47,7 +47,7 @@ pub(super) enum Step {
 
 pub(super) enum OpState {
     Read { buf: AlignedBuf, offset: u64, done: u32 },
-    Write { data: AlignedBuf, offset: u64, done: u32, fua: bool },
+    Write { data: WriteBuf, offset: u64, done: u32, fua: bool },
     Flush,
     Trim { offset: u64, len: u32 },
     Zero(ZeroOp),

@@ -96,7 +96,7 @@ impl Client {
     }
 
     fn write(&mut self, backing: &Backing, offset: u64, data: &[u8], fua: bool) {
-        let op = IoOp::Write { offset, data: AlignedBuf::from_slice(data), fua };
+        let op = IoOp::Write { offset, data: WriteBuf::from_slice(data), fua };
         assert_eq!(self.run(backing, op), Ok(IoOutput::Done), "write {offset}");
     }
 
@@ -130,7 +130,7 @@ fn random_roundtrip(backing: &Backing, size: u64, seed: u64, align: u64) {
             let data = rng.bytes(len as usize);
             model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
             let req =
-                client.req(IoOp::Write { offset, data: AlignedBuf::from_slice(&data), fua: round == 3 && i % 7 == 0 });
+                client.req(IoOp::Write { offset, data: WriteBuf::from_slice(&data), fua: round == 3 && i % 7 == 0 });
             pending.insert(req.tag, offset);
             batch.push(req);
         }
@@ -327,8 +327,8 @@ fn out_of_range_ops_are_refused_without_io() {
     let beyond = |offset, len| IoOp::WriteZeroes { offset, len, may_trim: true, fast_only: false, fua: false };
     let refused = vec![
         IoOp::Read { offset: data_size - 10, len: 11 },
-        IoOp::Write { offset: data_size - 2, data: AlignedBuf::from_slice(&[0xEE; 4]), fua: false },
-        IoOp::Write { offset: data_size, data: AlignedBuf::from_slice(&[0xEE]), fua: true },
+        IoOp::Write { offset: data_size - 2, data: WriteBuf::from_slice(&[0xEE; 4]), fua: false },
+        IoOp::Write { offset: data_size, data: WriteBuf::from_slice(&[0xEE]), fua: true },
         IoOp::Trim { offset: 60 * KIB, len: 8192 },
         beyond(data_size, 4096),
         beyond(u64::MAX - 1, 4),
@@ -362,7 +362,7 @@ fn read_only_refuses_writes() {
     assert!(!caps.trim && !caps.zero_range);
     let mut client = Client::new();
     let writes = [
-        IoOp::Write { offset: 0, data: AlignedBuf::from_slice(&[1; 512]), fua: false },
+        IoOp::Write { offset: 0, data: WriteBuf::from_slice(&[1; 512]), fua: false },
         IoOp::Trim { offset: 0, len: 4096 },
         IoOp::WriteZeroes { offset: 0, len: 4096, may_trim: false, fast_only: false, fua: false },
     ];
@@ -400,7 +400,7 @@ fn zero_length_ops_succeed() {
     let backing = open_with(&path, 8192, |_| {});
     let mut client = Client::new();
     assert_eq!(client.run(&backing, IoOp::Read { offset: 8192, len: 0 }), Ok(IoOutput::Read(AlignedBuf::new())));
-    let ops = [IoOp::Write { offset: 100, data: AlignedBuf::new(), fua: true }, IoOp::Trim { offset: 0, len: 0 }];
+    let ops = [IoOp::Write { offset: 100, data: WriteBuf::default(), fua: true }, IoOp::Trim { offset: 0, len: 0 }];
     for op in ops {
         assert_eq!(client.run(&backing, op), Ok(IoOutput::Done));
     }
@@ -418,7 +418,7 @@ fn shutdown_completes_ops_in_flight() {
         .map(|i| {
             client.req(IoOp::Write {
                 offset: i * 4096,
-                data: AlignedBuf::from_slice(&[(i % 250) as u8 + 1; 4096]),
+                data: WriteBuf::from_slice(&[(i % 250) as u8 + 1; 4096]),
                 fua: i % 50 == 0,
             })
         })

@@ -24,6 +24,9 @@ use crate::backing::{Backing, CompletionSender, IoCompletion, IoFailure, IoOp, I
 use crate::control::{ProgressReport, ReplicaState, ResourceCommand};
 use crate::metadata::{ActivityLogStore, BitmapStore, Metadata, MetadataError};
 
+/// Most queued inputs of each kind handled before the driver acts.
+const DRAIN_MAX: usize = 64;
+
 /// The NBD server's view of a replicated volume.
 #[derive(Clone)]
 pub struct ReplicaHandle {
@@ -249,7 +252,34 @@ impl Driver {
                     }
                 }
             }
+            // Take whatever else already arrived before acting, so the
+            // actions of many requests go out together (one engine wake-up,
+            // one link write).
+            self.drain_ready();
             self.execute()?;
+        }
+    }
+
+    /// Handles the requests, completions and link events already queued
+    /// (bounded, so a flood cannot starve timers and admin commands).
+    fn drain_ready(&mut self) {
+        for _ in 0..DRAIN_MAX {
+            let mut any = false;
+            if let Ok(req) = self.app_rx.try_recv() {
+                self.app_request(req);
+                any = true;
+            }
+            if let Ok(done) = self.disk_rx.try_recv() {
+                self.disk_done(done);
+                any = true;
+            }
+            if let Ok(event) = self.link_rx.try_recv() {
+                self.link_event(event);
+                any = true;
+            }
+            if !any {
+                return;
+            }
         }
     }
 
@@ -310,7 +340,7 @@ impl Driver {
         let w = match op {
             IoOp::Write { offset, data, fua } => {
                 let len = data.len() as u32;
-                write(WriteKind::Write, offset, len, fua, Some(Payload::new(data)))
+                write(WriteKind::Write, offset, len, fua, Some(Payload::from_write(data)))
             }
             IoOp::Trim { offset, len } => write(WriteKind::Trim, offset, len, false, None),
             IoOp::WriteZeroes { fast_only: true, .. } => {
@@ -349,7 +379,16 @@ impl Driver {
 
     /// Carries out the replica's actions, in order.
     fn execute(&mut self) -> Result<(), DriverError> {
+        // Disk operations go to the engine together (one wake-up), but
+        // always before any later metadata persistence, so the order of
+        // submissions and persistence is the replica's.
+        let mut disk_batch = Vec::new();
         while let Some(action) = self.replica.poll_action() {
+            if !disk_batch.is_empty()
+                && matches!(action, Action::PersistMeta(_) | Action::PersistBitmap | Action::PersistActivityLog(_))
+            {
+                self.backing.submit_batch(disk_batch.drain(..));
+            }
             match action {
                 Action::PersistMeta(m) => tokio::task::block_in_place(|| {
                     self.meta.update(|sb| {
@@ -389,7 +428,7 @@ impl Driver {
                         }
                         DiskOp::Flush => IoOp::Flush,
                     };
-                    self.backing.submit(IoRequest { tag: io, op, done: self.disk_tx.clone() });
+                    disk_batch.push(IoRequest { tag: io, op, done: self.disk_tx.clone() });
                 }
                 Action::Send { link, msg } => {
                     if let Some((id, writer)) = &self.link {
@@ -414,6 +453,9 @@ impl Driver {
                 }
                 Action::Fence => self.spawn_fence(),
             }
+        }
+        if !disk_batch.is_empty() {
+            self.backing.submit_batch(disk_batch);
         }
         if !self.settling.is_empty() {
             let settled = self.replica.state_settled();

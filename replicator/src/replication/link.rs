@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{PrivateKeyDer, ServerName};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -26,7 +26,7 @@ use super::message::Message;
 use super::replica::LinkId;
 use super::resource::{LinkSecurity, Resource};
 use super::wire::{self, FrameError, HEADER_BYTES};
-use crate::backing::AlignedBuf;
+use crate::backing::{AlignedBuf, WriteBuf};
 use crate::limits;
 use crate::tls::{load_certs as certs, TlsError};
 
@@ -34,26 +34,46 @@ use crate::tls::{load_certs as certs, TlsError};
 /// link's receive budget until the driver has written it to disk, so a peer
 /// (even an authenticated one) cannot make this node buffer without bound:
 /// when the budget is spent, the reader stops and TCP pushes back.
+///
+/// The bytes are shared, never copied: a primary's write goes to its local
+/// disk and to the link writer from the one buffer the NBD session received
+/// it into (the replica clones the payload for the `Data` frame).
 #[derive(Debug)]
 pub struct Payload {
-    pub buf: AlignedBuf,
+    pub buf: Arc<AlignedBuf>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Payload {
     pub fn new(buf: AlignedBuf) -> Payload {
-        Payload { buf, permit: None }
+        Payload { buf: Arc::new(buf), permit: None }
+    }
+
+    /// An application write's bytes.
+    pub fn from_write(data: WriteBuf) -> Payload {
+        match data {
+            WriteBuf::Owned(buf) => Payload::new(buf),
+            WriteBuf::Shared(buf) => Payload { buf, permit: None },
+        }
     }
 
     /// The buffer and the budget it holds (release it when the data is on disk).
-    pub fn into_parts(self) -> (AlignedBuf, Option<OwnedSemaphorePermit>) {
-        (self.buf, self.permit)
+    pub fn into_parts(self) -> (WriteBuf, Option<OwnedSemaphorePermit>) {
+        // Nobody else holds the bytes (a secondary's received data, say):
+        // hand the engine the buffer itself.
+        let buf = match Arc::try_unwrap(self.buf) {
+            Ok(owned) => WriteBuf::Owned(owned),
+            Err(shared) => WriteBuf::Shared(shared),
+        };
+        (buf, self.permit)
     }
 }
 
 impl Clone for Payload {
+    /// Another share of the same bytes (no copy); the receive budget stays
+    /// with the original.
     fn clone(&self) -> Payload {
-        Payload::new(self.buf.clone())
+        Payload { buf: self.buf.clone(), permit: None }
     }
 }
 
@@ -65,6 +85,9 @@ impl AsRef<[u8]> for Payload {
 
 pub trait LinkStream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> LinkStream for T {}
+
+/// Receive buffer of the link reader.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The receive budget's unit.
 const RECEIVE_UNIT_BYTES: u64 = 4096;
@@ -235,7 +258,11 @@ pub fn start(link: LinkId, stream: Box<dyn LinkStream>, events: mpsc::Sender<Lin
     LinkWriter { urgent: urgent_tx, bulk: bulk_tx, tasks: [read_task.abort_handle(), write_task.abort_handle()] }
 }
 
-async fn read_loop(link: LinkId, mut reader: impl AsyncRead + Unpin, events: mpsc::Sender<LinkEvent>) {
+async fn read_loop(link: LinkId, reader: impl AsyncRead + Unpin, events: mpsc::Sender<LinkEvent>) {
+    // Small frames (acks, 4 KiB writes) arrive many per segment: buffered,
+    // one receive takes them all instead of two per frame. Payloads larger
+    // than the buffer are read straight into their own buffer.
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let budget = Arc::new(Semaphore::new((limits::REPL_RECEIVE_BYTES_MAX / RECEIVE_UNIT_BYTES) as usize));
     let mut header = [0u8; HEADER_BYTES];
     let why = loop {
@@ -256,7 +283,7 @@ async fn read_loop(link: LinkId, mut reader: impl AsyncRead + Unpin, events: mps
             break format!("read from the peer: {e}");
         }
         // The payload buffer becomes the message's data: no copy.
-        match wire::decode_message(&head, Payload { buf, permit: Some(permit) }) {
+        match wire::decode_message(&head, Payload { buf: Arc::new(buf), permit: Some(permit) }) {
             Ok(msg) => {
                 if events.send(LinkEvent::Message { link, msg }).await.is_err() {
                     return;

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::session::Session;
 use super::stats::ClientGuard;
 use super::Shared;
-use crate::backing::{HostedConnection, HostedSession, IoCompletion, IoRequest, Transmit};
+use crate::backing::{HostedConnection, HostedSession, IoCompletion, IoRequest, PayloadTarget, Transmit};
 use crate::limits;
 use crate::nbd::handshake::{Handshake, HandshakeEvent, Negotiated};
 use crate::nbd::request::TransmissionConfig;
@@ -213,12 +213,18 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut start, mut end) = (0usize, 0usize);
     let mut eof = false;
     let mut batch = Vec::new();
+    // A large WRITE payload the session lent us: the socket reads straight
+    // into it instead of through `input` (no copy).
+    let mut lent: Option<PayloadTarget> = None;
     loop {
         if start < end && session.wants_input() {
             start += session.handle_input(&input[start..end]);
             if start == end {
                 (start, end) = (0, 0);
             }
+        }
+        if lent.is_none() && start == end && !eof {
+            lent = session.lend_payload();
         }
         while let Some((tag, op)) = session.poll_io() {
             batch.push(IoRequest { tag, op, done: done_tx.clone() });
@@ -228,6 +234,10 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(replica) => replica.submit_batch(batch.drain(..)),
                 None => shared.backing.submit_batch(batch.drain(..)),
             }
+        }
+        // Completions that already arrived answer in the same write.
+        while let Ok(completion) = done_rx.try_recv() {
+            session.handle_completion(completion.tag, completion.result);
         }
         while let Some(transmit) = session.poll_transmit() {
             let bytes = match &transmit {
@@ -247,7 +257,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(why) => Err(ConnectionError::Hosted(why)),
             };
         }
-        let want_input = session.wants_input() && !eof;
+        let want_input = lent.is_some() || (session.wants_input() && !eof);
         if want_input && start == end {
             (start, end) = (0, 0);
         } else if want_input && start > 0 {
@@ -260,13 +270,21 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                 let completion = completion.expect("the session holds a sender");
                 session.handle_completion(completion.tag, completion.result);
             }
-            read = reader.read(&mut input[end..]), if want_input => {
-                match read? {
-                    0 => {
-                        eof = true;
-                        session.handle_eof();
+            read = reader.read(match lent.as_mut() {
+                Some(target) => &mut target.buf[target.filled..],
+                None => &mut input[end..],
+            }), if want_input => {
+                let n = read?;
+                match lent.take() {
+                    Some(mut target) => {
+                        target.filled += n;
+                        session.return_payload(target);
                     }
-                    n => end += n,
+                    None => end += n,
+                }
+                if n == 0 {
+                    eof = true;
+                    session.handle_eof();
                 }
             }
             _ = shutdown.changed(), if !*shutdown.borrow() => session.close_input(),

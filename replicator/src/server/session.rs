@@ -317,7 +317,7 @@ impl HostedSession for Session {
                         if let Input::ReceivingPayload { tag, offset, fua, data, .. } =
                             std::mem::replace(&mut self.input, Input::ExpectHeader)
                         {
-                            self.io_queue.push_back((tag, IoOp::Write { offset, data, fua }));
+                            self.io_queue.push_back((tag, IoOp::Write { offset, data: data.into(), fua }));
                         }
                     }
                 }
@@ -485,7 +485,7 @@ impl HostedSession for Session {
         let PayloadTarget { buf: data, filled } = target;
         if filled == data.len() {
             self.input = Input::ExpectHeader;
-            self.io_queue.push_back((tag, IoOp::Write { offset, data, fua }));
+            self.io_queue.push_back((tag, IoOp::Write { offset, data: data.into(), fua }));
         } else {
             self.input = Input::ReceivingPayload { tag, offset, fua, data, filled };
         }
