@@ -151,6 +151,14 @@ fn planned_move_standby_and_admin_errors() {
     assert!(!out.success() && out.stderr.contains("witness"), "{}", out.describe());
     let out = c.ctl(p, &["move", "other", NAMES[q]]).unwrap();
     assert!(!out.success() && out.stderr.contains("no group"), "{}", out.describe());
+    // Fencing: asks first (an unconfirmed answer does nothing), and says
+    // when no device is configured for the node.
+    let mut fence = c.ctl_cmd(p, &["fence", NAMES[q]]);
+    fence.stdin(std::process::Stdio::null());
+    let out = tests::run_output(&mut fence, Duration::from_secs(30)).unwrap();
+    assert!(!out.success() && out.stderr.contains("not confirmed"), "{}", out.describe());
+    let out = c.ctl(p, &["fence", NAMES[q], "--yes"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("no fence device is configured"), "{}", out.describe());
     // A planned move, asked on the witness.
     let checker = WriterChecker::start(&c);
     c.ctl_ok(2, &["move", "mail", NAMES[q]]).unwrap();
