@@ -77,15 +77,56 @@ fn set_device(exec: &Exec, step: usize, device: Option<PathBuf>) {
     }
 }
 
-/// Reads the devices recorded by an earlier daemon (after a restart).
+/// What makes an attached device ours rather than a later attachment that
+/// reuses its number: a loop device's backing file (the FUSE path names
+/// the attach process), an NBD device's client pid.
+fn device_identity(device: &Path) -> Option<String> {
+    let name = device.file_name()?.to_str()?;
+    let file = if name.starts_with("loop") {
+        "loop/backing_file"
+    } else if name.starts_with("nbd") {
+        "pid"
+    } else {
+        return None;
+    };
+    std::fs::read_to_string(Path::new("/sys/block").join(name).join(file)).ok().map(|s| s.trim().to_owned())
+}
+
+/// The attach process serving a FUSE-backed loop device, from its backing
+/// file (`…/attach/fuse-<pid>/volume`).
+fn fuse_server_pid(backing_file: &str) -> Option<u32> {
+    let rest = &backing_file[backing_file.find("/fuse-")? + "/fuse-".len()..];
+    rest.split('/').next()?.parse().ok()
+}
+
+/// A process exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Reads the devices recorded by an earlier daemon (after a restart). A
+/// record whose device now belongs to another attachment (its number was
+/// reused after ours died with the host's processes) is stale: forgotten.
 pub(crate) fn load_devices(exec: &Exec) {
     for (i, s) in exec.spec.steps.iter().enumerate() {
         if s.kind == StepKind::Attach {
-            if let Ok(text) = std::fs::read_to_string(device_record(exec, i)) {
-                let dev = text.trim();
-                if dev.starts_with("/dev/") {
-                    set_device(exec, i, Some(PathBuf::from(dev)));
+            let record = device_record(exec, i);
+            if let Ok(text) = std::fs::read_to_string(&record) {
+                let mut lines = text.lines();
+                let dev = lines.next().unwrap_or("").trim();
+                let identity = lines.next().map(str::trim);
+                if !dev.starts_with("/dev/") {
+                    continue;
                 }
+                if identity.is_some() && device_identity(Path::new(dev)).as_deref() != identity {
+                    tracing::warn!(device = dev, record = %record.display(), "the recorded device is no longer ours; forgetting it");
+                    let _ = std::fs::remove_file(&record);
+                    continue;
+                }
+                set_device(exec, i, Some(PathBuf::from(dev)));
             }
         }
     }
@@ -111,7 +152,11 @@ fn device_alive(device: &Path) -> bool {
     if name.starts_with("nbd") {
         Path::new("/sys/block").join(name).join("pid").exists()
     } else if name.starts_with("loop") {
+        // Bound, and (FUSE path) its FUSE server is a live process: after a
+        // crash of the host's processes the device can stay bound to a
+        // dead server.
         Path::new("/sys/block").join(name).join("loop").exists()
+            && device_identity(device).and_then(|b| fuse_server_pid(&b)).is_none_or(process_alive)
     } else {
         device.exists()
     }
@@ -136,11 +181,10 @@ async fn attach(exec: &Exec, step: usize, op: Op, deadline: Instant) -> Outcome 
                 return Outcome::Failed(format!("replicator attach printed no device path: {:?}", out.stdout));
             };
             let record = device_record(exec, step);
-            let written = record
-                .parent()
-                .map(std::fs::create_dir_all)
-                .unwrap_or(Ok(()))
-                .and_then(|_| std::fs::write(&record, format!("{dev}\n")));
+            let written = record.parent().map(std::fs::create_dir_all).unwrap_or(Ok(())).and_then(|_| {
+                let identity = device_identity(Path::new(dev)).unwrap_or_default();
+                std::fs::write(&record, format!("{dev}\n{identity}\n"))
+            });
             if let Err(e) = written {
                 // Only a daemon restart needs it; the device works.
                 tracing::warn!(record = %record.display(), error = %e, "failed to record the attached device");
@@ -505,6 +549,15 @@ pub fn systemd_outcome(op: Op, out: &ProcOutput) -> Outcome {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_fuse_backed_loop_device_names_its_server() {
+        assert_eq!(super::fuse_server_pid("/run/replicator/attach/fuse-4242/volume"), Some(4242));
+        assert_eq!(super::fuse_server_pid("/srv/disk.img"), None);
+        assert_eq!(super::fuse_server_pid("/volume"), None);
+        assert!(super::process_alive(std::process::id()));
+        assert!(!super::process_alive(u32::MAX));
+    }
+
     use super::*;
     use crate::group::config::StepTiming;
     use std::collections::BTreeMap;
