@@ -22,21 +22,7 @@ pub const MTA_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Path of the `mta` binary: `MTA_BIN`, else next to the test's target dir
 /// (see [`crate::replicator_bin`]).
 pub fn mta_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MTA_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().expect("test binary has a parent dir");
-    if dir.file_name() == Some(OsStr::new("deps")) {
-        dir = dir.parent().expect("deps has a parent");
-    }
-    let bin = dir.join("mta");
-    assert!(
-        bin.is_file(),
-        "mta binary not found at {} (run `cargo build -p mta` first, or set MTA_BIN)",
-        bin.display()
-    );
-    bin
+    crate::server::workspace_bin("mta", "MTA_BIN")
 }
 
 /// A mail tree: config, data directory and certificates in a scratch dir.
