@@ -43,14 +43,16 @@ if [ "$(id -u)" -ne 0 ]; then
     sudo=(sudo)
 fi
 
-missing=()
-for p in "${packages[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$p")
-    fi
-done
+missing_packages() {
+    missing=()
+    for p in "${packages[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+            missing+=("$p")
+        fi
+    done
+}
 
-if [ "${#missing[@]}" -gt 0 ]; then
+install_missing() {
     echo "install-deps: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     # Postfix without its interactive configuration (only its tools are used).
@@ -64,6 +66,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
     if ! "${sudo[@]}" apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}"; then
         "${sudo[@]}" apt-get "${apt_opts[@]}" update -qq
         "${sudo[@]}" apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+}
+
+# Two passes: an install can remove a package of the list that conflicts
+# with it (e.g. a backported qemu-utils newer than Debian's qemu-system-x86
+# accepts); the second pass puts Debian's own version back.
+missing_packages
+if [ "${#missing[@]}" -gt 0 ]; then
+    install_missing
+    missing_packages
+    if [ "${#missing[@]}" -gt 0 ]; then
+        install_missing
     fi
 else
     echo "install-deps: all packages present"
