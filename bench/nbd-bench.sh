@@ -15,6 +15,10 @@
 #   JOBS="randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 seqwrite-1m seqread-1m"
 #   SKIP_DEPS=1         do not run scripts/install-deps.sh
 #   REPLICATOR_ARGS=""  extra arguments for `replicator serve` (e.g. --direct-io)
+#   BIN=path            replicator binary to measure (no build)
+#   BASELINE_BIN=path   another replicator binary, measured side by side as
+#                       server "baseline" (added to SERVERS when set), e.g.
+#                       a build of the previous commit
 #   ROUNDS=3            rounds; each runs every server in turn, and the table
 #                       shows the median, so drift on a shared machine hits
 #                       every server alike
@@ -29,13 +33,16 @@ FIO_SIZE="${FIO_SIZE:-896M}"
 BENCH_DIR="${BENCH_DIR:-/var/tmp/replicator-bench}"
 TMPFS="${TMPFS:-0}"
 SERVERS="${SERVERS:-replicator nbdkit qemu-nbd}"
+if [ -n "${BASELINE_BIN:-}" ] && [[ " $SERVERS " != *" baseline "* ]]; then
+    SERVERS="replicator baseline ${SERVERS#replicator }"
+fi
 JOBS="${JOBS:-randwrite-4k-qd1 randwrite-4k-qd32 randread-4k-qd1 randread-4k-qd32 seqwrite-1m seqread-1m}"
 REPLICATOR_ARGS="${REPLICATOR_ARGS:-}"
 ROUNDS="${ROUNDS:-3}"
 
 [ "${SKIP_DEPS:-0}" = 1 ] || bash scripts/install-deps.sh
-cargo build --release -p replicator
-BIN="$PWD/target/release/replicator"
+[ -n "${BIN:-}" ] || cargo build --release -p replicator
+BIN="${BIN:-$PWD/target/release/replicator}"
 
 RESULTS="$BENCH_DIR/results-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RESULTS"
@@ -77,9 +84,11 @@ wait_port() {
 start_server() {
     local server=$1 file=$2 log=$3 port
     case "$server" in
-    replicator)
+    replicator | baseline)
+        local bin=$BIN
+        [ "$server" = replicator ] || bin=$BASELINE_BIN
         # shellcheck disable=SC2086
-        "$BIN" serve --disk "$file" --listen 127.0.0.1:0 $REPLICATOR_ARGS 2>"$log" &
+        "$bin" serve --disk "$file" --listen 127.0.0.1:0 $REPLICATOR_ARGS 2>"$log" &
         SERVER_PID=$!
         for _ in $(seq 300); do
             grep -q '^replicator: ready' "$log" && break

@@ -21,6 +21,9 @@ pub(super) const FILE_DIRECT: u32 = 2;
 /// Reads at least this large run in an io-wq worker (see `OpState::sqe`).
 const LARGE_READ_BYTES: usize = 256 * 1024;
 
+/// Buffered writes up to this size may be done inline (see `OpState::try_inline`).
+const INLINE_WRITE_MAX_BYTES: usize = 64 * 1024;
+
 pub(super) type IoResult = Result<IoOutput, IoFailure>;
 
 /// What the ops need from their I/O thread besides the shared state.
@@ -161,6 +164,34 @@ impl OpState {
             OpState::Flush => flush_sqe(),
             OpState::Trim { offset, len } => fallocate_sqe(*offset, *len, libc::FALLOC_FL_PUNCH_HOLE),
             OpState::Zero(zero) => zero.sqe(env),
+        }
+    }
+
+    /// A small, non-FUA write to the page cache, done here with one
+    /// `pwrite` instead of through the ring. The engine asks only when the
+    /// ring has nothing else in flight: io_uring would hand a buffered write
+    /// on ext4 to an io-wq worker (no non-blocking buffered write path), so
+    /// a lone write costs two thread wake-ups that a direct call does not.
+    /// `None`: the ring does it (or, after a short write, the rest of it).
+    pub(super) fn try_inline(&mut self, env: &Env<'_>) -> Option<IoResult> {
+        use std::os::unix::fs::FileExt;
+        let OpState::Write { data, offset, done, fua: false } = self else { return None };
+        let rest = &data[*done as usize..];
+        if rest.len() > INLINE_WRITE_MAX_BYTES {
+            return None;
+        }
+        let pos = *offset + u64::from(*done);
+        if pick_fd(env.shared, pos, rest.len(), rest.as_ptr()).0 != FILE_BUFFERED {
+            return None;
+        }
+        match env.shared.files.buffered.write_at(rest, pos) {
+            Ok(n) if n == rest.len() => Some(Ok(IoOutput::Done)),
+            Ok(n) => {
+                *done += len32(n);
+                None
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+            Err(e) => Some(Err(IoFailure::Errno(e.raw_os_error().unwrap_or(libc::EIO)))),
         }
     }
 

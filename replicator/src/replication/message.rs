@@ -103,8 +103,9 @@ pub enum Message<P> {
     },
     State(PeerState),
     /// An application write, replicated. `barrier`: writes of barrier n+1
-    /// were issued after some write of barrier n completed, so the peer
-    /// must finish every write of n before starting one of n+1.
+    /// were issued after some write of barrier n was answered before the
+    /// peer had it on disk (protocols A/B), so the peer must finish every
+    /// write of n before starting one of n+1.
     Data {
         seq: u64,
         epoch: u64,

@@ -790,7 +790,13 @@ impl<P: Clone> Replica<P> {
         // entry (without answering twice) until that ack or a disconnect.
         let finished = matches!(w.peer, PeerWait::NotReplicated | PeerWait::Done);
         if !w.answered {
-            self.completed_since_barrier = true;
+            // Later writes need a barrier only if this one is answered before
+            // the peer has it on disk (protocols A and B, or no peer). When
+            // the peer's Written ack came first (protocol C), the peer holds
+            // it already and its apply queue need not drain before them.
+            if !(w.peer == PeerWait::Done && w.peer_wrote) {
+                self.completed_since_barrier = true;
+            }
             self.actions.push_back(Action::Complete { id, result: local });
         }
         if finished {

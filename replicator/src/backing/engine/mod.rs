@@ -203,6 +203,8 @@ struct Engine {
     cqes: Vec<(u64, i32)>,
     /// The wake-up read failed for good; the loop gives up (see `run`).
     wake_failure: Option<io::Error>,
+    /// A write was done inline since the last `io_uring_enter` (see `start`).
+    inlined_this_round: bool,
 }
 
 impl Engine {
@@ -243,6 +245,7 @@ impl Engine {
             stopping: false,
             cqes: Vec::with_capacity(cq),
             wake_failure: None,
+            inlined_this_round: false,
         })
     }
 
@@ -264,6 +267,7 @@ impl Engine {
                 continue;
             }
             self.enter(1)?;
+            self.inlined_this_round = false;
             self.waker.sleeping.store(false, Ordering::Relaxed);
             self.reap();
             if let Some(e) = self.wake_failure.take() {
@@ -324,6 +328,15 @@ impl Engine {
         match ops::begin(op, &mut env) {
             Begin::Now(result) => self.deliver(kind, bytes, tag, &reply, result),
             Begin::Pending(mut state) => {
+                // At most one inline write per round, and only on an idle
+                // ring: a burst still reaches io-wq and runs beside us.
+                if self.in_flight == 0 && !self.inlined_this_round {
+                    if let Some(result) = state.try_inline(&env) {
+                        self.inlined_this_round = true;
+                        self.deliver(kind, bytes, tag, &reply, result);
+                        return;
+                    }
+                }
                 let idx = self.free.pop().expect("start() is only called with a free slot");
                 let entry = state.sqe(&mut env).user_data(idx as u64);
                 push_sqe(&mut self.ring, &entry);

@@ -13,6 +13,10 @@
 //! - no acknowledged write lost (protocols B and C; every block reads as
 //!   its last acknowledged version or a later unacknowledged one);
 //! - resync converges: both replicas Connected, UpToDate and identical;
+//! - write order: an UpToDate secondary starts an application write only
+//!   after every write acknowledged before it was issued, and received on
+//!   the same connection, is on its disk (so a crash leaves a state the
+//!   primary's client could have seen);
 //! - a deliberate split brain is detected, overwrites nothing, and
 //!   `--discard-my-data` resolves it.
 //!
@@ -23,10 +27,10 @@
 //! seeds `sim_many_seeds` runs (default 2000 from 0).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use super::generations::AfterSplitBrain;
-use super::message::{Message, Protocol, Role, WriteKind};
+use super::message::{DiskState, Message, Protocol, Role, WriteKind};
 use super::replica::{
     Action, AppId, AppWrite, Config, DiskOp, DiskOutput, Fencing, IoId, LinkId, MetaState, Persisted, Replica,
 };
@@ -99,6 +103,9 @@ struct Node {
     link: Option<LinkId>,
     /// When the node lost its link (for the manager's promotion decisions).
     down_since_ms: Option<u64>,
+    /// Versions of application writes received on the current connection
+    /// and not yet on this disk.
+    unapplied: HashSet<u64>,
 }
 
 struct Link {
@@ -150,6 +157,10 @@ struct Sim {
     last_trace: [String; 2],
     /// Per block: (time, node, version) of every write that reached a disk.
     history: Vec<Vec<(u64, usize, u64)>>,
+    /// Per write version: how many writes were acknowledged before it was
+    /// issued, and (once acknowledged) its place in that count.
+    acked_before_issue: HashMap<u64, u64>,
+    ack_index: HashMap<u64, u64>,
 }
 
 fn cfg(node: usize, swarm: &Swarm, seed: u64) -> Config {
@@ -209,6 +220,7 @@ impl Sim {
             meta: meta.clone(),
             link: None,
             down_since_ms: None,
+            unapplied: HashSet::new(),
         };
         let mut sim = Sim {
             seed,
@@ -238,6 +250,8 @@ impl Sim {
             diverged: false,
             history: vec![Vec::new(); BLOCKS as usize],
             last_trace: Default::default(),
+            acked_before_issue: HashMap::new(),
+            ack_index: HashMap::new(),
         };
         // Node 0's disk starts with data; both metadata fresh, as after
         // create-md on both nodes.
@@ -306,6 +320,7 @@ impl Sim {
         }
         self.note(format!("node{node} CRASH ({why})"));
         self.nodes[node].replica = None;
+        self.nodes[node].unapplied.clear();
         // Submitted writes may or may not have reached the disk.
         let pending: Vec<(IoId, PendingIo)> = self.nodes[node].pending.drain().collect();
         for (_, p) in pending {
@@ -366,6 +381,7 @@ impl Sim {
                 }
                 Action::PersistActivityLog(extents) => self.nodes[node].meta.al = extents,
                 Action::Disk { io, op } => {
+                    self.check_write_order(node, &op);
                     let fail = self.faults && self.rng.below(1000) < self.swarm.disk_error_per_mille;
                     self.nodes[node].pending.insert(io, PendingIo { op, fail });
                     let delay = self.rng.below(3);
@@ -408,6 +424,7 @@ impl Sim {
     fn close_link(&mut self, node: usize, link: LinkId) {
         if self.nodes[node].link == Some(link) {
             self.nodes[node].link = None;
+            self.nodes[node].unapplied.clear();
             self.nodes[node].down_since_ms = Some(self.now);
         }
         let peer = 1 - node;
@@ -435,6 +452,7 @@ impl Sim {
                 }
             }
             if result.is_ok() {
+                self.ack_index.insert(version, self.acked_writes);
                 self.acked_writes += 1;
                 let other = self.nodes[1 - node].replica.as_ref();
                 if other.is_some_and(|r| r.role() == Role::Primary) {
@@ -442,6 +460,28 @@ impl Sim {
                     self.note(format!("node{node} acknowledged a write while node{} is primary too", 1 - node));
                 }
             }
+        }
+    }
+
+    /// An UpToDate secondary starting an application write (version `v`):
+    /// no write acknowledged before `v` was issued may still be missing
+    /// from its disk if it came over the same connection.
+    fn check_write_order(&self, node: usize, op: &DiskOp<Data>) {
+        let DiskOp::Write { data: Some(d), .. } = op else { return };
+        let Some(&v) = d.first() else { return };
+        let Some(r) = self.nodes[node].replica.as_ref() else { return };
+        if r.role() != Role::Secondary || r.disk() != DiskState::UpToDate || !self.nodes[node].unapplied.contains(&v) {
+            return;
+        }
+        let Some(&issued_after) = self.acked_before_issue.get(&v) else { return };
+        let early = self.nodes[node]
+            .unapplied
+            .iter()
+            .find(|u| **u != v && self.ack_index.get(*u).is_some_and(|i| *i < issued_after));
+        if let Some(u) = early {
+            self.fail(&format!(
+                "write order: node{node} starts version {v} before version {u}, acknowledged before {v} was issued"
+            ));
         }
     }
 
@@ -489,6 +529,7 @@ impl Sim {
             self.allowed[b as usize].0.push(version);
         }
         self.inflight.insert(id, (p, Some((first, count, version))));
+        self.acked_before_issue.insert(version, self.acked_writes);
         let data = vec![version; count as usize];
         let fua = self.rng.below(10) == 0;
         let now = self.now;
@@ -697,6 +738,12 @@ impl Sim {
                     return;
                 }
                 let Some(p) = self.nodes[node].pending.remove(&io) else { return };
+                // Done, written or failed (a failed write is repaired later).
+                if let DiskOp::Write { data: Some(d), .. } = &p.op {
+                    if let Some(v) = d.first() {
+                        self.nodes[node].unapplied.remove(v);
+                    }
+                }
                 let disk = &mut self.nodes[node].disk;
                 let mut written = None;
                 let result = if p.fail {
@@ -729,6 +776,15 @@ impl Sim {
                     return;
                 }
                 let Some(msg) = l.queues[to].pop_front() else { return };
+                // Writes an UpToDate secondary receives are all applied (a
+                // sync target may leave some to the resync instead).
+                let up_to_date = self.nodes[to]
+                    .replica
+                    .as_ref()
+                    .is_some_and(|r| r.role() == Role::Secondary && r.disk() == DiskState::UpToDate);
+                if let (Message::Data { data: Some(d), .. }, true) = (&msg, up_to_date) {
+                    self.nodes[to].unapplied.extend(d.first().copied());
+                }
                 let now = self.now;
                 if let Some(r) = self.replica(to) {
                     r.handle_message(now, link, msg);
@@ -738,6 +794,7 @@ impl Sim {
             Event::Disconnect { link, node } => {
                 if self.nodes[node].link == Some(link) {
                     self.nodes[node].link = None;
+                    self.nodes[node].unapplied.clear();
                     self.nodes[node].down_since_ms = Some(self.now);
                     if let Some(l) = self.links.get_mut(&link) {
                         l.closed[node] = true;
