@@ -203,7 +203,7 @@ struct Engine {
     cqes: Vec<(u64, i32)>,
     /// The wake-up read failed for good; the loop gives up (see `run`).
     wake_failure: Option<io::Error>,
-    /// A write was done inline since the last `io_uring_enter` (see `start`).
+    /// An operation was done inline since the last `io_uring_enter` (see `start`).
     inlined_this_round: bool,
 }
 
@@ -328,8 +328,8 @@ impl Engine {
         match ops::begin(op, &mut env) {
             Begin::Now(result) => self.deliver(kind, bytes, tag, &reply, result),
             Begin::Pending(mut state) => {
-                // At most one inline write per round, and only on an idle
-                // ring: a burst still reaches io-wq and runs beside us.
+                // At most one inline operation per round, and only on an
+                // idle ring: a burst still reaches io-wq and runs beside us.
                 if self.in_flight == 0 && !self.inlined_this_round {
                     if let Some(result) = state.try_inline(&env) {
                         self.inlined_this_round = true;
