@@ -183,7 +183,7 @@ impl OpState {
                 use std::os::unix::fs::FileExt;
                 let rest = &data[*done as usize..];
                 let pos = *offset + u64::from(*done);
-                if rest.len() > INLINE_MAX_BYTES || pick_fd(env.shared, pos, rest.len(), rest.as_ptr()).0 != FILE_BUFFERED {
+                if !inline_fits(env.shared, pos, rest) {
                     return None;
                 }
                 match env.shared.files.buffered.write_at(rest, pos) {
@@ -199,7 +199,7 @@ impl OpState {
             OpState::Read { buf, offset, done } => {
                 let pos = *offset + u64::from(*done);
                 let rest = &mut buf[*done as usize..];
-                if rest.len() > INLINE_MAX_BYTES || pick_fd(env.shared, pos, rest.len(), rest.as_ptr()).0 != FILE_BUFFERED {
+                if !inline_fits(env.shared, pos, rest) {
                     return None;
                 }
                 let n = read_nowait(&env.shared.files.buffered, rest, pos)?;
@@ -315,6 +315,12 @@ fn pick_fd(shared: &Shared, pos: u64, len: usize, addr: *const u8) -> types::Fix
     } else {
         types::Fixed(FILE_BUFFERED)
     }
+}
+
+/// Small enough for `OpState::try_inline`, and through the page cache (an
+/// O_DIRECT transfer is asynchronous in the ring already).
+fn inline_fits(shared: &Shared, pos: u64, bytes: &[u8]) -> bool {
+    bytes.len() <= INLINE_MAX_BYTES && pick_fd(shared, pos, bytes.len(), bytes.as_ptr()).0 == FILE_BUFFERED
 }
 
 /// `preadv2(RWF_NOWAIT)`: bytes read, or `None` when the data is not in the
