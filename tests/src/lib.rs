@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod mta;
+pub mod mta_pair;
 pub mod nbd;
 pub mod netns;
 pub mod pair;

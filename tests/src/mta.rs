@@ -90,11 +90,23 @@ impl MailTree {
 
     /// example.org with alice (password `alice-pw`) and bob (`bob-pw`).
     pub fn populate(&self) -> Result<()> {
-        self.admin(&["domain", "add", "example.org"])?;
-        for (user, pw) in [("alice@example.org", "alice-pw\n"), ("bob@example.org", "bob-pw\n")] {
-            let out = self.admin_stdin(&["user", "add", user], pw)?;
+        self.add_mailboxes(&["alice@example.org", "bob@example.org"])
+    }
+
+    /// Adds each `local@domain` with the password `local-pw`; a domain is
+    /// added before the first of its mailboxes in the list.
+    pub fn add_mailboxes(&self, mailboxes: &[&str]) -> Result<()> {
+        let mut domains: Vec<&str> = Vec::new();
+        for &mailbox in mailboxes {
+            let (local, domain) =
+                mailbox.split_once('@').ok_or_else(|| anyhow!("mailbox {mailbox:?} is not local@domain"))?;
+            if !domains.contains(&domain) {
+                self.admin(&["domain", "add", domain])?;
+                domains.push(domain);
+            }
+            let out = self.admin_stdin(&["user", "add", mailbox], &format!("{local}-pw\n"))?;
             if !out.status.success() {
-                bail!("user add {user} failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!("user add {mailbox} failed: {}", String::from_utf8_lossy(&out.stderr));
             }
         }
         Ok(())

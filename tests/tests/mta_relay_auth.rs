@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use tests::mta::{sink_dumps, smtp_sink, swaks, MailTree, Mta};
+use tests::mta::{sink_dumps, smtp_sink, MailTree};
+use tests::mta_pair::{receiver, sender, submit, Route};
 use tests::{require_tools, wait_until};
 
 fn password_file(path: &Path, password: &str, mode: u32) {
@@ -17,35 +18,9 @@ fn password_file(path: &Path, password: &str, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-fn relay_config(relay: std::net::SocketAddr, extra: &str, pw: &Path) -> String {
-    format!(
-        "[delivery]\nrelay_host = \"{relay}\"\n{extra}\n\
-         relay_auth = {{ username = \"alice@example.org\", password_file = \"{}\" }}\n",
-        pw.display()
-    )
-}
-
-fn submit(a: &Mta, subject: &str) {
-    let out = swaks(
-        a.submissions(),
-        &[
-            "-tlsc",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.org",
-            "--auth-password",
-            "alice-pw",
-            "--from",
-            "alice@example.org",
-            "--to",
-            "carol@example.net",
-            "--header",
-            &format!("Subject: {subject}"),
-        ],
-    )
-    .unwrap();
-    assert!(out.success(), "{}", out.describe());
+/// `extra` relay keys, then AUTH as alice@example.org with the password in `pw`.
+fn relay_auth(extra: &str, pw: &Path) -> String {
+    format!("{extra}\nrelay_auth = {{ username = \"alice@example.org\", password_file = \"{}\" }}\n", pw.display())
 }
 
 fn deferred_entry(tree: &MailTree) -> String {
@@ -69,19 +44,15 @@ fn assert_no_secret(what: &str, text: &str, password: &str) {
 fn relay_host_with_auth_over_starttls_and_implicit_tls() {
     require_tools!("swaks");
     // B knows alice@example.org (password alice-pw) and hosts carol@example.net.
-    let b = MailTree::new("mta-relay-auth-b", "", None).unwrap();
-    b.populate().unwrap();
-    b.admin(&["domain", "add", "example.net"]).unwrap();
-    assert!(b.admin_stdin(&["user", "add", "carol@example.net"], "carol-pw\n").unwrap().status.success());
-    let b_mta = b.serve().unwrap();
+    let (b, b_mta) =
+        receiver("mta-relay-auth-b", &["alice@example.org", "bob@example.org", "carol@example.net"]).unwrap();
 
     // STARTTLS on B's submission port, certificate verified against B's CA.
     let scratch = tests::TestDir::new("mta-relay-auth-pw");
     let good = scratch.join("good.pw");
     password_file(&good, "alice-pw", 0o600);
     let extra = format!("relay_tls_policy = \"verify\"\nca_file = \"{}\"", b.pki.ca_cert.display());
-    let a = MailTree::new("mta-relay-auth-a", &relay_config(b_mta.submission(), &extra, &good), None).unwrap();
-    a.populate().unwrap();
+    let a = sender("mta-relay-auth-a", Route::Relay(b_mta.submission()), &relay_auth(&extra, &good)).unwrap();
     let check = a.admin(&["check-config"]).unwrap();
     assert!(
         check.stdout.contains(&format!(
@@ -92,7 +63,7 @@ fn relay_host_with_auth_over_starttls_and_implicit_tls() {
         check.stdout
     );
     let a_mta = a.serve().unwrap();
-    submit(&a_mta, "via 587");
+    submit(&a_mta, "carol@example.net", "via 587").unwrap();
     let got = b.wait_messages("carol@example.net", 1, Duration::from_secs(30)).unwrap();
     let text = String::from_utf8_lossy(&got[0]).into_owned();
     assert!(text.contains("Subject: via 587") && text.contains("with ESMTPSA id "), "B's hop is TLS + AUTH: {text}");
@@ -102,11 +73,10 @@ fn relay_host_with_auth_over_starttls_and_implicit_tls() {
     // neither the log nor the queue shows the password.
     let wrong = scratch.join("wrong.pw");
     password_file(&wrong, "wrong-secret-pw", 0o600);
-    let c_conf = relay_config(b_mta.submissions(), "relay_tls = \"implicit\"", &wrong);
-    let c = MailTree::new("mta-relay-auth-c", &c_conf, None).unwrap();
-    c.populate().unwrap();
+    let c_auth = relay_auth("relay_tls = \"implicit\"", &wrong);
+    let c = sender("mta-relay-auth-c", Route::Relay(b_mta.submissions()), &c_auth).unwrap();
     let c_mta = c.serve().unwrap();
-    submit(&c_mta, "via 465");
+    submit(&c_mta, "carol@example.net", "via 465").unwrap();
     let listing = deferred_entry(&c);
     assert!(listing.contains("the relay host refused AUTH for alice@example.org: 535"), "{listing}");
     wait_until(Duration::from_secs(10), "the deferral in C's log", || c_mta.log().contains("delivery deferred"))
@@ -126,10 +96,9 @@ fn credentials_are_never_sent_in_clear() {
     let (_sink, sink_addr) = smtp_sink(&dumps).unwrap();
     let pw = scratch.join("relay.pw");
     password_file(&pw, "clear-secret-pw", 0o600);
-    let a = MailTree::new("mta-relay-auth-clear-a", &relay_config(sink_addr, "", &pw), None).unwrap();
-    a.populate().unwrap();
+    let a = sender("mta-relay-auth-clear-a", Route::Relay(sink_addr), &relay_auth("", &pw)).unwrap();
     let a_mta = a.serve().unwrap();
-    submit(&a_mta, "must not leak");
+    submit(&a_mta, "carol@example.net", "must not leak").unwrap();
     let listing = deferred_entry(&a);
     assert!(listing.contains("relay credentials are never sent in clear"), "{listing}");
     assert!(sink_dumps(&dumps).is_empty(), "the sink got a transaction");
@@ -143,14 +112,14 @@ fn unsafe_relay_auth_configs_are_refused() {
     let scratch = tests::TestDir::new("mta-relay-auth-bad");
     let pw = scratch.join("relay.pw");
     password_file(&pw, "pw", 0o644);
-    let relay: std::net::SocketAddr = "127.0.0.1:587".parse().unwrap();
-    let a = MailTree::new("mta-relay-auth-bad-a", &relay_config(relay, "", &pw), None).unwrap();
+    let relay = Route::Relay("127.0.0.1:587".parse().unwrap());
+    let a = MailTree::new("mta-relay-auth-bad-a", &relay.delivery(&relay_auth("", &pw)), None).unwrap();
     let out = tests::run_fail(&mut a.mta(["check-config"])).unwrap();
     assert!(out.stderr.contains(&format!("chmod 600 {}", pw.display())), "{}", out.stderr);
 
     password_file(&pw, "pw", 0o600);
-    let a =
-        MailTree::new("mta-relay-auth-bad-b", &relay_config(relay, "relay_tls_policy = \"may\"", &pw), None).unwrap();
+    let weak = relay.delivery(&relay_auth("relay_tls_policy = \"may\"", &pw));
+    let a = MailTree::new("mta-relay-auth-bad-b", &weak, None).unwrap();
     let out = tests::run_fail(&mut a.mta(["check-config"])).unwrap();
     assert!(
         out.stderr.contains("relay_tls_policy") && out.stderr.contains("only ever sent over TLS"),

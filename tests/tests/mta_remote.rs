@@ -5,44 +5,20 @@
 use std::time::Duration;
 
 use tests::mta::{read_maildir, swaks, MailTree};
+use tests::mta_pair::{receiver, sender, submit, Route};
 use tests::{require_tools, wait_until};
 
 #[test]
 fn relayed_mail_reaches_the_second_instance_and_failures_bounce() {
     require_tools!("swaks");
-    let b = MailTree::new("mta-remote-b", "", None).unwrap();
-    b.admin(&["domain", "add", "example.net"]).unwrap();
-    let out = b.admin_stdin(&["user", "add", "carol@example.net"], "carol-pw\n").unwrap();
-    assert!(out.status.success());
-    let b_mta = b.serve().unwrap();
+    let (b, b_mta) = receiver("mta-remote-b", &["carol@example.net"]).unwrap();
 
-    let relay = format!("[delivery]\nrelay_host = \"{}\"\n", b_mta.mx());
-    let a = MailTree::new("mta-remote-a", &relay, None).unwrap();
-    a.populate().unwrap();
+    let a = sender("mta-remote-a", Route::Relay(b_mta.mx()), "").unwrap();
     let a_mta = a.serve().unwrap();
     let check = a.admin(&["check-config"]).unwrap();
     assert!(check.stdout.contains(&format!("remote delivery: via relay host {}", b_mta.mx())), "{}", check.stdout);
 
-    let out = swaks(
-        a_mta.submissions(),
-        &[
-            "-tlsc",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.org",
-            "--auth-password",
-            "alice-pw",
-            "--from",
-            "alice@example.org",
-            "--to",
-            "carol@example.net,nobody@example.net",
-            "--header",
-            "Subject: across",
-        ],
-    )
-    .unwrap();
-    assert!(out.success(), "{}", out.describe());
+    submit(&a_mta, "carol@example.net,nobody@example.net", "across").unwrap();
 
     let carol = b.wait_messages("carol@example.net", 1, Duration::from_secs(30)).unwrap();
     let text = String::from_utf8_lossy(&carol[0]).into_owned();
@@ -127,37 +103,13 @@ fn mx_lookup_routes_mail_and_refusing_domains_bounce() {
     require_tools!("swaks", "python3");
     let (_dns, dns_port) = fake_dns();
 
-    let b = MailTree::new("mta-mx-b", "", None).unwrap();
-    b.admin(&["domain", "add", "example.net"]).unwrap();
-    assert!(b.admin_stdin(&["user", "add", "carol@example.net"], "carol-pw\n").unwrap().status.success());
-    let b_mta = b.serve().unwrap();
+    let (b, b_mta) = receiver("mta-mx-b", &["carol@example.net"]).unwrap();
 
-    let delivery = format!("[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {}\n", b_mta.mx().port());
-    let a = MailTree::new("mta-mx-a", &delivery, None).unwrap();
-    a.populate().unwrap();
+    let a = sender("mta-mx-a", Route::Mx { dns_port, mx_port: b_mta.mx().port() }, "").unwrap();
     let check = a.admin(&["check-config"]).unwrap();
     assert!(check.stdout.contains(&format!("remote delivery: MX lookup via 127.0.0.1:{dns_port}")), "{}", check.stdout);
     let a_mta = a.serve().unwrap();
-    let out = swaks(
-        a_mta.submissions(),
-        &[
-            "-tlsc",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.org",
-            "--auth-password",
-            "alice-pw",
-            "--from",
-            "alice@example.org",
-            "--to",
-            "carol@example.net,x@nullmx.example,y@nxdomain.example",
-            "--header",
-            "Subject: by mx",
-        ],
-    )
-    .unwrap();
-    assert!(out.success(), "{}", out.describe());
+    submit(&a_mta, "carol@example.net,x@nullmx.example,y@nxdomain.example", "by mx").unwrap();
     let carol = b.wait_messages("carol@example.net", 1, Duration::from_secs(30)).unwrap();
     assert!(String::from_utf8_lossy(&carol[0]).contains("Subject: by mx"));
     let bounces = a.wait_messages("alice@example.org", 1, Duration::from_secs(30)).unwrap();

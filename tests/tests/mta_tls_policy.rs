@@ -8,31 +8,9 @@
 
 use std::time::Duration;
 
-use tests::mta::{fake_dns, sink_dumps, smtp_sink, swaks, MailTree};
+use tests::mta::{sink_dumps, smtp_sink, MailTree};
+use tests::mta_pair::{fake_mx, receiver, sender, submit, Route};
 use tests::{require_tools, wait_until};
-
-fn submit(a: &tests::mta::Mta, to: &str, subject: &str) {
-    let out = swaks(
-        a.submissions(),
-        &[
-            "-tlsc",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.org",
-            "--auth-password",
-            "alice-pw",
-            "--from",
-            "alice@example.org",
-            "--to",
-            to,
-            "--header",
-            &format!("Subject: {subject}"),
-        ],
-    )
-    .unwrap();
-    assert!(out.success(), "{}", out.describe());
-}
 
 /// Waits until the queue holds a deferred entry for `rcpt`; returns its line.
 fn deferred_entry(tree: &MailTree, rcpt: &str) -> String {
@@ -53,25 +31,16 @@ fn encrypt_policy_defers_rather_than_deliver_in_clear() {
     let scratch = tests::TestDir::new("mta-tls-policy-sink");
     let dumps = scratch.join("dumps");
     let (_sink, sink_addr) = smtp_sink(&dumps).unwrap();
-    let (_dns, dns_port) = fake_dns(
-        &[("secure.example", 10, "mx.sink.example"), ("plain.example", 10, "mx.sink.example")],
-        &[("mx.sink.example", "127.0.0.1")],
-        &[],
-    )
-    .unwrap();
-    let delivery = format!(
-        "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {}\n\
-         [delivery.tls_policy]\n\"secure.example\" = \"encrypt\"\n",
-        sink_addr.port()
-    );
-    let a = MailTree::new("mta-tls-policy-a", &delivery, None).unwrap();
-    a.populate().unwrap();
+    let (_dns, dns_port) =
+        fake_mx(&[("secure.example", "mx.sink.example"), ("plain.example", "mx.sink.example")]).unwrap();
+    let route = Route::Mx { dns_port, mx_port: sink_addr.port() };
+    let a = sender("mta-tls-policy-a", route, "[delivery.tls_policy]\n\"secure.example\" = \"encrypt\"\n").unwrap();
     let check = a.admin(&["check-config"]).unwrap();
     assert!(check.stdout.contains("TLS policy may by default"), "{}", check.stdout);
     assert!(check.stdout.contains("tls policy: secure.example encrypt"), "{}", check.stdout);
     let a_mta = a.serve().unwrap();
 
-    submit(&a_mta, "x@secure.example,y@plain.example", "policy");
+    submit(&a_mta, "x@secure.example,y@plain.example", "policy").unwrap();
     let line = deferred_entry(&a, "x@secure.example");
     assert!(line.contains("TLS policy encrypt requires STARTTLS but mx.sink.example does not offer it"), "{line}");
     assert!(!line.contains("y@plain.example"), "the may domain was delivered: {line}");
@@ -87,41 +56,30 @@ fn encrypt_policy_defers_rather_than_deliver_in_clear() {
 #[test]
 fn verify_policy_checks_the_ca_and_the_mx_host_name() {
     require_tools!("swaks", "python3");
-    let b = MailTree::new("mta-tls-verify-b", "", None).unwrap();
-    for domain in ["enc.example", "ver.example", "misnamed.example"] {
-        b.admin(&["domain", "add", domain]).unwrap();
-        let user = format!("u@{domain}");
-        assert!(b.admin_stdin(&["user", "add", &user], "u-pw\n").unwrap().status.success());
-    }
-    let b_mta = b.serve().unwrap();
+    let (b, b_mta) = receiver("mta-tls-verify-b", &["u@enc.example", "u@ver.example", "u@misnamed.example"]).unwrap();
     // B's certificate names localhost and 127.0.0.1, not mx.misnamed.example.
-    let (_dns, dns_port) = fake_dns(
-        &[
-            ("enc.example", 10, "mx.misnamed.example"),
-            ("ver.example", 10, "localhost"),
-            ("misnamed.example", 10, "mx.misnamed.example"),
-        ],
-        &[("mx.misnamed.example", "127.0.0.1"), ("localhost", "127.0.0.1")],
-        &[],
-    )
+    let (_dns, dns_port) = fake_mx(&[
+        ("enc.example", "mx.misnamed.example"),
+        ("ver.example", "localhost"),
+        ("misnamed.example", "mx.misnamed.example"),
+    ])
     .unwrap();
-    let delivery = |ca: &std::path::Path| {
+    let route = Route::Mx { dns_port, mx_port: b_mta.mx().port() };
+    let trusting = |ca: &std::path::Path| {
         format!(
-            "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {}\nca_file = \"{}\"\n\
+            "ca_file = \"{}\"\n\
              [delivery.tls_policy]\n\"enc.example\" = \"encrypt\"\n\"ver.example\" = \"verify\"\n\
              \"misnamed.example\" = \"verify\"\n",
-            b_mta.mx().port(),
             ca.display()
         )
     };
 
     // A trusts B's CA.
-    let a = MailTree::new("mta-tls-verify-a", &delivery(&b.pki.ca_cert), None).unwrap();
-    a.populate().unwrap();
+    let a = sender("mta-tls-verify-a", route, &trusting(&b.pki.ca_cert)).unwrap();
     let check = a.admin(&["check-config"]).unwrap();
     assert!(check.stdout.contains(&format!("tls verify roots: {}", b.pki.ca_cert.display())), "{}", check.stdout);
     let a_mta = a.serve().unwrap();
-    submit(&a_mta, "u@enc.example,u@ver.example,u@misnamed.example", "verified");
+    submit(&a_mta, "u@enc.example,u@ver.example,u@misnamed.example", "verified").unwrap();
     for rcpt in ["u@enc.example", "u@ver.example"] {
         let got = b.wait_messages(rcpt, 1, Duration::from_secs(30)).unwrap();
         let text = String::from_utf8_lossy(&got[0]).into_owned();
@@ -134,10 +92,9 @@ fn verify_policy_checks_the_ca_and_the_mx_host_name() {
     // C trusts only a foreign CA, which did not sign B's certificate.
     let foreign = tests::TestDir::new("mta-tls-verify-foreign-ca");
     let foreign_pki = tests::tls::make_pki(&foreign.join("pki")).unwrap();
-    let c = MailTree::new("mta-tls-verify-c", &delivery(&foreign_pki.ca_cert), None).unwrap();
-    c.populate().unwrap();
+    let c = sender("mta-tls-verify-c", route, &trusting(&foreign_pki.ca_cert)).unwrap();
     let c_mta = c.serve().unwrap();
-    submit(&c_mta, "u@ver.example", "foreign ca");
+    submit(&c_mta, "u@ver.example", "foreign ca").unwrap();
     let line = deferred_entry(&c, "u@ver.example");
     assert!(line.contains("TLS handshake with localhost failed (TLS policy verify)"), "{line}");
     assert_eq!(b.messages("u@ver.example").unwrap().len(), 1, "only A's copy");
@@ -204,24 +161,16 @@ fn may_falls_back_to_cleartext_after_a_failed_handshake_encrypt_does_not() {
     server.logs.wait_for("port ", Duration::from_secs(20)).unwrap();
     let port: u16 =
         server.logs.lines().iter().find_map(|l| l.strip_prefix("port ").and_then(|p| p.trim().parse().ok())).unwrap();
-    let (_dns, dns_port) = fake_dns(
-        &[("opportunistic.example", 10, "mx.broken.example"), ("strict.example", 10, "mx.broken.example")],
-        &[("mx.broken.example", "127.0.0.1")],
-        &[],
-    )
-    .unwrap();
-    let delivery = format!(
-        "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {port}\n\
-         [delivery.tls_policy]\n\"strict.example\" = \"encrypt\"\n"
-    );
-    let a = MailTree::new("mta-tls-fallback", &delivery, None).unwrap();
-    a.populate().unwrap();
+    let (_dns, dns_port) =
+        fake_mx(&[("opportunistic.example", "mx.broken.example"), ("strict.example", "mx.broken.example")]).unwrap();
+    let route = Route::Mx { dns_port, mx_port: port };
+    let a = sender("mta-tls-fallback", route, "[delivery.tls_policy]\n\"strict.example\" = \"encrypt\"\n").unwrap();
     let a_mta = a.serve().unwrap();
-    submit(&a_mta, "o@opportunistic.example", "fallback");
+    submit(&a_mta, "o@opportunistic.example", "fallback").unwrap();
     server.logs.wait_for("GOT <o@opportunistic.example>", Duration::from_secs(30)).unwrap();
     assert!(a_mta.log().contains("retrying without TLS (TLS policy may)"), "{}", a_mta.log());
 
-    submit(&a_mta, "s@strict.example", "no fallback");
+    submit(&a_mta, "s@strict.example", "no fallback").unwrap();
     let line = deferred_entry(&a, "s@strict.example");
     assert!(line.contains("TLS handshake with mx.broken.example failed (TLS policy encrypt)"), "{line}");
     assert!(!server.logs.text().contains("GOT <s@strict.example>"), "{}", server.logs.text());
