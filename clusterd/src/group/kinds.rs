@@ -289,6 +289,11 @@ struct Fs<'a> {
     force_unmount: bool,
 }
 
+/// After `fuser -k`, a busy umount is retried this often, this far apart
+/// (the killed processes are still exiting), within the stop's deadline.
+const KILLED_USERS_UMOUNT_RETRIES: u32 = 50;
+const KILLED_USERS_UMOUNT_PAUSE: Duration = Duration::from_millis(100);
+
 async fn umount(directory: &Path, deadline: Instant) -> Outcome {
     match run_command(&CommandSpec::new("umount", &[]).arg(directory), deadline).await {
         Ok(out) => zero_ok("umount", &out),
@@ -350,7 +355,18 @@ async fn filesystem(device: Option<PathBuf>, fs: &Fs<'_>, op: Op, deadline: Inst
                 Ok(out) => tracing::info!(code = ?out.code, killed = %out.stdout.trim(), "fuser"),
                 Err(e) => tracing::warn!(error = %e, "fuser failed (is psmisc installed?)"),
             }
-            match umount(directory, deadline).await {
+            // SIGKILL is asynchronous: a killed process lets go of the file
+            // system only once it has exited. Retry while umount says busy.
+            let mut last = umount(directory, deadline).await;
+            for _ in 0..KILLED_USERS_UMOUNT_RETRIES {
+                let busy = matches!(&last, Outcome::Failed(why) if why.contains("busy"));
+                if !busy || Instant::now() + KILLED_USERS_UMOUNT_PAUSE >= deadline {
+                    break;
+                }
+                tokio::time::sleep(KILLED_USERS_UMOUNT_PAUSE).await;
+                last = umount(directory, deadline).await;
+            }
+            match last {
                 Outcome::Ok => Outcome::Ok,
                 Outcome::Failed(why) => Outcome::Failed(format!("{why} (after killing its users)")),
                 other => other,
