@@ -17,10 +17,14 @@
 #   RESYNC_RATE_KIB=204800          resync rate-max for part 2
 #   RESYNC_WRITE=256M               data fio writes while disconnected
 #   BIN=path                        replicator binary to measure (no build)
+#   BASELINE_BIN=path               another replicator binary (e.g. a build of
+#                                   the previous commit), measured side by side
+#                                   with protocol C as target "baseline-C"
 #   SKIP_DEPS=1                     do not run scripts/install-deps.sh
 #   RESYNC_ONLY=1                   only part 2
 #   SKIP_RESYNC=1                   only part 1
 #   SUITES="tmpfs disk"             which disk kinds part 1 runs
+#   JOBS="seqwrite-1m randwrite-4k-qd32"   which fio jobs part 1 runs
 #   TARGETS="standalone protocol-C protocol-A nbdkit"   what part 1 compares
 #                                   (standalone and protocol-C at least)
 set -euo pipefail
@@ -37,6 +41,9 @@ RESYNC_RATE_KIB="${RESYNC_RATE_KIB:-204800}"
 RESYNC_WRITE="${RESYNC_WRITE:-256M}"
 SUITES="${SUITES:-tmpfs disk}"
 TARGETS="${TARGETS:-standalone protocol-C protocol-A nbdkit}"
+if [ -n "${BASELINE_BIN:-}" ]; then
+    case " $TARGETS " in *" baseline-C "*) ;; *) TARGETS="$TARGETS baseline-C" ;; esac
+fi
 
 [ "${SKIP_DEPS:-0}" = 1 ] || bash scripts/install-deps.sh
 [ -n "${BIN:-}" ] || cargo build --release -p replicator
@@ -97,6 +104,11 @@ fill() { # file
     rm -f "$1"
     fio --name=fill --filename="$1" --rw=write --bs=1M --size="$FILE_SIZE" --ioengine=psync \
         --refill_buffers --end_fsync=1 --output=/dev/null
+    # Drop the fill's page cache (as fio does before every job), so the jobs
+    # do not inherit its 1 MiB folios: on ext4 (Linux 6.16+) a 4 KiB write
+    # into a cached large folio walks every buffer head of the folio, which
+    # made each small write cost 3x more whatever server ran (BENCHMARKS.md).
+    python3 -c 'import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"
 }
 
 write_resource() { # dir protocol rate
@@ -126,12 +138,12 @@ EOF
 }
 
 # Starts the two nodes of $1/r0.toml; a primary, initial full sync done.
-start_pair() { # dir
-    local dir=$1
-    "$BIN" up "$dir/r0.toml" --node b 2>"$dir/b.log" &
+start_pair() { # dir [binary]
+    local dir=$1 bin=${2:-$BIN}
+    "$bin" up "$dir/r0.toml" --node b 2>"$dir/b.log" &
     PIDS+=($!)
     wait_ready "$dir/b.log" "$!"
-    "$BIN" up "$dir/r0.toml" --node a 2>"$dir/a.log" &
+    "$bin" up "$dir/r0.toml" --node a 2>"$dir/a.log" &
     PIDS+=($!)
     wait_ready "$dir/a.log" "$!"
     for _ in $(seq 100); do
@@ -148,7 +160,7 @@ job_args() {
     randwrite-4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
     esac
 }
-JOBS="seqwrite-1m randwrite-4k-qd32"
+JOBS="${JOBS:-seqwrite-1m randwrite-4k-qd32}"
 
 run_fio() { # uri out job
     # shellcheck disable=SC2046
@@ -178,13 +190,15 @@ suite() { # label dir
                 port=$(sed -n 's/^replicator: listening nbd tcp 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$dir/serve.log" | head -n1)
                 uri="nbd://127.0.0.1:$port/volume"
                 ;;
-            protocol-C | protocol-A)
+            protocol-C | protocol-A | baseline-C)
+                local bin=$BIN
+                [ "$target" = baseline-C ] && bin=$BASELINE_BIN
                 fill "$dir/a.img"
                 fill "$dir/b.img"
-                "$BIN" create-md --disk "$dir/a.img" --force >/dev/null
-                "$BIN" create-md --disk "$dir/b.img" --force >/dev/null
-                write_resource "$dir" "${target#protocol-}" 1024000
-                start_pair "$dir"
+                "$bin" create-md --disk "$dir/a.img" --force >/dev/null
+                "$bin" create-md --disk "$dir/b.img" --force >/dev/null
+                write_resource "$dir" "${target#*-}" 1024000
+                start_pair "$dir" "$bin"
                 uri="nbd://127.0.0.1:17911/r0"
                 ;;
             nbdkit)
@@ -210,17 +224,21 @@ report() { # label
     local label=$1
     for job in $JOBS; do
         declare -A value=()
-        for target in standalone protocol-C protocol-A nbdkit; do
+        for target in standalone protocol-C protocol-A nbdkit baseline-C; do
             case " $TARGETS " in *" $target "*) ;; *) value[$target]=nan; continue ;; esac
             if [ "$job" = seqwrite-1m ]; then col=2; else col=1; fi
             value[$target]=$(for f in "$RESULTS/$label-$target-$job"-r*.json; do iops_of "$f" | cut -d' ' -f"$col"; done | median)
         done
         unit=$([ "$job" = seqwrite-1m ] && echo MiB/s || echo IOPS)
-        python3 - "$label" "$job" "$unit" "${value[standalone]}" "${value[protocol-C]}" "${value[protocol-A]}" "${value[nbdkit]}" <<'EOF'
-import sys
-label, job, unit, s, c, a, k = sys.argv[1], sys.argv[2], sys.argv[3], *map(float, sys.argv[4:])
-print(f"{label:5} {job:18} standalone {s:9.0f} {unit}  protocol C {c:9.0f} ({c/s:.2f}x standalone)"
-      f"  protocol A {a:9.0f} ({a/s:.2f}x)  nbdkit {k:9.0f} (C = {c/k:.2f}x nbdkit)")
+        python3 - "$label" "$job" "$unit" "${value[standalone]}" "${value[protocol-C]}" "${value[protocol-A]}" \
+            "${value[nbdkit]}" "${value[baseline-C]}" <<'EOF'
+import sys, math
+label, job, unit, s, c, a, k, b = sys.argv[1], sys.argv[2], sys.argv[3], *map(float, sys.argv[4:])
+line = (f"{label:5} {job:18} standalone {s:9.0f} {unit}  protocol C {c:9.0f} ({c/s:.2f}x standalone)"
+        f"  protocol A {a:9.0f} ({a/s:.2f}x)  nbdkit {k:9.0f} (C = {c/k:.2f}x nbdkit)")
+if not math.isnan(b):
+    line += f"  baseline C {b:9.0f} ({b/s:.2f}x; new = {c/b:.2f}x baseline)"
+print(line)
 EOF
     done
 }

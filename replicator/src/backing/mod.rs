@@ -90,37 +90,25 @@ pub struct IoRequest {
 
 #[derive(Debug)]
 pub enum IoOp {
-    Read {
-        offset: u64,
-        len: u32,
-    },
-    /// `fua`: durable before completion (RWF_DSYNC).
-    Write {
-        offset: u64,
-        data: WriteBuf,
-        fua: bool,
-    },
+    /// `uncached`: see [`IoOp::Write`].
+    Read { offset: u64, len: u32, uncached: bool },
+    /// `fua`: durable before completion (RWF_DSYNC). `uncached`: a bulk
+    /// transfer (resync, verify) whose data should not stay in the page
+    /// cache: RWF_DONTCACHE where the file system has it (Linux 6.14+),
+    /// a plain buffered transfer elsewhere. Besides sparing the cache, this
+    /// keeps a bulk transfer's large folios out of it: on ext4 a later
+    /// 4 KiB write into a cached 256 KiB folio walks all 64 of its buffer
+    /// heads, and such writes cost several times more.
+    Write { offset: u64, data: WriteBuf, fua: bool, uncached: bool },
     /// fdatasync: covers every write completed before the flush was submitted.
     Flush,
     /// Advisory deallocation (punch hole); succeeds doing nothing if unsupported.
-    Trim {
-        offset: u64,
-        len: u32,
-    },
+    Trim { offset: u64, len: u32 },
     /// Make the range read as zeros. `may_trim`: deallocating is allowed;
     /// `fast_only`: fail with `NotSupported` rather than write zero buffers.
-    WriteZeroes {
-        offset: u64,
-        len: u32,
-        may_trim: bool,
-        fast_only: bool,
-        fua: bool,
-    },
+    WriteZeroes { offset: u64, len: u32, may_trim: bool, fast_only: bool, fua: bool },
     /// Allocation map of the range.
-    BlockStatus {
-        offset: u64,
-        len: u32,
-    },
+    BlockStatus { offset: u64, len: u32 },
 }
 
 #[derive(Debug)]

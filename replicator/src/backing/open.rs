@@ -70,6 +70,7 @@ pub(super) fn open_shared(cfg: &BackingConfig) -> Result<Shared, BackingError> {
         // Optimistic: the first EOPNOTSUPP turns these off for good.
         trim_ok: AtomicBool::new(writable),
         zero_range_ok: AtomicBool::new(writable),
+        dontcache_ok: AtomicBool::new(true),
         stats: Counters::default(),
     })
 }

@@ -50,8 +50,8 @@ pub(super) enum Step {
 }
 
 pub(super) enum OpState {
-    Read { buf: AlignedBuf, offset: u64, done: u32 },
-    Write { data: WriteBuf, offset: u64, done: u32, fua: bool },
+    Read { buf: AlignedBuf, offset: u64, done: u32, uncached: bool },
+    Write { data: WriteBuf, offset: u64, done: u32, fua: bool, uncached: bool },
     Flush,
     Trim { offset: u64, len: u32 },
     Zero(ZeroOp),
@@ -61,7 +61,7 @@ pub(super) enum OpState {
 /// anything reaching past the data area (the metadata lives there).
 pub(super) fn validate(op: &IoOp, shared: &Shared) -> Result<(), IoFailure> {
     let (offset, len, writes) = match op {
-        IoOp::Read { offset, len } | IoOp::BlockStatus { offset, len } => (*offset, u64::from(*len), false),
+        IoOp::Read { offset, len, .. } | IoOp::BlockStatus { offset, len } => (*offset, u64::from(*len), false),
         IoOp::Write { offset, data, .. } => {
             if u32::try_from(data.len()).is_err() {
                 return Err(IoFailure::Errno(libc::EINVAL));
@@ -115,9 +115,11 @@ pub(super) fn finish(
 pub(super) fn begin(op: IoOp, env: &mut Env<'_>) -> Begin {
     let state = match op {
         IoOp::Read { len: 0, .. } => return Begin::Now(Ok(IoOutput::Read(AlignedBuf::new()))),
-        IoOp::Read { offset, len } => OpState::Read { buf: AlignedBuf::for_overwrite(len as usize), offset, done: 0 },
+        IoOp::Read { offset, len, uncached } => {
+            OpState::Read { buf: AlignedBuf::for_overwrite(len as usize), offset, done: 0, uncached }
+        }
         IoOp::Write { data, .. } if data.is_empty() => return Begin::Now(Ok(IoOutput::Done)),
-        IoOp::Write { offset, data, fua } => OpState::Write { data, offset, done: 0, fua },
+        IoOp::Write { offset, data, fua, uncached } => OpState::Write { data, offset, done: 0, fua, uncached },
         IoOp::Flush => OpState::Flush,
         IoOp::Trim { len: 0, .. } => return Begin::Now(Ok(IoOutput::Done)),
         // Trim is advisory: once the fs said it cannot punch holes, skip it.
@@ -143,11 +145,13 @@ impl OpState {
     /// The SQE for the current step (also used to retry after EAGAIN/EINTR).
     pub(super) fn sqe(&mut self, env: &mut Env<'_>) -> Entry {
         match self {
-            OpState::Read { buf, offset, done } => {
+            OpState::Read { buf, offset, done, uncached } => {
                 let rest = &mut buf[*done as usize..];
                 let pos = *offset + u64::from(*done);
                 let fd = pick_fd(env.shared, pos, rest.len(), rest.as_ptr());
-                let entry = opcode::Read::new(fd, rest.as_mut_ptr(), len32(rest.len())).offset(pos).build();
+                let flags = cache_flags(env.shared, fd, *uncached);
+                let entry =
+                    opcode::Read::new(fd, rest.as_mut_ptr(), len32(rest.len())).offset(pos).rw_flags(flags).build();
                 // A large page-cache read is a long memcpy; done inline it
                 // would keep the ring thread from sending and receiving
                 // meanwhile. A kernel worker does it on the other core.
@@ -157,10 +161,10 @@ impl OpState {
                     entry
                 }
             }
-            OpState::Write { data, offset, done, fua } => {
+            OpState::Write { data, offset, done, fua, uncached } => {
                 let rest = &data[*done as usize..];
                 let pos = *offset + u64::from(*done);
-                write_sqe(env.shared, pos, rest, *fua)
+                write_sqe(env.shared, pos, rest, *fua, *uncached)
             }
             OpState::Flush => flush_sqe(),
             OpState::Trim { offset, len } => fallocate_sqe(*offset, *len, libc::FALLOC_FL_PUNCH_HOLE),
@@ -169,17 +173,16 @@ impl OpState {
     }
 
     /// A small page-cache read or non-FUA write, done here with one system
-    /// call instead of through the ring. The engine asks only when the ring
-    /// has nothing else in flight, where the ring's extra round trip is the
-    /// whole latency of the request: a buffered write on ext4 goes to an
-    /// io-wq worker (no non-blocking buffered write path), costing two
-    /// thread wake-ups; a read needs another `io_uring_enter` before its
-    /// reply can be sent. Reads use RWF_NOWAIT, so data not in the page
+    /// call instead of through the ring, when the engine allows it
+    /// (`Engine::may_inline`). Through the ring, a buffered write on ext4
+    /// goes to an io-wq worker (no non-blocking buffered write path),
+    /// costing two thread wake-ups; a read needs another `io_uring_enter`
+    /// before its reply can be sent. Reads use RWF_NOWAIT, so data not in the page
     /// cache still goes through the ring and never blocks this thread.
     /// `None`: the ring does it (or, after a short transfer, the rest).
     pub(super) fn try_inline(&mut self, env: &Env<'_>) -> Option<IoResult> {
         match self {
-            OpState::Write { data, offset, done, fua: false } => {
+            OpState::Write { data, offset, done, fua: false, uncached: false } => {
                 use std::os::unix::fs::FileExt;
                 let rest = &data[*done as usize..];
                 let pos = *offset + u64::from(*done);
@@ -196,7 +199,7 @@ impl OpState {
                     Err(e) => Some(Err(IoFailure::Errno(e.raw_os_error().unwrap_or(libc::EIO)))),
                 }
             }
-            OpState::Read { buf, offset, done } => {
+            OpState::Read { buf, offset, done, uncached: false } => {
                 let pos = *offset + u64::from(*done);
                 let rest = &mut buf[*done as usize..];
                 if !inline_fits(env.shared, pos, rest) {
@@ -217,6 +220,11 @@ impl OpState {
 
     /// Consumes one CQE result (`res` < 0 is a negated errno).
     pub(super) fn advance(&mut self, res: i32, env: &mut Env<'_>) -> Step {
+        if res == -libc::EOPNOTSUPP && self.take_uncached() {
+            // No RWF_DONTCACHE here (at most one retry: the flag is gone).
+            no_dontcache(env.shared);
+            return Step::Submit(self.sqe(env));
+        }
         match self {
             OpState::Read { buf, done, .. } => {
                 let n = match transferred(res) {
@@ -268,6 +276,25 @@ impl OpState {
     }
 }
 
+impl OpState {
+    /// Turns an uncached transfer into a cached one; whether it was one.
+    fn take_uncached(&mut self) -> bool {
+        match self {
+            OpState::Read { uncached, .. } | OpState::Write { uncached, .. } => std::mem::take(uncached),
+            _ => false,
+        }
+    }
+}
+
+/// The file system refused RWF_DONTCACHE: stop asking for it.
+fn no_dontcache(shared: &Shared) {
+    if shared.dontcache_ok.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(
+            "backing store does not support uncached (RWF_DONTCACHE) transfers; bulk data goes through the page cache"
+        );
+    }
+}
+
 /// Bytes moved by a read or write CQE, or the failure.
 pub(super) fn transferred(res: i32) -> Result<u32, IoFailure> {
     u32::try_from(res).map_err(|_| IoFailure::Errno(res.saturating_neg()))
@@ -285,10 +312,25 @@ pub(super) fn disable(flag: &std::sync::atomic::AtomicBool, what: &str) {
     }
 }
 
-pub(super) fn write_sqe(shared: &Shared, pos: u64, bytes: &[u8], fua: bool) -> Entry {
+pub(super) fn write_sqe(shared: &Shared, pos: u64, bytes: &[u8], fua: bool, uncached: bool) -> Entry {
     let fd = pick_fd(shared, pos, bytes.len(), bytes.as_ptr());
-    let flags = if fua { libc::RWF_DSYNC } else { 0 };
+    let flags = if fua { libc::RWF_DSYNC } else { 0 } | cache_flags(shared, fd, uncached);
     opcode::Write::new(fd, bytes.as_ptr(), len32(bytes.len())).offset(pos).rw_flags(flags).build()
+}
+
+/// RWF_DONTCACHE (not yet in `libc`): the page cache drops the data once
+/// the transfer (for writes: the writeback) is done.
+const RWF_DONTCACHE: libc::c_int = 0x80;
+
+/// The read/write flags that keep an uncached transfer out of the page
+/// cache, while the file system has not refused them; O_DIRECT transfers
+/// bypass the cache anyway.
+fn cache_flags(shared: &Shared, fd: types::Fixed, uncached: bool) -> libc::c_int {
+    if uncached && fd.0 == FILE_BUFFERED && shared.dontcache_ok.load(std::sync::atomic::Ordering::Relaxed) {
+        RWF_DONTCACHE
+    } else {
+        0
+    }
 }
 
 pub(super) fn flush_sqe() -> Entry {

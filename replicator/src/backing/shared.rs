@@ -29,6 +29,8 @@ pub(super) struct Shared {
     pub trim_ok: AtomicBool,
     /// fallocate(ZERO_RANGE) has not yet answered EOPNOTSUPP.
     pub zero_range_ok: AtomicBool,
+    /// RWF_DONTCACHE has not yet answered EOPNOTSUPP (see `IoOp::Write`).
+    pub dontcache_ok: AtomicBool,
     pub stats: Counters,
 }
 

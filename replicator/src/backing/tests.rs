@@ -86,7 +86,7 @@ impl Client {
     }
 
     fn read(&mut self, backing: &Backing, offset: u64, len: u32) -> Vec<u8> {
-        match self.run(backing, IoOp::Read { offset, len }) {
+        match self.run(backing, IoOp::Read { offset, len, uncached: false }) {
             Ok(IoOutput::Read(buf)) => {
                 assert_eq!(buf.len(), len as usize);
                 buf.to_vec()
@@ -96,7 +96,7 @@ impl Client {
     }
 
     fn write(&mut self, backing: &Backing, offset: u64, data: &[u8], fua: bool) {
-        let op = IoOp::Write { offset, data: WriteBuf::from_slice(data), fua };
+        let op = IoOp::Write { offset, data: WriteBuf::from_slice(data), fua, uncached: false };
         assert_eq!(self.run(backing, op), Ok(IoOutput::Done), "write {offset}");
     }
 
@@ -129,8 +129,12 @@ fn random_roundtrip(backing: &Backing, size: u64, seed: u64, align: u64) {
             let offset = i * region + offset;
             let data = rng.bytes(len as usize);
             model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
-            let req =
-                client.req(IoOp::Write { offset, data: WriteBuf::from_slice(&data), fua: round == 3 && i % 7 == 0 });
+            let req = client.req(IoOp::Write {
+                offset,
+                data: WriteBuf::from_slice(&data),
+                fua: round == 3 && i % 7 == 0,
+                uncached: false,
+            });
             pending.insert(req.tag, offset);
             batch.push(req);
         }
@@ -149,7 +153,7 @@ fn random_roundtrip(backing: &Backing, size: u64, seed: u64, align: u64) {
                 len = (len / align).max(1) * align;
             }
             let len = len.min(size - offset) as u32;
-            let req = client.req(IoOp::Read { offset, len });
+            let req = client.req(IoOp::Read { offset, len, uncached: false });
             pending.insert(req.tag, offset);
             batch.push((req, len));
         }
@@ -231,6 +235,44 @@ fn fua_writes_and_flush_complete() {
     assert_eq!((stats.writes, stats.flushes, stats.bytes_written), (1, 1, 10_000));
     let on_disk = fs::read(&path).expect("read file");
     assert_eq!(&on_disk[4097..4097 + 10_000], &data[..]);
+}
+
+/// Uncached (bulk) transfers move the same bytes as cached ones: on ext4,
+/// which takes RWF_DONTCACHE (Linux 6.14+), and on tmpfs, which refuses it,
+/// where the engine falls back to plain transfers and stops asking.
+#[test]
+fn uncached_transfers_round_trip_with_or_without_dontcache() {
+    for (base, name) in [(var_tmp(), "uncached-ext4"), (PathBuf::from("/dev/shm"), "uncached-tmpfs")] {
+        if !base.is_dir() {
+            continue;
+        }
+        let dir = TempDir::new(&base, name);
+        let path = dir.file(4 * MIB, Some(0x11));
+        let backing = open_with(&path, 4 * MIB, |_| {});
+        let mut client = Client::new();
+        let mut rng = Rng::new(7);
+        let big = rng.bytes(256 * KIB as usize);
+        let odd = rng.bytes(5000);
+        for (offset, data) in [(MIB, &big), (3 * MIB + 123, &odd)] {
+            let op = IoOp::Write { offset, data: WriteBuf::from_slice(data), fua: false, uncached: true };
+            assert_eq!(client.run(&backing, op), Ok(IoOutput::Done), "{name}: write {offset}");
+            let len = data.len() as u32;
+            match client.run(&backing, IoOp::Read { offset, len, uncached: true }) {
+                Ok(IoOutput::Read(buf)) => assert!(buf[..] == data[..], "{name}: read back {offset}"),
+                other => panic!("{name}: read {offset}: {other:?}"),
+            }
+            assert_eq!(client.read(&backing, offset - 1, 1), vec![0x11], "{name}: byte before {offset}");
+        }
+        assert_eq!(client.run(&backing, IoOp::Flush), Ok(IoOutput::Done));
+        let on_disk = fs::read(&path).expect("read file");
+        assert!(on_disk[MIB as usize..][..big.len()] == big[..], "{name}: file content");
+        let dontcache = backing.inner.shared.dontcache_ok.load(Ordering::Relaxed);
+        if name == "uncached-tmpfs" {
+            assert!(!dontcache, "tmpfs refuses RWF_DONTCACHE; the engine should have stopped asking");
+        }
+        let stats = backing.stats();
+        assert_eq!((stats.writes, stats.errors), (2, 0), "{name}: a refused flag is not an error");
+    }
 }
 
 #[test]
@@ -326,14 +368,14 @@ fn out_of_range_ops_are_refused_without_io() {
     let mut client = Client::new();
     let beyond = |offset, len| IoOp::WriteZeroes { offset, len, may_trim: true, fast_only: false, fua: false };
     let refused = vec![
-        IoOp::Read { offset: data_size - 10, len: 11 },
-        IoOp::Write { offset: data_size - 2, data: WriteBuf::from_slice(&[0xEE; 4]), fua: false },
-        IoOp::Write { offset: data_size, data: WriteBuf::from_slice(&[0xEE]), fua: true },
+        IoOp::Read { offset: data_size - 10, len: 11, uncached: false },
+        IoOp::Write { offset: data_size - 2, data: WriteBuf::from_slice(&[0xEE; 4]), fua: false, uncached: false },
+        IoOp::Write { offset: data_size, data: WriteBuf::from_slice(&[0xEE]), fua: true, uncached: false },
         IoOp::Trim { offset: 60 * KIB, len: 8192 },
         beyond(data_size, 4096),
         beyond(u64::MAX - 1, 4),
         IoOp::BlockStatus { offset: 0, len: data_size as u32 + 1 },
-        IoOp::Read { offset: u64::MAX - 1, len: 4 },
+        IoOp::Read { offset: u64::MAX - 1, len: 4, uncached: false },
     ];
     let count = refused.len() as u64;
     for op in refused {
@@ -362,7 +404,7 @@ fn read_only_refuses_writes() {
     assert!(!caps.trim && !caps.zero_range);
     let mut client = Client::new();
     let writes = [
-        IoOp::Write { offset: 0, data: WriteBuf::from_slice(&[1; 512]), fua: false },
+        IoOp::Write { offset: 0, data: WriteBuf::from_slice(&[1; 512]), fua: false, uncached: false },
         IoOp::Trim { offset: 0, len: 4096 },
         IoOp::WriteZeroes { offset: 0, len: 4096, may_trim: false, fast_only: false, fua: false },
     ];
@@ -399,8 +441,14 @@ fn zero_length_ops_succeed() {
     let path = dir.file(8192, None);
     let backing = open_with(&path, 8192, |_| {});
     let mut client = Client::new();
-    assert_eq!(client.run(&backing, IoOp::Read { offset: 8192, len: 0 }), Ok(IoOutput::Read(AlignedBuf::new())));
-    let ops = [IoOp::Write { offset: 100, data: WriteBuf::default(), fua: true }, IoOp::Trim { offset: 0, len: 0 }];
+    assert_eq!(
+        client.run(&backing, IoOp::Read { offset: 8192, len: 0, uncached: false }),
+        Ok(IoOutput::Read(AlignedBuf::new()))
+    );
+    let ops = [
+        IoOp::Write { offset: 100, data: WriteBuf::default(), fua: true, uncached: false },
+        IoOp::Trim { offset: 0, len: 0 },
+    ];
     for op in ops {
         assert_eq!(client.run(&backing, op), Ok(IoOutput::Done));
     }
@@ -420,6 +468,7 @@ fn shutdown_completes_ops_in_flight() {
                 offset: i * 4096,
                 data: WriteBuf::from_slice(&[(i % 250) as u8 + 1; 4096]),
                 fua: i % 50 == 0,
+                uncached: false,
             })
         })
         .collect();
@@ -430,7 +479,7 @@ fn shutdown_completes_ops_in_flight() {
     }
     // Any handle now answers at once with an error.
     assert_eq!(client.run(&other_handle, IoOp::Flush), Err(IoFailure::EngineStopped));
-    assert_eq!(client.run(&backing, IoOp::Read { offset: 0, len: 1 }), Err(IoFailure::EngineStopped));
+    assert_eq!(client.run(&backing, IoOp::Read { offset: 0, len: 1, uncached: false }), Err(IoFailure::EngineStopped));
     backing.shutdown();
     let on_disk = fs::read(&path).expect("read file");
     for i in 0..300usize {
@@ -444,7 +493,8 @@ fn dropping_the_last_handle_finishes_ops_in_flight() {
     let path = dir.file(MIB, None);
     let backing = open_with(&path, MIB, |_| {});
     let mut client = Client::new();
-    let batch: Vec<IoRequest> = (0..100u64).map(|i| client.req(IoOp::Read { offset: i * 512, len: 4096 })).collect();
+    let batch: Vec<IoRequest> =
+        (0..100u64).map(|i| client.req(IoOp::Read { offset: i * 512, len: 4096, uncached: false })).collect();
     backing.submit_batch(batch);
     drop(backing);
     for _ in 0..100 {

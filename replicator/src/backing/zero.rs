@@ -90,7 +90,7 @@ impl ZeroOp {
             Stage::Write { done } => {
                 let zeros = env.zero_buf.get_or_insert_with(|| AlignedBuf::zeroed(ZERO_CHUNK));
                 let chunk = (self.len - done).min(ZERO_CHUNK as u32) as usize;
-                write_sqe(env.shared, self.offset + u64::from(done), &zeros[..chunk], false)
+                write_sqe(env.shared, self.offset + u64::from(done), &zeros[..chunk], false, false)
             }
             Stage::Sync => flush_sqe(),
         }

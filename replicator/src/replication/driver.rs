@@ -338,7 +338,7 @@ impl Driver {
         let IoRequest { tag, op, done } = req;
         let write = |kind, offset, len, fua, data| AppWrite { id, offset, len, kind, fua, data };
         let w = match op {
-            IoOp::Write { offset, data, fua } => {
+            IoOp::Write { offset, data, fua, .. } => {
                 let len = data.len() as u32;
                 write(WriteKind::Write, offset, len, fua, Some(Payload::from_write(data)))
             }
@@ -410,21 +410,21 @@ impl Driver {
                 }
                 Action::Disk { io, op } => {
                     let op = match op {
-                        DiskOp::Write { offset, len, kind, fua, data } => match (kind, data) {
+                        DiskOp::Write { offset, len, kind, fua, data, bulk } => match (kind, data) {
                             (WriteKind::Write, Some(data)) => {
                                 let (data, permit) = data.into_parts();
                                 if let Some(permit) = permit {
                                     self.permits.insert(io, permit);
                                 }
-                                IoOp::Write { offset, data, fua }
+                                IoOp::Write { offset, data, fua, uncached: bulk }
                             }
                             (WriteKind::Trim, _) => IoOp::Trim { offset, len },
                             _ => IoOp::WriteZeroes { offset, len, may_trim: false, fast_only: false, fua },
                         },
-                        DiskOp::Read { offset, len } => IoOp::Read { offset, len },
+                        DiskOp::Read { offset, len } => IoOp::Read { offset, len, uncached: true },
                         DiskOp::Checksum { offset, len } => {
                             self.checksum_ios.insert(io);
-                            IoOp::Read { offset, len }
+                            IoOp::Read { offset, len, uncached: true }
                         }
                         DiskOp::Flush => IoOp::Flush,
                     };

@@ -109,6 +109,8 @@ pub struct AppWrite<P> {
     pub data: Option<P>,
 }
 
+/// Reads are resync and verify reads (application reads bypass the core).
+/// `bulk`: resync data, which the shell need not keep cached.
 #[derive(Debug)]
 pub enum DiskOp<P> {
     Write {
@@ -117,6 +119,7 @@ pub enum DiskOp<P> {
         kind: WriteKind,
         fua: bool,
         data: Option<P>,
+        bulk: bool,
     },
     Read {
         offset: u64,
@@ -736,7 +739,7 @@ impl<P: Clone> Replica<P> {
         };
         self.writes.insert(id, Write { offset, len, extents, local: None, peer, answered: false, peer_wrote: false });
         let io = self.take_io(IoPurpose::AppWrite(id));
-        self.actions.push_back(Action::Disk { io, op: DiskOp::Write { offset, len, kind, fua, data } });
+        self.actions.push_back(Action::Disk { io, op: DiskOp::Write { offset, len, kind, fua, data, bulk: false } });
     }
 
     fn issue_flush(&mut self, now_ms: u64, id: AppId) {
@@ -936,10 +939,10 @@ impl<P: Clone> Replica<P> {
             let Incoming { offset, len, kind, .. } = item;
             let (op, started) = match kind {
                 InKind::Write { seq, kind, fua, data } => {
-                    (DiskOp::Write { offset, len, kind, fua, data }, Started::Write { seq, len })
+                    (DiskOp::Write { offset, len, kind, fua, data, bulk: false }, Started::Write { seq, len })
                 }
                 InKind::Resync { seq, data } => (
-                    DiskOp::Write { offset, len, kind: WriteKind::Write, fua: false, data: Some(data) },
+                    DiskOp::Write { offset, len, kind: WriteKind::Write, fua: false, data: Some(data), bulk: true },
                     Started::Resync { seq, len },
                 ),
                 InKind::Flush { seq } => (DiskOp::Flush, Started::Flush { seq }),

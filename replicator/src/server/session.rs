@@ -260,7 +260,7 @@ impl Session {
                     }
                     Command::Read { offset, len } => {
                         IoCounters::add(&c.reads, 1);
-                        (IoOp::Read { offset, len }, PendingKind::Read { offset, len })
+                        (IoOp::Read { offset, len, uncached: false }, PendingKind::Read { offset, len })
                     }
                     Command::Flush => {
                         IoCounters::add(&c.flushes, 1);
@@ -317,7 +317,8 @@ impl HostedSession for Session {
                         if let Input::ReceivingPayload { tag, offset, fua, data, .. } =
                             std::mem::replace(&mut self.input, Input::ExpectHeader)
                         {
-                            self.io_queue.push_back((tag, IoOp::Write { offset, data: data.into(), fua }));
+                            self.io_queue
+                                .push_back((tag, IoOp::Write { offset, data: data.into(), fua, uncached: false }));
                         }
                     }
                 }
@@ -485,7 +486,7 @@ impl HostedSession for Session {
         let PayloadTarget { buf: data, filled } = target;
         if filled == data.len() {
             self.input = Input::ExpectHeader;
-            self.io_queue.push_back((tag, IoOp::Write { offset, data: data.into(), fua }));
+            self.io_queue.push_back((tag, IoOp::Write { offset, data: data.into(), fua, uncached: false }));
         } else {
             self.input = Input::ReceivingPayload { tag, offset, fua, data, filled };
         }
@@ -566,7 +567,7 @@ mod tests {
                 let mut done = Vec::new();
                 for (tag, op) in ops {
                     let result = match op {
-                        IoOp::Read { offset, len } => Ok(IoOutput::Read(AlignedBuf::from_slice(
+                        IoOp::Read { offset, len, .. } => Ok(IoOutput::Read(AlignedBuf::from_slice(
                             &self.disk[offset as usize..offset as usize + len as usize],
                         ))),
                         IoOp::Write { offset, data, .. } => {
@@ -726,7 +727,7 @@ mod tests {
         target.filled = len as usize;
         s.return_payload(target);
         match s.poll_io() {
-            Some((tag, IoOp::Write { offset: 4096, data, fua: false })) => {
+            Some((tag, IoOp::Write { offset: 4096, data, fua: false, uncached: false })) => {
                 assert_eq!((data[0], data[50_000], data[150_000]), (0x11, 0x22, 0x33));
                 s.handle_completion(tag, Ok(IoOutput::Done));
             }

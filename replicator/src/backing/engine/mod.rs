@@ -324,13 +324,12 @@ impl Engine {
     fn start(&mut self, queued: Queued) {
         let Queued { tag, op, reply } = queued;
         let (kind, bytes) = ops::account(&op);
+        let may_inline = self.may_inline();
         let mut env = Env { shared: &self.shared, zero_buf: &mut self.zero_buf };
         match ops::begin(op, &mut env) {
             Begin::Now(result) => self.deliver(kind, bytes, tag, &reply, result),
             Begin::Pending(mut state) => {
-                // At most one inline operation per round, and only on an
-                // idle ring: a burst still reaches io-wq and runs beside us.
-                if self.in_flight == 0 && !self.inlined_this_round {
+                if may_inline {
                     if let Some(result) = state.try_inline(&env) {
                         self.inlined_this_round = true;
                         self.deliver(kind, bytes, tag, &reply, result);
@@ -344,6 +343,18 @@ impl Engine {
                 self.in_flight += 1;
             }
         }
+    }
+
+    /// Whether the next small operation may be done inline (see
+    /// `OpState::try_inline`). A ring that hosts no connections is only a
+    /// disk worker (its requesters and sockets live in tokio, as for `up`):
+    /// nothing waits for this thread while it writes, and doing the write
+    /// here saves the hand-off to an io-wq worker and back, so every one
+    /// qualifies. A ring that hosts connections also sends and receives for
+    /// them: there only one per round, and only on an idle ring, so a burst
+    /// still reaches io-wq and runs beside us on the other core.
+    fn may_inline(&self) -> bool {
+        self.live_conns() == 0 || (self.in_flight == 0 && !self.inlined_this_round)
     }
 
     /// Answers an operation: on its channel, or to its hosted session.
