@@ -177,8 +177,9 @@ impl OpState {
     /// (`Engine::may_inline`). Through the ring, a buffered write on ext4
     /// goes to an io-wq worker (no non-blocking buffered write path),
     /// costing two thread wake-ups; a read needs another `io_uring_enter`
-    /// before its reply can be sent. Reads use RWF_NOWAIT, so data not in the page
-    /// cache still goes through the ring and never blocks this thread.
+    /// before its reply can be sent. Reads use RWF_NOWAIT, so data not in
+    /// the page cache still goes through the ring and never blocks this
+    /// thread. Uncached transfers always go through the ring.
     /// `None`: the ring does it (or, after a short transfer, the rest).
     pub(super) fn try_inline(&mut self, env: &Env<'_>) -> Option<IoResult> {
         match self {
@@ -314,7 +315,8 @@ pub(super) fn disable(flag: &std::sync::atomic::AtomicBool, what: &str) {
 
 pub(super) fn write_sqe(shared: &Shared, pos: u64, bytes: &[u8], fua: bool, uncached: bool) -> Entry {
     let fd = pick_fd(shared, pos, bytes.len(), bytes.as_ptr());
-    let flags = if fua { libc::RWF_DSYNC } else { 0 } | cache_flags(shared, fd, uncached);
+    let durable = if fua { libc::RWF_DSYNC } else { 0 };
+    let flags = durable | cache_flags(shared, fd, uncached);
     opcode::Write::new(fd, bytes.as_ptr(), len32(bytes.len())).offset(pos).rw_flags(flags).build()
 }
 
