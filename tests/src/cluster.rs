@@ -418,8 +418,9 @@ impl Drop for Cluster {
             let records = self.dir.join(format!("state-{name}")).join("run").join("mail");
             let Ok(entries) = std::fs::read_dir(&records) else { continue };
             for e in entries.flatten() {
-                let Ok(dev) = std::fs::read_to_string(e.path()) else { continue };
-                let dev = dev.trim().to_owned();
+                // A record is the device's path, then its identity.
+                let Ok(record) = std::fs::read_to_string(e.path()) else { continue };
+                let Some(dev) = record.lines().next().map(|l| l.trim().to_owned()) else { continue };
                 let Some(loop_name) = dev.strip_prefix("/dev/") else { continue };
                 let bound = format!("/sys/block/{loop_name}/loop/backing_file");
                 // A FUSE server killed while its loop device had I/O in
