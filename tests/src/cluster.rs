@@ -81,6 +81,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// Whether host `w` is part of the cluster (false: two-node mode).
     pub witness: bool,
+    /// Loop devices whose FUSE server (`replicator attach`) `kill_host`
+    /// killed, with their backing file's device number: released on drop.
+    orphans: Vec<(String, String)>,
 }
 
 fn run(c: &mut Command) -> Result<Output> {
@@ -149,7 +152,15 @@ impl Cluster {
         ));
         let config = dir.join("cluster.toml");
         std::fs::write(&config, text)?;
-        Ok(Cluster { pair, config, daemons: [None, None, None], service_ip, dir: dir.path().to_owned(), witness })
+        Ok(Cluster {
+            pair,
+            config,
+            daemons: [None, None, None],
+            service_ip,
+            dir: dir.path().to_owned(),
+            witness,
+            orphans: Vec::new(),
+        })
     }
 
     /// `clusterd run` on host `i`; waits until its admin socket answers.
@@ -297,6 +308,7 @@ impl Cluster {
         let ns = self.pair.net.host(i).ns.clone();
         if let Ok(out) = run(&mut cmd("ip", ["netns", "pids", &ns])) {
             let pids: Vec<&str> = out.stdout.split_whitespace().collect();
+            self.orphans.extend(loop_devices_served_by(&pids));
             if !pids.is_empty() {
                 let _ = run(cmd("kill", ["-9"]).args(&pids));
             }
@@ -393,9 +405,9 @@ fn make_filesystem(
 
 impl Drop for Cluster {
     /// Every process of every host dies (daemons, services, FUSE servers of
-    /// attached volumes); once they are gone, the loop devices the groups'
-    /// attach steps still had (their records under each node's state
-    /// directory) are detached, so tests do not leak loop devices.
+    /// attached volumes), and the loop devices of every FUSE server killed
+    /// during the test are released, so tests leak neither loop devices
+    /// nor hung file systems.
     fn drop(&mut self) {
         let mut pids = Vec::new();
         for i in 0..3 {
@@ -404,6 +416,20 @@ impl Drop for Cluster {
                 pids.extend(out.stdout.split_whitespace().map(str::to_owned));
             }
             self.kill_host(i);
+        }
+        // A FUSE server killed while its loop device had I/O in flight can
+        // leave a thread waiting on its own, dead, connection (and an ext4
+        // journal thread behind it, which hangs `sync` machine-wide): abort
+        // those connections (named after the backing file's device minor)
+        // unless the device was bound to something else since.
+        let orphans: Vec<(String, String)> = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .filter(|(dev, maj_min)| backing_maj_min(dev).as_deref() == Some(maj_min.as_str()))
+            .collect();
+        for (_, maj_min) in &orphans {
+            if let Some(minor) = maj_min.strip_prefix("0:") {
+                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+            }
         }
         // Gone, or a zombie (PID 1 may reap late).
         let gone = |pids: &[String]| {
@@ -414,30 +440,39 @@ impl Drop for Cluster {
             })
         };
         let _ = wait_until(Duration::from_secs(10), "the hosts' processes to exit", || gone(&pids));
-        for name in &NAMES[..2] {
-            let records = self.dir.join(format!("state-{name}")).join("run").join("mail");
-            let Ok(entries) = std::fs::read_dir(&records) else { continue };
-            for e in entries.flatten() {
-                // A record is the device's path, then its identity.
-                let Ok(record) = std::fs::read_to_string(e.path()) else { continue };
-                let Some(dev) = record.lines().next().map(|l| l.trim().to_owned()) else { continue };
-                let Some(loop_name) = dev.strip_prefix("/dev/") else { continue };
-                let bound = format!("/sys/block/{loop_name}/loop/backing_file");
-                // A FUSE server killed while its loop device had I/O in
-                // flight can leave a thread waiting on its own, dead,
-                // connection: abort that FUSE connection (named after the
-                // backing file's device minor).
-                if let Ok(out) = run(&mut cmd("losetup", ["--list", "--noheadings", "--output", "BACK-MAJ:MIN", &dev]))
-                {
-                    if let Some(minor) = out.stdout.trim().strip_prefix("0:") {
-                        let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
-                    }
-                }
-                let _ = wait_until(Duration::from_secs(10), "the loop device to detach", || {
-                    let _ = run(&mut cmd("losetup", ["-d", &dev]));
-                    !std::path::Path::new(&bound).exists()
-                });
-            }
+        for (dev, maj_min) in orphans {
+            let _ = wait_until(Duration::from_secs(10), "the loop device to detach", || {
+                let _ = run(&mut cmd("losetup", ["-d", &dev]));
+                backing_maj_min(&dev).as_deref() != Some(maj_min.as_str())
+            });
         }
     }
+}
+
+/// Loop devices bound to the volume file of a FUSE server among `pids`
+/// (its path names the server: `.../fuse-<pid>/volume`), with the backing
+/// file's device number, which stays the same after the server's mount
+/// namespace is gone (the path does not).
+fn loop_devices_served_by(pids: &[&str]) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let pid = backing.split("/fuse-").nth(1)?.split('/').next()?;
+            if !pids.contains(&pid) {
+                return None;
+            }
+            let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+            let maj_min = backing_maj_min(&dev)?;
+            Some((dev, maj_min))
+        })
+        .collect()
+}
+
+/// The device number of loop device `dev`'s backing file ("0:43"), if bound.
+fn backing_maj_min(dev: &str) -> Option<String> {
+    let out = run(&mut cmd("losetup", ["--list", "--noheadings", "--output", "BACK-MAJ:MIN", dev])).ok()?;
+    let maj_min = out.stdout.trim();
+    (!maj_min.is_empty()).then(|| maj_min.to_owned())
 }
