@@ -88,6 +88,7 @@ struct IoSection {
     direct: Option<bool>,
     threads: Option<usize>,
     ring_entries: Option<u32>,
+    busy_poll_us: Option<u32>,
 }
 
 /// Values given on the command line; each overrides the file.
@@ -109,6 +110,7 @@ pub struct Overrides {
     pub control: Option<PathBuf>,
     pub metrics_listen: Option<String>,
     pub io_threads: Option<usize>,
+    pub busy_poll_us: Option<u32>,
 }
 
 /// Everything `serve` needs, validated.
@@ -128,6 +130,7 @@ pub struct ServeConfig {
     pub metrics_listen: Option<String>,
     pub io_threads: usize,
     pub ring_entries: u32,
+    pub busy_poll_us: u32,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -207,6 +210,13 @@ pub fn resolve(overrides: Overrides) -> Result<ServeConfig, ConfigError> {
             "io.ring_entries{origin} must be a power of two between 8 and 4096, not {ring_entries}"
         )));
     }
+    let busy_poll_us = overrides.busy_poll_us.or(file.io.busy_poll_us).unwrap_or(crate::backing::BUSY_POLL_DEFAULT_US);
+    if busy_poll_us > crate::backing::BUSY_POLL_MAX_US {
+        return Err(invalid(format!(
+            "io.busy_poll_us{origin} must be between 0 (off) and {}, not {busy_poll_us}",
+            crate::backing::BUSY_POLL_MAX_US
+        )));
+    }
 
     Ok(ServeConfig {
         disk,
@@ -223,6 +233,7 @@ pub fn resolve(overrides: Overrides) -> Result<ServeConfig, ConfigError> {
         metrics_listen,
         io_threads,
         ring_entries,
+        busy_poll_us,
     })
 }
 

@@ -60,6 +60,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     backing_config.direct_io = config.direct_io;
     backing_config.io_threads = config.io_threads;
     backing_config.ring_entries = config.ring_entries;
+    backing_config.busy_poll = std::time::Duration::from_micros(config.busy_poll_us.into());
     let backing = Backing::open(backing_config)?;
 
     let tls_acceptor = match &config.tls_files {

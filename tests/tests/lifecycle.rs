@@ -369,4 +369,18 @@ fn config_file_and_overrides() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("exprot"), "error does not name the bad key: {err}");
+
+    // Busy polling: off from the file, and a flag out of range names the
+    // setting and its bounds.
+    let io = dir.join("io.toml");
+    std::fs::write(&io, format!("[volume]\ndisk = {:?}\n\n[io]\nbusy_poll_us = 0\n", vol.disk.to_str().unwrap()))
+        .unwrap();
+    let srv = Server::spawn(["serve", "--config", io.to_str().unwrap()]).unwrap();
+    Client::connect(srv.addr(), "volume").unwrap();
+    drop(srv);
+    let err = match Server::spawn(["serve", "--disk", vol.disk.to_str().unwrap(), "--busy-poll-us", "20000"]) {
+        Ok(_) => panic!("serve accepted a 20 ms busy poll"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("busy_poll_us") && err.contains("10000"), "unclear busy-poll error: {err}");
 }

@@ -57,14 +57,32 @@ pub struct BackingConfig {
     pub ring_entries: u32,
     /// Number of I/O threads, each with its own ring.
     pub io_threads: usize,
+    /// How long an I/O thread that hosts connections keeps polling after
+    /// the last socket event before it sleeps (zero: it sleeps at once).
+    pub busy_poll: std::time::Duration,
 }
 
 impl BackingConfig {
-    /// Read-write, buffered, one thread with a 256-entry ring.
+    /// Read-write, buffered, one thread with a 256-entry ring, busy
+    /// polling for [`BUSY_POLL_DEFAULT_US`].
     pub fn new(path: PathBuf, data_size_bytes: u64) -> Self {
-        Self { path, read_only: false, direct_io: false, data_size_bytes, ring_entries: 256, io_threads: 1 }
+        Self {
+            path,
+            read_only: false,
+            direct_io: false,
+            data_size_bytes,
+            ring_entries: 256,
+            io_threads: 1,
+            busy_poll: std::time::Duration::from_micros(BUSY_POLL_DEFAULT_US.into()),
+        }
     }
 }
+
+/// Default busy-poll time of a ring that hosts connections, in µs.
+pub const BUSY_POLL_DEFAULT_US: u32 = 50;
+
+/// Upper bound for the busy-poll time, in µs.
+pub const BUSY_POLL_MAX_US: u32 = 10_000;
 
 /// What the backing can do, as learned so far (`trim` and `zero_range` turn
 /// false after the first EOPNOTSUPP from the filesystem or device).

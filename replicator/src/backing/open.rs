@@ -71,11 +71,19 @@ pub(super) fn open_shared(cfg: &BackingConfig) -> Result<Shared, BackingError> {
         trim_ok: AtomicBool::new(writable),
         zero_range_ok: AtomicBool::new(writable),
         dontcache_ok: AtomicBool::new(true),
+        busy_poll: cfg.busy_poll,
         stats: Counters::default(),
     })
 }
 
 fn check_config(cfg: &BackingConfig) -> Result<(), BackingError> {
+    if cfg.busy_poll > std::time::Duration::from_micros(super::BUSY_POLL_MAX_US.into()) {
+        return Err(BackingError::InvalidConfig(format!(
+            "busy_poll is {:?}; use at most {} µs",
+            cfg.busy_poll,
+            super::BUSY_POLL_MAX_US
+        )));
+    }
     if !(2..=MAX_RING_ENTRIES).contains(&cfg.ring_entries) {
         return Err(BackingError::InvalidConfig(format!(
             "ring_entries is {}; use a value from 2 to {MAX_RING_ENTRIES} (256 is a good default)",

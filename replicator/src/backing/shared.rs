@@ -31,6 +31,8 @@ pub(super) struct Shared {
     pub zero_range_ok: AtomicBool,
     /// RWF_DONTCACHE has not yet answered EOPNOTSUPP (see `IoOp::Write`).
     pub dontcache_ok: AtomicBool,
+    /// See `BackingConfig::busy_poll`.
+    pub busy_poll: std::time::Duration,
     pub stats: Counters,
 }
 

@@ -18,6 +18,7 @@ use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
@@ -205,6 +206,8 @@ struct Engine {
     wake_failure: Option<io::Error>,
     /// An operation was done inline since the last `io_uring_enter` (see `start`).
     inlined_this_round: bool,
+    /// When a hosted connection's socket last completed an operation.
+    last_conn_event: Instant,
 }
 
 impl Engine {
@@ -246,6 +249,7 @@ impl Engine {
             cqes: Vec::with_capacity(cq),
             wake_failure: None,
             inlined_this_round: false,
+            last_conn_event: Instant::now(),
         })
     }
 
@@ -258,6 +262,11 @@ impl Engine {
             }
             if !self.stopping && !self.efd_armed {
                 self.arm_eventfd();
+            }
+            if self.poll_briefly(rx)? {
+                self.inlined_this_round = false;
+                self.reap();
+                continue;
             }
             // Announce the sleep, then look once more (see Waker::wake).
             self.waker.sleeping.store(true, Ordering::Relaxed);
@@ -276,6 +285,35 @@ impl Engine {
             }
         }
         self.retire_eventfd()
+    }
+
+    /// Busy-polls before sleeping: for up to `busy_poll` after the last
+    /// socket event of a hosted connection, keeps entering the kernel
+    /// without waiting (which submits, and runs the completion work of
+    /// arrived requests) and looking for completions and new requests.
+    /// True if something arrived. On this VM a sleeping vCPU costs tens of
+    /// µs to wake, twice per request at queue depth 1 (our thread for the
+    /// request, the client for the reply); polling saves the first, like
+    /// the kernel's `net.core.busy_poll`. Yields the CPU on every turn, so
+    /// a runnable client or kernel worker on this core goes first.
+    fn poll_briefly(&mut self, rx: &Receiver<Msg>) -> io::Result<bool> {
+        if self.shared.busy_poll.is_zero() || self.live_conns() == 0 || self.stopping {
+            return Ok(false);
+        }
+        let deadline = self.last_conn_event + self.shared.busy_poll;
+        loop {
+            self.enter(0)?;
+            if !self.ring.completion().is_empty() {
+                return Ok(true);
+            }
+            if self.drain(rx) {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            thread::yield_now();
+        }
     }
 
     /// Takes every queued request; true if anything changed.
@@ -402,6 +440,7 @@ impl Engine {
             return;
         }
         if user_data & hosted::CONN_BIT != 0 {
+            self.last_conn_event = Instant::now();
             self.conn_event(user_data, res);
             return;
         }
