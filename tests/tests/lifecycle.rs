@@ -375,6 +375,10 @@ fn config_file_and_overrides() {
     let io = dir.join("io.toml");
     std::fs::write(&io, format!("[volume]\ndisk = {:?}\n\n[io]\nbusy_poll_us = 0\n", vol.disk.to_str().unwrap()))
         .unwrap();
+    let out = run(replicator().args(["serve", "--validate", "--config", io.to_str().unwrap()])).unwrap();
+    assert!(out.stdout.contains("busy_poll_us: 0,"), "busy_poll_us from the file not taken: {}", out.stdout);
+    let out = run(replicator().args(["serve", "--validate", "--disk", vol.disk.to_str().unwrap()])).unwrap();
+    assert!(out.stdout.contains("busy_poll_us: 50,"), "default busy poll is not 50 µs: {}", out.stdout);
     let srv = Server::spawn(["serve", "--config", io.to_str().unwrap()]).unwrap();
     Client::connect(srv.addr(), "volume").unwrap();
     drop(srv);
