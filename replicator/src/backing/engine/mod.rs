@@ -291,7 +291,7 @@ impl Engine {
     /// socket event of a hosted connection, keeps entering the kernel
     /// without waiting (which submits, and runs the completion work of
     /// arrived requests) and looking for completions and new requests.
-    /// True if something arrived. On this VM a sleeping vCPU costs tens of
+    /// True if something arrived. On a VM a sleeping vCPU costs tens of
     /// µs to wake, twice per request at queue depth 1 (our thread for the
     /// request, the client for the reply); polling saves the first, like
     /// the kernel's `net.core.busy_poll`. Yields the CPU on every turn, so
@@ -301,19 +301,14 @@ impl Engine {
             return Ok(false);
         }
         let deadline = self.last_conn_event + self.shared.busy_poll;
-        loop {
+        while Instant::now() < deadline {
             self.enter(0)?;
-            if !self.ring.completion().is_empty() {
+            if !self.ring.completion().is_empty() || self.drain(rx) {
                 return Ok(true);
-            }
-            if self.drain(rx) {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
             }
             thread::yield_now();
         }
+        Ok(false)
     }
 
     /// Takes every queued request; true if anything changed.
