@@ -217,6 +217,13 @@ fn direct_io_handles_aligned_and_unaligned_ops() {
     assert_eq!(client.read(&backing, 64 * KIB, 8192), expect);
     assert_eq!(client.read(&backing, 64 * KIB + 1, 8000), expect[1..8001]);
     assert_eq!(client.run(&backing, IoOp::Flush), Ok(IoOutput::Done));
+
+    // Large reads: aligned ones through O_DIRECT, unaligned ones through the
+    // page cache in an io-wq worker (`OpState::sqe`).
+    let big = Rng::new(11).bytes(2 * MIB as usize);
+    client.write(&backing, MIB, &big, false);
+    assert_eq!(client.read(&backing, MIB, 2 * MIB as u32), big);
+    assert_eq!(client.read(&backing, MIB + 1, MIB as u32), big[1..MIB as usize + 1]);
     drop(backing);
     let on_disk = fs::read(&path).expect("read file");
     assert_eq!(on_disk[64 * 1024..64 * 1024 + 8192], expect[..]);

@@ -85,14 +85,14 @@ impl ZeroOp {
 
     pub(super) fn sqe(&mut self, env: &mut Env<'_>) -> Entry {
         match self.stage {
-            Stage::PunchHole => fallocate_sqe(self.offset, self.len, libc::FALLOC_FL_PUNCH_HOLE),
-            Stage::ZeroRange => fallocate_sqe(self.offset, self.len, libc::FALLOC_FL_ZERO_RANGE),
+            Stage::PunchHole => fallocate_sqe(env.shared, self.offset, self.len, libc::FALLOC_FL_PUNCH_HOLE),
+            Stage::ZeroRange => fallocate_sqe(env.shared, self.offset, self.len, libc::FALLOC_FL_ZERO_RANGE),
             Stage::Write { done } => {
                 let zeros = env.zero_buf.get_or_insert_with(|| AlignedBuf::zeroed(ZERO_CHUNK));
                 let chunk = (self.len - done).min(ZERO_CHUNK as u32) as usize;
                 write_sqe(env.shared, self.offset + u64::from(done), &zeros[..chunk], false, false)
             }
-            Stage::Sync => flush_sqe(),
+            Stage::Sync => flush_sqe(env.shared),
         }
     }
 
