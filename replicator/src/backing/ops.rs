@@ -339,9 +339,8 @@ fn cache_flags(shared: &Shared, fd: types::Fixed, uncached: bool) -> libc::c_int
     }
 }
 
-// fsync and fallocate always run in an io-wq worker, so they name the plain
-// descriptor (see `raw_fd`).
-
+/// fdatasync; io_uring always runs it in an io-wq worker, so it names the
+/// plain descriptor (see `raw_fd`).
 pub(super) fn flush_sqe(shared: &Shared) -> Entry {
     // fdatasync acts on the inode, so the buffered descriptor also covers
     // writes that went through the O_DIRECT one.
@@ -349,6 +348,7 @@ pub(super) fn flush_sqe(shared: &Shared) -> Entry {
     opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()
 }
 
+/// fallocate; like fdatasync, always run in an io-wq worker.
 pub(super) fn fallocate_sqe(shared: &Shared, offset: u64, len: u32, mode: libc::c_int) -> Entry {
     opcode::Fallocate::new(types::Fd(raw_fd(shared, types::Fixed(FILE_BUFFERED))), u64::from(len))
         .offset(offset)
@@ -373,8 +373,8 @@ fn pick_fd(shared: &Shared, pos: u64, len: usize, addr: *const u8) -> types::Fix
 /// run in an io-wq worker. A worker resolving a registered descriptor takes
 /// the ring's submission lock, which the ring thread holds for as long as it
 /// submits, including copying a large reply into a socket: the worker would
-/// wait for that send (measured: 1 MiB reads 3.4 → 3.9 GB/s). A plain
-/// descriptor is looked up in the process's file table, without the lock.
+/// wait for that send (BENCHMARKS.md, 2026-12-07). A plain descriptor is
+/// looked up in the process's file table, without the lock.
 fn raw_fd(shared: &Shared, fd: types::Fixed) -> std::os::fd::RawFd {
     use std::os::fd::AsRawFd;
     match (fd.0, &shared.files.direct) {
