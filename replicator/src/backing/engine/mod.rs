@@ -515,6 +515,11 @@ impl Drop for Engine {
             if let Some(zeros) = self.zero_buf.take() {
                 std::mem::forget(zeros);
             }
+            // Requests bound for io-wq name the backing file by its plain
+            // descriptor (`ops::raw_fd`); one still queued when the ring
+            // closes must not find that number reused by another file, so
+            // the descriptors stay open for the life of the process.
+            std::mem::forget(Arc::clone(&self.shared));
         }
         if self.efd_armed {
             std::mem::forget(std::mem::take(&mut self.efd_buf));
