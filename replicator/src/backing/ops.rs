@@ -157,9 +157,9 @@ impl OpState {
                 // A large page-cache read is a long memcpy; done inline it
                 // would keep the ring thread from sending and receiving
                 // meanwhile. A kernel worker does it on the other core, given
-                // the plain descriptor (see `raw_fd`). O_DIRECT reads copy
-                // nothing and are asynchronous in the ring anyway.
-                opcode::Read::new(types::Fd(raw_fd(env.shared, fd)), ptr, len)
+                // the plain descriptor (see `buffered_fd`). O_DIRECT reads
+                // copy nothing and are asynchronous in the ring anyway.
+                opcode::Read::new(buffered_fd(env.shared), ptr, len)
                     .offset(pos)
                     .rw_flags(flags)
                     .build()
@@ -340,17 +340,16 @@ fn cache_flags(shared: &Shared, fd: types::Fixed, uncached: bool) -> libc::c_int
 }
 
 /// fdatasync; io_uring always runs it in an io-wq worker, so it names the
-/// plain descriptor (see `raw_fd`).
+/// plain descriptor (see `buffered_fd`).
 pub(super) fn flush_sqe(shared: &Shared) -> Entry {
     // fdatasync acts on the inode, so the buffered descriptor also covers
     // writes that went through the O_DIRECT one.
-    let fd = types::Fd(raw_fd(shared, types::Fixed(FILE_BUFFERED)));
-    opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()
+    opcode::Fsync::new(buffered_fd(shared)).flags(types::FsyncFlags::DATASYNC).build()
 }
 
 /// fallocate; like fdatasync, always run in an io-wq worker.
 pub(super) fn fallocate_sqe(shared: &Shared, offset: u64, len: u32, mode: libc::c_int) -> Entry {
-    opcode::Fallocate::new(types::Fd(raw_fd(shared, types::Fixed(FILE_BUFFERED))), u64::from(len))
+    opcode::Fallocate::new(buffered_fd(shared), u64::from(len))
         .offset(offset)
         .mode(mode | libc::FALLOC_FL_KEEP_SIZE)
         .build()
@@ -369,18 +368,16 @@ fn pick_fd(shared: &Shared, pos: u64, len: usize, addr: *const u8) -> types::Fix
     }
 }
 
-/// The process-wide descriptor behind a registered slot, for requests that
-/// run in an io-wq worker. A worker resolving a registered descriptor takes
-/// the ring's submission lock, which the ring thread holds for as long as it
-/// submits, including copying a large reply into a socket: the worker would
-/// wait for that send (BENCHMARKS.md, 2026-12-07). A plain descriptor is
-/// looked up in the process's file table, without the lock.
-fn raw_fd(shared: &Shared, fd: types::Fixed) -> std::os::fd::RawFd {
+/// The page-cache descriptor as a plain one (not its registered slot), for
+/// requests that run in an io-wq worker. A worker resolving a registered
+/// descriptor takes the ring's submission lock, which the ring thread holds
+/// for as long as it submits, including copying a large reply into a
+/// socket: the worker would wait for that send (BENCHMARKS.md, 2026-12-07).
+/// A plain descriptor is looked up in the process's file table, without
+/// the lock.
+fn buffered_fd(shared: &Shared) -> types::Fd {
     use std::os::fd::AsRawFd;
-    match (fd.0, &shared.files.direct) {
-        (FILE_DIRECT, Some(direct)) => direct.as_raw_fd(),
-        _ => shared.files.buffered.as_raw_fd(),
-    }
+    types::Fd(shared.files.buffered.as_raw_fd())
 }
 
 /// Small enough for `OpState::try_inline`, and through the page cache (an

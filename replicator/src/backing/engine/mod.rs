@@ -516,7 +516,7 @@ impl Drop for Engine {
                 std::mem::forget(zeros);
             }
             // Requests bound for io-wq name the backing file by its plain
-            // descriptor (`ops::raw_fd`); one still queued when the ring
+            // descriptor (`ops::buffered_fd`); one still queued when the ring
             // closes must not find that number reused by another file, so
             // the descriptors stay open for the life of the process.
             std::mem::forget(Arc::clone(&self.shared));
