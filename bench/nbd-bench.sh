@@ -22,6 +22,9 @@
 #   ROUNDS=3            rounds; each runs every server in turn, and the table
 #                       shows the median, so drift on a shared machine hits
 #                       every server alike
+# The table shows, per job, the median over the rounds of MiB/s, IOPS,
+# p99 completion latency, the ratio of MiB/s to nbdkit's, and the server's
+# CPU time per request (user + system, all its threads).
 # Results (fio JSON, server logs, summary.txt) go to $BENCH_DIR/results-<time>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -118,6 +121,12 @@ start_server() {
     URI="nbd://127.0.0.1:$port/volume"
 }
 
+# CPU time (user + system, clock ticks) of the server so far, all its
+# threads included (io_uring's kernel workers are threads of the process).
+server_cpu_ticks() {
+    sed 's/.*) //' "/proc/$SERVER_PID/stat" | awk '{ print $12 + $13 }'
+}
+
 job_args() {
     case "$1" in
     randwrite-4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1" ;;
@@ -152,11 +161,19 @@ run_suite() {
             echo "== $label: $server (round $round of $ROUNDS)"
             start_server "$server" "$file" "$RESULTS/$label-$server.log"
             for job in $JOBS; do
+                # Write back what earlier jobs and servers left dirty: the
+                # flusher would otherwise write it (30 s after it was
+                # dirtied, the default dirty_expire) in the middle of some
+                # later job, on this machine's two cores.
+                sync
+                local cpu_before
+                cpu_before=$(server_cpu_ticks)
                 # shellcheck disable=SC2046
                 fio --name="$job" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
                     $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
                     --norandommap --randrepeat=0 --refill_buffers \
                     --output-format=json --output="$RESULTS/$label-$server-$job-r$round.json"
+                echo $(($(server_cpu_ticks) - cpu_before)) >"$RESULTS/$label-$server-$job-r$round.cpu"
                 echo "   $job done"
             done
             stop_server
@@ -170,11 +187,11 @@ if [ "$TMPFS" = 1 ]; then
     rm -rf /dev/shm/replicator-bench
 fi
 
-python3 - "$RESULTS" "$SERVERS" "$JOBS" "$ROUNDS" <<'PY' | tee "$RESULTS/summary.txt"
+python3 - "$RESULTS" "$SERVERS" "$JOBS" "$ROUNDS" "$RAMP" "$RUNTIME" "$(getconf CLK_TCK)" <<'PY' | tee "$RESULTS/summary.txt"
 import json, os, statistics, sys
 
 results, servers, jobs = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
-rounds = int(sys.argv[4])
+rounds, ramp, runtime, clk_tck = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 
 def load_one(path, job):
     try:
@@ -184,10 +201,20 @@ def load_one(path, job):
     j = json.loads(text[text.index("{"):])["jobs"][0]
     side = j["read"] if "read" in job else j["write"]
     pct = side.get("clat_ns", {}).get("percentile", {})
+    # Server CPU per request: the CPU was counted over the ramp too, when
+    # requests ran at about the measured rate.
+    cpu_us = None
+    try:
+        ticks = int(open(path[: -len(".json")] + ".cpu").read())
+        ops = side["iops"] * (ramp + runtime)
+        cpu_us = ticks / clk_tck * 1e6 / ops if ops > 0 else None
+    except (FileNotFoundError, ValueError):
+        pass
     return {
         "mibs": side["bw_bytes"] / 1048576,
         "iops": side["iops"],
         "p99": pct.get("99.000000", 0) / 1000,
+        "cpu_us": cpu_us,
         "err": j.get("error", 0),
     }
 
@@ -200,11 +227,15 @@ def load(label, server, job):
         "mibs": statistics.median(r["mibs"] for r in runs),
         "iops": statistics.median(r["iops"] for r in runs),
         "p99": statistics.median(r["p99"] for r in runs),
+        "cpu_us": statistics.median(cpu) if (cpu := [r["cpu_us"] for r in runs if r["cpu_us"]]) else None,
         "err": max(r["err"] for r in runs),
     }
 
 labels = sorted({f.split("-", 1)[0] for f in os.listdir(results) if f.endswith(".json")})
-hdr = f"{'backing':8} {'job':18} {'server':11} {'MiB/s':>9} {'IOPS':>10} {'p99 us':>10} {'vs nbdkit':>9}"
+hdr = (
+    f"{'backing':8} {'job':18} {'server':11} {'MiB/s':>9} {'IOPS':>10} {'p99 us':>10} {'vs nbdkit':>9}"
+    f" {'cpu us/req':>10}"
+)
 print(hdr)
 print("-" * len(hdr))
 for label in labels:
@@ -216,6 +247,10 @@ for label in labels:
                 continue
             ratio = f"{r['mibs'] / base['mibs']:.2f}x" if base and base["mibs"] > 0 else "-"
             err = "  (fio error)" if r["err"] else ""
-            print(f"{label:8} {job:18} {server:11} {r['mibs']:9.1f} {r['iops']:10.0f} {r['p99']:10.0f} {ratio:>9}{err}")
-print(f"\nmedian of {rounds} round(s); raw results: {results}")
+            cpu = f"{r['cpu_us']:10.1f}" if r["cpu_us"] else f"{'-':>10}"
+            print(
+                f"{label:8} {job:18} {server:11} {r['mibs']:9.1f} {r['iops']:10.0f} {r['p99']:10.0f} {ratio:>9}"
+                f" {cpu}{err}"
+            )
+print(f"\nmedian of {rounds} round(s); cpu us/req: the server's CPU time per request; raw results: {results}")
 PY
