@@ -122,9 +122,13 @@ start_server() {
 }
 
 # CPU time (user + system, clock ticks) of the server so far, all its
-# threads included (io_uring's kernel workers are threads of the process).
+# threads included (io_uring's kernel workers are threads of the process);
+# 0 once the server is gone (fio then reports the failure).
 server_cpu_ticks() {
-    sed 's/.*) //' "/proc/$SERVER_PID/stat" | awk '{ print $12 + $13 }'
+    local stat
+    stat=$(cat "/proc/$SERVER_PID/stat" 2>/dev/null) || { echo 0; return; }
+    # Fields after the command name, which is in parentheses.
+    echo "${stat##*) }" | awk '{ print $12 + $13 }'
 }
 
 job_args() {
