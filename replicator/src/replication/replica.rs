@@ -472,10 +472,37 @@ impl<P: Clone> Replica<P> {
             );
             r.actions.push_back(Action::PersistBitmap);
         }
+        if !persisted.clean_shutdown && !persisted.primary && r.disk == DiskState::UpToDate {
+            r.outdate_after_secondary_crash();
+        }
         // Running: a crash from here on is not a clean shutdown; a primary
         // that restarts cleanly stays primary.
         r.persist_meta_with(false);
         r
+    }
+
+    /// Under protocols A and B a secondary acknowledges a write before it
+    /// is on its disk, so one that crashed may lack writes its primary
+    /// acknowledged. Like DRBD's restarted node (Consistent, not UpToDate),
+    /// it is not promoted on its own word: it is Outdated until its peer
+    /// confirms or resyncs it (the handshake clears it), or the admin
+    /// forces a promotion. Without this, a secondary that crashed, then a
+    /// primary that crashed before noticing, left the secondary promotable
+    /// with writes missing that only the dead primary held; the primary's
+    /// return then resynced them away (sim seed 10023229).
+    fn outdate_after_secondary_crash(&mut self) {
+        if self.cfg.protocol == Protocol::C {
+            // It acknowledged only what it had written.
+            return;
+        }
+        warn!(
+            resource = %self.cfg.resource,
+            protocol = ?self.cfg.protocol,
+            "recovering from a crash while secondary: writes the primary acknowledged may be missing here; \
+             Outdated until the peer confirms the data (`replicator primary --force` overrides)"
+        );
+        self.outdated = true;
+        self.disk = DiskState::Outdated;
     }
 
     // ----- queries -----
@@ -1205,8 +1232,14 @@ impl<P: Clone> Replica<P> {
         if matches!(decision, Decision::Source { .. } | Decision::Target { .. }) {
             self.discard_my_data = false;
         }
-        if decision == Decision::NoSync && self.disk == DiskState::Outdated && peer_side.consistent {
+        let newest = match decision {
             // Same data generation: nothing newer exists after all.
+            Decision::NoSync => peer_side.consistent,
+            // The peer's data is older than ours (it becomes our target).
+            Decision::Source { .. } => true,
+            _ => false,
+        };
+        if newest && self.disk == DiskState::Outdated {
             self.outdated = false;
             self.disk = DiskState::UpToDate;
             self.persist_meta();
