@@ -587,7 +587,12 @@ impl Failover {
                     // it was sent, has surely ended on every clock.
                     let other = previous.filter(|p| *p != self.cfg.me);
                     // A released owner demoted before recording it: no wait.
-                    let wait_until_ms = match other {
+                    // The wait holds when the previous grant was this node's
+                    // own too (an older incarnation, or before a step-down):
+                    // that grant may never have promoted, and then the owner
+                    // before it may still write until its lease ends, which
+                    // the last owner activity bounds (sim seed 10378433).
+                    let wait_until_ms = match previous {
                         Some(_) if !released_before => {
                             owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms
                         }
@@ -656,18 +661,45 @@ impl Failover {
                 // The owner gave the group up: ask for it without delay.
                 self.next_propose_ms = self.now_ms;
             }
-            Applied::Standby { node, on: true } if node == self.cfg.me => {
-                if !self.release(self.now_ms) && self.role != Role::Secondary && !self.releasing() {
-                    tracing::info!("standby: giving up the group before promotion");
-                    self.step_down();
-                }
-            }
+            Applied::Standby { node, on: true } if node == self.cfg.me => self.give_up_for_standby(),
             Applied::Failed(_)
             | Applied::Cleaned(_)
             | Applied::Disk { .. }
             | Applied::Standby { .. }
             | Applied::EpochRaised(_)
             | Applied::Ignored => {}
+        }
+    }
+
+    /// The admin put this node in standby: it gives the group up, in order,
+    /// and records that in the log even when nobody can take the group
+    /// now, so that the next owner neither waits out this node's lease nor
+    /// fences a node that is merely in standby (sim seeds 10078840 and
+    /// 10212197: its heartbeats to the next owner were cut).
+    fn give_up_for_standby(&mut self) {
+        match self.role {
+            Role::Primary { epoch, .. } => {
+                tracing::info!(epoch, "standby: stopping services and demoting");
+                self.role = Role::Releasing { epoch, demoted: false };
+                self.services_started = false;
+                self.actions.extend([Action::StopServices, Action::Demote]);
+            }
+            // Granted but never promoted: confirm the volume is secondary,
+            // then record the release while the lease is ours. Not while a
+            // fence is running: the next owner could be the node it is
+            // about to power off (sim seed 10488317).
+            Role::ExpectLeaseEndOrFence { epoch, fencing: None, .. } if self.lease_until_ms > self.now_ms => {
+                tracing::info!(epoch, "standby: giving up the group before promotion");
+                self.frozen = true;
+                self.services_started = false;
+                self.role = Role::Releasing { epoch, demoted: false };
+                self.actions.push_back(Action::Demote);
+            }
+            Role::ExpectLeaseEndOrFence { .. } => {
+                tracing::info!("standby: giving up the group before promotion");
+                self.step_down();
+            }
+            Role::Releasing { .. } | Role::Secondary => {}
         }
     }
 
@@ -1259,6 +1291,62 @@ mod tests {
         let a = h.commit(Entry::Standby { group: G, node: A, on: true });
         assert_eq!(a, vec![Action::StopServices, Action::Demote]);
         assert!(!h.f.state().may_grant(A));
+    }
+
+    #[test]
+    fn a_primary_put_in_standby_records_its_release_even_when_the_peer_cannot_take_over() {
+        let mut h = primary_a();
+        h.commit(Entry::MarkFailed { group: G, node: B });
+        assert!(!h.f.release(h.now), "a failed peer cannot take a planned move");
+        let a = h.commit(Entry::Standby { group: G, node: A, on: true });
+        assert_eq!(a, vec![Action::StopServices, Action::Demote]);
+        let a = h.input(Input::Demoted);
+        let release = Entry::Release { group: G, epoch: 1 };
+        assert!(proposals(&a).contains(&&release), "recorded, so the next owner need not fence A: {a:?}");
+        h.commit(release);
+        assert_eq!(h.f.promoted_epoch(), None);
+        assert!(!h.f.releasing());
+    }
+
+    #[test]
+    fn an_owner_put_in_standby_before_promotion_records_its_release() {
+        // A took the group from a vanished B, which it cannot fence, and
+        // waits out B's lease; the admin puts A in standby meanwhile.
+        let mut h = a_with_b_owner(true);
+        h.now = 1500;
+        h.input(Input::PeerDead(B));
+        h.advance_to(2000);
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        h.commit_proposals(&a);
+        h.now = 2100;
+        let a = h.input(Input::FenceDone { node: B, ok: false });
+        assert!(!a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
+        let a = h.commit(Entry::Standby { group: G, node: A, on: true });
+        assert_eq!(a, vec![Action::Demote], "never promoted: only the demotion is confirmed");
+        assert!(!h.f.writable());
+        let a = h.input(Input::Demoted);
+        let release = Entry::Release { group: G, epoch: 2 };
+        assert!(proposals(&a).contains(&&release), "{a:?}");
+        assert!(!h.advance_to(3110).iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
+        h.commit(release.clone());
+        assert_eq!(h.f.promoted_epoch(), None);
+        assert!(!h.f.releasing());
+        // B comes back with its heartbeats to A cut: a released owner is
+        // neither waited for nor fenced.
+        let mut b = Harness::new(B, true);
+        b.input(Input::PeerDead(A));
+        b.input(Input::Quorum(true));
+        b.actions();
+        b.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
+        b.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        b.now = 100;
+        let a = b.commit(release);
+        let grant = Entry::Grant { group: G, node: B, epoch: 3, incarnation: 7 };
+        assert_eq!(proposals(&a), vec![&grant]);
+        let a = b.commit(grant);
+        assert!(!a.iter().any(|a| matches!(a, Action::Fence { .. })), "{a:?}");
+        let a = b.commit_proposals(&a);
+        assert!(a.contains(&Action::Promote { epoch: 3 }), "promoted at once after the renewal: {a:?}");
     }
 
     #[test]

@@ -180,6 +180,9 @@ struct Node {
     up_since: u64,
     /// Newest write version on this node's disk (storage nodes).
     data: u64,
+    /// Newest primary epoch this node's volume has seen (persisted by the
+    /// replicator, so it survives crashes).
+    vol_epoch: u64,
     repl_reported: bool,
     /// Recent datagrams this node sent (replayed by a hostile network).
     sent: Vec<(usize, u8, [u8; DATAGRAM_BYTES])>,
@@ -270,6 +273,7 @@ impl Sim {
                 was_writable: false,
                 up_since: 0,
                 data: 0,
+                vol_epoch: 0,
                 repl_reported: false,
                 sent: Vec::new(),
             });
@@ -538,6 +542,7 @@ impl Sim {
                     ));
                 }
                 self.max_promoted_epoch = epoch;
+                self.nodes[n].vol_epoch = self.nodes[n].vol_epoch.max(epoch);
             }
             Action::Fence { node: victim } => {
                 let v = victim.0 as usize;
@@ -744,6 +749,20 @@ impl Sim {
             // stale one demotes when its lease ends): no connection yet.
             return;
         }
+        let stale_primary = promoted.first().is_some_and(|&p| {
+            let epoch = self.nodes[p].fo.as_ref().and_then(|f| f.promoted_epoch()).unwrap_or(0);
+            epoch < self.nodes[1 - p].vol_epoch
+        });
+        if truth && stale_primary {
+            // Nor does it take one whose epoch is older than the newest
+            // its volume saw (the stale one demotes when its lease ends).
+            return;
+        }
+        if truth {
+            let newest = self.nodes[A].vol_epoch.max(self.nodes[B].vol_epoch);
+            self.nodes[A].vol_epoch = newest;
+            self.nodes[B].vol_epoch = newest;
+        }
         if truth {
             let primary = promoted.first().copied();
             let source = primary.unwrap_or(if self.nodes[A].data >= self.nodes[B].data { A } else { B });
@@ -843,6 +862,7 @@ impl Sim {
                 let v = !self.path_cut[a][b][p];
                 self.path_cut[a][b][p] = v;
                 self.path_cut[b][a][p] = v;
+                self.note(format!("heartbeat path {p} node{a} <-> node{b} cut={v}"));
             }
         }
         if self.rng.chance(self.swarm.replay_pct) {
@@ -1075,10 +1095,20 @@ fn sim_many_seeds() {
 /// 1817 (found a lease wait without the drift margin), 20400 (a failed
 /// owner whose heartbeat paths were cut was fenced), 23427 (the simulated
 /// replicator resynced from a stale, frozen primary), 44905 (a node cut off
-/// after its grant promoted after a newer owner had).
+/// after its grant promoted after a newer owner had), 10078840 and 10212197
+/// (an owner put in standby, before promotion and as a primary whose peer
+/// had failed, gave the group up without recording it; the next owner, its
+/// heartbeats to it cut, fenced it), 10378433 (a node restarted after its
+/// grant, before promoting on it, took the next grant without waiting out
+/// the lease of the owner before, which was still writing), 10389880 (the
+/// simulated replicator let a stale primary resync over a newer disk: the
+/// real one refuses a primary older than the newest epoch its volume saw),
+/// 10488317 (an owner in standby recorded its release while its fence of
+/// the other node was still running; that node took the group and was
+/// powered off).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817, 20400, 23427, 44905] {
+    for seed in [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317] {
         run(seed);
     }
 }
