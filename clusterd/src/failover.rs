@@ -1080,8 +1080,9 @@ mod tests {
         assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
     }
 
-    #[test]
-    fn a_successful_fence_replaces_the_wait_and_a_failed_one_does_not() {
+    /// A, with fencing, granted epoch 2 after B (the owner) vanished; the
+    /// grant's renewal committed, B's fence issued and running.
+    fn a_granted_after_b_vanished() -> Harness {
         let mut h = a_with_b_owner(true);
         h.now = 1500;
         h.input(Input::PeerDead(B));
@@ -1090,16 +1091,16 @@ mod tests {
         assert!(a.contains(&Action::Fence { node: B }), "{a:?}");
         h.commit_proposals(&a);
         h.now = 2100;
+        h
+    }
+
+    #[test]
+    fn a_successful_fence_replaces_the_wait_and_a_failed_one_does_not() {
+        let mut h = a_granted_after_b_vanished();
         let a = h.input(Input::FenceDone { node: B, ok: true });
         assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
 
-        let mut h = a_with_b_owner(true);
-        h.now = 1500;
-        h.input(Input::PeerDead(B));
-        h.advance_to(2000);
-        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
-        h.commit_proposals(&a);
-        h.now = 2100;
+        let mut h = a_granted_after_b_vanished();
         let a = h.input(Input::FenceDone { node: B, ok: false });
         assert!(!a.contains(&Action::Promote { epoch: 2 }), "a failed fence proves nothing");
         assert!(h.advance_to(3110).contains(&Action::Promote { epoch: 2 }));
@@ -1268,13 +1269,7 @@ mod tests {
         b.input(Input::Quorum(true));
         b.actions();
         b.commit(Entry::Grant { group: G, node: A, epoch: 1, incarnation: 7 });
-        b.now = 100;
-        let a = b.commit(release);
-        let grant = Entry::Grant { group: G, node: B, epoch: 2, incarnation: 7 };
-        assert_eq!(proposals(&a), vec![&grant]);
-        let a = b.commit(grant);
-        let a = b.commit_proposals(&a);
-        assert!(a.contains(&Action::Promote { epoch: 2 }), "promoted at once after the renewal: {a:?}");
+        b_takes_the_released_group(&mut b, release, 2);
         // A, secondary now, does not ask for the group back.
         let a = h.commit(Entry::Grant { group: G, node: B, epoch: 2, incarnation: 7 });
         assert!(proposals(&a).is_empty(), "{a:?}");
@@ -1312,13 +1307,7 @@ mod tests {
     fn an_owner_put_in_standby_before_promotion_records_its_release() {
         // A took the group from a vanished B, which it cannot fence, and
         // waits out B's lease; the admin puts A in standby meanwhile.
-        let mut h = a_with_b_owner(true);
-        h.now = 1500;
-        h.input(Input::PeerDead(B));
-        h.advance_to(2000);
-        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
-        h.commit_proposals(&a);
-        h.now = 2100;
+        let mut h = a_granted_after_b_vanished();
         let a = h.input(Input::FenceDone { node: B, ok: false });
         assert!(!a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
         let a = h.commit(Entry::Standby { group: G, node: A, on: true });
@@ -1339,14 +1328,21 @@ mod tests {
         b.actions();
         b.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
         b.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        let granted = b_takes_the_released_group(&mut b, release, 3);
+        assert!(!granted.iter().any(|a| matches!(a, Action::Fence { .. })), "{granted:?}");
+    }
+
+    /// B applies `release` and asks for the group with `epoch`, which it
+    /// promotes on as soon as its renewal commits; the grant's actions.
+    fn b_takes_the_released_group(b: &mut Harness, release: Entry, epoch: u64) -> Vec<Action> {
         b.now = 100;
         let a = b.commit(release);
-        let grant = Entry::Grant { group: G, node: B, epoch: 3, incarnation: 7 };
+        let grant = Entry::Grant { group: G, node: B, epoch, incarnation: 7 };
         assert_eq!(proposals(&a), vec![&grant]);
-        let a = b.commit(grant);
-        assert!(!a.iter().any(|a| matches!(a, Action::Fence { .. })), "{a:?}");
-        let a = b.commit_proposals(&a);
-        assert!(a.contains(&Action::Promote { epoch: 3 }), "promoted at once after the renewal: {a:?}");
+        let granted = b.commit(grant);
+        let a = b.commit_proposals(&granted);
+        assert!(a.contains(&Action::Promote { epoch }), "promoted at once after the renewal: {a:?}");
+        granted
     }
 
     #[test]
