@@ -496,11 +496,18 @@ impl Failover {
             return false;
         }
         tracing::info!(epoch, "planned release: stopping services and demoting");
+        self.stop_and_demote_for_release(epoch);
+        true
+    }
+
+    /// A primary's ordered release: services stop, then the volume demotes,
+    /// while the lease is still renewed; `Release` is proposed once the
+    /// shell confirms the demotion.
+    fn stop_and_demote_for_release(&mut self, epoch: u64) {
         // I/O stays as it is: stopping the services flushes through it.
         self.role = Role::Releasing { epoch, demoted: false };
         self.services_started = false;
         self.actions.extend([Action::StopServices, Action::Demote]);
-        true
     }
 
     /// Whether a planned release is in progress here.
@@ -680,9 +687,7 @@ impl Failover {
         match self.role {
             Role::Primary { epoch, .. } => {
                 tracing::info!(epoch, "standby: stopping services and demoting");
-                self.role = Role::Releasing { epoch, demoted: false };
-                self.services_started = false;
-                self.actions.extend([Action::StopServices, Action::Demote]);
+                self.stop_and_demote_for_release(epoch);
             }
             // Granted but never promoted: confirm the volume is secondary,
             // then record the release while the lease is ours. Not while a

@@ -762,8 +762,6 @@ impl Sim {
             let newest = self.nodes[A].vol_epoch.max(self.nodes[B].vol_epoch);
             self.nodes[A].vol_epoch = newest;
             self.nodes[B].vol_epoch = newest;
-        }
-        if truth {
             let primary = promoted.first().copied();
             let source = primary.unwrap_or(if self.nodes[A].data >= self.nodes[B].data { A } else { B });
             let target = 1 - source;
