@@ -12,11 +12,17 @@
 //!
 //! Hence whatever this disk holds after a crash is a state the primary
 //! passed through.
+//!
+//! When the link goes away, the peer's writes and flushes already received
+//! are still applied, in the same order (under protocol B the primary may
+//! have acknowledged them on the strength of our receipt alone); only the
+//! resync and verify items, which need the peer, are dropped. Until that
+//! drain ends the queue is [`ApplyQueue::draining`].
 
 use std::collections::{HashMap, VecDeque};
 
 use super::message::WriteKind;
-use super::replica::IoId;
+use super::replica::{IoId, LinkId};
 
 #[derive(Debug)]
 pub(super) enum InKind<P> {
@@ -73,11 +79,13 @@ pub(super) struct ApplyQueue<P> {
     barrier: u64,
     /// Barrier of the last item received, for items that carry none.
     last_barrier: u64,
+    /// The lost link whose writes are still being applied.
+    draining: Option<LinkId>,
 }
 
 impl<P> Default for ApplyQueue<P> {
     fn default() -> Self {
-        ApplyQueue { queue: VecDeque::new(), inflight: HashMap::new(), barrier: 0, last_barrier: 0 }
+        ApplyQueue { queue: VecDeque::new(), inflight: HashMap::new(), barrier: 0, last_barrier: 0, draining: None }
     }
 }
 
@@ -117,13 +125,34 @@ impl<P> ApplyQueue<P> {
     }
 
     pub fn finish(&mut self, io: IoId) -> Option<Started> {
-        self.inflight.remove(&io).map(|f| f.started)
+        let started = self.inflight.remove(&io).map(|f| f.started);
+        if self.queue.is_empty() && self.inflight.is_empty() {
+            self.draining = None;
+        }
+        started
     }
 
-    /// The link went away: what was not started is dropped (the primary
-    /// marks everything unacknowledged dirty). In-flight I/O still finishes.
-    pub fn drop_queued(&mut self) {
-        self.queue.clear();
+    /// The link went away: the peer's writes and flushes already received
+    /// still reach the disk, in order; resync and verify items are dropped
+    /// (the bitmap keeps their blocks out of sync). In-flight I/O finishes.
+    pub fn lose_link(&mut self, link: LinkId) {
+        self.queue.retain(|item| matches!(item.kind, InKind::Write { .. } | InKind::Flush { .. }));
+        if !self.queue.is_empty() || !self.inflight.is_empty() {
+            self.draining = Some(link);
+        }
+    }
+
+    /// The lost link whose writes are still being applied, if any: until
+    /// they are on disk no new link may start and no local write may be
+    /// issued (it could be overwritten by an older one from the queue).
+    pub fn draining(&self) -> Option<LinkId> {
+        self.draining
+    }
+
+    /// A new link starts (only once nothing is draining): its barriers
+    /// count from zero.
+    pub fn start_link(&mut self) {
+        debug_assert!(self.draining.is_none() && self.queue.is_empty());
         self.barrier = 0;
         self.last_barrier = 0;
     }
@@ -173,5 +202,38 @@ mod tests {
         assert!(q.next_startable().is_none(), "nothing passes a flush in flight");
         q.finish(5);
         assert!(q.next_startable().is_some());
+    }
+
+    #[test]
+    fn a_lost_links_writes_still_drain_in_order() {
+        let mut q = ApplyQueue::default();
+        q.push(write(0, 0, 1));
+        let a = q.next_startable().expect("first");
+        q.started(1, a.offset, a.len, Started::Write { seq: 1, len: 4096 });
+        q.push(write(0, 0, 2)); // overlaps seq 1: queued
+        q.push(Incoming { offset: 0, len: 4096, barrier: 0, kind: InKind::Resync { seq: 3, data: () } });
+        q.push(Incoming { offset: 0, len: 0, barrier: 0, kind: InKind::Flush { seq: 4 } });
+        q.lose_link(7);
+        assert_eq!(q.draining(), Some(7));
+        assert!(q.next_startable().is_none(), "still behind the overlapping write");
+        q.finish(1);
+        let b = q.next_startable().expect("the queued write survives the link");
+        assert!(matches!(b.kind, InKind::Write { seq: 2, .. }));
+        q.started(2, b.offset, b.len, Started::Write { seq: 2, len: 4096 });
+        q.finish(2);
+        assert_eq!(q.draining(), Some(7), "the flush is still queued");
+        let f = q.next_startable().expect("the resync item was dropped; the flush follows");
+        assert!(matches!(f.kind, InKind::Flush { seq: 4 }));
+        q.started(3, 0, 0, Started::Flush { seq: 4 });
+        q.finish(3);
+        assert_eq!(q.draining(), None);
+        q.start_link();
+    }
+
+    #[test]
+    fn an_idle_queue_does_not_drain() {
+        let mut q: ApplyQueue<()> = ApplyQueue::default();
+        q.lose_link(1);
+        assert_eq!(q.draining(), None);
     }
 }

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::RangeInclusive;
 
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::activity_log::ActivityLog;
 use super::apply::{ApplyQueue, InKind, Incoming, Started};
@@ -674,7 +674,7 @@ impl<P: Clone> Replica<P> {
     /// Issues deferred requests in order until one must wait.
     fn pump_deferred(&mut self, now_ms: u64) {
         while let Some(front) = self.deferred.front() {
-            if self.io_suspended() {
+            if self.io_suspended() || self.apply.draining().is_some() {
                 return;
             }
             match front {
@@ -918,6 +918,7 @@ impl<P: Clone> Replica<P> {
     fn apply_done(&mut self, now_ms: u64, io: IoId, link: LinkId, result: Result<DiskOutput<P>, i32>) {
         let Some(started) = self.apply.finish(io) else { return };
         let live = self.link() == Some(link);
+        let failed = result.is_err();
         if live {
             let ok = result.is_ok();
             let msg = match (started, result) {
@@ -945,23 +946,27 @@ impl<P: Clone> Replica<P> {
                     }
                 }
             };
-            if !ok {
-                self.note_error(format!("local disk failed applying a peer's {started:?}"));
-                // This disk now misses a write the primary may acknowledge:
-                // it must not be promoted until a resync repairs it.
-                if matches!(started, Started::Write { .. }) && self.disk == DiskState::UpToDate {
-                    self.outdated = true;
-                    self.disk = DiskState::Outdated;
-                    self.persist_meta();
-                }
-            }
             self.send(now_ms, link, msg);
         }
+        if failed {
+            self.note_error(format!("local disk failed applying a peer's {started:?}"));
+            // This disk now misses a write the primary may acknowledge:
+            // it must not be promoted until a resync repairs it.
+            if matches!(started, Started::Write { .. }) && self.disk == DiskState::UpToDate {
+                self.outdated = true;
+                self.disk = DiskState::Outdated;
+                self.persist_meta();
+            }
+        }
         self.pump_apply(now_ms);
+        if !live && self.apply.draining().is_none() {
+            // The lost link's writes are all on disk: local writes may go.
+            self.pump_deferred(now_ms);
+        }
     }
 
     fn pump_apply(&mut self, _now_ms: u64) {
-        let Some(link) = self.link() else { return };
+        let Some(link) = self.apply.draining().or(self.link()) else { return };
         while let Some(item) = self.apply.next_startable() {
             let Incoming { offset, len, kind, .. } = item;
             let (op, started) = match kind {
@@ -1045,6 +1050,14 @@ impl<P: Clone> Replica<P> {
             self.actions.push_back(Action::CloseLink { link });
             return;
         }
+        if self.apply.draining().is_some() {
+            // The last link's writes are still reaching the disk; the shell
+            // retries after its connect interval.
+            debug!(resource = %self.cfg.resource, "new link refused: the peer's last writes are still being applied");
+            self.actions.push_back(Action::CloseLink { link });
+            return;
+        }
+        self.apply.start_link();
         self.conn = Conn::Handshaking { link, since_ms: now_ms, sent: self.side() };
         let hello = self.hello();
         self.send(now_ms, link, Message::Hello(Box::new(hello)));
@@ -1513,6 +1526,9 @@ impl<P: Clone> Replica<P> {
     /// before any write is answered; fencing may freeze I/O.
     fn lose_peer(&mut self, now_ms: u64, why: String, standalone: bool) {
         let was_replicating = matches!(&self.conn, Conn::Established(p) if p.replicating);
+        if let Some(link) = self.link() {
+            self.apply.lose_link(link);
+        }
         // Only a peer that held our data generation falls behind now (also
         // during a repair resync, which leaves it UpToDate or Outdated); an
         // Inconsistent sync target still holds the generation our bitmap
@@ -1524,7 +1540,6 @@ impl<P: Clone> Replica<P> {
         self.conn = if standalone { Conn::StandAlone } else { Conn::Connecting };
         self.resync = None;
         self.verify = None;
-        self.apply.drop_queued();
         let outstanding = std::mem::take(&mut self.outstanding);
         for (_, (what, _)) in outstanding {
             match what {
@@ -2044,9 +2059,10 @@ impl<P: Clone> Replica<P> {
     }
 
     /// No role change is waiting for the peer (it applied the last one, or
-    /// there is no peer to tell).
+    /// there is no peer to tell), and no lost link's writes are still
+    /// being applied (a new primary's data is complete).
     pub fn state_settled(&self) -> bool {
-        !self.state_unconfirmed || !self.is_connected()
+        (!self.state_unconfirmed || !self.is_connected()) && self.apply.draining().is_none()
     }
 
     fn take_seq(&mut self) -> u64 {

@@ -1074,10 +1074,13 @@ fn sim_replays_one_seed() {
 /// Seeds that once found a bug outside the default range: 10023229 (under
 /// protocol B a secondary crashed with writes received but not yet
 /// written, the primary crashed before noticing, and the restarted
-/// secondary was promoted without them).
+/// secondary was promoted without them); 40015618 (under protocol B the
+/// link dropped while a received write waited behind an overlapping one;
+/// the secondary discarded it, the primary crashed, and the promoted
+/// secondary lacked an acknowledged write).
 #[test]
 fn sim_regression_seeds() {
-    let seeds: &[u64] = &[10023229];
+    let seeds: &[u64] = &[10023229, 40015618];
     for &seed in seeds {
         run(seed, 8_000);
     }
