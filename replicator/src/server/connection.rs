@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::session::Session;
 use super::stats::ClientGuard;
 use super::Shared;
-use crate::backing::{HostedConnection, HostedSession, IoCompletion, IoRequest, PayloadTarget, Transmit};
+use crate::backing::{HostedConnection, HostedSession, IoCompletion, IoRequest, PayloadTarget};
 use crate::limits;
 use crate::nbd::handshake::{Handshake, HandshakeEvent, Negotiated};
 use crate::nbd::request::TransmissionConfig;
@@ -240,13 +240,12 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             session.handle_completion(completion.tag, completion.result);
         }
         while let Some(transmit) = session.poll_transmit() {
-            let bytes = match &transmit {
-                Transmit::Bytes(bytes) => &bytes[..],
-                Transmit::Buf(buf) => &buf[..],
-            };
-            match tokio::time::timeout(stall, writer.write_all(bytes)).await {
-                Ok(result) => result?,
-                Err(_) => return Err(ConnectionError::ReplyStall(limits::REPLY_WRITE_STALL_SECS)),
+            let (first, second) = transmit.pieces();
+            for bytes in [first, second] {
+                match tokio::time::timeout(stall, writer.write_all(bytes)).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(ConnectionError::ReplyStall(limits::REPLY_WRITE_STALL_SECS)),
+                }
             }
             session.handle_sent();
         }

@@ -368,12 +368,13 @@ impl HostedSession for Session {
                     self.queue_reply(&header, request.budget);
                 } else {
                     // Large reads are sent from their I/O buffer, uncopied,
-                    // right after their header.
+                    // in one send with their header (after the small
+                    // replies that completed before them).
                     self.out.extend_from_slice(&header);
-                    let out = std::mem::take(&mut self.out);
-                    let budgets = std::mem::take(&mut self.out_budgets);
-                    self.transmits.push_back((Transmit::Bytes(out), budgets));
-                    self.transmits.push_back((Transmit::Buf(data), vec![request.budget]));
+                    let head = std::mem::replace(&mut self.out, Vec::with_capacity(64 * 1024));
+                    let mut budgets = std::mem::take(&mut self.out_budgets);
+                    budgets.push(request.budget);
+                    self.transmits.push_back((Transmit::Framed { head, body: data }, budgets));
                 }
                 return;
             }
@@ -593,7 +594,10 @@ mod tests {
                     progressed = true;
                     match t {
                         Transmit::Bytes(b) => self.wire.extend_from_slice(&b),
-                        Transmit::Buf(b) => self.wire.extend_from_slice(&b),
+                        Transmit::Framed { head, body } => {
+                            self.wire.extend_from_slice(&head);
+                            self.wire.extend_from_slice(&body);
+                        }
                     }
                     s.handle_sent();
                 }

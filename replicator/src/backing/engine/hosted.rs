@@ -36,17 +36,57 @@ const RECV_BUFFER_BYTES: usize = 256 * 1024;
 #[derive(Debug)]
 pub enum Transmit {
     Bytes(Vec<u8>),
-    /// An I/O buffer sent as is (large READ replies).
-    Buf(AlignedBuf),
+    /// `head` then an I/O buffer sent as is (a large READ reply: its header,
+    /// after any small replies before it, then the data), in one send.
+    Framed {
+        head: Vec<u8>,
+        body: AlignedBuf,
+    },
 }
 
 impl Transmit {
-    fn as_slice(&self) -> &[u8] {
+    /// The bytes in order, as at most two slices.
+    pub fn pieces(&self) -> (&[u8], &[u8]) {
         match self {
-            Transmit::Bytes(bytes) => bytes,
-            Transmit::Buf(buf) => buf,
+            Transmit::Bytes(bytes) => (bytes, &[]),
+            Transmit::Framed { head, body } => (head, body),
         }
     }
+
+    pub fn len(&self) -> usize {
+        let (first, second) = self.pieces();
+        first.len() + second.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What is left to send after the first `sent` bytes.
+    fn rest(&self, sent: usize) -> (&[u8], &[u8]) {
+        let (first, second) = self.pieces();
+        match first.get(sent..) {
+            Some(first) => (first, second),
+            None => (&second[sent - first.len()..], &[]),
+        }
+    }
+}
+
+impl SendVectors {
+    fn new() -> Box<SendVectors> {
+        // SAFETY: `iovec` and `msghdr` are plain C structs of integers and
+        // pointers, for which all zeroes is a valid value (null pointers,
+        // zero lengths), as C code initialises them.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
+/// The `msghdr` and its two `iovec`s of a connection's two-piece send; the
+/// kernel reads them while the SENDMSG is in flight, so they live on the
+/// heap at a fixed address, one set per connection (one send at a time).
+struct SendVectors {
+    iov: [libc::iovec; 2],
+    msg: libc::msghdr,
 }
 
 /// A large incoming payload the session lends to the host, so the socket
@@ -121,6 +161,7 @@ pub(in crate::backing) struct Conn {
     target: Option<PayloadTarget>,
     /// The transmit being sent and how much of it has left.
     send: Option<(Transmit, usize)>,
+    vectors: Box<SendVectors>,
     send_started: Instant,
     /// EOF or error seen: receive nothing more.
     input_done: bool,
@@ -133,10 +174,11 @@ impl Conn {
     /// Drops the connection without waiting for its socket operations; the
     /// buffers they point into are leaked when `leak`.
     pub(in crate::backing) fn abandon(self, leak: bool) {
-        let Conn { recv_buf, send, target, closed, .. } = self;
+        let Conn { recv_buf, send, vectors, target, closed, .. } = self;
         if leak {
             std::mem::forget(recv_buf);
             std::mem::forget(send);
+            std::mem::forget(vectors);
             std::mem::forget(target);
         }
         if let Some(closed) = closed {
@@ -170,6 +212,7 @@ impl Engine {
             recv_armed: false,
             target: None,
             send: None,
+            vectors: SendVectors::new(),
             send_started: Instant::now(),
             input_done: false,
             broken: false,
@@ -219,7 +262,7 @@ impl Engine {
             if res > 0 && !conn.broken {
                 *sent += res as usize;
                 conn.send_started = Instant::now();
-                if *sent < transmit.as_slice().len() {
+                if *sent < transmit.len() {
                     self.submit_send(index);
                     return;
                 }
@@ -296,7 +339,7 @@ impl Engine {
             let conn = self.conns[index].as_mut().expect("the connection is live");
             if conn.send.is_none() {
                 if let Some(transmit) = conn.session.poll_transmit() {
-                    if conn.broken || transmit.as_slice().is_empty() {
+                    if conn.broken || transmit.is_empty() {
                         conn.session.handle_sent();
                         continue;
                     }
@@ -358,20 +401,35 @@ impl Engine {
     fn submit_send(&mut self, index: usize) {
         let conn = self.conns[index].as_mut().expect("the connection is live");
         let (transmit, sent) = conn.send.as_ref().expect("submit_send without a transmit");
-        let rest = &transmit.as_slice()[*sent..];
-        let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+        let (first, second) = transmit.rest(*sent);
         // MSG_WAITALL has io_uring finish a large send itself (one
         // completion instead of one per socket-buffer's worth: +40% on 1 MiB
         // reads here), but made small replies 60% slower; short sends are
         // resubmitted from `conn_event` either way.
-        let flags =
-            if rest.len() >= LARGE_SEND_BYTES { libc::MSG_NOSIGNAL | libc::MSG_WAITALL } else { libc::MSG_NOSIGNAL };
-        let entry = opcode::Send::new(types::Fd(conn.fd.as_raw_fd()), rest.as_ptr(), len)
-            .flags(flags)
-            .build()
-            .user_data(token(index, true));
+        let flags = if first.len() + second.len() >= LARGE_SEND_BYTES {
+            libc::MSG_NOSIGNAL | libc::MSG_WAITALL
+        } else {
+            libc::MSG_NOSIGNAL
+        };
+        let fd = types::Fd(conn.fd.as_raw_fd());
+        let entry = if second.is_empty() || first.is_empty() {
+            let piece = if first.is_empty() { second } else { first };
+            let len = u32::try_from(piece.len()).unwrap_or(u32::MAX);
+            opcode::Send::new(fd, piece.as_ptr(), len).flags(flags).build()
+        } else {
+            // A large reply and its header in one send: one completion and
+            // no lone header segment for the client to wake up for.
+            let v = &mut *conn.vectors;
+            v.iov = [
+                libc::iovec { iov_base: first.as_ptr() as *mut libc::c_void, iov_len: first.len() },
+                libc::iovec { iov_base: second.as_ptr() as *mut libc::c_void, iov_len: second.len() },
+            ];
+            v.msg.msg_iov = v.iov.as_mut_ptr();
+            v.msg.msg_iovlen = 2;
+            opcode::SendMsg::new(fd, &v.msg).flags(flags as u32).build()
+        };
         self.conn_ops_in_flight += 1;
-        super::push_sqe(&mut self.ring, &entry);
+        super::push_sqe(&mut self.ring, &entry.user_data(token(index, true)));
     }
 
     fn close_conn(&mut self, index: usize) {

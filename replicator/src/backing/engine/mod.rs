@@ -558,9 +558,10 @@ fn push_sqe(ring: &mut IoUring, entry: &io_uring::squeue::Entry) {
     // by the engine, which exits only when no operation is in flight (and
     // leaks them in Drop otherwise). The fixed-file indices refer to files
     // registered in `Engine::new`, kept open by `Shared`/`Waker` for the
-    // ring's lifetime. Hosted connections' receive and send buffers are
-    // owned by their `Conn`, which is only dropped once no socket operation
-    // of it is in flight (or leaked, in Drop).
+    // ring's lifetime. Hosted connections' receive and send buffers, and
+    // the boxed `msghdr`/`iovec`s of a two-piece send, are owned by their
+    // `Conn`, which is only dropped once no socket operation of it is in
+    // flight (or leaked, in Drop).
     if unsafe { ring.submission().push(entry) }.is_ok() {
         return;
     }
