@@ -6,6 +6,8 @@
 # Environment (all optional):
 #   RUNTIME=10          seconds per fio job (time based)
 #   RAMP=2              fio ramp-up seconds (not measured)
+#   WARMUP=2            seconds of the same job on an earlier connection to
+#                       each freshly started server, not measured (0: none)
 #   FILE_SIZE=1G        backing file size
 #   FIO_SIZE=896M       region fio touches (stays clear of replicator's
 #                       internal metadata at the end of the file)
@@ -19,18 +21,26 @@
 #   BASELINE_BIN=path   another replicator binary, measured side by side as
 #                       server "baseline" (added to SERVERS when set), e.g.
 #                       a build of the previous commit
-#   ROUNDS=3            rounds; each runs every server in turn, and the table
-#                       shows the median, so drift on a shared machine hits
-#                       every server alike
+#   ROUNDS=3            rounds; in each, every job runs on every server back
+#                       to back (a fresh server per job), in the order of
+#                       SERVERS in odd rounds and reversed in even ones, so a
+#                       server's result is compared with the others' of the
+#                       same minute, and drift on a shared machine hits every
+#                       server alike
 # The table shows, per job, the median over the rounds of MiB/s, IOPS,
 # p99 completion latency, the ratio of MiB/s to nbdkit's, and the server's
-# CPU time per request (user + system, all its threads).
+# CPU time per request (user + system, all its threads). Below it, each
+# round's own ratio to nbdkit (the two runs of a job minutes apart at most)
+# and their median.
+# Read jobs follow the write jobs, so every server reads the file as the
+# last write job left it (the same for all servers of that round).
 # Results (fio JSON, server logs, summary.txt) go to $BENCH_DIR/results-<time>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 RUNTIME="${RUNTIME:-10}"
 RAMP="${RAMP:-2}"
+WARMUP="${WARMUP:-2}"
 FILE_SIZE="${FILE_SIZE:-1G}"
 FIO_SIZE="${FIO_SIZE:-896M}"
 BENCH_DIR="${BENCH_DIR:-/var/tmp/replicator-bench}"
@@ -158,13 +168,28 @@ prepare_file() {
 }
 
 run_suite() {
-    local label=$1 file=$2
+    local label=$1 file=$2 order
     prepare_file "$file"
     for round in $(seq "$ROUNDS"); do
-        for server in $SERVERS; do
-            echo "== $label: $server (round $round of $ROUNDS)"
-            start_server "$server" "$file" "$RESULTS/$label-$server.log"
-            for job in $JOBS; do
+        order=$SERVERS
+        if [ $((round % 2)) = 0 ]; then
+            order=$(echo "$SERVERS" | tr ' ' '\n' | tac | tr '\n' ' ')
+        fi
+        for job in $JOBS; do
+            for server in $order; do
+                echo "== $label: $job on $server (round $round of $ROUNDS)"
+                local run="$RESULTS/$label-$server-$job-r$round"
+                start_server "$server" "$file" "$run.log"
+                if [ "$WARMUP" != 0 ]; then
+                    # One unmeasured connection first: a fresh nbdkit serves
+                    # its first client's 1 MiB reads at half the speed of
+                    # every later one (its threads' malloc arenas grow
+                    # then), and a long-running server is what users have.
+                    # shellcheck disable=SC2046
+                    fio --name="$job-warmup" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
+                        $(job_args "$job") --time_based --runtime="$WARMUP" \
+                        --norandommap --randrepeat=0 --refill_buffers --output=/dev/null
+                fi
                 # Write back what earlier jobs and servers left dirty: the
                 # flusher would otherwise write it (30 s after it was
                 # dirtied, the default dirty_expire) in the middle of some
@@ -176,11 +201,10 @@ run_suite() {
                 fio --name="$job" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
                     $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
                     --norandommap --randrepeat=0 --refill_buffers \
-                    --output-format=json --output="$RESULTS/$label-$server-$job-r$round.json"
-                echo $(($(server_cpu_ticks) - cpu_before)) >"$RESULTS/$label-$server-$job-r$round.cpu"
-                echo "   $job done"
+                    --output-format=json --output="$run.json"
+                echo $(($(server_cpu_ticks) - cpu_before)) >"$run.cpu"
+                stop_server
             done
-            stop_server
         done
     done
 }
@@ -256,5 +280,21 @@ for label in labels:
                 f"{label:8} {job:18} {server:11} {r['mibs']:9.1f} {r['iops']:10.0f} {r['p99']:10.0f} {ratio:>9}"
                 f" {cpu}{err}"
             )
-print(f"\nmedian of {rounds} round(s); cpu us/req: the server's CPU time per request; raw results: {results}")
+print(f"\nmedian of {rounds} round(s); cpu us/req: the server's CPU time per request")
+print("\nEach round's ratio of MiB/s to nbdkit's (same job, run back to back), and their median:")
+for label in labels:
+    for job in jobs:
+        for server in servers:
+            if server == "nbdkit":
+                continue
+            ratios = []
+            for r in range(1, rounds + 1):
+                mine = load_one(os.path.join(results, f"{label}-{server}-{job}-r{r}.json"), job)
+                theirs = load_one(os.path.join(results, f"{label}-nbdkit-{job}-r{r}.json"), job)
+                if mine and theirs and theirs["mibs"] > 0:
+                    ratios.append(mine["mibs"] / theirs["mibs"])
+            if ratios:
+                each = " ".join(f"{x:.2f}" for x in ratios)
+                print(f"{label:8} {job:18} {server:11} median {statistics.median(ratios):.2f}x  ({each})")
+print(f"\nraw results: {results}")
 PY
