@@ -167,6 +167,15 @@ prepare_file() {
     "$BIN" create-md --disk "$file" --force >/dev/null
 }
 
+# run_fio JOB FIO-ARGS...: one fio run of JOB against the server at $URI.
+run_fio() {
+    local job=$1
+    shift
+    # shellcheck disable=SC2046
+    fio --name="$job" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" $(job_args "$job") \
+        --time_based --norandommap --randrepeat=0 --refill_buffers "$@"
+}
+
 run_suite() {
     local label=$1 file=$2 order
     prepare_file "$file"
@@ -183,12 +192,9 @@ run_suite() {
                 if [ "$WARMUP" != 0 ]; then
                     # One unmeasured connection first: a fresh nbdkit serves
                     # its first client's 1 MiB reads at half the speed of
-                    # every later one (its threads' malloc arenas grow
-                    # then), and a long-running server is what users have.
-                    # shellcheck disable=SC2046
-                    fio --name="$job-warmup" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
-                        $(job_args "$job") --time_based --runtime="$WARMUP" \
-                        --norandommap --randrepeat=0 --refill_buffers --output=/dev/null
+                    # every later one (measured, cause not traced), and a
+                    # long-running server is what users have.
+                    run_fio "$job" --runtime="$WARMUP" --output=/dev/null
                 fi
                 # Write back what earlier jobs and servers left dirty: the
                 # flusher would otherwise write it (30 s after it was
@@ -197,10 +203,7 @@ run_suite() {
                 sync
                 local cpu_before
                 cpu_before=$(server_cpu_ticks)
-                # shellcheck disable=SC2046
-                fio --name="$job" --ioengine=nbd --uri="$URI" --size="$FIO_SIZE" \
-                    $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-                    --norandommap --randrepeat=0 --refill_buffers \
+                run_fio "$job" --runtime="$RUNTIME" --ramp_time="$RAMP" \
                     --output-format=json --output="$run.json"
                 echo $(($(server_cpu_ticks) - cpu_before)) >"$run.cpu"
                 stop_server

@@ -920,7 +920,7 @@ impl<P: Clone> Replica<P> {
         let live = self.link() == Some(link);
         let failed = result.is_err();
         if live {
-            let ok = result.is_ok();
+            let ok = !failed;
             let msg = match (started, result) {
                 (Started::Write { seq, .. }, _) => {
                     Message::Ack { seq, kind: if ok { AckKind::Written } else { AckKind::Failed } }

@@ -96,8 +96,8 @@ pub struct Session {
     next_tag: u64,
     pending: HashMap<u64, Pending>,
     io_queue: VecDeque<(u64, IoOp)>,
-    /// Small replies coalesce here; flushed into `transmits` before a large
-    /// one so the order on the wire is the order of completion.
+    /// Small replies coalesce here; a large one takes them as the head of
+    /// its transmit, so the order on the wire is the order of completion.
     out: Vec<u8>,
     /// Budgets of the replies in `out`.
     out_budgets: Vec<Budget>,
@@ -125,7 +125,7 @@ impl Session {
             next_tag: 0,
             pending: HashMap::new(),
             io_queue: VecDeque::new(),
-            out: Vec::with_capacity(64 * 1024),
+            out: Vec::with_capacity(OUT_BYTES_INITIAL),
             out_budgets: Vec::new(),
             transmits: VecDeque::new(),
             sending: None,
@@ -164,6 +164,13 @@ impl Session {
     fn release(&mut self, budget: Budget) {
         assert!(self.connection_bytes >= budget.connection_bytes);
         self.connection_bytes -= budget.connection_bytes;
+    }
+
+    /// Takes the coalesced small replies and their budgets, leaving an
+    /// empty buffer.
+    fn take_out(&mut self) -> (Vec<u8>, Vec<Budget>) {
+        let bytes = std::mem::replace(&mut self.out, Vec::with_capacity(OUT_BYTES_INITIAL));
+        (bytes, std::mem::take(&mut self.out_budgets))
     }
 
     /// Queues a reply; its budget is released once the host sent it.
@@ -371,8 +378,7 @@ impl HostedSession for Session {
                     // in one send with their header (after the small
                     // replies that completed before them).
                     self.out.extend_from_slice(&header);
-                    let head = std::mem::replace(&mut self.out, Vec::with_capacity(64 * 1024));
-                    let mut budgets = std::mem::take(&mut self.out_budgets);
+                    let (head, mut budgets) = self.take_out();
                     budgets.push(request.budget);
                     self.transmits.push_back((Transmit::Framed { head, body: data }, budgets));
                 }
@@ -419,8 +425,8 @@ impl HostedSession for Session {
             Some(next) => next,
             None if self.out.is_empty() => return None,
             None => {
-                let bytes = std::mem::replace(&mut self.out, Vec::with_capacity(64 * 1024));
-                (Transmit::Bytes(bytes), std::mem::take(&mut self.out_budgets))
+                let (bytes, budgets) = self.take_out();
+                (Transmit::Bytes(bytes), budgets)
             }
         };
         self.sending = Some(budgets);
@@ -496,6 +502,9 @@ impl HostedSession for Session {
 
 /// Payload remainders at least this large are received in place.
 const LEND_PAYLOAD_BYTES_MIN: usize = 64 * 1024;
+
+/// Capacity of a fresh buffer for coalescing small replies.
+const OUT_BYTES_INITIAL: usize = 64 * 1024;
 
 fn refusal_message(error: NbdError) -> &'static str {
     match error {
@@ -592,13 +601,9 @@ mod tests {
                 }
                 while let Some(t) = s.poll_transmit() {
                     progressed = true;
-                    match t {
-                        Transmit::Bytes(b) => self.wire.extend_from_slice(&b),
-                        Transmit::Framed { head, body } => {
-                            self.wire.extend_from_slice(&head);
-                            self.wire.extend_from_slice(&body);
-                        }
-                    }
+                    let (first, second) = t.pieces();
+                    self.wire.extend_from_slice(first);
+                    self.wire.extend_from_slice(second);
                     s.handle_sent();
                 }
                 if !progressed {

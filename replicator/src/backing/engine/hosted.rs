@@ -62,12 +62,14 @@ impl Transmit {
         self.len() == 0
     }
 
-    /// What is left to send after the first `sent` bytes.
+    /// What is left to send after the first `sent` bytes; the second slice
+    /// is empty once the first piece is sent.
     fn rest(&self, sent: usize) -> (&[u8], &[u8]) {
         let (first, second) = self.pieces();
-        match first.get(sent..) {
-            Some(first) => (first, second),
-            None => (&second[sent - first.len()..], &[]),
+        if sent < first.len() {
+            (&first[sent..], second)
+        } else {
+            (&second[sent - first.len()..], &[])
         }
     }
 }
@@ -412,10 +414,9 @@ impl Engine {
             libc::MSG_NOSIGNAL
         };
         let fd = types::Fd(conn.fd.as_raw_fd());
-        let entry = if second.is_empty() || first.is_empty() {
-            let piece = if first.is_empty() { second } else { first };
-            let len = u32::try_from(piece.len()).unwrap_or(u32::MAX);
-            opcode::Send::new(fd, piece.as_ptr(), len).flags(flags).build()
+        let entry = if second.is_empty() {
+            let len = u32::try_from(first.len()).unwrap_or(u32::MAX);
+            opcode::Send::new(fd, first.as_ptr(), len).flags(flags).build()
         } else {
             // A large reply and its header in one send: one completion and
             // no lone header segment for the client to wake up for.

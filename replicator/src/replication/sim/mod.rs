@@ -745,25 +745,19 @@ impl Sim {
                         self.nodes[node].unapplied.remove(v);
                     }
                 }
-                let disk = &mut self.nodes[node].disk;
-                let mut written = None;
                 let result = if p.fail {
                     Err(libc::EIO)
                 } else {
-                    Ok(match p.op {
-                        DiskOp::Write { offset, len, kind, data, .. } => {
-                            apply_write(disk, offset, len, kind, data.as_deref());
-                            written = Some((offset, len));
-                            DiskOutput::Done
-                        }
-                        DiskOp::Flush => DiskOutput::Done,
-                        DiskOp::Read { offset, len } => DiskOutput::Data(read(disk, offset, len).to_vec()),
-                        DiskOp::Checksum { offset, len } => DiskOutput::Checksum(csum(read(disk, offset, len))),
-                    })
+                    let written = match &p.op {
+                        DiskOp::Write { offset, len, .. } => Some((*offset, *len)),
+                        _ => None,
+                    };
+                    let out = perform(&mut self.nodes[node].disk, p.op);
+                    if let Some((offset, len)) = written {
+                        self.record(node, offset, len);
+                    }
+                    Ok(out)
                 };
-                if let Some((offset, len)) = written {
-                    self.record(node, offset, len);
-                }
                 let now = self.now;
                 if let Some(r) = self.replica(node) {
                     r.handle_disk(now, io, result);
@@ -1008,6 +1002,19 @@ impl Sim {
     }
 }
 
+/// Carries out a disk operation on a simulated disk.
+fn perform(disk: &mut [u64], op: DiskOp<Data>) -> DiskOutput<Data> {
+    match op {
+        DiskOp::Write { offset, len, kind, data, .. } => {
+            apply_write(disk, offset, len, kind, data.as_deref());
+            DiskOutput::Done
+        }
+        DiskOp::Flush => DiskOutput::Done,
+        DiskOp::Read { offset, len } => DiskOutput::Data(read(disk, offset, len).to_vec()),
+        DiskOp::Checksum { offset, len } => DiskOutput::Checksum(csum(read(disk, offset, len))),
+    }
+}
+
 fn apply_write(disk: &mut [u64], offset: u64, len: u32, kind: WriteKind, data: Option<&[u64]>) {
     let first = (offset / BLOCK) as usize;
     let n = (u64::from(len) / BLOCK) as usize;
@@ -1087,6 +1094,22 @@ fn sim_regression_seeds() {
     }
 }
 
+/// A consistent node's metadata, with data generation 0x1_0000_0001 and
+/// epoch 3, as scripted tests start it.
+fn consistent_at_epoch_3(primary: bool, clean_shutdown: bool) -> Persisted {
+    Persisted {
+        generations: Generations { current: 0x1_0000_0001, ..Generations::default() },
+        consistent: true,
+        outdated: false,
+        primary,
+        crashed_primary: false,
+        clean_shutdown,
+        epoch: 3,
+        bitmap_words: Vec::new(),
+        al_extents: Vec::new(),
+    }
+}
+
 /// A secondary that crashed restarts Outdated under protocols A and B (it
 /// acknowledged writes before they were on its disk) and UpToDate under C;
 /// a clean restart, or a crashed primary, keeps its disk state.
@@ -1101,17 +1124,7 @@ fn a_crashed_secondary_restarts_outdated_unless_protocol_c() {
     ] {
         let mut swarm = Swarm::pick(&mut Rng::new(1));
         swarm.protocol = protocol;
-        let persisted = Persisted {
-            generations: Generations { current: 0x1_0000_0001, ..Generations::default() },
-            consistent: true,
-            outdated: false,
-            primary,
-            crashed_primary: false,
-            clean_shutdown,
-            epoch: 3,
-            bitmap_words: Vec::new(),
-            al_extents: Vec::new(),
-        };
+        let persisted = consistent_at_epoch_3(primary, clean_shutdown);
         let mut r: Replica<Vec<u64>> = Replica::new(cfg(1, &swarm, 1), persisted, 0);
         assert_eq!(r.disk(), want, "{protocol:?} primary={primary} clean={clean_shutdown}");
         if want == DiskState::Outdated {
@@ -1143,17 +1156,7 @@ impl Pair {
         let mut swarm = Swarm::pick(&mut Rng::new(1));
         swarm.protocol = protocol;
         swarm.fencing = Fencing::DontCare;
-        let persisted = || Persisted {
-            generations: Generations { current: 0x1_0000_0001, ..Generations::default() },
-            consistent: true,
-            outdated: false,
-            primary: false,
-            crashed_primary: false,
-            clean_shutdown: true,
-            epoch: 3,
-            bitmap_words: Vec::new(),
-            al_extents: Vec::new(),
-        };
+        let persisted = || consistent_at_epoch_3(false, true);
         Pair {
             r: [Replica::new(cfg(0, &swarm, 1), persisted(), 0), Replica::new(cfg(1, &swarm, 1), persisted(), 0)],
             disk: [vec![0; BLOCKS as usize], vec![0; BLOCKS as usize]],
@@ -1191,15 +1194,7 @@ impl Pair {
     }
 
     fn finish_disk(&mut self, n: usize, io: IoId, op: DiskOp<Data>) {
-        let out = match op {
-            DiskOp::Write { offset, len, kind, data, .. } => {
-                apply_write(&mut self.disk[n], offset, len, kind, data.as_deref());
-                DiskOutput::Done
-            }
-            DiskOp::Flush => DiskOutput::Done,
-            DiskOp::Read { offset, len } => DiskOutput::Data(read(&self.disk[n], offset, len).to_vec()),
-            DiskOp::Checksum { offset, len } => DiskOutput::Checksum(csum(read(&self.disk[n], offset, len))),
-        };
+        let out = perform(&mut self.disk[n], op);
         self.r[n].handle_disk(self.now, io, Ok(out));
     }
 
