@@ -304,6 +304,7 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
     let io = &report.io;
     println!("io:");
     println!("  reads {} ({} bytes), writes {} ({} bytes)", io.reads, io.bytes_read, io.writes, io.bytes_written);
+    println!("  reads sent from a mapping of the disk {}", io.reads_mapped);
     println!("  flushes {}, trims {}, zeroes {}, block-status {}", io.flushes, io.trims, io.zeroes, io.block_status);
     println!("  errors {}, protocol errors {}, connections {}", io.errors, io.protocol_errors, io.connections_total);
     Ok(())

@@ -68,7 +68,7 @@ pub fn render_resource(report: &ResourceReport) -> String {
 }
 
 fn render_io(out: &mut String, io: &IoSnapshot, clients: usize) {
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 12] = [
         ("replicator_io_reads_total", "NBD read requests", io.reads),
         ("replicator_io_writes_total", "NBD write requests", io.writes),
         ("replicator_io_flushes_total", "NBD flush requests", io.flushes),
@@ -76,6 +76,7 @@ fn render_io(out: &mut String, io: &IoSnapshot, clients: usize) {
         ("replicator_io_zeroes_total", "NBD write-zeroes requests", io.zeroes),
         ("replicator_io_block_status_total", "NBD block-status requests", io.block_status),
         ("replicator_io_bytes_read_total", "Bytes read by NBD clients", io.bytes_read),
+        ("replicator_io_reads_mapped_total", "Reads sent from a mapping of the disk's page cache", io.reads_mapped),
         ("replicator_io_bytes_written_total", "Bytes written by NBD clients", io.bytes_written),
         ("replicator_io_errors_total", "Requests answered with an error", io.errors),
         ("replicator_protocol_errors_total", "Connections dropped for protocol violations", io.protocol_errors),

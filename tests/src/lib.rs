@@ -14,7 +14,7 @@ pub mod server;
 pub mod tls;
 pub mod util;
 
-pub use server::{nbdkit, replicator, replicator_bin, Daemon, Server, Volume};
+pub use server::{io_counter, nbdkit, replicator, replicator_bin, status_json, Daemon, Server, Volume};
 pub use util::{
     assert_same_bytes, cmd, have_root, have_tools, in_ci, is_root, random_bytes, run, run_fail, run_output,
     run_timeout, skip, wait_until, Guard, Output, TestDir,

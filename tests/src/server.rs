@@ -45,6 +45,20 @@ pub fn replicator_bin() -> PathBuf {
     workspace_bin("replicator", "REPLICATOR_BIN")
 }
 
+/// `replicator status --json` of the daemon behind control socket `ctl`.
+pub fn status_json(ctl: &Path) -> serde_json::Value {
+    let mut c = replicator();
+    c.args(["status", "--json", "--control"]).arg(ctl);
+    let out = run(&mut c).unwrap_or_else(|e| panic!("replicator status: {e:#}"));
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e})\n{}", out.describe()))
+}
+
+/// Counter `io.<name>` of a `status --json` report.
+pub fn io_counter(st: &serde_json::Value, name: &str) -> u64 {
+    st["io"][name].as_u64().unwrap_or_else(|| panic!("status lacks io.{name}: {st}"))
+}
+
 pub fn replicator() -> Command {
     Command::new(replicator_bin())
 }

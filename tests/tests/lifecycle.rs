@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -12,7 +11,8 @@ use std::time::Duration;
 use serde_json::Value;
 use tests::nbd::{self, Client};
 use tests::{
-    assert_same_bytes, random_bytes, replicator, run, run_fail, wait_until, Server, TestDir, Volume, KIB, MIB,
+    assert_same_bytes, io_counter, random_bytes, replicator, run, run_fail, status_json, wait_until, Server, TestDir,
+    Volume, KIB, MIB,
 };
 
 const BLOCK: u64 = 4096;
@@ -180,18 +180,6 @@ fn sigterm_during_write_stream_keeps_acknowledged_writes() {
         assert_same_bytes(&format!("acknowledged block {b} after SIGTERM"), got, &block_data(b));
     }
     eprintln!("{} writes acknowledged before shutdown, all present", acked.len());
-}
-
-fn status_json(ctl: &Path) -> Value {
-    let mut c = replicator();
-    c.args(["status", "--json", "--control"]).arg(ctl);
-    let out = run(&mut c).unwrap();
-    serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("status --json is not JSON ({e})\n{}", out.describe()))
-}
-
-fn io_counter(st: &Value, name: &str) -> u64 {
-    st["io"][name].as_u64().unwrap_or_else(|| panic!("status lacks io.{name}: {st}"))
 }
 
 #[test]

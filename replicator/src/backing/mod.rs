@@ -13,11 +13,13 @@
 //! Files: `buf` (aligned buffers), `open` (descriptors and probes), `shared`
 //! (state shared with the threads, counters), `engine` (thread and ring
 //! loop), `ops` (request → SQEs state machines), `zero` (write-zeroes),
-//! `extents` (block status).
+//! `extents` (block status), `mapped` (large replies of hosted connections
+//! sent from a mapping of the page cache).
 
 mod buf;
 mod engine;
 mod extents;
+mod mapped;
 mod open;
 mod ops;
 mod shared;
@@ -35,7 +37,8 @@ use std::thread::JoinHandle;
 use tracing::warn;
 
 pub use buf::{AlignedBuf, WriteBuf};
-pub use engine::hosted::{HostedConnection, HostedSession, PayloadTarget, Transmit};
+pub use engine::hosted::{HostedConnection, HostedSession, PayloadTarget, ReplyBody, Transmit};
+pub use mapped::MappedRange;
 pub use shared::BackingStats;
 
 use engine::{Msg, WorkerHandle};
@@ -138,6 +141,10 @@ pub struct IoCompletion {
 #[derive(Debug, PartialEq, Eq)]
 pub enum IoOutput {
     Read(AlignedBuf),
+    /// A large read of a hosted connection whose pages are all cached: the
+    /// reply is sent from a mapping of the store, with no read into a
+    /// buffer (the kernel copies the pages into the socket once).
+    Mapped(MappedRange),
     Done,
     Extents(Vec<Extent>),
 }

@@ -371,7 +371,9 @@ impl Driver {
         let result = match done.result {
             Ok(IoOutput::Read(buf)) if checksum => Ok(DiskOutput::Checksum(crc32fast::hash(&buf))),
             Ok(IoOutput::Read(buf)) => Ok(DiskOutput::Data(Payload::new(buf))),
-            Ok(_) => Ok(DiskOutput::Done),
+            // Only hosted connections are answered from a mapping.
+            Ok(IoOutput::Mapped(_)) => Err(libc::EIO),
+            Ok(IoOutput::Done | IoOutput::Extents(_)) => Ok(DiskOutput::Done),
             Err(failure) => Err(failure.errno()),
         };
         self.replica.handle_disk(now, io, result);

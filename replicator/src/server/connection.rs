@@ -240,7 +240,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             session.handle_completion(completion.tag, completion.result);
         }
         while let Some(transmit) = session.poll_transmit() {
-            let (first, second) = transmit.pieces();
+            // Only the I/O thread's own connections are answered from a
+            // mapping; this shell's reads come back in buffers.
+            let Some((first, second)) = transmit.pieces() else {
+                return Err(ConnectionError::Hosted("a mapped reply reached the tokio shell".into()));
+            };
             for bytes in [first, second] {
                 match tokio::time::timeout(stall, writer.write_all(bytes)).await {
                     Ok(result) => result?,

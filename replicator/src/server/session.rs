@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::stats::IoCounters;
-use crate::backing::{AlignedBuf, HostedSession, IoFailure, IoOp, IoOutput, PayloadTarget, Transmit};
+use crate::backing::{AlignedBuf, HostedSession, IoFailure, IoOp, IoOutput, PayloadTarget, ReplyBody, Transmit};
 use crate::limits;
 use crate::nbd::reply::{self, StatusExtent};
 use crate::nbd::request::{self, Command, Decoded, TransmissionConfig};
@@ -136,6 +136,30 @@ impl Session {
 
     fn counters(&self) -> &IoCounters {
         &self.counters
+    }
+
+    /// Queues a READ's reply: small data copied after its header among the
+    /// coalesced replies, large data sent as is, in one send with them.
+    fn read_done(&mut self, request: Pending, offset: u64, len: u32, body: ReplyBody) {
+        assert_eq!(body.len(), len as usize, "engine returned a short read");
+        IoCounters::add(&self.counters().bytes_read, u64::from(len));
+        if matches!(body, ReplyBody::Mapped(_)) {
+            IoCounters::add(&self.counters().reads_mapped, 1);
+        }
+        let mut header = Vec::with_capacity(64);
+        reply::read_ok_header(&mut header, request.cookie, offset, len, self.config.structured_replies);
+        match body {
+            ReplyBody::Buf(data) if data.len() <= limits::REPLY_COPY_BYTES_MAX => {
+                header.extend_from_slice(&data);
+                self.queue_reply(&header, request.budget);
+            }
+            body => {
+                self.out.extend_from_slice(&header);
+                let (head, mut budgets) = self.take_out();
+                budgets.push(request.budget);
+                self.transmits.push_back((Transmit::Framed { head, body }, budgets));
+            }
+        }
     }
 
     /// Whether `bytes` of request data fit the connection's budget now.
@@ -367,21 +391,11 @@ impl HostedSession for Session {
         let mut header = Vec::with_capacity(64);
         match (result, request.kind) {
             (Ok(IoOutput::Read(data)), PendingKind::Read { offset, len }) => {
-                assert_eq!(data.len(), len as usize, "engine returned a short read");
-                IoCounters::add(&self.counters().bytes_read, u64::from(len));
-                reply::read_ok_header(&mut header, request.cookie, offset, len, structured);
-                if data.len() <= limits::REPLY_COPY_BYTES_MAX {
-                    header.extend_from_slice(&data);
-                    self.queue_reply(&header, request.budget);
-                } else {
-                    // Large reads are sent from their I/O buffer, uncopied,
-                    // in one send with their header (after the small
-                    // replies that completed before them).
-                    self.out.extend_from_slice(&header);
-                    let (head, mut budgets) = self.take_out();
-                    budgets.push(request.budget);
-                    self.transmits.push_back((Transmit::Framed { head, body: data }, budgets));
-                }
+                self.read_done(request, offset, len, ReplyBody::Buf(data));
+                return;
+            }
+            (Ok(IoOutput::Mapped(range)), PendingKind::Read { offset, len }) => {
+                self.read_done(request, offset, len, ReplyBody::Mapped(range));
                 return;
             }
             (Ok(IoOutput::Extents(extents)), PendingKind::BlockStatus { len, req_one }) => {
@@ -601,7 +615,7 @@ mod tests {
                 }
                 while let Some(t) = s.poll_transmit() {
                     progressed = true;
-                    let (first, second) = t.pieces();
+                    let (first, second) = t.pieces().expect("the fake host maps nothing");
                     self.wire.extend_from_slice(first);
                     self.wire.extend_from_slice(second);
                     s.handle_sent();

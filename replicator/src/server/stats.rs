@@ -19,6 +19,8 @@ pub struct IoCounters {
     pub zeroes: AtomicU64,
     pub block_status: AtomicU64,
     pub bytes_read: AtomicU64,
+    /// Reads sent from a mapping of the disk's cached pages (`backing::mapped`).
+    pub reads_mapped: AtomicU64,
     pub bytes_written: AtomicU64,
     pub errors: AtomicU64,
     pub protocol_errors: AtomicU64,
@@ -35,6 +37,8 @@ pub struct IoSnapshot {
     pub zeroes: u64,
     pub block_status: u64,
     pub bytes_read: u64,
+    #[serde(default)]
+    pub reads_mapped: u64,
     pub bytes_written: u64,
     pub errors: u64,
     pub protocol_errors: u64,
@@ -56,6 +60,7 @@ impl IoCounters {
             zeroes: get(&self.zeroes),
             block_status: get(&self.block_status),
             bytes_read: get(&self.bytes_read),
+            reads_mapped: get(&self.reads_mapped),
             bytes_written: get(&self.bytes_written),
             errors: get(&self.errors),
             protocol_errors: get(&self.protocol_errors),

@@ -7,8 +7,11 @@
 //! per-connection buffer, feeds them to the session, starts the file
 //! operations the session asks for (through the same slots as every other
 //! request), and sends the session's output in order, one transmit at a
-//! time. A timer wakes the thread once a second while connections exist, to
-//! drop clients that stopped reading their replies.
+//! time. One shortcut: a large READ whose pages are all cached is answered
+//! at once with a range of a mapping of the store (`IoOutput::Mapped`, see
+//! `backing::mapped`), which the session puts in its reply as is. A timer
+//! wakes the thread once a second while connections exist, to drop
+//! clients that stopped reading their replies.
 
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -17,7 +20,7 @@ use io_uring::{opcode, types};
 use nix::sys::socket::{shutdown, Shutdown};
 
 use super::{ops, Engine, Queued, Reply};
-use crate::backing::{AlignedBuf, IoFailure, IoOp, IoOutput};
+use crate::backing::{AlignedBuf, IoFailure, IoOp, IoOutput, MappedRange};
 use crate::limits;
 
 /// `user_data` of the periodic timer.
@@ -36,40 +39,95 @@ const RECV_BUFFER_BYTES: usize = 256 * 1024;
 #[derive(Debug)]
 pub enum Transmit {
     Bytes(Vec<u8>),
-    /// `head` then an I/O buffer sent as is (a large READ reply: its header,
-    /// after any small replies before it, then the data), in one send.
+    /// `head` then a large READ reply's data sent as is (its header, after
+    /// any small replies before it, then the data), in one send.
     Framed {
         head: Vec<u8>,
-        body: AlignedBuf,
+        body: ReplyBody,
     },
 }
 
-impl Transmit {
-    /// The bytes in order, as at most two slices.
-    pub fn pieces(&self) -> (&[u8], &[u8]) {
-        match self {
-            Transmit::Bytes(bytes) => (bytes, &[]),
-            Transmit::Framed { head, body } => (head, body),
-        }
-    }
+/// The data of a large READ reply.
+#[derive(Debug)]
+pub enum ReplyBody {
+    /// Read into an I/O buffer.
+    Buf(AlignedBuf),
+    /// Cached pages of the store, which only the kernel reads
+    /// (`backing::mapped`).
+    Mapped(MappedRange),
+}
 
+impl ReplyBody {
     pub fn len(&self) -> usize {
-        let (first, second) = self.pieces();
-        first.len() + second.len()
+        match self {
+            ReplyBody::Buf(buf) => buf.len(),
+            ReplyBody::Mapped(range) => range.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// What is left to send after the first `sent` bytes; the second slice
-    /// is empty once the first piece is sent.
-    fn rest(&self, sent: usize) -> (&[u8], &[u8]) {
-        let (first, second) = self.pieces();
-        if sent < first.len() {
-            (&first[sent..], second)
-        } else {
-            (&second[sent - first.len()..], &[])
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            ReplyBody::Buf(buf) => buf.as_ptr(),
+            ReplyBody::Mapped(range) => range.as_ptr(),
+        }
+    }
+}
+
+/// Part of a transmit as the kernel sees it: an address and a length.
+#[derive(Clone, Copy)]
+struct RawPiece {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl RawPiece {
+    /// The bytes from `skip` on.
+    fn from(ptr: *const u8, len: usize, skip: usize) -> RawPiece {
+        // `skip <= len`: an address inside the piece or one past its end.
+        RawPiece { ptr: ptr.wrapping_add(skip), len: len - skip }
+    }
+
+    fn iovec(self) -> libc::iovec {
+        libc::iovec { iov_base: self.ptr as *mut libc::c_void, iov_len: self.len }
+    }
+}
+
+impl Transmit {
+    /// The bytes in order, as at most two slices; `None` when the body is
+    /// mapped, which this process must not read (the engine sends it).
+    pub fn pieces(&self) -> Option<(&[u8], &[u8])> {
+        match self {
+            Transmit::Bytes(bytes) => Some((bytes, &[])),
+            Transmit::Framed { head, body: ReplyBody::Buf(buf) } => Some((head, buf)),
+            Transmit::Framed { body: ReplyBody::Mapped(_), .. } => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Transmit::Bytes(bytes) => bytes.len(),
+            Transmit::Framed { head, body } => head.len() + body.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What is left to send after the first `sent` bytes; the second piece
+    /// is empty once the first is sent.
+    fn rest(&self, sent: usize) -> (RawPiece, RawPiece) {
+        let none = RawPiece { ptr: std::ptr::null(), len: 0 };
+        match self {
+            Transmit::Bytes(bytes) => (RawPiece::from(bytes.as_ptr(), bytes.len(), sent), none),
+            Transmit::Framed { head, body } if sent < head.len() => {
+                (RawPiece::from(head.as_ptr(), head.len(), sent), RawPiece::from(body.as_ptr(), body.len(), 0))
+            }
+            Transmit::Framed { head, body } => (RawPiece::from(body.as_ptr(), body.len(), sent - head.len()), none),
         }
     }
 }
@@ -109,7 +167,8 @@ pub trait HostedSession: Send + 'static {
     fn handle_input(&mut self, input: &[u8]) -> usize;
     /// The peer closed its side, or the socket failed.
     fn handle_eof(&mut self);
-    /// A file operation the session started has finished.
+    /// A file operation the session started has finished (a large cached
+    /// READ may finish at once, as `IoOutput::Mapped`).
     fn handle_completion(&mut self, tag: u64, result: Result<IoOutput, IoFailure>);
     /// The next file operation to start.
     fn poll_io(&mut self) -> Option<(u64, IoOp)>;
@@ -270,7 +329,15 @@ impl Engine {
                 }
             } else if res <= 0 && !conn.broken {
                 conn.broken = true;
-                conn.error.get_or_insert_with(|| format!("send failed: {}", describe(res)));
+                conn.error.get_or_insert_with(|| match res {
+                    // Only a mapped body can fault: its pages left the file,
+                    // or reading an evicted page back failed.
+                    r if r == -libc::EFAULT => {
+                        "send failed: mapped read data could not be read (the backing store shrank, or an I/O error)"
+                            .to_string()
+                    }
+                    _ => format!("send failed: {}", describe(res)),
+                });
                 conn.session.close_input();
             }
             conn.send = None;
@@ -333,6 +400,13 @@ impl Engine {
                         conn.session.handle_completion(tag, Err(failure));
                         continue;
                     }
+                    if let Some(range) = self.mapped_range(&op) {
+                        let (kind, bytes) = ops::account(&op);
+                        self.shared.stats.record(kind, bytes, true);
+                        let conn = self.conns[index].as_mut().expect("the connection is live");
+                        conn.session.handle_completion(tag, Ok(IoOutput::Mapped(range)));
+                        continue;
+                    }
                     self.enqueue(Queued { tag, op, reply: Reply::Hosted(index) });
                 }
                 // Immediate answers may have produced output; go round.
@@ -361,6 +435,15 @@ impl Engine {
                 self.close_conn(index);
             }
             return;
+        }
+    }
+
+    /// A large read whose pages are all cached is answered at once with
+    /// the mapped range, sent without being read (`backing::mapped`).
+    fn mapped_range(&mut self, op: &IoOp) -> Option<MappedRange> {
+        match op {
+            IoOp::Read { offset, len, uncached: false } => self.mapped.as_mut()?.range(*offset, *len),
+            _ => None,
         }
     }
 
@@ -408,23 +491,20 @@ impl Engine {
         // completion instead of one per socket-buffer's worth: +40% on 1 MiB
         // reads here), but made small replies 60% slower; short sends are
         // resubmitted from `conn_event` either way.
-        let flags = if first.len() + second.len() >= LARGE_SEND_BYTES {
+        let flags = if first.len + second.len >= LARGE_SEND_BYTES {
             libc::MSG_NOSIGNAL | libc::MSG_WAITALL
         } else {
             libc::MSG_NOSIGNAL
         };
         let fd = types::Fd(conn.fd.as_raw_fd());
-        let entry = if second.is_empty() {
-            let len = u32::try_from(first.len()).unwrap_or(u32::MAX);
-            opcode::Send::new(fd, first.as_ptr(), len).flags(flags).build()
+        let entry = if second.len == 0 {
+            let len = u32::try_from(first.len).unwrap_or(u32::MAX);
+            opcode::Send::new(fd, first.ptr, len).flags(flags).build()
         } else {
             // A large reply and its header in one send: one completion and
             // no lone header segment for the client to wake up for.
             let v = &mut *conn.vectors;
-            v.iov = [
-                libc::iovec { iov_base: first.as_ptr() as *mut libc::c_void, iov_len: first.len() },
-                libc::iovec { iov_base: second.as_ptr() as *mut libc::c_void, iov_len: second.len() },
-            ];
+            v.iov = [first.iovec(), second.iovec()];
             v.msg.msg_iov = v.iov.as_mut_ptr();
             v.msg.msg_iovlen = 2;
             opcode::SendMsg::new(fd, &v.msg).flags(flags as u32).build()

@@ -25,6 +25,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use tracing::{error, warn};
 
 use super::buf::AlignedBuf;
+use super::mapped::MappedReads;
 use super::ops::{self, Begin, Env, OpState, Step, FILE_EVENTFD};
 use super::shared::{OpKind, Shared};
 use super::{BackingError, CompletionSender, IoFailure, IoOp, IoRequest};
@@ -208,6 +209,9 @@ struct Engine {
     inlined_this_round: bool,
     /// When a hosted connection's socket last completed an operation.
     last_conn_event: Instant,
+    /// Windows for sending cached reads of hosted connections; `None`
+    /// under O_DIRECT.
+    mapped: Option<MappedReads>,
 }
 
 impl Engine {
@@ -230,7 +234,6 @@ impl Engine {
         let max_slots = sq - 1;
         Ok(Engine {
             ring,
-            shared,
             waker,
             slots: (0..max_slots).map(|_| None).collect(),
             free: (0..max_slots).rev().collect(),
@@ -250,6 +253,12 @@ impl Engine {
             wake_failure: None,
             inlined_this_round: false,
             last_conn_event: Instant::now(),
+            mapped: MappedReads::new(
+                shared.files.buffered.as_raw_fd(),
+                shared.data_size,
+                shared.files.direct.is_some(),
+            ),
+            shared,
         })
     }
 
@@ -561,7 +570,8 @@ fn push_sqe(ring: &mut IoUring, entry: &io_uring::squeue::Entry) {
     // ring's lifetime. Hosted connections' receive and send buffers, and
     // the boxed `msghdr`/`iovec`s of a two-piece send, are owned by their
     // `Conn`, which is only dropped once no socket operation of it is in
-    // flight (or leaked, in Drop).
+    // flight (or leaked, in Drop); a send from a read window holds that
+    // window's mapping (`MappedRange`'s `Arc`) in the same `Conn`.
     if unsafe { ring.submission().push(entry) }.is_ok() {
         return;
     }
