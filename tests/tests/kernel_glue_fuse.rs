@@ -130,6 +130,18 @@ fn device_bytes(device: &str) -> Vec<u8> {
     v
 }
 
+/// Waits for the loop device to be unbound. `LOOP_CLR_FD` unbinds at the
+/// last close, and tests running beside this one may hold the device open
+/// for a moment (`mount -o loop` opens loop devices while looking for a
+/// free one), so the unbind can trail `detach` by that moment.
+#[track_caller]
+fn wait_unbound(backing_attr: &str, device: &str) {
+    wait_until(Duration::from_secs(10), &format!("{device} to be unbound after detach"), || {
+        !Path::new(backing_attr).exists()
+    })
+    .unwrap();
+}
+
 #[test]
 fn fuse_attach_ext4_files_detach_then_verify_through_nbd() {
     require_tools!("mkfs.ext4", "mount", "umount", "nbdcopy", "blockdev");
@@ -162,7 +174,7 @@ fn fuse_attach_ext4_files_detach_then_verify_through_nbd() {
     assert_eq!(out.stdout.trim(), att.device);
     assert!(!att.record().exists(), "daemon record left behind");
     let backing = format!("/sys/block/{}/loop/backing_file", att.device.trim_start_matches("/dev/"));
-    assert!(!Path::new(&backing).exists(), "{} still bound after detach", att.device);
+    wait_unbound(&backing, &att.device);
 
     // Block for block, the export is what the device showed...
     let exported = export_bytes(&dir, &srv, "export.img");
@@ -470,7 +482,7 @@ fn detach_after_the_attach_daemon_died_frees_the_device() {
     assert!(out.success(), "{}", out.describe());
     assert!(!att.record().exists(), "record left behind");
     let backing = format!("/sys/block/{}/loop/backing_file", att.device.trim_start_matches("/dev/"));
-    assert!(!Path::new(&backing).exists(), "{} still bound", att.device);
+    wait_unbound(&backing, &att.device);
     let fuse_dirs: Vec<_> = std::fs::read_dir(&att.run_dir)
         .unwrap()
         .flatten()
