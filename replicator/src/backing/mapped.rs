@@ -38,7 +38,7 @@ use crate::limits;
 
 /// Size and alignment of one mapping.
 pub(super) const WINDOW_BYTES: u64 = 128 << 20;
-/// Windows each I/O thread keeps mapped.
+/// Windows each I/O thread keeps listed (see the module docs).
 pub(super) const WINDOWS_MAX: usize = 8;
 
 /// One mapped window of the data area.

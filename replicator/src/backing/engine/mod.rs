@@ -210,7 +210,7 @@ struct Engine {
     /// When a hosted connection's socket last completed an operation.
     last_conn_event: Instant,
     /// Windows for sending cached reads of hosted connections; `None`
-    /// under O_DIRECT.
+    /// under O_DIRECT or where `mincore` cannot be trusted.
     mapped: Option<MappedReads>,
 }
 
