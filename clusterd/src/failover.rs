@@ -561,6 +561,11 @@ impl Failover {
                         let wait_until_ms = if ok { self.now_ms } else { wait_until_ms };
                         tracing::info!(?node, ok, "fence finished");
                         self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: None };
+                        // Put in standby while the fence ran: give the
+                        // group up now, before `update` could promote.
+                        if self.state.standby.contains(&self.cfg.me) {
+                            self.give_up_for_standby();
+                        }
                     }
                 }
             }
@@ -699,6 +704,13 @@ impl Failover {
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
                 self.actions.push_back(Action::Demote);
+            }
+            // A fence is running: stepping down now would leave the grant
+            // unreleased in the log, and the next owner would fence this
+            // node, merely in standby (sim seed 60223264). Keep renewing;
+            // the release follows the fence (`Input::FenceDone`).
+            Role::ExpectLeaseEndOrFence { fencing: Some(_), .. } => {
+                tracing::info!("standby: giving up the group once the running fence ends");
             }
             Role::ExpectLeaseEndOrFence { .. } => {
                 tracing::info!("standby: giving up the group before promotion");
@@ -1306,6 +1318,21 @@ mod tests {
         h.commit(release);
         assert_eq!(h.f.promoted_epoch(), None);
         assert!(!h.f.releasing());
+    }
+
+    #[test]
+    fn an_owner_put_in_standby_while_its_fence_runs_releases_once_the_fence_ends() {
+        // Sim seed 60223264: A, granted after B vanished, is fencing B when
+        // the admin puts A in standby. Stepping down at once would leave
+        // A's grant unreleased, and the next owner would fence A.
+        let mut h = a_granted_after_b_vanished();
+        let a = h.commit(Entry::Standby { group: G, node: A, on: true });
+        assert!(!a.iter().any(|a| matches!(a, Action::Demote | Action::Propose(Entry::Release { .. }))), "{a:?}");
+        let a = h.input(Input::FenceDone { node: B, ok: true });
+        assert_eq!(a, vec![Action::Demote], "no promotion: the release starts");
+        let a = h.input(Input::Demoted);
+        assert!(proposals(&a).contains(&&Entry::Release { group: G, epoch: 2 }), "{a:?}");
+        assert!(!h.advance_to(3110).iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
     }
 
     #[test]

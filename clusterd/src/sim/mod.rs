@@ -1103,10 +1103,11 @@ fn sim_many_seeds() {
 /// real one refuses a primary older than the newest epoch its volume saw),
 /// 10488317 (an owner in standby recorded its release while its fence of
 /// the other node was still running; that node took the group and was
-/// powered off).
+/// powered off), 60223264 (an owner put in standby while its fence ran
+/// stepped down without recording a release; the next owner fenced it).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317] {
+    for seed in [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264] {
         run(seed);
     }
 }
