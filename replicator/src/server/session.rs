@@ -140,13 +140,13 @@ impl Session {
 
     /// Queues a READ's reply: small data copied after its header among the
     /// coalesced replies, large data sent as is, in one send with them.
-    fn read_done(&mut self, request: Pending, offset: u64, len: u32, body: ReplyBody) {
+    /// `header` is empty, with room for the reply header.
+    fn read_done(&mut self, request: Pending, offset: u64, len: u32, body: ReplyBody, mut header: Vec<u8>) {
         assert_eq!(body.len(), len as usize, "engine returned a short read");
         IoCounters::add(&self.counters().bytes_read, u64::from(len));
         if matches!(body, ReplyBody::Mapped(_)) {
             IoCounters::add(&self.counters().reads_mapped, 1);
         }
-        let mut header = Vec::with_capacity(64);
         reply::read_ok_header(&mut header, request.cookie, offset, len, self.config.structured_replies);
         match body {
             ReplyBody::Buf(data) if data.len() <= limits::REPLY_COPY_BYTES_MAX => {
@@ -391,11 +391,11 @@ impl HostedSession for Session {
         let mut header = Vec::with_capacity(64);
         match (result, request.kind) {
             (Ok(IoOutput::Read(data)), PendingKind::Read { offset, len }) => {
-                self.read_done(request, offset, len, ReplyBody::Buf(data));
+                self.read_done(request, offset, len, ReplyBody::Buf(data), header);
                 return;
             }
             (Ok(IoOutput::Mapped(range)), PendingKind::Read { offset, len }) => {
-                self.read_done(request, offset, len, ReplyBody::Mapped(range));
+                self.read_done(request, offset, len, ReplyBody::Mapped(range), header);
                 return;
             }
             (Ok(IoOutput::Extents(extents)), PendingKind::BlockStatus { len, req_one }) => {
