@@ -7,7 +7,7 @@
 //! after the bitmap has been persisted (bits set for it while disconnected
 //! must survive its eviction).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 
 #[derive(Debug)]
@@ -15,8 +15,8 @@ pub struct ActivityLog {
     extent_bytes: u64,
     max: usize,
     /// Extent → last use (a logical clock) for LRU eviction.
-    active: HashMap<u32, u64>,
-    inflight: HashMap<u32, u32>,
+    active: BTreeMap<u32, u64>,
+    inflight: BTreeMap<u32, u32>,
     clock: u64,
 }
 
@@ -37,8 +37,8 @@ impl ActivityLog {
         let mut al = ActivityLog {
             extent_bytes: u64::from(extent_bytes),
             max: max.max(1) as usize,
-            active: HashMap::new(),
-            inflight: HashMap::new(),
+            active: BTreeMap::new(),
+            inflight: BTreeMap::new(),
             clock: 0,
         };
         for e in persisted {

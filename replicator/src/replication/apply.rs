@@ -19,7 +19,7 @@
 //! resync and verify items, which need the peer, are dropped. Until that
 //! drain ends the queue is [`ApplyQueue::draining`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use super::message::WriteKind;
 use super::replica::{IoId, LinkId};
@@ -75,7 +75,7 @@ struct InFlight {
 #[derive(Debug)]
 pub(super) struct ApplyQueue<P> {
     queue: VecDeque<Incoming<P>>,
-    inflight: HashMap<IoId, InFlight>,
+    inflight: BTreeMap<IoId, InFlight>,
     barrier: u64,
     /// Barrier of the last item received, for items that carry none.
     last_barrier: u64,
@@ -85,7 +85,7 @@ pub(super) struct ApplyQueue<P> {
 
 impl<P> Default for ApplyQueue<P> {
     fn default() -> Self {
-        ApplyQueue { queue: VecDeque::new(), inflight: HashMap::new(), barrier: 0, last_barrier: 0, draining: None }
+        ApplyQueue { queue: VecDeque::new(), inflight: BTreeMap::new(), barrier: 0, last_barrier: 0, draining: None }
     }
 }
 
@@ -130,6 +130,18 @@ impl<P> ApplyQueue<P> {
             self.draining = None;
         }
         started
+    }
+
+    /// A resync item (data or checksum, not verify) is queued or in
+    /// flight: the sync target holds its answers until none is.
+    pub fn resync_pending(&self) -> bool {
+        let queued =
+            self.queue.iter().any(|i| matches!(i.kind, InKind::Resync { .. } | InKind::Checksum { verify: false, .. }));
+        queued
+            || self
+                .inflight
+                .values()
+                .any(|f| matches!(f.started, Started::Resync { .. } | Started::Checksum { verify: false, .. }))
     }
 
     /// The link went away: the peer's writes and flushes already received

@@ -560,13 +560,13 @@ impl Driver {
                     }
                 }
             }
-            ResourceCommand::Connect { discard_my_data } => {
-                self.replica.connect(now, discard_my_data);
-                done(format!(
+            ResourceCommand::Connect { discard_my_data } => match self.replica.connect(now, discard_my_data) {
+                Ok(()) => done(format!(
                     "{name}: connecting{}",
                     if discard_my_data { " (discarding local changes on split brain)" } else { "" }
-                ))
-            }
+                )),
+                Err(e) => err(e),
+            },
             ResourceCommand::Disconnect => {
                 self.replica.disconnect(now);
                 done(format!("{name}: StandAlone"))

@@ -10,7 +10,8 @@
 //! crc32), `generations` (generation ids and the handshake decision),
 //! `bitmap` (dirty bitmap), `activity_log` (hot extents), `apply` (the
 //! secondary's ordered apply queue), `resync` (source-side resync and
-//! verify pacing), `replica` (the state machine).
+//! verify pacing), `transfer_log` (settled writes until both disks flushed
+//! them), `replica` (the state machine).
 
 pub mod activity_log;
 mod apply;
@@ -23,6 +24,7 @@ pub mod message;
 pub mod replica;
 pub mod resource;
 mod resync;
+mod transfer_log;
 pub mod up;
 pub mod wire;
 

@@ -16,7 +16,7 @@
 //! `P` is the shell's data buffer; the core clones it when the same data
 //! goes to the disk and to the peer, and otherwise only moves it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::RangeInclusive;
 
 use serde::Serialize;
@@ -28,6 +28,7 @@ use super::bitmap::Bitmap;
 use super::generations::{self, AfterSplitBrain, Decision, Side};
 use super::message::{AckKind, DiskState, Hello, Message, PeerState, Protocol, ResyncDone, Role, WriteKind};
 use super::resync::{Resync, Verify};
+use super::transfer_log::{Settled, TransferLog};
 use super::wire::FrameError;
 use crate::metadata::Generations;
 
@@ -190,6 +191,11 @@ pub enum AdminError {
     InvalidatePrimary,
     #[error("the connection handshake is in progress; retry in a moment")]
     Handshaking,
+    #[error(
+        "already connected: --discard-my-data applies to the next handshake only; run `replicator disconnect` \
+         first, then `replicator connect --discard-my-data`"
+    )]
+    DiscardWhileConnected,
 }
 
 /// Connection state names as DRBD users know them.
@@ -235,6 +241,8 @@ pub struct Status {
     pub verify: Option<Progress>,
     pub verify_out_of_sync_bytes: u64,
     pub last_error: Option<String>,
+    /// `connect --discard-my-data` waits for the next handshake.
+    pub discard_my_data: bool,
     pub writes_in_flight: usize,
     pub resync_sent_bytes: u64,
     pub resync_received_bytes: u64,
@@ -270,6 +278,15 @@ struct Flush {
     peer: PeerWait,
 }
 
+/// What a disk flush the core issued is for.
+#[derive(Debug, Clone, Copy)]
+enum FlushFor {
+    /// A client FLUSH, which also closed transfer-log epoch `epoch`.
+    App { id: AppId, epoch: Option<u64> },
+    /// Closing transfer-log epoch `epoch` without a client FLUSH.
+    Epoch(u64),
+}
+
 #[derive(Debug)]
 enum Deferred<P> {
     Write { id: AppId, offset: u64, len: u32, kind: WriteKind, fua: bool, data: Option<P> },
@@ -280,7 +297,7 @@ enum Deferred<P> {
 #[derive(Debug, Clone, Copy)]
 enum Outstanding {
     Write(AppId),
-    Flush(AppId),
+    Flush(FlushFor),
     Resync,
     Verify,
 }
@@ -288,7 +305,11 @@ enum Outstanding {
 #[derive(Debug)]
 enum IoPurpose {
     AppWrite(AppId),
-    AppFlush(AppId),
+    Flush(FlushFor),
+    /// A secondary making resync data durable before acknowledging it.
+    ReplyFlush {
+        link: LinkId,
+    },
     /// A secondary applying something the peer sent.
     Apply {
         link: LinkId,
@@ -372,11 +393,25 @@ pub struct Replica<P> {
     rotate_on_write: bool,
     fence_running: bool,
     discard_my_data: bool,
-    writes: HashMap<AppId, Write>,
-    flushes: HashMap<AppId, Flush>,
+    writes: BTreeMap<AppId, Write>,
+    flushes: BTreeMap<AppId, Flush>,
+    /// Settled writes not yet known durable on both disks.
+    tl: TransferLog,
+    /// An activity-log extent was refused (every logged extent busy): the
+    /// transfer log closes epochs at once so that extents are released.
+    al_starved: bool,
+    /// `demote` waits for the transfer log to retire before the role
+    /// changes (the activity log may be emptied only then).
+    demote_pending: bool,
+    /// A sync target's resync answers, held until a flush makes the data
+    /// they vouch for durable (`replies_flushing`: those the flush in
+    /// flight covers).
+    replies_unflushed: Vec<Message<P>>,
+    replies_flushing: Vec<Message<P>>,
+    reply_flush: Option<IoId>,
     deferred: VecDeque<Deferred<P>>,
     outstanding: BTreeMap<u64, (Outstanding, u64)>,
-    ios: HashMap<IoId, IoPurpose>,
+    ios: BTreeMap<IoId, IoPurpose>,
     apply: ApplyQueue<P>,
     next_io: IoId,
     next_seq: u64,
@@ -430,11 +465,17 @@ impl<P: Clone> Replica<P> {
             rotate_on_write: false,
             fence_running: false,
             discard_my_data: false,
-            writes: HashMap::new(),
-            flushes: HashMap::new(),
+            writes: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            tl: TransferLog::default(),
+            al_starved: false,
+            demote_pending: false,
+            replies_unflushed: Vec::new(),
+            replies_flushing: Vec::new(),
+            reply_flush: None,
             deferred: VecDeque::new(),
             outstanding: BTreeMap::new(),
-            ios: HashMap::new(),
+            ios: BTreeMap::new(),
             apply: ApplyQueue::default(),
             next_io: 1,
             next_seq: 1,
@@ -481,20 +522,19 @@ impl<P: Clone> Replica<P> {
         r
     }
 
-    /// Under protocols A and B a secondary acknowledges a write before it
-    /// is on its disk, so one that crashed may lack writes its primary
-    /// acknowledged. Like DRBD's restarted node (Consistent, not UpToDate),
-    /// it is not promoted on its own word: it is Outdated until its peer
-    /// confirms or resyncs it (the handshake clears it), or the admin
-    /// forces a promotion. Without this, a secondary that crashed, then a
-    /// primary that crashed before noticing, left the secondary promotable
-    /// with writes missing that only the dead primary held; the primary's
-    /// return then resynced them away (sim seed 10023229).
+    /// A secondary acknowledges a write before it is on stable storage
+    /// (protocols A and B on receipt, C once its cache holds it; only the
+    /// epoch's flush makes it durable), so one that crashed or lost power
+    /// may lack writes its primary acknowledged. Like DRBD's restarted node
+    /// (Consistent, not UpToDate), it is not promoted on its own word: it
+    /// is Outdated until its peer confirms or resyncs it (the handshake
+    /// clears it; the peer's transfer log marked whatever this node may
+    /// have lost), or the admin forces a promotion. Without this, a
+    /// secondary that crashed, then a primary that crashed before noticing,
+    /// left the secondary promotable with writes missing that only the dead
+    /// primary held; the primary's return then resynced them away (sim seed
+    /// 10023229; under protocol C with power loss, issue 19).
     fn outdate_after_secondary_crash(&mut self) {
-        if self.cfg.protocol == Protocol::C {
-            // It acknowledged only what it had written.
-            return;
-        }
         warn!(
             resource = %self.cfg.resource,
             protocol = ?self.cfg.protocol,
@@ -533,7 +573,7 @@ impl<P: Clone> Replica<P> {
 
     /// Primary, not frozen: application writes will be completed.
     pub fn is_writable(&self) -> bool {
-        self.role == Role::Primary && !self.io_suspended()
+        self.role == Role::Primary && !self.io_suspended() && !self.demote_pending
     }
 
     pub fn is_frozen(&self) -> bool {
@@ -609,6 +649,7 @@ impl<P: Clone> Replica<P> {
             verify,
             verify_out_of_sync_bytes: self.verify_oos_bytes,
             last_error: self.last_error.clone(),
+            discard_my_data: self.discard_my_data,
             writes_in_flight: self.writes.len() + self.flushes.len(),
             resync_sent_bytes: self.resync_sent_bytes,
             resync_received_bytes: self.resync_received_bytes,
@@ -638,6 +679,9 @@ impl<P: Clone> Replica<P> {
             }
             _ => {}
         }
+        if let Some(t) = self.tl.close_due_ms() {
+            at(t);
+        }
         next
     }
 
@@ -649,7 +693,7 @@ impl<P: Clone> Replica<P> {
         self.now_ms = now_ms;
         self.last_app_write_ms = now_ms;
         let AppWrite { id, offset, len, kind, fua, data } = w;
-        if self.role != Role::Primary || matches!(self.disk, DiskState::Failed) {
+        if self.role != Role::Primary || self.demote_pending || matches!(self.disk, DiskState::Failed) {
             self.actions.push_back(Action::Complete { id, result: Err(libc::EROFS) });
             return;
         }
@@ -663,7 +707,7 @@ impl<P: Clone> Replica<P> {
 
     pub fn handle_flush(&mut self, now_ms: u64, id: AppId) {
         self.now_ms = now_ms;
-        if self.role != Role::Primary {
+        if self.role != Role::Primary || self.demote_pending {
             self.actions.push_back(Action::Complete { id, result: Err(libc::EROFS) });
             return;
         }
@@ -685,7 +729,13 @@ impl<P: Clone> Replica<P> {
                     }
                     let extents = self.al.extents(offset, u64::from(len));
                     match self.al.begin(extents.clone()) {
-                        Err(_) => return,
+                        Err(_) => {
+                            // Settled writes hold extents until their epoch
+                            // retires: close it now rather than at its age.
+                            self.al_starved = true;
+                            self.close_epoch(now_ms);
+                            return;
+                        }
                         Ok(Some(change)) => {
                             if change.evicted {
                                 self.persist_bitmap(now_ms);
@@ -694,6 +744,7 @@ impl<P: Clone> Replica<P> {
                         }
                         Ok(None) => {}
                     }
+                    self.al_starved = false;
                     let Some(Deferred::Write { id, offset, len, kind, fua, data }) = self.deferred.pop_front() else {
                         unreachable!("front was a write")
                     };
@@ -769,19 +820,72 @@ impl<P: Clone> Replica<P> {
         self.actions.push_back(Action::Disk { io, op: DiskOp::Write { offset, len, kind, fua, data, bulk: false } });
     }
 
+    /// A client FLUSH: flushes both disks, and closes the transfer log's
+    /// open epoch with the same two flushes.
     fn issue_flush(&mut self, now_ms: u64, id: AppId) {
-        let peer = match self.replicating_link() {
-            Some(link) => {
-                let seq = self.take_seq();
-                self.outstanding.insert(seq, (Outstanding::Flush(id), now_ms));
-                self.send(now_ms, link, Message::Flush { seq, barrier: self.barrier });
-                PeerWait::Sent
-            }
-            None => PeerWait::NotReplicated,
-        };
+        let replicate = self.replicating_link();
+        let epoch = self.tl.close(replicate.is_some());
+        let peer = if replicate.is_some() { PeerWait::Sent } else { PeerWait::NotReplicated };
         self.flushes.insert(id, Flush { local: None, peer });
-        let io = self.take_io(IoPurpose::AppFlush(id));
+        self.issue_flushes(now_ms, replicate, FlushFor::App { id, epoch });
+    }
+
+    /// Closes the transfer log's open epoch (if it holds anything) with a
+    /// flush of both disks.
+    fn close_epoch(&mut self, now_ms: u64) {
+        let replicate = self.replicating_link();
+        if let Some(epoch) = self.tl.close(replicate.is_some()) {
+            self.issue_flushes(now_ms, replicate, FlushFor::Epoch(epoch));
+        }
+    }
+
+    /// One local flush, and a `Flush` to the peer on `link`; the peer's
+    /// covers everything it received before (its apply queue flushes an
+    /// idle disk).
+    fn issue_flushes(&mut self, now_ms: u64, link: Option<LinkId>, what: FlushFor) {
+        if let Some(link) = link {
+            let seq = self.take_seq();
+            self.outstanding.insert(seq, (Outstanding::Flush(what), now_ms));
+            self.send(now_ms, link, Message::Flush { seq, barrier: self.barrier });
+        }
+        let io = self.take_io(IoPurpose::Flush(what));
         self.actions.push_back(Action::Disk { io, op: DiskOp::Flush });
+    }
+
+    /// Transfer-log epochs whose flushes are both in: their writes are
+    /// durable on both disks, so their bits may be cleared (unless a later
+    /// write to the same blocks is still held: it decides what they hold)
+    /// and their activity-log extents released.
+    fn retire(&mut self, now_ms: u64) {
+        let mut retired = false;
+        while let Some(batch) = self.tl.pop_retired() {
+            retired = true;
+            for (i, w) in batch.iter().enumerate() {
+                let (offset, len) = (w.offset, u64::from(w.len));
+                let end = offset + len;
+                let later = batch[i + 1..].iter().any(|x| x.offset < end && offset < x.offset + u64::from(x.len));
+                if w.in_sync && !later && !self.tl.overlaps(offset, len) && !self.overlaps_tracked(offset, len) {
+                    self.bitmap.clear_covered_bytes(offset, len);
+                }
+                self.al.end(w.extents.clone());
+            }
+        }
+        if retired {
+            self.pump_after_write();
+            self.maybe_finish_demote(now_ms);
+        }
+    }
+
+    /// An epoch flush answered: a failure leaves its writes out of sync.
+    fn epoch_flushed(&mut self, now_ms: u64, epoch: u64, peer: bool, ok: bool) {
+        let lost = if peer { self.tl.peer_flushed(epoch, ok) } else { self.tl.local_flushed(epoch, ok) };
+        for (offset, len) in lost {
+            self.mark_dirty(offset, u64::from(len));
+        }
+        if !ok && !peer {
+            self.note_error("the local disk failed a flush; its recent writes are marked out of sync".into());
+        }
+        self.retire(now_ms);
     }
 
     /// The link app writes are replicated on: established, and the peer is
@@ -831,14 +935,14 @@ impl<P: Clone> Replica<P> {
         }
         if finished {
             let w = self.writes.remove(&id).expect("checked above");
-            // Both disks now hold this write: the granules it covers are in
-            // sync, unless another write to them is still tracked (a later
-            // one decides what the blocks hold, and may have failed on one
-            // side).
-            if w.peer_wrote && local.is_ok() && !self.overlaps_tracked(w.offset, u64::from(w.len)) {
-                self.bitmap.clear_covered_bytes(w.offset, u64::from(w.len));
+            // Both disks completed it; it is in sync once both flushed it
+            // (the transfer log's epoch retires).
+            let in_sync = w.peer_wrote && local.is_ok();
+            let now = self.now_ms;
+            self.tl.push(now, Settled { offset: w.offset, len: w.len, extents: w.extents, in_sync });
+            if self.tl.open_len() >= super::transfer_log::EPOCH_WRITES_MAX || self.al_starved {
+                self.close_epoch(now);
             }
-            self.al.end(w.extents);
             self.pump_after_write();
         } else if let Some(w) = self.writes.get_mut(&id) {
             w.answered = true;
@@ -903,12 +1007,23 @@ impl<P: Clone> Replica<P> {
                     self.pump_resync(now_ms);
                 }
             }
-            IoPurpose::AppFlush(id) => {
-                if let Some(f) = self.flushes.get_mut(&id) {
-                    f.local = Some(result.map(|_| ()));
+            IoPurpose::Flush(what) => {
+                let ok = result.is_ok();
+                let epoch = match what {
+                    FlushFor::App { id, epoch } => {
+                        if let Some(f) = self.flushes.get_mut(&id) {
+                            f.local = Some(result.map(|_| ()));
+                        }
+                        self.try_complete_flush(id);
+                        epoch
+                    }
+                    FlushFor::Epoch(e) => Some(e),
+                };
+                if let Some(e) = epoch {
+                    self.epoch_flushed(now_ms, e, false, ok);
                 }
-                self.try_complete_flush(id);
             }
+            IoPurpose::ReplyFlush { link } => self.reply_flush_done(now_ms, link, result.is_ok()),
             IoPurpose::Apply { link } => self.apply_done(now_ms, io, link, result),
             IoPurpose::ResyncRead { link, seq } => self.resync_read_done(now_ms, link, seq, result),
             IoPurpose::VerifyRead { link, seq } => self.verify_read_done(now_ms, link, seq, result),
@@ -919,6 +1034,9 @@ impl<P: Clone> Replica<P> {
         let Some(started) = self.apply.finish(io) else { return };
         let live = self.link() == Some(link);
         let failed = result.is_err();
+        // Resync answers let the source clear bits: they wait for a flush
+        // that makes the data durable here.
+        let vouches = matches!(started, Started::Resync { .. } | Started::Checksum { verify: false, .. });
         if live {
             let ok = !failed;
             let msg = match (started, result) {
@@ -946,23 +1064,65 @@ impl<P: Clone> Replica<P> {
                     }
                 }
             };
-            self.send(now_ms, link, msg);
+            if vouches && ok {
+                self.replies_unflushed.push(msg);
+            } else {
+                self.send(now_ms, link, msg);
+            }
         }
         if failed {
             self.note_error(format!("local disk failed applying a peer's {started:?}"));
-            // This disk now misses a write the primary may acknowledge:
-            // it must not be promoted until a resync repairs it.
-            if matches!(started, Started::Write { .. }) && self.disk == DiskState::UpToDate {
+            // This disk now misses a write the primary may acknowledge (or,
+            // for a flush, may lose some): it must not be promoted until a
+            // resync repairs it.
+            let lost = matches!(started, Started::Write { .. } | Started::Flush { .. });
+            if lost && self.disk == DiskState::UpToDate {
                 self.outdated = true;
                 self.disk = DiskState::Outdated;
                 self.persist_meta();
             }
         }
         self.pump_apply(now_ms);
+        if live {
+            self.maybe_flush_replies(link);
+        }
         if !live && self.apply.draining().is_none() {
             // The lost link's writes are all on disk: local writes may go.
             self.pump_deferred(now_ms);
         }
+    }
+
+    /// Flushes this disk for the held resync answers once no resync item
+    /// is queued or in flight (the source's in-flight bound makes that
+    /// happen at least once per window).
+    fn maybe_flush_replies(&mut self, link: LinkId) {
+        if self.reply_flush.is_some() || self.replies_unflushed.is_empty() || self.apply.resync_pending() {
+            return;
+        }
+        self.replies_flushing = std::mem::take(&mut self.replies_unflushed);
+        let io = self.take_io(IoPurpose::ReplyFlush { link });
+        self.reply_flush = Some(io);
+        self.actions.push_back(Action::Disk { io, op: DiskOp::Flush });
+    }
+
+    fn reply_flush_done(&mut self, now_ms: u64, link: LinkId, ok: bool) {
+        self.reply_flush = None;
+        let replies = std::mem::take(&mut self.replies_flushing);
+        if self.link() != Some(link) {
+            return;
+        }
+        if !ok {
+            self.note_error("flushing resync data failed; those blocks stay out of sync".into());
+        }
+        for msg in replies {
+            let msg = match msg {
+                Message::ResyncAck { seq, .. } if !ok => Message::ResyncAck { seq, ok: false },
+                Message::ResyncCsumReply { seq, .. } if !ok => Message::ResyncCsumReply { seq, equal: false },
+                msg => msg,
+            };
+            self.send(now_ms, link, msg);
+        }
+        self.maybe_flush_replies(link);
     }
 
     fn pump_apply(&mut self, _now_ms: u64) {
@@ -1129,6 +1289,7 @@ impl<P: Clone> Replica<P> {
     }
 
     fn handle_hello(&mut self, now_ms: u64, link: LinkId, peer: Hello) {
+        let mut stale_primary = false;
         let mismatch = if peer.resource != self.cfg.resource {
             Some(format!(
                 "the peer serves resource {:?}, not {:?}; check the resource files",
@@ -1152,13 +1313,26 @@ impl<P: Clone> Replica<P> {
                 peer.protocol, self.cfg.protocol
             ))
         } else if peer.role == Role::Primary && self.role == Role::Primary {
-            Some("both nodes are primary: split brain; demote one and resolve with --discard-my-data".into())
-        } else if peer.role == Role::Primary && peer.epoch < self.epoch {
+            if peer.epoch != self.epoch {
+                // The older one was superseded by its cluster manager and
+                // will be demoted: keep trying, the link comes up then.
+                stale_primary = true;
+            }
+            Some(format!(
+                "both nodes are primary (epochs {} here, {} on the peer): split brain; demote the stale one \
+                 and resolve with --discard-my-data",
+                self.epoch, peer.epoch
+            ))
+        } else if peer.role == Role::Primary && peer.epoch < self.epoch && !self.discard_my_data {
+            // (An admin who chose to discard this node's data resolves a
+            // split brain in favour of that primary, whatever its epoch.)
+            stale_primary = true;
             Some(format!(
                 "the peer is a stale primary (epoch {} < newest seen {}); it must be demoted and resynced",
                 peer.epoch, self.epoch
             ))
-        } else if self.role == Role::Primary && peer.epoch > self.epoch {
+        } else if self.role == Role::Primary && peer.epoch > self.epoch && !peer.discard_my_data {
+            stale_primary = true;
             Some(format!(
                 "this primary is stale: the peer has seen epoch {} > ours {}; demote this node, or keep its data \
                  with `replicator primary {} --epoch {}` and `connect --discard-my-data` on the peer",
@@ -1171,10 +1345,18 @@ impl<P: Clone> Replica<P> {
             None
         };
         if let Some(why) = mismatch {
-            self.fail_handshake(link, why);
+            self.fail_handshake(link, why, stale_primary);
             return;
         }
-        if peer.epoch > self.epoch {
+        if self.role == Role::Primary && peer.epoch > self.epoch {
+            // The peer discards its data for ours: this primary carries on
+            // with an epoch newer than any the peer has seen, so that it
+            // accepts our writes.
+            warn!(resource = %self.cfg.resource, old = self.epoch, new = peer.epoch + 1,
+                "the peer discards its data for this primary's: primary epoch raised above the peer's");
+            self.epoch = peer.epoch + 1;
+            self.persist_meta();
+        } else if peer.epoch > self.epoch {
             self.epoch = peer.epoch;
             self.persist_meta();
         }
@@ -1205,6 +1387,7 @@ impl<P: Clone> Replica<P> {
                          `replicator connect {} --discard-my-data`; then `replicator connect {}` on the other",
                         peer.node_name, self.cfg.resource, self.cfg.resource
                     ),
+                    false,
                 );
                 return;
             }
@@ -1216,11 +1399,16 @@ impl<P: Clone> Replica<P> {
                          metadata recreated; to overwrite one side, recreate its metadata (create-md --force)",
                         peer.node_name
                     ),
+                    false,
                 );
                 return;
             }
             Decision::Target { .. } if self.role == Role::Primary => {
-                self.fail_handshake(link, "this primary would have to become sync target; demote it first".into());
+                self.fail_handshake(
+                    link,
+                    "this primary would have to become sync target; demote it first".into(),
+                    false,
+                );
                 return;
             }
             Decision::NoSync => Sync::None,
@@ -1242,9 +1430,8 @@ impl<P: Clone> Replica<P> {
                 Sync::Target
             }
         };
-        if matches!(decision, Decision::Source { .. } | Decision::Target { .. }) {
-            self.discard_my_data = false;
-        }
+        // `--discard-my-data` applied to this handshake only.
+        self.discard_my_data = false;
         let newest = match decision {
             // Same data generation: nothing newer exists after all.
             Decision::NoSync => peer_side.consistent,
@@ -1289,10 +1476,22 @@ impl<P: Clone> Replica<P> {
         self.last_error = None;
     }
 
-    fn fail_handshake(&mut self, link: LinkId, why: String) {
-        warn!(resource = %self.cfg.resource, "{why}");
+    /// Refuses the peer: StandAlone until the admin acts, or (`retry`:
+    /// the other side is a superseded primary its cluster manager will
+    /// demote) connecting again after the shell's interval.
+    fn fail_handshake(&mut self, link: LinkId, why: String, retry: bool) {
+        if self.last_error.as_deref() != Some(why.as_str()) {
+            warn!(resource = %self.cfg.resource, "{why}");
+        }
         self.last_error = Some(why);
-        self.conn = Conn::StandAlone;
+        if retry {
+            self.conn = Conn::Connecting;
+        } else {
+            // `--discard-my-data` was for this handshake; the admin decides
+            // again.
+            self.discard_my_data = false;
+            self.conn = Conn::StandAlone;
+        }
         self.actions.push_back(Action::CloseLink { link });
     }
 
@@ -1431,14 +1630,31 @@ impl<P: Clone> Replica<P> {
                 _ => self.protocol_error(now_ms, format!("ack for unknown write {seq}")),
             },
             Message::FlushAck { seq, ok } => match self.outstanding.remove(&seq) {
-                Some((Outstanding::Flush(id), _)) => {
+                Some((Outstanding::Flush(what), _)) => {
+                    let epoch = match what {
+                        FlushFor::App { id, epoch } => {
+                            if let Some(f) = self.flushes.get_mut(&id) {
+                                f.peer = PeerWait::Done;
+                            }
+                            self.try_complete_flush(id);
+                            epoch
+                        }
+                        FlushFor::Epoch(e) => Some(e),
+                    };
+                    if let Some(e) = epoch {
+                        self.epoch_flushed(now_ms, e, true, ok);
+                    }
                     if !ok {
-                        self.note_error("the peer failed a flush".into());
+                        // It outdated itself and may have lost anything it
+                        // had not flushed: the handshake decides the resync
+                        // (the lost link marks everything held).
+                        self.lose_peer(
+                            now_ms,
+                            "the peer's disk failed a flush; reconnecting to resync it".into(),
+                            false,
+                        );
+                        self.actions.push_back(Action::CloseLink { link });
                     }
-                    if let Some(f) = self.flushes.get_mut(&id) {
-                        f.peer = PeerWait::Done;
-                    }
-                    self.try_complete_flush(id);
                 }
                 _ => self.protocol_error(now_ms, format!("flush ack for unknown flush {seq}")),
             },
@@ -1550,14 +1766,21 @@ impl<P: Clone> Replica<P> {
                         self.mark_dirty(offset, len);
                     }
                 }
-                Outstanding::Flush(id) => {
+                Outstanding::Flush(FlushFor::App { id, .. }) => {
                     if let Some(f) = self.flushes.get_mut(&id) {
                         f.peer = PeerWait::NotReplicated;
                     }
                 }
-                Outstanding::Resync | Outstanding::Verify => {}
+                Outstanding::Flush(FlushFor::Epoch(_)) | Outstanding::Resync | Outstanding::Verify => {}
             }
         }
+        // Settled writes not yet flushed there may be lost with the peer's
+        // cache (a power loss looks like this from here).
+        for (offset, len) in self.tl.peer_lost() {
+            self.mark_dirty(offset, u64::from(len));
+        }
+        self.replies_unflushed.clear();
+        self.replies_flushing.clear();
         if self.role == Role::Primary && peer_was_current {
             if self.bitmap.count() > 0 {
                 // Writes the peer may lack already exist: they belong to a
@@ -1580,6 +1803,7 @@ impl<P: Clone> Replica<P> {
                 }
             }
         }
+        self.retire(now_ms);
         self.complete_ready(now_ms);
     }
 
@@ -1814,6 +2038,9 @@ impl<P: Clone> Replica<P> {
             }
             _ => {}
         }
+        if self.tl.close_due_ms().is_some_and(|t| now_ms >= t) {
+            self.close_epoch(now_ms);
+        }
         if self.bitmap_unpersisted && now_ms >= self.last_bitmap_persist_ms + BITMAP_PERSIST_INTERVAL_MS {
             self.persist_bitmap(now_ms);
         }
@@ -1832,6 +2059,8 @@ impl<P: Clone> Replica<P> {
             return match epoch {
                 Some(e) if e > self.epoch => {
                     warn!(resource = %self.cfg.resource, old = self.epoch, new = e, "primary epoch raised by the admin");
+                    // Stays primary: a demotion waiting for its flushes is off.
+                    self.demote_pending = false;
                     self.epoch = e;
                     self.persist_meta();
                     if let Some(link) = self.link().filter(|_| self.is_connected()) {
@@ -1845,10 +2074,9 @@ impl<P: Clone> Replica<P> {
         if matches!(self.conn, Conn::Handshaking { .. }) {
             return Err(AdminError::Handshaking);
         }
-        if let Conn::Established(p) = &self.conn {
-            if p.role == Role::Primary {
-                return Err(AdminError::PeerIsPrimary);
-            }
+        let peer_primary = matches!(&self.conn, Conn::Established(p) if p.role == Role::Primary);
+        if peer_primary && epoch.is_none() {
+            return Err(AdminError::PeerIsPrimary);
         }
         if self.disk != DiskState::UpToDate && !force {
             return Err(AdminError::NotUpToDate(self.disk));
@@ -1856,6 +2084,22 @@ impl<P: Clone> Replica<P> {
         let new_epoch = epoch.unwrap_or(self.epoch + 1);
         if new_epoch <= self.epoch {
             return Err(AdminError::StaleEpoch { given: new_epoch, seen: self.epoch });
+        }
+        if peer_primary {
+            // A newer epoch is the cluster manager's word that the peer's
+            // lease is over (waited out or fenced): the peer may still look
+            // alive here (its pings answered within our timeout), but it
+            // can no longer write, and its frames carry an older epoch that
+            // this node refuses from now on. Drop its link and go on alone.
+            let link = self.link();
+            self.lose_peer(
+                now_ms,
+                format!("promoted with epoch {new_epoch}: dropped the link to the superseded primary"),
+                false,
+            );
+            if let Some(link) = link {
+                self.actions.push_back(Action::CloseLink { link });
+            }
         }
         let connected = self.is_connected();
         if self.disk != DiskState::UpToDate {
@@ -1914,6 +2158,29 @@ impl<P: Clone> Replica<P> {
             warn!(resource = %self.cfg.resource, pending, "demoting a suspended primary: failing its suspended I/O");
             self.fail_all_pending();
         }
+        if self.demote_pending {
+            return Ok(());
+        }
+        // The activity log may forget an extent only once its writes are
+        // durable on both disks: flush first, change the role after.
+        self.close_epoch(now_ms);
+        if !self.tl.is_empty() {
+            self.demote_pending = true;
+            info!(resource = %self.cfg.resource, "demoting once the last writes are flushed on both nodes");
+            return Ok(());
+        }
+        self.finish_demote(now_ms);
+        Ok(())
+    }
+
+    fn maybe_finish_demote(&mut self, now_ms: u64) {
+        if self.demote_pending && self.tl.is_empty() && self.writes.is_empty() {
+            self.demote_pending = false;
+            self.finish_demote(now_ms);
+        }
+    }
+
+    fn finish_demote(&mut self, now_ms: u64) {
         self.role = Role::Secondary;
         self.frozen = false;
         self.held = false;
@@ -1927,7 +2194,6 @@ impl<P: Clone> Replica<P> {
         if let (Some(link), true) = (self.link(), self.is_connected()) {
             self.send_state(now_ms, link);
         }
-        Ok(())
     }
 
     fn fail_all_pending(&mut self) {
@@ -1946,22 +2212,30 @@ impl<P: Clone> Replica<P> {
             };
             self.actions.push_back(Action::Complete { id, result: Err(libc::EIO) });
         }
-        self.outstanding.retain(|_, (what, _)| !matches!(what, Outstanding::Write(_) | Outstanding::Flush(_)));
+        // Flushes stay outstanding: an epoch's flush still answers for it.
+        self.outstanding.retain(|_, (what, _)| !matches!(what, Outstanding::Write(_)));
     }
 
     /// Starts connecting (from StandAlone). `discard_my_data`: on a split
-    /// brain, this node's changes are the ones thrown away.
-    pub fn connect(&mut self, now_ms: u64, discard_my_data: bool) {
+    /// brain at the next handshake (only that one), this node's changes
+    /// are the ones thrown away; refused while a link is up, as drbdadm
+    /// does, so that it can never linger until some later split brain.
+    pub fn connect(&mut self, now_ms: u64, discard_my_data: bool) -> Result<(), AdminError> {
         self.now_ms = now_ms;
+        if discard_my_data && matches!(self.conn, Conn::Handshaking { .. } | Conn::Established(_)) {
+            return Err(AdminError::DiscardWhileConnected);
+        }
         self.discard_my_data = discard_my_data;
         if matches!(self.conn, Conn::StandAlone) {
             self.conn = Conn::Connecting;
         }
+        Ok(())
     }
 
     /// Drops the peer and stays StandAlone until [`Self::connect`].
     pub fn disconnect(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        self.discard_my_data = false;
         match self.link() {
             Some(link) => {
                 self.lose_peer(now_ms, "disconnected by the admin".into(), true);
@@ -2027,7 +2301,7 @@ impl<P: Clone> Replica<P> {
     pub fn shutdown(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         self.persist_bitmap(now_ms);
-        let idle = self.writes.is_empty() && self.flushes.is_empty();
+        let idle = self.writes.is_empty() && self.flushes.is_empty() && self.tl.is_empty();
         if idle && self.al.clear() {
             self.actions.push_back(Action::PersistActivityLog(Vec::new()));
         }
@@ -2037,9 +2311,10 @@ impl<P: Clone> Replica<P> {
     #[cfg(test)]
     pub(crate) fn debug_state(&self) -> String {
         format!(
-            "writes {:?}\nflushes {:?}\ndeferred {}\noutstanding {:?}\nfrozen {} fence_running {}",
+            "writes {:?}\nflushes {:?}\ntransfer log {:?}\ndeferred {}\noutstanding {:?}\nfrozen {} fence_running {}",
             self.writes,
             self.flushes,
+            self.tl,
             self.deferred.len(),
             self.outstanding,
             self.frozen,
@@ -2062,7 +2337,7 @@ impl<P: Clone> Replica<P> {
     /// there is no peer to tell), and no lost link's writes are still
     /// being applied (a new primary's data is complete).
     pub fn state_settled(&self) -> bool {
-        (!self.state_unconfirmed || !self.is_connected()) && self.apply.draining().is_none()
+        (!self.state_unconfirmed || !self.is_connected()) && self.apply.draining().is_none() && !self.demote_pending
     }
 
     fn take_seq(&mut self) -> u64 {
