@@ -5,6 +5,7 @@
 //! `tests/tests/*.rs`.
 
 pub mod cluster;
+pub mod lazyfs;
 pub mod mta;
 pub mod mta_pair;
 pub mod nbd;

@@ -778,6 +778,8 @@ impl<P: Clone> Replica<P> {
         data: Option<P>,
         extents: RangeInclusive<u32>,
     ) {
+        assert!(self.role == Role::Primary && !self.demote_pending, "only a primary issues application writes");
+        assert!(self.apply.draining().is_none(), "no local write while a lost link's writes drain");
         if self.completed_since_barrier {
             self.barrier += 1;
             self.completed_since_barrier = false;
@@ -859,6 +861,7 @@ impl<P: Clone> Replica<P> {
     fn retire(&mut self, now_ms: u64) {
         let mut retired = false;
         while let Some(batch) = self.tl.pop_retired() {
+            assert!(!batch.is_empty(), "an epoch closes only with writes in it");
             retired = true;
             for (i, w) in batch.iter().enumerate() {
                 let (offset, len) = (w.offset, u64::from(w.len));
@@ -2117,6 +2120,10 @@ impl<P: Clone> Replica<P> {
             let fresh = self.fresh_generation();
             self.generations.start_new(fresh);
         }
+        assert!(
+            !matches!(&self.conn, Conn::Established(p) if p.role == Role::Primary),
+            "never primary beside a connected primary"
+        );
         self.role = Role::Primary;
         self.epoch = new_epoch;
         self.persist_meta();
@@ -2181,6 +2188,8 @@ impl<P: Clone> Replica<P> {
     }
 
     fn finish_demote(&mut self, now_ms: u64) {
+        // The activity log is emptied below: nothing may be unflushed.
+        assert!(self.tl.is_empty() && self.writes.is_empty(), "demoted with writes not yet durable on both disks");
         self.role = Role::Secondary;
         self.frozen = false;
         self.held = false;

@@ -784,7 +784,11 @@ impl Sim {
                 if in_sync {
                     let ok = self.replica(p).map(|r| r.demote(now).is_ok()).unwrap_or(false);
                     self.drain(p);
-                    if ok {
+                    // A demotion answers once the last writes are flushed on
+                    // both nodes (`state_settled`); until then the peer is
+                    // not promoted (a later tick promotes a candidate).
+                    let settled = self.nodes[p].replica.as_ref().is_some_and(|r| r.role() == Role::Secondary);
+                    if ok && settled {
                         self.note(format!("switchover node{p} -> node{s}"));
                         let e = Some(self.max_epoch + 1);
                         if let Some(r) = self.replica(s) {
@@ -1252,10 +1256,11 @@ fn sim_replays_one_seed() {
 /// secondary was promoted without them); 40015618 (under protocol B the
 /// link dropped while a received write waited behind an overlapping one;
 /// the secondary discarded it, the primary crashed, and the promoted
-/// secondary lacked an acknowledged write).
+/// secondary lacked an acknowledged write); 70018641 (a planned switchover
+/// promoted the peer while the demotion still waited for its flushes).
 #[test]
 fn sim_regression_seeds() {
-    let seeds: &[u64] = &[10023229, 40015618];
+    let seeds: &[u64] = &[10023229, 40015618, 70018641];
     for &seed in seeds {
         run(seed, 8_000);
     }
