@@ -1487,7 +1487,10 @@ impl<P: Clone> Replica<P> {
             warn!(resource = %self.cfg.resource, "{why}");
         }
         self.last_error = Some(why);
-        if retry {
+        // `--discard-my-data` given during this handshake (its Hello went
+        // without it) is for the next one: try again.
+        let sent_discard = matches!(&self.conn, Conn::Handshaking { sent, .. } if sent.discard_my_data);
+        if retry || (self.discard_my_data && !sent_discard) {
             self.conn = Conn::Connecting;
         } else {
             // `--discard-my-data` was for this handshake; the admin decides
@@ -2227,11 +2230,11 @@ impl<P: Clone> Replica<P> {
 
     /// Starts connecting (from StandAlone). `discard_my_data`: on a split
     /// brain at the next handshake (only that one), this node's changes
-    /// are the ones thrown away; refused while a link is up, as drbdadm
-    /// does, so that it can never linger until some later split brain.
+    /// are the ones thrown away; refused while connected, as drbdadm does,
+    /// so that it can never linger until some later split brain.
     pub fn connect(&mut self, now_ms: u64, discard_my_data: bool) -> Result<(), AdminError> {
         self.now_ms = now_ms;
-        if discard_my_data && matches!(self.conn, Conn::Handshaking { .. } | Conn::Established(_)) {
+        if discard_my_data && matches!(self.conn, Conn::Established(_)) {
             return Err(AdminError::DiscardWhileConnected);
         }
         self.discard_my_data = discard_my_data;
