@@ -46,6 +46,10 @@ pub const REPL_CONTROL_PAYLOAD_BYTES_MAX: u32 = 64 * 1024;
 /// stops when it is spent.
 pub const REPL_RECEIVE_BYTES_MAX: u64 = 128 * 1024 * 1024;
 
+/// Protocol A: write data a primary keeps sent but not yet acknowledged
+/// written by the peer (DRBD's `sndbuf-size`); further writes wait.
+pub const REPL_SEND_QUEUE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
 /// Bytes one resync request covers (a run of dirty bitmap granules).
 pub const REPL_RESYNC_CHUNK_BYTES: u32 = 256 * 1024;
 

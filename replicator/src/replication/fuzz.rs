@@ -29,6 +29,7 @@ fn config(node_id: u32, protocol: Protocol) -> Config {
         resync_chunk_bytes: 64 * 1024,
         resync_inflight_bytes_max: 1 << 20,
         resync_checksums: false,
+        send_queue_bytes_max: 1 << 20,
         seed: 7,
     }
 }

@@ -68,6 +68,11 @@ pub struct Config {
     pub resync_chunk_bytes: u32,
     pub resync_inflight_bytes_max: u64,
     pub resync_checksums: bool,
+    /// Protocol A: write data sent to the peer and not yet acknowledged
+    /// written, at most (like DRBD's `sndbuf-size`); a write that would
+    /// exceed it waits, so a link slower than the disk cannot grow memory
+    /// without bound.
+    pub send_queue_bytes_max: u64,
     /// Seeds the generation-id generator (a fresh random value in production).
     pub seed: u64,
 }
@@ -270,6 +275,8 @@ struct Write {
     answered: bool,
     /// The peer acknowledged writing it.
     peer_wrote: bool,
+    /// Payload bytes it put on the link (counted in `unacked_bytes`).
+    sent_bytes: u32,
 }
 
 #[derive(Debug)]
@@ -411,6 +418,8 @@ pub struct Replica<P> {
     reply_flush: Option<IoId>,
     deferred: VecDeque<Deferred<P>>,
     outstanding: BTreeMap<u64, (Outstanding, u64)>,
+    /// Write data sent and not yet acknowledged written (or failed).
+    unacked_bytes: u64,
     ios: BTreeMap<IoId, IoPurpose>,
     apply: ApplyQueue<P>,
     next_io: IoId,
@@ -475,6 +484,7 @@ impl<P: Clone> Replica<P> {
             reply_flush: None,
             deferred: VecDeque::new(),
             outstanding: BTreeMap::new(),
+            unacked_bytes: 0,
             ios: BTreeMap::new(),
             apply: ApplyQueue::default(),
             next_io: 1,
@@ -724,7 +734,7 @@ impl<P: Clone> Replica<P> {
             match front {
                 Deferred::Write { offset, len, .. } => {
                     let (offset, len) = (*offset, *len);
-                    if self.resync_conflict(offset, len) {
+                    if self.resync_conflict(offset, len) || self.send_queue_full(u64::from(len)) {
                         return;
                     }
                     let extents = self.al.extents(offset, u64::from(len));
@@ -758,6 +768,16 @@ impl<P: Clone> Replica<P> {
                 }
             }
         }
+    }
+
+    /// Protocol A answers before the peer has the data: the data waiting
+    /// on the link is bounded instead (one write always goes, whatever
+    /// its size).
+    fn send_queue_full(&self, len: u64) -> bool {
+        self.cfg.protocol == Protocol::A
+            && self.replicating_link().is_some()
+            && self.unacked_bytes > 0
+            && self.unacked_bytes + len > self.cfg.send_queue_bytes_max
     }
 
     /// A resync read of an overlapping range is in flight on this source:
@@ -817,7 +837,10 @@ impl<P: Clone> Replica<P> {
                 PeerWait::NotReplicated
             }
         };
-        self.writes.insert(id, Write { offset, len, extents, local: None, peer, answered: false, peer_wrote: false });
+        let sent_bytes = if peer == PeerWait::Sent && data.is_some() { len } else { 0 };
+        self.unacked_bytes += u64::from(sent_bytes);
+        let w = Write { offset, len, extents, local: None, peer, answered: false, peer_wrote: false, sent_bytes };
+        self.writes.insert(id, w);
         let io = self.take_io(IoPurpose::AppWrite(id));
         self.actions.push_back(Action::Disk { io, op: DiskOp::Write { offset, len, kind, fua, data, bulk: false } });
     }
@@ -1609,6 +1632,9 @@ impl<P: Clone> Replica<P> {
                     }
                     let mut failed = None;
                     if let Some(w) = self.writes.get_mut(&id) {
+                        if kind != AckKind::Received {
+                            self.unacked_bytes = self.unacked_bytes.saturating_sub(u64::from(w.sent_bytes));
+                        }
                         match kind {
                             AckKind::Received if w.peer == PeerWait::Sent => w.peer = PeerWait::Received,
                             AckKind::Received => {}
@@ -1632,6 +1658,9 @@ impl<P: Clone> Replica<P> {
                     }
                     self.try_complete_write(id);
                     self.maybe_start_repair(now_ms);
+                    if !self.deferred.is_empty() {
+                        self.pump_deferred(now_ms);
+                    }
                 }
                 _ => self.protocol_error(now_ms, format!("ack for unknown write {seq}")),
             },
@@ -1763,6 +1792,7 @@ impl<P: Clone> Replica<P> {
         self.resync = None;
         self.verify = None;
         let outstanding = std::mem::take(&mut self.outstanding);
+        self.unacked_bytes = 0;
         for (_, (what, _)) in outstanding {
             match what {
                 Outstanding::Write(id) => {
@@ -2226,6 +2256,7 @@ impl<P: Clone> Replica<P> {
         }
         // Flushes stay outstanding: an epoch's flush still answers for it.
         self.outstanding.retain(|_, (what, _)| !matches!(what, Outstanding::Write(_)));
+        self.unacked_bytes = 0;
     }
 
     /// Starts connecting (from StandAlone). `discard_my_data`: on a split

@@ -71,6 +71,7 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         resync_chunk_bytes: limits::REPL_RESYNC_CHUNK_BYTES.max(sb.bitmap_granularity_bytes),
         resync_inflight_bytes_max: limits::REPL_RESYNC_INFLIGHT_BYTES_MAX,
         resync_checksums: res.resync_checksums,
+        send_queue_bytes_max: limits::REPL_SEND_QUEUE_BYTES_MAX,
         seed: uuid::Uuid::new_v4().as_u64_pair().0,
     };
     let replica: Replica<link::Payload> = Replica::new(config, persisted, 0);

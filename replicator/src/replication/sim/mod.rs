@@ -274,6 +274,7 @@ fn cfg(node: usize, swarm: &Swarm, seed: u64) -> Config {
         resync_chunk_bytes: (4 * BLOCK) as u32,
         resync_inflight_bytes_max: 16 * BLOCK,
         resync_checksums: swarm.checksums,
+        send_queue_bytes_max: 4 * BLOCK,
         seed: Rng::new(seed ^ ((node as u64) << 56)).next(),
     }
 }
@@ -1558,4 +1559,27 @@ fn a_newer_epoch_promotes_past_a_primary_that_still_looks_connected() {
     assert!(p.closed.contains(&(1, 1)), "the stale link is dropped");
     assert_eq!(p.r[1].role(), Role::Primary);
     assert!(!p.r[1].is_connected());
+}
+
+/// Issue 19: protocol A answers a write once it is sent, so the data
+/// waiting for a slow peer is bounded (`send_queue_bytes_max`, here four
+/// blocks): a write that would exceed it waits for the peer's acks.
+#[test]
+fn protocol_a_bounds_the_data_waiting_for_the_peer() {
+    let mut p = Pair::new(Protocol::A);
+    p.connect(1);
+    p.r[0].promote(p.now, false, Some(4)).expect("node0 promoted");
+    p.pump();
+    p.hold[1] = true;
+    for id in 1..=6 {
+        p.write(id, id, id);
+    }
+    let answered = |p: &Pair| p.completed.iter().filter(|(_, r)| r.is_ok()).count();
+    assert_eq!(answered(&p), 4, "four blocks fill the send queue; the rest wait");
+    p.release_one(1);
+    assert_eq!(answered(&p), 5, "one acknowledged block lets one more go");
+    while !p.held[1].is_empty() {
+        p.release_one(1);
+    }
+    assert_eq!(answered(&p), 6);
 }
