@@ -1535,7 +1535,22 @@ impl<P: Clone> Replica<P> {
             Message::PingAck => self.state_unconfirmed = false,
             Message::State(state) => {
                 if state.role == Role::Primary && self.role == Role::Primary {
-                    self.lose_peer(now_ms, "both nodes became primary; disconnected to protect the data".into(), true);
+                    if state.epoch > self.epoch {
+                        // Superseded: the cluster granted the peer a newer
+                        // epoch, so this node's lease is over. It stops
+                        // writing at once and keeps trying to connect; its
+                        // cluster manager demotes it.
+                        warn!(resource = %self.cfg.resource, epoch = self.epoch, newer = state.epoch,
+                            "the peer was promoted with a newer epoch: I/O suspended until this node is demoted");
+                        self.held = true;
+                        self.epoch = state.epoch;
+                        self.persist_meta();
+                        let why = format!("superseded by the peer's epoch {}: demote this node", state.epoch);
+                        self.lose_peer(now_ms, why, false);
+                    } else {
+                        let why = "both nodes became primary; disconnected to protect the data".into();
+                        self.lose_peer(now_ms, why, true);
+                    }
                     self.actions.push_back(Action::CloseLink { link });
                     return;
                 }
@@ -1828,7 +1843,10 @@ impl<P: Clone> Replica<P> {
                 self.rotate_on_write = true;
             }
         }
-        if self.role == Role::Primary && was_replicating {
+        // A held primary (its lease is over, or a newer epoch superseded
+        // it) writes nothing more and must not fence the node that now
+        // owns the volume.
+        if self.role == Role::Primary && was_replicating && !self.held {
             match self.cfg.fencing {
                 Fencing::DontCare => {}
                 Fencing::ResourceOnly => self.start_fence(),
@@ -2127,7 +2145,13 @@ impl<P: Clone> Replica<P> {
             // alive here (its pings answered within our timeout), but it
             // can no longer write, and its frames carry an older epoch that
             // this node refuses from now on. Drop its link and go on alone.
+            // If the peer is alive after all, it hears of the new epoch
+            // first and suspends itself.
             let link = self.link();
+            if let Some(link) = link {
+                let state = PeerState { role: Role::Primary, disk: self.disk, epoch: new_epoch };
+                self.send(now_ms, link, Message::State(state));
+            }
             self.lose_peer(
                 now_ms,
                 format!("promoted with epoch {new_epoch}: dropped the link to the superseded primary"),

@@ -1583,3 +1583,23 @@ fn protocol_a_bounds_the_data_waiting_for_the_peer() {
     }
     assert_eq!(answered(&p), 6);
 }
+
+/// Issue 23: if the superseded primary is alive after all, the new
+/// primary's epoch reaches it before the link drops, and it stops writing.
+#[test]
+fn a_live_primary_superseded_by_a_newer_epoch_suspends_itself() {
+    let mut p = Pair::new(Protocol::C);
+    p.connect(1);
+    p.r[0].promote(p.now, false, Some(4)).expect("node0 promoted");
+    p.pump();
+    p.r[1].promote(p.now, false, Some(5)).expect("a granted epoch promotes");
+    p.pump();
+    assert!(p.r[1].is_writable());
+    assert!(!p.r[0].is_writable(), "the superseded primary stops writing");
+    assert_eq!(p.r[0].epoch(), 5);
+    p.write(1, 3, 7);
+    assert!(!p.completed.iter().any(|(id, _)| *id == 1), "its writes wait until it is demoted");
+    p.r[0].demote(p.now).expect("its cluster manager demotes it");
+    p.pump();
+    assert!(p.completed.contains(&(1, Err(libc::EIO))), "the held write fails at the demotion");
+}
