@@ -242,6 +242,7 @@ impl Driver {
                 _ = sleep_until(reconnect), if reconnect.is_some() => {}
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
+                        self.quiesce().await?;
                         let now = self.now_ms();
                         self.replica.shutdown(now);
                         self.execute()?;
@@ -258,6 +259,28 @@ impl Driver {
             self.drain_ready();
             self.execute()?;
         }
+    }
+
+    /// Lets the last writes become durable on both disks (bounded by the
+    /// I/O timeout), so that the stop is clean: without it a restart
+    /// recovers as after a crash.
+    async fn quiesce(&mut self) -> Result<(), DriverError> {
+        let now = self.now_ms();
+        self.replica.quiesce(now);
+        self.execute()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.res.io_timeout_ms);
+        while !self.replica.is_quiescent() {
+            tokio::select! {
+                Some(done) = self.disk_rx.recv() => self.disk_done(done),
+                Some(event) = self.link_rx.recv() => self.link_event(event),
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(resource = %self.res.name, "stopping with writes not yet flushed on both nodes; the next start recovers them");
+                    return Ok(());
+                }
+            }
+            self.execute()?;
+        }
+        Ok(())
     }
 
     /// Handles the requests, completions and link events already queued

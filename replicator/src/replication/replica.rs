@@ -2363,6 +2363,19 @@ impl<P: Clone> Replica<P> {
         Ok(())
     }
 
+    /// Before a clean stop: closes the transfer log's open epoch, so that
+    /// once [`Self::is_quiescent`] every write is durable on both disks and
+    /// [`Self::shutdown`] can empty the activity log.
+    pub fn quiesce(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.close_epoch(now_ms);
+    }
+
+    /// No write in flight or waiting for its flushes.
+    pub fn is_quiescent(&self) -> bool {
+        self.writes.is_empty() && self.flushes.is_empty() && self.tl.is_empty()
+    }
+
     /// Clean stop: persist the bitmap, empty the activity log if nothing is
     /// in flight, and mark the shutdown clean.
     pub fn shutdown(&mut self, now_ms: u64) {

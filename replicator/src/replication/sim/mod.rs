@@ -1603,3 +1603,26 @@ fn a_live_primary_superseded_by_a_newer_epoch_suspends_itself() {
     p.pump();
     assert!(p.completed.contains(&(1, Err(libc::EIO))), "the held write fails at the demotion");
 }
+
+/// A clean stop right after writes: once quiesced (the last epoch flushed
+/// on both disks) the shutdown empties the activity log and is clean, so
+/// the restart is not a crash recovery.
+#[test]
+fn a_quiesced_primary_stops_cleanly_right_after_writing() {
+    let mut p = Pair::new(Protocol::C);
+    p.connect(1);
+    p.r[0].promote(p.now, false, Some(4)).expect("node0 promoted");
+    p.pump();
+    p.write(1, 3, 7);
+    assert!(!p.r[0].is_quiescent(), "the write waits for its epoch's flushes");
+    p.r[0].quiesce(p.now);
+    p.pump();
+    assert!(p.r[0].is_quiescent());
+    p.r[0].shutdown(p.now);
+    let actions: Vec<_> = std::iter::from_fn(|| p.r[0].poll_action()).collect();
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::PersistActivityLog(e) if e.is_empty())),
+        "the activity log is emptied"
+    );
+    assert!(actions.iter().any(|a| matches!(a, Action::PersistMeta(m) if m.clean_shutdown)), "clean");
+}
