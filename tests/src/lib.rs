@@ -4,6 +4,7 @@
 //! nbdcopy, qemu-img, fio, ...) with readable failures. The tests live in
 //! `tests/tests/*.rs`.
 
+pub mod blocks;
 pub mod cluster;
 pub mod lazyfs;
 pub mod mta;

@@ -16,40 +16,22 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use tests::blocks::{pattern, version_of, BLOCK};
 use tests::lazyfs::LazyFs;
 use tests::nbd::Client;
 use tests::pair::{Pair, PairOptions, NAMES};
 use tests::server::replicator;
 use tests::{have_root, run, TestDir};
 
-const BLOCK: u64 = 4096;
 const SIZE: u64 = 16 << 20;
 const BLOCKS: u64 = 1024;
 
-/// A block's content: its number and a version, then filler derived from
-/// both, so a torn or misplaced block is caught too.
-fn pattern(block: u64, version: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BLOCK as usize);
-    out.extend_from_slice(&block.to_le_bytes());
-    out.extend_from_slice(&version.to_le_bytes());
-    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ version ^ 0x5555;
-    while out.len() < BLOCK as usize {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
 /// The version in a block (0: never written), if it holds a whole pattern.
-fn version_of(block: u64, bytes: &[u8]) -> Option<u64> {
+fn version_in(block: u64, bytes: &[u8]) -> Option<u64> {
     if bytes.iter().all(|b| *b == 0) {
         return Some(0);
     }
-    let b = u64::from_le_bytes(bytes[..8].try_into().ok()?);
-    let v = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
-    (b == block && bytes == pattern(block, v).as_slice()).then_some(v)
+    version_of(block, bytes)
 }
 
 /// The client's log: per block, the last acknowledged version, and the
@@ -166,7 +148,7 @@ impl Rig {
 fn check_reads(client: &mut Client, log: &Log, protocol_c: bool) {
     for block in 0..BLOCKS {
         let bytes = client.read(block * BLOCK, BLOCK as u32).expect("read");
-        let got = version_of(block, &bytes);
+        let got = version_in(block, &bytes);
         let flushed = log.flushed.get(&block).copied().unwrap_or(0);
         assert!(got.is_some_and(|v| v >= flushed), "block {block}: flushed version {flushed} lost (found {got:?})");
         if protocol_c {
