@@ -69,7 +69,7 @@ resolve() {
     done
     order+=("$path")
 }
-for m in crc32c_generic libcrc32c crc16 mbcache jbd2 ext4 nbd virtio_pci virtio_net; do
+for m in crc32c_generic libcrc32c crc16 mbcache jbd2 ext4 nbd virtio_pci virtio_net virtio_blk; do
     resolve "$m"
 done
 : > "$root/etc/modules"

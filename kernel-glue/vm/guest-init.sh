@@ -3,7 +3,7 @@
 # modules, brings up eth0 (qemu user networking: the host's NBD server is
 # forwarded to 10.0.2.100:PORT), then runs the scenario named on the
 # kernel command line:
-#   glue.port=PORT glue.scenario=basic|restart [glue.rounds=N]
+#   glue.port=PORT glue.scenario=basic|restart|repl-secondary [glue.rounds=N]
 # Every line for the host starts with GLUE-; the last is GLUE-RESULT.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
@@ -96,6 +96,63 @@ restart)
     done
     umount /mnt || fail umount
     replicator detach "$dev" || fail detach
+    ok
+    ;;
+repl-secondary)
+    # The secondary of a replicated resource on /dev/vda; the primary runs
+    # on the host (reached through the forwarded port). Serves until the
+    # host's replicator goes away after the pair was in sync, then stops
+    # cleanly and writes its cache out. (The host may kill qemu instead:
+    # a power cut.)
+    cat > /etc/r0.toml <<EOF
+[resource]
+name = "r0"
+protocol = "C"
+
+[net]
+tls = "plaintext-lab"
+ping-interval-ms = 300
+ping-timeout-ms = 1500
+connect-interval-ms = 200
+io-timeout-ms = 6000
+
+[[node]]
+name = "g"
+id = 0
+address = "10.0.2.15:7789"
+disk = "/dev/vda"
+nbd-listen = ["127.0.0.1:10809"]
+control = "/run/r0.ctl"
+
+[[node]]
+name = "h"
+id = 1
+address = "$server"
+disk = "/dev/vda"
+nbd-listen = ["127.0.0.1:10809"]
+control = "/run/r0-h.ctl"
+EOF
+    replicator up /etc/r0.toml --node g > /run/attach/attach.log 2>&1 &
+    up=$!
+    synced=0
+    while kill -0 "$up" 2>/dev/null; do
+        s=$(replicator status /etc/r0.toml --node g --json 2>/dev/null)
+        connected=0
+        case "$s" in *'"connection": "Connected"'*) connected=1 ;; esac
+        if [ "$connected" = 1 ] && [ "$synced" = 0 ]; then
+            case "$s" in *'"disk": "UpToDate"'*'"peer_disk": "UpToDate"'*|*'"peer_disk": "UpToDate"'*'"disk": "UpToDate"'*)
+                synced=1
+                echo "GLUE-INSYNC" ;;
+            esac
+        elif [ "$connected" = 0 ] && [ "$synced" = 1 ]; then
+            break
+        fi
+        sleep 0.2
+    done
+    kill -TERM "$up" 2>/dev/null
+    wait "$up"
+    sync
+    echo "GLUE-STOPPED"
     ok
     ;;
 *)

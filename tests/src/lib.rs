@@ -15,6 +15,7 @@ pub mod pair;
 pub mod server;
 pub mod tls;
 pub mod util;
+pub mod vm;
 
 pub use server::{io_counter, nbdkit, replicator, replicator_bin, status_json, Daemon, Server, Volume};
 pub use util::{

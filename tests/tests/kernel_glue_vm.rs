@@ -8,69 +8,19 @@
 //! restarts the server: the kernel queues I/O on the dead connection and
 //! `attach`'s keeper hands it a new socket (NBD_CMD_RECONFIGURE).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tests::util::run_output;
-use tests::{assert_same_bytes, cmd, have_root, run, skip, Daemon, Server, TestDir, Volume, MIB};
-
-/// A TCG guest boots in about 6 s; the basic scenario takes 15-30 s on a
-/// loaded 2-core machine. Generous, but a hang still fails the test.
-const GUEST_DEADLINE: Duration = Duration::from_secs(240);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
-
-/// The newest Debian kernel with its modules, if installed.
-fn kernel_version() -> Option<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/boot")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_string))
-        .filter(|v| Path::new("/lib/modules").join(v).join("modules.dep").exists())
-        .collect();
-    v.sort();
-    v.pop()
-}
+use tests::vm::{build_initramfs, expect_ok, GUEST_DEADLINE};
+use tests::{assert_same_bytes, cmd, run, Daemon, Server, TestDir, Volume, MIB};
 
 fn prerequisites() -> Option<String> {
-    if !tests::have_tools(&["qemu-system-x86_64", "socat", "busybox", "cpio", "nbdcopy", "mount"]) {
-        return None;
-    }
-    if !have_root("loop-mounting the exported image") {
-        return None;
-    }
-    match kernel_version() {
-        Some(k) => Some(k),
-        None => {
-            skip("no /boot/vmlinuz-* with /lib/modules (apt-get install linux-image-amd64)");
-            None
-        }
-    }
-}
-
-fn build_initramfs(dir: &TestDir, kver: &str) -> PathBuf {
-    let out = dir.join("initrd.gz");
-    let script = repo().join("kernel-glue/vm/build-initramfs.sh");
-    let mut c = cmd("bash", [script.as_os_str(), out.as_os_str(), kver.as_ref()]);
-    c.arg(tests::replicator_bin());
-    run(&mut c).unwrap();
-    out
+    tests::vm::prerequisites("loop-mounting the exported image")
 }
 
 fn boot(kver: &str, initrd: &Path, port: u16, scenario: &str, extra: &[&str]) -> Daemon {
-    let script = repo().join("kernel-glue/vm/run-guest.sh");
-    let mut c = cmd("bash", [script.as_os_str(), kver.as_ref(), initrd.as_os_str()]);
-    c.arg(port.to_string()).arg(scenario).args(extra);
-    Daemon::spawn(c).unwrap()
-}
-
-/// Waits for the guest's GLUE-RESULT line and fails with the console log unless it is ok.
-fn expect_ok(vm: &Daemon) -> String {
-    vm.logs.wait_for("GLUE-RESULT", GUEST_DEADLINE).unwrap();
-    let text = vm.logs.text();
-    assert!(text.contains("GLUE-RESULT ok"), "guest failed; console:\n{text}");
-    text
+    tests::vm::boot(kver, initrd, port, scenario, extra, None)
 }
 
 /// Reads the export with nbdcopy, loop-mounts the copy read-only and
