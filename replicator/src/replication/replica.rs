@@ -416,6 +416,10 @@ pub struct Replica<P> {
     replies_unflushed: Vec<Message<P>>,
     replies_flushing: Vec<Message<P>>,
     reply_flush: Option<IoId>,
+    /// A sync target's view of its resync: (estimated total bytes, bytes
+    /// received before it started, start time). The source holds the real
+    /// bitmap; the target knows its own and the count the source had.
+    target_sync: Option<(u64, u64, u64)>,
     deferred: VecDeque<Deferred<P>>,
     outstanding: BTreeMap<u64, (Outstanding, u64)>,
     /// Write data sent and not yet acknowledged written (or failed).
@@ -482,6 +486,7 @@ impl<P: Clone> Replica<P> {
             replies_unflushed: Vec::new(),
             replies_flushing: Vec::new(),
             reply_flush: None,
+            target_sync: None,
             deferred: VecDeque::new(),
             outstanding: BTreeMap::new(),
             unacked_bytes: 0,
@@ -639,8 +644,23 @@ impl<P: Clone> Replica<P> {
             Conn::Established(p) => Some(p),
             _ => None,
         };
-        let resync = self.resync.as_ref().map(|r| r.progress(&self.bitmap, now_ms));
+        let mut resync = self.resync.as_ref().map(|r| r.progress(&self.bitmap, now_ms));
         let verify = self.verify.as_ref().map(|v| v.progress(now_ms));
+        let mut out_of_sync_bytes = self.bitmap.dirty_bytes().min(self.cfg.size_bytes);
+        let target = matches!(&self.conn, Conn::Established(p) if p.sync == Sync::Target);
+        if let (true, Some((total, received_before, started_ms))) = (target, self.target_sync) {
+            let done = self.resync_received_bytes.saturating_sub(received_before).min(total);
+            let left = total - done;
+            let rate = done * 1000 / now_ms.saturating_sub(started_ms).max(1);
+            out_of_sync_bytes = left;
+            resync = Some(Progress {
+                total_bytes: total,
+                done_bytes: done,
+                percent: if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 },
+                rate_bytes_per_sec: rate,
+                eta_secs: (rate > 0).then(|| left / rate),
+            });
+        }
         Status {
             resource: self.cfg.resource.clone(),
             node: self.cfg.node_name.clone(),
@@ -653,7 +673,7 @@ impl<P: Clone> Replica<P> {
             protocol: self.cfg.protocol,
             epoch: self.epoch,
             generations: self.generations,
-            out_of_sync_bytes: self.bitmap.dirty_bytes().min(self.cfg.size_bytes),
+            out_of_sync_bytes,
             suspended: self.io_suspended(),
             resync,
             verify,
@@ -1449,6 +1469,11 @@ impl<P: Clone> Replica<P> {
                 if full {
                     self.bitmap.set_all();
                 }
+                // The source resyncs the union of both bitmaps; this side
+                // knows its own and how many bits the source had.
+                let peer_bytes = peer.dirty_bits.saturating_mul(u64::from(self.cfg.granularity_bytes));
+                let total = self.bitmap.dirty_bytes().max(peer_bytes).min(self.cfg.size_bytes);
+                self.target_sync = Some((total, self.resync_received_bytes, now_ms));
                 self.consistent = false;
                 self.disk = DiskState::Inconsistent;
                 self.persist_meta();
@@ -1637,6 +1662,7 @@ impl<P: Clone> Replica<P> {
                     p.sync = Sync::None;
                     p.disk = DiskState::UpToDate;
                 }
+                self.target_sync = None;
                 info!(resource = %self.cfg.resource, "resync finished: disk UpToDate");
             }
             Message::Ack { seq, kind } => match self.outstanding.get(&seq) {

@@ -1636,3 +1636,41 @@ fn a_quiesced_primary_stops_cleanly_right_after_writing() {
     );
     assert!(actions.iter().any(|a| matches!(a, Action::PersistMeta(m) if m.clean_shutdown)), "clean");
 }
+
+/// Issue 19: a sync target used to show "out-of-sync: 0" and no progress
+/// while the source still had blocks to send; it estimates both from its
+/// own bitmap and the count the source announced.
+#[test]
+fn a_sync_target_shows_what_is_left_and_its_progress() {
+    let mut p = Pair::new(Protocol::C);
+    p.connect(1);
+    p.r[0].promote(p.now, false, Some(4)).expect("node0 promoted");
+    p.pump();
+    p.cut(1);
+    for block in 0..8 {
+        p.write(block + 1, block, 50 + block);
+    }
+    p.hold[1] = true;
+    p.connect(2);
+    let s = p.r[1].status(p.now);
+    assert_eq!(s.connection, super::replica::ConnName::SyncTarget);
+    let progress = s.resync.as_ref().expect("a target shows its progress");
+    assert_eq!(progress.total_bytes, 8 * BLOCK, "{s:?}");
+    assert!(progress.done_bytes < progress.total_bytes, "{s:?}");
+    assert_eq!(s.out_of_sync_bytes, progress.total_bytes - progress.done_bytes, "{s:?}");
+    p.hold[1] = false;
+    while !p.held[1].is_empty() {
+        p.release_one(1);
+    }
+    for _ in 0..100 {
+        if p.r[1].is_in_sync() {
+            break;
+        }
+        // The source paces its resync by the clock.
+        p.now += 100;
+        p.r[0].handle_timeout(p.now);
+        p.pump();
+    }
+    assert!(p.r[1].is_in_sync(), "{:?}", p.r[1].status(p.now));
+    assert_eq!(p.r[1].status(p.now).out_of_sync_bytes, 0);
+}
