@@ -1775,6 +1775,9 @@ impl<P: Clone> Replica<P> {
                 let Some((offset, len)) = v.take(seq) else { return };
                 match kind {
                     AckKind::Written => {}
+                    // A chunk that differs is checked again granule by
+                    // granule; only the granules that differ are marked.
+                    AckKind::Received if v.differs(offset, len) => {}
                     AckKind::Received => {
                         v.out_of_sync_bytes += u64::from(len);
                         self.mark_dirty(offset, u64::from(len));
@@ -2346,7 +2349,7 @@ impl<P: Clone> Replica<P> {
         if !ok {
             return Err(AdminError::CannotVerify(format!("{:?}, disk {:?}", self.connection(), self.disk)));
         }
-        self.verify = Some(Verify::new(self.cfg.size_bytes, VERIFY_CHUNK_BYTES, now_ms));
+        self.verify = Some(Verify::new(self.cfg.size_bytes, VERIFY_CHUNK_BYTES, self.cfg.granularity_bytes, now_ms));
         self.verify_oos_bytes = 0;
         if let Conn::Established(p) = &mut self.conn {
             p.sync = Sync::Verify;

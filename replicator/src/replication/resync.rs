@@ -10,7 +10,7 @@
 //!
 //! [`Verify`] walks the whole volume comparing checksums.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 use super::bitmap::Bitmap;
@@ -253,21 +253,28 @@ impl Resync {
 #[derive(Debug)]
 pub(super) struct Verify {
     chunk_bytes: u64,
+    /// A chunk that differs is checked again in pieces of this size (the
+    /// bitmap's granularity), so only the granules that differ are resent.
+    granule_bytes: u64,
     cursor: u64,
     size_bytes: u64,
-    inflight: HashMap<u64, (u64, u32)>,
+    /// seq → (offset, length, a refining piece).
+    inflight: HashMap<u64, (u64, u32, bool)>,
+    refine: VecDeque<(u64, u32)>,
     inflight_max: usize,
     started_ms: u64,
     pub out_of_sync_bytes: u64,
 }
 
 impl Verify {
-    pub fn new(size_bytes: u64, chunk_bytes: u32, now_ms: u64) -> Verify {
+    pub fn new(size_bytes: u64, chunk_bytes: u32, granule_bytes: u32, now_ms: u64) -> Verify {
         Verify {
             chunk_bytes: u64::from(chunk_bytes),
+            granule_bytes: u64::from(granule_bytes.clamp(1, chunk_bytes.max(1))),
             cursor: 0,
             size_bytes,
             inflight: HashMap::new(),
+            refine: VecDeque::new(),
             inflight_max: 8,
             started_ms: now_ms,
             out_of_sync_bytes: 0,
@@ -275,7 +282,15 @@ impl Verify {
     }
 
     pub fn next(&mut self, seq: &mut dyn FnMut() -> u64) -> Option<(u64, u64, u32)> {
-        if self.cursor >= self.size_bytes || self.inflight.len() >= self.inflight_max {
+        if self.inflight.len() >= self.inflight_max {
+            return None;
+        }
+        if let Some((offset, len)) = self.refine.pop_front() {
+            let s = seq();
+            self.inflight.insert(s, (offset, len, true));
+            return Some((s, offset, len));
+        }
+        if self.cursor >= self.size_bytes {
             return None;
         }
         let len = self.chunk_bytes.min(self.size_bytes - self.cursor);
@@ -283,24 +298,42 @@ impl Verify {
         self.cursor += len;
         let s = seq();
         let len = u32::try_from(len).expect("verify chunks are small");
-        self.inflight.insert(s, (offset, len));
+        self.inflight.insert(s, (offset, len, false));
         Some((s, offset, len))
     }
 
     pub fn range(&self, seq: u64) -> Option<(u64, u32)> {
-        self.inflight.get(&seq).copied()
+        self.inflight.get(&seq).map(|(o, l, _)| (*o, *l))
     }
 
     pub fn take(&mut self, seq: u64) -> Option<(u64, u32)> {
-        self.inflight.remove(&seq)
+        self.inflight.remove(&seq).map(|(o, l, _)| (o, l))
+    }
+
+    /// The range's checksums differ. A range larger than a granule is
+    /// queued again in granules (true: nothing to mark yet); a granule is
+    /// out of sync (false: mark it).
+    pub fn differs(&mut self, offset: u64, len: u32) -> bool {
+        if u64::from(len) <= self.granule_bytes {
+            return false;
+        }
+        let end = offset + u64::from(len);
+        let mut o = offset;
+        while o < end {
+            let l = self.granule_bytes.min(end - o);
+            self.refine.push_back((o, l as u32));
+            o += l;
+        }
+        true
     }
 
     pub fn is_done(&self) -> bool {
-        self.cursor >= self.size_bytes && self.inflight.is_empty()
+        self.cursor >= self.size_bytes && self.inflight.is_empty() && self.refine.is_empty()
     }
 
     pub fn progress(&self, now_ms: u64) -> Progress {
-        let done = self.cursor.saturating_sub(self.inflight.values().map(|(_, l)| u64::from(*l)).sum());
+        let pending: u64 = self.inflight.values().filter(|(_, _, refine)| !refine).map(|(_, l, _)| u64::from(*l)).sum();
+        let done = self.cursor.saturating_sub(pending);
         let elapsed_ms = now_ms.saturating_sub(self.started_ms).max(1);
         let rate = done * 1000 / elapsed_ms;
         Progress {
@@ -310,5 +343,40 @@ impl Verify {
             rate_bytes_per_sec: rate,
             eta_secs: (rate > 0).then(|| (self.size_bytes - done) / rate),
         }
+    }
+}
+
+#[cfg(test)]
+mod verify_tests {
+    use super::Verify;
+
+    /// Issue 19: one bad 4 KiB block used to resend its whole 1 MiB chunk.
+    #[test]
+    fn a_differing_chunk_is_checked_again_granule_by_granule() {
+        let mut v = Verify::new(2 << 20, 1 << 20, 4096, 0);
+        let mut n = 0;
+        let mut seq = || {
+            n += 1;
+            n
+        };
+        let (s1, o1, l1) = v.next(&mut seq).expect("first chunk");
+        assert_eq!((o1, l1), (0, 1 << 20));
+        v.take(s1);
+        assert!(v.differs(o1, l1), "a whole chunk is refined, not marked");
+        let probes: Vec<(u64, u64, u32)> = std::iter::from_fn(|| v.next(&mut seq)).collect();
+        assert_eq!(probes.len(), 8, "bounded in flight");
+        assert!(probes.iter().all(|(_, _, l)| *l == 4096), "granule-sized probes first");
+        assert!(!v.differs(probes[3].1, probes[3].2), "a granule that differs is marked");
+        for (s, _, _) in &probes {
+            v.take(*s);
+        }
+        let mut rest = 0;
+        while let Some((s, _, l)) = v.next(&mut seq) {
+            rest += u64::from(l);
+            v.take(s);
+        }
+        assert_eq!(rest, (1 << 20) - 8 * 4096 + (1 << 20), "the remaining granules, then the second chunk");
+        assert!(v.is_done());
+        assert_eq!(v.progress(1).done_bytes, 2 << 20);
     }
 }
