@@ -84,6 +84,13 @@ pub struct ReplicaState {
     pub writes_in_flight: u64,
     pub resync_sent_bytes: u64,
     pub resync_received_bytes: u64,
+    /// The last failed connection attempt or handshake on the replication
+    /// link (either direction), if any since `up` started.
+    #[serde(default)]
+    pub link_failure: Option<String>,
+    /// Seconds since that failure.
+    #[serde(default)]
+    pub link_failure_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

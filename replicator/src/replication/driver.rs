@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::link::{self, LinkEvent, LinkStream, LinkTls, LinkWriter, Payload};
+use super::link::{self, LinkEvent, LinkFailures, LinkStream, LinkTls, LinkWriter, Payload};
 use super::message::{Role, WriteKind};
 use super::replica::{Action, AdminError, AppId, AppWrite, DiskOp, DiskOutput, IoId, LinkId, Replica, Status};
 use super::resource::Resource;
@@ -112,6 +112,8 @@ pub struct Driver {
     settling: Vec<(AdminReplyTx, String, Instant)>,
     /// Receive budget held by peer data until its write completes.
     permits: HashMap<IoId, tokio::sync::OwnedSemaphorePermit>,
+    /// Failed connection attempts and handshakes, both directions.
+    failures: Arc<LinkFailures>,
 }
 
 /// What `up` needs to talk to a running driver.
@@ -119,6 +121,8 @@ pub struct DriverParts {
     pub handle: ReplicaHandle,
     pub admin: mpsc::Sender<AdminCall>,
     pub status: watch::Receiver<Status>,
+    /// Failed connection attempts and handshakes, for `status`.
+    pub failures: Arc<LinkFailures>,
 }
 
 impl Driver {
@@ -175,36 +179,27 @@ impl Driver {
             nbd_clients,
             settling: Vec::new(),
             permits: HashMap::new(),
+            failures: Arc::default(),
         };
-        (driver, DriverParts { handle, admin: admin_tx, status: status_rx })
+        let failures = driver.failures.clone();
+        (driver, DriverParts { handle, admin: admin_tx, status: status_rx, failures })
     }
 
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Accepts peer connections forever (the node with the higher id).
+    /// Accepts peer connections until the task is aborted (the node with
+    /// the higher id); see [`link::accept_loop`].
     pub fn spawn_acceptor(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
-        let tls = self.tls.clone();
-        let tx = self.stream_tx.clone();
-        let timeout = Duration::from_millis(self.res.io_timeout_ms);
-        let peer = self.res.peer.name.clone();
-        tokio::spawn(async move {
-            loop {
-                match link::accept(&listener, tls.as_ref(), timeout).await {
-                    Ok((stream, from)) => {
-                        tracing::debug!(%from, %peer, "peer connection accepted");
-                        if tx.send(Ok(stream)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, "refused a replication connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        })
+        tokio::spawn(link::accept_loop(
+            listener,
+            self.tls.clone(),
+            Duration::from_millis(self.res.io_timeout_ms),
+            self.res.peer.address.ip(),
+            self.failures.clone(),
+            self.stream_tx.clone(),
+        ))
     }
 
     /// Runs until `shutdown` flips; then persists a clean state.
@@ -225,7 +220,8 @@ impl Driver {
                     match stream {
                         Ok(stream) => self.stream_up(stream),
                         Err(why) => {
-                            tracing::debug!(resource = %self.res.name, "connect attempt failed: {why}");
+                            // Already recorded (and logged) by the task that dialled.
+                            tracing::trace!(resource = %self.res.name, "connect attempt failed: {why}");
                             self.next_attempt = Instant::now() + Duration::from_millis(self.res.connect_interval_ms);
                         }
                     }
@@ -293,9 +289,15 @@ impl Driver {
         }
         self.connecting = true;
         let (addr, tls, tx) = (self.res.peer.address, self.tls.clone(), self.stream_tx.clone());
+        let (failures, peer) = (self.failures.clone(), self.res.peer.name.clone());
         let timeout = Duration::from_millis(self.res.io_timeout_ms);
         tokio::spawn(async move {
-            let result = link::connect(addr, tls.as_ref(), timeout).await.map_err(|e| e.to_string());
+            let result = link::connect(addr, tls.as_ref(), timeout).await.map_err(|e| {
+                // A TLS failure here (wrong CA, certificate, name) is as
+                // much the admin's business as on the accepting side.
+                failures.record(e.is_handshake(), &format!("connecting to {peer} at {addr} failed"), e.to_string());
+                e.to_string()
+            });
             let _ = tx.send(result).await;
         });
     }
@@ -318,8 +320,21 @@ impl Driver {
         match event {
             LinkEvent::Message { link, msg } => self.replica.handle_message(now, link, msg),
             LinkEvent::FrameError { link, error } => self.replica.handle_frame_error(now, link, &error),
-            LinkEvent::Closed { link, why } => {
+            LinkEvent::Closed { link, why, tls_alert } => {
                 if self.link.as_ref().is_some_and(|(id, _)| *id == link) {
+                    if tls_alert {
+                        // Typically the peer refusing our certificate (TLS
+                        // 1.3 tells the client only now).
+                        let context = format!("the link to {} was closed by a TLS alert", self.res.peer.name);
+                        self.failures.record(
+                            true,
+                            &context,
+                            format!(
+                                "{why} (does the peer trust our CA, and is our certificate for node {:?}?)",
+                                self.res.local.name
+                            ),
+                        );
+                    }
                     tracing::info!(resource = %self.res.name, "link closed: {why}");
                     if let Some((_, writer)) = self.link.take() {
                         writer.close();
@@ -534,7 +549,9 @@ impl Driver {
         let done = |s: String| Ok(AdminReply::Done(s));
         let err = |e: AdminError| Err(format!("{name}: {e}"));
         let result = match call.command {
-            ResourceCommand::Status => Ok(AdminReply::State(Box::new(state(&self.replica.status(now))))),
+            ResourceCommand::Status => {
+                Ok(AdminReply::State(Box::new(state(&self.replica.status(now), &self.failures))))
+            }
             ResourceCommand::Primary { force, epoch } => match self.replica.promote(now, force, epoch) {
                 Ok(()) => {
                     let message = format!("{name}: Primary (epoch {})", self.replica.epoch());
@@ -603,8 +620,9 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The wire form of a replica's status.
-pub fn state(s: &Status) -> ReplicaState {
+/// The wire form of a replica's status, with the shell's own part (the
+/// last failed connection attempt or handshake).
+pub fn state(s: &Status, failures: &LinkFailures) -> ReplicaState {
     let progress = |p: &super::replica::Progress| ProgressReport {
         total_bytes: p.total_bytes,
         done_bytes: p.done_bytes,
@@ -613,6 +631,7 @@ pub fn state(s: &Status) -> ReplicaState {
         eta_secs: p.eta_secs,
     };
     let g = &s.generations;
+    let last_failure = failures.last();
     ReplicaState {
         resource: s.resource.clone(),
         node: s.node.clone(),
@@ -634,5 +653,7 @@ pub fn state(s: &Status) -> ReplicaState {
         writes_in_flight: s.writes_in_flight as u64,
         resync_sent_bytes: s.resync_sent_bytes,
         resync_received_bytes: s.resync_received_bytes,
+        link_failure: last_failure.as_ref().map(|(what, _)| what.clone()),
+        link_failure_age_secs: last_failure.map(|(_, age)| age.as_secs()),
     }
 }

@@ -5,15 +5,20 @@
 //! The node with the lower id connects, the other accepts, so exactly one
 //! connection exists. Authentication happens in the TLS handshake, before a
 //! single byte of the peer's frames is read: an unknown or wrong peer never
-//! reaches `wire::decode_header`.
+//! reaches `wire::decode_header`. The accepting side runs each handshake
+//! in its own task under a short timeout, with bounds per source address
+//! and in total (`accept_loop`), so idle or hostile connections cannot
+//! keep the peer out; [`LinkFailures`] logs failed attempts on both sides
+//! (rate-limited) and keeps the last one for `status`.
 //!
 //! The writer keeps two queues and always drains the urgent one (acks,
 //! pings) before the next bulk frame, so acknowledgements never wait behind
 //! queued data.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{PrivateKeyDer, ServerName};
@@ -42,6 +47,14 @@ use crate::tls::{load_certs as certs, TlsError};
 pub struct Payload {
     pub buf: Arc<AlignedBuf>,
     permit: Option<OwnedSemaphorePermit>,
+}
+
+impl LinkError {
+    /// Whether the failure says something is wrong (certificates, CA, an
+    /// impostor, a stalled handshake) rather than that the peer is down.
+    pub fn is_handshake(&self) -> bool {
+        !matches!(self, LinkError::Connect { .. })
+    }
 }
 
 impl Payload {
@@ -100,9 +113,22 @@ const _: () = assert!(
 /// What the link tasks tell the driver.
 #[derive(Debug)]
 pub enum LinkEvent {
-    Message { link: LinkId, msg: Message<Payload> },
-    FrameError { link: LinkId, error: FrameError },
-    Closed { link: LinkId, why: String },
+    Message {
+        link: LinkId,
+        msg: Message<Payload>,
+    },
+    FrameError {
+        link: LinkId,
+        error: FrameError,
+    },
+    /// `tls_alert`: the peer ended the connection with a TLS alert. Under
+    /// TLS 1.3 the connecting side learns only here, at its first read,
+    /// that the peer refused its certificate.
+    Closed {
+        link: LinkId,
+        why: String,
+        tls_alert: bool,
+    },
 }
 
 /// TLS material for the link, or none in plaintext lab mode.
@@ -121,7 +147,7 @@ pub enum LinkError {
     Tls(std::io::Error),
     #[error("the peer's certificate is not for node {expected:?}: {why}")]
     WrongPeer { expected: String, why: String },
-    #[error("connection attempt timed out")]
+    #[error("TLS handshake timed out")]
     Timeout,
 }
 
@@ -169,37 +195,37 @@ pub fn link_tls(res: &Resource) -> Result<Option<LinkTls>, TlsError> {
     }))
 }
 
-/// Connects to the peer (the lower node id does this).
+/// Connects to the peer (the lower node id does this). The TCP connect and
+/// the TLS handshake each get `timeout`.
 pub async fn connect(
     addr: SocketAddr,
     tls: Option<&LinkTls>,
     timeout: Duration,
 ) -> Result<Box<dyn LinkStream>, LinkError> {
-    let attempt = async {
-        let tcp = TcpStream::connect(addr).await.map_err(|cause| LinkError::Connect { addr, cause })?;
-        let _ = tcp.set_nodelay(true);
-        match tls {
-            None => Ok(Box::new(tcp) as Box<dyn LinkStream>),
-            Some(tls) => {
-                // The server's certificate must chain to the cluster CA and
-                // name the peer node.
-                let stream = tls.connector.connect(tls.peer_name.clone(), tcp).await.map_err(LinkError::Tls)?;
-                Ok(Box::new(stream) as Box<dyn LinkStream>)
-            }
-        }
-    };
-    tokio::time::timeout(timeout, attempt).await.map_err(|_| LinkError::Timeout)?
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| LinkError::Connect { addr, cause: std::io::ErrorKind::TimedOut.into() })?
+        .map_err(|cause| LinkError::Connect { addr, cause })?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else { return Ok(Box::new(tcp)) };
+    // The server's certificate must chain to the cluster CA and name the
+    // peer node.
+    let stream = tokio::time::timeout(timeout, tls.connector.connect(tls.peer_name.clone(), tcp))
+        .await
+        .map_err(|_| LinkError::Timeout)?
+        .map_err(LinkError::Tls)?;
+    Ok(Box::new(stream))
 }
 
-/// Accepts one peer connection (the higher node id does this).
-pub async fn accept(
-    listener: &TcpListener,
+/// Runs the TLS handshake of an accepted connection and checks that the
+/// client is *the peer* (the higher node id does this).
+pub async fn handshake(
+    tcp: TcpStream,
     tls: Option<&LinkTls>,
     timeout: Duration,
-) -> Result<(Box<dyn LinkStream>, SocketAddr), LinkError> {
-    let (tcp, from) = listener.accept().await.map_err(|cause| LinkError::Connect { addr: local(listener), cause })?;
+) -> Result<Box<dyn LinkStream>, LinkError> {
     let _ = tcp.set_nodelay(true);
-    let Some(tls) = tls else { return Ok((Box::new(tcp), from)) };
+    let Some(tls) = tls else { return Ok(Box::new(tcp)) };
     let stream = tokio::time::timeout(timeout, tls.acceptor.accept(tcp))
         .await
         .map_err(|_| LinkError::Timeout)?
@@ -218,7 +244,200 @@ pub async fn accept(
         .map_err(|e| LinkError::WrongPeer { expected: expected.clone(), why: e.to_string() })?;
     ee.verify_is_valid_for_subject_name(&tls.peer_name)
         .map_err(|e| LinkError::WrongPeer { expected: expected.clone(), why: e.to_string() })?;
-    Ok((Box::new(tokio_rustls::TlsStream::Server(stream)), from))
+    Ok(Box::new(tokio_rustls::TlsStream::Server(stream)))
+}
+
+/// Accepted connections that have not authenticated yet, counted per
+/// source (an IPv4 address, or an IPv6 /64: one host can hold a whole
+/// /64) and in total, so that idle or slow connections can neither hold
+/// the listener nor crowd out the peer.
+#[derive(Default)]
+struct Unauthenticated {
+    by_source: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// What the per-source bound counts by.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+/// A claimed place among the unauthenticated connections; freed on drop.
+struct PreauthSlot {
+    table: Arc<Mutex<Unauthenticated>>,
+    key: IpAddr,
+    counted_in_total: bool,
+}
+
+impl PreauthSlot {
+    /// Claims a place for a connection from `from`, or says why not. The
+    /// configured peer's own address is not held to the total bound, so
+    /// connections from elsewhere cannot keep it out.
+    fn claim(table: &Arc<Mutex<Unauthenticated>>, from: IpAddr, peer: IpAddr) -> Result<PreauthSlot, &'static str> {
+        let key = source_key(from);
+        let counted_in_total = source_key(peer) != key;
+        let mut t = lock(table);
+        let here = t.by_source.get(&key).copied().unwrap_or(0);
+        if here >= limits::REPL_PREAUTH_PER_SOURCE_MAX {
+            return Err("too many unauthenticated connections from this address");
+        }
+        if counted_in_total && t.total >= limits::REPL_PREAUTH_CONNECTIONS_MAX {
+            return Err("too many unauthenticated connections");
+        }
+        *t.by_source.entry(key).or_insert(0) += 1;
+        if counted_in_total {
+            t.total += 1;
+        }
+        Ok(PreauthSlot { table: table.clone(), key, counted_in_total })
+    }
+}
+
+impl Drop for PreauthSlot {
+    fn drop(&mut self) {
+        let mut t = lock(&self.table);
+        if let Some(n) = t.by_source.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                t.by_source.remove(&self.key);
+            }
+        }
+        if self.counted_in_total {
+            t.total -= 1;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one still
+    // holds consistent counters.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Accepts peer connections until the task is dropped (the higher node id
+/// runs this). Each connection's handshake runs in its own task, bounded
+/// by [`limits::REPL_PREAUTH_TIMEOUT_MS`] (or `io_timeout`, if shorter),
+/// [`limits::REPL_PREAUTH_PER_SOURCE_MAX`] per source and
+/// [`limits::REPL_PREAUTH_CONNECTIONS_MAX`] in all: idle connections from
+/// a third host cannot delay the peer. Authenticated streams go to `tx`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<LinkTls>,
+    io_timeout: Duration,
+    peer: IpAddr,
+    failures: Arc<LinkFailures>,
+    tx: mpsc::Sender<Result<Box<dyn LinkStream>, String>>,
+) {
+    let timeout = io_timeout.min(Duration::from_millis(limits::REPL_PREAUTH_TIMEOUT_MS));
+    let table = Arc::new(Mutex::new(Unauthenticated::default()));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(10);
+                accepted
+            }
+            Err(e) => {
+                // Out of descriptors, say: wait for some to be freed.
+                let context = format!("cannot accept replication connections on {}", local(&listener));
+                failures.record(true, &context, e.to_string());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let slot = match PreauthSlot::claim(&table, from.ip(), peer) {
+            Ok(slot) => slot,
+            Err(why) => {
+                failures.record(true, &format!("refused a replication connection from {from}"), why.to_string());
+                continue; // dropping `tcp` closes it
+            }
+        };
+        let (tls, tx, failures) = (tls.clone(), tx.clone(), failures.clone());
+        tokio::spawn(async move {
+            let result = handshake(tcp, tls.as_ref(), timeout).await;
+            drop(slot);
+            match result {
+                Ok(stream) => {
+                    tracing::debug!(%from, "peer connection accepted");
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Err(e) => {
+                    failures.record(true, &format!("refused a replication connection from {from}"), e.to_string())
+                }
+            }
+        });
+    }
+}
+
+/// Failed connection attempts and handshakes of one resource, both
+/// directions: each kind of failure is logged at warn at most once per
+/// [`limits::REPL_LINK_WARN_INTERVAL_MS`] (the next warning counts those
+/// left out), and the last failure is kept for `status`.
+#[derive(Default)]
+pub struct LinkFailures {
+    inner: Mutex<FailureLog>,
+}
+
+/// Kinds of failure whose warnings are rate-limited separately; beyond
+/// this, the kind warned about longest ago is forgotten.
+const FAILURE_KINDS_MAX: usize = 32;
+
+#[derive(Default)]
+struct FailureLog {
+    last: Option<(String, Instant)>,
+    /// Per kind (the cause's text): when it was last logged, and how many
+    /// have not been since.
+    warned: HashMap<String, (Instant, u64)>,
+}
+
+impl LinkFailures {
+    /// Records a failure: `context` says which connection (it may name a
+    /// source port, so it is not part of the kind), `cause` what went
+    /// wrong. `warn` says whether it is worth a warning (TLS,
+    /// authentication, a flood) or only a debug line (a peer that is down
+    /// refuses TCP connections, which is expected).
+    pub fn record(&self, warn: bool, context: &str, cause: String) {
+        let now = Instant::now();
+        let what = format!("{context}: {cause}");
+        let mut log = lock(&self.inner);
+        log.last = Some((what.clone(), now));
+        if !warn {
+            tracing::debug!("{what}");
+            return;
+        }
+        let interval = Duration::from_millis(limits::REPL_LINK_WARN_INTERVAL_MS);
+        if let Some((at, left_out)) = log.warned.get_mut(&cause) {
+            if now.duration_since(*at) < interval {
+                *left_out += 1;
+                return;
+            }
+            match std::mem::take(left_out) {
+                0 => tracing::warn!("{what}"),
+                n => tracing::warn!("{what} (and {n} more like it in the last {} s)", interval.as_secs()),
+            }
+            *at = now;
+            return;
+        }
+        if log.warned.len() >= FAILURE_KINDS_MAX {
+            let oldest = log.warned.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                log.warned.remove(&oldest);
+            }
+        }
+        tracing::warn!("{what}");
+        log.warned.insert(cause, (now, 0));
+    }
+
+    /// The last failure and how long ago it happened.
+    pub fn last(&self) -> Option<(String, Duration)> {
+        lock(&self.inner).last.as_ref().map(|(what, at)| (what.clone(), at.elapsed()))
+    }
 }
 
 fn local(listener: &TcpListener) -> SocketAddr {
@@ -265,9 +484,9 @@ async fn read_loop(link: LinkId, reader: impl AsyncRead + Unpin, events: mpsc::S
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let budget = Arc::new(Semaphore::new((limits::REPL_RECEIVE_BYTES_MAX / RECEIVE_UNIT_BYTES) as usize));
     let mut header = [0u8; HEADER_BYTES];
-    let why = loop {
+    let (why, tls_alert) = loop {
         if let Err(e) = reader.read_exact(&mut header).await {
-            break format!("read from the peer: {e}");
+            break (format!("read from the peer: {e}"), is_tls_alert(&e));
         }
         let head = match wire::decode_header(&header) {
             Ok(h) => h,
@@ -280,7 +499,7 @@ async fn read_loop(link: LinkId, reader: impl AsyncRead + Unpin, events: mpsc::S
         let Ok(permit) = budget.clone().acquire_many_owned(units).await else { return };
         let mut buf = AlignedBuf::for_overwrite(head.payload_len());
         if let Err(e) = reader.read_exact(&mut buf[..]).await {
-            break format!("read from the peer: {e}");
+            break (format!("read from the peer: {e}"), is_tls_alert(&e));
         }
         // The payload buffer becomes the message's data: no copy.
         match wire::decode_message(&head, Payload { buf: Arc::new(buf), permit: Some(permit) }) {
@@ -295,7 +514,14 @@ async fn read_loop(link: LinkId, reader: impl AsyncRead + Unpin, events: mpsc::S
             }
         }
     };
-    let _ = events.send(LinkEvent::Closed { link, why }).await;
+    let _ = events.send(LinkEvent::Closed { link, why, tls_alert }).await;
+}
+
+/// Whether a read failed because the peer sent a TLS alert.
+fn is_tls_alert(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)))
 }
 
 async fn write_loop(
@@ -334,5 +560,59 @@ async fn write_loop(
             break format!("write to the peer: {e}");
         }
     };
-    let _ = events.send(LinkEvent::Closed { link, why }).await;
+    let _ = events.send(LinkEvent::Closed { link, why, tls_alert: false }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthenticated_connections_are_bounded_per_source_and_in_total() {
+        let table = Arc::new(Mutex::new(Unauthenticated::default()));
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let other: IpAddr = "10.0.0.9".parse().unwrap();
+        let held: Vec<_> = (0..limits::REPL_PREAUTH_PER_SOURCE_MAX)
+            .map(|_| PreauthSlot::claim(&table, other, peer).unwrap())
+            .collect();
+        assert!(PreauthSlot::claim(&table, other, peer).is_err(), "one source holds at most its share");
+        // Fill the total from many sources: the peer still gets in.
+        let mut many = Vec::new();
+        for i in 0.. {
+            let ip = IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8]);
+            match PreauthSlot::claim(&table, ip, peer) {
+                Ok(slot) => many.push(slot),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(held.len() + many.len(), limits::REPL_PREAUTH_CONNECTIONS_MAX);
+        let from_peer = PreauthSlot::claim(&table, peer, peer).expect("the peer is not held to the total");
+        drop((held, many, from_peer));
+        let t = lock(&table);
+        assert_eq!((t.total, t.by_source.len()), (0, 0), "every slot is given back");
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_slash_64() {
+        let a = source_key("2001:db8:1:2::1".parse().unwrap());
+        let b = source_key("2001:db8:1:2:ffff::7".parse().unwrap());
+        let c = source_key("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(source_key("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn failures_are_kept_for_status_whether_or_not_logged() {
+        let f = LinkFailures::default();
+        assert!(f.last().is_none());
+        for port in 0..100 {
+            f.record(true, &format!("refused a replication connection from 10.0.0.9:{port}"), "bad".into());
+        }
+        f.record(false, "connecting to b at 10.0.0.2:7789 failed", "connection refused".into());
+        let (last, _) = f.last().unwrap();
+        assert_eq!(last, "connecting to b at 10.0.0.2:7789 failed: connection refused");
+        let log = lock(&f.inner);
+        assert_eq!(log.warned.get("bad").map(|(_, n)| *n), Some(99), "repeats of one kind are counted, not logged");
+    }
 }

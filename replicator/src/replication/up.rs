@@ -143,10 +143,10 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         if let Ok(addr) = listener.local_addr() {
             eprintln!("replicator: listening metrics {addr}");
         }
-        let (status, shared) = (parts.status.clone(), shared.clone());
+        let (status, shared, failures) = (parts.status.clone(), shared.clone(), parts.failures.clone());
         let body = move || {
             crate::metrics::render_resource(&ResourceReport {
-                state: driver::state(&status.borrow()),
+                state: driver::state(&status.borrow(), &failures),
                 clients: shared.clients.list(),
                 io: shared.counters.snapshot(),
                 pid: std::process::id(),
@@ -162,7 +162,7 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
     let mut driver_task = tokio::spawn(driver.run(stop_rx));
     let control_task = tokio::spawn(control::serve(
         control_listener,
-        handler(parts.admin.clone(), parts.status.clone(), shared.clone()),
+        handler(parts.admin.clone(), parts.status.clone(), shared.clone(), parts.failures.clone()),
     ));
     let accept_tasks: Vec<_> =
         listeners.into_iter().map(|l| tokio::spawn(server::accept_loop(shared.clone(), l))).collect();
@@ -216,12 +216,13 @@ fn handler(
     admin: mpsc::Sender<AdminCall>,
     status: watch::Receiver<Status>,
     shared: Arc<Shared>,
+    failures: Arc<link::LinkFailures>,
 ) -> control::ControlHandler {
     Arc::new(move |request| {
-        let (admin, mut status, shared) = (admin.clone(), status.clone(), shared.clone());
+        let (admin, mut status, shared, failures) = (admin.clone(), status.clone(), shared.clone(), failures.clone());
         Box::pin(async move {
-            let report = |shared: &Shared, s: &Status| ResourceReport {
-                state: driver::state(s),
+            let report = move |shared: &Shared, s: &Status| ResourceReport {
+                state: driver::state(s, &failures),
                 clients: shared.clients.list(),
                 io: shared.counters.snapshot(),
                 pid: std::process::id(),
