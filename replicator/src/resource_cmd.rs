@@ -6,6 +6,7 @@ use std::io::Write;
 use anyhow::Context;
 
 use replicator::control::{self, ControlRequest, ControlResponse, ResourceCommand, ResourceReport};
+use replicator::replication::replica::Fencing;
 use replicator::replication::resource::{self, Resource};
 
 use crate::UsageError;
@@ -100,6 +101,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let res = load(&args.res)?;
+    // Everything the start would trip over, checked before anything starts:
+    // the files the link needs and what the peer will check of our
+    // certificate.
+    replicator::replication::link::link_tls(&res).map_err(|e| UsageError(format!("{}: {e}", res.path.display())))?;
+    if res.fencing == Fencing::ResourceOnly && res.fence_peer.is_none() {
+        eprintln!(
+            "replicator: {}: fencing = \"resource-only\" without handlers.fence-peer: every fence attempt fails \
+             (writes go on unfenced)",
+            res.path.display()
+        );
+    }
     if args.validate {
         println!(
             "resource {} is valid: node {} (id {}) on {}, peer {} at {}, protocol {:?}",

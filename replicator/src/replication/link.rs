@@ -161,12 +161,18 @@ pub fn link_tls(res: &Resource) -> Result<Option<LinkTls>, TlsError> {
     let (Some(ca), Some(cert), Some(key)) = (&res.ca, &res.local.cert, &res.local.key) else {
         unreachable!("resource validation requires CA, cert and key for mutual TLS");
     };
+    crate::tls::require_file("CA certificate file (net.ca)", ca)?;
+    crate::tls::require_file("certificate file (node.cert)", cert)?;
+    crate::tls::require_file("key file (node.key)", key)?;
+    let ca_certs = certs(ca)?;
     let mut roots = rustls::RootCertStore::empty();
-    for c in certs(ca)? {
-        roots.add(c).map_err(|e| TlsError::ClientCa { path: ca.clone(), cause: e.to_string() })?;
+    for c in &ca_certs {
+        roots.add(c.clone()).map_err(|e| TlsError::ClientCa { path: ca.clone(), cause: e.to_string() })?;
     }
     let roots = Arc::new(roots);
     let chain = certs(cert)?;
+    check_node_certificate(cert, &chain, &ca_certs, &res.local.name)?;
+    let key_path = key;
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key { path: key.clone(), cause: e.to_string() })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -174,14 +180,23 @@ pub fn link_tls(res: &Resource) -> Result<Option<LinkTls>, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| TlsError::ClientCa { path: ca.clone(), cause: e.to_string() })?;
+    let mismatch = |e: rustls::Error| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::Unusable {
+            path: cert.clone(),
+            why: format!("does not belong to the key {} (node.key)", key_path.display()),
+        },
+        other => TlsError::Config(other),
+    };
     let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain.clone(), key.clone_key())?;
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(mismatch)?;
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
+        .with_client_auth_cert(chain, key)
+        .map_err(mismatch)?;
     let peer_name = ServerName::try_from(res.peer.name.clone()).map_err(|e| {
         TlsError::Config(rustls::Error::General(format!(
             "peer node name {:?} is not a valid DNS name: {e}",
@@ -193,6 +208,58 @@ pub fn link_tls(res: &Resource) -> Result<Option<LinkTls>, TlsError> {
         acceptor: TlsAcceptor::from(Arc::new(server)),
         peer_name,
     }))
+}
+
+/// Checks what the peer will check of our certificate, so that a wrong one
+/// fails at start (and `up --validate`) with a plain message rather than
+/// as an opaque handshake failure on the other node: an X.509 v3
+/// certificate, for this node's name, issued by the cluster CA, valid now,
+/// usable as TLS server and client.
+fn check_node_certificate(
+    path: &std::path::Path,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    ca: &[rustls::pki_types::CertificateDer<'static>],
+    node: &str,
+) -> Result<(), TlsError> {
+    let unusable = |why: String| TlsError::Unusable { path: path.to_owned(), why };
+    let Some(leaf) = chain.first() else { return Err(TlsError::NoCerts(path.to_owned())) };
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| match e {
+        webpki::Error::UnsupportedCertVersion => unusable(
+            "is an X.509 v1 certificate (what `openssl x509 -req` makes without -extfile); the replication \
+             link needs v3 with subjectAltName = DNS:<node name> (see the README, \"Certificates\")"
+                .into(),
+        ),
+        other => unusable(format!("cannot be parsed: {other}")),
+    })?;
+    let name = ServerName::try_from(node.to_owned())
+        .map_err(|e| unusable(format!("cannot be checked: node name {node:?} is not a DNS name ({e})")))?;
+    ee.verify_is_valid_for_subject_name(&name).map_err(|_| {
+        unusable(format!("is not for node {node:?}: its subjectAltName must include DNS:{node}, which the peer checks"))
+    })?;
+    let anchors = ca
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unusable(format!("cannot be checked: the CA certificate is unusable ({e})")))?;
+    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    let now = rustls::pki_types::UnixTime::now();
+    for (usage, role) in
+        [(webpki::KeyUsage::server_auth(), "TLS server"), (webpki::KeyUsage::client_auth(), "TLS client")]
+    {
+        ee.verify_for_usage(algs, &anchors, &chain[1..], now, usage, None, None).map_err(|e| {
+            let why = match e {
+                webpki::Error::UnknownIssuer => "was not issued by the cluster CA (net.ca)".to_string(),
+                webpki::Error::CertExpired { .. } => "has expired".to_string(),
+                webpki::Error::CertNotValidYet { .. } => "is not valid yet (check the clock)".to_string(),
+                webpki::Error::RequiredEkuNotFoundContext(_) => {
+                    format!("may not be used as a {role} (extendedKeyUsage must allow serverAuth and clientAuth)")
+                }
+                other => format!("is not accepted as a {role} by the cluster CA: {other}"),
+            };
+            unusable(why)
+        })?;
+    }
+    Ok(())
 }
 
 /// Connects to the peer (the lower node id does this). The TCP connect and
@@ -614,5 +681,105 @@ mod tests {
         assert_eq!(last, "connecting to b at 10.0.0.2:7789 failed: connection refused");
         let log = lock(&f.inner);
         assert_eq!(log.warned.get("bad").map(|(_, n)| *n), Some(99), "repeats of one kind are counted, not logged");
+    }
+
+    /// What `openssl x509 -req` makes without `-extfile`: an X.509 v1
+    /// certificate (CN=a, no extensions).
+    const V1_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIICoDCCAYgCFClHt3KE2s/KGTg3v+fCnl/P4oWvMA0GCSqGSIb3DQEBCwUAMA0x
+CzAJBgNVBAMMAmNhMB4XDTI2MTIwODAyMTIwNloXDTI2MTIxODAyMTIwNlowDDEK
+MAgGA1UEAwwBYTCCASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEBAPR9gYS/
+xSB6MyNozf6glwpGo86ZbaCKtHZeQDXSLo96prKUN4dBgW4Tqjm64R/wpUIjZvNF
+WqClTrkLTRWc0B4PJ+9Axh70/F7+xoivjkzyORWeRdEcIibUNdY1QgCeY2/pjae8
+miGGxNd/px+dtZpdomWQ7PuYI9GpLHluEOOA6n92XKMyvvC3G8YYjhfpVgn4jLlE
+7RzTwKRLYOloqx8ueVxj9ylIJYIqf59R3Vs1Y1cLZRNQmIAIOVcdRPXdohxEsTEo
+ifgjV+HaOsRjtIy2/1LVuCK4pjjjA74lQ4cHsNsG9vamvfi/RrglqgqmInZ/NtOj
+CDV8IhxYG0Ti27kCAwEAATANBgkqhkiG9w0BAQsFAAOCAQEAjFUgfWjr/F3LnOas
+QbBFdLUwmhxSRJefYHYyh8ihp7xBQC/mFD2UsmLNMAGm0FUzTRvl6WYhSHrlDCl6
+IfGWOg1cuEJXWNk32lowecPj5XFT0MXcv4H3Ie6gOFoTx/1UMG9vvJ6NG8vePIpt
+t4BGMJp53eJYSj7RtXaf4ajEUyTXgm7TL/ciycjVmfQy7pAIMSZ8xizT345uDkv+
+WySFPS7Z6cH0n7jqdJdAJcCDjTIGhyd6fCYsE1tZbxz/GjIKZ/ZboxfUsBzMkBvH
+3U71XwKI6BE5x54gjyYr8Vi72yHJhbrEUsMRaKF4GOi97HSDUE/FTEBgCd5gvJry
+1desqA==
+-----END CERTIFICATE-----
+";
+
+    struct Files {
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A CA and certificates for `a`, `b` in a fresh directory; returns a
+    /// resource (node a, mutual TLS) loaded from text with `edit` applied.
+    fn resource_with(edit: impl Fn(String) -> String) -> (Files, Result<Option<LinkTls>, TlsError>) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("replicator-link-tls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = Files { dir: dir.clone() };
+        for (ca_name, names) in [("ca", &["a", "b"][..]), ("other-ca", &["a"][..])] {
+            let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            ca.distinguished_name.push(DnType::CommonName, ca_name);
+            let ca_key = KeyPair::generate().unwrap();
+            let ca_cert = ca.self_signed(&ca_key).unwrap();
+            std::fs::write(dir.join(format!("{ca_name}.pem")), ca_cert.pem()).unwrap();
+            for name in names {
+                let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+                let key = KeyPair::generate().unwrap();
+                let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+                let prefix = if ca_name == "ca" { String::new() } else { format!("{ca_name}-") };
+                std::fs::write(dir.join(format!("{prefix}{name}.pem")), cert.pem()).unwrap();
+                std::fs::write(dir.join(format!("{prefix}{name}.key")), key.serialize_pem()).unwrap();
+            }
+        }
+        std::fs::write(dir.join("v1.pem"), V1_CERT).unwrap();
+        let d = dir.display();
+        let text = format!(
+            "[resource]\nname = \"r0\"\n[net]\nca = \"{d}/ca.pem\"\n\
+             [[node]]\nname = \"a\"\nid = 0\naddress = \"10.0.0.1:7789\"\ndisk = \"/dev/vdb\"\n\
+             nbd-listen = [\"127.0.0.1:10809\"]\ncert = \"{d}/a.pem\"\nkey = \"{d}/a.key\"\n\
+             [[node]]\nname = \"b\"\nid = 1\naddress = \"10.0.0.2:7789\"\ndisk = \"/dev/vdb\"\n\
+             cert = \"{d}/b.pem\"\nkey = \"{d}/b.key\"\n"
+        );
+        let text = edit(text.replace(&d.to_string(), "DIR")).replace("DIR", &d.to_string());
+        let res = super::super::resource::parse(std::path::Path::new("r0.toml"), &text, Some("a")).unwrap();
+        (files, link_tls(&res))
+    }
+
+    fn refused(edit: impl Fn(String) -> String) -> String {
+        match resource_with(edit).1 {
+            Ok(_) => panic!("accepted"),
+            Err(e) => {
+                // One plain line: no Debug formatting, and nothing a source
+                // chain would print again.
+                assert!(std::error::Error::source(&e).is_none(), "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn link_tls_accepts_good_certificates_and_explains_bad_ones() {
+        assert!(resource_with(|t| t).1.unwrap().is_some());
+        let e = refused(|t| t.replace("DIR/a.pem", "DIR/missing.pem"));
+        assert!(e.contains("missing.pem does not exist"), "{e}");
+        let e = refused(|t| t.replace("DIR/ca.pem", "DIR/nowhere-ca.pem"));
+        assert!(e.contains("nowhere-ca.pem does not exist"), "{e}");
+        let e = refused(|t| t.replace("DIR/a.pem", "DIR/v1.pem"));
+        assert!(e.contains("X.509 v1") && e.contains("subjectAltName"), "{e}");
+        let e = refused(|t| t.replace("DIR/a.pem", "DIR/b.pem").replace("DIR/a.key", "DIR/b.key"));
+        assert!(e.contains("is not for node \"a\""), "{e}");
+        let e = refused(|t| t.replace("DIR/a.pem", "DIR/other-ca-a.pem").replace("DIR/a.key", "DIR/other-ca-a.key"));
+        assert!(e.contains("not issued by the cluster CA"), "{e}");
+        let e = refused(|t| t.replace("DIR/a.key", "DIR/b.key"));
+        assert!(e.contains("does not belong to the key"), "{e}");
     }
 }

@@ -302,6 +302,14 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
                 .into(),
         ));
     }
+    if r.fencing == Fencing::ResourceAndStonith && file.handlers.fence_peer.is_none() {
+        return Err(invalid(
+            "resource.fencing",
+            "\"resource-and-stonith\" suspends I/O whenever the peer is lost until handlers.fence-peer confirms \
+             it is fenced; set handlers.fence-peer (or choose fencing = \"resource-only\" or \"dont-care\")"
+                .into(),
+        ));
+    }
     let mut nodes = Vec::new();
     for (i, raw) in file.nodes.iter().enumerate() {
         let key = |k: &str| format!("node[{i}].{k}");
@@ -427,6 +435,11 @@ nbd-unix = ["/run/r0.nbd"]
         let mutual = GOOD.replace("tls = \"plaintext-lab\"", "tls = \"mutual\"");
         let err = parse(Path::new("r0.toml"), &mutual, Some("a")).unwrap_err().to_string();
         assert!(err.contains("net.ca"), "{err}");
+        let stonith = GOOD.replace("protocol = \"B\"", "fencing = \"resource-and-stonith\"");
+        let err = parse(Path::new("r0.toml"), &stonith, Some("a")).unwrap_err().to_string();
+        assert!(err.contains("resource.fencing") && err.contains("handlers.fence-peer"), "{err}");
+        let handled = format!("{stonith}\n[handlers]\nfence-peer = \"/bin/true\"\n");
+        parse(Path::new("r0.toml"), &handled, Some("a")).unwrap();
         let bad_addr = GOOD.replace("10.0.0.2:7789", "nowhere");
         let err = parse(Path::new("r0.toml"), &bad_addr, Some("a")).unwrap_err().to_string();
         assert!(err.contains("node[1].address"), "{err}");
