@@ -355,6 +355,26 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether process `pid` still runs: it exists and is not a zombie (a
+/// zombie has exited and released everything but its pid; until its parent
+/// reaps it, signals to it still "succeed").
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else { return false };
+    if kill(Pid::from_raw(raw), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and
+        // may itself contain ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        // It exists; without /proc we cannot tell a zombie.
+        Err(_) => true,
+    }
+}
+
 /// Waits until the attach daemon `pid` removed its record or exited.
 fn wait_gone(record: &Path, pid: i32, dev: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + DETACH_WAIT;

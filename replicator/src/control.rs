@@ -32,15 +32,23 @@ pub enum ControlRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ResourceCommand {
     Status,
-    Primary { force: bool, epoch: Option<u64> },
+    Primary {
+        force: bool,
+        epoch: Option<u64>,
+    },
     Secondary,
-    Connect { discard_my_data: bool },
+    Connect {
+        discard_my_data: bool,
+    },
     Disconnect,
     Verify,
     Invalidate,
     ResumeIo,
     SuspendIo,
     Outdate,
+    /// Stop the resource cleanly (`up` exits as on SIGTERM); refused while
+    /// NBD clients are connected.
+    Down,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -71,6 +71,10 @@ pub enum AdminCmd {
     Outdate(ResArgs),
     /// Stream state changes.
     Events(ResArgs),
+    /// Stop the resource on this node cleanly (like `drbdadm down`): the
+    /// running `up` persists its state and exits; refused while NBD
+    /// clients are connected. Waits until the process has exited.
+    Down(ResArgs),
 }
 
 pub fn load(args: &ResArgs) -> anyhow::Result<Resource> {
@@ -148,6 +152,7 @@ pub fn admin(cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::SuspendIo(res) => (res, ResourceCommand::SuspendIo),
         AdminCmd::Outdate(res) => (res, ResourceCommand::Outdate),
         AdminCmd::Events(res) => return events(&res),
+        AdminCmd::Down(res) => return down(&res),
     };
     let res = load(&args)?;
     if matches!(command, ResourceCommand::Primary { force: true, .. }) {
@@ -157,6 +162,37 @@ pub fn admin(cmd: AdminCmd) -> anyhow::Result<()> {
         ControlResponse::Done(message) => println!("{message}"),
         other => println!("{other:?}"),
     }
+    Ok(())
+}
+
+/// How long `down` waits for `up` to exit: its own drain bound, and time
+/// to persist the metadata.
+const DOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(replicator::limits::SHUTDOWN_DRAIN_SECS + 30);
+
+fn down(args: &ResArgs) -> anyhow::Result<()> {
+    let res = load(args)?;
+    let rt = runtime()?;
+    let ctl = &res.local.control;
+    let status = ControlRequest::Resource(ResourceCommand::Status);
+    let ControlResponse::Resource(report) = rt.block_on(control::call(ctl, &status))? else {
+        anyhow::bail!("unexpected answer from {}", ctl.display());
+    };
+    let pid = report.pid;
+    match rt.block_on(control::call(ctl, &ControlRequest::Resource(ResourceCommand::Down)))? {
+        ControlResponse::Done(_) => {}
+        other => anyhow::bail!("unexpected answer from {}: {other:?}", ctl.display()),
+    }
+    // `up` removes its control socket last, just before it exits.
+    let deadline = std::time::Instant::now() + DOWN_WAIT;
+    let mut pause = std::time::Duration::from_millis(5);
+    while ctl.exists() && crate::attach::process_alive(pid) {
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("failed to stop resource {}: `up` (pid {pid}) did not exit within {DOWN_WAIT:?}", res.name);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
+    }
+    println!("{}: down", res.name);
     Ok(())
 }
 

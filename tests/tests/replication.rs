@@ -557,3 +557,35 @@ fn status_names_an_absent_peer_and_survives_a_closed_pipe() {
         assert!(status.success() && !stderr.contains("panicked"), "status into a closed pipe: {status}: {stderr}");
     }
 }
+
+/// `replicator down RES` stops a node cleanly (like `drbdadm down`): refused
+/// while an NBD client is connected, then the process persists its state
+/// and exits 0, and the resource comes back up in sync.
+#[test]
+fn down_stops_a_node_cleanly_and_is_refused_while_clients_are_connected() {
+    let Some((dir, mut pair)) = setup("repl-down", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let mut client = Client::connect(pair.nbd(0), "r0").unwrap();
+    client.write(0, &pattern(0, 4)).unwrap();
+    let out = pair.admin(0, &["down"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("NBD client"), "{}", out.describe());
+    drop(client);
+    tests::wait_until(Duration::from_secs(10), "down once the client is gone", || {
+        pair.admin(0, &["down"]).is_ok_and(|o| o.success() && o.stdout.contains("r0: down"))
+    })
+    .unwrap();
+    let node = pair.nodes[0].as_mut().unwrap();
+    tests::wait_until(Duration::from_secs(10), "a's up exits by itself", || !node.is_running()).unwrap();
+    // Already exited: this only reads the exit status.
+    let status = node.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "up exited with {status}; log:\n{}", node.logs.text());
+    assert!(!dir.join("a.ctl").exists(), "the control socket is removed");
+    pair.wait(1, Duration::from_secs(10), "b sees a go", |s| s["connection"] != "Connected").unwrap();
+    pair.ok(1, &["down"]).unwrap();
+
+    pair.start(0).unwrap();
+    pair.start(1).unwrap();
+    pair.wait_in_sync(Duration::from_secs(30)).unwrap();
+    assert_eq!(pair.field(0, "role"), "Primary", "a clean down keeps the role");
+    assert_eq!(version_of(0, &pair.disk_data(1, 4096).unwrap()), Some(4));
+}

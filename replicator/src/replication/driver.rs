@@ -608,6 +608,8 @@ impl Driver {
                 Ok(()) => done(format!("{name}: Outdated")),
                 Err(e) => err(e),
             },
+            // `up` stops the whole process; it never sends this here.
+            ResourceCommand::Down => Err(format!("{name}: `down` is handled by the process, not the replica")),
         };
         let _ = call.reply.send(result);
     }
