@@ -10,6 +10,7 @@
 //! and flushes go through the replica.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -514,28 +515,32 @@ impl Driver {
             });
             return;
         };
-        let (resource, peer, address) =
-            (self.res.name.clone(), self.res.peer.name.clone(), self.res.peer.address.to_string());
+        let resource = self.res.name.clone();
+        let env = [
+            ("REPLICATOR_RESOURCE", self.res.name.clone()),
+            ("REPLICATOR_PEER", self.res.peer.name.clone()),
+            ("REPLICATOR_PEER_ADDRESS", self.res.peer.address.to_string()),
+        ];
+        let timeout = Duration::from_millis(self.res.fence_peer_timeout_ms);
         tokio::spawn(async move {
-            tracing::warn!(%resource, %peer, handler = %handler.display(), "running the fence-peer handler");
-            let run = tokio::process::Command::new(&handler)
-                .env("REPLICATOR_RESOURCE", &resource)
-                .env("REPLICATOR_PEER", &peer)
-                .env("REPLICATOR_PEER_ADDRESS", &address)
-                .kill_on_drop(true)
-                .status();
-            let ok = match tokio::time::timeout(Duration::from_secs(60), run).await {
-                Ok(Ok(status)) => {
-                    let code = status.code();
+            tracing::warn!(%resource, handler = %handler.display(), "running the fence-peer handler");
+            let ok = match run_fence_handler(&handler, &env, timeout).await {
+                FenceOutcome::Exited(code) => {
                     tracing::warn!(%resource, ?code, "fence-peer handler finished");
                     matches!(code, Some(0 | 3 | 4 | 5 | 7))
                 }
-                Ok(Err(e)) => {
+                FenceOutcome::CannotRun(e) => {
                     tracing::error!(%resource, "cannot run the fence-peer handler {}: {e}", handler.display());
                     false
                 }
-                Err(_) => {
-                    tracing::error!(%resource, "the fence-peer handler timed out after 60 s");
+                FenceOutcome::TimedOut => {
+                    tracing::error!(
+                        %resource,
+                        "the fence-peer handler {} timed out after {} ms (handlers.fence-peer-timeout-ms); \
+                         it and every process it started were killed",
+                        handler.display(),
+                        timeout.as_millis()
+                    );
                     false
                 }
             };
@@ -615,6 +620,67 @@ impl Driver {
     }
 }
 
+/// How a fence-peer handler ended.
+#[derive(Debug)]
+pub(crate) enum FenceOutcome {
+    /// Its exit code (`None`: killed by a signal).
+    Exited(Option<i32>),
+    CannotRun(std::io::Error),
+    TimedOut,
+}
+
+/// Kills a process group when dropped, unless disarmed: a handler left
+/// running when the driver stops (or its task is dropped) must not go on
+/// fencing behind our back.
+struct GroupGuard(Option<nix::unistd::Pid>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(group) = self.0.take() {
+            // The group may be gone already (everything in it exited).
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `handler` in a process group of its own with `env` added, for at
+/// most `timeout`; on timeout the whole group is killed, so the children a
+/// handler starts (ssh, ipmitool) cannot outlive it and act later.
+pub(crate) async fn run_fence_handler(handler: &Path, env: &[(&str, String)], timeout: Duration) -> FenceOutcome {
+    let mut command = tokio::process::Command::new(handler);
+    command.envs(env.iter().map(|(k, v)| (k, v))).process_group(0).kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return FenceOutcome::CannotRun(e),
+    };
+    // With process_group(0) the group's id is the child's pid.
+    let group = child.id().and_then(|pid| i32::try_from(pid).ok()).map(nix::unistd::Pid::from_raw);
+    let mut guard = GroupGuard(group);
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => {
+            // Whatever it left running is its own business (a finished
+            // handler has given its answer); only a handler we gave up on
+            // is stopped with all it started.
+            guard.0 = None;
+            FenceOutcome::Exited(status.code())
+        }
+        Ok(Err(e)) => FenceOutcome::CannotRun(e),
+        Err(_) => {
+            guard.kill();
+            // The handler itself, in case its group could not be signalled.
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            FenceOutcome::TimedOut
+        }
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -657,5 +723,57 @@ pub fn state(s: &Status, failures: &LinkFailures) -> ReplicaState {
         resync_received_bytes: s.resync_received_bytes,
         link_failure: last_failure.as_ref().map(|(what, _)| what.clone()),
         link_failure_age_secs: last_failure.map(|(_, age)| age.as_secs()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+    fn exited(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).is_some_and(|s| s == 'Z'),
+            Err(_) => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fence_handler_that_times_out_is_killed_with_its_children() {
+        let dir = std::env::temp_dir().join(format!("replicator-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let handler = dir.join("fence-peer");
+        let child_pid = dir.join("child.pid");
+        // Like a handler whose ssh hangs: a child that would outlive it.
+        std::fs::write(&handler, format!("#!/bin/sh\nsleep 1000 &\necho $! > {}\nsleep 1000\n", child_pid.display()))
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let env = [("REPLICATOR_RESOURCE", "r0".to_string())];
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(20),
+            run_fence_handler(&handler, &env, Duration::from_millis(300)),
+        )
+        .await
+        .expect("run_fence_handler returns after its timeout");
+        assert!(matches!(outcome, FenceOutcome::TimedOut), "{outcome:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "the timeout holds");
+        let pid: u32 = std::fs::read_to_string(&child_pid).unwrap().trim().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exited(pid) {
+            assert!(Instant::now() < deadline, "the handler's child {pid} survived the timeout");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_fence_handler_s_exit_code_is_its_answer() {
+        let outcome = run_fence_handler(Path::new("/bin/sh"), &[], Duration::from_secs(10)).await;
+        // No script on stdin (null in tests): sh exits 0 at once.
+        assert!(matches!(outcome, FenceOutcome::Exited(Some(0))), "{outcome:?}");
+        let outcome = run_fence_handler(Path::new("/nonexistent/fence"), &[], Duration::from_secs(10)).await;
+        assert!(matches!(outcome, FenceOutcome::CannotRun(_)), "{outcome:?}");
     }
 }
