@@ -105,10 +105,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let res = load(&args.res)?;
-    // Everything the start would trip over, checked before anything starts:
-    // the files the link needs and what the peer will check of our
-    // certificate.
-    replicator::replication::link::link_tls(&res).map_err(|e| UsageError(format!("{}: {e}", res.path.display())))?;
+    if args.validate {
+        // The files the link needs, and our certificate as the peer will
+        // check it (`up` refuses only what it cannot use at all).
+        replicator::replication::link::check_link_tls(&res)
+            .map_err(|e| UsageError(format!("{}: {e}", res.path.display())))?;
+    }
     if res.fencing == Fencing::ResourceOnly && res.fence_peer.is_none() {
         eprintln!(
             "replicator: {}: fencing = \"resource-only\" without handlers.fence-peer: every fence attempt fails \

@@ -152,8 +152,21 @@ pub enum LinkError {
 }
 
 /// Builds both TLS sides from the resource: our certificate and key, the
-/// cluster CA as the only trust root, TLS 1.2 and 1.3 only.
+/// cluster CA as the only trust root, TLS 1.2 and 1.3 only. A certificate
+/// the peer will refuse (another node's name, another CA, expired) is
+/// logged as an error but does not stop the node; `up --validate` refuses
+/// it ([`check_link_tls`]).
 pub fn link_tls(res: &Resource) -> Result<Option<LinkTls>, TlsError> {
+    build_link_tls(res, false)
+}
+
+/// What `up --validate` checks: [`link_tls`], and our certificate as the
+/// peer will check it.
+pub fn check_link_tls(res: &Resource) -> Result<(), TlsError> {
+    build_link_tls(res, true).map(drop)
+}
+
+fn build_link_tls(res: &Resource, strict: bool) -> Result<Option<LinkTls>, TlsError> {
     if res.link_security == LinkSecurity::PlaintextLab {
         tracing::warn!(resource = %res.name, "replication link is PLAINTEXT and unauthenticated (net.tls = plaintext-lab)");
         return Ok(None);
@@ -171,7 +184,15 @@ pub fn link_tls(res: &Resource) -> Result<Option<LinkTls>, TlsError> {
     }
     let roots = Arc::new(roots);
     let chain = certs(cert)?;
-    check_node_certificate(cert, &chain, &ca_certs, &res.local.name)?;
+    // An unparseable certificate (v1, say) fails here; one the peer will
+    // refuse fails only `--validate`: a node started anyway logs why
+    // every handshake will fail.
+    if let Some(refused) = check_node_certificate(cert, &chain, &ca_certs, &res.local.name)? {
+        if strict {
+            return Err(refused);
+        }
+        tracing::error!(resource = %res.name, "{refused}; the peer will refuse this node");
+    }
     let key_path = key;
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key { path: key.clone(), cause: e.to_string() })?;
@@ -214,13 +235,14 @@ pub fn link_tls(res: &Resource) -> Result<Option<LinkTls>, TlsError> {
 /// fails at start (and `up --validate`) with a plain message rather than
 /// as an opaque handshake failure on the other node: an X.509 v3
 /// certificate, for this node's name, issued by the cluster CA, valid now,
-/// usable as TLS server and client.
+/// usable as TLS server and client. `Err`: the certificate cannot be used
+/// at all; `Ok(Some(_))`: the peer will refuse it.
 fn check_node_certificate(
     path: &std::path::Path,
     chain: &[rustls::pki_types::CertificateDer<'static>],
     ca: &[rustls::pki_types::CertificateDer<'static>],
     node: &str,
-) -> Result<(), TlsError> {
+) -> Result<Option<TlsError>, TlsError> {
     let unusable = |why: String| TlsError::Unusable { path: path.to_owned(), why };
     let Some(leaf) = chain.first() else { return Err(TlsError::NoCerts(path.to_owned())) };
     let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| match e {
@@ -233,9 +255,11 @@ fn check_node_certificate(
     })?;
     let name = ServerName::try_from(node.to_owned())
         .map_err(|e| unusable(format!("cannot be checked: node name {node:?} is not a DNS name ({e})")))?;
-    ee.verify_is_valid_for_subject_name(&name).map_err(|_| {
-        unusable(format!("is not for node {node:?}: its subjectAltName must include DNS:{node}, which the peer checks"))
-    })?;
+    if ee.verify_is_valid_for_subject_name(&name).is_err() {
+        return Ok(Some(unusable(format!(
+            "is not for node {node:?}: its subjectAltName must include DNS:{node}, which the peer checks"
+        ))));
+    }
     let anchors = ca
         .iter()
         .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
@@ -246,7 +270,7 @@ fn check_node_certificate(
     for (usage, role) in
         [(webpki::KeyUsage::server_auth(), "TLS server"), (webpki::KeyUsage::client_auth(), "TLS client")]
     {
-        ee.verify_for_usage(algs, &anchors, &chain[1..], now, usage, None, None).map_err(|e| {
+        if let Err(e) = ee.verify_for_usage(algs, &anchors, &chain[1..], now, usage, None, None) {
             let why = match e {
                 webpki::Error::UnknownIssuer => "was not issued by the cluster CA (net.ca)".to_string(),
                 webpki::Error::CertExpired { .. } => "has expired".to_string(),
@@ -256,10 +280,10 @@ fn check_node_certificate(
                 }
                 other => format!("is not accepted as a {role} by the cluster CA: {other}"),
             };
-            unusable(why)
-        })?;
+            return Ok(Some(unusable(why)));
+        }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Connects to the peer (the lower node id does this). The TCP connect and
@@ -751,7 +775,7 @@ WySFPS7Z6cH0n7jqdJdAJcCDjTIGhyd6fCYsE1tZbxz/GjIKZ/ZboxfUsBzMkBvH
         );
         let text = edit(text.replace(&d.to_string(), "DIR")).replace("DIR", &d.to_string());
         let res = super::super::resource::parse(std::path::Path::new("r0.toml"), &text, Some("a")).unwrap();
-        (files, link_tls(&res))
+        (files, check_link_tls(&res).map(|()| None))
     }
 
     fn refused(edit: impl Fn(String) -> String) -> String {
@@ -768,7 +792,7 @@ WySFPS7Z6cH0n7jqdJdAJcCDjTIGhyd6fCYsE1tZbxz/GjIKZ/ZboxfUsBzMkBvH
 
     #[test]
     fn link_tls_accepts_good_certificates_and_explains_bad_ones() {
-        assert!(resource_with(|t| t).1.unwrap().is_some());
+        resource_with(|t| t).1.unwrap();
         let e = refused(|t| t.replace("DIR/a.pem", "DIR/missing.pem"));
         assert!(e.contains("missing.pem does not exist"), "{e}");
         let e = refused(|t| t.replace("DIR/ca.pem", "DIR/nowhere-ca.pem"));
