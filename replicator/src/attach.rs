@@ -305,34 +305,20 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
     let (pid, _) = kernel_glue::record::read(&args.run_dir, dev)?.with_context(|| {
         format!("failed to detach {}: no attach daemon recorded in {}", dev.display(), record.display())
     })?;
-    let pid = i32::try_from(pid).with_context(|| format!("bad pid {pid} in {}", record.display()))?;
+    let pid_raw = i32::try_from(pid).with_context(|| format!("bad pid {pid} in {}", record.display()))?;
     if mode == DetachMode::Clean {
-        kernel_glue::mount::ensure_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
+        wait_unused(dev).with_context(|| format!("refusing to detach {}", dev.display()))?;
+    }
+    if !process_alive(pid) {
+        // The daemon died (crash, SIGKILL; perhaps not yet reaped).
+        return release_dead(dev, mode, &record, pid);
     }
     let sig = if args.force { Signal::SIGUSR1 } else { Signal::SIGTERM };
     let error_file = error_path(&record);
     let _ = std::fs::remove_file(&error_file);
-    match kill(Pid::from_raw(pid), sig) {
+    match kill(Pid::from_raw(pid_raw), sig) {
         Ok(()) => {}
-        Err(nix::errno::Errno::ESRCH) => {
-            // The daemon died (crash, SIGKILL): nothing can write through
-            // the device any more; free what it left behind.
-            tracing::warn!(pid, device = %dev.display(), "the attach daemon is gone; releasing what it left");
-            if let Some(index) = kernel_glue::kernel::index_of(dev) {
-                // A keeper's device is still connected; an ioctl device went
-                // with its daemon's NBD_DO_IT thread.
-                if kernel_glue::kernel::is_connected(index) {
-                    kernel_glue::detach_kernel(index, mode)
-                        .with_context(|| format!("failed to detach {}", dev.display()))?;
-                }
-            } else {
-                kernel_glue::fuse::release_orphan(dev)
-                    .with_context(|| format!("failed to detach {}", dev.display()))?;
-            }
-            let _ = std::fs::remove_file(&record);
-            println!("{}", dev.display());
-            return Ok(());
-        }
+        Err(nix::errno::Errno::ESRCH) => return release_dead(dev, mode, &record, pid),
         Err(e) => {
             return Err(e)
                 .with_context(|| format!("failed to signal the attach daemon (pid {pid}) of {}", dev.display()))
@@ -344,22 +330,92 @@ pub fn detach(args: DetachArgs) -> anyhow::Result<()> {
         bail!("{reason}");
     }
     if record.exists() {
-        let _ = std::fs::remove_file(&record);
-        bail!(
-            "failed to detach {}: the attach daemon (pid {pid}) exited without finishing; see {}",
-            dev.display(),
-            args.run_dir.join("attach.log").display()
+        // It died before finishing (killed meanwhile, crashed): what it
+        // held is ours to free, as if it had died before we asked.
+        tracing::warn!(
+            pid,
+            device = %dev.display(),
+            log = %args.run_dir.join("attach.log").display(),
+            "the attach daemon exited without finishing the detach"
         );
+        return release_dead(dev, mode, &record, pid);
     }
     println!("{}", dev.display());
     Ok(())
 }
 
+/// Frees what a dead attach daemon left for `dev` (no I/O can reach the
+/// volume any more: its FUSE connection or ioctl thread died with it),
+/// then drops its record, never before: a record is the only handle on
+/// the device that `detach` has.
+fn release_dead(dev: &Path, mode: DetachMode, record: &Path, pid: u32) -> anyhow::Result<()> {
+    tracing::warn!(pid, device = %dev.display(), "the attach daemon is gone; releasing what it left");
+    let released = match kernel_glue::kernel::index_of(dev) {
+        // A keeper's device is still connected; an ioctl device went with
+        // its daemon's NBD_DO_IT thread.
+        Some(index) if kernel_glue::kernel::is_connected(index) => kernel_glue::detach_kernel(index, mode),
+        Some(_) => Ok(()),
+        None => kernel_glue::fuse::release_orphan(dev),
+    };
+    released.with_context(|| {
+        format!(
+            "failed to detach {} (its attach daemon, pid {pid}, is gone; {} is kept: run `replicator detach --force {}` again)",
+            dev.display(),
+            record.display(),
+            dev.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(record);
+    println!("{}", dev.display());
+    Ok(())
+}
+
+/// How long a clean detach waits for a passing holder of the device to let
+/// go (udev's blkid probe after an unmount, a `mount -o loop` elsewhere
+/// scanning loop devices).
+const HOLDER_WAIT: Duration = Duration::from_secs(10);
+
+/// [`kernel_glue::mount::ensure_unused`], but a device that is open
+/// exclusively and mounted nowhere gets [`HOLDER_WAIT`] to be let go.
+fn wait_unused(dev: &Path) -> Result<(), kernel_glue::Error> {
+    let deadline = Instant::now() + HOLDER_WAIT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match kernel_glue::mount::ensure_unused(dev) {
+            Err(kernel_glue::Error::Claimed { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether process `pid` still runs: it exists and is not a zombie (a
+/// zombie has exited and released everything but its pid; until its parent
+/// reaps it, signals to it still "succeed").
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else { return false };
+    if kill(Pid::from_raw(raw), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and
+        // may itself contain ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        // It exists; without /proc we cannot tell a zombie.
+        Err(_) => true,
+    }
+}
+
 /// Waits until the attach daemon `pid` removed its record or exited.
-fn wait_gone(record: &Path, pid: i32, dev: &Path) -> anyhow::Result<()> {
+fn wait_gone(record: &Path, pid: u32, dev: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + DETACH_WAIT;
     let mut pause = Duration::from_millis(5);
-    while record.exists() && !error_path(record).exists() && kill(Pid::from_raw(pid), None).is_ok() {
+    while record.exists() && !error_path(record).exists() && process_alive(pid) {
         if Instant::now() >= deadline {
             bail!(
                 "failed to detach {}: the attach daemon (pid {pid}) did not finish within {DETACH_WAIT:?}",

@@ -32,15 +32,23 @@ pub enum ControlRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ResourceCommand {
     Status,
-    Primary { force: bool, epoch: Option<u64> },
+    Primary {
+        force: bool,
+        epoch: Option<u64>,
+    },
     Secondary,
-    Connect { discard_my_data: bool },
+    Connect {
+        discard_my_data: bool,
+    },
     Disconnect,
     Verify,
     Invalidate,
     ResumeIo,
     SuspendIo,
     Outdate,
+    /// Stop the resource cleanly (`up` exits as on SIGTERM); refused while
+    /// NBD clients are connected.
+    Down,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +92,13 @@ pub struct ReplicaState {
     pub writes_in_flight: u64,
     pub resync_sent_bytes: u64,
     pub resync_received_bytes: u64,
+    /// The last failed connection attempt or handshake on the replication
+    /// link (either direction), if any since `up` started.
+    #[serde(default)]
+    pub link_failure: Option<String>,
+    /// Seconds since that failure.
+    #[serde(default)]
+    pub link_failure_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

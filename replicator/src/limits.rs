@@ -59,6 +59,25 @@ pub const REPL_RESYNC_INFLIGHT_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// Largest bitmap frame: 4096 (index, word) pairs.
 pub const REPL_BITMAP_PAYLOAD_BYTES_MAX: u32 = 4096 * 16;
 
+/// Milliseconds an accepted replication connection may take to finish its
+/// TLS handshake (the resource's `net.io-timeout-ms` if shorter). The
+/// real peer needs a few round trips; anything slower is idle or hostile.
+pub const REPL_PREAUTH_TIMEOUT_MS: u64 = 2_000;
+
+/// Unauthenticated replication connections (handshake not finished) from
+/// one source address (IPv6: one /64); more are closed at once.
+pub const REPL_PREAUTH_PER_SOURCE_MAX: usize = 4;
+
+/// Unauthenticated replication connections from all sources together,
+/// not counting the configured peer's address, which keeps its own
+/// per-source share whatever others do.
+pub const REPL_PREAUTH_CONNECTIONS_MAX: usize = 64;
+
+/// At most one warning per this many milliseconds about failed
+/// replication connections and handshakes (each side); the others are
+/// counted in the next warning.
+pub const REPL_LINK_WARN_INTERVAL_MS: u64 = 10_000;
+
 /// Seconds a client may take to finish the handshake before it is dropped.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 
@@ -85,3 +104,5 @@ const _: () = assert!(NBD_REQUEST_BYTES_MAX % INFLIGHT_UNIT_BYTES == 0);
 const _: () = assert!(CONNECTION_INFLIGHT_BYTES_MAX % INFLIGHT_UNIT_BYTES == 0);
 const _: () = assert!(NBD_REQUEST_BYTES_MAX.is_power_of_two());
 const _: () = assert!(NBD_BLOCK_BYTES_PREFERRED <= NBD_REQUEST_BYTES_MAX);
+const _: () = assert!(REPL_PREAUTH_PER_SOURCE_MAX >= 2, "the peer may have a stale attempt open while it retries");
+const _: () = assert!(REPL_PREAUTH_PER_SOURCE_MAX <= REPL_PREAUTH_CONNECTIONS_MAX);

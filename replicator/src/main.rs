@@ -4,6 +4,7 @@
 
 mod resource_cmd;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -184,6 +185,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The result of printing to stdout: a reader that went away (`status |
+/// head -1`) is not an error, and must not be a panic.
+pub(crate) fn stdout_written(result: std::io::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("failed to write to stdout")?),
+    }
+}
+
 fn parse_meta(meta: &str) -> anyhow::Result<MetaLocation> {
     meta.parse::<MetaLocation>().map_err(|e| UsageError(format!("--meta {meta:?}: {e}")).into())
 }
@@ -282,30 +292,44 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn status(args: StatusArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let report = runtime.block_on(replicator::control::query_status(&args.control))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
+    let mut out = std::io::stdout().lock();
+    let written = if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)
+    } else {
+        print_status(&mut out, &report)
+    };
+    stdout_written(written.and_then(|()| out.flush()))
+}
+
+fn print_status(out: &mut impl Write, report: &replicator::control::StatusReport) -> std::io::Result<()> {
     let v = &report.volume;
-    println!("volume {} ({})", v.export, v.volume_uuid);
-    println!("  disk:      {} ({}, metadata {})", v.disk, v.device_kind, v.meta);
-    println!("  size:      {} bytes", v.size_bytes);
-    println!(
+    writeln!(out, "volume {} ({})", v.export, v.volume_uuid)?;
+    writeln!(out, "  disk:      {} ({}, metadata {})", v.disk, v.device_kind, v.meta)?;
+    writeln!(out, "  size:      {} bytes", v.size_bytes)?;
+    writeln!(
+        out,
         "  mode:      {}{}",
         if v.read_only { "read-only" } else { "read-write" },
         if v.direct_io { ", direct I/O" } else { "" }
-    );
-    println!("  tls:       {}", v.tls);
-    println!("  pid:       {}", v.pid);
-    println!("clients: {}", report.clients.len());
+    )?;
+    writeln!(out, "  tls:       {}", v.tls)?;
+    writeln!(out, "  pid:       {}", v.pid)?;
+    writeln!(out, "clients: {}", report.clients.len())?;
     for c in &report.clients {
-        println!("  #{} {} {} {}{}", c.id, c.transport, c.peer, c.phase, if c.tls { " tls" } else { "" });
+        writeln!(out, "  #{} {} {} {}{}", c.id, c.transport, c.peer, c.phase, if c.tls { " tls" } else { "" })?;
     }
     let io = &report.io;
-    println!("io:");
-    println!("  reads {} ({} bytes), writes {} ({} bytes)", io.reads, io.bytes_read, io.writes, io.bytes_written);
-    println!("  reads sent from a mapping of the disk {}", io.reads_mapped);
-    println!("  flushes {}, trims {}, zeroes {}, block-status {}", io.flushes, io.trims, io.zeroes, io.block_status);
-    println!("  errors {}, protocol errors {}, connections {}", io.errors, io.protocol_errors, io.connections_total);
-    Ok(())
+    writeln!(out, "io:")?;
+    writeln!(out, "  reads {} ({} bytes), writes {} ({} bytes)", io.reads, io.bytes_read, io.writes, io.bytes_written)?;
+    writeln!(out, "  reads sent from a mapping of the disk {}", io.reads_mapped)?;
+    writeln!(
+        out,
+        "  flushes {}, trims {}, zeroes {}, block-status {}",
+        io.flushes, io.trims, io.zeroes, io.block_status
+    )?;
+    writeln!(
+        out,
+        "  errors {}, protocol errors {}, connections {}",
+        io.errors, io.protocol_errors, io.connections_total
+    )
 }

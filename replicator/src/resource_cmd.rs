@@ -1,9 +1,12 @@
 //! The resource subcommands of the `replicator` binary: `up` and the admin
 //! commands that talk to a running `up` over its control socket.
 
+use std::io::Write;
+
 use anyhow::Context;
 
 use replicator::control::{self, ControlRequest, ControlResponse, ResourceCommand, ResourceReport};
+use replicator::replication::replica::Fencing;
 use replicator::replication::resource::{self, Resource};
 
 use crate::UsageError;
@@ -68,6 +71,10 @@ pub enum AdminCmd {
     Outdate(ResArgs),
     /// Stream state changes.
     Events(ResArgs),
+    /// Stop the resource on this node cleanly (like `drbdadm down`): the
+    /// running `up` persists its state and exits; refused while NBD
+    /// clients are connected. Waits until the process has exited.
+    Down(ResArgs),
 }
 
 pub fn load(args: &ResArgs) -> anyhow::Result<Resource> {
@@ -98,6 +105,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let res = load(&args.res)?;
+    if args.validate {
+        // The files the link needs, and our certificate as the peer will
+        // check it (`up` refuses only what it cannot use at all).
+        replicator::replication::link::check_link_tls(&res)
+            .map_err(|e| UsageError(format!("{}: {e}", res.path.display())))?;
+    }
+    if res.fencing == Fencing::ResourceOnly && res.fence_peer.is_none() {
+        eprintln!(
+            "replicator: {}: fencing = \"resource-only\" without handlers.fence-peer: every fence attempt fails \
+             (writes go on unfenced)",
+            res.path.display()
+        );
+    }
     if args.validate {
         println!(
             "resource {} is valid: node {} (id {}) on {}, peer {} at {}, protocol {:?}",
@@ -134,6 +154,7 @@ pub fn admin(cmd: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::SuspendIo(res) => (res, ResourceCommand::SuspendIo),
         AdminCmd::Outdate(res) => (res, ResourceCommand::Outdate),
         AdminCmd::Events(res) => return events(&res),
+        AdminCmd::Down(res) => return down(&res),
     };
     let res = load(&args)?;
     if matches!(command, ResourceCommand::Primary { force: true, .. }) {
@@ -146,40 +167,85 @@ pub fn admin(cmd: AdminCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `down` waits for `up` to exit: its own drain bound, and time
+/// to persist the metadata.
+const DOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(replicator::limits::SHUTDOWN_DRAIN_SECS + 30);
+
+fn down(args: &ResArgs) -> anyhow::Result<()> {
+    let res = load(args)?;
+    let rt = runtime()?;
+    let ctl = &res.local.control;
+    let status = ControlRequest::Resource(ResourceCommand::Status);
+    let ControlResponse::Resource(report) = rt.block_on(control::call(ctl, &status))? else {
+        anyhow::bail!("unexpected answer from {}", ctl.display());
+    };
+    let pid = report.pid;
+    match rt.block_on(control::call(ctl, &ControlRequest::Resource(ResourceCommand::Down)))? {
+        ControlResponse::Done(_) => {}
+        other => anyhow::bail!("unexpected answer from {}: {other:?}", ctl.display()),
+    }
+    // `up` removes its control socket last, just before it exits.
+    let deadline = std::time::Instant::now() + DOWN_WAIT;
+    let mut pause = std::time::Duration::from_millis(5);
+    while ctl.exists() && crate::attach::process_alive(pid) {
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("failed to stop resource {}: `up` (pid {pid}) did not exit within {DOWN_WAIT:?}", res.name);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
+    }
+    println!("{}: down", res.name);
+    Ok(())
+}
+
 pub fn status(args: &ResArgs, json: bool) -> anyhow::Result<()> {
     let res = load(args)?;
     let request = ControlRequest::Resource(ResourceCommand::Status);
     let ControlResponse::Resource(report) = runtime()?.block_on(control::call(&res.local.control, &request))? else {
         anyhow::bail!("unexpected answer from {}", res.local.control.display());
     };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)
     } else {
-        print_report(&report);
-        // Which local block device (attach) backs this node's export.
-        let exports: Vec<String> = res
-            .local
-            .nbd_unix
-            .iter()
-            .map(|p| p.display().to_string())
-            .chain(res.local.nbd_listen.iter().map(|a| a.to_string()))
-            .collect();
-        let attached = kernel_glue::record::list(std::path::Path::new(crate::attach::RUN_DIR_DEFAULT));
-        for a in attached {
-            if a.backend.as_deref().is_some_and(|b| exports.iter().any(|e| b.contains(e.as_str()))) {
-                println!("  device: {} ({:?})", a.device.display(), a.method);
+        print_report(&mut out, &report, &res).and_then(|()| {
+            // Which local block device (attach) backs this node's export.
+            let uris = export_uris(&res);
+            let attached = kernel_glue::record::list(std::path::Path::new(crate::attach::RUN_DIR_DEFAULT));
+            for a in attached {
+                if a.backend.as_deref().is_some_and(|b| uris.iter().any(|u| u == b)) {
+                    writeln!(out, "  device: {} ({:?})", a.device.display(), a.method)?;
+                }
             }
-        }
-    }
-    Ok(())
+            Ok(())
+        })
+    };
+    crate::stdout_written(written.and_then(|()| out.flush()))
+}
+
+/// The NBD URIs this node's export of the resource is attached by (as
+/// `attach` records them and the kernel reports them): compared whole, so
+/// another volume whose address or socket path merely contains ours is
+/// not taken for it.
+fn export_uris(res: &Resource) -> Vec<String> {
+    res.local
+        .nbd_unix
+        .iter()
+        .map(|p| kernel_glue::Endpoint::Unix(p.clone()))
+        .chain(res.local.nbd_listen.iter().map(|a| kernel_glue::Endpoint::Tcp(a.to_string())))
+        .map(|e| e.uri(&res.name))
+        .collect()
 }
 
 fn events(args: &ResArgs) -> anyhow::Result<()> {
     let res = load(args)?;
+    let mut out = std::io::stdout().lock();
+    let mut written = Ok(());
     runtime()?.block_on(control::stream(&res.local.control, &ControlRequest::Events, |response| {
         if let ControlResponse::Resource(r) = response {
             let s = &r.state;
-            println!(
+            written = writeln!(
+                out,
                 "{} role:{} disk:{} connection:{} peer-role:{} peer-disk:{}{}",
                 s.resource,
                 s.role,
@@ -188,45 +254,116 @@ fn events(args: &ResArgs) -> anyhow::Result<()> {
                 s.peer_role.as_deref().unwrap_or("Unknown"),
                 s.peer_disk.as_deref().unwrap_or("DUnknown"),
                 s.last_error.as_deref().map(|e| format!(" error:{e:?}")).unwrap_or_default()
-            );
+            )
+            .and_then(|()| out.flush());
         }
-        true
+        written.is_ok()
     }))?;
-    Ok(())
+    crate::stdout_written(written)
 }
 
-fn print_report(r: &ResourceReport) {
+/// Bytes for people: exact below 1 KiB, else one decimal in the largest
+/// binary unit that keeps the number at least 1 (so no amount but zero
+/// shows as 0).
+pub(crate) fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn print_report(out: &mut impl Write, r: &ResourceReport, res: &Resource) -> std::io::Result<()> {
     let s = &r.state;
-    let bytes = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
-    println!("{} role:{}{}", s.resource, s.role, if s.suspended { " suspended:fencing" } else { "" });
-    println!("  disk:{} (node {}, epoch {}, protocol {})", s.disk, s.node, s.epoch, s.protocol);
-    println!(
+    let bytes = human_bytes;
+    writeln!(out, "{} role:{}{}", s.resource, s.role, if s.suspended { " suspended:fencing" } else { "" })?;
+    writeln!(out, "  disk:{} (node {}, epoch {}, protocol {})", s.disk, s.node, s.epoch, s.protocol)?;
+    // A peer that never connected has not told us its name: the resource
+    // file has it.
+    writeln!(
+        out,
         "  {} connection:{} role:{} disk:{}",
-        s.peer_node.as_deref().unwrap_or("peer"),
+        s.peer_node.as_deref().unwrap_or(&res.peer.name),
         s.connection,
         s.peer_role.as_deref().unwrap_or("Unknown"),
         s.peer_disk.as_deref().unwrap_or("DUnknown")
-    );
-    println!("  out-of-sync: {}", bytes(s.out_of_sync_bytes));
+    )?;
+    writeln!(out, "  out-of-sync: {}", bytes(s.out_of_sync_bytes))?;
     for (what, p) in [("resync", &s.resync), ("verify", &s.verify)] {
         if let Some(p) = p {
             let eta = p.eta_secs.map(|e| format!("{e} s")).unwrap_or_else(|| "?".into());
-            println!(
+            writeln!(
+                out,
                 "  {what}: {:.1}% ({} of {}) at {}/s, eta {eta}",
                 p.percent,
                 bytes(p.done_bytes),
                 bytes(p.total_bytes),
                 bytes(p.rate_bytes_per_sec)
-            );
+            )?;
         }
     }
     if s.verify_out_of_sync_bytes > 0 {
-        println!("  last verify found {} out of sync", bytes(s.verify_out_of_sync_bytes));
+        writeln!(out, "  last verify found {} out of sync", bytes(s.verify_out_of_sync_bytes))?;
     }
     let g = s.generations;
-    println!("  generations: current {:016X} bitmap {:016X} history {:016X} {:016X}", g[0], g[1], g[2], g[3]);
+    writeln!(out, "  generations: current {:016X} bitmap {:016X} history {:016X} {:016X}", g[0], g[1], g[2], g[3])?;
     if let Some(e) = &s.last_error {
-        println!("  last error: {e}");
+        writeln!(out, "  last error: {e}")?;
     }
-    println!("  nbd clients: {}, writes in flight: {}", r.clients.len(), s.writes_in_flight);
+    if let Some(e) = &s.link_failure {
+        let age = s.link_failure_age_secs.map(|a| format!(" ({a} s ago)")).unwrap_or_default();
+        writeln!(out, "  last link failure{age}: {e}")?;
+    }
+    writeln!(out, "  nbd clients: {}, writes in flight: {}", r.clients.len(), s.writes_in_flight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_amounts_never_show_as_zero() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(4096), "4.0 KiB");
+        assert_eq!(human_bytes(160 << 20), "160.0 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn the_device_list_matches_whole_export_uris_only() {
+        let text = r#"
+[resource]
+name = "r0"
+[net]
+tls = "plaintext-lab"
+[[node]]
+name = "a"
+id = 0
+address = "10.0.0.1:7789"
+disk = "/dev/vdb"
+nbd-listen = ["10.0.0.1:1080"]
+nbd-unix = ["/run/r0.nbd"]
+[[node]]
+name = "b"
+id = 1
+address = "10.0.0.2:7789"
+disk = "/dev/vdb"
+nbd-listen = ["10.0.0.2:1080"]
+"#;
+        let res = resource::parse(std::path::Path::new("r0.toml"), text, Some("a")).unwrap();
+        let uris = export_uris(&res);
+        assert!(uris.contains(&"nbd://10.0.0.1:1080/r0".to_string()), "{uris:?}");
+        assert!(uris.contains(&"nbd+unix:///r0?socket=/run/r0.nbd".to_string()), "{uris:?}");
+        // Another volume's exports, each containing ours as text.
+        for other in ["nbd://10.0.0.1:10809/r0", "nbd://10.0.0.1:1080/r01", "nbd+unix:///r0?socket=/run/r0.nbd2"] {
+            assert!(!uris.iter().any(|u| u == other), "{other} matched {uris:?}");
+        }
+    }
 }

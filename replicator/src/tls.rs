@@ -18,10 +18,31 @@ pub enum TlsError {
     NoCerts(PathBuf),
     #[error("failed to read the private key from {path}: {cause} (expected a PEM PKCS#8, PKCS#1 or SEC1 key)")]
     Key { path: PathBuf, cause: String },
+    /// rustls's error is in the message, not the source chain, so that
+    /// `{:#}` does not print it twice.
     #[error("TLS configuration rejected: {0}")]
-    Config(#[from] rustls::Error),
+    Config(rustls::Error),
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("certificate {path} {why}")]
+    Unusable { path: PathBuf, why: String },
     #[error("client CA file {path} is not usable: {cause}")]
     ClientCa { path: PathBuf, cause: String },
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> TlsError {
+        TlsError::Config(e)
+    }
+}
+
+/// Fails with a plain message when `path` does not exist (reading it would
+/// say "No such file or directory" with less context).
+pub(crate) fn require_file(what: &'static str, path: &Path) -> Result<(), TlsError> {
+    match path.try_exists() {
+        Ok(true) => Ok(()),
+        _ => Err(TlsError::Missing { what, path: path.to_owned() }),
+    }
 }
 
 /// Paths of the server's TLS material.

@@ -490,3 +490,60 @@ fn detach_after_the_attach_daemon_died_frees_the_device() {
         .collect();
     assert!(fuse_dirs.is_empty(), "FUSE mount point left behind");
 }
+
+/// The attach daemon is SIGKILLed and `detach` runs while it is still a
+/// zombie (its parent, this test, has not reaped it): a zombie is dead, so
+/// `detach` frees the loop device and the dead mount, and drops the record
+/// only then (issue 19: it signalled the zombie, waited, then dropped the
+/// record and left the device bound with nothing able to free it).
+#[test]
+fn detach_frees_the_device_of_an_attach_daemon_that_is_still_a_zombie() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TestDir::new("kg-zombie");
+    let vol = Volume::create(&dir, 16 * MIB).unwrap();
+    let srv = Server::start_tcp(&vol).unwrap();
+    let run_dir = dir.join("run");
+    // In the foreground, the daemon is our child: it stays a zombie until
+    // we reap it.
+    let mut c = replicator();
+    c.args(["attach", "--method", "fuse", "--nbd", &srv.addr().to_string(), "--export", "volume"])
+        .args(["--timeout", "10", "--foreground"])
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut daemon = c.spawn().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = daemon.stdout.take().unwrap();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).expect("the attach daemon reports its device");
+    let device = line.trim().strip_prefix("device ").expect("a device line").to_string();
+    let att = Attached { device, run_dir, mnt: dir.join("mnt"), mounted: false };
+    assert!(att.record().exists(), "the daemon records itself");
+    daemon.kill().unwrap();
+    let pid = daemon.id();
+    wait_until(Duration::from_secs(10), "the daemon to be a zombie", || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+    })
+    .unwrap();
+
+    let out = att.detach(false);
+    assert!(out.success(), "{}", out.describe());
+    assert!(!att.record().exists(), "record left behind");
+    let backing = format!("/sys/block/{}/loop/backing_file", att.device.trim_start_matches("/dev/"));
+    wait_unbound(&backing, &att.device);
+    let fuse_dirs: Vec<_> = std::fs::read_dir(&att.run_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("fuse-"))
+        .collect();
+    assert!(fuse_dirs.is_empty(), "FUSE mount point left behind");
+    let _ = daemon.wait();
+}

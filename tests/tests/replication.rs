@@ -260,6 +260,32 @@ fn tls_link_refuses_wrong_certificates_and_accepts_the_peer() {
     pair.start_with(0, &foreign).unwrap();
     pair.server(1).logs.wait_for("TLS handshake with the peer failed", Duration::from_secs(10)).unwrap();
     assert_ne!(pair.field(1, "connection"), "Connected");
+    // The dialling node says so too, in its log and its status (issue 19:
+    // it used to log nothing at the default level). Under TLS 1.3 it learns
+    // of the refusal from b's alert.
+    pair.server(0).logs.wait_for("the link to b was closed by a TLS alert", Duration::from_secs(10)).unwrap();
+    pair.wait(0, Duration::from_secs(10), "a shows the failed handshake", |s| {
+        s["link_failure"].as_str().is_some_and(|f| f.contains("TLS alert"))
+    })
+    .unwrap();
+    assert!(pair.field(1, "link_failure").contains("TLS handshake"), "b's status names the failed handshake");
+    pair.kill(0);
+
+    // Node a trusting another CA: it cannot verify b's certificate.
+    let wrong_ca = dir.join("wrong-ca.toml");
+    std::fs::write(
+        &wrong_ca,
+        text.replace(&pki.join("ca.pem").display().to_string(), &other_ca.join("ca.pem").display().to_string()),
+    )
+    .unwrap();
+    pair.start_with(0, &wrong_ca).unwrap();
+    pair.server(0).logs.wait_for("certificate", Duration::from_secs(10)).unwrap();
+    pair.wait(0, Duration::from_secs(10), "a shows why it cannot connect", |s| {
+        s["link_failure"].as_str().is_some_and(|f| f.contains("connecting to b") && f.contains("TLS"))
+    })
+    .unwrap();
+    let out = pair.ok(0, &["status"]).unwrap();
+    assert!(out.stdout.contains("last link failure"), "{}", out.stdout);
     pair.kill(0);
 
     pair.start(0).unwrap();
@@ -450,4 +476,123 @@ fn attach_by_resource_name_puts_ext4_on_the_replicated_volume() {
     let (a, b) = (pair.disk_data(0, 48 << 20).unwrap(), pair.disk_data(1, 48 << 20).unwrap());
     assert!(a.iter().any(|x| *x != 0), "the filesystem reached the disk");
     assert!(a == b, "the secondary's disk differs (first difference at {:?})", tests::util::first_difference(&a, &b));
+}
+
+/// Idle TCP connections from a third host, held open and reopened as the
+/// listener closes them, neither delay the peer's first connection nor its
+/// reconnection (issue 19: handshakes ran one at a time, each waiting out
+/// its timeout, so 8 idle connections delayed the peer by 50 s).
+#[test]
+fn idle_connections_from_another_host_do_not_keep_the_peer_out() {
+    if !have_root("network namespaces") {
+        return;
+    }
+    require_tools!("ip");
+    let dir = TestDir::new("repl-idle");
+    let pki = dir.join("pki");
+    tests::tls::make_node_pki(&pki, &["a", "b"]).unwrap();
+    let opts = PairOptions { pki: Some(pki), ..PairOptions::default() };
+    let mut pair = Pair::new(&dir, &opts).unwrap();
+    pair.start(1).unwrap();
+    // The test process is the third host (it reaches b through the bridge).
+    let addr = std::net::SocketAddr::from((pair.net.host(1).ip, REPL_PORT));
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let connect = move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok();
+    let mut idle: Vec<Option<TcpStream>> = (0..50).map(|_| connect()).collect();
+    assert!(idle.iter().filter(|c| c.is_some()).count() >= 40, "the listener accepts connections");
+    let holder = std::thread::spawn(move || {
+        let mut reopened = 0u64;
+        // Reopen every connection the listener closed, until told to stop.
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(Duration::from_millis(50)) {
+            for slot in idle.iter_mut() {
+                let open = slot.as_ref().is_some_and(|c| {
+                    let mut byte = [0u8; 1];
+                    c.set_nonblocking(true).is_ok()
+                        && matches!(c.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                if !open {
+                    *slot = connect();
+                    reopened += 1;
+                }
+            }
+        }
+        reopened
+    });
+    let _stop = tests::util::Guard::new(move || drop(stop_tx));
+
+    pair.start(0).unwrap();
+    pair.wait(0, Duration::from_secs(5), "the peer connects past 50 idle connections", |s| {
+        s["connection"] == "Connected"
+    })
+    .unwrap();
+    for round in 0..2 {
+        pair.ok(0, &["disconnect"]).unwrap();
+        pair.wait(1, Duration::from_secs(10), "b sees the peer go", |s| s["connection"] != "Connected").unwrap();
+        pair.ok(0, &["connect"]).unwrap();
+        pair.wait(0, Duration::from_secs(5), &format!("reconnect {round} past idle connections"), |s| {
+            s["connection"] == "Connected"
+        })
+        .unwrap();
+    }
+    pair.server(1).logs.wait_for("unauthenticated connections from this address", Duration::from_secs(5)).unwrap();
+    drop(_stop);
+    let reopened = holder.join().unwrap();
+    assert!(reopened > 0, "the listener closed surplus idle connections");
+}
+
+/// `status` names a peer that never connected by its name in the resource
+/// file, and a reader that goes away (`status | head -1`) is no panic.
+#[test]
+fn status_names_an_absent_peer_and_survives_a_closed_pipe() {
+    let Some((_dir, mut pair)) = setup("repl-status", &PairOptions::default()) else { return };
+    pair.start(0).unwrap();
+    pair.wait(0, Duration::from_secs(10), "a is up", |s| s["connection"] != "").unwrap();
+    let out = pair.ok(0, &["status"]).unwrap();
+    assert!(out.stdout.contains("\n  b connection:"), "the peer is named: {}", out.stdout);
+    for json in [false, true] {
+        let mut c = pair.admin_cmd(0, &["status"]);
+        if json {
+            c.arg("--json");
+        }
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        // Close the reading end before the command can write.
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = tests::util::wait_child(&mut child, Duration::from_secs(30)).unwrap();
+        assert!(status.success() && !stderr.contains("panicked"), "status into a closed pipe: {status}: {stderr}");
+    }
+}
+
+/// `replicator down RES` stops a node cleanly (like `drbdadm down`): refused
+/// while an NBD client is connected, then the process persists its state
+/// and exits 0, and the resource comes back up in sync.
+#[test]
+fn down_stops_a_node_cleanly_and_is_refused_while_clients_are_connected() {
+    let Some((dir, mut pair)) = setup("repl-down", &PairOptions::default()) else { return };
+    pair.bring_up().unwrap();
+    let mut client = Client::connect(pair.nbd(0), "r0").unwrap();
+    client.write(0, &pattern(0, 4)).unwrap();
+    let out = pair.admin(0, &["down"]).unwrap();
+    assert!(!out.success() && out.stderr.contains("NBD client"), "{}", out.describe());
+    drop(client);
+    tests::wait_until(Duration::from_secs(10), "down once the client is gone", || {
+        pair.admin(0, &["down"]).is_ok_and(|o| o.success() && o.stdout.contains("r0: down"))
+    })
+    .unwrap();
+    let node = pair.nodes[0].as_mut().unwrap();
+    tests::wait_until(Duration::from_secs(10), "a's up exits by itself", || !node.is_running()).unwrap();
+    // Already exited: this only reads the exit status.
+    let status = node.terminate(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "up exited with {status}; log:\n{}", node.logs.text());
+    assert!(!dir.join("a.ctl").exists(), "the control socket is removed");
+    pair.wait(1, Duration::from_secs(10), "b sees a go", |s| s["connection"] != "Connected").unwrap();
+    pair.ok(1, &["down"]).unwrap();
+
+    pair.start(0).unwrap();
+    pair.start(1).unwrap();
+    pair.wait_in_sync(Duration::from_secs(30)).unwrap();
+    assert_eq!(pair.field(0, "role"), "Primary", "a clean down keeps the role");
+    assert_eq!(version_of(0, &pair.disk_data(1, 4096).unwrap()), Some(4));
 }

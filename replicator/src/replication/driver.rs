@@ -10,13 +10,14 @@
 //! and flushes go through the replica.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::link::{self, LinkEvent, LinkStream, LinkTls, LinkWriter, Payload};
+use super::link::{self, LinkEvent, LinkFailures, LinkStream, LinkTls, LinkWriter, Payload};
 use super::message::{Role, WriteKind};
 use super::replica::{Action, AdminError, AppId, AppWrite, DiskOp, DiskOutput, IoId, LinkId, Replica, Status};
 use super::resource::Resource;
@@ -112,6 +113,8 @@ pub struct Driver {
     settling: Vec<(AdminReplyTx, String, Instant)>,
     /// Receive budget held by peer data until its write completes.
     permits: HashMap<IoId, tokio::sync::OwnedSemaphorePermit>,
+    /// Failed connection attempts and handshakes, both directions.
+    failures: Arc<LinkFailures>,
 }
 
 /// What `up` needs to talk to a running driver.
@@ -119,6 +122,8 @@ pub struct DriverParts {
     pub handle: ReplicaHandle,
     pub admin: mpsc::Sender<AdminCall>,
     pub status: watch::Receiver<Status>,
+    /// Failed connection attempts and handshakes, for `status`.
+    pub failures: Arc<LinkFailures>,
 }
 
 impl Driver {
@@ -175,36 +180,27 @@ impl Driver {
             nbd_clients,
             settling: Vec::new(),
             permits: HashMap::new(),
+            failures: Arc::default(),
         };
-        (driver, DriverParts { handle, admin: admin_tx, status: status_rx })
+        let failures = driver.failures.clone();
+        (driver, DriverParts { handle, admin: admin_tx, status: status_rx, failures })
     }
 
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Accepts peer connections forever (the node with the higher id).
+    /// Accepts peer connections until the task is aborted (the node with
+    /// the higher id); see [`link::accept_loop`].
     pub fn spawn_acceptor(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
-        let tls = self.tls.clone();
-        let tx = self.stream_tx.clone();
-        let timeout = Duration::from_millis(self.res.io_timeout_ms);
-        let peer = self.res.peer.name.clone();
-        tokio::spawn(async move {
-            loop {
-                match link::accept(&listener, tls.as_ref(), timeout).await {
-                    Ok((stream, from)) => {
-                        tracing::debug!(%from, %peer, "peer connection accepted");
-                        if tx.send(Ok(stream)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, "refused a replication connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        })
+        tokio::spawn(link::accept_loop(
+            listener,
+            self.tls.clone(),
+            Duration::from_millis(self.res.io_timeout_ms),
+            self.res.peer.address.ip(),
+            self.failures.clone(),
+            self.stream_tx.clone(),
+        ))
     }
 
     /// Runs until `shutdown` flips; then persists a clean state.
@@ -225,7 +221,8 @@ impl Driver {
                     match stream {
                         Ok(stream) => self.stream_up(stream),
                         Err(why) => {
-                            tracing::debug!(resource = %self.res.name, "connect attempt failed: {why}");
+                            // Already recorded (and logged) by the task that dialled.
+                            tracing::trace!(resource = %self.res.name, "connect attempt failed: {why}");
                             self.next_attempt = Instant::now() + Duration::from_millis(self.res.connect_interval_ms);
                         }
                     }
@@ -316,9 +313,15 @@ impl Driver {
         }
         self.connecting = true;
         let (addr, tls, tx) = (self.res.peer.address, self.tls.clone(), self.stream_tx.clone());
+        let (failures, peer) = (self.failures.clone(), self.res.peer.name.clone());
         let timeout = Duration::from_millis(self.res.io_timeout_ms);
         tokio::spawn(async move {
-            let result = link::connect(addr, tls.as_ref(), timeout).await.map_err(|e| e.to_string());
+            let result = link::connect(addr, tls.as_ref(), timeout).await.map_err(|e| {
+                // A TLS failure here (wrong CA, certificate, name) is as
+                // much the admin's business as on the accepting side.
+                failures.record(e.is_handshake(), &format!("connecting to {peer} at {addr} failed"), e.to_string());
+                e.to_string()
+            });
             let _ = tx.send(result).await;
         });
     }
@@ -341,8 +344,21 @@ impl Driver {
         match event {
             LinkEvent::Message { link, msg } => self.replica.handle_message(now, link, msg),
             LinkEvent::FrameError { link, error } => self.replica.handle_frame_error(now, link, &error),
-            LinkEvent::Closed { link, why } => {
+            LinkEvent::Closed { link, why, tls_alert } => {
                 if self.link.as_ref().is_some_and(|(id, _)| *id == link) {
+                    if tls_alert {
+                        // Typically the peer refusing our certificate (TLS
+                        // 1.3 tells the client only now).
+                        let context = format!("the link to {} was closed by a TLS alert", self.res.peer.name);
+                        self.failures.record(
+                            true,
+                            &context,
+                            format!(
+                                "{why} (does the peer trust our CA, and is our certificate for node {:?}?)",
+                                self.res.local.name
+                            ),
+                        );
+                    }
                     tracing::info!(resource = %self.res.name, "link closed: {why}");
                     if let Some((_, writer)) = self.link.take() {
                         writer.close();
@@ -522,28 +538,32 @@ impl Driver {
             });
             return;
         };
-        let (resource, peer, address) =
-            (self.res.name.clone(), self.res.peer.name.clone(), self.res.peer.address.to_string());
+        let resource = self.res.name.clone();
+        let env = [
+            ("REPLICATOR_RESOURCE", self.res.name.clone()),
+            ("REPLICATOR_PEER", self.res.peer.name.clone()),
+            ("REPLICATOR_PEER_ADDRESS", self.res.peer.address.to_string()),
+        ];
+        let timeout = Duration::from_millis(self.res.fence_peer_timeout_ms);
         tokio::spawn(async move {
-            tracing::warn!(%resource, %peer, handler = %handler.display(), "running the fence-peer handler");
-            let run = tokio::process::Command::new(&handler)
-                .env("REPLICATOR_RESOURCE", &resource)
-                .env("REPLICATOR_PEER", &peer)
-                .env("REPLICATOR_PEER_ADDRESS", &address)
-                .kill_on_drop(true)
-                .status();
-            let ok = match tokio::time::timeout(Duration::from_secs(60), run).await {
-                Ok(Ok(status)) => {
-                    let code = status.code();
+            tracing::warn!(%resource, handler = %handler.display(), "running the fence-peer handler");
+            let ok = match run_fence_handler(&handler, &env, timeout).await {
+                FenceOutcome::Exited(code) => {
                     tracing::warn!(%resource, ?code, "fence-peer handler finished");
                     matches!(code, Some(0 | 3 | 4 | 5 | 7))
                 }
-                Ok(Err(e)) => {
+                FenceOutcome::CannotRun(e) => {
                     tracing::error!(%resource, "cannot run the fence-peer handler {}: {e}", handler.display());
                     false
                 }
-                Err(_) => {
-                    tracing::error!(%resource, "the fence-peer handler timed out after 60 s");
+                FenceOutcome::TimedOut => {
+                    tracing::error!(
+                        %resource,
+                        "the fence-peer handler {} timed out after {} ms (handlers.fence-peer-timeout-ms); \
+                         it and every process it started were killed",
+                        handler.display(),
+                        timeout.as_millis()
+                    );
                     false
                 }
             };
@@ -557,7 +577,9 @@ impl Driver {
         let done = |s: String| Ok(AdminReply::Done(s));
         let err = |e: AdminError| Err(format!("{name}: {e}"));
         let result = match call.command {
-            ResourceCommand::Status => Ok(AdminReply::State(Box::new(state(&self.replica.status(now))))),
+            ResourceCommand::Status => {
+                Ok(AdminReply::State(Box::new(state(&self.replica.status(now), &self.failures))))
+            }
             ResourceCommand::Primary { force, epoch } => match self.replica.promote(now, force, epoch) {
                 Ok(()) => {
                     let message = format!("{name}: Primary (epoch {})", self.replica.epoch());
@@ -614,8 +636,71 @@ impl Driver {
                 Ok(()) => done(format!("{name}: Outdated")),
                 Err(e) => err(e),
             },
+            // `up` stops the whole process; it never sends this here.
+            ResourceCommand::Down => Err(format!("{name}: `down` is handled by the process, not the replica")),
         };
         let _ = call.reply.send(result);
+    }
+}
+
+/// How a fence-peer handler ended.
+#[derive(Debug)]
+pub(crate) enum FenceOutcome {
+    /// Its exit code (`None`: killed by a signal).
+    Exited(Option<i32>),
+    CannotRun(std::io::Error),
+    TimedOut,
+}
+
+/// Kills a process group when dropped, unless disarmed: a handler left
+/// running when the driver stops (or its task is dropped) must not go on
+/// fencing behind our back.
+struct GroupGuard(Option<nix::unistd::Pid>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(group) = self.0.take() {
+            // The group may be gone already (everything in it exited).
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `handler` in a process group of its own with `env` added, for at
+/// most `timeout`; on timeout the whole group is killed, so the children a
+/// handler starts (ssh, ipmitool) cannot outlive it and act later.
+pub(crate) async fn run_fence_handler(handler: &Path, env: &[(&str, String)], timeout: Duration) -> FenceOutcome {
+    let mut command = tokio::process::Command::new(handler);
+    command.envs(env.iter().map(|(k, v)| (k, v))).process_group(0).kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return FenceOutcome::CannotRun(e),
+    };
+    // With process_group(0) the group's id is the child's pid.
+    let group = child.id().and_then(|pid| i32::try_from(pid).ok()).map(nix::unistd::Pid::from_raw);
+    let mut guard = GroupGuard(group);
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => {
+            // Whatever it left running is its own business (a finished
+            // handler has given its answer); only a handler we gave up on
+            // is stopped with all it started.
+            guard.0 = None;
+            FenceOutcome::Exited(status.code())
+        }
+        Ok(Err(e)) => FenceOutcome::CannotRun(e),
+        Err(_) => {
+            guard.kill();
+            // The handler itself, in case its group could not be signalled.
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            FenceOutcome::TimedOut
+        }
     }
 }
 
@@ -626,8 +711,9 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The wire form of a replica's status.
-pub fn state(s: &Status) -> ReplicaState {
+/// The wire form of a replica's status, with the shell's own part (the
+/// last failed connection attempt or handshake).
+pub fn state(s: &Status, failures: &LinkFailures) -> ReplicaState {
     let progress = |p: &super::replica::Progress| ProgressReport {
         total_bytes: p.total_bytes,
         done_bytes: p.done_bytes,
@@ -636,6 +722,7 @@ pub fn state(s: &Status) -> ReplicaState {
         eta_secs: p.eta_secs,
     };
     let g = &s.generations;
+    let last_failure = failures.last();
     ReplicaState {
         resource: s.resource.clone(),
         node: s.node.clone(),
@@ -657,5 +744,59 @@ pub fn state(s: &Status) -> ReplicaState {
         writes_in_flight: s.writes_in_flight as u64,
         resync_sent_bytes: s.resync_sent_bytes,
         resync_received_bytes: s.resync_received_bytes,
+        link_failure: last_failure.as_ref().map(|(what, _)| what.clone()),
+        link_failure_age_secs: last_failure.map(|(_, age)| age.as_secs()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+    fn exited(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()).is_some_and(|s| s == 'Z'),
+            Err(_) => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fence_handler_that_times_out_is_killed_with_its_children() {
+        let dir = std::env::temp_dir().join(format!("replicator-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let handler = dir.join("fence-peer");
+        let child_pid = dir.join("child.pid");
+        // Like a handler whose ssh hangs: a child that would outlive it.
+        std::fs::write(&handler, format!("#!/bin/sh\nsleep 1000 &\necho $! > {}\nsleep 1000\n", child_pid.display()))
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let env = [("REPLICATOR_RESOURCE", "r0".to_string())];
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(20),
+            run_fence_handler(&handler, &env, Duration::from_millis(300)),
+        )
+        .await
+        .expect("run_fence_handler returns after its timeout");
+        assert!(matches!(outcome, FenceOutcome::TimedOut), "{outcome:?}");
+        assert!(started.elapsed() < Duration::from_secs(10), "the timeout holds");
+        let pid: u32 = std::fs::read_to_string(&child_pid).unwrap().trim().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !exited(pid) {
+            assert!(Instant::now() < deadline, "the handler's child {pid} survived the timeout");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_fence_handler_s_exit_code_is_its_answer() {
+        let outcome = run_fence_handler(Path::new("/bin/sh"), &[], Duration::from_secs(10)).await;
+        // No script on stdin (null in tests): sh exits 0 at once.
+        assert!(matches!(outcome, FenceOutcome::Exited(Some(0))), "{outcome:?}");
+        let outcome = run_fence_handler(Path::new("/nonexistent/fence"), &[], Duration::from_secs(10)).await;
+        assert!(matches!(outcome, FenceOutcome::CannotRun(_)), "{outcome:?}");
     }
 }

@@ -23,6 +23,7 @@
 //!
 //! [handlers]
 //! fence-peer = "/usr/lib/replicator/fence-peer"
+//! fence-peer-timeout-ms = 60000  # then it and its children are killed
 //!
 //! [[node]]
 //! name = "alpha"                 # matched against the hostname or --node
@@ -170,10 +171,24 @@ impl Default for ResyncSection {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct HandlersSection {
     fence_peer: Option<PathBuf>,
+    /// How long the fence-peer handler may run before it and everything
+    /// it started are killed (and the fence counts as failed).
+    #[serde(default = "d_fence_peer_timeout")]
+    fence_peer_timeout_ms: u64,
+}
+
+fn d_fence_peer_timeout() -> u64 {
+    60_000
+}
+
+impl Default for HandlersSection {
+    fn default() -> Self {
+        HandlersSection { fence_peer: None, fence_peer_timeout_ms: d_fence_peer_timeout() }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +263,7 @@ pub struct Resource {
     pub resync_rate_max_bytes_per_sec: u64,
     pub resync_checksums: bool,
     pub fence_peer: Option<PathBuf>,
+    pub fence_peer_timeout_ms: u64,
     pub local: NodeConfig,
     pub peer: NodeConfig,
 }
@@ -301,6 +317,17 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
             "mutual TLS needs the cluster CA certificate; set net.ca (or net.tls = \"plaintext-lab\" on a trusted lab network)"
                 .into(),
         ));
+    }
+    if r.fencing == Fencing::ResourceAndStonith && file.handlers.fence_peer.is_none() {
+        return Err(invalid(
+            "resource.fencing",
+            "\"resource-and-stonith\" suspends I/O whenever the peer is lost until handlers.fence-peer confirms \
+             it is fenced; set handlers.fence-peer (or choose fencing = \"resource-only\" or \"dont-care\")"
+                .into(),
+        ));
+    }
+    if file.handlers.fence_peer_timeout_ms == 0 {
+        return Err(invalid("handlers.fence-peer-timeout-ms", "must be positive".into()));
     }
     let mut nodes = Vec::new();
     for (i, raw) in file.nodes.iter().enumerate() {
@@ -376,6 +403,7 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
         resync_rate_max_bytes_per_sec: s.rate_max_kib * 1024,
         resync_checksums: s.checksums,
         fence_peer: file.handlers.fence_peer.clone(),
+        fence_peer_timeout_ms: file.handlers.fence_peer_timeout_ms,
         local,
         peer,
     })
@@ -427,6 +455,13 @@ nbd-unix = ["/run/r0.nbd"]
         let mutual = GOOD.replace("tls = \"plaintext-lab\"", "tls = \"mutual\"");
         let err = parse(Path::new("r0.toml"), &mutual, Some("a")).unwrap_err().to_string();
         assert!(err.contains("net.ca"), "{err}");
+        let stonith = GOOD.replace("protocol = \"B\"", "fencing = \"resource-and-stonith\"");
+        let err = parse(Path::new("r0.toml"), &stonith, Some("a")).unwrap_err().to_string();
+        assert!(err.contains("resource.fencing") && err.contains("handlers.fence-peer"), "{err}");
+        let handled = format!("{stonith}\n[handlers]\nfence-peer = \"/bin/true\"\n");
+        assert_eq!(parse(Path::new("r0.toml"), &handled, Some("a")).unwrap().fence_peer_timeout_ms, 60_000);
+        let timed = format!("{handled}fence-peer-timeout-ms = 1500\n");
+        assert_eq!(parse(Path::new("r0.toml"), &timed, Some("a")).unwrap().fence_peer_timeout_ms, 1500);
         let bad_addr = GOOD.replace("10.0.0.2:7789", "nowhere");
         let err = parse(Path::new("r0.toml"), &bad_addr, Some("a")).unwrap_err().to_string();
         assert!(err.contains("node[1].address"), "{err}");

@@ -17,7 +17,7 @@ use super::replica::{Config, Persisted, Replica, Status};
 use super::resource::Resource;
 use super::{link, ResourceError};
 use crate::backing::{Backing, BackingConfig};
-use crate::control::{self, ControlReply, ControlRequest, ControlResponse, ResourceReport};
+use crate::control::{self, ControlReply, ControlRequest, ControlResponse, ResourceCommand, ResourceReport};
 use crate::limits;
 use crate::metadata::{self, ActivityLogStore, BitmapStore};
 use crate::nbd::handshake::{ExportInfo, TlsMode};
@@ -144,10 +144,10 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         if let Ok(addr) = listener.local_addr() {
             eprintln!("replicator: listening metrics {addr}");
         }
-        let (status, shared) = (parts.status.clone(), shared.clone());
+        let (status, shared, failures) = (parts.status.clone(), shared.clone(), parts.failures.clone());
         let body = move || {
             crate::metrics::render_resource(&ResourceReport {
-                state: driver::state(&status.borrow()),
+                state: driver::state(&status.borrow(), &failures),
                 clients: shared.clients.list(),
                 io: shared.counters.snapshot(),
                 pid: std::process::id(),
@@ -160,10 +160,12 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
 
     let acceptor = peer_listener.map(|l| driver.spawn_acceptor(l));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // `replicator down RES` asks through the control socket.
+    let (down_tx, mut down_rx) = watch::channel(false);
     let mut driver_task = tokio::spawn(driver.run(stop_rx));
     let control_task = tokio::spawn(control::serve(
         control_listener,
-        handler(parts.admin.clone(), parts.status.clone(), shared.clone()),
+        handler(parts.admin.clone(), parts.status.clone(), shared.clone(), parts.failures.clone(), down_tx),
     ));
     let accept_tasks: Vec<_> =
         listeners.into_iter().map(|l| tokio::spawn(server::accept_loop(shared.clone(), l))).collect();
@@ -171,6 +173,7 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
     let driver_result = tokio::select! {
         _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); None }
         _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); None }
+        _ = down_rx.wait_for(|down| *down) => { tracing::info!("`replicator down`: shutting down"); None }
         r = &mut driver_task => Some(r),
     };
     shared.shutdown.send_replace(true);
@@ -217,12 +220,16 @@ fn handler(
     admin: mpsc::Sender<AdminCall>,
     status: watch::Receiver<Status>,
     shared: Arc<Shared>,
+    failures: Arc<link::LinkFailures>,
+    down: watch::Sender<bool>,
 ) -> control::ControlHandler {
+    let down = Arc::new(down);
     Arc::new(move |request| {
-        let (admin, mut status, shared) = (admin.clone(), status.clone(), shared.clone());
+        let (admin, mut status, shared, failures) = (admin.clone(), status.clone(), shared.clone(), failures.clone());
+        let down = down.clone();
         Box::pin(async move {
-            let report = |shared: &Shared, s: &Status| ResourceReport {
-                state: driver::state(s),
+            let report = move |shared: &Shared, s: &Status| ResourceReport {
+                state: driver::state(s, &failures),
                 clients: shared.clients.list(),
                 io: shared.counters.snapshot(),
                 pid: std::process::id(),
@@ -253,6 +260,21 @@ fn handler(
                         }
                     });
                     ControlReply::Stream(rx)
+                }
+                ControlRequest::Resource(ResourceCommand::Down) => {
+                    // Like `secondary`: a connected client would see its
+                    // device fail under it.
+                    let clients = shared.clients.list().len();
+                    let name = &shared.export.name;
+                    ControlReply::One(if clients > 0 {
+                        ControlResponse::Error(format!(
+                            "{name}: {clients} NBD client(s) still connected; unmount and disconnect them first \
+                             (e.g. `replicator detach`)"
+                        ))
+                    } else {
+                        down.send_replace(true);
+                        ControlResponse::Done(format!("{name}: stopping"))
+                    })
                 }
                 ControlRequest::Resource(command) => {
                     let (reply_tx, reply_rx) = oneshot::channel();
