@@ -99,6 +99,9 @@ pub struct ReplicaState {
     /// Seconds since that failure.
     #[serde(default)]
     pub link_failure_age_secs: Option<u64>,
+    /// `connect --discard-my-data` waits for the next handshake.
+    #[serde(default)]
+    pub discard_my_data: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -316,6 +316,9 @@ fn print_report(out: &mut impl Write, r: &ResourceReport, res: &Resource) -> std
     if let Some(e) = &s.last_error {
         writeln!(out, "  last error: {e}")?;
     }
+    if s.discard_my_data {
+        writeln!(out, "  --discard-my-data pending: this node's changes go at the next handshake's split brain")?;
+    }
     if let Some(e) = &s.link_failure {
         let age = s.link_failure_age_secs.map(|a| format!(" ({a} s ago)")).unwrap_or_default();
         writeln!(out, "  last link failure{age}: {e}")?;

@@ -746,6 +746,7 @@ pub fn state(s: &Status, failures: &LinkFailures) -> ReplicaState {
         resync_received_bytes: s.resync_received_bytes,
         link_failure: last_failure.as_ref().map(|(what, _)| what.clone()),
         link_failure_age_secs: last_failure.map(|(_, age)| age.as_secs()),
+        discard_my_data: s.discard_my_data,
     }
 }
 

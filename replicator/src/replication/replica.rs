@@ -1830,7 +1830,13 @@ impl<P: Clone> Replica<P> {
         // counts from.
         let peer_was_current = matches!(&self.conn, Conn::Established(p)
             if p.replicating && matches!(p.disk, DiskState::UpToDate | DiskState::Outdated));
-        warn!(resource = %self.cfg.resource, "{why}");
+        // The same cause again (a peer that keeps refusing us): once is
+        // enough at warn level.
+        if self.last_error.as_deref() == Some(why.as_str()) {
+            debug!(resource = %self.cfg.resource, "{why}");
+        } else {
+            warn!(resource = %self.cfg.resource, "{why}");
+        }
         self.last_error = Some(why);
         self.conn = if standalone { Conn::StandAlone } else { Conn::Connecting };
         self.resync = None;
