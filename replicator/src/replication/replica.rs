@@ -1989,9 +1989,14 @@ impl<P: Clone> Replica<P> {
     /// Blocks went out of sync while connected (a failed write on either
     /// side, or verify found differences): the primary (or the verifier)
     /// resends them now, as a resync without a new handshake.
+    /// A peer that outdated itself (a failed write) needs a resync's end
+    /// to be UpToDate again even when later writes already covered what
+    /// it missed (sim seed 73007942: a verify ran while its failure was
+    /// reported, and the bits were cleared before the verify ended).
     fn maybe_start_repair(&mut self, now_ms: u64) {
         let idle = matches!(&self.conn, Conn::Established(p) if p.sync == Sync::None && p.role != Role::Primary);
-        if idle && self.bitmap.count() > 0 && self.disk == DiskState::UpToDate {
+        let peer_outdated = matches!(&self.conn, Conn::Established(p) if p.disk == DiskState::Outdated);
+        if idle && (self.bitmap.count() > 0 || peer_outdated) && self.disk == DiskState::UpToDate {
             info!(resource = %self.cfg.resource, out_of_sync_bytes = self.bitmap.dirty_bytes(), "resending out-of-sync blocks");
             self.start_resync(now_ms);
         }

@@ -1268,10 +1268,12 @@ fn sim_replays_one_seed() {
 /// promoted the peer while the demotion still waited for its flushes);
 /// 71009148 and 71115912 (two primaries re-dialled at once after every
 /// refused handshake, so the stale one was always mid-handshake when the
-/// admin demoted it: the shell waits its connect interval first).
+/// admin demoted it: the shell waits its connect interval first);
+/// 73007942 (a secondary outdated by a failed write stayed Outdated: a
+/// verify was running, and later writes cleared the bits before it ended).
 #[test]
 fn sim_regression_seeds() {
-    let seeds: &[u64] = &[10023229, 40015618, 70018641, 71009148, 71115912];
+    let seeds: &[u64] = &[10023229, 40015618, 70018641, 71009148, 71115912, 73007942];
     for &seed in seeds {
         run(seed, 8_000);
     }
