@@ -536,8 +536,8 @@ pub fn ocf_outcome(op: Op, out: &ProcOutput) -> Outcome {
         Some(8) if op == Op::Monitor => Outcome::Ok,
         Some(7) if op != Op::Start => Outcome::NotRunning,
         Some(c) => {
-            let tail = out.stderr_tail.trim();
-            let tail = if tail.is_empty() { String::new() } else { format!(": {tail}") };
+            let last = super::exec::last_line(&out.stderr_tail);
+            let tail = if last.is_empty() { String::new() } else { format!(": {last}") };
             Outcome::Failed(format!("{} ({c}){tail}", ocf_code_name(c)))
         }
         None => Outcome::Failed(out.describe()),
