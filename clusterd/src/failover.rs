@@ -40,6 +40,27 @@ use crate::NodeId;
 /// forgotten; their commit would grant a lease already over anyway).
 const RENEWALS_INFLIGHT_MAX: usize = 64;
 
+/// A promotion the volume refused (its replicator still sees the old
+/// primary, a handshake runs) is retried after this pause, doubled at each
+/// refusal up to `PROMOTE_RETRY_MS_MAX`, for as long as the grant holds.
+pub const PROMOTE_RETRY_MS_MIN: u64 = 200;
+pub const PROMOTE_RETRY_MS_MAX: u64 = 2_000;
+
+/// The services are restarted after a resource failure only after this
+/// pause, doubled at each failure within the window up to
+/// `RESTART_BACKOFF_MS_MAX`: a service that fails at once does not use up
+/// `failures_max` in milliseconds.
+pub const RESTART_BACKOFF_MS_MIN: u64 = 1_000;
+pub const RESTART_BACKOFF_MS_MAX: u64 = 8_000;
+
+const _: () = assert!(PROMOTE_RETRY_MS_MIN > 0 && PROMOTE_RETRY_MS_MIN <= PROMOTE_RETRY_MS_MAX);
+const _: () = assert!(RESTART_BACKOFF_MS_MIN > 0 && RESTART_BACKOFF_MS_MIN <= RESTART_BACKOFF_MS_MAX);
+
+/// `min` doubled `n` times, capped at `max`.
+fn backoff_ms(min: u64, max: u64, n: u32) -> u64 {
+    min.saturating_mul(1u64 << n.min(20)).min(max)
+}
+
 /// A resource group (volume + services that move together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct GroupId(pub u16);
@@ -313,6 +334,17 @@ pub enum Input {
     /// The shell finished an `Action::Demote` (needed by a planned release,
     /// which proposes `Entry::Release` only once the volume is secondary).
     Demoted,
+    /// The volume is primary with `epoch` (the answer to `Action::Promote`).
+    Promoted {
+        epoch: u64,
+    },
+    /// The volume refused `Action::Promote { epoch }` (its replicator still
+    /// sees the old primary connected, a handshake runs, the command timed
+    /// out): nothing above it may start. Retried with a backoff while the
+    /// grant holds; not a resource failure.
+    PromoteRefused {
+        epoch: u64,
+    },
     /// The newest primary epoch this node's volume has seen.
     VolumeEpoch(u64),
 }
@@ -321,7 +353,9 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Propose(Entry),
-    /// `replicator primary RES --epoch N` (I/O stays frozen until `Resume`).
+    /// `replicator primary RES --epoch N`, answered with `Input::Promoted`
+    /// or `Input::PromoteRefused`; nothing starts above the volume before
+    /// `Promoted`.
     Promote {
         epoch: u64,
     },
@@ -347,6 +381,12 @@ enum Role {
         epoch: u64,
         wait_until_ms: u64,
         fencing: Option<NodeId>,
+    },
+    /// `Action::Promote { epoch }` was issued: waiting for the volume's
+    /// answer. The volume may already be primary (so a step-down demotes),
+    /// but nothing runs above it.
+    ExpectPromoted {
+        epoch: u64,
     },
     /// Promoted with `epoch`; writes while `frozen` is false.
     Primary {
@@ -383,6 +423,10 @@ pub struct Failover {
     frozen: bool,
     services_started: bool,
     failures: VecDeque<u64>,
+    /// A restart of the services after a resource failure waits until then.
+    restart_at_ms: Option<u64>,
+    /// Refusals of the current grant's promotion so far (the retry backoff).
+    promote_refusals: u32,
     /// Numbers this node's disk reports; the newest UpToDate report about
     /// the peer not yet superseded by a committed Outdated one (0: none).
     disk_reports: u64,
@@ -419,6 +463,8 @@ impl Failover {
             frozen: true,
             services_started: false,
             failures: VecDeque::new(),
+            restart_at_ms: None,
+            promote_refusals: 0,
             disk_reports: 0,
             up_to_date_claim: 0,
             proposed_grant: None,
@@ -450,6 +496,16 @@ impl Failover {
         }
     }
 
+    /// A promotion was issued and its answer is awaited.
+    pub fn promoting(&self) -> bool {
+        matches!(self.role, Role::ExpectPromoted { .. })
+    }
+
+    /// How many times the volume refused the current grant's promotion.
+    pub fn promote_refusals(&self) -> u32 {
+        self.promote_refusals
+    }
+
     pub fn replication_connected(&self) -> bool {
         self.replication_connected
     }
@@ -465,9 +521,12 @@ impl Failover {
         let role = match self.role {
             Role::Secondary => [never; 3],
             Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never],
-            Role::Primary { promoted_ms, .. } => {
-                [self.next_renew_ms, self.lease_until_ms, self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms)]
-            }
+            Role::ExpectPromoted { .. } => [self.next_renew_ms, self.lease_until_ms, never],
+            Role::Primary { promoted_ms, .. } => [
+                self.next_renew_ms.min(self.restart_at_ms.unwrap_or(never)),
+                self.lease_until_ms,
+                self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms),
+            ],
             Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never],
         };
         [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
@@ -548,6 +607,34 @@ impl Failover {
             }
             Input::ResourceFailed => self.resource_failed(),
             Input::VolumeEpoch(e) => self.volume_epoch = e,
+            Input::Promoted { epoch } => {
+                if self.role == (Role::ExpectPromoted { epoch }) {
+                    tracing::info!(epoch, refusals = self.promote_refusals, "volume promoted");
+                    self.role = Role::Primary { epoch, promoted_ms: self.now_ms };
+                    self.frozen = true;
+                    self.services_started = false;
+                    self.restart_at_ms = None;
+                    // Report the peer's disk at once: a lost peer must be
+                    // recorded Outdated before this node may write.
+                    self.next_propose_ms = self.now_ms;
+                }
+            }
+            Input::PromoteRefused { epoch } => {
+                if self.role == (Role::ExpectPromoted { epoch }) {
+                    let pause = backoff_ms(PROMOTE_RETRY_MS_MIN, PROMOTE_RETRY_MS_MAX, self.promote_refusals);
+                    self.promote_refusals = self.promote_refusals.saturating_add(1);
+                    tracing::warn!(
+                        epoch,
+                        refusals = self.promote_refusals,
+                        retry_in_ms = pause,
+                        "promotion refused; retrying while the grant holds"
+                    );
+                    // Back to waiting: promoted again only while the lease
+                    // of this epoch holds, so never after a newer owner.
+                    self.role =
+                        Role::ExpectLeaseEndOrFence { epoch, wait_until_ms: self.now_ms + pause, fencing: None };
+                }
+            }
             Input::Demoted => {
                 if let Role::Releasing { epoch, demoted: false } = self.role {
                     self.role = Role::Releasing { epoch, demoted: true };
@@ -624,6 +711,7 @@ impl Failover {
                         self.actions.push_back(Action::Fence { node: victim });
                     }
                     self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing };
+                    self.promote_refusals = 0;
                     self.renewals_inflight.clear();
                     self.lease_until_ms = 0;
                     self.next_renew_ms = self.now_ms;
@@ -694,6 +782,17 @@ impl Failover {
                 tracing::info!(epoch, "standby: stopping services and demoting");
                 self.stop_and_demote_for_release(epoch);
             }
+            // The volume may be promoted already but runs nothing: demote
+            // it (after the promotion, in the shell's order) and record the
+            // release while the lease holds; at the lease's end `update`
+            // steps down instead.
+            Role::ExpectPromoted { epoch } => {
+                tracing::info!(epoch, "standby: giving up the group while its promotion runs");
+                self.frozen = true;
+                self.services_started = false;
+                self.role = Role::Releasing { epoch, demoted: false };
+                self.actions.push_back(Action::Demote);
+            }
             // Granted but never promoted: confirm the volume is secondary,
             // then record the release while the lease is ours. Not while a
             // fence is running: the next owner could be the node it is
@@ -723,9 +822,10 @@ impl Failover {
     fn owned_epoch(&self) -> Option<u64> {
         match self.role {
             Role::Secondary => None,
-            Role::ExpectLeaseEndOrFence { epoch, .. } | Role::Primary { epoch, .. } | Role::Releasing { epoch, .. } => {
-                Some(epoch)
-            }
+            Role::ExpectLeaseEndOrFence { epoch, .. }
+            | Role::ExpectPromoted { epoch }
+            | Role::Primary { epoch, .. }
+            | Role::Releasing { epoch, .. } => Some(epoch),
         }
     }
 
@@ -740,13 +840,33 @@ impl Failover {
             tracing::warn!(failures = self.failures.len(), "too many resource failures; marking this node failed");
             self.actions.push_back(Action::Propose(Entry::MarkFailed { group: self.cfg.group, node: self.cfg.me }));
             self.failures.clear();
+            self.restart_at_ms = None;
+        } else if self.restart_at_ms.is_none() {
+            // Failures close together (a service that fails at once) are
+            // one failure until the restart: they must not use up
+            // `failures_max` before the restart could even have helped.
+            let n = self.failures.len().saturating_sub(1) as u32;
+            let pause = backoff_ms(RESTART_BACKOFF_MS_MIN, RESTART_BACKOFF_MS_MAX, n);
+            tracing::info!(failures = self.failures.len(), restart_in_ms = pause, "resource failure; restarting later");
+            self.restart_at_ms = Some(self.now_ms + pause);
         } else {
-            self.actions.push_back(Action::RestartServices);
+            // Already waiting to restart: the same failure reported again.
+            self.failures.pop_back();
         }
     }
 
     fn step_down(&mut self) {
-        if matches!(self.role, Role::Primary { .. } | Role::Releasing { demoted: false, .. }) {
+        self.restart_at_ms = None;
+        // A refused promotion may still have taken effect (the command
+        // timed out, its answer was lost): demote as after a promotion;
+        // demoting a secondary is a no-op.
+        let refused_before = matches!(self.role, Role::ExpectLeaseEndOrFence { .. }) && self.promote_refusals > 0;
+        if refused_before
+            || matches!(
+                self.role,
+                Role::ExpectPromoted { .. } | Role::Primary { .. } | Role::Releasing { demoted: false, .. }
+            )
+        {
             self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
         }
         self.frozen = true;
@@ -783,14 +903,18 @@ impl Failover {
             if now >= wait_until_ms && now < self.lease_until_ms {
                 assert_eq!(self.state.owner, Some(self.cfg.me));
                 assert_eq!(self.state.epoch, epoch);
-                tracing::info!(epoch, "promoting");
+                tracing::info!(epoch, attempt = self.promote_refusals + 1, "promoting");
                 self.actions.push_back(Action::Promote { epoch });
-                self.role = Role::Primary { epoch, promoted_ms: now };
+                self.role = Role::ExpectPromoted { epoch };
                 self.frozen = true;
-                // Report the peer's disk at once (not after the grant's
-                // re-proposal pause): a lost peer must be recorded Outdated
-                // before this node may write.
-                self.next_propose_ms = now;
+            }
+        }
+        if let Role::ExpectPromoted { epoch } = self.role {
+            // The answer is late: the volume may be primary, the lease is
+            // over; demote it (queued after the promotion in the shell).
+            if now >= self.lease_until_ms {
+                tracing::warn!(epoch, "lease ended while the promotion ran; demoting");
+                self.step_down();
             }
         }
         if let Role::Primary { epoch, promoted_ms } = self.role {
@@ -815,11 +939,20 @@ impl Failover {
                     self.actions.push_back(Action::Resume);
                     if !self.services_started {
                         self.services_started = true;
+                        self.restart_at_ms = None;
                         self.actions.push_back(Action::StartServices);
                     }
                 } else if !writable && !self.frozen {
                     self.frozen = true;
                     self.actions.push_back(Action::Freeze);
+                }
+                if self.restart_at_ms.is_some_and(|at| now >= at) {
+                    // A frozen primary restarts too: the services wait
+                    // for I/O as they would have after the failure.
+                    self.restart_at_ms = None;
+                    if self.services_started {
+                        self.actions.push_back(Action::RestartServices);
+                    }
                 }
                 if self.cfg.failback
                     && self.cfg.peer_preferred
@@ -942,6 +1075,8 @@ mod tests {
     struct Harness {
         f: Failover,
         now: u64,
+        /// The volume accepts every promotion at once (a healthy shell).
+        auto_promote: bool,
     }
 
     impl Harness {
@@ -951,13 +1086,25 @@ mod tests {
             let mut h = Harness {
                 f: Failover::new(c, GroupState::new(G, &[A, B], DiskState::UpToDate), DiskState::UpToDate, 0),
                 now: 0,
+                auto_promote: true,
             };
             assert_eq!(h.actions(), vec![Action::Freeze, Action::StopServices, Action::Demote]);
             h
         }
 
         fn actions(&mut self) -> Vec<Action> {
-            std::iter::from_fn(|| self.f.poll_action()).collect()
+            let mut out: Vec<Action> = std::iter::from_fn(|| self.f.poll_action()).collect();
+            if self.auto_promote {
+                let promoted: Vec<u64> = out
+                    .iter()
+                    .filter_map(|a| if let Action::Promote { epoch } = a { Some(*epoch) } else { None })
+                    .collect();
+                for epoch in promoted {
+                    self.f.handle(self.now, Input::Promoted { epoch });
+                    out.extend(std::iter::from_fn(|| self.f.poll_action()));
+                }
+            }
+            out
         }
 
         fn input(&mut self, i: Input) -> Vec<Action> {
@@ -1196,16 +1343,34 @@ mod tests {
         assert!(h.f.writable());
     }
 
+    /// Advances with a healthy log until the services restart; the time.
+    fn until_restart(h: &mut Harness, limit: u64) -> u64 {
+        while let Some(next) = h.f.poll_timeout().filter(|n| *n <= limit) {
+            let a = h.advance_to(next);
+            h.commit_proposals(&a);
+            if a.contains(&Action::RestartServices) {
+                return next;
+            }
+        }
+        panic!("no restart by {limit}");
+    }
+
     #[test]
     fn repeated_resource_failures_mark_the_node_failed_and_it_steps_down() {
         let mut h = primary_a();
         h.now = 10;
-        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        assert!(h.input(Input::ResourceFailed).is_empty(), "the restart waits");
+        assert_eq!(until_restart(&mut h, 5000), 10 + RESTART_BACKOFF_MS_MIN);
         // Failures outside the window are forgotten.
         h.advance_committing(20_000);
         assert!(h.f.writable());
-        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
-        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        assert!(h.input(Input::ResourceFailed).is_empty());
+        // Failures reported again before the restart are the same failure.
+        assert!(h.input(Input::ResourceFailed).is_empty());
+        assert_eq!(until_restart(&mut h, 25_000), 20_000 + RESTART_BACKOFF_MS_MIN);
+        let t = h.now;
+        assert!(h.input(Input::ResourceFailed).is_empty());
+        assert_eq!(until_restart(&mut h, 30_000), t + 2 * RESTART_BACKOFF_MS_MIN, "the second pause is longer");
         let a = h.input(Input::ResourceFailed);
         let failed = Entry::MarkFailed { group: G, node: A };
         assert_eq!(proposals(&a), vec![&failed]);
@@ -1436,6 +1601,92 @@ mod tests {
         h.input(Input::PeerAlive(B));
         h.advance_committing(3000);
         assert!(h.f.writable() && !h.f.releasing(), "the peer never reported in sync");
+    }
+
+    /// A after B's death, its promotion to epoch 2 issued (B's lease
+    /// waited out) and its answer not given yet.
+    fn a_promoting_after_b_died() -> Harness {
+        let mut h = a_with_b_owner(false);
+        h.auto_promote = false;
+        h.now = 1000;
+        h.input(Input::PeerDead(B));
+        h.advance_to(1100);
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        h.commit_proposals(&a);
+        let mut promoted = false;
+        while !promoted {
+            let next = h.f.poll_timeout().expect("a timer runs");
+            let a = h.advance_to(next);
+            promoted = a.contains(&Action::Promote { epoch: 2 });
+            h.commit_proposals(&a);
+            assert!(h.now < 5000, "no promotion");
+        }
+        assert!(h.f.promoting());
+        h
+    }
+
+    fn starts_something(a: &[Action]) -> bool {
+        a.iter().any(|a| matches!(a, Action::Resume | Action::StartServices | Action::RestartServices))
+    }
+
+    #[test]
+    fn a_refused_promotion_starts_nothing_and_is_retried_with_backoff_while_the_grant_holds() {
+        // Issue 23: the replicator still saw B connected and primary (its
+        // ping timeout is longer than the heartbeat's deadtime) and refused;
+        // clusterd started the services anyway and marked A failed.
+        let mut h = a_promoting_after_b_died();
+        let mut attempts_ms = vec![h.now];
+        while attempts_ms.len() < 12 {
+            let a = h.input(Input::PromoteRefused { epoch: 2 });
+            assert!(!starts_something(&a) && !h.f.writable(), "{a:?}");
+            assert!(!proposals(&a).iter().any(|e| matches!(e, Entry::MarkFailed { .. })), "{a:?}");
+            // Renewals go on (the grant holds) until the retry.
+            loop {
+                let next = h.f.poll_timeout().expect("a timer runs");
+                let a = h.advance_to(next);
+                assert!(!starts_something(&a), "{a:?}");
+                assert!(!proposals(&a).iter().any(|e| matches!(e, Entry::MarkFailed { .. } | Entry::Grant { .. })));
+                h.commit_proposals(&a);
+                if a.contains(&Action::Promote { epoch: 2 }) {
+                    attempts_ms.push(h.now);
+                    break;
+                }
+            }
+        }
+        let pauses: Vec<u64> = attempts_ms.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(pauses[..4], [200, 400, 800, 1600], "{pauses:?}");
+        assert!(pauses[4..].iter().all(|p| *p == PROMOTE_RETRY_MS_MAX), "{pauses:?}");
+        assert_eq!(h.f.promote_refusals(), 11);
+        assert_eq!(h.f.state().failed.len(), 0);
+        // The volume takes it at last: now the services start, once B's
+        // disk is recorded Outdated.
+        let a = h.input(Input::Promoted { epoch: 2 });
+        assert!(!starts_something(&a), "B not yet recorded Outdated: {a:?}");
+        let a = h.commit_proposals(&a);
+        assert_eq!(a, vec![Action::Resume, Action::StartServices]);
+        assert!(h.f.writable());
+    }
+
+    #[test]
+    fn a_promotion_still_unanswered_at_the_lease_end_is_undone() {
+        let mut h = a_promoting_after_b_died();
+        // Cut off: no renewal commits any more.
+        let a = h.advance_to(h.now + 10_000);
+        let effects: Vec<&Action> = a.iter().filter(|a| !matches!(a, Action::Propose(_))).collect();
+        assert_eq!(effects, [&Action::Freeze, &Action::StopServices, &Action::Demote], "queued after the promotion");
+        // Its late answer changes nothing.
+        assert!(h.input(Input::Promoted { epoch: 2 }).is_empty());
+        assert!(!h.f.writable() && h.f.promoted_epoch().is_none());
+    }
+
+    #[test]
+    fn a_node_whose_promotion_was_refused_demotes_when_it_loses_the_grant() {
+        // The refusal may have been wrong (a timed-out command that took
+        // effect): losing the group demotes the volume anyway.
+        let mut h = a_promoting_after_b_died();
+        h.input(Input::PromoteRefused { epoch: 2 });
+        let a = h.commit(Entry::Grant { group: G, node: B, epoch: 3, incarnation: 9 });
+        assert!(a.contains(&Action::Demote), "{a:?}");
     }
 
     #[test]

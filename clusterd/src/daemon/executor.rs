@@ -19,8 +19,14 @@ use crate::group::{GroupEvent, GroupHandle, Volume};
 pub enum Report {
     /// The volume is secondary after a `Demote`.
     Demoted(GroupId),
-    /// A service failed for good, or the volume refused a promotion: the
-    /// failover core counts it (and moves the group when it repeats).
+    /// The volume is primary with `epoch` after a `Promote`.
+    Promoted { group: GroupId, epoch: u64 },
+    /// The volume refused the `Promote` (the core retries while its grant
+    /// holds; not a resource failure). Actions queued behind it were
+    /// dropped: nothing starts above a volume that is not primary.
+    PromoteRefused { group: GroupId, epoch: u64 },
+    /// A service failed for good: the failover core counts it (and moves
+    /// the group when it repeats).
     ResourceFailed(GroupId),
     /// Something worth an event line.
     Event { group: GroupId, kind: &'static str, message: String },
@@ -94,13 +100,36 @@ impl Executor {
     async fn execute(&mut self, action: Action) {
         tracing::debug!(group = ?self.group, ?action, "executing");
         match action {
-            Action::Promote { epoch } => match self.volume.promote(epoch).await {
-                Ok(()) => self.event("promote", format!("volume primary with epoch {epoch}")),
-                Err(e) => {
-                    self.event("error", format!("promotion failed: {e}"));
-                    let _ = self.report.send(Report::ResourceFailed(self.group));
+            Action::Promote { epoch } => {
+                let promoted = match self.volume.promote(epoch).await {
+                    Ok(()) => Ok(()),
+                    // The command may have taken effect although it failed
+                    // (timed out, or a retry of one that did): the volume's
+                    // own state decides.
+                    Err(e) => match self.volume.status().await {
+                        Ok(s) if s.is_primary() && s.epoch == epoch => Ok(()),
+                        _ => Err(e),
+                    },
+                };
+                match promoted {
+                    Ok(()) => {
+                        self.event("promote", format!("volume primary with epoch {epoch}"));
+                        let _ = self.report.send(Report::Promoted { group: self.group, epoch });
+                    }
+                    Err(e) => {
+                        self.event(
+                            "promote-refused",
+                            format!("promotion refused, retrying while the grant holds: {e}"),
+                        );
+                        // Whatever the core queued behind the promotion
+                        // assumed it succeeded; the core sends it again
+                        // after a successful retry.
+                        self.queue
+                            .retain(|a| !matches!(a, Action::Resume | Action::StartServices | Action::RestartServices));
+                        let _ = self.report.send(Report::PromoteRefused { group: self.group, epoch });
+                    }
                 }
-            },
+            }
             Action::Resume => match self.volume.resume().await {
                 Ok(()) => self.event("resume", "volume I/O resumed".into()),
                 Err(e) => self.event("error", format!("resume failed: {e}")),

@@ -622,6 +622,16 @@ impl Daemon {
                     g.fo.handle(now, Input::Demoted);
                 }
             }
+            Report::Promoted { group, epoch } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.fo.handle(now, Input::Promoted { epoch });
+                }
+            }
+            Report::PromoteRefused { group, epoch } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.fo.handle(now, Input::PromoteRefused { epoch });
+                }
+            }
             Report::ResourceFailed(id) => {
                 if let Some(g) = self.groups.iter_mut().find(|g| g.id == id) {
                     g.fo.handle(now, Input::ResourceFailed);
@@ -898,6 +908,7 @@ impl Daemon {
                 let local_role = match rt {
                     None => "none".to_string(),
                     Some(g) if g.fo.releasing() => "Releasing".into(),
+                    Some(g) if g.fo.promoting() => "Promoting".into(),
                     Some(g) if g.fo.promoted_epoch().is_some() => "Primary".into(),
                     Some(_) => "Secondary".into(),
                 };

@@ -19,7 +19,17 @@
 //! - committed grants carry strictly increasing epochs, and no node
 //!   promotes with an epoch older than one already promoted;
 //! - a node that kept quorum and a healthy link to everyone is never fenced;
-//! - every node's `GroupState` equals the log's at the same index.
+//! - every node's `GroupState` equals the log's at the same index;
+//! - services start (and I/O resumes) only on a volume the replicator
+//!   promoted.
+//!
+//! The replicator is modelled apart from the cores (issue 23): the volume's
+//! role (`Node::vol_primary`), volume commands completing in the executor's
+//! order, its own detection of a lost link after a ping timeout independent
+//! of the heartbeat's deadtime, and `primary --epoch` refused while it still
+//! sees a primary peer (or, with `drops_stale_peer`, dropping the link to a
+//! primary of an older epoch), or for a passing reason: a granted survivor
+//! must retry and end up serving (the liveness phase's bound).
 //!
 //! The log stand-in commits a proposal when it reaches the log while its
 //! proposer can reach a majority of the voters (itself included), and
@@ -37,6 +47,7 @@ use std::collections::BTreeMap;
 
 use crate::failover::{
     drift_margin_ms, Action, DiskState, Entry, Failover, FailoverConfig, GroupId, GroupState, Input,
+    PROMOTE_RETRY_MS_MAX,
 };
 use crate::heartbeat::{Heartbeat, HeartbeatConfig, HeartbeatEvent, DATAGRAM_BYTES};
 use crate::rng::Rng;
@@ -91,6 +102,18 @@ struct Swarm {
     a_preferred: bool,
     /// The group moves back to A when it can (with `a_preferred`).
     failback: bool,
+    /// The replicator's own peer detection: a peer that vanished without
+    /// closing the link (host death, cut cable) is noticed after this,
+    /// independently of the heartbeat's deadtime.
+    ping_timeout_ms: u64,
+    /// `replicator primary --epoch N` with N above the epoch of a primary
+    /// peer the link still shows drops that stale link and promotes (the
+    /// committed grant is the proof the old primary no longer writes); off,
+    /// it refuses ("the peer is primary") until its ping timeout.
+    drops_stale_peer: bool,
+    /// Promotions refused for a passing reason (a handshake under way)
+    /// while faults run.
+    promote_refuse_pct: u64,
 }
 
 impl Swarm {
@@ -113,6 +136,9 @@ impl Swarm {
             admin_pct: [0, 1, 4][rng.below(3) as usize],
             a_preferred: rng.below(2) == 0,
             failback: rng.below(3) == 0,
+            ping_timeout_ms: [300, 600, 2000, 4000][rng.below(4) as usize],
+            drops_stale_peer: rng.below(4) != 0,
+            promote_refuse_pct: [0, 0, 20, 60][rng.below(4) as usize],
         }
     }
 }
@@ -149,6 +175,12 @@ enum Event {
         node: usize,
         inc: u64,
     },
+    /// The replicator answers `primary --epoch` (after `Action::Promote`).
+    PromoteDone {
+        node: usize,
+        inc: u64,
+        epoch: u64,
+    },
     Restart {
         node: usize,
     },
@@ -183,6 +215,13 @@ struct Node {
     /// Newest primary epoch this node's volume has seen (persisted by the
     /// replicator, so it survives crashes).
     vol_epoch: u64,
+    /// The volume is primary with this epoch (the replicator's role, not the
+    /// core's idea of it). Kept at a crash: it is what the peer's
+    /// replicator last saw; a restarted replicator is secondary.
+    vol_primary: Option<u64>,
+    /// The shell runs volume commands one at a time, in order: the next one
+    /// completes no earlier than this.
+    vol_busy_until: u64,
     repl_reported: bool,
     /// Recent datagrams this node sent (replayed by a hostile network).
     sent: Vec<(usize, u8, [u8; DATAGRAM_BYTES])>,
@@ -274,6 +313,8 @@ impl Sim {
                 up_since: 0,
                 data: 0,
                 vol_epoch: 0,
+                vol_primary: None,
+                vol_busy_until: 0,
                 repl_reported: false,
                 sent: Vec::new(),
             });
@@ -388,6 +429,8 @@ impl Sim {
         node.wake_at = None;
         node.was_writable = false;
         node.repl_reported = false;
+        node.vol_primary = None;
+        node.vol_busy_until = 0;
         let peers = (0..NODES).filter(|m| *m != n).map(|m| NodeId(m as u8)).collect();
         node.hb = Some(Heartbeat::new(
             HeartbeatConfig {
@@ -542,7 +585,16 @@ impl Sim {
                     ));
                 }
                 self.max_promoted_epoch = epoch;
-                self.nodes[n].vol_epoch = self.nodes[n].vol_epoch.max(epoch);
+                let at = self.volume_command_done_at(n);
+                let inc = self.nodes[n].inc;
+                self.schedule_at(at, Event::PromoteDone { node: n, inc, epoch });
+            }
+            Action::Resume | Action::StartServices | Action::RestartServices => {
+                // Issue 23: services started on a volume the replicator had
+                // refused to promote.
+                if self.nodes[n].vol_primary.is_none() {
+                    self.fail(&format!("node{n} runs {action:?} on a volume that is not primary"));
+                }
             }
             Action::Fence { node: victim } => {
                 let v = victim.0 as usize;
@@ -558,16 +610,20 @@ impl Sim {
                 self.schedule(d, Event::FenceDone { by: n, inc, victim: v });
             }
             Action::Demote => {
-                let d = self.delay();
+                let at = self.volume_command_done_at(n);
                 let inc = self.nodes[n].inc;
-                self.schedule(d, Event::Demoted { node: n, inc });
+                self.schedule_at(at, Event::Demoted { node: n, inc });
             }
-            Action::Resume
-            | Action::Freeze
-            | Action::StartServices
-            | Action::RestartServices
-            | Action::StopServices => {}
+            Action::Freeze | Action::StopServices => {}
         }
+    }
+
+    /// When a volume command issued now on node `n` completes: after a
+    /// delay, and after the commands before it (the executor's order).
+    fn volume_command_done_at(&mut self, n: usize) -> u64 {
+        let at = (self.now + self.delay()).max(self.nodes[n].vol_busy_until + 1);
+        self.nodes[n].vol_busy_until = at;
+        at
     }
 
     fn writable(&self, n: usize) -> bool {
@@ -664,7 +720,20 @@ impl Sim {
             }
             Event::Demoted { node, inc } => {
                 if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    self.nodes[node].vol_primary = None;
                     self.input(node, Input::Demoted);
+                }
+            }
+            Event::PromoteDone { node, inc, epoch } => {
+                if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    let input = match self.replicator_promote(node, epoch) {
+                        Ok(()) => Input::Promoted { epoch },
+                        Err(why) => {
+                            self.note(format!("node{node}: replicator refuses primary --epoch {epoch}: {why}"));
+                            Input::PromoteRefused { epoch }
+                        }
+                    };
+                    self.input(node, input);
                 }
             }
             Event::Restart { node } => {
@@ -691,6 +760,35 @@ impl Sim {
                 self.schedule(WRITE_TICK_MS, Event::WriteTick);
             }
         }
+    }
+
+    /// `replicator primary --epoch` on node `n`, as the replicator decides
+    /// from what it sees: its link (reported a ping timeout after it broke)
+    /// and the peer's role as last seen over it.
+    fn replicator_promote(&mut self, n: usize, epoch: u64) -> Result<(), &'static str> {
+        let peer = 1 - n;
+        if self.nodes[n].vol_primary == Some(epoch) {
+            return Ok(()); // a retry of a promotion that took effect
+        }
+        if epoch <= self.nodes[n].vol_epoch {
+            return Err("epoch not newer than one already seen");
+        }
+        let peer_epoch = self.nodes[peer].vol_primary;
+        if self.nodes[n].repl_reported && peer_epoch.is_some() {
+            if !self.swarm.drops_stale_peer || peer_epoch >= Some(epoch) {
+                return Err("the peer is primary; demote it first");
+            }
+            // The link to a primary of an older epoch is stale: drop it.
+            self.note(format!("node{n}: replicator drops the link to stale primary node{peer}"));
+            self.nodes[n].repl_reported = false;
+            self.input(n, Input::Replication { connected: false });
+        }
+        if self.faults && self.rng.chance(self.swarm.promote_refuse_pct) {
+            return Err("the connection handshake is in progress");
+        }
+        self.nodes[n].vol_primary = Some(epoch);
+        self.nodes[n].vol_epoch = self.nodes[n].vol_epoch.max(epoch);
+        Ok(())
     }
 
     fn log_tick(&mut self) {
@@ -731,7 +829,7 @@ impl Sim {
             self.repl_truth = truth;
             self.repl_truth_since = self.now;
         }
-        let settle = if truth { 100 } else { 300 };
+        let settle = if truth { 100 } else { self.swarm.ping_timeout_ms };
         if self.now < self.repl_truth_since + settle {
             return;
         }
@@ -740,17 +838,16 @@ impl Sim {
         if stale.is_empty() {
             return;
         }
-        let promoted: Vec<usize> = [A, B]
-            .into_iter()
-            .filter(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.promoted_epoch().is_some()))
-            .collect();
+        // The volumes' roles, as the replicators see them.
+        let promoted: Vec<usize> =
+            [A, B].into_iter().filter(|n| self.nodes[*n].alive && self.nodes[*n].vol_primary.is_some()).collect();
         if truth && promoted.len() == 2 {
             // The replicator refuses a Hello from a second primary (the
             // stale one demotes when its lease ends): no connection yet.
             return;
         }
         let stale_primary = promoted.first().is_some_and(|&p| {
-            let epoch = self.nodes[p].fo.as_ref().and_then(|f| f.promoted_epoch()).unwrap_or(0);
+            let epoch = self.nodes[p].vol_primary.unwrap_or(0);
             epoch < self.nodes[1 - p].vol_epoch
         });
         if truth && stale_primary {
@@ -797,7 +894,7 @@ impl Sim {
         let v = self.max_acked + 1;
         if connected {
             // The peer refuses data from an older epoch once it saw a newer one.
-            let refused = self.nodes[q].fo.as_ref().and_then(|f| f.promoted_epoch()).is_some();
+            let refused = self.nodes[q].vol_primary.is_some();
             if !self.replicating() || refused {
                 return; // waits for the peer's ack, which never comes
             }
@@ -1025,7 +1122,13 @@ impl Sim {
         let q = 1 - p;
         self.crash(p, "liveness: kill -9 of the primary");
         let t0 = self.now;
-        let bound = DEADTIME_MS + self.swarm.lease_ms + 6 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200;
+        let mut bound = DEADTIME_MS + self.swarm.lease_ms + 6 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200;
+        if !self.swarm.drops_stale_peer {
+            // The replicator refuses until its ping timeout notices the
+            // dead primary; the core retries (the pause at most the cap).
+            let refused_until = self.swarm.ping_timeout_ms + 2 * REPL_TICK_MS + PROMOTE_RETRY_MS_MAX;
+            bound = bound.max(refused_until + 4 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200);
+        }
         if !self.run_until(t0 + bound, |s| s.writable(q)) {
             self.fail(&format!("no failover to node{q} within {bound} ms of the primary's death"));
         }
@@ -1104,10 +1207,13 @@ fn sim_many_seeds() {
 /// 10488317 (an owner in standby recorded its release while its fence of
 /// the other node was still running; that node took the group and was
 /// powered off), 60223264 (an owner put in standby while its fence ran
-/// stepped down without recording a release; the next owner fenced it).
+/// stepped down without recording a release; the next owner fenced it),
+/// 105481 (issue 23's model: the simulated shell finished a demotion before
+/// the promotion issued ahead of it, leaving a primary volume under a
+/// secondary core; the executor runs volume commands in order).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264] {
+    for seed in [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264, 105481] {
         run(seed);
     }
 }
