@@ -53,6 +53,14 @@ pub const PROMOTE_RETRY_MS_MAX: u64 = 2_000;
 pub const RESTART_BACKOFF_MS_MIN: u64 = 1_000;
 pub const RESTART_BACKOFF_MS_MAX: u64 = 8_000;
 
+/// A volume found primary under a core that does not run the group (a
+/// demotion that failed, a stop that hung, an admin's `replicator primary`)
+/// is stopped and demoted again after this pause, doubled at each attempt
+/// up to `VOLUME_FIX_MS_MAX`: there is always a way out of a stuck stop.
+pub const VOLUME_FIX_MS_MIN: u64 = 1_000;
+pub const VOLUME_FIX_MS_MAX: u64 = 8_000;
+
+const _: () = assert!(VOLUME_FIX_MS_MIN > 0 && VOLUME_FIX_MS_MIN <= VOLUME_FIX_MS_MAX);
 const _: () = assert!(PROMOTE_RETRY_MS_MIN > 0 && PROMOTE_RETRY_MS_MIN <= PROMOTE_RETRY_MS_MAX);
 const _: () = assert!(RESTART_BACKOFF_MS_MIN > 0 && RESTART_BACKOFF_MS_MIN <= RESTART_BACKOFF_MS_MAX);
 
@@ -347,6 +355,15 @@ pub enum Input {
     },
     /// The newest primary epoch this node's volume has seen.
     VolumeEpoch(u64),
+    /// The volume's role as the replicator reports it (polled), with the
+    /// newest epoch it saw. A primary volume under a core that does not run
+    /// the group is stopped and demoted again (with a backoff) until it is
+    /// secondary; a primary core whose volume went secondary at its epoch or
+    /// later (an admin's `replicator secondary`) steps down.
+    VolumeRole {
+        primary: bool,
+        epoch: u64,
+    },
 }
 
 /// Effects for the shell, in the order they must happen.
@@ -427,6 +444,12 @@ pub struct Failover {
     restart_at_ms: Option<u64>,
     /// Refusals of the current grant's promotion so far (the retry backoff).
     promote_refusals: u32,
+    /// The volume was last reported primary.
+    volume_primary: bool,
+    /// A stray primary volume is stopped and demoted again no earlier than
+    /// this; `volume_fixes` counts the attempts (the backoff).
+    next_volume_fix_ms: u64,
+    volume_fixes: u32,
     /// Numbers this node's disk reports; the newest UpToDate report about
     /// the peer not yet superseded by a committed Outdated one (0: none).
     disk_reports: u64,
@@ -465,6 +488,9 @@ impl Failover {
             failures: VecDeque::new(),
             restart_at_ms: None,
             promote_refusals: 0,
+            volume_primary: false,
+            next_volume_fix_ms: now_ms + VOLUME_FIX_MS_MIN,
+            volume_fixes: 0,
             disk_reports: 0,
             up_to_date_claim: 0,
             proposed_grant: None,
@@ -519,6 +545,7 @@ impl Failover {
     pub fn poll_timeout(&self) -> Option<u64> {
         let never = u64::MAX;
         let role = match self.role {
+            Role::Secondary if self.volume_primary => [self.next_volume_fix_ms, never, never],
             Role::Secondary => [never; 3],
             Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never],
             Role::ExpectPromoted { .. } => [self.next_renew_ms, self.lease_until_ms, never],
@@ -527,6 +554,9 @@ impl Failover {
                 self.lease_until_ms,
                 self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms),
             ],
+            Role::Releasing { demoted: false, .. } => {
+                [self.next_renew_ms, self.lease_until_ms, self.next_volume_fix_ms]
+            }
             Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never],
         };
         [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
@@ -565,6 +595,8 @@ impl Failover {
     fn stop_and_demote_for_release(&mut self, epoch: u64) {
         // I/O stays as it is: stopping the services flushes through it.
         self.role = Role::Releasing { epoch, demoted: false };
+        self.volume_fixes = 0;
+        self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
         self.services_started = false;
         self.actions.extend([Action::StopServices, Action::Demote]);
     }
@@ -607,6 +639,24 @@ impl Failover {
             }
             Input::ResourceFailed => self.resource_failed(),
             Input::VolumeEpoch(e) => self.volume_epoch = e,
+            Input::VolumeRole { primary, epoch } => {
+                self.volume_epoch = self.volume_epoch.max(epoch);
+                if primary != self.volume_primary {
+                    self.volume_primary = primary;
+                    self.volume_fixes = 0;
+                    // Give the shell's own demotion (queued behind a stop)
+                    // time before the first repeat.
+                    self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
+                }
+                if let Role::Primary { epoch: mine, .. } = self.role {
+                    // Demoted at this epoch or later: not a report from
+                    // before this node's own promotion.
+                    if !primary && epoch >= mine {
+                        tracing::warn!(epoch = mine, "the volume was demoted behind clusterd's back; stepping down");
+                        self.step_down();
+                    }
+                }
+            }
             Input::Promoted { epoch } => {
                 if self.role == (Role::ExpectPromoted { epoch }) {
                     tracing::info!(epoch, refusals = self.promote_refusals, "volume promoted");
@@ -749,6 +799,7 @@ impl Failover {
                 if let Role::Releasing { .. } = self.role {
                     tracing::info!("release recorded; the peer may take the group");
                     self.role = Role::Secondary;
+                    self.next_volume_fix_ms = self.next_volume_fix_ms.max(self.now_ms + VOLUME_FIX_MS_MIN);
                     self.renewals_inflight.clear();
                     self.lease_until_ms = 0;
                     self.up_to_date_claim = 0;
@@ -791,6 +842,8 @@ impl Failover {
                 self.frozen = true;
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
+                self.volume_fixes = 0;
+                self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
                 self.actions.push_back(Action::Demote);
             }
             // Granted but never promoted: confirm the volume is secondary,
@@ -802,6 +855,8 @@ impl Failover {
                 self.frozen = true;
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
+                self.volume_fixes = 0;
+                self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
                 self.actions.push_back(Action::Demote);
             }
             // A fence is running: stepping down now would leave the grant
@@ -857,6 +912,8 @@ impl Failover {
 
     fn step_down(&mut self) {
         self.restart_at_ms = None;
+        // The demotion below is under way: no repeat before it had time.
+        self.next_volume_fix_ms = self.next_volume_fix_ms.max(self.now_ms + VOLUME_FIX_MS_MIN);
         // A refused promotion may still have taken effect (the command
         // timed out, its answer was lost): demote as after a promotion;
         // demoting a secondary is a no-op.
@@ -1005,6 +1062,34 @@ impl Failover {
                 self.next_propose_ms = now + self.cfg.repropose_ms;
                 self.propose(Entry::Release { group, epoch });
             }
+            if !demoted && now >= self.next_volume_fix_ms {
+                // The demotion failed (a stop that hung, a volume still in
+                // use): stop again (the runner retries a failed stop) and
+                // demote again, while the lease is kept.
+                let pause = backoff_ms(VOLUME_FIX_MS_MIN, VOLUME_FIX_MS_MAX, self.volume_fixes);
+                self.volume_fixes = self.volume_fixes.saturating_add(1);
+                self.next_volume_fix_ms = now + pause;
+                tracing::warn!(
+                    epoch,
+                    attempt = self.volume_fixes,
+                    "the release's demotion has not finished; stopping and demoting again"
+                );
+                self.actions.extend([Action::StopServices, Action::Demote]);
+            }
+        }
+        if self.role == Role::Secondary && self.volume_primary && now >= self.next_volume_fix_ms {
+            // Nothing may run above a volume this node does not own, and a
+            // primary left behind blocks the peer's reconnection: stop (the
+            // runner retries a failed stop, killing a busy mount's users)
+            // and demote again until the volume reports secondary.
+            let pause = backoff_ms(VOLUME_FIX_MS_MIN, VOLUME_FIX_MS_MAX, self.volume_fixes);
+            self.volume_fixes = self.volume_fixes.saturating_add(1);
+            self.next_volume_fix_ms = now + pause;
+            tracing::warn!(
+                attempt = self.volume_fixes,
+                "the volume is primary on a node that does not run the group; stopping and demoting it"
+            );
+            self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
         }
         if self.role == Role::Secondary && self.quorum && now >= self.next_propose_ms && self.wants_grant() {
             self.next_propose_ms = now + self.cfg.repropose_ms;
@@ -1687,6 +1772,83 @@ mod tests {
         h.input(Input::PromoteRefused { epoch: 2 });
         let a = h.commit(Entry::Grant { group: G, node: B, epoch: 3, incarnation: 9 });
         assert!(a.contains(&Action::Demote), "{a:?}");
+    }
+
+    /// The effects among `a` (proposals left out).
+    fn effects(a: &[Action]) -> Vec<Action> {
+        a.iter().filter(|a| !matches!(a, Action::Propose(_))).cloned().collect()
+    }
+
+    #[test]
+    fn a_primary_volume_left_under_a_secondary_core_is_stopped_and_demoted_again_until_it_is_secondary() {
+        // Issue 23: a stop hung on held I/O, the demotion failed, and the
+        // volume stayed Primary and suspended with no way out.
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        h.now = 100;
+        let a = h.input(Input::Quorum(false));
+        assert_eq!(a, vec![Action::Freeze]);
+        let a = h.advance_to(3000);
+        assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote], "lease over");
+        // The demotion fails: the volume stays primary. Stop and demote
+        // again, 1 s after the step-down, then 1 s, 2 s, 4 s, 8 s, 8 s later.
+        let mut repeats = Vec::new();
+        while repeats.len() < 6 {
+            let next = h.f.poll_timeout().expect("a repeat is due");
+            let a = h.advance_to(next);
+            if effects(&a).contains(&Action::Demote) {
+                assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote]);
+                repeats.push(next);
+            }
+        }
+        let pauses: Vec<u64> = repeats.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(repeats[0], 3000 + VOLUME_FIX_MS_MIN);
+        assert_eq!(pauses, [1000, 2000, 4000, 8000, 8000]);
+        // Secondary at last: no more repeats.
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        let a = h.advance_to(h.now + 60_000);
+        assert!(!effects(&a).contains(&Action::Demote), "{a:?}");
+        // An admin's `replicator primary` behind clusterd's back: demoted.
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        let a = h.advance_to(h.now + VOLUME_FIX_MS_MIN);
+        assert!(effects(&a).contains(&Action::Demote), "{a:?}");
+    }
+
+    #[test]
+    fn a_release_whose_demotion_fails_stops_and_demotes_again_while_keeping_its_lease() {
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        assert!(h.f.release(h.now));
+        assert_eq!(h.actions(), [Action::StopServices, Action::Demote]);
+        // No `Demoted`: the demotion failed. The lease is renewed and the
+        // stop and demotion are repeated.
+        let start = h.now;
+        let mut repeats = 0;
+        while h.now < start + 10_000 {
+            let next = h.f.poll_timeout().expect("renewals run");
+            let a = h.advance_to(next);
+            h.commit_proposals(&a);
+            if effects(&a) == [Action::StopServices, Action::Demote] {
+                repeats += 1;
+            }
+        }
+        assert_eq!(repeats, 4, "after 1 s, 2 s, 4 s and 8 s");
+        assert!(h.f.releasing());
+        let a = h.input(Input::Demoted);
+        assert!(proposals(&a).contains(&&Entry::Release { group: G, epoch: 1 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_primary_whose_volume_is_demoted_behind_its_back_steps_down_and_asks_again() {
+        let mut h = primary_a();
+        // A report from before the promotion (older epoch) means nothing.
+        assert!(h.input(Input::VolumeRole { primary: false, epoch: 0 }).is_empty());
+        assert!(h.f.writable());
+        let a = h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote]);
+        assert!(!h.f.writable());
+        let a = h.advance_to(h.now + 1000);
+        assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
     }
 
     #[test]

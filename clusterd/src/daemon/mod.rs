@@ -78,6 +78,7 @@ struct GroupRt {
     told_connected: Option<bool>,
     told_in_sync: bool,
     told_epoch: u64,
+    told_role: Option<(bool, u64)>,
     fencing: bool,
 }
 
@@ -376,6 +377,7 @@ impl Daemon {
             told_connected: None,
             told_in_sync: false,
             told_epoch: 0,
+            told_role: None,
             fencing: false,
         });
     }
@@ -589,6 +591,13 @@ impl Daemon {
             g.told_epoch = s.epoch;
             g.fo.handle(now, Input::VolumeEpoch(s.epoch));
         }
+        // The role as the replicator holds it: a primary left behind (a
+        // failed demotion, an admin's command) is demoted again by the core.
+        let role = (s.is_primary(), s.epoch);
+        if g.told_role != Some(role) {
+            g.told_role = Some(role);
+            g.fo.handle(now, Input::VolumeRole { primary: role.0, epoch: role.1 });
+        }
         let disk = s.disk_state().unwrap_or(DiskState::Inconsistent);
         if g.told_disk != Some(disk) {
             g.told_disk = Some(disk);
@@ -710,6 +719,7 @@ impl Daemon {
                         let cfg = g.fo_config();
                         let disk = g.told_disk.unwrap_or(DiskState::Inconsistent);
                         g.fo = Failover::new(cfg, self.state.groups[usize::from(g.id.0)].clone(), disk, now);
+                        g.told_role = None;
                         g.fo.handle(now, Input::Quorum(self.quorum));
                     }
                     self.event(None, "restore", format!("cluster state restored from a snapshot at index {index}"));

@@ -29,7 +29,11 @@
 //! of the heartbeat's deadtime, and `primary --epoch` refused while it still
 //! sees a primary peer (or, with `drops_stale_peer`, dropping the link to a
 //! primary of an older epoch), or for a passing reason: a granted survivor
-//! must retry and end up serving (the liveness phase's bound).
+//! must retry and end up serving (the liveness phase's bound). Stops of the
+//! services hang now and then (up to `STOP_HANG_MS_MAX`) and the demotion
+//! behind them fails meanwhile; the shell polls the volume's role
+//! (`Input::VolumeRole`): the healed cluster must still settle, with both
+//! replicators connected, so no volume may stay primary for good.
 //!
 //! The log stand-in commits a proposal when it reaches the log while its
 //! proposer can reach a majority of the voters (itself included), and
@@ -114,7 +118,13 @@ struct Swarm {
     /// Promotions refused for a passing reason (a handshake under way)
     /// while faults run.
     promote_refuse_pct: u64,
+    /// A stop of the services hangs (a service blocked on held I/O, a busy
+    /// mount) while faults run, for up to `STOP_HANG_MS_MAX`: the demotion
+    /// behind it fails until the stop's escalation frees the volume.
+    stop_hang_pct: u64,
 }
+
+const STOP_HANG_MS_MAX: u64 = 8000;
 
 impl Swarm {
     fn pick(rng: &mut Rng) -> Swarm {
@@ -139,6 +149,7 @@ impl Swarm {
             ping_timeout_ms: [300, 600, 2000, 4000][rng.below(4) as usize],
             drops_stale_peer: rng.below(4) != 0,
             promote_refuse_pct: [0, 0, 20, 60][rng.below(4) as usize],
+            stop_hang_pct: [0, 0, 30, 100][rng.below(4) as usize],
         }
     }
 }
@@ -222,6 +233,10 @@ struct Node {
     /// The shell runs volume commands one at a time, in order: the next one
     /// completes no earlier than this.
     vol_busy_until: u64,
+    /// The services' stop hangs until then: a demotion fails before.
+    stop_hung_until: u64,
+    /// What the core was last told of the volume's role (the shell polls).
+    told_role: Option<(bool, u64)>,
     repl_reported: bool,
     /// Recent datagrams this node sent (replayed by a hostile network).
     sent: Vec<(usize, u8, [u8; DATAGRAM_BYTES])>,
@@ -315,6 +330,8 @@ impl Sim {
                 vol_epoch: 0,
                 vol_primary: None,
                 vol_busy_until: 0,
+                stop_hung_until: 0,
+                told_role: None,
                 repl_reported: false,
                 sent: Vec::new(),
             });
@@ -431,6 +448,8 @@ impl Sim {
         node.repl_reported = false;
         node.vol_primary = None;
         node.vol_busy_until = 0;
+        node.stop_hung_until = 0;
+        node.told_role = None;
         let peers = (0..NODES).filter(|m| *m != n).map(|m| NodeId(m as u8)).collect();
         node.hb = Some(Heartbeat::new(
             HeartbeatConfig {
@@ -614,7 +633,19 @@ impl Sim {
                 let inc = self.nodes[n].inc;
                 self.schedule_at(at, Event::Demoted { node: n, inc });
             }
-            Action::Freeze | Action::StopServices => {}
+            Action::StopServices => {
+                let hung = self.nodes[n].stop_hung_until > self.now;
+                if !hung
+                    && self.faults
+                    && self.nodes[n].vol_primary.is_some()
+                    && self.rng.chance(self.swarm.stop_hang_pct)
+                {
+                    let until = self.now + 1 + self.rng.below(STOP_HANG_MS_MAX);
+                    self.nodes[n].stop_hung_until = until;
+                    self.note(format!("node{n}: the services' stop hangs until {until}"));
+                }
+            }
+            Action::Freeze => {}
         }
     }
 
@@ -720,6 +751,12 @@ impl Sim {
             }
             Event::Demoted { node, inc } => {
                 if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    if self.now < self.nodes[node].stop_hung_until {
+                        // The runner reports the stop failed; the volume,
+                        // still in use, refuses to demote.
+                        self.note(format!("node{node}: demotion refused (the services' stop hangs)"));
+                        return;
+                    }
                     self.nodes[node].vol_primary = None;
                     self.input(node, Input::Demoted);
                 }
@@ -824,6 +861,14 @@ impl Sim {
     /// ping timeout after it breaks, shortly after it comes back (with an
     /// instant resync from the primary, or from the newer disk).
     fn repl_tick(&mut self) {
+        // The shell polls the volume's role.
+        for n in [A, B] {
+            let role = (self.nodes[n].vol_primary.is_some(), self.nodes[n].vol_epoch);
+            if self.nodes[n].alive && self.nodes[n].told_role != Some(role) {
+                self.nodes[n].told_role = Some(role);
+                self.input(n, Input::VolumeRole { primary: role.0, epoch: role.1 });
+            }
+        }
         let truth = self.replicating();
         if truth != self.repl_truth {
             self.repl_truth = truth;
@@ -1210,10 +1255,14 @@ fn sim_many_seeds() {
 /// stepped down without recording a release; the next owner fenced it),
 /// 105481 (issue 23's model: the simulated shell finished a demotion before
 /// the promotion issued ahead of it, leaving a primary volume under a
-/// secondary core; the executor runs volume commands in order).
+/// secondary core; the executor runs volume commands in order), 17 (with
+/// stops that hang: a planned release whose demotion failed waited for it
+/// forever, renewing its lease, the group down on both nodes).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264, 105481] {
+    for seed in
+        [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264, 105481, 17]
+    {
         run(seed);
     }
 }
