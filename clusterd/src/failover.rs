@@ -274,6 +274,11 @@ pub struct FailoverConfig {
     /// node failed.
     pub failures_max: u32,
     pub failure_window_ms: u64,
+    /// A primary whose renewals stop committing stops its services once
+    /// its lease has this little left, while I/O still flows: a service
+    /// stopped on held I/O hangs (issue 23). Below `lease_ms -
+    /// renew_interval_ms`, so a healthy primary never stops.
+    pub stop_budget_ms: u64,
 }
 
 /// The margin a node adds to a lease measured on another node's clock, when
@@ -293,6 +298,8 @@ pub enum FailoverConfigError {
     NoFailuresAllowed,
     #[error("node {0:?} cannot be its own replication peer")]
     PeerIsMe(NodeId),
+    #[error("stop_budget_ms ({stop_budget_ms}) must be below lease_ms - renew_interval_ms ({limit_ms}): a healthy primary would stop its services")]
+    StopBudgetTooLong { stop_budget_ms: u64, limit_ms: u64 },
 }
 
 impl FailoverConfig {
@@ -308,6 +315,10 @@ impl FailoverConfig {
         }
         if self.me == self.peer {
             return Err(FailoverConfigError::PeerIsMe(self.me));
+        }
+        let limit_ms = self.lease_ms - self.renew_interval_ms;
+        if self.stop_budget_ms >= limit_ms {
+            return Err(FailoverConfigError::StopBudgetTooLong { stop_budget_ms: self.stop_budget_ms, limit_ms });
         }
         Ok(())
     }
@@ -442,6 +453,8 @@ pub struct Failover {
     failures: VecDeque<u64>,
     /// A restart of the services after a resource failure waits until then.
     restart_at_ms: Option<u64>,
+    /// The services were stopped because the lease ran short.
+    services_stopped_for_lease: bool,
     /// Refusals of the current grant's promotion so far (the retry backoff).
     promote_refusals: u32,
     /// The volume was last reported primary.
@@ -487,6 +500,7 @@ impl Failover {
             services_started: false,
             failures: VecDeque::new(),
             restart_at_ms: None,
+            services_stopped_for_lease: false,
             promote_refusals: 0,
             volume_primary: false,
             next_volume_fix_ms: now_ms + VOLUME_FIX_MS_MIN,
@@ -545,19 +559,20 @@ impl Failover {
     pub fn poll_timeout(&self) -> Option<u64> {
         let never = u64::MAX;
         let role = match self.role {
-            Role::Secondary if self.volume_primary => [self.next_volume_fix_ms, never, never],
-            Role::Secondary => [never; 3],
-            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never],
-            Role::ExpectPromoted { .. } => [self.next_renew_ms, self.lease_until_ms, never],
+            Role::Secondary if self.volume_primary => [self.next_volume_fix_ms, never, never, never],
+            Role::Secondary => [never; 4],
+            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never, never],
+            Role::ExpectPromoted { .. } => [self.next_renew_ms, self.lease_until_ms, never, never],
             Role::Primary { promoted_ms, .. } => [
                 self.next_renew_ms.min(self.restart_at_ms.unwrap_or(never)),
+                self.lease_until_ms.saturating_sub(self.cfg.stop_budget_ms),
                 self.lease_until_ms,
                 self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms),
             ],
             Role::Releasing { demoted: false, .. } => {
-                [self.next_renew_ms, self.lease_until_ms, self.next_volume_fix_ms]
+                [self.next_renew_ms, self.lease_until_ms, self.next_volume_fix_ms, never]
             }
-            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never],
+            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never, never],
         };
         [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
             .into_iter()
@@ -663,6 +678,7 @@ impl Failover {
                     self.role = Role::Primary { epoch, promoted_ms: self.now_ms };
                     self.frozen = true;
                     self.services_started = false;
+                    self.services_stopped_for_lease = false;
                     self.restart_at_ms = None;
                     // Report the peer's disk at once: a lost peer must be
                     // recorded Outdated before this node may write.
@@ -912,6 +928,7 @@ impl Failover {
 
     fn step_down(&mut self) {
         self.restart_at_ms = None;
+        self.services_stopped_for_lease = false;
         // The demotion below is under way: no repeat before it had time.
         self.next_volume_fix_ms = self.next_volume_fix_ms.max(self.now_ms + VOLUME_FIX_MS_MIN);
         // A refused promotion may still have taken effect (the command
@@ -986,22 +1003,45 @@ impl Failover {
                 tracing::warn!(epoch, "lease ended without renewal; stopping and demoting");
                 self.step_down();
             } else {
+                // The lease alone bounds the writes (a lost quorum only
+                // stops the renewals): freezing on quorum loss would hold
+                // the services' I/O before they could stop (issue 23).
                 let writable = now < self.lease_until_ms
-                    && self.quorum
                     // Writes reach the peer, or the log no longer counts on it.
                     && (self.replication_connected || !peer_up_to_date)
                     && !self.state.failed.contains(&self.cfg.me);
+                // Renewals stopped committing: stop the services while the
+                // lease lets them flush; start them again (with a renewal
+                // interval of hysteresis) once renewals commit.
+                let lease_short = now + self.cfg.stop_budget_ms >= self.lease_until_ms;
+                let lease_ample = now + self.cfg.stop_budget_ms + self.cfg.renew_interval_ms < self.lease_until_ms;
+                if self.services_started && lease_short {
+                    tracing::warn!(
+                        epoch,
+                        lease_left_ms = self.lease_until_ms.saturating_sub(now),
+                        "renewals are not committing; stopping the services within the lease"
+                    );
+                    self.services_started = false;
+                    self.services_stopped_for_lease = true;
+                    self.restart_at_ms = None;
+                    self.actions.push_back(Action::StopServices);
+                }
                 if writable && self.frozen {
                     self.frozen = false;
                     self.actions.push_back(Action::Resume);
-                    if !self.services_started {
-                        self.services_started = true;
-                        self.restart_at_ms = None;
-                        self.actions.push_back(Action::StartServices);
-                    }
                 } else if !writable && !self.frozen {
                     self.frozen = true;
                     self.actions.push_back(Action::Freeze);
+                }
+                let may_start = if self.services_stopped_for_lease { lease_ample } else { !lease_short };
+                if writable && !self.services_started && may_start {
+                    if self.services_stopped_for_lease {
+                        tracing::info!(epoch, "renewals commit again; starting the services");
+                    }
+                    self.services_started = true;
+                    self.services_stopped_for_lease = false;
+                    self.restart_at_ms = None;
+                    self.actions.push_back(Action::StartServices);
                 }
                 if self.restart_at_ms.is_some_and(|at| now >= at) {
                     // A frozen primary restarts too: the services wait
@@ -1051,11 +1091,12 @@ impl Failover {
             if now >= self.lease_until_ms {
                 tracing::warn!(epoch, "lease ended during a planned release; stopping and demoting");
                 self.step_down();
-            } else if !self.frozen && (!self.quorum || (!self.replication_connected && peer_up_to_date)) {
-                // The same conditions as a primary's: writes that would not
+            } else if !self.frozen && !self.replication_connected && peer_up_to_date {
+                // The same condition as a primary's: writes that would not
                 // reach the peer the log counts on wait (never resumed: the
-                // group is being given up).
-                tracing::warn!(epoch, "quorum or replication lost during a planned release; freezing");
+                // group is being given up). Quorum loss does not freeze:
+                // the lease's end does, the stops flushing until then.
+                tracing::warn!(epoch, "replication lost during a planned release; freezing");
                 self.frozen = true;
                 self.actions.push_back(Action::Freeze);
             } else if demoted && self.quorum && now >= self.next_propose_ms {
@@ -1154,6 +1195,7 @@ mod tests {
             incarnation: 7,
             failures_max: 3,
             failure_window_ms: 10_000,
+            stop_budget_ms: 1500,
         }
     }
 
@@ -1402,10 +1444,12 @@ mod tests {
     }
 
     #[test]
-    fn a_primary_freezes_on_quorum_loss_and_on_replication_loss_until_the_peer_is_outdated() {
+    fn a_primary_freezes_on_replication_loss_until_the_peer_is_outdated_and_not_on_quorum_loss() {
         let mut h = primary_a();
-        assert_eq!(h.input(Input::Quorum(false)), vec![Action::Freeze]);
-        assert_eq!(h.input(Input::Quorum(true)), vec![Action::Resume]);
+        // The lease bounds the writes; freezing at quorum loss held the
+        // services' I/O before they could stop (issue 23).
+        assert!(h.input(Input::Quorum(false)).is_empty());
+        assert!(h.input(Input::Quorum(true)).is_empty());
         let a = h.input(Input::Replication { connected: false });
         assert_eq!(a[0], Action::Freeze);
         let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 1 };
@@ -1786,10 +1830,13 @@ mod tests {
         let mut h = primary_a();
         h.input(Input::VolumeRole { primary: true, epoch: 1 });
         h.now = 100;
-        let a = h.input(Input::Quorum(false));
-        assert_eq!(a, vec![Action::Freeze]);
+        assert!(h.input(Input::Quorum(false)).is_empty());
         let a = h.advance_to(3000);
-        assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote], "lease over");
+        assert_eq!(
+            effects(&a),
+            [Action::StopServices, Action::Freeze, Action::StopServices, Action::Demote],
+            "services stopped within the lease, then the step-down at its end"
+        );
         // The demotion fails: the volume stays primary. Stop and demote
         // again, 1 s after the step-down, then 1 s, 2 s, 4 s, 8 s, 8 s later.
         let mut repeats = Vec::new();
@@ -1812,6 +1859,44 @@ mod tests {
         h.input(Input::VolumeRole { primary: true, epoch: 1 });
         let a = h.advance_to(h.now + VOLUME_FIX_MS_MIN);
         assert!(effects(&a).contains(&Action::Demote), "{a:?}");
+    }
+
+    #[test]
+    fn a_primary_whose_renewals_stop_committing_stops_its_services_within_its_lease() {
+        // Issue 23: the cut-off primary froze I/O, then stopped its
+        // services at the lease's end; the MTA blocked on the held device,
+        // umount failed, and the volume stayed primary.
+        let mut h = primary_a();
+        // The renewal sent at 0 is the newest that commits: lease until
+        // 3000, stop budget 1500.
+        let a = h.advance_to(1499);
+        assert!(effects(&a).is_empty(), "{a:?}");
+        let a = h.advance_to(1500);
+        assert_eq!(effects(&a), [Action::StopServices], "I/O still flows");
+        assert!(h.f.writable(), "the stops flush through the volume");
+        let a = h.advance_to(2999);
+        assert!(effects(&a).is_empty(), "{a:?}");
+        let a = h.advance_to(3000);
+        assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote]);
+        assert!(!h.f.writable());
+
+        // Renewals commit again before the lease ends: the services start
+        // again, once the lease is ample (a renewal interval of hysteresis).
+        let mut h = primary_a();
+        let a = h.advance_to(1500);
+        assert_eq!(effects(&a), [Action::StopServices]);
+        let a = h.advance_to(1600);
+        h.commit_proposals(&a);
+        let mut restarted = false;
+        for t in (1700..6000).step_by(100) {
+            let a = h.advance_to(t);
+            let e = effects(&h.commit_proposals(&a));
+            assert!(!e.contains(&Action::Demote) && !e.contains(&Action::Freeze), "{e:?}");
+            if effects(&a).contains(&Action::StartServices) || e.contains(&Action::StartServices) {
+                restarted = true;
+            }
+        }
+        assert!(restarted && h.f.writable());
     }
 
     #[test]

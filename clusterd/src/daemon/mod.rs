@@ -340,6 +340,9 @@ impl Daemon {
             incarnation: self.incarnation,
             failures_max: self.cfg.failover.failures_max,
             failure_window_ms: self.cfg.failover.failure_window_ms,
+            // Half the lease: the validated lease > 2 × renew_interval keeps
+            // it below lease - renew_interval.
+            stop_budget_ms: self.cfg.failover.lease_ms / 2,
         };
         let mut ctx = group::GroupContext::new(state_dir.join("run"));
         ctx.node = Some(self.name.clone());

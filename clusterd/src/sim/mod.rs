@@ -235,6 +235,8 @@ struct Node {
     vol_busy_until: u64,
     /// The services' stop hangs until then: a demotion fails before.
     stop_hung_until: u64,
+    /// The services were started and not asked to stop since.
+    services_up: bool,
     /// What the core was last told of the volume's role (the shell polls).
     told_role: Option<(bool, u64)>,
     repl_reported: bool,
@@ -293,6 +295,7 @@ fn failover_cfg(
         incarnation,
         failures_max: 3,
         failure_window_ms: 10_000,
+        stop_budget_ms: lease_ms / 2,
     }
 }
 
@@ -331,6 +334,7 @@ impl Sim {
                 vol_primary: None,
                 vol_busy_until: 0,
                 stop_hung_until: 0,
+                services_up: false,
                 told_role: None,
                 repl_reported: false,
                 sent: Vec::new(),
@@ -449,6 +453,7 @@ impl Sim {
         node.vol_primary = None;
         node.vol_busy_until = 0;
         node.stop_hung_until = 0;
+        node.services_up = false;
         node.told_role = None;
         let peers = (0..NODES).filter(|m| *m != n).map(|m| NodeId(m as u8)).collect();
         node.hb = Some(Heartbeat::new(
@@ -614,6 +619,9 @@ impl Sim {
                 if self.nodes[n].vol_primary.is_none() {
                     self.fail(&format!("node{n} runs {action:?} on a volume that is not primary"));
                 }
+                if action == Action::StartServices {
+                    self.nodes[n].services_up = true;
+                }
             }
             Action::Fence { node: victim } => {
                 let v = victim.0 as usize;
@@ -634,6 +642,7 @@ impl Sim {
                 self.schedule_at(at, Event::Demoted { node: n, inc });
             }
             Action::StopServices => {
+                self.nodes[n].services_up = false;
                 let hung = self.nodes[n].stop_hung_until > self.now;
                 if !hung
                     && self.faults
@@ -669,6 +678,12 @@ impl Sim {
         let w = self.writable(n);
         if w && !self.nodes[n].was_writable {
             self.note(format!("node{n} WRITABLE (data {}, newest acked {})", self.nodes[n].data, self.max_acked));
+            // Issue 23: a cut-off primary stops its services within its
+            // lease, so before anyone else may write.
+            let other = [A, B].into_iter().find(|m| *m != n && self.nodes[*m].alive && self.nodes[*m].services_up);
+            if let Some(m) = other {
+                self.fail(&format!("node{n} became writable while node{m}'s services were never asked to stop"));
+            }
             if self.nodes[n].data != self.max_acked {
                 self.fail(&format!(
                     "node{n} became writable with data version {} but version {} was acknowledged",
