@@ -375,6 +375,12 @@ pub enum Input {
         primary: bool,
         epoch: u64,
     },
+    /// The services' stop failed (`stopped: false`: they may still run) or
+    /// finished. A node that does not run the group stops them again, with
+    /// the same backoff as a stray primary volume, until they stopped.
+    ServicesStopped {
+        stopped: bool,
+    },
 }
 
 /// Effects for the shell, in the order they must happen.
@@ -459,6 +465,8 @@ pub struct Failover {
     promote_refusals: u32,
     /// The volume was last reported primary.
     volume_primary: bool,
+    /// The services' last stop failed: they may still run.
+    services_stuck: bool,
     /// A stray primary volume is stopped and demoted again no earlier than
     /// this; `volume_fixes` counts the attempts (the backoff).
     next_volume_fix_ms: u64,
@@ -503,6 +511,7 @@ impl Failover {
             services_stopped_for_lease: false,
             promote_refusals: 0,
             volume_primary: false,
+            services_stuck: false,
             next_volume_fix_ms: now_ms + VOLUME_FIX_MS_MIN,
             volume_fixes: 0,
             disk_reports: 0,
@@ -559,7 +568,9 @@ impl Failover {
     pub fn poll_timeout(&self) -> Option<u64> {
         let never = u64::MAX;
         let role = match self.role {
-            Role::Secondary if self.volume_primary => [self.next_volume_fix_ms, never, never, never],
+            Role::Secondary if self.volume_primary || self.services_stuck => {
+                [self.next_volume_fix_ms, never, never, never]
+            }
             Role::Secondary => [never; 4],
             Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never, never],
             Role::ExpectPromoted { .. } => [self.next_renew_ms, self.lease_until_ms, never, never],
@@ -654,6 +665,13 @@ impl Failover {
             }
             Input::ResourceFailed => self.resource_failed(),
             Input::VolumeEpoch(e) => self.volume_epoch = e,
+            Input::ServicesStopped { stopped } => {
+                if stopped == self.services_stuck {
+                    self.volume_fixes = 0;
+                    self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
+                }
+                self.services_stuck = !stopped;
+            }
             Input::VolumeRole { primary, epoch } => {
                 self.volume_epoch = self.volume_epoch.max(epoch);
                 if primary != self.volume_primary {
@@ -882,9 +900,13 @@ impl Failover {
             Role::ExpectLeaseEndOrFence { fencing: Some(_), .. } => {
                 tracing::info!("standby: giving up the group once the running fence ends");
             }
+            // No lease yet (the grant's renewal has not committed): a
+            // step-down now would leave the grant unreleased, and the next
+            // owner would fence this node, merely in standby (sim seed
+            // 311101). Keep renewing; `update` releases once the lease
+            // holds, and never promotes meanwhile.
             Role::ExpectLeaseEndOrFence { .. } => {
-                tracing::info!("standby: giving up the group before promotion");
-                self.step_down();
+                tracing::info!("standby: giving up the group once a renewal commits");
             }
             Role::Releasing { .. } | Role::Secondary => {}
         }
@@ -970,11 +992,17 @@ impl Failover {
                 self.propose(Entry::Renew { group, epoch, seq: self.renew_seq });
             }
         }
+        if let Role::ExpectLeaseEndOrFence { fencing: None, .. } = self.role {
+            if self.state.standby.contains(&self.cfg.me) && now < self.lease_until_ms {
+                self.give_up_for_standby();
+            }
+        }
         if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, .. } = self.role {
             // Promote only while holding a lease of the new epoch: a node
             // cut off after its grant committed never promotes after a
-            // newer owner did (sim seed 44905).
-            if now >= wait_until_ms && now < self.lease_until_ms {
+            // newer owner did (sim seed 44905). A node in standby never
+            // promotes.
+            if now >= wait_until_ms && now < self.lease_until_ms && !self.state.standby.contains(&self.cfg.me) {
                 assert_eq!(self.state.owner, Some(self.cfg.me));
                 assert_eq!(self.state.epoch, epoch);
                 tracing::info!(epoch, attempt = self.promote_refusals + 1, "promoting");
@@ -1118,7 +1146,10 @@ impl Failover {
                 self.actions.extend([Action::StopServices, Action::Demote]);
             }
         }
-        if self.role == Role::Secondary && self.volume_primary && now >= self.next_volume_fix_ms {
+        if self.role == Role::Secondary
+            && (self.volume_primary || self.services_stuck)
+            && now >= self.next_volume_fix_ms
+        {
             // Nothing may run above a volume this node does not own, and a
             // primary left behind blocks the peer's reconnection: stop (the
             // runner retries a failed stop, killing a busy mount's users)
@@ -1128,7 +1159,9 @@ impl Failover {
             self.next_volume_fix_ms = now + pause;
             tracing::warn!(
                 attempt = self.volume_fixes,
-                "the volume is primary on a node that does not run the group; stopping and demoting it"
+                volume_primary = self.volume_primary,
+                services_stuck = self.services_stuck,
+                "the group is not stopped on a node that does not run it; stopping and demoting again"
             );
             self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
         }
@@ -1897,6 +1930,55 @@ mod tests {
             }
         }
         assert!(restarted && h.f.writable());
+    }
+
+    #[test]
+    fn services_whose_stop_failed_are_stopped_again_on_a_node_that_does_not_run_the_group() {
+        // Issue 23: a failed stop blocked the group for good (StopFailed
+        // until an admin's cleanup), its address possibly still up.
+        let mut h = primary_a();
+        h.now = 100;
+        let a = h.advance_to(3000);
+        assert!(effects(&a).contains(&Action::Demote), "lease over: {a:?}");
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert!(h.input(Input::ServicesStopped { stopped: false }).is_empty());
+        let mut stops = Vec::new();
+        while stops.len() < 3 {
+            let next = h.f.poll_timeout().expect("a repeat is due");
+            assert!(next < 20_000, "{stops:?}");
+            let a = h.advance_to(next);
+            if effects(&a).contains(&Action::StopServices) {
+                stops.push(next);
+            }
+        }
+        assert_eq!(stops, [3000 + VOLUME_FIX_MS_MIN, 3000 + 2 * VOLUME_FIX_MS_MIN, 3000 + 4 * VOLUME_FIX_MS_MIN]);
+        h.input(Input::ServicesStopped { stopped: true });
+        let a = h.advance_to(h.now + 60_000);
+        assert!(!effects(&a).contains(&Action::StopServices), "{a:?}");
+    }
+
+    #[test]
+    fn an_owner_put_in_standby_before_its_first_renewal_commits_records_its_release() {
+        // Sim seed 311101: B took a released group; standby for B committed
+        // right after the grant, before its renewal. B stepped down without
+        // recording a release, and A, later owner, fenced B.
+        let mut b = Harness::new(B, true);
+        b.input(Input::PeerAlive(A));
+        b.input(Input::Quorum(true));
+        b.actions();
+        b.commit(Entry::Grant { group: G, node: A, epoch: 1, incarnation: 1 });
+        b.now = 100;
+        let a = b.commit(Entry::Release { group: G, epoch: 1 });
+        let grant = Entry::Grant { group: G, node: B, epoch: 2, incarnation: 7 };
+        assert_eq!(proposals(&a), vec![&grant]);
+        let granted = b.commit(grant);
+        let a = b.commit(Entry::Standby { group: G, node: B, on: true });
+        assert!(effects(&a).is_empty(), "no step-down without a lease: {a:?}");
+        let a = b.commit_proposals(&granted);
+        assert_eq!(effects(&a), [Action::Demote], "never promoted: the release starts");
+        let a = b.input(Input::Demoted);
+        assert!(proposals(&a).contains(&&Entry::Release { group: G, epoch: 2 }), "{a:?}");
+        assert!(!b.advance_to(5000).iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum Report {
     /// A service failed for good: the failover core counts it (and moves
     /// the group when it repeats).
     ResourceFailed(GroupId),
+    /// The services stopped (`true`), or their stop failed (`false`).
+    ServicesStopped { group: GroupId, stopped: bool },
     /// Something worth an event line.
     Event { group: GroupId, kind: &'static str, message: String },
 }
@@ -40,7 +42,19 @@ pub fn spawn(
     report: mpsc::UnboundedSender<Report>,
 ) -> mpsc::UnboundedSender<Action> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(Executor { group, volume, services, report, stopping: false, queue: VecDeque::new() }.run(rx, events));
+    tokio::spawn(
+        Executor {
+            group,
+            volume,
+            services,
+            report,
+            stopping: false,
+            blocked: false,
+            stop_retried_for_start: false,
+            queue: VecDeque::new(),
+        }
+        .run(rx, events),
+    );
     tx
 }
 
@@ -51,6 +65,10 @@ struct Executor {
     report: mpsc::UnboundedSender<Report>,
     /// A stop was requested and the runner has not reported `Stopped` yet.
     stopping: bool,
+    /// The runner's last stop failed: it runs nothing until a stop is
+    /// retried. A start is preceded by one more stop attempt.
+    blocked: bool,
+    stop_retried_for_start: bool,
     queue: VecDeque<Action>,
 }
 
@@ -79,6 +97,22 @@ impl Executor {
         while let Some(action) = self.queue.front() {
             if self.stopping && !matches!(action, Action::StopServices) {
                 return;
+            }
+            if self.blocked
+                && !self.stop_retried_for_start
+                && matches!(action, Action::StartServices | Action::RestartServices)
+            {
+                // A start on a runner blocked by a failed stop would fail
+                // at once (and count as this node's failure): retry the stop
+                // first (it escalates: users killed, lazy unmount).
+                self.stop_retried_for_start = true;
+                self.stopping = true;
+                self.event("stop", "retrying the failed stop before starting".into());
+                let _ = self.services.stop().await;
+                return;
+            }
+            if matches!(action, Action::StartServices | Action::RestartServices) {
+                self.stop_retried_for_start = false;
             }
             let action = self.queue.pop_front().expect("front exists");
             self.execute(action).await;
@@ -172,7 +206,9 @@ impl Executor {
             GroupEvent::Started => self.event("started", "services started".into()),
             GroupEvent::Stopped => {
                 self.stopping = false;
+                self.blocked = false;
                 self.event("stopped", "services stopped".into());
+                let _ = self.report.send(Report::ServicesStopped { group: self.group, stopped: true });
             }
             GroupEvent::Recovered { step } => self.event("recovered", format!("{step} restarted after a failure")),
             GroupEvent::StartFailed { step, why } => {
@@ -187,8 +223,10 @@ impl Executor {
                 // The step may still run: hold the volume's I/O so nothing it
                 // writes is acknowledged, and leave the rest to the lease.
                 self.stopping = false;
-                self.event("error", format!("stop of {step} failed: {why}; volume I/O held"));
+                self.blocked = true;
+                self.event("error", format!("stop of {step} failed: {why}; volume I/O held, the stop is retried"));
                 self.freeze().await;
+                let _ = self.report.send(Report::ServicesStopped { group: self.group, stopped: false });
             }
         }
     }

@@ -644,6 +644,11 @@ impl Daemon {
                     g.fo.handle(now, Input::PromoteRefused { epoch });
                 }
             }
+            Report::ServicesStopped { group, stopped } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.fo.handle(now, Input::ServicesStopped { stopped });
+                }
+            }
             Report::ResourceFailed(id) => {
                 if let Some(g) = self.groups.iter_mut().find(|g| g.id == id) {
                     g.fo.handle(now, Input::ResourceFailed);

@@ -186,6 +186,12 @@ enum Event {
         node: usize,
         inc: u64,
     },
+    /// The runner reports the services' stop (after `Action::StopServices`):
+    /// failed while the stop hangs.
+    StopDone {
+        node: usize,
+        inc: u64,
+    },
     /// The replicator answers `primary --epoch` (after `Action::Promote`).
     PromoteDone {
         node: usize,
@@ -653,6 +659,11 @@ impl Sim {
                     self.nodes[n].stop_hung_until = until;
                     self.note(format!("node{n}: the services' stop hangs until {until}"));
                 }
+                // A hanging stop is reported failed at its timeout.
+                let timeout = if self.nodes[n].stop_hung_until > self.now { 1000 } else { 0 };
+                let d = self.delay() + timeout;
+                let inc = self.nodes[n].inc;
+                self.schedule(d, Event::StopDone { node: n, inc });
             }
             Action::Freeze => {}
         }
@@ -774,6 +785,12 @@ impl Sim {
                     }
                     self.nodes[node].vol_primary = None;
                     self.input(node, Input::Demoted);
+                }
+            }
+            Event::StopDone { node, inc } => {
+                if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    let stopped = self.now >= self.nodes[node].stop_hung_until;
+                    self.input(node, Input::ServicesStopped { stopped });
                 }
             }
             Event::PromoteDone { node, inc, epoch } => {
@@ -1272,12 +1289,15 @@ fn sim_many_seeds() {
 /// the promotion issued ahead of it, leaving a primary volume under a
 /// secondary core; the executor runs volume commands in order), 17 (with
 /// stops that hang: a planned release whose demotion failed waited for it
-/// forever, renewing its lease, the group down on both nodes).
+/// forever, renewing its lease, the group down on both nodes), 311101 (a
+/// node put in standby right after its grant, before its first renewal
+/// committed, stepped down without recording a release; the next owner
+/// fenced it).
 #[test]
 fn sim_regression_seeds() {
-    for seed in
-        [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264, 105481, 17]
-    {
+    for seed in [
+        5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264, 105481, 17, 311101,
+    ] {
         run(seed);
     }
 }
