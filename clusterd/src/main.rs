@@ -375,7 +375,13 @@ fn render_status(s: &StatusReport) -> String {
         if !g.standby.is_empty() {
             let _ = writeln!(out, "    standby: {}", g.standby.join(", "));
         }
-        let _ = writeln!(out, "    here: {}{}", g.local_role, if g.writable { ", writable" } else { "" });
+        let _ = writeln!(
+            out,
+            "    here: {}{}{}",
+            g.local_role,
+            if g.writable { ", writable" } else { "" },
+            g.volume.as_ref().map(|v| format!("; volume {v}")).unwrap_or_default()
+        );
         for r in &g.resources {
             let _ = writeln!(
                 out,

@@ -939,6 +939,7 @@ impl Daemon {
                     failed: st.failed.iter().map(|n| self.node_name(*n)).collect(),
                     standby: st.standby.iter().map(|n| self.node_name(*n)).collect(),
                     local_role,
+                    volume: rt.and_then(|g| g.volume.as_ref()).map(|v| v.describe()),
                     writable: rt.is_some_and(|g| g.fo.writable()),
                     resources: Vec::new(),
                 }
