@@ -303,6 +303,24 @@ impl Cluster {
         (!out.is_empty()).then_some(out)
     }
 
+    /// A host death as the other hosts see one (issue 23): the host's link
+    /// goes down, then every process on it is killed, so no FIN or RST
+    /// reaches its peers and they notice only by their own timeouts (the
+    /// heartbeat's deadtime, the replicator's ping timeout, TCP
+    /// retransmissions). `kill_host` is the other case: processes killed
+    /// with the link up, so the peers see their connections close at once.
+    /// `revive_link` brings the link back before the host is restarted.
+    pub fn host_death(&mut self, i: usize) -> Result<()> {
+        self.pair.net.host(i).set_link(false)?;
+        self.kill_host(i);
+        Ok(())
+    }
+
+    /// The link of a host that died with `host_death` comes back.
+    pub fn revive_link(&self, i: usize) -> Result<()> {
+        self.pair.net.host(i).set_link(true)
+    }
+
     /// kill -9 of everything on host `i` (its daemons, the service, …).
     pub fn kill_host(&mut self, i: usize) {
         let ns = self.pair.net.host(i).ns.clone();
