@@ -449,6 +449,11 @@ impl Daemon {
                 progress = true;
                 match ev {
                     HeartbeatEvent::PeerAlive(n) => {
+                        // Back after being dead (a reboot): the log's
+                        // connection to it may be a dead one; dial again.
+                        if self.alive.get(&n) == Some(&false) {
+                            self.raft.redial(n);
+                        }
                         self.alive.insert(n, true);
                         self.event(None, "node-up", format!("{} is alive", self.node_name(n)));
                         self.tell_groups(Input::PeerAlive(n));
