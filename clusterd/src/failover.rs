@@ -467,6 +467,9 @@ pub struct Failover {
     volume_primary: bool,
     /// The services' last stop failed: they may still run.
     services_stuck: bool,
+    /// The daemon is shutting down (SIGTERM): it gives the group up and
+    /// never asks for it again.
+    draining: bool,
     /// A stray primary volume is stopped and demoted again no earlier than
     /// this; `volume_fixes` counts the attempts (the backoff).
     next_volume_fix_ms: u64,
@@ -512,6 +515,7 @@ impl Failover {
             promote_refusals: 0,
             volume_primary: false,
             services_stuck: false,
+            draining: false,
             next_volume_fix_ms: now_ms + VOLUME_FIX_MS_MIN,
             volume_fixes: 0,
             disk_reports: 0,
@@ -627,6 +631,24 @@ impl Failover {
         self.actions.extend([Action::StopServices, Action::Demote]);
     }
 
+    /// The daemon stops (SIGTERM): give the group up in order, as for
+    /// standby (services stopped, volume demoted, the release recorded even
+    /// when the peer cannot take the group), and never ask for it again.
+    /// Leaving it running would let the lease lapse under services that
+    /// still write.
+    pub fn drain(&mut self, now_ms: u64) {
+        self.tick(now_ms);
+        self.draining = true;
+        self.give_up_for_standby();
+        self.update();
+    }
+
+    /// Whether this node holds nothing of the group any more (for a drain:
+    /// not owning it, its volume and services stopped as far as known).
+    pub fn drained(&self) -> bool {
+        self.role == Role::Secondary && !self.volume_primary && !self.services_stuck
+    }
+
     /// Whether a planned release is in progress here.
     pub fn releasing(&self) -> bool {
         matches!(self.role, Role::Releasing { .. })
@@ -734,7 +756,7 @@ impl Failover {
                         self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: None };
                         // Put in standby while the fence ran: give the
                         // group up now, before `update` could promote.
-                        if self.state.standby.contains(&self.cfg.me) {
+                        if self.draining || self.state.standby.contains(&self.cfg.me) {
                             self.give_up_for_standby();
                         }
                     }
@@ -993,7 +1015,7 @@ impl Failover {
             }
         }
         if let Role::ExpectLeaseEndOrFence { fencing: None, .. } = self.role {
-            if self.state.standby.contains(&self.cfg.me) && now < self.lease_until_ms {
+            if (self.draining || self.state.standby.contains(&self.cfg.me)) && now < self.lease_until_ms {
                 self.give_up_for_standby();
             }
         }
@@ -1002,7 +1024,11 @@ impl Failover {
             // cut off after its grant committed never promotes after a
             // newer owner did (sim seed 44905). A node in standby never
             // promotes.
-            if now >= wait_until_ms && now < self.lease_until_ms && !self.state.standby.contains(&self.cfg.me) {
+            if now >= wait_until_ms
+                && now < self.lease_until_ms
+                && !self.draining
+                && !self.state.standby.contains(&self.cfg.me)
+            {
                 assert_eq!(self.state.owner, Some(self.cfg.me));
                 assert_eq!(self.state.epoch, epoch);
                 tracing::info!(epoch, attempt = self.promote_refusals + 1, "promoting");
@@ -1183,6 +1209,9 @@ impl Failover {
 
     fn wants_grant(&self) -> bool {
         let me = self.cfg.me;
+        if self.draining {
+            return false;
+        }
         if !self.state.may_grant(me) || self.local_disk == DiskState::Inconsistent {
             return false;
         }
@@ -1979,6 +2008,28 @@ mod tests {
         let a = b.input(Input::Demoted);
         assert!(proposals(&a).contains(&&Entry::Release { group: G, epoch: 2 }), "{a:?}");
         assert!(!b.advance_to(5000).iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
+    }
+
+    #[test]
+    fn a_drained_primary_hands_the_group_over_in_order_and_never_asks_for_it_again() {
+        // Issue 23, point 10: SIGTERM left the services running while the
+        // lease lapsed.
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        h.commit(Entry::MarkFailed { group: G, node: B });
+        h.f.drain(h.now);
+        assert_eq!(h.actions(), [Action::StopServices, Action::Demote], "in order, even with nobody to take it");
+        assert!(!h.f.drained());
+        let a = h.input(Input::Demoted);
+        let release = Entry::Release { group: G, epoch: 1 };
+        assert!(proposals(&a).contains(&&release), "{a:?}");
+        let a = h.commit(release);
+        assert!(proposals(&a).is_empty(), "{a:?}");
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert!(h.f.drained());
+        // The peer cannot take it, yet a draining node does not ask back.
+        let a = h.advance_to(h.now + 10_000);
+        assert!(!proposals(&a).iter().any(|e| matches!(e, Entry::Grant { .. })), "{a:?}");
     }
 
     #[test]

@@ -303,6 +303,19 @@ impl Cluster {
         (!out.is_empty()).then_some(out)
     }
 
+    /// SIGTERM to clusterd on host `i`; waits (bounded) until it exited.
+    pub fn terminate(&mut self, i: usize) -> Result<()> {
+        let Some(d) = self.daemons[i].as_mut() else { bail!("clusterd on {} is not running", NAMES[i]) };
+        let pid = d.child.id().to_string();
+        let out = run(&mut cmd("kill", ["-TERM", &pid]))?;
+        if !out.success() {
+            bail!("kill -TERM {pid}: {}", out.describe());
+        }
+        wait_until(Duration::from_secs(60), "clusterd to exit after SIGTERM", || !d.is_running())?;
+        self.daemons[i] = None;
+        Ok(())
+    }
+
     /// A host death as the other hosts see one (issue 23): the host's link
     /// goes down, then every process on it is killed, so no FIN or RST
     /// reaches its peers and they notice only by their own timeouts (the

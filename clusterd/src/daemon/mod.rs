@@ -45,6 +45,9 @@ use executor::Report;
 const COMPACT_EVERY: u64 = 2000;
 /// How often each group's volume state is read.
 const VOLUME_POLL_MS: u64 = 200;
+/// SIGTERM: how long the daemon waits for its groups to be handed over (a
+/// second SIGTERM exits at once).
+const DRAIN_MS_MAX: u64 = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -280,9 +283,22 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Io { what: "installing the SIGTERM handler".into(), source })?;
     let mut log_open = true;
+    let mut drain_deadline: Option<Instant> = None;
     loop {
         daemon.flush();
-        let wake = daemon.next_timeout();
+        if let Some(deadline) = drain_deadline {
+            let drained = daemon.groups.iter().all(|g| g.fo.drained());
+            if drained || Instant::now() >= deadline {
+                let how = if drained { "groups handed over" } else { "drain timed out; groups left as they are" };
+                daemon.event(None, "stop", format!("SIGTERM: {how}; exiting"));
+                daemon.raft.clone().shutdown().await;
+                return Ok(());
+            }
+        }
+        let mut wake = daemon.next_timeout();
+        if drain_deadline.is_some() {
+            wake = wake.min(Instant::now() + Duration::from_millis(VOLUME_POLL_MS));
+        }
         tokio::select! {
             Some(d) = dgram_rx.recv() => {
                 let now = daemon.now_ms();
@@ -303,10 +319,20 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             Some((req, reply)) = admin_rx.recv() => daemon.admin(req, reply),
             _ = tokio::time::sleep_until(wake.into()) => daemon.timeout(),
             _ = term.recv() => {
-                daemon.event(None, "stop", "SIGTERM: leaving the services as they are".into());
-                tracing::info!("SIGTERM: exiting (services and volume stay as they are; the lease lapses)");
-                daemon.raft.clone().shutdown().await;
-                return Ok(());
+                if drain_deadline.is_some() {
+                    daemon.event(None, "stop", "second SIGTERM: exiting without waiting for the drain".into());
+                    daemon.raft.clone().shutdown().await;
+                    return Ok(());
+                }
+                // Hand the groups over in order, as for standby: leaving
+                // them running would let the lease lapse under services
+                // that still write.
+                daemon.event(None, "stop", "SIGTERM: handing the groups over before exiting".into());
+                drain_deadline = Some(Instant::now() + Duration::from_millis(DRAIN_MS_MAX));
+                let now = daemon.now_ms();
+                for g in &mut daemon.groups {
+                    g.fo.drain(now);
+                }
             }
         }
     }
