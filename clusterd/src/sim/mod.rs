@@ -245,6 +245,8 @@ struct Node {
     services_up: bool,
     /// What the core was last told of the volume's role (the shell polls).
     told_role: Option<(bool, u64)>,
+    /// SIGTERM: the node drains since then and exits once drained.
+    draining_since: Option<u64>,
     repl_reported: bool,
     /// Recent datagrams this node sent (replayed by a hostile network).
     sent: Vec<(usize, u8, [u8; DATAGRAM_BYTES])>,
@@ -342,6 +344,7 @@ impl Sim {
                 stop_hung_until: 0,
                 services_up: false,
                 told_role: None,
+                draining_since: None,
                 repl_reported: false,
                 sent: Vec::new(),
             });
@@ -461,6 +464,7 @@ impl Sim {
         node.stop_hung_until = 0;
         node.services_up = false;
         node.told_role = None;
+        node.draining_since = None;
         let peers = (0..NODES).filter(|m| *m != n).map(|m| NodeId(m as u8)).collect();
         node.hb = Some(Heartbeat::new(
             HeartbeatConfig {
@@ -822,6 +826,7 @@ impl Sim {
                 if self.faults {
                     self.inject_faults();
                 }
+                self.exit_drained();
                 self.schedule(FAULT_TICK_MS, Event::FaultTick);
             }
             Event::WriteTick => {
@@ -1078,6 +1083,20 @@ impl Sim {
                 self.schedule(d, Event::Propose { from, inc, entry });
             }
         }
+        // The admin stops clusterd on a storage node (SIGTERM): it drains,
+        // then exits and is started again.
+        if self.rng.chance(self.swarm.admin_pct) {
+            let n = self.rng.below(2) as usize;
+            if self.nodes[n].alive && self.nodes[n].draining_since.is_none() {
+                self.note(format!("admin: SIGTERM to node{n}'s clusterd"));
+                self.nodes[n].draining_since = Some(self.now);
+                let local = self.local(n, self.now);
+                if let Some(fo) = self.nodes[n].fo.as_mut() {
+                    fo.drain(local);
+                }
+                self.drive(n);
+            }
+        }
         // The admin runs cleanup now and then.
         if self.rng.chance(2) {
             let failed: Vec<NodeId> = self.checker.failed.iter().copied().collect();
@@ -1089,6 +1108,20 @@ impl Sim {
                     }
                     self.drive(n);
                 }
+            }
+        }
+    }
+
+    /// A draining node exits once drained, or at the daemon's bound (the
+    /// test's 10 s), and is started again a while later.
+    fn exit_drained(&mut self) {
+        for n in [A, B] {
+            let Some(since) = self.nodes[n].draining_since else { continue };
+            let drained = self.nodes[n].fo.as_ref().is_some_and(|f| f.drained());
+            if self.nodes[n].alive && (drained || self.now >= since + 10_000) {
+                self.crash(n, if drained { "exited after its drain" } else { "exited: drain timed out" });
+                let d = 500 + self.rng.below(2500);
+                self.schedule(d, Event::Restart { node: n });
             }
         }
     }
