@@ -91,6 +91,11 @@ pub struct GroupReport {
     pub standby: Vec<String>,
     /// What this node does with the group: Primary, Secondary, …
     pub local_role: String,
+    /// The volume as the replicator holds it here, e.g. "Primary+suspended,
+    /// StandAlone, epoch 4" (None: not read yet, or the replicator does
+    /// not answer); it can differ from `local_role` (issue 23).
+    #[serde(default)]
+    pub volume: Option<String>,
     pub writable: bool,
     pub resources: Vec<ResourceReport>,
 }

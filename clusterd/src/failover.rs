@@ -40,6 +40,35 @@ use crate::NodeId;
 /// forgotten; their commit would grant a lease already over anyway).
 const RENEWALS_INFLIGHT_MAX: usize = 64;
 
+/// A promotion the volume refused (its replicator still sees the old
+/// primary, a handshake runs) is retried after this pause, doubled at each
+/// refusal up to `PROMOTE_RETRY_MS_MAX`, for as long as the grant holds.
+pub const PROMOTE_RETRY_MS_MIN: u64 = 200;
+pub const PROMOTE_RETRY_MS_MAX: u64 = 2_000;
+
+/// The services are restarted after a resource failure only after this
+/// pause, doubled at each failure within the window up to
+/// `RESTART_BACKOFF_MS_MAX`: a service that fails at once does not use up
+/// `failures_max` in milliseconds.
+pub const RESTART_BACKOFF_MS_MIN: u64 = 1_000;
+pub const RESTART_BACKOFF_MS_MAX: u64 = 8_000;
+
+/// A volume found primary under a core that does not run the group (a
+/// demotion that failed, a stop that hung, an admin's `replicator primary`)
+/// is stopped and demoted again after this pause, doubled at each attempt
+/// up to `VOLUME_FIX_MS_MAX`: there is always a way out of a stuck stop.
+pub const VOLUME_FIX_MS_MIN: u64 = 1_000;
+pub const VOLUME_FIX_MS_MAX: u64 = 8_000;
+
+const _: () = assert!(VOLUME_FIX_MS_MIN > 0 && VOLUME_FIX_MS_MIN <= VOLUME_FIX_MS_MAX);
+const _: () = assert!(PROMOTE_RETRY_MS_MIN > 0 && PROMOTE_RETRY_MS_MIN <= PROMOTE_RETRY_MS_MAX);
+const _: () = assert!(RESTART_BACKOFF_MS_MIN > 0 && RESTART_BACKOFF_MS_MIN <= RESTART_BACKOFF_MS_MAX);
+
+/// `min` doubled `n` times, capped at `max`.
+fn backoff_ms(min: u64, max: u64, n: u32) -> u64 {
+    min.saturating_mul(1u64 << n.min(20)).min(max)
+}
+
 /// A resource group (volume + services that move together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct GroupId(pub u16);
@@ -245,6 +274,11 @@ pub struct FailoverConfig {
     /// node failed.
     pub failures_max: u32,
     pub failure_window_ms: u64,
+    /// A primary whose renewals stop committing stops its services once
+    /// its lease has this little left, while I/O still flows: a service
+    /// stopped on held I/O hangs (issue 23). Below `lease_ms -
+    /// renew_interval_ms`, so a healthy primary never stops.
+    pub stop_budget_ms: u64,
 }
 
 /// The margin a node adds to a lease measured on another node's clock, when
@@ -264,6 +298,8 @@ pub enum FailoverConfigError {
     NoFailuresAllowed,
     #[error("node {0:?} cannot be its own replication peer")]
     PeerIsMe(NodeId),
+    #[error("stop_budget_ms ({stop_budget_ms}) must be below lease_ms - renew_interval_ms ({limit_ms}): a healthy primary would stop its services")]
+    StopBudgetTooLong { stop_budget_ms: u64, limit_ms: u64 },
 }
 
 impl FailoverConfig {
@@ -279,6 +315,10 @@ impl FailoverConfig {
         }
         if self.me == self.peer {
             return Err(FailoverConfigError::PeerIsMe(self.me));
+        }
+        let limit_ms = self.lease_ms - self.renew_interval_ms;
+        if self.stop_budget_ms >= limit_ms {
+            return Err(FailoverConfigError::StopBudgetTooLong { stop_budget_ms: self.stop_budget_ms, limit_ms });
         }
         Ok(())
     }
@@ -313,15 +353,43 @@ pub enum Input {
     /// The shell finished an `Action::Demote` (needed by a planned release,
     /// which proposes `Entry::Release` only once the volume is secondary).
     Demoted,
+    /// The volume is primary with `epoch` (the answer to `Action::Promote`).
+    Promoted {
+        epoch: u64,
+    },
+    /// The volume refused `Action::Promote { epoch }` (its replicator still
+    /// sees the old primary connected, a handshake runs, the command timed
+    /// out): nothing above it may start. Retried with a backoff while the
+    /// grant holds; not a resource failure.
+    PromoteRefused {
+        epoch: u64,
+    },
     /// The newest primary epoch this node's volume has seen.
     VolumeEpoch(u64),
+    /// The volume's role as the replicator reports it (polled), with the
+    /// newest epoch it saw. A primary volume under a core that does not run
+    /// the group is stopped and demoted again (with a backoff) until it is
+    /// secondary; a primary core whose volume went secondary at its epoch or
+    /// later (an admin's `replicator secondary`) steps down.
+    VolumeRole {
+        primary: bool,
+        epoch: u64,
+    },
+    /// The services' stop failed (`stopped: false`: they may still run) or
+    /// finished. A node that does not run the group stops them again, with
+    /// the same backoff as a stray primary volume, until they stopped.
+    ServicesStopped {
+        stopped: bool,
+    },
 }
 
 /// Effects for the shell, in the order they must happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Propose(Entry),
-    /// `replicator primary RES --epoch N` (I/O stays frozen until `Resume`).
+    /// `replicator primary RES --epoch N`, answered with `Input::Promoted`
+    /// or `Input::PromoteRefused`; nothing starts above the volume before
+    /// `Promoted`.
     Promote {
         epoch: u64,
     },
@@ -347,6 +415,12 @@ enum Role {
         epoch: u64,
         wait_until_ms: u64,
         fencing: Option<NodeId>,
+    },
+    /// `Action::Promote { epoch }` was issued: waiting for the volume's
+    /// answer. The volume may already be primary (so a step-down demotes),
+    /// but nothing runs above it.
+    ExpectPromoted {
+        epoch: u64,
     },
     /// Promoted with `epoch`; writes while `frozen` is false.
     Primary {
@@ -383,6 +457,23 @@ pub struct Failover {
     frozen: bool,
     services_started: bool,
     failures: VecDeque<u64>,
+    /// A restart of the services after a resource failure waits until then.
+    restart_at_ms: Option<u64>,
+    /// The services were stopped because the lease ran short.
+    services_stopped_for_lease: bool,
+    /// Refusals of the current grant's promotion so far (the retry backoff).
+    promote_refusals: u32,
+    /// The volume was last reported primary.
+    volume_primary: bool,
+    /// The services' last stop failed: they may still run.
+    services_stuck: bool,
+    /// The daemon is shutting down (SIGTERM): it gives the group up and
+    /// never asks for it again.
+    draining: bool,
+    /// A stray primary volume is stopped and demoted again no earlier than
+    /// this; `volume_fixes` counts the attempts (the backoff).
+    next_volume_fix_ms: u64,
+    volume_fixes: u32,
     /// Numbers this node's disk reports; the newest UpToDate report about
     /// the peer not yet superseded by a committed Outdated one (0: none).
     disk_reports: u64,
@@ -419,6 +510,14 @@ impl Failover {
             frozen: true,
             services_started: false,
             failures: VecDeque::new(),
+            restart_at_ms: None,
+            services_stopped_for_lease: false,
+            promote_refusals: 0,
+            volume_primary: false,
+            services_stuck: false,
+            draining: false,
+            next_volume_fix_ms: now_ms + VOLUME_FIX_MS_MIN,
+            volume_fixes: 0,
             disk_reports: 0,
             up_to_date_claim: 0,
             proposed_grant: None,
@@ -450,6 +549,16 @@ impl Failover {
         }
     }
 
+    /// A promotion was issued and its answer is awaited.
+    pub fn promoting(&self) -> bool {
+        matches!(self.role, Role::ExpectPromoted { .. })
+    }
+
+    /// How many times the volume refused the current grant's promotion.
+    pub fn promote_refusals(&self) -> u32 {
+        self.promote_refusals
+    }
+
     pub fn replication_connected(&self) -> bool {
         self.replication_connected
     }
@@ -463,12 +572,22 @@ impl Failover {
     pub fn poll_timeout(&self) -> Option<u64> {
         let never = u64::MAX;
         let role = match self.role {
-            Role::Secondary => [never; 3],
-            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never],
-            Role::Primary { promoted_ms, .. } => {
-                [self.next_renew_ms, self.lease_until_ms, self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms)]
+            Role::Secondary if self.volume_primary || self.services_stuck => {
+                [self.next_volume_fix_ms, never, never, never]
             }
-            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never],
+            Role::Secondary => [never; 4],
+            Role::ExpectLeaseEndOrFence { wait_until_ms, .. } => [wait_until_ms, self.next_renew_ms, never, never],
+            Role::ExpectPromoted { .. } => [self.next_renew_ms, self.lease_until_ms, never, never],
+            Role::Primary { promoted_ms, .. } => [
+                self.next_renew_ms.min(self.restart_at_ms.unwrap_or(never)),
+                self.lease_until_ms.saturating_sub(self.cfg.stop_budget_ms),
+                self.lease_until_ms,
+                self.lease_until_ms.max(promoted_ms + self.cfg.lease_ms),
+            ],
+            Role::Releasing { demoted: false, .. } => {
+                [self.next_renew_ms, self.lease_until_ms, self.next_volume_fix_ms, never]
+            }
+            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never, never],
         };
         [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
             .into_iter()
@@ -506,8 +625,28 @@ impl Failover {
     fn stop_and_demote_for_release(&mut self, epoch: u64) {
         // I/O stays as it is: stopping the services flushes through it.
         self.role = Role::Releasing { epoch, demoted: false };
+        self.volume_fixes = 0;
+        self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
         self.services_started = false;
         self.actions.extend([Action::StopServices, Action::Demote]);
+    }
+
+    /// The daemon stops (SIGTERM): give the group up in order, as for
+    /// standby (services stopped, volume demoted, the release recorded even
+    /// when the peer cannot take the group), and never ask for it again.
+    /// Leaving it running would let the lease lapse under services that
+    /// still write.
+    pub fn drain(&mut self, now_ms: u64) {
+        self.tick(now_ms);
+        self.draining = true;
+        self.give_up_for_standby();
+        self.update();
+    }
+
+    /// Whether this node holds nothing of the group any more (for a drain:
+    /// not owning it, its volume and services stopped as far as known).
+    pub fn drained(&self) -> bool {
+        self.role == Role::Secondary && !self.volume_primary && !self.services_stuck
     }
 
     /// Whether a planned release is in progress here.
@@ -548,6 +687,60 @@ impl Failover {
             }
             Input::ResourceFailed => self.resource_failed(),
             Input::VolumeEpoch(e) => self.volume_epoch = e,
+            Input::ServicesStopped { stopped } => {
+                if stopped == self.services_stuck {
+                    self.volume_fixes = 0;
+                    self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
+                }
+                self.services_stuck = !stopped;
+            }
+            Input::VolumeRole { primary, epoch } => {
+                self.volume_epoch = self.volume_epoch.max(epoch);
+                if primary != self.volume_primary {
+                    self.volume_primary = primary;
+                    self.volume_fixes = 0;
+                    // Give the shell's own demotion (queued behind a stop)
+                    // time before the first repeat.
+                    self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
+                }
+                if let Role::Primary { epoch: mine, .. } = self.role {
+                    // Demoted at this epoch or later: not a report from
+                    // before this node's own promotion.
+                    if !primary && epoch >= mine {
+                        tracing::warn!(epoch = mine, "the volume was demoted behind clusterd's back; stepping down");
+                        self.step_down();
+                    }
+                }
+            }
+            Input::Promoted { epoch } => {
+                if self.role == (Role::ExpectPromoted { epoch }) {
+                    tracing::info!(epoch, refusals = self.promote_refusals, "volume promoted");
+                    self.role = Role::Primary { epoch, promoted_ms: self.now_ms };
+                    self.frozen = true;
+                    self.services_started = false;
+                    self.services_stopped_for_lease = false;
+                    self.restart_at_ms = None;
+                    // Report the peer's disk at once: a lost peer must be
+                    // recorded Outdated before this node may write.
+                    self.next_propose_ms = self.now_ms;
+                }
+            }
+            Input::PromoteRefused { epoch } => {
+                if self.role == (Role::ExpectPromoted { epoch }) {
+                    let pause = backoff_ms(PROMOTE_RETRY_MS_MIN, PROMOTE_RETRY_MS_MAX, self.promote_refusals);
+                    self.promote_refusals = self.promote_refusals.saturating_add(1);
+                    tracing::warn!(
+                        epoch,
+                        refusals = self.promote_refusals,
+                        retry_in_ms = pause,
+                        "promotion refused; retrying while the grant holds"
+                    );
+                    // Back to waiting: promoted again only while the lease
+                    // of this epoch holds, so never after a newer owner.
+                    self.role =
+                        Role::ExpectLeaseEndOrFence { epoch, wait_until_ms: self.now_ms + pause, fencing: None };
+                }
+            }
             Input::Demoted => {
                 if let Role::Releasing { epoch, demoted: false } = self.role {
                     self.role = Role::Releasing { epoch, demoted: true };
@@ -563,7 +756,7 @@ impl Failover {
                         self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing: None };
                         // Put in standby while the fence ran: give the
                         // group up now, before `update` could promote.
-                        if self.state.standby.contains(&self.cfg.me) {
+                        if self.draining || self.state.standby.contains(&self.cfg.me) {
                             self.give_up_for_standby();
                         }
                     }
@@ -624,6 +817,7 @@ impl Failover {
                         self.actions.push_back(Action::Fence { node: victim });
                     }
                     self.role = Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, fencing };
+                    self.promote_refusals = 0;
                     self.renewals_inflight.clear();
                     self.lease_until_ms = 0;
                     self.next_renew_ms = self.now_ms;
@@ -661,6 +855,7 @@ impl Failover {
                 if let Role::Releasing { .. } = self.role {
                     tracing::info!("release recorded; the peer may take the group");
                     self.role = Role::Secondary;
+                    self.next_volume_fix_ms = self.next_volume_fix_ms.max(self.now_ms + VOLUME_FIX_MS_MIN);
                     self.renewals_inflight.clear();
                     self.lease_until_ms = 0;
                     self.up_to_date_claim = 0;
@@ -694,6 +889,19 @@ impl Failover {
                 tracing::info!(epoch, "standby: stopping services and demoting");
                 self.stop_and_demote_for_release(epoch);
             }
+            // The volume may be promoted already but runs nothing: demote
+            // it (after the promotion, in the shell's order) and record the
+            // release while the lease holds; at the lease's end `update`
+            // steps down instead.
+            Role::ExpectPromoted { epoch } => {
+                tracing::info!(epoch, "standby: giving up the group while its promotion runs");
+                self.frozen = true;
+                self.services_started = false;
+                self.role = Role::Releasing { epoch, demoted: false };
+                self.volume_fixes = 0;
+                self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
+                self.actions.push_back(Action::Demote);
+            }
             // Granted but never promoted: confirm the volume is secondary,
             // then record the release while the lease is ours. Not while a
             // fence is running: the next owner could be the node it is
@@ -703,6 +911,8 @@ impl Failover {
                 self.frozen = true;
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
+                self.volume_fixes = 0;
+                self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
                 self.actions.push_back(Action::Demote);
             }
             // A fence is running: stepping down now would leave the grant
@@ -712,9 +922,13 @@ impl Failover {
             Role::ExpectLeaseEndOrFence { fencing: Some(_), .. } => {
                 tracing::info!("standby: giving up the group once the running fence ends");
             }
+            // No lease yet (the grant's renewal has not committed): a
+            // step-down now would leave the grant unreleased, and the next
+            // owner would fence this node, merely in standby (sim seed
+            // 311101). Keep renewing; `update` releases once the lease
+            // holds, and never promotes meanwhile.
             Role::ExpectLeaseEndOrFence { .. } => {
-                tracing::info!("standby: giving up the group before promotion");
-                self.step_down();
+                tracing::info!("standby: giving up the group once a renewal commits");
             }
             Role::Releasing { .. } | Role::Secondary => {}
         }
@@ -723,9 +937,10 @@ impl Failover {
     fn owned_epoch(&self) -> Option<u64> {
         match self.role {
             Role::Secondary => None,
-            Role::ExpectLeaseEndOrFence { epoch, .. } | Role::Primary { epoch, .. } | Role::Releasing { epoch, .. } => {
-                Some(epoch)
-            }
+            Role::ExpectLeaseEndOrFence { epoch, .. }
+            | Role::ExpectPromoted { epoch }
+            | Role::Primary { epoch, .. }
+            | Role::Releasing { epoch, .. } => Some(epoch),
         }
     }
 
@@ -740,13 +955,36 @@ impl Failover {
             tracing::warn!(failures = self.failures.len(), "too many resource failures; marking this node failed");
             self.actions.push_back(Action::Propose(Entry::MarkFailed { group: self.cfg.group, node: self.cfg.me }));
             self.failures.clear();
+            self.restart_at_ms = None;
+        } else if self.restart_at_ms.is_none() {
+            // Failures close together (a service that fails at once) are
+            // one failure until the restart: they must not use up
+            // `failures_max` before the restart could even have helped.
+            let n = self.failures.len().saturating_sub(1) as u32;
+            let pause = backoff_ms(RESTART_BACKOFF_MS_MIN, RESTART_BACKOFF_MS_MAX, n);
+            tracing::info!(failures = self.failures.len(), restart_in_ms = pause, "resource failure; restarting later");
+            self.restart_at_ms = Some(self.now_ms + pause);
         } else {
-            self.actions.push_back(Action::RestartServices);
+            // Already waiting to restart: the same failure reported again.
+            self.failures.pop_back();
         }
     }
 
     fn step_down(&mut self) {
-        if matches!(self.role, Role::Primary { .. } | Role::Releasing { demoted: false, .. }) {
+        self.restart_at_ms = None;
+        self.services_stopped_for_lease = false;
+        // The demotion below is under way: no repeat before it had time.
+        self.next_volume_fix_ms = self.next_volume_fix_ms.max(self.now_ms + VOLUME_FIX_MS_MIN);
+        // A refused promotion may still have taken effect (the command
+        // timed out, its answer was lost): demote as after a promotion;
+        // demoting a secondary is a no-op.
+        let refused_before = matches!(self.role, Role::ExpectLeaseEndOrFence { .. }) && self.promote_refusals > 0;
+        if refused_before
+            || matches!(
+                self.role,
+                Role::ExpectPromoted { .. } | Role::Primary { .. } | Role::Releasing { demoted: false, .. }
+            )
+        {
             self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
         }
         self.frozen = true;
@@ -776,21 +1014,35 @@ impl Failover {
                 self.propose(Entry::Renew { group, epoch, seq: self.renew_seq });
             }
         }
+        if let Role::ExpectLeaseEndOrFence { fencing: None, .. } = self.role {
+            if (self.draining || self.state.standby.contains(&self.cfg.me)) && now < self.lease_until_ms {
+                self.give_up_for_standby();
+            }
+        }
         if let Role::ExpectLeaseEndOrFence { epoch, wait_until_ms, .. } = self.role {
             // Promote only while holding a lease of the new epoch: a node
             // cut off after its grant committed never promotes after a
-            // newer owner did (sim seed 44905).
-            if now >= wait_until_ms && now < self.lease_until_ms {
+            // newer owner did (sim seed 44905). A node in standby never
+            // promotes.
+            if now >= wait_until_ms
+                && now < self.lease_until_ms
+                && !self.draining
+                && !self.state.standby.contains(&self.cfg.me)
+            {
                 assert_eq!(self.state.owner, Some(self.cfg.me));
                 assert_eq!(self.state.epoch, epoch);
-                tracing::info!(epoch, "promoting");
+                tracing::info!(epoch, attempt = self.promote_refusals + 1, "promoting");
                 self.actions.push_back(Action::Promote { epoch });
-                self.role = Role::Primary { epoch, promoted_ms: now };
+                self.role = Role::ExpectPromoted { epoch };
                 self.frozen = true;
-                // Report the peer's disk at once (not after the grant's
-                // re-proposal pause): a lost peer must be recorded Outdated
-                // before this node may write.
-                self.next_propose_ms = now;
+            }
+        }
+        if let Role::ExpectPromoted { epoch } = self.role {
+            // The answer is late: the volume may be primary, the lease is
+            // over; demote it (queued after the promotion in the shell).
+            if now >= self.lease_until_ms {
+                tracing::warn!(epoch, "lease ended while the promotion ran; demoting");
+                self.step_down();
             }
         }
         if let Role::Primary { epoch, promoted_ms } = self.role {
@@ -805,21 +1057,53 @@ impl Failover {
                 tracing::warn!(epoch, "lease ended without renewal; stopping and demoting");
                 self.step_down();
             } else {
+                // The lease alone bounds the writes (a lost quorum only
+                // stops the renewals): freezing on quorum loss would hold
+                // the services' I/O before they could stop (issue 23).
                 let writable = now < self.lease_until_ms
-                    && self.quorum
                     // Writes reach the peer, or the log no longer counts on it.
                     && (self.replication_connected || !peer_up_to_date)
                     && !self.state.failed.contains(&self.cfg.me);
+                // Renewals stopped committing: stop the services while the
+                // lease lets them flush; start them again (with a renewal
+                // interval of hysteresis) once renewals commit.
+                let lease_short = now + self.cfg.stop_budget_ms >= self.lease_until_ms;
+                let lease_ample = now + self.cfg.stop_budget_ms + self.cfg.renew_interval_ms < self.lease_until_ms;
+                if self.services_started && lease_short {
+                    tracing::warn!(
+                        epoch,
+                        lease_left_ms = self.lease_until_ms.saturating_sub(now),
+                        "renewals are not committing; stopping the services within the lease"
+                    );
+                    self.services_started = false;
+                    self.services_stopped_for_lease = true;
+                    self.restart_at_ms = None;
+                    self.actions.push_back(Action::StopServices);
+                }
                 if writable && self.frozen {
                     self.frozen = false;
                     self.actions.push_back(Action::Resume);
-                    if !self.services_started {
-                        self.services_started = true;
-                        self.actions.push_back(Action::StartServices);
-                    }
                 } else if !writable && !self.frozen {
                     self.frozen = true;
                     self.actions.push_back(Action::Freeze);
+                }
+                let may_start = if self.services_stopped_for_lease { lease_ample } else { !lease_short };
+                if writable && !self.services_started && may_start {
+                    if self.services_stopped_for_lease {
+                        tracing::info!(epoch, "renewals commit again; starting the services");
+                    }
+                    self.services_started = true;
+                    self.services_stopped_for_lease = false;
+                    self.restart_at_ms = None;
+                    self.actions.push_back(Action::StartServices);
+                }
+                if self.restart_at_ms.is_some_and(|at| now >= at) {
+                    // A frozen primary restarts too: the services wait
+                    // for I/O as they would have after the failure.
+                    self.restart_at_ms = None;
+                    if self.services_started {
+                        self.actions.push_back(Action::RestartServices);
+                    }
                 }
                 if self.cfg.failback
                     && self.cfg.peer_preferred
@@ -861,17 +1145,51 @@ impl Failover {
             if now >= self.lease_until_ms {
                 tracing::warn!(epoch, "lease ended during a planned release; stopping and demoting");
                 self.step_down();
-            } else if !self.frozen && (!self.quorum || (!self.replication_connected && peer_up_to_date)) {
-                // The same conditions as a primary's: writes that would not
+            } else if !self.frozen && !self.replication_connected && peer_up_to_date {
+                // The same condition as a primary's: writes that would not
                 // reach the peer the log counts on wait (never resumed: the
-                // group is being given up).
-                tracing::warn!(epoch, "quorum or replication lost during a planned release; freezing");
+                // group is being given up). Quorum loss does not freeze:
+                // the lease's end does, the stops flushing until then.
+                tracing::warn!(epoch, "replication lost during a planned release; freezing");
                 self.frozen = true;
                 self.actions.push_back(Action::Freeze);
             } else if demoted && self.quorum && now >= self.next_propose_ms {
                 self.next_propose_ms = now + self.cfg.repropose_ms;
                 self.propose(Entry::Release { group, epoch });
             }
+            if !demoted && now >= self.next_volume_fix_ms {
+                // The demotion failed (a stop that hung, a volume still in
+                // use): stop again (the runner retries a failed stop) and
+                // demote again, while the lease is kept.
+                let pause = backoff_ms(VOLUME_FIX_MS_MIN, VOLUME_FIX_MS_MAX, self.volume_fixes);
+                self.volume_fixes = self.volume_fixes.saturating_add(1);
+                self.next_volume_fix_ms = now + pause;
+                tracing::warn!(
+                    epoch,
+                    attempt = self.volume_fixes,
+                    "the release's demotion has not finished; stopping and demoting again"
+                );
+                self.actions.extend([Action::StopServices, Action::Demote]);
+            }
+        }
+        if self.role == Role::Secondary
+            && (self.volume_primary || self.services_stuck)
+            && now >= self.next_volume_fix_ms
+        {
+            // Nothing may run above a volume this node does not own, and a
+            // primary left behind blocks the peer's reconnection: stop (the
+            // runner retries a failed stop, killing a busy mount's users)
+            // and demote again until the volume reports secondary.
+            let pause = backoff_ms(VOLUME_FIX_MS_MIN, VOLUME_FIX_MS_MAX, self.volume_fixes);
+            self.volume_fixes = self.volume_fixes.saturating_add(1);
+            self.next_volume_fix_ms = now + pause;
+            tracing::warn!(
+                attempt = self.volume_fixes,
+                volume_primary = self.volume_primary,
+                services_stuck = self.services_stuck,
+                "the group is not stopped on a node that does not run it; stopping and demoting again"
+            );
+            self.actions.extend([Action::Freeze, Action::StopServices, Action::Demote]);
         }
         if self.role == Role::Secondary && self.quorum && now >= self.next_propose_ms && self.wants_grant() {
             self.next_propose_ms = now + self.cfg.repropose_ms;
@@ -891,6 +1209,9 @@ impl Failover {
 
     fn wants_grant(&self) -> bool {
         let me = self.cfg.me;
+        if self.draining {
+            return false;
+        }
         if !self.state.may_grant(me) || self.local_disk == DiskState::Inconsistent {
             return false;
         }
@@ -936,12 +1257,15 @@ mod tests {
             incarnation: 7,
             failures_max: 3,
             failure_window_ms: 10_000,
+            stop_budget_ms: 1500,
         }
     }
 
     struct Harness {
         f: Failover,
         now: u64,
+        /// The volume accepts every promotion at once (a healthy shell).
+        auto_promote: bool,
     }
 
     impl Harness {
@@ -951,13 +1275,25 @@ mod tests {
             let mut h = Harness {
                 f: Failover::new(c, GroupState::new(G, &[A, B], DiskState::UpToDate), DiskState::UpToDate, 0),
                 now: 0,
+                auto_promote: true,
             };
             assert_eq!(h.actions(), vec![Action::Freeze, Action::StopServices, Action::Demote]);
             h
         }
 
         fn actions(&mut self) -> Vec<Action> {
-            std::iter::from_fn(|| self.f.poll_action()).collect()
+            let mut out: Vec<Action> = std::iter::from_fn(|| self.f.poll_action()).collect();
+            if self.auto_promote {
+                let promoted: Vec<u64> = out
+                    .iter()
+                    .filter_map(|a| if let Action::Promote { epoch } = a { Some(*epoch) } else { None })
+                    .collect();
+                for epoch in promoted {
+                    self.f.handle(self.now, Input::Promoted { epoch });
+                    out.extend(std::iter::from_fn(|| self.f.poll_action()));
+                }
+            }
+            out
         }
 
         fn input(&mut self, i: Input) -> Vec<Action> {
@@ -1170,10 +1506,12 @@ mod tests {
     }
 
     #[test]
-    fn a_primary_freezes_on_quorum_loss_and_on_replication_loss_until_the_peer_is_outdated() {
+    fn a_primary_freezes_on_replication_loss_until_the_peer_is_outdated_and_not_on_quorum_loss() {
         let mut h = primary_a();
-        assert_eq!(h.input(Input::Quorum(false)), vec![Action::Freeze]);
-        assert_eq!(h.input(Input::Quorum(true)), vec![Action::Resume]);
+        // The lease bounds the writes; freezing at quorum loss held the
+        // services' I/O before they could stop (issue 23).
+        assert!(h.input(Input::Quorum(false)).is_empty());
+        assert!(h.input(Input::Quorum(true)).is_empty());
         let a = h.input(Input::Replication { connected: false });
         assert_eq!(a[0], Action::Freeze);
         let outdate = Entry::Disk { group: G, epoch: 1, node: B, state: DiskState::Outdated, report: 1 };
@@ -1196,16 +1534,34 @@ mod tests {
         assert!(h.f.writable());
     }
 
+    /// Advances with a healthy log until the services restart; the time.
+    fn until_restart(h: &mut Harness, limit: u64) -> u64 {
+        while let Some(next) = h.f.poll_timeout().filter(|n| *n <= limit) {
+            let a = h.advance_to(next);
+            h.commit_proposals(&a);
+            if a.contains(&Action::RestartServices) {
+                return next;
+            }
+        }
+        panic!("no restart by {limit}");
+    }
+
     #[test]
     fn repeated_resource_failures_mark_the_node_failed_and_it_steps_down() {
         let mut h = primary_a();
         h.now = 10;
-        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        assert!(h.input(Input::ResourceFailed).is_empty(), "the restart waits");
+        assert_eq!(until_restart(&mut h, 5000), 10 + RESTART_BACKOFF_MS_MIN);
         // Failures outside the window are forgotten.
         h.advance_committing(20_000);
         assert!(h.f.writable());
-        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
-        assert_eq!(h.input(Input::ResourceFailed), vec![Action::RestartServices]);
+        assert!(h.input(Input::ResourceFailed).is_empty());
+        // Failures reported again before the restart are the same failure.
+        assert!(h.input(Input::ResourceFailed).is_empty());
+        assert_eq!(until_restart(&mut h, 25_000), 20_000 + RESTART_BACKOFF_MS_MIN);
+        let t = h.now;
+        assert!(h.input(Input::ResourceFailed).is_empty());
+        assert_eq!(until_restart(&mut h, 30_000), t + 2 * RESTART_BACKOFF_MS_MIN, "the second pause is longer");
         let a = h.input(Input::ResourceFailed);
         let failed = Entry::MarkFailed { group: G, node: A };
         assert_eq!(proposals(&a), vec![&failed]);
@@ -1436,6 +1792,281 @@ mod tests {
         h.input(Input::PeerAlive(B));
         h.advance_committing(3000);
         assert!(h.f.writable() && !h.f.releasing(), "the peer never reported in sync");
+    }
+
+    /// A after B's death, its promotion to epoch 2 issued (B's lease
+    /// waited out) and its answer not given yet.
+    fn a_promoting_after_b_died() -> Harness {
+        let mut h = a_with_b_owner(false);
+        h.auto_promote = false;
+        h.now = 1000;
+        h.input(Input::PeerDead(B));
+        h.advance_to(1100);
+        let a = h.commit(Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 });
+        h.commit_proposals(&a);
+        let mut promoted = false;
+        while !promoted {
+            let next = h.f.poll_timeout().expect("a timer runs");
+            let a = h.advance_to(next);
+            promoted = a.contains(&Action::Promote { epoch: 2 });
+            h.commit_proposals(&a);
+            assert!(h.now < 5000, "no promotion");
+        }
+        assert!(h.f.promoting());
+        h
+    }
+
+    fn starts_something(a: &[Action]) -> bool {
+        a.iter().any(|a| matches!(a, Action::Resume | Action::StartServices | Action::RestartServices))
+    }
+
+    #[test]
+    fn a_refused_promotion_starts_nothing_and_is_retried_with_backoff_while_the_grant_holds() {
+        // Issue 23: the replicator still saw B connected and primary (its
+        // ping timeout is longer than the heartbeat's deadtime) and refused;
+        // clusterd started the services anyway and marked A failed.
+        let mut h = a_promoting_after_b_died();
+        let mut attempts_ms = vec![h.now];
+        while attempts_ms.len() < 12 {
+            let a = h.input(Input::PromoteRefused { epoch: 2 });
+            assert!(!starts_something(&a) && !h.f.writable(), "{a:?}");
+            assert!(!proposals(&a).iter().any(|e| matches!(e, Entry::MarkFailed { .. })), "{a:?}");
+            // Renewals go on (the grant holds) until the retry.
+            loop {
+                let next = h.f.poll_timeout().expect("a timer runs");
+                let a = h.advance_to(next);
+                assert!(!starts_something(&a), "{a:?}");
+                assert!(!proposals(&a).iter().any(|e| matches!(e, Entry::MarkFailed { .. } | Entry::Grant { .. })));
+                h.commit_proposals(&a);
+                if a.contains(&Action::Promote { epoch: 2 }) {
+                    attempts_ms.push(h.now);
+                    break;
+                }
+            }
+        }
+        let pauses: Vec<u64> = attempts_ms.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(pauses[..4], [200, 400, 800, 1600], "{pauses:?}");
+        assert!(pauses[4..].iter().all(|p| *p == PROMOTE_RETRY_MS_MAX), "{pauses:?}");
+        assert_eq!(h.f.promote_refusals(), 11);
+        assert_eq!(h.f.state().failed.len(), 0);
+        // The volume takes it at last: now the services start, once B's
+        // disk is recorded Outdated.
+        let a = h.input(Input::Promoted { epoch: 2 });
+        assert!(!starts_something(&a), "B not yet recorded Outdated: {a:?}");
+        let a = h.commit_proposals(&a);
+        assert_eq!(a, vec![Action::Resume, Action::StartServices]);
+        assert!(h.f.writable());
+    }
+
+    #[test]
+    fn a_promotion_still_unanswered_at_the_lease_end_is_undone() {
+        let mut h = a_promoting_after_b_died();
+        // Cut off: no renewal commits any more.
+        let a = h.advance_to(h.now + 10_000);
+        let effects: Vec<&Action> = a.iter().filter(|a| !matches!(a, Action::Propose(_))).collect();
+        assert_eq!(effects, [&Action::Freeze, &Action::StopServices, &Action::Demote], "queued after the promotion");
+        // Its late answer changes nothing.
+        assert!(h.input(Input::Promoted { epoch: 2 }).is_empty());
+        assert!(!h.f.writable() && h.f.promoted_epoch().is_none());
+    }
+
+    #[test]
+    fn a_node_whose_promotion_was_refused_demotes_when_it_loses_the_grant() {
+        // The refusal may have been wrong (a timed-out command that took
+        // effect): losing the group demotes the volume anyway.
+        let mut h = a_promoting_after_b_died();
+        h.input(Input::PromoteRefused { epoch: 2 });
+        let a = h.commit(Entry::Grant { group: G, node: B, epoch: 3, incarnation: 9 });
+        assert!(a.contains(&Action::Demote), "{a:?}");
+    }
+
+    /// The effects among `a` (proposals left out).
+    fn effects(a: &[Action]) -> Vec<Action> {
+        a.iter().filter(|a| !matches!(a, Action::Propose(_))).cloned().collect()
+    }
+
+    #[test]
+    fn a_primary_volume_left_under_a_secondary_core_is_stopped_and_demoted_again_until_it_is_secondary() {
+        // Issue 23: a stop hung on held I/O, the demotion failed, and the
+        // volume stayed Primary and suspended with no way out.
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        h.now = 100;
+        assert!(h.input(Input::Quorum(false)).is_empty());
+        let a = h.advance_to(3000);
+        assert_eq!(
+            effects(&a),
+            [Action::StopServices, Action::Freeze, Action::StopServices, Action::Demote],
+            "services stopped within the lease, then the step-down at its end"
+        );
+        // The demotion fails: the volume stays primary. Stop and demote
+        // again, 1 s after the step-down, then 1 s, 2 s, 4 s, 8 s, 8 s later.
+        let mut repeats = Vec::new();
+        while repeats.len() < 6 {
+            let next = h.f.poll_timeout().expect("a repeat is due");
+            let a = h.advance_to(next);
+            if effects(&a).contains(&Action::Demote) {
+                assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote]);
+                repeats.push(next);
+            }
+        }
+        let pauses: Vec<u64> = repeats.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(repeats[0], 3000 + VOLUME_FIX_MS_MIN);
+        assert_eq!(pauses, [1000, 2000, 4000, 8000, 8000]);
+        // Secondary at last: no more repeats.
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        let a = h.advance_to(h.now + 60_000);
+        assert!(!effects(&a).contains(&Action::Demote), "{a:?}");
+        // An admin's `replicator primary` behind clusterd's back: demoted.
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        let a = h.advance_to(h.now + VOLUME_FIX_MS_MIN);
+        assert!(effects(&a).contains(&Action::Demote), "{a:?}");
+    }
+
+    #[test]
+    fn a_primary_whose_renewals_stop_committing_stops_its_services_within_its_lease() {
+        // Issue 23: the cut-off primary froze I/O, then stopped its
+        // services at the lease's end; the MTA blocked on the held device,
+        // umount failed, and the volume stayed primary.
+        let mut h = primary_a();
+        // The renewal sent at 0 is the newest that commits: lease until
+        // 3000, stop budget 1500.
+        let a = h.advance_to(1499);
+        assert!(effects(&a).is_empty(), "{a:?}");
+        let a = h.advance_to(1500);
+        assert_eq!(effects(&a), [Action::StopServices], "I/O still flows");
+        assert!(h.f.writable(), "the stops flush through the volume");
+        let a = h.advance_to(2999);
+        assert!(effects(&a).is_empty(), "{a:?}");
+        let a = h.advance_to(3000);
+        assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote]);
+        assert!(!h.f.writable());
+
+        // Renewals commit again before the lease ends: the services start
+        // again, once the lease is ample (a renewal interval of hysteresis).
+        let mut h = primary_a();
+        let a = h.advance_to(1500);
+        assert_eq!(effects(&a), [Action::StopServices]);
+        let a = h.advance_to(1600);
+        h.commit_proposals(&a);
+        let mut restarted = false;
+        for t in (1700..6000).step_by(100) {
+            let a = h.advance_to(t);
+            let e = effects(&h.commit_proposals(&a));
+            assert!(!e.contains(&Action::Demote) && !e.contains(&Action::Freeze), "{e:?}");
+            if effects(&a).contains(&Action::StartServices) || e.contains(&Action::StartServices) {
+                restarted = true;
+            }
+        }
+        assert!(restarted && h.f.writable());
+    }
+
+    #[test]
+    fn services_whose_stop_failed_are_stopped_again_on_a_node_that_does_not_run_the_group() {
+        // Issue 23: a failed stop blocked the group for good (StopFailed
+        // until an admin's cleanup), its address possibly still up.
+        let mut h = primary_a();
+        h.now = 100;
+        let a = h.advance_to(3000);
+        assert!(effects(&a).contains(&Action::Demote), "lease over: {a:?}");
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert!(h.input(Input::ServicesStopped { stopped: false }).is_empty());
+        let mut stops = Vec::new();
+        while stops.len() < 3 {
+            let next = h.f.poll_timeout().expect("a repeat is due");
+            assert!(next < 20_000, "{stops:?}");
+            let a = h.advance_to(next);
+            if effects(&a).contains(&Action::StopServices) {
+                stops.push(next);
+            }
+        }
+        assert_eq!(stops, [3000 + VOLUME_FIX_MS_MIN, 3000 + 2 * VOLUME_FIX_MS_MIN, 3000 + 4 * VOLUME_FIX_MS_MIN]);
+        h.input(Input::ServicesStopped { stopped: true });
+        let a = h.advance_to(h.now + 60_000);
+        assert!(!effects(&a).contains(&Action::StopServices), "{a:?}");
+    }
+
+    #[test]
+    fn an_owner_put_in_standby_before_its_first_renewal_commits_records_its_release() {
+        // Sim seed 311101: B took a released group; standby for B committed
+        // right after the grant, before its renewal. B stepped down without
+        // recording a release, and A, later owner, fenced B.
+        let mut b = Harness::new(B, true);
+        b.input(Input::PeerAlive(A));
+        b.input(Input::Quorum(true));
+        b.actions();
+        b.commit(Entry::Grant { group: G, node: A, epoch: 1, incarnation: 1 });
+        b.now = 100;
+        let a = b.commit(Entry::Release { group: G, epoch: 1 });
+        let grant = Entry::Grant { group: G, node: B, epoch: 2, incarnation: 7 };
+        assert_eq!(proposals(&a), vec![&grant]);
+        let granted = b.commit(grant);
+        let a = b.commit(Entry::Standby { group: G, node: B, on: true });
+        assert!(effects(&a).is_empty(), "no step-down without a lease: {a:?}");
+        let a = b.commit_proposals(&granted);
+        assert_eq!(effects(&a), [Action::Demote], "never promoted: the release starts");
+        let a = b.input(Input::Demoted);
+        assert!(proposals(&a).contains(&&Entry::Release { group: G, epoch: 2 }), "{a:?}");
+        assert!(!b.advance_to(5000).iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
+    }
+
+    #[test]
+    fn a_drained_primary_hands_the_group_over_in_order_and_never_asks_for_it_again() {
+        // Issue 23, point 10: SIGTERM left the services running while the
+        // lease lapsed.
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        h.commit(Entry::MarkFailed { group: G, node: B });
+        h.f.drain(h.now);
+        assert_eq!(h.actions(), [Action::StopServices, Action::Demote], "in order, even with nobody to take it");
+        assert!(!h.f.drained());
+        let a = h.input(Input::Demoted);
+        let release = Entry::Release { group: G, epoch: 1 };
+        assert!(proposals(&a).contains(&&release), "{a:?}");
+        let a = h.commit(release);
+        assert!(proposals(&a).is_empty(), "{a:?}");
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert!(h.f.drained());
+        // The peer cannot take it, yet a draining node does not ask back.
+        let a = h.advance_to(h.now + 10_000);
+        assert!(!proposals(&a).iter().any(|e| matches!(e, Entry::Grant { .. })), "{a:?}");
+    }
+
+    #[test]
+    fn a_release_whose_demotion_fails_stops_and_demotes_again_while_keeping_its_lease() {
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        assert!(h.f.release(h.now));
+        assert_eq!(h.actions(), [Action::StopServices, Action::Demote]);
+        // No `Demoted`: the demotion failed. The lease is renewed and the
+        // stop and demotion are repeated.
+        let start = h.now;
+        let mut repeats = 0;
+        while h.now < start + 10_000 {
+            let next = h.f.poll_timeout().expect("renewals run");
+            let a = h.advance_to(next);
+            h.commit_proposals(&a);
+            if effects(&a) == [Action::StopServices, Action::Demote] {
+                repeats += 1;
+            }
+        }
+        assert_eq!(repeats, 4, "after 1 s, 2 s, 4 s and 8 s");
+        assert!(h.f.releasing());
+        let a = h.input(Input::Demoted);
+        assert!(proposals(&a).contains(&&Entry::Release { group: G, epoch: 1 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_primary_whose_volume_is_demoted_behind_its_back_steps_down_and_asks_again() {
+        let mut h = primary_a();
+        // A report from before the promotion (older epoch) means nothing.
+        assert!(h.input(Input::VolumeRole { primary: false, epoch: 0 }).is_empty());
+        assert!(h.f.writable());
+        let a = h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert_eq!(effects(&a), [Action::Freeze, Action::StopServices, Action::Demote]);
+        assert!(!h.f.writable());
+        let a = h.advance_to(h.now + 1000);
+        assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
     }
 
     #[test]

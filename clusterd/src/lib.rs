@@ -8,6 +8,8 @@
 //! - `heartbeat`: authenticated heartbeats over several paths, peer liveness;
 //! - `failover`: the safety core (grants, epochs, leases, fencing decisions);
 //! - `fence`: the fence-agents interface (stdin arguments, exit codes, levels);
+//! - `preflight`: `check-config`'s checks of the files the configuration
+//!   names on this host, and of each group's replicator resource file;
 //! - `raft_log`: the replicated cluster log (Raft over mutual TLS, state on
 //!   local disk) that carries `failover`'s entries;
 //! - `sim` (tests only): thousands of seeded schedules over the real cores.
@@ -21,6 +23,7 @@ pub mod fence;
 pub mod fuzz;
 pub mod group;
 pub mod heartbeat;
+pub mod preflight;
 pub mod raft_log;
 
 #[cfg(test)]

@@ -211,7 +211,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::CheckConfig => {
             let cfg = load(&cli)?;
             let node = node_name(&cli)?;
-            println!("{}: valid; mode {:?}", cli.config.display(), cfg.mode());
+            println!("{}: the file is valid; mode {:?}", cli.config.display(), cfg.mode());
             for n in &cfg.nodes {
                 println!(
                     "  node {:<12} {:<8} raft {}  heartbeat {:?}{}",
@@ -227,6 +227,24 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let steps: Vec<&str> = spec.steps.iter().map(|s| s.name.as_str()).collect();
                 println!("  group {}: volume {} -> {}", g.name, g.volume, steps.join(" -> "));
             }
+            // What the file names on this host: keys, certificates, agents,
+            // the replicator resource files (and their settings).
+            let report = clusterd::preflight::check_host(&cfg, &cli.config, Some(&node));
+            for n in &report.notes {
+                println!("  {n}");
+            }
+            if !report.problems.is_empty() {
+                for p in &report.problems {
+                    eprintln!("clusterd: {p}");
+                }
+                return Err(UsageError(format!(
+                    "{} problem(s) on this host; {} is not ready to run",
+                    report.problems.len(),
+                    cli.config.display()
+                ))
+                .into());
+            }
+            println!("{}: ready on this host", cli.config.display());
             Ok(())
         }
         Cmd::Status { json } => {
@@ -357,7 +375,13 @@ fn render_status(s: &StatusReport) -> String {
         if !g.standby.is_empty() {
             let _ = writeln!(out, "    standby: {}", g.standby.join(", "));
         }
-        let _ = writeln!(out, "    here: {}{}", g.local_role, if g.writable { ", writable" } else { "" });
+        let _ = writeln!(
+            out,
+            "    here: {}{}{}",
+            g.local_role,
+            if g.writable { ", writable" } else { "" },
+            g.volume.as_ref().map(|v| format!("; volume {v}")).unwrap_or_default()
+        );
         for r in &g.resources {
             let _ = writeln!(
                 out,

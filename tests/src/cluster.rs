@@ -303,6 +303,37 @@ impl Cluster {
         (!out.is_empty()).then_some(out)
     }
 
+    /// SIGTERM to clusterd on host `i`; waits (bounded) until it exited.
+    pub fn terminate(&mut self, i: usize) -> Result<()> {
+        let Some(d) = self.daemons[i].as_mut() else { bail!("clusterd on {} is not running", NAMES[i]) };
+        let pid = d.child.id().to_string();
+        let out = run(&mut cmd("kill", ["-TERM", &pid]))?;
+        if !out.success() {
+            bail!("kill -TERM {pid}: {}", out.describe());
+        }
+        wait_until(Duration::from_secs(60), "clusterd to exit after SIGTERM", || !d.is_running())?;
+        self.daemons[i] = None;
+        Ok(())
+    }
+
+    /// A host death as the other hosts see one (issue 23): the host's link
+    /// goes down, then every process on it is killed, so no FIN or RST
+    /// reaches its peers and they notice only by their own timeouts (the
+    /// heartbeat's deadtime, the replicator's ping timeout, TCP
+    /// retransmissions). `kill_host` is the other case: processes killed
+    /// with the link up, so the peers see their connections close at once.
+    /// `revive_link` brings the link back before the host is restarted.
+    pub fn host_death(&mut self, i: usize) -> Result<()> {
+        self.pair.net.host(i).set_link(false)?;
+        self.kill_host(i);
+        Ok(())
+    }
+
+    /// The link of a host that died with `host_death` comes back.
+    pub fn revive_link(&self, i: usize) -> Result<()> {
+        self.pair.net.host(i).set_link(true)
+    }
+
     /// kill -9 of everything on host `i` (its daemons, the service, …).
     pub fn kill_host(&mut self, i: usize) {
         let ns = self.pair.net.host(i).ns.clone();

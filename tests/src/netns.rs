@@ -129,4 +129,10 @@ impl Host {
     pub fn heal(&self, other: &Host) -> Result<()> {
         self.iptables("-D", other.ip)
     }
+
+    /// Sets this host's only link (`eth0`) down or up: down, nothing it
+    /// sends leaves and nothing reaches it, as when a machine loses power.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        ip(&["-n", &self.ns, "link", "set", "eth0", if up { "up" } else { "down" }])
+    }
 }

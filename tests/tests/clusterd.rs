@@ -96,6 +96,52 @@ fn kill_9_of_the_primary_host_moves_the_service_to_the_survivor() {
     assert!(s["groups"][0]["epoch"].as_u64().unwrap() >= 2, "{s}");
 }
 
+/// Issue 23: a host death as it really looks (link down, every process
+/// killed at once, no FIN or RST): the survivor's replicator still sees the
+/// dead primary until its own ping timeout, so its first promotion may be
+/// refused; clusterd retries it instead of starting the services on a
+/// secondary volume and marking the only survivor failed.
+#[test]
+fn a_host_death_without_a_connection_close_moves_the_service_to_the_survivor() {
+    let Some((_dir, mut c)) = default_setup("cl-death") else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    let q = 1 - p;
+    let t0 = Instant::now();
+    c.host_death(p).unwrap();
+    if let Err(e) = c.wait_running_on(q, Duration::from_secs(30)) {
+        panic!("no failover after a host death: {e}\n{}", c.describe());
+    }
+    eprintln!("failover after a host death: {:?}", t0.elapsed());
+    let s = c.status(q).unwrap();
+    assert_eq!(s["groups"][0]["owner"], NAMES[q]);
+    assert_eq!(s["groups"][0]["failed"].as_array().map(Vec::len), Some(0), "the survivor is not failed: {s}");
+}
+
+/// Issue 23, point 10: SIGTERM on the primary's clusterd hands the group
+/// over in order (as standby does) instead of leaving the services running
+/// while the lease lapses.
+#[test]
+fn sigterm_hands_the_group_over_before_clusterd_exits() {
+    let Some((_dir, mut c)) = default_setup("cl-term") else { return };
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    let q = 1 - p;
+    c.wait_group_on(p, Duration::from_secs(30)).unwrap();
+    let t0 = Instant::now();
+    c.terminate(p).unwrap();
+    if let Err(e) = c.wait_running_on(q, Duration::from_secs(30)) {
+        panic!("the group did not move after SIGTERM: {e}\n{}", c.describe());
+    }
+    eprintln!("hand-over after SIGTERM: {:?}", t0.elapsed());
+    let s = c.status(q).unwrap();
+    assert_eq!(s["groups"][0]["owner"], NAMES[q]);
+    // The old primary's volume was demoted before clusterd exited.
+    let out = c.pair.admin(p, &["status", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["state"]["role"], "Secondary", "{v}");
+}
+
 #[test]
 fn a_primary_cut_from_both_stops_writing_before_the_peer_starts() {
     let Some((_dir, mut c)) = default_setup("cl-cut") else { return };

@@ -19,9 +19,17 @@ use crate::group::{GroupEvent, GroupHandle, Volume};
 pub enum Report {
     /// The volume is secondary after a `Demote`.
     Demoted(GroupId),
-    /// A service failed for good, or the volume refused a promotion: the
-    /// failover core counts it (and moves the group when it repeats).
+    /// The volume is primary with `epoch` after a `Promote`.
+    Promoted { group: GroupId, epoch: u64 },
+    /// The volume refused the `Promote` (the core retries while its grant
+    /// holds; not a resource failure). Actions queued behind it were
+    /// dropped: nothing starts above a volume that is not primary.
+    PromoteRefused { group: GroupId, epoch: u64 },
+    /// A service failed for good: the failover core counts it (and moves
+    /// the group when it repeats).
     ResourceFailed(GroupId),
+    /// The services stopped (`true`), or their stop failed (`false`).
+    ServicesStopped { group: GroupId, stopped: bool },
     /// Something worth an event line.
     Event { group: GroupId, kind: &'static str, message: String },
 }
@@ -34,7 +42,19 @@ pub fn spawn(
     report: mpsc::UnboundedSender<Report>,
 ) -> mpsc::UnboundedSender<Action> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(Executor { group, volume, services, report, stopping: false, queue: VecDeque::new() }.run(rx, events));
+    tokio::spawn(
+        Executor {
+            group,
+            volume,
+            services,
+            report,
+            stopping: false,
+            blocked: false,
+            stop_retried_for_start: false,
+            queue: VecDeque::new(),
+        }
+        .run(rx, events),
+    );
     tx
 }
 
@@ -45,6 +65,10 @@ struct Executor {
     report: mpsc::UnboundedSender<Report>,
     /// A stop was requested and the runner has not reported `Stopped` yet.
     stopping: bool,
+    /// The runner's last stop failed: it runs nothing until a stop is
+    /// retried. A start is preceded by one more stop attempt.
+    blocked: bool,
+    stop_retried_for_start: bool,
     queue: VecDeque<Action>,
 }
 
@@ -74,6 +98,22 @@ impl Executor {
             if self.stopping && !matches!(action, Action::StopServices) {
                 return;
             }
+            if self.blocked
+                && !self.stop_retried_for_start
+                && matches!(action, Action::StartServices | Action::RestartServices)
+            {
+                // A start on a runner blocked by a failed stop would fail
+                // at once (and count as this node's failure): retry the stop
+                // first (it escalates: users killed, lazy unmount).
+                self.stop_retried_for_start = true;
+                self.stopping = true;
+                self.event("stop", "retrying the failed stop before starting".into());
+                let _ = self.services.stop().await;
+                return;
+            }
+            if matches!(action, Action::StartServices | Action::RestartServices) {
+                self.stop_retried_for_start = false;
+            }
             let action = self.queue.pop_front().expect("front exists");
             self.execute(action).await;
         }
@@ -94,13 +134,36 @@ impl Executor {
     async fn execute(&mut self, action: Action) {
         tracing::debug!(group = ?self.group, ?action, "executing");
         match action {
-            Action::Promote { epoch } => match self.volume.promote(epoch).await {
-                Ok(()) => self.event("promote", format!("volume primary with epoch {epoch}")),
-                Err(e) => {
-                    self.event("error", format!("promotion failed: {e}"));
-                    let _ = self.report.send(Report::ResourceFailed(self.group));
+            Action::Promote { epoch } => {
+                let promoted = match self.volume.promote(epoch).await {
+                    Ok(()) => Ok(()),
+                    // The command may have taken effect although it failed
+                    // (timed out, or a retry of one that did): the volume's
+                    // own state decides.
+                    Err(e) => match self.volume.status().await {
+                        Ok(s) if s.is_primary() && s.epoch == epoch => Ok(()),
+                        _ => Err(e),
+                    },
+                };
+                match promoted {
+                    Ok(()) => {
+                        self.event("promote", format!("volume primary with epoch {epoch}"));
+                        let _ = self.report.send(Report::Promoted { group: self.group, epoch });
+                    }
+                    Err(e) => {
+                        self.event(
+                            "promote-refused",
+                            format!("promotion refused, retrying while the grant holds: {e}"),
+                        );
+                        // Whatever the core queued behind the promotion
+                        // assumed it succeeded; the core sends it again
+                        // after a successful retry.
+                        self.queue
+                            .retain(|a| !matches!(a, Action::Resume | Action::StartServices | Action::RestartServices));
+                        let _ = self.report.send(Report::PromoteRefused { group: self.group, epoch });
+                    }
                 }
-            },
+            }
             Action::Resume => match self.volume.resume().await {
                 Ok(()) => self.event("resume", "volume I/O resumed".into()),
                 Err(e) => self.event("error", format!("resume failed: {e}")),
@@ -143,7 +206,9 @@ impl Executor {
             GroupEvent::Started => self.event("started", "services started".into()),
             GroupEvent::Stopped => {
                 self.stopping = false;
+                self.blocked = false;
                 self.event("stopped", "services stopped".into());
+                let _ = self.report.send(Report::ServicesStopped { group: self.group, stopped: true });
             }
             GroupEvent::Recovered { step } => self.event("recovered", format!("{step} restarted after a failure")),
             GroupEvent::StartFailed { step, why } => {
@@ -158,8 +223,10 @@ impl Executor {
                 // The step may still run: hold the volume's I/O so nothing it
                 // writes is acknowledged, and leave the rest to the lease.
                 self.stopping = false;
-                self.event("error", format!("stop of {step} failed: {why}; volume I/O held"));
+                self.blocked = true;
+                self.event("error", format!("stop of {step} failed: {why}; volume I/O held, the stop is retried"));
                 self.freeze().await;
+                let _ = self.report.send(Report::ServicesStopped { group: self.group, stopped: false });
             }
         }
     }

@@ -45,6 +45,9 @@ use executor::Report;
 const COMPACT_EVERY: u64 = 2000;
 /// How often each group's volume state is read.
 const VOLUME_POLL_MS: u64 = 200;
+/// SIGTERM: how long the daemon waits for its groups to be handed over (a
+/// second SIGTERM exits at once).
+const DRAIN_MS_MAX: u64 = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -78,6 +81,7 @@ struct GroupRt {
     told_connected: Option<bool>,
     told_in_sync: bool,
     told_epoch: u64,
+    told_role: Option<(bool, u64)>,
     fencing: bool,
 }
 
@@ -279,9 +283,22 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Io { what: "installing the SIGTERM handler".into(), source })?;
     let mut log_open = true;
+    let mut drain_deadline: Option<Instant> = None;
     loop {
         daemon.flush();
-        let wake = daemon.next_timeout();
+        if let Some(deadline) = drain_deadline {
+            let drained = daemon.groups.iter().all(|g| g.fo.drained());
+            if drained || Instant::now() >= deadline {
+                let how = if drained { "groups handed over" } else { "drain timed out; groups left as they are" };
+                daemon.event(None, "stop", format!("SIGTERM: {how}; exiting"));
+                daemon.raft.clone().shutdown().await;
+                return Ok(());
+            }
+        }
+        let mut wake = daemon.next_timeout();
+        if drain_deadline.is_some() {
+            wake = wake.min(Instant::now() + Duration::from_millis(VOLUME_POLL_MS));
+        }
         tokio::select! {
             Some(d) = dgram_rx.recv() => {
                 let now = daemon.now_ms();
@@ -302,10 +319,20 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             Some((req, reply)) = admin_rx.recv() => daemon.admin(req, reply),
             _ = tokio::time::sleep_until(wake.into()) => daemon.timeout(),
             _ = term.recv() => {
-                daemon.event(None, "stop", "SIGTERM: leaving the services as they are".into());
-                tracing::info!("SIGTERM: exiting (services and volume stay as they are; the lease lapses)");
-                daemon.raft.clone().shutdown().await;
-                return Ok(());
+                if drain_deadline.is_some() {
+                    daemon.event(None, "stop", "second SIGTERM: exiting without waiting for the drain".into());
+                    daemon.raft.clone().shutdown().await;
+                    return Ok(());
+                }
+                // Hand the groups over in order, as for standby: leaving
+                // them running would let the lease lapse under services
+                // that still write.
+                daemon.event(None, "stop", "SIGTERM: handing the groups over before exiting".into());
+                drain_deadline = Some(Instant::now() + Duration::from_millis(DRAIN_MS_MAX));
+                let now = daemon.now_ms();
+                for g in &mut daemon.groups {
+                    g.fo.drain(now);
+                }
             }
         }
     }
@@ -339,6 +366,9 @@ impl Daemon {
             incarnation: self.incarnation,
             failures_max: self.cfg.failover.failures_max,
             failure_window_ms: self.cfg.failover.failure_window_ms,
+            // Half the lease: the validated lease > 2 × renew_interval keeps
+            // it below lease - renew_interval.
+            stop_budget_ms: self.cfg.failover.lease_ms / 2,
         };
         let mut ctx = group::GroupContext::new(state_dir.join("run"));
         ctx.node = Some(self.name.clone());
@@ -376,6 +406,7 @@ impl Daemon {
             told_connected: None,
             told_in_sync: false,
             told_epoch: 0,
+            told_role: None,
             fencing: false,
         });
     }
@@ -444,6 +475,11 @@ impl Daemon {
                 progress = true;
                 match ev {
                     HeartbeatEvent::PeerAlive(n) => {
+                        // Back after being dead (a reboot): the log's
+                        // connection to it may be a dead one; dial again.
+                        if self.alive.get(&n) == Some(&false) {
+                            self.raft.redial(n);
+                        }
                         self.alive.insert(n, true);
                         self.event(None, "node-up", format!("{} is alive", self.node_name(n)));
                         self.tell_groups(Input::PeerAlive(n));
@@ -589,6 +625,13 @@ impl Daemon {
             g.told_epoch = s.epoch;
             g.fo.handle(now, Input::VolumeEpoch(s.epoch));
         }
+        // The role as the replicator holds it: a primary left behind (a
+        // failed demotion, an admin's command) is demoted again by the core.
+        let role = (s.is_primary(), s.epoch);
+        if g.told_role != Some(role) {
+            g.told_role = Some(role);
+            g.fo.handle(now, Input::VolumeRole { primary: role.0, epoch: role.1 });
+        }
         let disk = s.disk_state().unwrap_or(DiskState::Inconsistent);
         if g.told_disk != Some(disk) {
             g.told_disk = Some(disk);
@@ -620,6 +663,21 @@ impl Daemon {
             Report::Demoted(id) => {
                 if let Some(g) = self.groups.iter_mut().find(|g| g.id == id) {
                     g.fo.handle(now, Input::Demoted);
+                }
+            }
+            Report::Promoted { group, epoch } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.fo.handle(now, Input::Promoted { epoch });
+                }
+            }
+            Report::PromoteRefused { group, epoch } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.fo.handle(now, Input::PromoteRefused { epoch });
+                }
+            }
+            Report::ServicesStopped { group, stopped } => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.fo.handle(now, Input::ServicesStopped { stopped });
                 }
             }
             Report::ResourceFailed(id) => {
@@ -700,6 +758,7 @@ impl Daemon {
                         let cfg = g.fo_config();
                         let disk = g.told_disk.unwrap_or(DiskState::Inconsistent);
                         g.fo = Failover::new(cfg, self.state.groups[usize::from(g.id.0)].clone(), disk, now);
+                        g.told_role = None;
                         g.fo.handle(now, Input::Quorum(self.quorum));
                     }
                     self.event(None, "restore", format!("cluster state restored from a snapshot at index {index}"));
@@ -898,6 +957,7 @@ impl Daemon {
                 let local_role = match rt {
                     None => "none".to_string(),
                     Some(g) if g.fo.releasing() => "Releasing".into(),
+                    Some(g) if g.fo.promoting() => "Promoting".into(),
                     Some(g) if g.fo.promoted_epoch().is_some() => "Primary".into(),
                     Some(_) => "Secondary".into(),
                 };
@@ -910,6 +970,7 @@ impl Daemon {
                     failed: st.failed.iter().map(|n| self.node_name(*n)).collect(),
                     standby: st.standby.iter().map(|n| self.node_name(*n)).collect(),
                     local_role,
+                    volume: rt.and_then(|g| g.volume.as_ref()).map(|v| v.describe()),
                     writable: rt.is_some_and(|g| g.fo.writable()),
                     resources: Vec::new(),
                 }

@@ -86,18 +86,40 @@ pub struct ProcOutput {
 }
 
 impl ProcOutput {
-    /// `exit code N: <stderr tail>` for error messages.
+    /// `exit code N: <last line of stderr>` for error messages: one line
+    /// (status and events show it as is; the whole tail is in the log).
     pub fn describe(&self) -> String {
         let how = match self.code {
             Some(c) => format!("exit code {c}"),
             None => "killed by a signal".into(),
         };
-        let tail = self.stderr_tail.trim();
-        if tail.is_empty() {
+        let last = last_line(&self.stderr_tail);
+        if last.is_empty() {
             how
         } else {
-            format!("{how}: {tail}")
+            format!("{how}: {last}")
         }
+    }
+}
+
+/// Longest error line kept for status and events.
+pub const ERROR_LINE_CHARS_MAX: usize = 240;
+
+/// The last non-empty line of `text`, trimmed and cut (at a character
+/// boundary) to `ERROR_LINE_CHARS_MAX`: the line a failing command prints
+/// last is its error, and what comes before it belongs in the log.
+pub fn last_line(text: &str) -> String {
+    let line = text.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("");
+    one_line(line)
+}
+
+/// `text` as one line: line breaks become "; ", cut to
+/// `ERROR_LINE_CHARS_MAX` characters.
+pub fn one_line(text: &str) -> String {
+    let joined = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    match joined.char_indices().nth(ERROR_LINE_CHARS_MAX) {
+        Some((cut, _)) => format!("{}…", &joined[..cut]),
+        None => joined,
     }
 }
 
@@ -105,7 +127,7 @@ impl ProcOutput {
 pub enum ProcError {
     #[error("could not start {program}: {why}")]
     Spawn { program: String, why: String },
-    #[error("{program} did not finish in time (killed){}", if .stderr_tail.is_empty() { String::new() } else { format!(": {}", .stderr_tail.trim()) })]
+    #[error("{program} did not finish in time (killed){}", if .stderr_tail.trim().is_empty() { String::new() } else { format!(": {}", last_line(.stderr_tail)) })]
     TimedOut { program: String, stderr_tail: String },
 }
 
@@ -447,6 +469,22 @@ mod tests {
             assert_eq!(out.stdout, "started\n");
             assert!(started.elapsed() < Duration::from_secs(3), "waited for the daemon's pipes");
         });
+    }
+
+    #[test]
+    fn errors_are_one_line_the_last_the_command_printed() {
+        // Issue 23: status pasted the raw multi-line tail of attach.log.
+        let out = ProcOutput {
+            code: Some(1),
+            stdout: String::new(),
+            stderr_tail: "ttach: other attachment's line\nreplicator: waiting\n\nreplicator: failed to attach mail: Secondary\n  \n".into(),
+        };
+        assert_eq!(out.describe(), "exit code 1: replicator: failed to attach mail: Secondary");
+        let long = "é".repeat(3 * ERROR_LINE_CHARS_MAX);
+        let cut = last_line(&long);
+        assert_eq!(cut.chars().count(), ERROR_LINE_CHARS_MAX + 1, "cut at a character boundary, marked");
+        assert_eq!(one_line("a\n b \n\nc"), "a; b; c");
+        assert_eq!(last_line(""), "");
     }
 
     #[test]

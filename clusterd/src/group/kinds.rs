@@ -281,6 +281,11 @@ pub fn fuser_kill_command(directory: &Path) -> CommandSpec {
     CommandSpec::new("fuser", &["-k", "-M", "-m"]).arg(directory)
 }
 
+/// `umount -l DIR`: the last resort of a forced stop (see `filesystem`).
+pub fn lazy_umount_command(directory: &Path) -> CommandSpec {
+    CommandSpec::new("umount", &["-l"]).arg(directory)
+}
+
 struct Fs<'a> {
     directory: &'a Path,
     fstype: &'a str,
@@ -368,6 +373,21 @@ async fn filesystem(device: Option<PathBuf>, fs: &Fs<'_>, op: Op, deadline: Inst
             }
             match last {
                 Outcome::Ok => Outcome::Ok,
+                // Still busy (a user blocked in the kernel on held I/O does
+                // not die): detach the mount lazily, so the device below can
+                // be detached and the volume demoted; the file system goes
+                // once its last user does. Nothing it still holds was
+                // acknowledged (writes are acknowledged after a flush).
+                Outcome::Failed(why) if why.contains("busy") => {
+                    tracing::warn!(directory = %directory.display(), "still busy after killing its users; unmounting lazily");
+                    match run_command(&lazy_umount_command(directory), deadline).await {
+                        Ok(out) if out.code == Some(0) => Outcome::Ok,
+                        Ok(out) => {
+                            Outcome::Failed(format!("{why} (after killing its users); umount -l: {}", out.describe()))
+                        }
+                        Err(e) => e.into(),
+                    }
+                }
                 Outcome::Failed(why) => Outcome::Failed(format!("{why} (after killing its users)")),
                 other => other,
             }
@@ -536,8 +556,8 @@ pub fn ocf_outcome(op: Op, out: &ProcOutput) -> Outcome {
         Some(8) if op == Op::Monitor => Outcome::Ok,
         Some(7) if op != Op::Start => Outcome::NotRunning,
         Some(c) => {
-            let tail = out.stderr_tail.trim();
-            let tail = if tail.is_empty() { String::new() } else { format!(": {tail}") };
+            let last = super::exec::last_line(&out.stderr_tail);
+            let tail = if last.is_empty() { String::new() } else { format!(": {last}") };
             Outcome::Failed(format!("{} ({c}){tail}", ocf_code_name(c)))
         }
         None => Outcome::Failed(out.describe()),
@@ -687,6 +707,12 @@ mod tests {
         assert!(!address_listed(show, "10.0.0.100/16"));
         assert!(!address_listed(show, "10.0.0.10/24"));
         assert!(address_listed(show, "fe80::1/64"));
+    }
+
+    #[test]
+    fn a_forced_stop_ends_with_a_lazy_unmount() {
+        assert_eq!(args(&lazy_umount_command(Path::new("/srv/mail"))), ["-l", "/srv/mail"]);
+        assert_eq!(args(&fuser_kill_command(Path::new("/srv/mail"))), ["-k", "-M", "-m", "/srv/mail"]);
     }
 
     #[test]

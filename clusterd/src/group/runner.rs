@@ -476,6 +476,9 @@ impl GroupRunner {
         let s = &mut self.steps[step];
         if outcome == Outcome::Ok {
             s.state = StepState::Started;
+            // Status shows what is wrong now: a step that runs again has
+            // no error (the event stream and the log keep the old one).
+            s.last_error = None;
             s.next_monitor_ms = now_ms + s.timing.monitor_interval_ms;
             match self.want.take() {
                 Some(Command::Stop) => self.begin_stop(now_ms, 0, Then::Stopped),
@@ -702,6 +705,11 @@ mod tests {
         assert!(h.r.status()[2].last_error.as_deref().is_some_and(|e| e.contains("start:")));
         // Nothing is monitored after the rollback.
         assert_eq!(h.r.poll_timeout(), None);
+        // Started again, the step shows no error (issue 23: status kept it).
+        h.r.start(h.now);
+        h.sequence(&["disk", "fs", "ip", "mta"], Op::Start);
+        assert_eq!(h.events(), vec![GroupEvent::Started]);
+        assert!(h.r.status().iter().all(|s| s.last_error.is_none()), "{:?}", h.r.status());
     }
 
     #[test]
@@ -787,8 +795,10 @@ mod tests {
         h.sequence(&["fs", "ip", "mta"], Op::Start);
         assert_eq!(h.events(), vec![GroupEvent::Recovered { step: "fs".into() }]);
         assert_eq!(h.state(0), StepState::Started, "disk untouched");
+        // Status shows the restart count; the error is gone once it runs
+        // again (the event stream and the log keep it).
         assert_eq!(h.r.status()[1].restarts, 1);
-        assert!(h.r.status()[1].last_error.as_deref().is_some_and(|e| e.contains("not running")));
+        assert_eq!(h.r.status()[1].last_error, None);
         assert_eq!(h.r.summary(), "started");
     }
 

@@ -59,6 +59,23 @@ impl VolumeStatus {
     pub fn peer_disk_state(&self) -> Option<DiskState> {
         self.peer_disk.as_deref().and_then(parse_disk)
     }
+
+    /// One line for status: "Primary+suspended, StandAlone, epoch 4, disk
+    /// UpToDate" and the replicator's last error, if any.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{}{}, {}, epoch {}, disk {}",
+            self.role,
+            if self.suspended { "+suspended" } else { "" },
+            self.connection,
+            self.epoch,
+            self.disk
+        );
+        if let Some(e) = self.last_error.as_deref().map(super::exec::one_line).filter(|e| !e.is_empty()) {
+            s.push_str(&format!(" (last error: {e})"));
+        }
+        s
+    }
 }
 
 fn parse_disk(s: &str) -> Option<DiskState> {
@@ -207,6 +224,21 @@ mod tests {
         let args: Vec<String> = c.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(args, ["primary", "mail", "--node", "b", "--epoch", "7"]);
         assert_eq!(c.program, PathBuf::from("/usr/local/bin/replicator"));
+    }
+
+    #[test]
+    fn status_shows_the_volumes_real_role() {
+        // Issue 23: status said "here: Secondary" while the volume was
+        // Primary and suspended.
+        let s = parse_status(
+            r#"{"state":{"role":"Primary","disk":"UpToDate","connection":"StandAlone","epoch":4,"suspended":true,
+            "last_error":"both nodes are primary:\nsplit brain"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.describe(),
+            "Primary+suspended, StandAlone, epoch 4, disk UpToDate (last error: both nodes are primary:; split brain)"
+        );
     }
 
     #[test]

@@ -202,6 +202,8 @@ pub(crate) enum Control {
     LeadHere,
     ForceSingleVoter(tokio::sync::oneshot::Sender<Result<(), String>>),
     AddVoter(NodeId),
+    /// Drop the connection to the peer and dial it again at once.
+    Redial(NodeId),
 }
 
 /// The handle to a running node. Cheap to clone.
@@ -339,6 +341,13 @@ impl RaftLog {
     /// the leader or without one.
     pub fn lead_here(&self) {
         let _ = self.inner.control.try_send(Control::LeadHere);
+    }
+
+    /// The peer came back (its heartbeat is alive again): drop this node's
+    /// connection to it, possibly a dead one after a reboot, and dial
+    /// again without backoff.
+    pub fn redial(&self, peer: NodeId) {
+        let _ = self.inner.control.try_send(Control::Redial(peer));
     }
 
     /// Two-node mode, only after the peer was fenced (or the admin

@@ -226,6 +226,11 @@ impl Node {
                 let _ = reply.send(r);
             }
             Control::AddVoter(node) => self.add_voter(raft_id(node)),
+            Control::Redial(node) => {
+                if let Some(link) = self.links.get(&raft_id(node)) {
+                    link.redial();
+                }
+            }
             Control::LeadHere => {
                 let (me, leader) = (self.raw.raft.id, self.raw.raft.leader_id);
                 if self.raw.raft.state != StateRole::Leader && leader != raft::INVALID_ID {

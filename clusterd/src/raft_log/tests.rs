@@ -641,3 +641,53 @@ async fn a_forced_single_voter_commits_alone_across_a_restart_and_adds_its_peer_
     wait_for("status after restart", WAIT, || c.nodes[0].log().status().voters.len() == 2).await;
     c.stop_all().await;
 }
+
+/// Issue 23: a peer that rebooted rejoined after 2–27 s because the sender
+/// kept writing into its dead connection (the kernel buffers, TCP
+/// retransmits with backoff). `redial` drops the connection and dials again
+/// at once. The peer here is a TLS server that accepts and never answers,
+/// as a dead connection looks from the sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redial_drops_a_silent_connection_and_dials_again_at_once() {
+    init_tracing();
+    let base = temp_dir("redial");
+    let ca = make_pki(&base.join("pki"), &["node0", "node1"]);
+    let pki = base.join("pki");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let files = |n: &str| RaftTlsFiles {
+        ca: ca.clone(),
+        cert: pki.join(format!("{n}.pem")),
+        key: pki.join(format!("{n}.key")),
+    };
+    let peer = |id: u8, n: &str| RaftPeer { id: NodeId(id), name: n.into(), addr };
+    let server_tls = Arc::new(tls::TlsSetup::load(&files("node1"), &[peer(0, "node0")]).expect("node1 tls"));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            if let Ok(s) = server_tls.acceptor.accept(tcp).await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(s); // never read, never closed
+            }
+        }
+    });
+    let client_tls = Arc::new(tls::TlsSetup::load(&files("node0"), &[peer(1, "node1")]).expect("node0 tls"));
+    let (reports, _reports_rx) = tokio::sync::mpsc::channel(16);
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (link, task) =
+        transport::spawn_sender(peer(1, "node1"), client_tls, reports, Arc::new(transport::Counters::default()), stop);
+    let n = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for("the first connection", WAIT, || n() == 1).await;
+    // Without a redial the sender keeps its connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(n(), 1);
+    let t0 = Instant::now();
+    link.redial();
+    wait_for("a second connection after the redial", WAIT, || n() == 2).await;
+    assert!(t0.elapsed() < Duration::from_millis(900), "dialled again without backoff: {:?}", t0.elapsed());
+    task.abort();
+    server.abort();
+}

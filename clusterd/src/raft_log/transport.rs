@@ -20,7 +20,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::limits::{
@@ -93,9 +93,19 @@ pub(crate) struct PeerLink {
     pub(crate) connected: Arc<AtomicBool>,
     counters: Arc<Counters>,
     reports: mpsc::Sender<Report>,
+    redial: Arc<Notify>,
 }
 
 impl PeerLink {
+    /// Drops the connection to the peer and dials again at once (no
+    /// backoff): the peer came back (its heartbeat is alive again) and the
+    /// old connection may be a dead one whose writes only fill the kernel's
+    /// buffer while TCP retransmits with backoff (issue 23: a rebooted
+    /// peer rejoined after 2–27 s).
+    pub(crate) fn redial(&self) {
+        self.redial.notify_one();
+    }
+
     /// Queues `m` without waiting; drops it when the queue is full.
     pub(crate) fn send(&self, m: Message) {
         if let Err(e) = self.queue.try_send(m) {
@@ -120,14 +130,16 @@ pub(crate) fn spawn_sender(
 ) -> (PeerLink, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(PEER_QUEUED_MAX);
     let connected = Arc::new(AtomicBool::new(false));
+    let redial = Arc::new(Notify::new());
     let link = PeerLink {
         raft_id: raft_id(peer.id),
         queue: tx,
         connected: connected.clone(),
         counters: counters.clone(),
         reports: reports.clone(),
+        redial: redial.clone(),
     };
-    let sender = Sender { peer, tls, rx, reports, counters, connected };
+    let sender = Sender { peer, tls, rx, reports, counters, connected, redial };
     let task = tokio::spawn(async move {
         let mut stop = stop;
         tokio::select! {
@@ -145,6 +157,7 @@ struct Sender {
     reports: mpsc::Sender<Report>,
     counters: Arc<Counters>,
     connected: Arc<AtomicBool>,
+    redial: Arc<Notify>,
 }
 
 impl Sender {
@@ -165,7 +178,13 @@ impl Sender {
                     self.connected.store(false, Ordering::Relaxed);
                     match why {
                         None => return,
-                        Some(why) => tracing::info!(peer = %self.peer.name, "raft: connection to peer lost: {why}"),
+                        Some(Pumped::Redial) => {
+                            tracing::info!(peer = %self.peer.name, "raft: the peer is back; dialling it again");
+                            continue;
+                        }
+                        Some(Pumped::Failed(why)) => {
+                            tracing::info!(peer = %self.peer.name, "raft: connection to peer lost: {why}")
+                        }
                     }
                     let _ = self.reports.try_send(Report::Unreachable(to));
                 }
@@ -186,6 +205,7 @@ impl Sender {
             loop {
                 tokio::select! {
                     () = &mut wait => break,
+                    () = self.redial.notified() => break,
                     m = self.rx.recv() => match m {
                         Some(m) => self.dropped(&m),
                         None => return,
@@ -215,9 +235,9 @@ impl Sender {
         tokio::time::timeout(CONNECT_TIMEOUT, attempt).await.map_err(|_| "timed out".to_string())?
     }
 
-    /// Writes queued messages until the connection fails (`Some(why)`) or
-    /// the raft task is gone (`None`).
-    async fn pump(&mut self, stream: tokio_rustls::client::TlsStream<TcpStream>) -> Option<String> {
+    /// Writes queued messages until the connection fails, a redial is
+    /// asked for, or the raft task is gone (`None`).
+    async fn pump(&mut self, stream: tokio_rustls::client::TlsStream<TcpStream>) -> Option<Pumped> {
         let (mut rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::new(wr);
         // The server never writes; a read returning means it closed or failed.
@@ -226,8 +246,9 @@ impl Sender {
         loop {
             tokio::select! {
                 r = rd.read(&mut probe) => {
-                    return Some(match r { Ok(_) => "closed by the peer".into(), Err(e) => e.to_string() });
+                    return Some(Pumped::Failed(match r { Ok(_) => "closed by the peer".into(), Err(e) => e.to_string() }));
                 }
+                () = self.redial.notified() => return Some(Pumped::Redial),
                 n = self.rx.recv_many(&mut batch, PEER_BATCH_MAX) => {
                     if n == 0 {
                         return None;
@@ -268,11 +289,17 @@ impl Sender {
                 let _ = self.reports.try_send(Report::Snapshot { to, sent: failed.is_none() });
             }
             batch.clear();
-            if failed.is_some() {
-                return failed;
+            if let Some(why) = failed {
+                return Some(Pumped::Failed(why));
             }
         }
     }
+}
+
+/// Why `Sender::pump` returned.
+enum Pumped {
+    Failed(String),
+    Redial,
 }
 
 /// Accepts peers until `stop`; each connection is served by its own task,

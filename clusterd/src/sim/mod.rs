@@ -19,7 +19,21 @@
 //! - committed grants carry strictly increasing epochs, and no node
 //!   promotes with an epoch older than one already promoted;
 //! - a node that kept quorum and a healthy link to everyone is never fenced;
-//! - every node's `GroupState` equals the log's at the same index.
+//! - every node's `GroupState` equals the log's at the same index;
+//! - services start (and I/O resumes) only on a volume the replicator
+//!   promoted.
+//!
+//! The replicator is modelled apart from the cores (issue 23): the volume's
+//! role (`Node::vol_primary`), volume commands completing in the executor's
+//! order, its own detection of a lost link after a ping timeout independent
+//! of the heartbeat's deadtime, and `primary --epoch` refused while it still
+//! sees a primary peer (or, with `drops_stale_peer`, dropping the link to a
+//! primary of an older epoch), or for a passing reason: a granted survivor
+//! must retry and end up serving (the liveness phase's bound). Stops of the
+//! services hang now and then (up to `STOP_HANG_MS_MAX`) and the demotion
+//! behind them fails meanwhile; the shell polls the volume's role
+//! (`Input::VolumeRole`): the healed cluster must still settle, with both
+//! replicators connected, so no volume may stay primary for good.
 //!
 //! The log stand-in commits a proposal when it reaches the log while its
 //! proposer can reach a majority of the voters (itself included), and
@@ -37,6 +51,7 @@ use std::collections::BTreeMap;
 
 use crate::failover::{
     drift_margin_ms, Action, DiskState, Entry, Failover, FailoverConfig, GroupId, GroupState, Input,
+    PROMOTE_RETRY_MS_MAX,
 };
 use crate::heartbeat::{Heartbeat, HeartbeatConfig, HeartbeatEvent, DATAGRAM_BYTES};
 use crate::rng::Rng;
@@ -91,7 +106,25 @@ struct Swarm {
     a_preferred: bool,
     /// The group moves back to A when it can (with `a_preferred`).
     failback: bool,
+    /// The replicator's own peer detection: a peer that vanished without
+    /// closing the link (host death, cut cable) is noticed after this,
+    /// independently of the heartbeat's deadtime.
+    ping_timeout_ms: u64,
+    /// `replicator primary --epoch N` with N above the epoch of a primary
+    /// peer the link still shows drops that stale link and promotes (the
+    /// committed grant is the proof the old primary no longer writes); off,
+    /// it refuses ("the peer is primary") until its ping timeout.
+    drops_stale_peer: bool,
+    /// Promotions refused for a passing reason (a handshake under way)
+    /// while faults run.
+    promote_refuse_pct: u64,
+    /// A stop of the services hangs (a service blocked on held I/O, a busy
+    /// mount) while faults run, for up to `STOP_HANG_MS_MAX`: the demotion
+    /// behind it fails until the stop's escalation frees the volume.
+    stop_hang_pct: u64,
 }
+
+const STOP_HANG_MS_MAX: u64 = 8000;
 
 impl Swarm {
     fn pick(rng: &mut Rng) -> Swarm {
@@ -113,6 +146,10 @@ impl Swarm {
             admin_pct: [0, 1, 4][rng.below(3) as usize],
             a_preferred: rng.below(2) == 0,
             failback: rng.below(3) == 0,
+            ping_timeout_ms: [300, 600, 2000, 4000][rng.below(4) as usize],
+            drops_stale_peer: rng.below(4) != 0,
+            promote_refuse_pct: [0, 0, 20, 60][rng.below(4) as usize],
+            stop_hang_pct: [0, 0, 30, 100][rng.below(4) as usize],
         }
     }
 }
@@ -149,6 +186,18 @@ enum Event {
         node: usize,
         inc: u64,
     },
+    /// The runner reports the services' stop (after `Action::StopServices`):
+    /// failed while the stop hangs.
+    StopDone {
+        node: usize,
+        inc: u64,
+    },
+    /// The replicator answers `primary --epoch` (after `Action::Promote`).
+    PromoteDone {
+        node: usize,
+        inc: u64,
+        epoch: u64,
+    },
     Restart {
         node: usize,
     },
@@ -183,6 +232,21 @@ struct Node {
     /// Newest primary epoch this node's volume has seen (persisted by the
     /// replicator, so it survives crashes).
     vol_epoch: u64,
+    /// The volume is primary with this epoch (the replicator's role, not the
+    /// core's idea of it). Kept at a crash: it is what the peer's
+    /// replicator last saw; a restarted replicator is secondary.
+    vol_primary: Option<u64>,
+    /// The shell runs volume commands one at a time, in order: the next one
+    /// completes no earlier than this.
+    vol_busy_until: u64,
+    /// The services' stop hangs until then: a demotion fails before.
+    stop_hung_until: u64,
+    /// The services were started and not asked to stop since.
+    services_up: bool,
+    /// What the core was last told of the volume's role (the shell polls).
+    told_role: Option<(bool, u64)>,
+    /// SIGTERM: the node drains since then and exits once drained.
+    draining_since: Option<u64>,
     repl_reported: bool,
     /// Recent datagrams this node sent (replayed by a hostile network).
     sent: Vec<(usize, u8, [u8; DATAGRAM_BYTES])>,
@@ -239,6 +303,7 @@ fn failover_cfg(
         incarnation,
         failures_max: 3,
         failure_window_ms: 10_000,
+        stop_budget_ms: lease_ms / 2,
     }
 }
 
@@ -274,6 +339,12 @@ impl Sim {
                 up_since: 0,
                 data: 0,
                 vol_epoch: 0,
+                vol_primary: None,
+                vol_busy_until: 0,
+                stop_hung_until: 0,
+                services_up: false,
+                told_role: None,
+                draining_since: None,
                 repl_reported: false,
                 sent: Vec::new(),
             });
@@ -388,6 +459,12 @@ impl Sim {
         node.wake_at = None;
         node.was_writable = false;
         node.repl_reported = false;
+        node.vol_primary = None;
+        node.vol_busy_until = 0;
+        node.stop_hung_until = 0;
+        node.services_up = false;
+        node.told_role = None;
+        node.draining_since = None;
         let peers = (0..NODES).filter(|m| *m != n).map(|m| NodeId(m as u8)).collect();
         node.hb = Some(Heartbeat::new(
             HeartbeatConfig {
@@ -542,7 +619,19 @@ impl Sim {
                     ));
                 }
                 self.max_promoted_epoch = epoch;
-                self.nodes[n].vol_epoch = self.nodes[n].vol_epoch.max(epoch);
+                let at = self.volume_command_done_at(n);
+                let inc = self.nodes[n].inc;
+                self.schedule_at(at, Event::PromoteDone { node: n, inc, epoch });
+            }
+            Action::Resume | Action::StartServices | Action::RestartServices => {
+                // Issue 23: services started on a volume the replicator had
+                // refused to promote.
+                if self.nodes[n].vol_primary.is_none() {
+                    self.fail(&format!("node{n} runs {action:?} on a volume that is not primary"));
+                }
+                if action == Action::StartServices {
+                    self.nodes[n].services_up = true;
+                }
             }
             Action::Fence { node: victim } => {
                 let v = victim.0 as usize;
@@ -558,16 +647,38 @@ impl Sim {
                 self.schedule(d, Event::FenceDone { by: n, inc, victim: v });
             }
             Action::Demote => {
-                let d = self.delay();
+                let at = self.volume_command_done_at(n);
                 let inc = self.nodes[n].inc;
-                self.schedule(d, Event::Demoted { node: n, inc });
+                self.schedule_at(at, Event::Demoted { node: n, inc });
             }
-            Action::Resume
-            | Action::Freeze
-            | Action::StartServices
-            | Action::RestartServices
-            | Action::StopServices => {}
+            Action::StopServices => {
+                self.nodes[n].services_up = false;
+                let hung = self.nodes[n].stop_hung_until > self.now;
+                if !hung
+                    && self.faults
+                    && self.nodes[n].vol_primary.is_some()
+                    && self.rng.chance(self.swarm.stop_hang_pct)
+                {
+                    let until = self.now + 1 + self.rng.below(STOP_HANG_MS_MAX);
+                    self.nodes[n].stop_hung_until = until;
+                    self.note(format!("node{n}: the services' stop hangs until {until}"));
+                }
+                // A hanging stop is reported failed at its timeout.
+                let timeout = if self.nodes[n].stop_hung_until > self.now { 1000 } else { 0 };
+                let d = self.delay() + timeout;
+                let inc = self.nodes[n].inc;
+                self.schedule(d, Event::StopDone { node: n, inc });
+            }
+            Action::Freeze => {}
         }
+    }
+
+    /// When a volume command issued now on node `n` completes: after a
+    /// delay, and after the commands before it (the executor's order).
+    fn volume_command_done_at(&mut self, n: usize) -> u64 {
+        let at = (self.now + self.delay()).max(self.nodes[n].vol_busy_until + 1);
+        self.nodes[n].vol_busy_until = at;
+        at
     }
 
     fn writable(&self, n: usize) -> bool {
@@ -582,6 +693,12 @@ impl Sim {
         let w = self.writable(n);
         if w && !self.nodes[n].was_writable {
             self.note(format!("node{n} WRITABLE (data {}, newest acked {})", self.nodes[n].data, self.max_acked));
+            // Issue 23: a cut-off primary stops its services within its
+            // lease, so before anyone else may write.
+            let other = [A, B].into_iter().find(|m| *m != n && self.nodes[*m].alive && self.nodes[*m].services_up);
+            if let Some(m) = other {
+                self.fail(&format!("node{n} became writable while node{m}'s services were never asked to stop"));
+            }
             if self.nodes[n].data != self.max_acked {
                 self.fail(&format!(
                     "node{n} became writable with data version {} but version {} was acknowledged",
@@ -664,7 +781,32 @@ impl Sim {
             }
             Event::Demoted { node, inc } => {
                 if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    if self.now < self.nodes[node].stop_hung_until {
+                        // The runner reports the stop failed; the volume,
+                        // still in use, refuses to demote.
+                        self.note(format!("node{node}: demotion refused (the services' stop hangs)"));
+                        return;
+                    }
+                    self.nodes[node].vol_primary = None;
                     self.input(node, Input::Demoted);
+                }
+            }
+            Event::StopDone { node, inc } => {
+                if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    let stopped = self.now >= self.nodes[node].stop_hung_until;
+                    self.input(node, Input::ServicesStopped { stopped });
+                }
+            }
+            Event::PromoteDone { node, inc, epoch } => {
+                if self.nodes[node].inc == inc && self.nodes[node].alive {
+                    let input = match self.replicator_promote(node, epoch) {
+                        Ok(()) => Input::Promoted { epoch },
+                        Err(why) => {
+                            self.note(format!("node{node}: replicator refuses primary --epoch {epoch}: {why}"));
+                            Input::PromoteRefused { epoch }
+                        }
+                    };
+                    self.input(node, input);
                 }
             }
             Event::Restart { node } => {
@@ -684,6 +826,7 @@ impl Sim {
                 if self.faults {
                     self.inject_faults();
                 }
+                self.exit_drained();
                 self.schedule(FAULT_TICK_MS, Event::FaultTick);
             }
             Event::WriteTick => {
@@ -691,6 +834,35 @@ impl Sim {
                 self.schedule(WRITE_TICK_MS, Event::WriteTick);
             }
         }
+    }
+
+    /// `replicator primary --epoch` on node `n`, as the replicator decides
+    /// from what it sees: its link (reported a ping timeout after it broke)
+    /// and the peer's role as last seen over it.
+    fn replicator_promote(&mut self, n: usize, epoch: u64) -> Result<(), &'static str> {
+        let peer = 1 - n;
+        if self.nodes[n].vol_primary == Some(epoch) {
+            return Ok(()); // a retry of a promotion that took effect
+        }
+        if epoch <= self.nodes[n].vol_epoch {
+            return Err("epoch not newer than one already seen");
+        }
+        let peer_epoch = self.nodes[peer].vol_primary;
+        if self.nodes[n].repl_reported && peer_epoch.is_some() {
+            if !self.swarm.drops_stale_peer || peer_epoch >= Some(epoch) {
+                return Err("the peer is primary; demote it first");
+            }
+            // The link to a primary of an older epoch is stale: drop it.
+            self.note(format!("node{n}: replicator drops the link to stale primary node{peer}"));
+            self.nodes[n].repl_reported = false;
+            self.input(n, Input::Replication { connected: false });
+        }
+        if self.faults && self.rng.chance(self.swarm.promote_refuse_pct) {
+            return Err("the connection handshake is in progress");
+        }
+        self.nodes[n].vol_primary = Some(epoch);
+        self.nodes[n].vol_epoch = self.nodes[n].vol_epoch.max(epoch);
+        Ok(())
     }
 
     fn log_tick(&mut self) {
@@ -726,12 +898,20 @@ impl Sim {
     /// ping timeout after it breaks, shortly after it comes back (with an
     /// instant resync from the primary, or from the newer disk).
     fn repl_tick(&mut self) {
+        // The shell polls the volume's role.
+        for n in [A, B] {
+            let role = (self.nodes[n].vol_primary.is_some(), self.nodes[n].vol_epoch);
+            if self.nodes[n].alive && self.nodes[n].told_role != Some(role) {
+                self.nodes[n].told_role = Some(role);
+                self.input(n, Input::VolumeRole { primary: role.0, epoch: role.1 });
+            }
+        }
         let truth = self.replicating();
         if truth != self.repl_truth {
             self.repl_truth = truth;
             self.repl_truth_since = self.now;
         }
-        let settle = if truth { 100 } else { 300 };
+        let settle = if truth { 100 } else { self.swarm.ping_timeout_ms };
         if self.now < self.repl_truth_since + settle {
             return;
         }
@@ -740,17 +920,16 @@ impl Sim {
         if stale.is_empty() {
             return;
         }
-        let promoted: Vec<usize> = [A, B]
-            .into_iter()
-            .filter(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.promoted_epoch().is_some()))
-            .collect();
+        // The volumes' roles, as the replicators see them.
+        let promoted: Vec<usize> =
+            [A, B].into_iter().filter(|n| self.nodes[*n].alive && self.nodes[*n].vol_primary.is_some()).collect();
         if truth && promoted.len() == 2 {
             // The replicator refuses a Hello from a second primary (the
             // stale one demotes when its lease ends): no connection yet.
             return;
         }
         let stale_primary = promoted.first().is_some_and(|&p| {
-            let epoch = self.nodes[p].fo.as_ref().and_then(|f| f.promoted_epoch()).unwrap_or(0);
+            let epoch = self.nodes[p].vol_primary.unwrap_or(0);
             epoch < self.nodes[1 - p].vol_epoch
         });
         if truth && stale_primary {
@@ -797,7 +976,7 @@ impl Sim {
         let v = self.max_acked + 1;
         if connected {
             // The peer refuses data from an older epoch once it saw a newer one.
-            let refused = self.nodes[q].fo.as_ref().and_then(|f| f.promoted_epoch()).is_some();
+            let refused = self.nodes[q].vol_primary.is_some();
             if !self.replicating() || refused {
                 return; // waits for the peer's ack, which never comes
             }
@@ -904,6 +1083,20 @@ impl Sim {
                 self.schedule(d, Event::Propose { from, inc, entry });
             }
         }
+        // The admin stops clusterd on a storage node (SIGTERM): it drains,
+        // then exits and is started again.
+        if self.rng.chance(self.swarm.admin_pct) {
+            let n = self.rng.below(2) as usize;
+            if self.nodes[n].alive && self.nodes[n].draining_since.is_none() {
+                self.note(format!("admin: SIGTERM to node{n}'s clusterd"));
+                self.nodes[n].draining_since = Some(self.now);
+                let local = self.local(n, self.now);
+                if let Some(fo) = self.nodes[n].fo.as_mut() {
+                    fo.drain(local);
+                }
+                self.drive(n);
+            }
+        }
         // The admin runs cleanup now and then.
         if self.rng.chance(2) {
             let failed: Vec<NodeId> = self.checker.failed.iter().copied().collect();
@@ -915,6 +1108,20 @@ impl Sim {
                     }
                     self.drive(n);
                 }
+            }
+        }
+    }
+
+    /// A draining node exits once drained, or at the daemon's bound (the
+    /// test's 10 s), and is started again a while later.
+    fn exit_drained(&mut self) {
+        for n in [A, B] {
+            let Some(since) = self.nodes[n].draining_since else { continue };
+            let drained = self.nodes[n].fo.as_ref().is_some_and(|f| f.drained());
+            if self.nodes[n].alive && (drained || self.now >= since + 10_000) {
+                self.crash(n, if drained { "exited after its drain" } else { "exited: drain timed out" });
+                let d = 500 + self.rng.below(2500);
+                self.schedule(d, Event::Restart { node: n });
             }
         }
     }
@@ -1025,7 +1232,13 @@ impl Sim {
         let q = 1 - p;
         self.crash(p, "liveness: kill -9 of the primary");
         let t0 = self.now;
-        let bound = DEADTIME_MS + self.swarm.lease_ms + 6 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200;
+        let mut bound = DEADTIME_MS + self.swarm.lease_ms + 6 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200;
+        if !self.swarm.drops_stale_peer {
+            // The replicator refuses until its ping timeout notices the
+            // dead primary; the core retries (the pause at most the cap).
+            let refused_until = self.swarm.ping_timeout_ms + 2 * REPL_TICK_MS + PROMOTE_RETRY_MS_MAX;
+            bound = bound.max(refused_until + 4 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200);
+        }
         if !self.run_until(t0 + bound, |s| s.writable(q)) {
             self.fail(&format!("no failover to node{q} within {bound} ms of the primary's death"));
         }
@@ -1104,10 +1317,20 @@ fn sim_many_seeds() {
 /// 10488317 (an owner in standby recorded its release while its fence of
 /// the other node was still running; that node took the group and was
 /// powered off), 60223264 (an owner put in standby while its fence ran
-/// stepped down without recording a release; the next owner fenced it).
+/// stepped down without recording a release; the next owner fenced it),
+/// 105481 (issue 23's model: the simulated shell finished a demotion before
+/// the promotion issued ahead of it, leaving a primary volume under a
+/// secondary core; the executor runs volume commands in order), 17 (with
+/// stops that hang: a planned release whose demotion failed waited for it
+/// forever, renewing its lease, the group down on both nodes), 311101 (a
+/// node put in standby right after its grant, before its first renewal
+/// committed, stepped down without recording a release; the next owner
+/// fenced it).
 #[test]
 fn sim_regression_seeds() {
-    for seed in [5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264] {
+    for seed in [
+        5024, 1817, 20400, 23427, 44905, 10078840, 10212197, 10378433, 10389880, 10488317, 60223264, 105481, 17, 311101,
+    ] {
         run(seed);
     }
 }
