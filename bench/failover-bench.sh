@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# clusterd failover time: kill -9 of the primary host and a cut of its
-# network, RUNS times each (default 10), on three network-namespace hosts;
+# clusterd failover time: death of the primary host (its link down and every
+# process killed at once) and a cut of its network, RUNS times each (default 10), on three network-namespace hosts;
 # prints median and max next to Heartbeat's and Corosync's default failure
 # detection times. Needs root. See tests/src/bin/failover-bench.rs.
 #
