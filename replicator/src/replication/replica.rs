@@ -196,6 +196,8 @@ pub enum AdminError {
     InvalidatePrimary,
     #[error("the connection handshake is in progress; retry in a moment")]
     Handshaking,
+    #[error("recovering from a crash: the disk is being flushed; retry in a moment")]
+    Recovering,
     #[error(
         "already connected: --discard-my-data applies to the next handshake only; run `replicator disconnect` \
          first, then `replicator connect --discard-my-data`"
@@ -317,6 +319,9 @@ enum IoPurpose {
     ReplyFlush {
         link: LinkId,
     },
+    /// After a crash: what the previous run left in the page cache is
+    /// made durable before this run relies on it.
+    StartupFlush,
     /// A secondary applying something the peer sent.
     Apply {
         link: LinkId,
@@ -416,6 +421,12 @@ pub struct Replica<P> {
     replies_unflushed: Vec<Message<P>>,
     replies_flushing: Vec<Message<P>>,
     reply_flush: Option<IoId>,
+    /// After an unclean stop, the startup flush is still out: no link, no
+    /// promotion. (The previous run's writes may still be only in the page
+    /// cache, which a later power loss takes: a resync must not send them,
+    /// nor an activity-log extent forget them, before they are durable;
+    /// sim seed 74124779.)
+    recovering: bool,
     /// A sync target's view of its resync: (estimated total bytes, bytes
     /// received before it started, start time). The source holds the real
     /// bitmap; the target knows its own and the count the source had.
@@ -486,6 +497,7 @@ impl<P: Clone> Replica<P> {
             replies_unflushed: Vec::new(),
             replies_flushing: Vec::new(),
             reply_flush: None,
+            recovering: false,
             target_sync: None,
             deferred: VecDeque::new(),
             outstanding: BTreeMap::new(),
@@ -534,6 +546,11 @@ impl<P: Clone> Replica<P> {
         // Running: a crash from here on is not a clean shutdown; a primary
         // that restarts cleanly stays primary.
         r.persist_meta_with(false);
+        if !persisted.clean_shutdown {
+            r.recovering = true;
+            let io = r.take_io(IoPurpose::StartupFlush);
+            r.actions.push_back(Action::Disk { io, op: DiskOp::Flush });
+        }
         r
     }
 
@@ -603,7 +620,7 @@ impl<P: Clone> Replica<P> {
 
     /// The shell should keep (re)connecting.
     pub fn wants_link(&self) -> bool {
-        matches!(self.conn, Conn::Connecting)
+        matches!(self.conn, Conn::Connecting) && !self.recovering
     }
 
     pub fn link(&self) -> Option<LinkId> {
@@ -1070,6 +1087,14 @@ impl<P: Clone> Replica<P> {
                 }
             }
             IoPurpose::ReplyFlush { link } => self.reply_flush_done(now_ms, link, result.is_ok()),
+            IoPurpose::StartupFlush => {
+                self.recovering = false;
+                if let Err(errno) = result {
+                    self.note_error(format!(
+                        "flushing the disk after a crash failed: errno {errno}; data from before the crash may not be durable"
+                    ));
+                }
+            }
             IoPurpose::Apply { link } => self.apply_done(now_ms, io, link, result),
             IoPurpose::ResyncRead { link, seq } => self.resync_read_done(now_ms, link, seq, result),
             IoPurpose::VerifyRead { link, seq } => self.verify_read_done(now_ms, link, seq, result),
@@ -1256,9 +1281,9 @@ impl<P: Clone> Replica<P> {
             self.actions.push_back(Action::CloseLink { link });
             return;
         }
-        if self.apply.draining().is_some() {
-            // The last link's writes are still reaching the disk; the shell
-            // retries after its connect interval.
+        if self.apply.draining().is_some() || self.recovering {
+            // The last link's writes (or the last run's) are still reaching
+            // the disk; the shell retries after its connect interval.
             debug!(resource = %self.cfg.resource, "new link refused: the peer's last writes are still being applied");
             self.actions.push_back(Action::CloseLink { link });
             return;
@@ -2167,6 +2192,9 @@ impl<P: Clone> Replica<P> {
         }
         if matches!(self.conn, Conn::Handshaking { .. }) {
             return Err(AdminError::Handshaking);
+        }
+        if self.recovering {
+            return Err(AdminError::Recovering);
         }
         let peer_primary = matches!(&self.conn, Conn::Established(p) if p.role == Role::Primary);
         if peer_primary && epoch.is_none() {

@@ -1270,10 +1270,13 @@ fn sim_replays_one_seed() {
 /// refused handshake, so the stale one was always mid-handshake when the
 /// admin demoted it: the shell waits its connect interval first);
 /// 73007942 (a secondary outdated by a failed write stayed Outdated: a
-/// verify was running, and later writes cleared the bits before it ended).
+/// verify was running, and later writes cleared the bits before it ended);
+/// 74124779 (a primary restarted after a process crash resynced writes that
+/// were still only in its page cache, then lost power: a restart flushes
+/// the disk before it connects or is promoted).
 #[test]
 fn sim_regression_seeds() {
-    let seeds: &[u64] = &[10023229, 40015618, 70018641, 71009148, 71115912, 73007942];
+    let seeds: &[u64] = &[10023229, 40015618, 70018641, 71009148, 71115912, 73007942, 74124779];
     for &seed in seeds {
         run(seed, 8_000);
     }
