@@ -9,6 +9,7 @@
 //! connections_max = 1000
 //! connections_per_ip_max = 20
 //! enforce_from_header = true     # authenticated: From: only with owned addresses
+//! metrics_listen = "127.0.0.1:9325"  # opt-in Prometheus endpoint (GET /metrics)
 //!
 //! [tls]
 //! cert = "/srv/mail/tls/cert.pem"
@@ -187,6 +188,7 @@ struct RawConfig {
     connections_max: Option<u32>,
     connections_per_ip_max: Option<u32>,
     enforce_from_header: Option<bool>,
+    metrics_listen: Option<String>,
     tls: Option<RawTls>,
     #[serde(default)]
     listener: Vec<RawListener>,
@@ -325,6 +327,9 @@ pub struct Config {
     pub connections_per_ip_max: u32,
     /// Authenticated users may only put addresses they own in `From:`.
     pub enforce_from_header: bool,
+    /// Opt-in Prometheus endpoint (`GET /metrics`); keep it on loopback or
+    /// a management network.
+    pub metrics_listen: Option<SocketAddr>,
     pub tls: Option<TlsFiles>,
     pub listeners: Vec<Listener>,
     pub privileges: Privileges,
@@ -374,6 +379,12 @@ impl Config {
         if connections_max == 0 || connections_per_ip_max == 0 {
             return Err(invalid("`connections_max` and `connections_per_ip_max` must be at least 1".into()));
         }
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("`metrics_listen` = {a:?} is not IP:PORT ({e}), e.g. \"127.0.0.1:9325\""))
+            })?),
+        };
         if raw.listener.is_empty() {
             return Err(invalid("no `[[listener]]` sections; add at least one (kind and address)".into()));
         }
@@ -513,6 +524,7 @@ impl Config {
             connections_max,
             connections_per_ip_max,
             enforce_from_header: raw.enforce_from_header.unwrap_or(true),
+            metrics_listen,
             tls,
             listeners,
             privileges,
@@ -557,6 +569,10 @@ impl Config {
             };
             let proxy = if l.proxy_protocol { " [behind a PROXY v2 load balancer]" } else { "" };
             s.push_str(&format!("listen {} ({}){proxy}: {}\n", l.address, l.kind.name(), policy));
+        }
+        match self.metrics_listen {
+            Some(a) => s.push_str(&format!("metrics: http://{a}/metrics (Prometheus)\n")),
+            None => s.push_str("metrics: off (set `metrics_listen`)\n"),
         }
         let d = &self.delivery;
         match d.relay_host {

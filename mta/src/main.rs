@@ -4,7 +4,7 @@
 //! Exit codes: 0 success, 1 operating error (printed once as
 //! `mta: <cause chain>`), 2 usage error.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -112,20 +112,21 @@ enum QueueCmd {
     },
 }
 
+/// `println!` that returns an error instead of panicking when stdout is
+/// closed or full (`mta queue list | head`, stdout on /dev/full).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*).context("failed to write to stdout")?
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    mta::logging::init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mta: {e:#}");
+            mta::logging::line(format_args!("mta: {e:#}"));
             ExitCode::from(1)
         }
     }
@@ -171,9 +172,7 @@ fn check_config(config: &Config) -> Result<()> {
         mta::tls::server_config(&t.cert, &t.key).context("failed to load TLS material")?;
     }
     mta::server::outbound_secrets(config)?;
-    print!("{}", config.describe());
-    print!("{}", mta::server::describe_paths(config));
-    println!("config ok: {}", config.path.display());
+    out!("{}{}config ok: {}", config.describe(), mta::server::describe_paths(config), config.path.display());
     Ok(())
 }
 
@@ -195,12 +194,16 @@ fn read_password() -> Result<String> {
 
 async fn domain_cmd(d: &Directory, cmd: DomainCmd) -> Result<()> {
     match cmd {
-        DomainCmd::Add { name } => println!("added domain {}", d.add_domain(&name).await?),
+        DomainCmd::Add { name } => out!("added domain {}", d.add_domain(&name).await?),
         DomainCmd::Del { name } => {
             d.del_domain(&name).await?;
-            println!("deleted domain {name}");
+            out!("deleted domain {name}");
         }
-        DomainCmd::List => d.list_domains().await?.iter().for_each(|n| println!("{n}")),
+        DomainCmd::List => {
+            for n in d.list_domains().await? {
+                out!("{n}");
+            }
+        }
     }
     Ok(())
 }
@@ -209,16 +212,16 @@ async fn user_cmd(d: &Directory, cmd: UserCmd) -> Result<()> {
     match cmd {
         UserCmd::Add { address } => {
             let password = read_password()?;
-            println!("added mailbox {}", d.add_user(&address, &password).await?);
+            out!("added mailbox {}", d.add_user(&address, &password).await?);
         }
         UserCmd::Passwd { address } => {
             let password = read_password()?;
             d.set_password(&address, &password).await?;
-            println!("password changed for {address}");
+            out!("password changed for {address}");
         }
         UserCmd::Del { address } => {
             d.del_user(&address).await?;
-            println!("deleted mailbox {address} (its Maildir is kept on disk)");
+            out!("deleted mailbox {address} (its Maildir is kept on disk)");
         }
         UserCmd::Enable { address } => d.set_enabled(&address, true).await?,
         UserCmd::Disable { address } => d.set_enabled(&address, false).await?,
@@ -226,7 +229,7 @@ async fn user_cmd(d: &Directory, cmd: UserCmd) -> Result<()> {
         UserCmd::List => {
             for u in d.list_users().await? {
                 let quota = u.quota_bytes.map_or(String::new(), |q| format!("\tquota {q} bytes"));
-                println!("{}\t{}{quota}", u.address, if u.enabled { "enabled" } else { "disabled" });
+                out!("{}\t{}{quota}", u.address, if u.enabled { "enabled" } else { "disabled" });
             }
         }
     }
@@ -237,10 +240,14 @@ async fn alias_cmd(d: &Directory, cmd: AliasCmd) -> Result<()> {
     match cmd {
         AliasCmd::Add { source, destination } => {
             let (s, t) = d.add_alias(&source, &destination).await?;
-            println!("added alias {s} -> {t}");
+            out!("added alias {s} -> {t}");
         }
         AliasCmd::Del { source, destination } => d.del_alias(&source, &destination).await?,
-        AliasCmd::List => d.list_aliases().await?.iter().for_each(|(s, t)| println!("{s}\t{t}")),
+        AliasCmd::List => {
+            for (s, t) in d.list_aliases().await? {
+                out!("{s}\t{t}");
+            }
+        }
     }
     Ok(())
 }
@@ -275,7 +282,11 @@ async fn sender_cmd(d: &Directory, cmd: SenderCmd) -> Result<()> {
     match cmd {
         SenderCmd::Allow { login, address } => d.allow_sender(&login, &address).await?,
         SenderCmd::Deny { login, address } => d.deny_sender(&login, &address).await?,
-        SenderCmd::List => d.list_senders().await?.iter().for_each(|(l, a)| println!("{l}\t{a}")),
+        SenderCmd::List => {
+            for (l, a) in d.list_senders().await? {
+                out!("{l}\t{a}");
+            }
+        }
     }
     Ok(())
 }
@@ -287,7 +298,7 @@ fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
             for e in queue.list()? {
                 let env = &e.envelope;
                 let from = if env.from.is_empty() { "<>" } else { &env.from };
-                println!(
+                out!(
                     "{}\t{}\t{} bytes\tfrom {}\tto {}\tattempts {}{}",
                     env.id,
                     if e.held { "held" } else { "active" },
@@ -299,7 +310,7 @@ fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
                 );
             }
         }
-        QueueCmd::Flush => println!("{} messages due now", queue.flush()?),
+        QueueCmd::Flush => out!("{} messages due now", queue.flush()?),
         QueueCmd::Delete { id } => queue.remove(&id)?,
         QueueCmd::Hold { id } => queue.set_held(&id, true)?,
         QueueCmd::Release { id } => queue.set_held(&id, false)?,

@@ -60,6 +60,7 @@ pub struct Shared {
 pub struct Prepared {
     config: Config,
     listeners: Vec<(Listener, std::net::TcpListener)>,
+    metrics: Option<std::net::TcpListener>,
     tls: Option<TlsStore>,
     dropped: Dropped,
     directory_url: String,
@@ -86,6 +87,15 @@ pub fn prepare(config: Config) -> Result<Prepared> {
         socket.set_nonblocking(true).context("failed to make a listener non-blocking")?;
         listeners.push((l.clone(), socket));
     }
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let socket = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("failed to bind the metrics listener on {addr}"))?;
+            socket.set_nonblocking(true).context("failed to make a listener non-blocking")?;
+            Some(socket)
+        }
+        None => None,
+    };
     let mut tls = match &config.tls {
         Some(t) => Some(TlsStore::load(&t.cert, &t.key).context("failed to load TLS material")?),
         None => {
@@ -149,7 +159,7 @@ pub fn prepare(config: Config) -> Result<Prepared> {
             _ => tracing::warn!("TLS files are outside the chroot: certificate reload on SIGHUP disabled"),
         }
     }
-    Ok(Prepared { config, listeners, tls, dropped, directory_url, resolver, client_tls, relay_credentials })
+    Ok(Prepared { config, listeners, metrics, tls, dropped, directory_url, resolver, client_tls, relay_credentials })
 }
 
 /// The client TLS roots (only when a `verify` level is configured) and the
@@ -208,7 +218,8 @@ impl Slots {
 }
 
 pub async fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { config, listeners, tls, dropped, directory_url, resolver, client_tls, relay_credentials } = prepared;
+    let Prepared { config, listeners, metrics, tls, dropped, directory_url, resolver, client_tls, relay_credentials } =
+        prepared;
     let (queue, discarded) = Queue::open(&dropped.data_dir.join("queue")).context("failed to open the queue")?;
     if discarded > 0 {
         tracing::warn!(discarded, "discarded partial queue files left by a crash");
@@ -236,8 +247,14 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     for (listener, socket) in listeners {
         let socket = TcpListener::from_std(socket).context("failed to register a listener with tokio")?;
         let addr = socket.local_addr().context("listener address")?;
-        eprintln!("mta: listening {} {addr}", listener.kind.name());
+        crate::logging::line(format_args!("mta: listening {} {addr}", listener.kind.name()));
         tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), socket, listener, shutdown_rx.clone())));
+    }
+    if let Some(socket) = metrics {
+        let socket = TcpListener::from_std(socket).context("failed to register the metrics listener with tokio")?;
+        let addr = socket.local_addr().context("metrics listener address")?;
+        crate::logging::line(format_args!("mta: listening metrics {addr}"));
+        tasks.push(tokio::spawn(crate::metrics::serve(socket, shutdown_rx.clone())));
     }
     let outbound = delivery_task::Outbound {
         router: resolver.map(|r| mx::Router::new(r, config.delivery.mx_port)),
@@ -246,7 +263,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     };
     let delivery = tokio::spawn(delivery_task::run(shared.clone(), outbound, shutdown_rx.clone()));
     tracing::info!(user = dropped.user.as_deref().unwrap_or("(unchanged)"), chroot = dropped.chrooted, "started");
-    eprintln!("mta: ready");
+    crate::logging::line(format_args!("mta: ready"));
 
     wait_for_shutdown(&shared).await?;
     tracing::info!("shutting down");
@@ -260,7 +277,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     }
     let _ = delivery.await;
     shared.directory.close().await;
-    eprintln!("mta: stopped");
+    crate::logging::line(format_args!("mta: stopped"));
     Ok(())
 }
 
@@ -275,7 +292,7 @@ async fn wait_for_shutdown(shared: &Shared) -> Result<()> {
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => match &shared.tls {
                 Some(store) => match store.reload() {
-                    Ok(()) => eprintln!("mta: TLS certificate reloaded"),
+                    Ok(()) => crate::logging::line(format_args!("mta: TLS certificate reloaded")),
                     Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
                 },
                 None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
