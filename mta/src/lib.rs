@@ -23,6 +23,8 @@ pub mod filter;
 #[cfg(feature = "daemon")]
 pub mod header_from;
 #[cfg(feature = "daemon")]
+pub mod lock;
+#[cfg(feature = "daemon")]
 pub mod logging;
 #[cfg(feature = "daemon")]
 pub mod maildir;

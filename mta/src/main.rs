@@ -292,6 +292,29 @@ async fn sender_cmd(d: &Directory, cmd: SenderCmd) -> Result<()> {
 }
 
 fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
+    // Changes take the server's lock, so they never race its delivery task;
+    // while a server holds it they go through its admin socket instead.
+    // `list` only reads and works beside a running server.
+    let request = match &cmd {
+        QueueCmd::List => None,
+        QueueCmd::Flush => Some("flush".to_string()),
+        QueueCmd::Delete { id } => Some(format!("delete {id}")),
+        QueueCmd::Hold { id } => Some(format!("hold {id}")),
+        QueueCmd::Release { id } => Some(format!("release {id}")),
+    };
+    let _lock = match request {
+        None => None,
+        Some(request) => match mta::lock::acquire(&config.data_dir) {
+            Ok(lock) => Some(lock),
+            Err(mta::lock::LockError::Held { holder, .. }) => {
+                let answer = ask_server(&config.data_dir, &request)
+                    .with_context(|| format!("failed to ask the running server (PID {holder}) to {request}"))?;
+                out!("{answer}");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
     let queue = Queue::attach(&config.queue_dir())?;
     match cmd {
         QueueCmd::List => {
@@ -310,10 +333,42 @@ fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
                 );
             }
         }
-        QueueCmd::Flush => out!("{} messages due now", queue.flush()?),
-        QueueCmd::Delete { id } => queue.remove(&id)?,
-        QueueCmd::Hold { id } => queue.set_held(&id, true)?,
-        QueueCmd::Release { id } => queue.set_held(&id, false)?,
+        QueueCmd::Flush => {
+            let n = queue.flush()?;
+            out!("{n} {} due now", if n == 1 { "message" } else { "messages" });
+        }
+        QueueCmd::Delete { id } => {
+            queue.remove(&id)?;
+            out!("deleted {id}");
+        }
+        QueueCmd::Hold { id } => {
+            queue.set_held(&id, true)?;
+            out!("held {id}");
+        }
+        QueueCmd::Release { id } => {
+            queue.set_held(&id, false)?;
+            out!("released {id}");
+        }
     }
     Ok(())
+}
+
+/// Sends one request to the running server's admin socket and returns
+/// its answer (`ok …`), or its refusal as an error.
+fn ask_server(data_dir: &std::path::Path, request: &str) -> Result<String> {
+    use std::io::Read;
+    let path = data_dir.join(mta::server::control::SOCKET_FILE);
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("failed to connect to {}", path.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(90))).context("failed to set a timeout")?;
+    s.write_all(format!("{request}\n").as_bytes()).with_context(|| format!("failed to write to {}", path.display()))?;
+    let mut answer = String::new();
+    s.take(4096).read_to_string(&mut answer).with_context(|| format!("failed to read from {}", path.display()))?;
+    let answer = answer.trim();
+    match answer.strip_prefix("ok ") {
+        Some(text) => Ok(text.to_string()),
+        None => {
+            bail!("{}", answer.strip_prefix("error ").unwrap_or(if answer.is_empty() { "no answer" } else { answer }))
+        }
+    }
 }

@@ -29,3 +29,34 @@ fn serve_with_stderr_on_dev_full_keeps_delivering_and_counts_lost_lines() {
     let lost = metric(&text, "mta_log_write_failures_total").unwrap_or_else(|| panic!("no counter in\n{text}"));
     assert!(lost >= 5.0, "expected lost log lines to be counted\n{text}");
 }
+
+// Issue 20: two servers on one data directory both started, then
+// delivered the same queue files twice. The second now refuses and names
+// the first one's PID; queue changes go through the running server's
+// admin socket (so they never race its delivery task).
+#[test]
+fn second_instance_refuses_and_queue_changes_go_through_the_server() {
+    let tree = MailTree::new("mta-lock", "", None).unwrap();
+    tree.populate().unwrap();
+    let first = tree.serve().unwrap();
+    let holder = format!("PID {}", first.pid());
+
+    let out = tests::util::run_output(&mut tree.mta(["serve"]), Duration::from_secs(30)).unwrap();
+    assert!(!out.success(), "a second server started on the same data directory\n{}", out.describe());
+    assert!(out.stderr.contains("in use by another mta") && out.stderr.contains(&holder), "{}", out.describe());
+
+    let out = tree.admin(&["queue", "flush"]).unwrap();
+    assert_eq!(out.stdout.trim(), "0 messages due now");
+    let out = tests::util::run_output(&mut tree.mta(["queue", "hold", "abc123"]), Duration::from_secs(30)).unwrap();
+    assert!(!out.success(), "{}", out.describe());
+    assert!(out.stderr.contains(&holder) && out.stderr.contains("no queued message"), "{}", out.describe());
+    assert!(tree.admin(&["queue", "list"]).unwrap().success());
+    assert!(first.log().contains("queue flushed by the admin"), "{}", first.log());
+
+    // The lock dies with its process: no stale lock (or socket) after kill -9.
+    drop(first);
+    let again = tree.serve().unwrap();
+    assert!(again.log().contains("mta: ready"));
+    let out = tree.admin(&["queue", "flush"]).unwrap();
+    assert_eq!(out.stdout.trim(), "0 messages due now");
+}

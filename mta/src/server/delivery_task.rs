@@ -71,6 +71,9 @@ async fn pass(shared: &Arc<Shared>, outbound: &Arc<Outbound>) -> Result<(), Queu
         running.spawn(async move {
             let queue = shared.queue.clone();
             let id = listed.id.clone();
+            // An admin change in progress (hold, delete) goes first; the
+            // next pass sees what it left.
+            let Some(_claim) = shared.claims.try_claim(&id) else { return Ok(()) };
             match blocking(move || queue.read(&id)).await {
                 Ok((envelope, message)) => deliver_one(&shared, &outbound, envelope, message).await,
                 // Deleted or held by the admin since it was listed.

@@ -10,6 +10,7 @@
 //! sessions to close (421) and wait a bounded time.
 
 pub mod connection;
+pub mod control;
 pub mod delivery_task;
 
 use std::collections::HashMap;
@@ -54,13 +55,19 @@ pub struct Shared {
     /// Server-wide budget for messages being received, in
     /// `MESSAGE_MEMORY_UNIT_BYTES` units.
     pub message_memory: Arc<Semaphore>,
+    /// Queue ids being delivered or changed by the admin socket.
+    pub claims: control::Claims,
 }
 
 /// The result of the privileged part of start-up.
 pub struct Prepared {
     config: Config,
+    /// Held until the process ends: one server per mail tree.
+    lock: crate::lock::DataLock,
     listeners: Vec<(Listener, std::net::TcpListener)>,
     metrics: Option<std::net::TcpListener>,
+    /// The admin socket (`mta queue …` against the running server).
+    control: std::os::unix::net::UnixListener,
     tls: Option<TlsStore>,
     dropped: Dropped,
     directory_url: String,
@@ -80,6 +87,10 @@ fn sqlite_path(url: &str) -> Option<PathBuf> {
 
 /// Binds, loads TLS, prepares the mail tree and drops privileges.
 pub fn prepare(config: Config) -> Result<Prepared> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("failed to create data_dir {}", config.data_dir.display()))?;
+    let lock = crate::lock::acquire(&config.data_dir)?;
+    let control = bind_control(&config.data_dir)?;
     let mut listeners = Vec::new();
     for l in &config.listeners {
         let socket = std::net::TcpListener::bind(l.address)
@@ -159,7 +170,37 @@ pub fn prepare(config: Config) -> Result<Prepared> {
             _ => tracing::warn!("TLS files are outside the chroot: certificate reload on SIGHUP disabled"),
         }
     }
-    Ok(Prepared { config, listeners, metrics, tls, dropped, directory_url, resolver, client_tls, relay_credentials })
+    Ok(Prepared {
+        config,
+        lock,
+        listeners,
+        metrics,
+        control,
+        tls,
+        dropped,
+        directory_url,
+        resolver,
+        client_tls,
+        relay_credentials,
+    })
+}
+
+/// Binds `DATA_DIR/mta.sock` 0600 (root only while we are root). A file
+/// left there by a crash is removed: the data lock proves no server owns it.
+fn bind_control(data_dir: &Path) -> Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data_dir.join(control::SOCKET_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("failed to remove the stale admin socket {}", path.display())),
+    }
+    let socket = std::os::unix::net::UnixListener::bind(&path)
+        .with_context(|| format!("failed to bind the admin socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to set the mode of {}", path.display()))?;
+    socket.set_nonblocking(true).context("failed to make the admin socket non-blocking")?;
+    Ok(socket)
 }
 
 /// The client TLS roots (only when a `verify` level is configured) and the
@@ -218,8 +259,19 @@ impl Slots {
 }
 
 pub async fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { config, listeners, metrics, tls, dropped, directory_url, resolver, client_tls, relay_credentials } =
-        prepared;
+    let Prepared {
+        config,
+        lock,
+        listeners,
+        metrics,
+        control,
+        tls,
+        dropped,
+        directory_url,
+        resolver,
+        client_tls,
+        relay_credentials,
+    } = prepared;
     let (queue, discarded) = Queue::open(&dropped.data_dir.join("queue")).context("failed to open the queue")?;
     if discarded > 0 {
         tracing::warn!(discarded, "discarded partial queue files left by a crash");
@@ -235,6 +287,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         filters: vec![Box::new(RequireFromHeader)],
         delivery_wakeup: Notify::new(),
         message_memory: Arc::new(Semaphore::new((MESSAGES_MEMORY_BYTES_MAX / MESSAGE_MEMORY_UNIT_BYTES) as usize)),
+        claims: control::Claims::default(),
     });
     let slots = Arc::new(Slots {
         total: Arc::new(Semaphore::new(config.connections_max as usize)),
@@ -256,6 +309,8 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         crate::logging::line(format_args!("mta: listening metrics {addr}"));
         tasks.push(tokio::spawn(crate::metrics::serve(socket, shutdown_rx.clone())));
     }
+    let control = tokio::net::UnixListener::from_std(control).context("failed to register the admin socket")?;
+    tasks.push(tokio::spawn(control::serve(shared.clone(), control, shutdown_rx.clone())));
     let outbound = delivery_task::Outbound {
         router: resolver.map(|r| mx::Router::new(r, config.delivery.mx_port)),
         tls: client_tls,
@@ -278,6 +333,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     let _ = delivery.await;
     shared.directory.close().await;
     crate::logging::line(format_args!("mta: stopped"));
+    drop(lock);
     Ok(())
 }
 
