@@ -60,3 +60,53 @@ fn second_instance_refuses_and_queue_changes_go_through_the_server() {
     let out = tree.admin(&["queue", "flush"]).unwrap();
     assert_eq!(out.stdout.trim(), "0 messages due now");
 }
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+/// Whether the unprivileged `nobody` can read `path` (None when not root).
+fn nobody_reads(path: &std::path::Path) -> Option<bool> {
+    if !tests::util::is_root() || !tests::have_tools(&["setpriv"]) {
+        return None;
+    }
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat"]).arg(path);
+    Some(tests::util::run_output(&mut c, Duration::from_secs(10)).unwrap().success())
+}
+
+// Issue 20: directory.sqlite3 was created 0644 in a 0755 data directory,
+// so any local user could read every Argon2id hash. It is now created
+// 0600 (by admin commands and the server alike), an existing readable
+// one is fixed at start with a warning, and so is a world-readable TLS key.
+#[test]
+fn user_directory_and_tls_key_are_not_readable_by_other_users() {
+    let tree = MailTree::new("mta-modes", "", None).unwrap();
+    tree.populate().unwrap();
+    let db = tree.data.join("directory.sqlite3");
+    assert_eq!(mode(&db) & 0o077, 0, "the admin command created the directory {:04o}", mode(&db));
+    assert!(!nobody_reads(&db).unwrap_or(false), "nobody could read {}", db.display());
+
+    // An older install's readable file, and a key as `cp` leaves it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&tree.pki.server_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    if let Some(read) = nobody_reads(&db) {
+        assert!(read, "the check itself must see a readable file");
+    }
+    let mta = tree.serve().unwrap();
+    let out = swaks(mta.mx(), &["--from", "someone@remote.test", "--to", "alice@example.org"]).unwrap();
+    assert!(out.success(), "{}", out.describe());
+    for suffix in ["", "-wal", "-shm"] {
+        let f = tree.data.join(format!("directory.sqlite3{suffix}"));
+        if f.exists() {
+            assert_eq!(mode(&f) & 0o077, 0, "{} has mode {:04o}", f.display(), mode(&f));
+            assert!(!nobody_reads(&f).unwrap_or(false), "nobody could read {}", f.display());
+        }
+    }
+    assert_eq!(mode(&tree.pki.server_key) & 0o007, 0, "the TLS key is still world-readable");
+    let log = mta.log();
+    assert!(log.contains("the user directory had mode 0644"), "{log}");
+    assert!(log.contains("the TLS key had mode 0644"), "{log}");
+}

@@ -45,6 +45,53 @@ pub enum DirectoryError {
     Hash(String),
     #[error("passwords must not be empty")]
     EmptyPassword,
+    #[error("failed to protect the directory file {path}: {cause}")]
+    Protect { path: std::path::PathBuf, cause: std::io::Error },
+}
+
+/// The SQLite file behind a `sqlite://` URL, if it is one.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://")?;
+    Some(std::path::PathBuf::from(rest.split('?').next().unwrap_or(rest)))
+}
+
+/// Keeps the password hashes private: creates the SQLite file behind `url`
+/// mode 0600 before SQLite does (SQLite gives its -wal and -shm files the
+/// database's mode), and takes group and world access away from an
+/// existing file and its -wal, -shm and -journal, saying so. Other URLs
+/// (MySQL) are left alone.
+pub fn protect_sqlite_files(url: &str) -> Result<(), DirectoryError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let Some(db) = sqlite_path(url) else { return Ok(()) };
+    let err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |cause| DirectoryError::Protect { path, cause }
+    };
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&db) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // A missing parent directory: SQLite reports it better.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(&db)(e)),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let path = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(&path)(e)),
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700)).map_err(err(&path))?;
+            tracing::warn!(
+                path = %path.display(),
+                "the user directory had mode {mode:04o} (other local users could read the password hashes); now {:04o}",
+                mode & 0o700
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Aliases may point at aliases; expansion stops at this depth.
@@ -81,6 +128,7 @@ impl Directory {
     /// Connects and creates missing tables. SQLite files are created if absent.
     pub async fn open(url: &str) -> Result<Directory, DirectoryError> {
         sqlx::any::install_default_drivers();
+        protect_sqlite_files(url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(8)
             .connect(url)

@@ -26,7 +26,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth_limit::AuthLimiter;
 use crate::config::{Config, Listener};
-use crate::directory::Directory;
+use crate::directory::{sqlite_path, Directory};
 use crate::durable;
 use crate::filter::{Filter, RequireFromHeader};
 use crate::limits::{MESSAGES_MEMORY_BYTES_MAX, MESSAGE_MEMORY_UNIT_BYTES};
@@ -79,10 +79,21 @@ pub struct Prepared {
     relay_credentials: Option<Credentials>,
 }
 
-/// The SQLite file behind a `sqlite://` URL, if it is one.
-fn sqlite_path(url: &str) -> Option<PathBuf> {
-    let rest = url.strip_prefix("sqlite://")?;
-    Some(PathBuf::from(rest.split('?').next().unwrap_or(rest)))
+/// Takes world access away from the TLS private key (we are still root
+/// here), saying so, and warns when its group may read it (Debian's
+/// `ssl-cert` group is a legitimate reason).
+fn protect_key(key: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(key).with_context(|| format!("failed to read the TLS key {}", key.display()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(mode & 0o770))
+            .with_context(|| format!("failed to take world access away from the TLS key {}", key.display()))?;
+        tracing::warn!(path = %key.display(), "the TLS key had mode {mode:04o} (any local user could read it); now {:04o}", mode & 0o770);
+    } else if mode & 0o070 != 0 {
+        tracing::warn!(path = %key.display(), "the TLS key has mode {mode:04o}: its group may read it");
+    }
+    Ok(())
 }
 
 /// Binds, loads TLS, prepares the mail tree and drops privileges.
@@ -107,6 +118,10 @@ pub fn prepare(config: Config) -> Result<Prepared> {
         }
         None => None,
     };
+    if let Some(t) = &config.tls {
+        protect_key(&t.key)?;
+    }
+    crate::directory::protect_sqlite_files(&config.directory_url).context("failed to protect the user directory")?;
     let mut tls = match &config.tls {
         Some(t) => Some(TlsStore::load(&t.cert, &t.key).context("failed to load TLS material")?),
         None => {
