@@ -7,7 +7,7 @@
 //! # directory_url = "mysql://mta:secret@127.0.0.1/mail"   # default: SQLite in data_dir
 //! message_bytes_max = 26214400
 //! connections_max = 1000
-//! connections_per_ip_max = 20
+//! connections_per_ip_max = 50     # Postfix's smtpd_client_connection_count_limit
 //! enforce_from_header = true     # authenticated: From: only with owned addresses
 //! metrics_listen = "127.0.0.1:9325"  # opt-in Prometheus endpoint (GET /metrics)
 //!

@@ -48,7 +48,7 @@ pub const DATA_BLOCK_TIMEOUT_SECS: u64 = 180;
 pub const TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 
 /// Default simultaneous connections per client IP.
-pub const CONNECTIONS_PER_IP_MAX_DEFAULT: u32 = 20;
+pub const CONNECTIONS_PER_IP_MAX_DEFAULT: u32 = 50;
 /// Default simultaneous connections in total.
 pub const CONNECTIONS_MAX_DEFAULT: u32 = 1000;
 

@@ -110,3 +110,36 @@ fn user_directory_and_tls_key_are_not_readable_by_other_users() {
     assert!(log.contains("the user directory had mode 0644"), "{log}");
     assert!(log.contains("the TLS key had mode 0644"), "{log}");
 }
+
+// Issue 20: the per-IP slot was released after the socket closed, so
+// `smtp-source -s 20` (never more than 20 sessions open) reconnected
+// before its slot was free and got `421 Too many connections` after
+// about 1,000 messages with a limit of 20 per IP. The slot is now
+// released when the session ends, before its last reply.
+#[test]
+fn smtp_source_with_20_sessions_fits_a_limit_of_20_per_ip() {
+    require_tools!("smtp-source");
+    const MESSAGES: usize = 2000;
+    let tree = MailTree::new("mta-per-ip", "connections_per_ip_max = 20", None).unwrap();
+    tree.populate().unwrap();
+    let mta = tree.serve().unwrap();
+    let mut c = std::process::Command::new("smtp-source");
+    c.args([
+        "-s",
+        "20",
+        "-m",
+        &MESSAGES.to_string(),
+        "-l",
+        "1024",
+        "-f",
+        "load@remote.test",
+        "-t",
+        "alice@example.org",
+    ])
+    .arg(mta.mx().to_string());
+    let out = tests::util::run_output(&mut c, Duration::from_secs(600)).unwrap();
+    assert!(out.success(), "smtp-source failed\n{}", out.describe());
+    let log = mta.log();
+    assert!(!log.contains("per-IP connection limit reached"), "a session was refused:\n{}", out.describe());
+    tree.wait_messages("alice@example.org", MESSAGES, Duration::from_secs(300)).unwrap();
+}

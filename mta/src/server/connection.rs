@@ -111,13 +111,19 @@ pub fn session_config(shared: &Shared, kind: ListenerKind) -> SessionConfig {
     }
 }
 
+/// Serves one connection. `slot` (its per-IP and total connection slot)
+/// is released as soon as the session is closed, before its last reply is
+/// written: a client that reconnects right after `221` must find it free
+/// (`smtp-source -s 20` against the limit of 20 per IP did not).
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     listener: Listener,
     mut shutdown: watch::Receiver<bool>,
+    slot: super::Slot,
 ) {
+    let mut slot = Some(slot);
     let implicit_tls = listener.kind == ListenerKind::Submissions;
     let mut stream = if implicit_tls {
         match tls_accept(&shared, tcp).await {
@@ -150,7 +156,7 @@ pub async fn serve(
     session.greet();
 
     loop {
-        match drive(&shared, &mut session, &mut stream, peer).await {
+        match drive(&shared, &mut session, &mut stream, peer, &mut slot).await {
             // A finished message gives its memory back here.
             Ok(true) => {
                 memory.charge(session.message_bytes_buffered());
@@ -181,6 +187,7 @@ pub async fn serve(
             _ = shutdown.changed() => session.handle_shutdown(),
         }
     }
+    drop(slot.take());
     stream.shutdown().await;
 }
 
@@ -223,14 +230,24 @@ impl MemoryCharge {
 
 /// Sends replies and handles events until the session needs input.
 /// Returns false once the session asked to close.
-async fn drive(shared: &Shared, session: &mut Session, stream: &mut Stream, peer: SocketAddr) -> io::Result<bool> {
+async fn drive(
+    shared: &Shared,
+    session: &mut Session,
+    stream: &mut Stream,
+    peer: SocketAddr,
+    slot: &mut Option<super::Slot>,
+) -> io::Result<bool> {
     loop {
         if let Some(bytes) = session.poll_transmit() {
+            if session.is_closed() {
+                drop(slot.take());
+            }
             stream.write_all(&bytes).await?;
         }
         let Some(event) = session.poll_event() else { return Ok(true) };
         match event {
             Event::Close => {
+                drop(slot.take());
                 if let Some(bytes) = session.poll_transmit() {
                     stream.write_all(&bytes).await?;
                 }

@@ -241,7 +241,8 @@ struct Slots {
     per_ip_max: u32,
 }
 
-struct Slot {
+/// A connection's per-IP and total slot, released on drop.
+pub struct Slot {
     slots: Arc<Slots>,
     ip: IpAddr,
     _permit: OwnedSemaphorePermit,
@@ -417,8 +418,7 @@ async fn accept_loop(
                 refuse(tcp).await;
                 return;
             };
-            connection::serve(shared, tcp, peer, listener, shutdown).await;
-            drop(slot);
+            connection::serve(shared, tcp, peer, listener, shutdown, slot).await;
         });
     }
 }
