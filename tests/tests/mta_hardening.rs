@@ -143,3 +143,79 @@ fn smtp_source_with_20_sessions_fits_a_limit_of_20_per_ip() {
     assert!(!log.contains("per-IP connection limit reached"), "a session was refused:\n{}", out.describe());
     tree.wait_messages("alice@example.org", MESSAGES, Duration::from_secs(300)).unwrap();
 }
+
+/// Opens `n` connections to 127.0.0.1:`port` from 127.0.0.2, .3, … (`per`
+/// per address), says nothing, prints `held N`, then `closed N` once the
+/// server has closed them all.
+const SILENT_CLIENTS: &str = r#"
+import socket, sys, time
+port, n, per = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+socks = []
+for i in range(n):
+    s = socket.socket()
+    s.bind(("127.0.0.%d" % (2 + i // per), 0))
+    s.connect(("127.0.0.1", port))
+    socks.append(s)
+print("held", len(socks), flush=True)
+for s in socks:
+    s.settimeout(120)
+    try:
+        while s.recv(4096):
+            pass
+    except OSError:
+        pass
+print("closed", len(socks), flush=True)
+time.sleep(600)
+"#;
+
+// Issue 20: one connection limit was shared by every listener, so silent
+// connections to port 25 made submission answer `421 Too many
+// connections`, for the five minutes of the idle timeout. Each listener
+// now has its own limit, and past `stress_percent` of it idle timeouts
+// drop to 10 s (Postfix's stress mode).
+#[test]
+fn silent_flood_on_mx_neither_locks_out_submission_nor_holds_mx_for_minutes() {
+    require_tools!("swaks", "python3");
+    const LIMIT: usize = 100;
+    let tree = MailTree::new("mta-flood", &format!("connections_max = {LIMIT}"), None).unwrap();
+    tree.populate().unwrap();
+    let mta = tree.serve().unwrap();
+    let port = mta.mx().port().to_string();
+    let flood = tests::Daemon::spawn(tests::util::cmd(
+        "python3",
+        ["-u", "-c", SILENT_CLIENTS, &port, &LIMIT.to_string(), "10"],
+    ))
+    .unwrap();
+    flood.logs.wait_for(&format!("held {LIMIT}"), Duration::from_secs(30)).unwrap();
+
+    // The MX listener is full ...
+    let mut probe = std::net::TcpStream::connect(mta.mx()).unwrap();
+    probe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = [0u8; 64];
+    let n = std::io::Read::read(&mut probe, &mut reply).unwrap_or(0);
+    assert!(reply[..n].starts_with(b"421 "), "expected 421 from a full MX listener: {:?}", &reply[..n]);
+    // ... but submission answers.
+    let out = swaks(
+        mta.submission(),
+        &[
+            "-tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice@example.org",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "bob@example.org",
+        ],
+    )
+    .unwrap();
+    assert!(out.success() && out.stdout.contains("250 2.0.0 Ok: queued"), "{}", out.describe());
+
+    // Under stress the silent clients are dropped after 10 s, not 300 s.
+    flood.logs.wait_for(&format!("closed {LIMIT}"), Duration::from_secs(60)).unwrap();
+    let out = swaks(mta.mx(), &["--from", "someone@remote.test", "--to", "alice@example.org"]).unwrap();
+    assert!(out.success(), "{}", out.describe());
+}

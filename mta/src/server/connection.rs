@@ -19,7 +19,7 @@ use crate::config::{Listener, ListenerKind};
 use crate::delivery::now_unix;
 use crate::filter::{self, Verdict};
 use crate::header_from;
-use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, TLS_HANDSHAKE_TIMEOUT_SECS};
+use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, STRESS_TIMEOUT_SECS, TLS_HANDSHAKE_TIMEOUT_SECS};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::queue::{Queue, StoredEnvelope};
 use crate::received;
@@ -122,6 +122,7 @@ pub async fn serve(
     listener: Listener,
     mut shutdown: watch::Receiver<bool>,
     slot: super::Slot,
+    load: Arc<super::ListenerLoad>,
 ) {
     let mut slot = Some(slot);
     let implicit_tls = listener.kind == ListenerKind::Submissions;
@@ -167,9 +168,9 @@ pub async fn serve(
                 return;
             }
         }
-        let deadline = Duration::from_secs(session.read_timeout_secs());
+        let read = read_with_stress(&mut stream, &mut buf, session.read_timeout_secs(), &load);
         tokio::select! {
-            r = tokio::time::timeout(deadline, stream.read(&mut buf)) => match r {
+            r = read => match r {
                 Err(_) => session.handle_timeout(),
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => {
@@ -189,6 +190,31 @@ pub async fn serve(
     }
     drop(slot.take());
     stream.shutdown().await;
+}
+
+/// One read with the session's timeout, cut to `STRESS_TIMEOUT_SECS` while
+/// the listener is under stress, also for reads that began before the
+/// stress did (the wait is re-checked every `STRESS_TIMEOUT_SECS`).
+/// `Err` means the timeout passed.
+async fn read_with_stress(
+    stream: &mut Stream,
+    buf: &mut [u8],
+    timeout_secs: u64,
+    load: &super::ListenerLoad,
+) -> Result<io::Result<usize>, tokio::time::error::Elapsed> {
+    let started = tokio::time::Instant::now();
+    let normal = Duration::from_secs(timeout_secs);
+    let step = Duration::from_secs(STRESS_TIMEOUT_SECS);
+    loop {
+        let limit = if load.stressed() { normal.min(step) } else { normal };
+        let left = limit.saturating_sub(started.elapsed());
+        // A zero timeout elapses at once: the same error as a real timeout.
+        match tokio::time::timeout(left.min(step), stream.read(buf)).await {
+            Ok(r) => return Ok(r),
+            Err(elapsed) if left <= step => return Err(elapsed),
+            Err(_) => continue,
+        }
+    }
 }
 
 /// This connection's share of the server-wide message memory budget, in

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth_limit::AuthLimiter;
-use crate::config::{Config, Listener};
+use crate::config::{Config, Listener, ListenerKind};
 use crate::directory::{sqlite_path, Directory};
 use crate::durable;
 use crate::filter::{Filter, RequireFromHeader};
@@ -234,11 +234,33 @@ pub fn outbound_secrets(config: &Config) -> Result<(ClientTls, Option<Credential
     Ok((client_tls, credentials))
 }
 
-/// Per-IP and total connection slots.
+/// Per-IP connection counts, shared by every listener (a client is one
+/// client whatever port it uses).
 struct Slots {
-    total: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     per_ip_max: u32,
+}
+
+/// One listener's connection budget: a flood on port 25 cannot take the
+/// slots of submission on 587 or 465.
+pub struct ListenerLoad {
+    total: Arc<Semaphore>,
+    max: u32,
+    /// Connections in use from which the listener is under stress.
+    stress_at: u32,
+}
+
+impl ListenerLoad {
+    fn new(max: u32, stress_percent: u32) -> ListenerLoad {
+        let stress_at = ((u64::from(max) * u64::from(stress_percent)).div_ceil(100)).max(1) as u32;
+        ListenerLoad { total: Arc::new(Semaphore::new(max as usize)), max, stress_at }
+    }
+
+    /// Whether idle timeouts are cut short (Postfix's stress mode).
+    pub fn stressed(&self) -> bool {
+        let in_use = self.max.saturating_sub(self.total.available_permits() as u32);
+        in_use >= self.stress_at
+    }
 }
 
 /// A connection's per-IP and total slot, released on drop.
@@ -261,8 +283,8 @@ impl Drop for Slot {
 }
 
 impl Slots {
-    /// A per-IP slot for a connection that already holds a total permit
-    /// (taken at accept, before a PROXY header names the real client).
+    /// A per-IP slot for a connection that already holds its listener's
+    /// permit (taken at accept, before a PROXY header names the real client).
     fn try_take(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
@@ -305,19 +327,19 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         message_memory: Arc::new(Semaphore::new((MESSAGES_MEMORY_BYTES_MAX / MESSAGE_MEMORY_UNIT_BYTES) as usize)),
         claims: control::Claims::default(),
     });
-    let slots = Arc::new(Slots {
-        total: Arc::new(Semaphore::new(config.connections_max as usize)),
-        per_ip: Mutex::new(HashMap::new()),
-        per_ip_max: config.connections_per_ip_max,
-    });
+    let slots = Arc::new(Slots { per_ip: Mutex::new(HashMap::new()), per_ip_max: config.connections_per_ip_max });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let mut tasks = Vec::new();
+    let mut loads = Vec::new();
     for (listener, socket) in listeners {
         let socket = TcpListener::from_std(socket).context("failed to register a listener with tokio")?;
         let addr = socket.local_addr().context("listener address")?;
         crate::logging::line(format_args!("mta: listening {} {addr}", listener.kind.name()));
-        tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), socket, listener, shutdown_rx.clone())));
+        let load = Arc::new(ListenerLoad::new(listener.connections_max, config.stress_percent));
+        loads.push(load.clone());
+        let shutdown = shutdown_rx.clone();
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), load, socket, listener, shutdown)));
     }
     if let Some(socket) = metrics {
         let socket = TcpListener::from_std(socket).context("failed to register the metrics listener with tokio")?;
@@ -342,8 +364,12 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    let all = config.connections_max;
-    if tokio::time::timeout(Duration::from_secs(DRAIN_SECS), slots.total.acquire_many(all)).await.is_err() {
+    let drained = async {
+        for load in &loads {
+            let _ = load.total.acquire_many(load.max).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(DRAIN_SECS), drained).await.is_err() {
         tracing::warn!("sessions still open after {DRAIN_SECS} s; exiting anyway");
     }
     let _ = delivery.await;
@@ -376,6 +402,7 @@ async fn wait_for_shutdown(shared: &Shared) -> Result<()> {
 async fn accept_loop(
     shared: Arc<Shared>,
     slots: Arc<Slots>,
+    load: Arc<ListenerLoad>,
     socket: TcpListener,
     listener: Listener,
     mut shutdown: watch::Receiver<bool>,
@@ -393,13 +420,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.total.clone().try_acquire_owned() else {
-            tracing::info!(%peer, "connection limit reached; refusing");
-            tokio::spawn(refuse(tcp));
+        let implicit_tls = listener.kind == ListenerKind::Submissions;
+        let Ok(permit) = load.total.clone().try_acquire_owned() else {
+            tracing::info!(%peer, listener = listener.kind.name(), "connection limit reached; refusing");
+            tokio::spawn(refuse(tcp, implicit_tls));
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let (shared, slots, listener, shutdown) = (shared.clone(), slots.clone(), listener.clone(), shutdown.clone());
+        let load = load.clone();
         tokio::spawn(async move {
             let peer = if listener.proxy_protocol {
                 match connection::read_proxy_header(&mut tcp).await {
@@ -415,15 +444,21 @@ async fn accept_loop(
             };
             let Some(slot) = slots.try_take(peer.ip(), permit) else {
                 tracing::info!(%peer, "per-IP connection limit reached; refusing");
-                refuse(tcp).await;
+                refuse(tcp, implicit_tls).await;
                 return;
             };
-            connection::serve(shared, tcp, peer, listener, shutdown, slot).await;
+            connection::serve(shared, tcp, peer, listener, shutdown, slot, load).await;
         });
     }
 }
 
-async fn refuse(mut tcp: tokio::net::TcpStream) {
+/// Refuses a connection over a limit: `421` in plaintext, except on the
+/// implicit-TLS port, where a plaintext byte before the handshake would be
+/// a protocol error (and a downgrade hint): there the socket is just closed.
+async fn refuse(mut tcp: tokio::net::TcpStream, implicit_tls: bool) {
+    if implicit_tls {
+        return;
+    }
     let reply = b"421 4.7.0 Too many connections, try again later\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(reply)).await;
 }
@@ -432,4 +467,24 @@ async fn refuse(mut tcp: tokio::net::TcpStream) {
 pub fn describe_paths(config: &Config) -> String {
     let q: &Path = &config.queue_dir();
     format!("queue: {}\nmailboxes: {}\n", q.display(), config.mailboxes_dir().display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ListenerLoad;
+
+    #[test]
+    fn stress_starts_at_the_configured_share_of_the_listener_limit() {
+        let load = ListenerLoad::new(4, 75);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(load.total.clone().try_acquire_owned().unwrap());
+            assert!(!load.stressed());
+        }
+        held.push(load.total.clone().try_acquire_owned().unwrap());
+        assert!(load.stressed(), "3 of 4 is 75%");
+        held.pop();
+        assert!(!load.stressed());
+        assert!(ListenerLoad::new(1, 1).stress_at == 1);
+    }
 }
