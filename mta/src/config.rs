@@ -7,6 +7,7 @@
 //! # directory_url = "mysql://mta:secret@127.0.0.1/mail"   # default: SQLite in data_dir
 //! message_bytes_max = 26214400
 //! connections_max = 1000          # per listener (each listener may set its own)
+//! password_length_min = 12       # `mta user add`/`passwd` refuse shorter passwords
 //! stress_percent = 75             # past this share of a listener's limit, idle timeouts drop to 10 s
 //! connections_per_ip_max = 50     # Postfix's smtpd_client_connection_count_limit
 //! enforce_from_header = true     # authenticated: From: only with owned addresses
@@ -53,7 +54,7 @@ use serde::Deserialize;
 
 use crate::limits::{
     CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT, MESSAGE_BYTES_MAX_CEILING, MESSAGE_BYTES_MAX_DEFAULT,
-    STRESS_PERCENT_DEFAULT,
+    PASSWORD_LENGTH_MIN_DEFAULT, STRESS_PERCENT_DEFAULT,
 };
 use crate::smtp::address::{self, Address};
 
@@ -192,6 +193,7 @@ struct RawConfig {
     connections_max: Option<u32>,
     connections_per_ip_max: Option<u32>,
     stress_percent: Option<u32>,
+    password_length_min: Option<u32>,
     enforce_from_header: Option<bool>,
     metrics_listen: Option<String>,
     tls: Option<RawTls>,
@@ -336,6 +338,8 @@ pub struct Config {
     /// Past this share of a listener's connection limit, idle timeouts
     /// shrink to `STRESS_TIMEOUT_SECS` (Postfix's stress mode).
     pub stress_percent: u32,
+    /// `mta user add` and `passwd` refuse shorter passwords (characters).
+    pub password_length_min: u32,
     /// Authenticated users may only put addresses they own in `From:`.
     pub enforce_from_header: bool,
     /// Opt-in Prometheus endpoint (`GET /metrics`); keep it on loopback or
@@ -544,6 +548,7 @@ impl Config {
             connections_max,
             connections_per_ip_max,
             stress_percent,
+            password_length_min: raw.password_length_min.unwrap_or(PASSWORD_LENGTH_MIN_DEFAULT),
             enforce_from_header: raw.enforce_from_header.unwrap_or(true),
             metrics_listen,
             tls,

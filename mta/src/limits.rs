@@ -49,6 +49,8 @@ pub const TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 
 /// Default simultaneous connections per client IP.
 pub const CONNECTIONS_PER_IP_MAX_DEFAULT: u32 = 50;
+/// Default minimum password length (characters) for `mta user add`/`passwd`.
+pub const PASSWORD_LENGTH_MIN_DEFAULT: u32 = 12;
 /// Default share (percent) of a listener's connection limit past which it
 /// is under stress.
 pub const STRESS_PERCENT_DEFAULT: u32 = 75;

@@ -144,7 +144,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => check_config(&config),
         Command::Queue(cmd) => queue_cmd(&config, cmd),
         Command::Domain(cmd) => with_directory(&config, |d| async move { domain_cmd(&d, cmd).await }),
-        Command::User(cmd) => with_directory(&config, |d| async move { user_cmd(&d, cmd).await }),
+        Command::User(cmd) => {
+            let length_min = config.password_length_min;
+            with_directory(&config, |d| async move { user_cmd(&d, cmd, length_min).await })
+        }
         Command::Alias(cmd) => with_directory(&config, |d| async move { alias_cmd(&d, cmd).await }),
         Command::Sender(cmd) => with_directory(&config, |d| async move { sender_cmd(&d, cmd).await }),
     }
@@ -176,8 +179,21 @@ fn check_config(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Reads a new password: twice from a terminal prompt, else one line from stdin.
-fn read_password() -> Result<String> {
+/// Reads a new password (twice from a terminal prompt, else one line from
+/// stdin) and refuses one shorter than `length_min` characters.
+fn read_password(length_min: u32) -> Result<String> {
+    let password = read_password_text()?;
+    let n = password.chars().count();
+    if n < length_min as usize {
+        bail!(
+            "the password has {n} {}; at least {length_min} are required (`password_length_min` in the config)",
+            if n == 1 { "character" } else { "characters" }
+        );
+    }
+    Ok(password)
+}
+
+fn read_password_text() -> Result<String> {
     if std::io::stdin().is_terminal() {
         let a = rpassword::prompt_password("Password: ").context("failed to read the password")?;
         let b = rpassword::prompt_password("Again: ").context("failed to read the password")?;
@@ -208,14 +224,14 @@ async fn domain_cmd(d: &Directory, cmd: DomainCmd) -> Result<()> {
     Ok(())
 }
 
-async fn user_cmd(d: &Directory, cmd: UserCmd) -> Result<()> {
+async fn user_cmd(d: &Directory, cmd: UserCmd, password_length_min: u32) -> Result<()> {
     match cmd {
         UserCmd::Add { address } => {
-            let password = read_password()?;
+            let password = read_password(password_length_min)?;
             out!("added mailbox {}", d.add_user(&address, &password).await?);
         }
         UserCmd::Passwd { address } => {
-            let password = read_password()?;
+            let password = read_password(password_length_min)?;
             d.set_password(&address, &password).await?;
             out!("password changed for {address}");
         }

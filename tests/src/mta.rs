@@ -48,7 +48,8 @@ impl MailTree {
             None => String::new(),
         };
         let text = format!(
-            "hostname = \"mx.example.org\"\ndata_dir = \"{data}\"\n{extra}\n\
+            "hostname = \"mx.example.org\"\ndata_dir = \"{data}\"\n\
+             # The tests' passwords (`alice-pw`) are short.\npassword_length_min = 1\n{extra}\n\
              [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
              [[listener]]\nkind = \"mx\"\naddress = \"127.0.0.1:0\"\n\
              [[listener]]\nkind = \"submission\"\naddress = \"127.0.0.1:0\"\n\
