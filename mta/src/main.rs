@@ -334,11 +334,23 @@ fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
     let queue = Queue::attach(&config.queue_dir())?;
     match cmd {
         QueueCmd::List => {
-            for e in queue.list()? {
+            let entries = queue.list()?;
+            if entries.is_empty() {
+                out!("queue empty");
+            }
+            let now = mta::delivery::now_unix();
+            for e in entries {
                 let env = &e.envelope;
                 let from = if env.from.is_empty() { "<>" } else { &env.from };
+                let next = if e.held {
+                    "next attempt: when released".to_string()
+                } else if env.next_attempt_unix <= now {
+                    "next attempt: now".to_string()
+                } else {
+                    format!("next attempt in {} s", env.next_attempt_unix - now)
+                };
                 out!(
-                    "{}\t{}\t{} bytes\tfrom {}\tto {}\tattempts {}{}",
+                    "{}\t{}\t{} bytes\tfrom {}\tto {}\tattempts {}\t{next}{}",
                     env.id,
                     if e.held { "held" } else { "active" },
                     e.size_bytes,
