@@ -242,3 +242,67 @@ fn user_add_refuses_passwords_shorter_than_the_minimum() {
     let out = tree.admin_stdin(&["user", "add", "dave@example.org"], "a much longer passphrase\n").unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+// Issue 20: refusals were not logged in a form fail2ban or an auditor
+// could use. Each error reply now gets one `reject:` line in the spirit of
+// Postfix's `NOQUEUE: reject:`, and the shipped fail2ban filter matches
+// the relay attempt and the failed AUTH (checked with fail2ban-regex).
+#[test]
+fn rejections_are_logged_one_line_each_and_the_fail2ban_filter_matches_them() {
+    require_tools!("swaks", "fail2ban-regex");
+    let tree = MailTree::new("mta-f2b", "", None).unwrap();
+    tree.populate().unwrap();
+    let mta = tree.serve().unwrap();
+    let relay =
+        swaks(mta.mx(), &["--from", "spammer@remote.test", "--to", "victim@elsewhere.test", "--helo", "spam.test"])
+            .unwrap();
+    assert!(!relay.success());
+    let auth = swaks(
+        mta.submission(),
+        &[
+            "-tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice@example.org",
+            "--auth-password",
+            "wrong-password-1",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "bob@example.org",
+        ],
+    )
+    .unwrap();
+    assert!(!auth.success());
+    let mut log = String::new();
+    tests::wait_until(Duration::from_secs(20), "two reject lines", || {
+        log = mta.log();
+        log.contains("reject: RCPT from unknown[127.0.0.1]: 5")
+            && log.contains("reject: AUTH from unknown[127.0.0.1]: 535")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{log}"));
+    let line = log.lines().find(|l| l.contains("reject: RCPT")).unwrap();
+    assert!(
+        line.contains("from=<spammer@remote.test> to=<victim@elsewhere.test> proto=ESMTP helo=<spam.test>"),
+        "{line}"
+    );
+    assert!(!log.contains("wrong-password-1"), "a password reached the log");
+
+    let file = tree.dir.join("mta.log");
+    // fail2ban reads whole lines only: the last one needs its newline.
+    std::fs::write(&file, format!("{log}\n")).unwrap();
+    let filter = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../mta/contrib/fail2ban/filter.d/mta.conf");
+    let mut c = std::process::Command::new("fail2ban-regex");
+    c.arg(&file).arg(&filter);
+    let out = tests::util::run_output(&mut c, Duration::from_secs(60)).unwrap();
+    assert!(out.success(), "{}", out.describe());
+    let matched: u32 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Failregex: ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no Failregex count\n{}", out.describe()));
+    let rejects: Vec<&str> = log.lines().filter(|l| l.contains("reject:")).collect();
+    assert!(matched >= 2, "the filter matched {matched} lines of {rejects:#?}\n{}", out.describe());
+    assert!(out.stdout.contains("127.0.0.1"), "{}", out.describe());
+}

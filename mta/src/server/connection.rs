@@ -192,6 +192,30 @@ pub async fn serve(
     stream.shutdown().await;
 }
 
+/// One `reject:` line per error reply, in the spirit of Postfix's
+/// `NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 …; from=<…> to=<…>
+/// proto=ESMTP helo=<…>`, so fail2ban (`mta/contrib/fail2ban/`) and audits
+/// can grep it. There is no reverse DNS: the host is `unknown`.
+fn log_rejections(session: &mut Session, peer: SocketAddr) {
+    while let Some(r) = session.poll_rejection() {
+        let from = session.mail_from().map(|f| format!(" from=<{}>", log_safe(&f))).unwrap_or_default();
+        let to = r.to.as_deref().map(|t| format!(" to=<{}>", log_safe(t))).unwrap_or_default();
+        let proto = if session.is_esmtp() { "ESMTP" } else { "SMTP" };
+        let helo = session.helo().map(|h| format!(" helo=<{}>", log_safe(h))).unwrap_or_default();
+        tracing::info!("reject: {} from unknown[{}]: {};{from}{to} proto={proto}{helo}", r.command, peer.ip(), r.reply);
+    }
+}
+
+/// Client-chosen text in a log line: no spaces, brackets or control
+/// characters, so it cannot forge a second `from unknown[ADDR]` for
+/// fail2ban to ban someone else; at most 200 characters.
+fn log_safe(text: &str) -> String {
+    text.chars()
+        .take(200)
+        .map(|c| if c.is_ascii_graphic() && !matches!(c, '[' | ']' | '<' | '>') { c } else { '?' })
+        .collect()
+}
+
 /// One read with the session's timeout, cut to `STRESS_TIMEOUT_SECS` while
 /// the listener is under stress, also for reads that began before the
 /// stress did (the wait is re-checked every `STRESS_TIMEOUT_SECS`).
@@ -264,6 +288,7 @@ async fn drive(
     slot: &mut Option<super::Slot>,
 ) -> io::Result<bool> {
     loop {
+        log_rejections(session, peer);
         if let Some(bytes) = session.poll_transmit() {
             if session.is_closed() {
                 drop(slot.take());
@@ -273,6 +298,7 @@ async fn drive(
         let Some(event) = session.poll_event() else { return Ok(true) };
         match event {
             Event::Close => {
+                log_rejections(session, peer);
                 drop(slot.take());
                 if let Some(bytes) = session.poll_transmit() {
                     stream.write_all(&bytes).await?;
