@@ -275,6 +275,24 @@ fn rejections_are_logged_one_line_each_and_the_fail2ban_filter_matches_them() {
     )
     .unwrap();
     assert!(!auth.success());
+    let good = swaks(
+        mta.submission(),
+        &[
+            "-tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice@example.org",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "bob@example.org",
+        ],
+    )
+    .unwrap();
+    assert!(good.success(), "{}", good.describe());
     let mut log = String::new();
     tests::wait_until(Duration::from_secs(20), "two reject lines", || {
         log = mta.log();
@@ -288,6 +306,15 @@ fn rejections_are_logged_one_line_each_and_the_fail2ban_filter_matches_them() {
         "{line}"
     );
     assert!(!log.contains("wrong-password-1"), "a password reached the log");
+    // One line per session: client, listener, TLS, login, counts, end.
+    tests::wait_until(Duration::from_secs(20), "the good session's line", || {
+        log = mta.log();
+        log.contains("login=alice@example.org messages=1 rejects=0 end=quit")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{log}"));
+    let line = log.lines().find(|l| l.contains("login=alice@example.org messages=1")).unwrap();
+    assert!(line.contains("session: client=unknown[127.0.0.1] listener=submission tls=TLSv1_3/TLS13_"), "{line}");
+    assert!(log.contains("listener=mx tls=none login=- messages=0 rejects=1"), "{log}");
 
     let file = tree.dir.join("mta.log");
     // fail2ban reads whole lines only: the last one needs its newline.

@@ -156,8 +156,9 @@ pub async fn serve(
     }
     session.greet();
 
+    let mut stats = SessionStats { messages: 0, rejects: 0, end: "quit" };
     loop {
-        match drive(&shared, &mut session, &mut stream, peer, &mut slot).await {
+        match drive(&shared, &mut session, &mut stream, peer, &mut slot, &mut stats).await {
             // A finished message gives its memory back here.
             Ok(true) => {
                 memory.charge(session.message_bytes_buffered());
@@ -165,14 +166,21 @@ pub async fn serve(
             Ok(false) => break,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "connection ended");
-                return;
+                stats.end = "write error";
+                break;
             }
         }
         let read = read_with_stress(&mut stream, &mut buf, session.read_timeout_secs(), &load);
         tokio::select! {
             r = read => match r {
-                Err(_) => session.handle_timeout(),
-                Ok(Ok(0)) => break,
+                Err(_) => {
+                    stats.end = "timeout";
+                    session.handle_timeout()
+                }
+                Ok(Ok(0)) => {
+                    stats.end = "disconnect";
+                    break;
+                }
                 Ok(Ok(n)) => {
                     session.handle_input(&buf[..n]);
                     if !memory.charge(session.message_bytes_buffered()) {
@@ -182,22 +190,61 @@ pub async fn serve(
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "read failed");
+                    stats.end = "read error";
                     break;
                 }
             },
-            _ = shutdown.changed() => session.handle_shutdown(),
+            _ = shutdown.changed() => {
+                stats.end = "shutdown";
+                session.handle_shutdown()
+            }
         }
     }
     drop(slot.take());
+    log_session(&session, &stream, peer, &listener, &stats);
     stream.shutdown().await;
+}
+
+/// What one session did, for its closing log line.
+struct SessionStats {
+    messages: u32,
+    rejects: u32,
+    /// How it ended: quit (or closed by us after an error reply),
+    /// disconnect, timeout, shutdown, read error, write error.
+    end: &'static str,
+}
+
+/// One line per session at the default level, like Postfix's
+/// `disconnect from …` with counts: client, listener, TLS version and
+/// cipher, AUTH login, messages queued, refusals, how it ended.
+fn log_session(session: &Session, stream: &Stream, peer: SocketAddr, listener: &Listener, stats: &SessionStats) {
+    let tls = match stream {
+        Stream::Tls(t) => {
+            let conn = t.get_ref().1;
+            let version = conn.protocol_version().map_or("?".to_string(), |v| format!("{v:?}"));
+            let cipher = conn.negotiated_cipher_suite().map_or("?".to_string(), |c| format!("{:?}", c.suite()));
+            format!("{version}/{cipher}")
+        }
+        _ => "none".to_string(),
+    };
+    let login = session.login().map(log_safe).unwrap_or_else(|| "-".to_string());
+    tracing::info!(
+        "session: client=unknown[{}] listener={} tls={tls} login={login} messages={} rejects={} end={}",
+        peer.ip(),
+        listener.kind.name(),
+        stats.messages,
+        stats.rejects,
+        stats.end
+    );
 }
 
 /// One `reject:` line per error reply, in the spirit of Postfix's
 /// `NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 …; from=<…> to=<…>
 /// proto=ESMTP helo=<…>`, so fail2ban (`mta/contrib/fail2ban/`) and audits
 /// can grep it. There is no reverse DNS: the host is `unknown`.
-fn log_rejections(session: &mut Session, peer: SocketAddr) {
+fn log_rejections(session: &mut Session, peer: SocketAddr, stats: &mut SessionStats) {
     while let Some(r) = session.poll_rejection() {
+        stats.rejects += 1;
         let from = session.mail_from().map(|f| format!(" from=<{}>", log_safe(&f))).unwrap_or_default();
         let to = r.to.as_deref().map(|t| format!(" to=<{}>", log_safe(t))).unwrap_or_default();
         let proto = if session.is_esmtp() { "ESMTP" } else { "SMTP" };
@@ -286,9 +333,10 @@ async fn drive(
     stream: &mut Stream,
     peer: SocketAddr,
     slot: &mut Option<super::Slot>,
+    stats: &mut SessionStats,
 ) -> io::Result<bool> {
     loop {
-        log_rejections(session, peer);
+        log_rejections(session, peer, stats);
         if let Some(bytes) = session.poll_transmit() {
             if session.is_closed() {
                 drop(slot.take());
@@ -298,7 +346,7 @@ async fn drive(
         let Some(event) = session.poll_event() else { return Ok(true) };
         match event {
             Event::Close => {
-                log_rejections(session, peer);
+                log_rejections(session, peer, stats);
                 drop(slot.take());
                 if let Some(bytes) = session.poll_transmit() {
                     stream.write_all(&bytes).await?;
@@ -320,6 +368,9 @@ async fn drive(
             }
             Event::Query(q) => {
                 let answer = answer(shared, peer, q).await;
+                if matches!(answer, Answer::Enqueued(EnqueueOutcome::Queued { .. })) {
+                    stats.messages += 1;
+                }
                 session.handle_answer(answer);
             }
         }
