@@ -250,7 +250,8 @@ fn user_add_refuses_passwords_shorter_than_the_minimum() {
 #[test]
 fn rejections_are_logged_one_line_each_and_the_fail2ban_filter_matches_them() {
     require_tools!("swaks", "fail2ban-regex");
-    let tree = MailTree::new("mta-f2b", "", None).unwrap();
+    let metrics_port = tests::server::free_port().unwrap();
+    let tree = MailTree::new("mta-f2b", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""), None).unwrap();
     tree.populate().unwrap();
     let mta = tree.serve().unwrap();
     let relay =
@@ -315,6 +316,29 @@ fn rejections_are_logged_one_line_each_and_the_fail2ban_filter_matches_them() {
     let line = log.lines().find(|l| l.contains("login=alice@example.org messages=1")).unwrap();
     assert!(line.contains("session: client=unknown[127.0.0.1] listener=submission tls=TLSv1_3/TLS13_"), "{line}");
     assert!(log.contains("listener=mx tls=none login=- messages=0 rejects=1"), "{log}");
+
+    // The same events as Prometheus metrics.
+    let metrics_addr = ([127, 0, 0, 1], metrics_port).into();
+    let mut text = String::new();
+    // The counter moves just after the Maildir write: wait for it.
+    tests::wait_until(Duration::from_secs(30), "a finished delivery in the metrics", || {
+        text = scrape(metrics_addr).unwrap_or_default();
+        metric(&text, "mta_delivery_attempts_total{result=\"done\"}").is_some_and(|v| v >= 1.0)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    for (name, at_least) in [
+        ("mta_rejects_total{command=\"rcpt\"}", 1.0),
+        ("mta_auth_failures_total", 1.0),
+        ("mta_messages_accepted_total", 1.0),
+        ("mta_sessions_total{listener=\"submission\"}", 2.0),
+        ("mta_sessions_total{listener=\"mx\"}", 1.0),
+        ("mta_sessions_tls_total{tls=\"tls1.3\"}", 2.0),
+        ("mta_delivery_attempts_total{result=\"done\"}", 1.0),
+    ] {
+        let v = metric(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        assert!(v >= at_least, "{name} = {v}\n{text}");
+    }
+    assert!(metric(&text, "mta_queue_messages").is_some(), "{text}");
 
     let file = tree.dir.join("mta.log");
     // fail2ban reads whole lines only: the last one needs its newline.

@@ -218,6 +218,14 @@ struct SessionStats {
 /// `disconnect from …` with counts: client, listener, TLS version and
 /// cipher, AUTH login, messages queued, refusals, how it ended.
 fn log_session(session: &Session, stream: &Stream, peer: SocketAddr, listener: &Listener, stats: &SessionStats) {
+    let m = &*crate::metrics::METRICS;
+    crate::metrics::bump(&m.sessions[crate::metrics::listener_index(listener.kind.name())]);
+    let tls_index = match stream {
+        Stream::Tls(t) if t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2) => 1,
+        Stream::Tls(_) => 2,
+        _ => 0,
+    };
+    crate::metrics::bump(&m.sessions_tls[tls_index]);
     let tls = match stream {
         Stream::Tls(t) => {
             let conn = t.get_ref().1;
@@ -245,6 +253,11 @@ fn log_session(session: &Session, stream: &Stream, peer: SocketAddr, listener: &
 fn log_rejections(session: &mut Session, peer: SocketAddr, stats: &mut SessionStats) {
     while let Some(r) = session.poll_rejection() {
         stats.rejects += 1;
+        let m = &*crate::metrics::METRICS;
+        crate::metrics::bump(&m.rejects[crate::metrics::reject_index(r.command)]);
+        if r.command == "AUTH" && r.reply.starts_with("535") {
+            crate::metrics::bump(&m.auth_failures);
+        }
         let from = session.mail_from().map(|f| format!(" from=<{}>", log_safe(&f))).unwrap_or_default();
         let to = r.to.as_deref().map(|t| format!(" to=<{}>", log_safe(t))).unwrap_or_default();
         let proto = if session.is_esmtp() { "ESMTP" } else { "SMTP" };
@@ -370,6 +383,7 @@ async fn drive(
                 let answer = answer(shared, peer, q).await;
                 if matches!(answer, Answer::Enqueued(EnqueueOutcome::Queued { .. })) {
                     stats.messages += 1;
+                    crate::metrics::bump(&crate::metrics::METRICS.messages_accepted);
                 }
                 session.handle_answer(answer);
             }
