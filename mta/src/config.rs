@@ -7,6 +7,7 @@
 //! # directory_url = "mysql://mta:secret@127.0.0.1/mail"   # default: SQLite in data_dir
 //! message_bytes_max = 26214400
 //! connections_max = 1000          # per listener (each listener may set its own)
+//! postmaster_to = "admin@example.org"  # postmaster@ every hosted domain (default: its first mailbox)
 //! password_length_min = 12       # `mta user add`/`passwd` refuse shorter passwords
 //! stress_percent = 75             # past this share of a listener's limit, idle timeouts drop to 10 s
 //! connections_per_ip_max = 50     # Postfix's smtpd_client_connection_count_limit
@@ -194,6 +195,7 @@ struct RawConfig {
     connections_per_ip_max: Option<u32>,
     stress_percent: Option<u32>,
     password_length_min: Option<u32>,
+    postmaster_to: Option<String>,
     enforce_from_header: Option<bool>,
     metrics_listen: Option<String>,
     tls: Option<RawTls>,
@@ -351,6 +353,9 @@ pub struct Config {
     pub delivery: Delivery,
     /// Where `RCPT TO:<Postmaster>` goes: postmaster@ the hostname's parent domain.
     pub postmaster: Address,
+    /// Where `postmaster@` a hosted domain goes when it has no mailbox or
+    /// alias of its own (default: the domain's first enabled mailbox).
+    pub postmaster_to: Option<Address>,
 }
 
 impl Config {
@@ -535,6 +540,12 @@ impl Config {
             mx_port: raw.delivery.mx_port.unwrap_or(25),
             queue_lifetime_secs: raw.delivery.queue_lifetime_secs.unwrap_or(QUEUE_LIFETIME_SECS_DEFAULT),
         };
+        let postmaster_to = match &raw.postmaster_to {
+            None => None,
+            Some(a) => Some(Address::parse(a, true).map_err(|e| {
+                invalid(format!("`postmaster_to` = {a:?} is not a mail address ({e}); use a local mailbox"))
+            })?),
+        };
         let postmaster_domain =
             hostname.split_once('.').map(|(_, d)| d).filter(|d| d.contains('.')).unwrap_or(&hostname);
         let postmaster = Address::parse(&format!("postmaster@{postmaster_domain}"), true)
@@ -556,6 +567,7 @@ impl Config {
             privileges,
             delivery,
             postmaster,
+            postmaster_to,
         })
     }
 
@@ -605,6 +617,13 @@ impl Config {
         match self.metrics_listen {
             Some(a) => s.push_str(&format!("metrics: http://{a}/metrics (Prometheus)\n")),
             None => s.push_str("metrics: off (set `metrics_listen`)\n"),
+        }
+        match &self.postmaster_to {
+            Some(a) => s.push_str(&format!("postmaster@ each hosted domain: {a} unless the domain has its own\n")),
+            None => s.push_str(
+                "postmaster@ each hosted domain: its own mailbox or alias, else its first mailbox \
+                 (set `postmaster_to` to choose; a domain without mailboxes refuses postmaster mail)\n",
+            ),
         }
         let d = &self.delivery;
         match d.relay_host {

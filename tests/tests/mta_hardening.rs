@@ -357,3 +357,24 @@ fn rejections_are_logged_one_line_each_and_the_fail2ban_filter_matches_them() {
     assert!(matched >= 2, "the filter matched {matched} lines of {rejects:#?}\n{}", out.describe());
     assert!(out.stdout.contains("127.0.0.1"), "{}", out.describe());
 }
+
+// Issue 20 / RFC 5321 §4.5.1: `postmaster@` a hosted domain was refused
+// unless someone had created it. It now reaches `postmaster_to`, or the
+// domain's first mailbox by default.
+#[test]
+fn postmaster_of_every_hosted_domain_is_accepted() {
+    require_tools!("swaks");
+    let tree = MailTree::new("mta-postmaster", "", None).unwrap();
+    tree.populate().unwrap();
+    let mta = tree.serve().unwrap();
+    let out = swaks(
+        mta.mx(),
+        &["--from", "someone@remote.test", "--to", "PostMaster@example.org", "--header", "Subject: to postmaster"],
+    )
+    .unwrap();
+    assert!(out.success(), "{}", out.describe());
+    let got = tree.wait_messages("alice@example.org", 1, Duration::from_secs(30)).unwrap();
+    assert!(String::from_utf8_lossy(&got[0]).contains("Subject: to postmaster"));
+    let out = tree.admin(&["check-config"]).unwrap();
+    assert!(out.stdout.contains("postmaster@ each hosted domain"), "{}", out.describe());
+}

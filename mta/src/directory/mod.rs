@@ -441,6 +441,37 @@ impl Directory {
         Ok(RecipientFacts { domain_hosted, mailboxes: found.into_iter().collect(), over_quota: Vec::new() })
     }
 
+    /// RFC 5321 §4.5.1: `postmaster@` every hosted domain must be accepted.
+    /// Facts for `address` as [`Directory::recipient_facts`] gives them;
+    /// when it is `postmaster@` a hosted domain without its own mailbox or
+    /// alias, the mail goes to `postmaster_to` (a local address), else to
+    /// the domain's first enabled mailbox by address.
+    pub async fn recipient_facts_with_postmaster(
+        &self,
+        address: &Address,
+        postmaster_to: Option<&Address>,
+    ) -> Result<RecipientFacts, DirectoryError> {
+        let facts = self.recipient_facts(address).await?;
+        if !facts.domain_hosted || !facts.mailboxes.is_empty() || !address.local().eq_ignore_ascii_case("postmaster") {
+            return Ok(facts);
+        }
+        let mut mailboxes = match postmaster_to {
+            Some(to) => self.recipient_facts(to).await?.mailboxes,
+            None => Vec::new(),
+        };
+        if mailboxes.is_empty() {
+            let suffix = format!("@{}", address.domain().to_ascii_lowercase());
+            mailboxes = self
+                .list_users()
+                .await?
+                .into_iter()
+                .find(|u| u.enabled && u.address.ends_with(&suffix))
+                .map(|u| vec![u.address])
+                .unwrap_or_default();
+        }
+        Ok(RecipientFacts { mailboxes, ..facts })
+    }
+
     async fn expand(&self, key: &str, depth: usize, found: &mut BTreeSet<String>) -> Result<(), DirectoryError> {
         if depth > ALIAS_DEPTH_MAX || found.len() >= ALIAS_FANOUT_MAX {
             return Ok(());

@@ -423,23 +423,26 @@ async fn answer(shared: &Shared, peer: SocketAddr, query: Query) -> Answer {
                 Answer::Sender(None)
             }
         },
-        Query::Recipient { address, size } => match shared.directory.recipient_facts(&address).await {
-            Ok(mut f) => {
-                // The declared size must fit, or at least one more byte:
-                // refused once at or over quota.
-                let incoming = size.unwrap_or(1).max(1);
-                let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, incoming).await;
-                if !full.is_empty() {
-                    tracing::info!(%peer, to = %address, "recipient over quota");
+        Query::Recipient { address, size } => {
+            match shared.directory.recipient_facts_with_postmaster(&address, shared.config.postmaster_to.as_ref()).await
+            {
+                Ok(mut f) => {
+                    // The declared size must fit, or at least one more byte:
+                    // refused once at or over quota.
+                    let incoming = size.unwrap_or(1).max(1);
+                    let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, incoming).await;
+                    if !full.is_empty() {
+                        tracing::info!(%peer, to = %address, "recipient over quota");
+                    }
+                    f.over_quota = full.into_iter().map(|(m, _)| m).collect();
+                    Answer::Recipient(Some(f))
                 }
-                f.over_quota = full.into_iter().map(|(m, _)| m).collect();
-                Answer::Recipient(Some(f))
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "recipient lookup failed");
+                    Answer::Recipient(None)
+                }
             }
-            Err(e) => {
-                tracing::error!(%peer, error = %e, "recipient lookup failed");
-                Answer::Recipient(None)
-            }
-        },
+        }
         Query::Enqueue { envelope, message } => Answer::Enqueued(enqueue(shared, envelope, message).await),
     }
 }
