@@ -1012,6 +1012,12 @@ fn command_error_reply(e: &CommandError) -> Reply {
     match e {
         CommandError::Unrecognized => reply::unrecognized(),
         CommandError::Syntax(text) => reply::bad_arguments(text),
+        // RFC 5321 §4.1.3: `<x@[192.0.2.1]>` is valid syntax; refusing it is
+        // a policy decision (a literal names no domain whose policy, SPF or
+        // MX could vouch for the sender), so the reply says so.
+        CommandError::Sender(AddressError::AddressLiteral) => {
+            Reply::new(550, (5, 7, 1), "Sender address rejected: address literals are refused by policy")
+        }
         CommandError::Sender(a) => reply::bad_sender(&a.to_string()),
         CommandError::Recipient(a) => reply::bad_recipient(&a.to_string()),
         CommandError::UnsupportedParameter => Reply::new(555, (5, 5, 4), "Unsupported parameter"),

@@ -692,3 +692,16 @@ fn error_replies_are_reported_as_rejections_with_their_command() {
     assert!(!r.reply.contains("c2VjcmV0"));
     assert_eq!(h.s.poll_rejection(), None);
 }
+
+// RFC 5321 §4.1.3: an address literal is valid syntax in MAIL FROM; it is
+// refused by policy (5.7.1), not as a syntax error (5.1.7).
+#[test]
+fn mail_from_an_address_literal_is_a_policy_refusal() {
+    let mut h = Harness::greeted(Port::Mx);
+    h.send(b"EHLO c\r\n");
+    assert_eq!(
+        h.send(b"MAIL FROM:<x@[192.0.2.1]>\r\n"),
+        "550 5.7.1 Sender address rejected: address literals are refused by policy\r\n"
+    );
+    assert_eq!(h.send(b"MAIL FROM:<x@remote.example>\r\n"), "250 2.1.0 Sender ok\r\n");
+}
