@@ -35,6 +35,7 @@ packages=(
     iputils-arping         # clusterd ip resource: gratuitous ARP (arping -U)
     resource-agents        # OCF agents (ocf:heartbeat:IPaddr2) in clusterd's group tests
     psmisc                 # fuser: clusterd filesystem force_unmount
+    fail2ban               # fail2ban-regex checks the mta's filter (tests/tests/mta_hardening.rs)
 )
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 

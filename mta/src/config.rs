@@ -6,9 +6,13 @@
 //! data_dir = "/srv/mail"          # queue/, mailboxes/, directory.sqlite3
 //! # directory_url = "mysql://mta:secret@127.0.0.1/mail"   # default: SQLite in data_dir
 //! message_bytes_max = 26214400
-//! connections_max = 1000
-//! connections_per_ip_max = 20
+//! connections_max = 1000          # per listener (each listener may set its own)
+//! postmaster_to = "admin@example.org"  # postmaster@ every hosted domain (default: its first mailbox)
+//! password_length_min = 12       # `mta user add`/`passwd` refuse shorter passwords
+//! stress_percent = 75             # past this share of a listener's limit, idle timeouts drop to 10 s
+//! connections_per_ip_max = 50     # Postfix's smtpd_client_connection_count_limit
 //! enforce_from_header = true     # authenticated: From: only with owned addresses
+//! metrics_listen = "127.0.0.1:9325"  # opt-in Prometheus endpoint (GET /metrics)
 //!
 //! [tls]
 //! cert = "/srv/mail/tls/cert.pem"
@@ -19,6 +23,7 @@
 //! address = "0.0.0.0:25"
 //! greeting_delay_ms = 0          # wait this long for clients that talk first
 //! proxy_protocol = false         # true: a PROXY v2 header precedes SMTP
+//! connections_max = 1000         # this listener's own limit (default: the top-level one)
 //!
 //! [delivery]
 //! relay_host = "192.0.2.25:587"  # smart host; without it, MX lookup
@@ -50,6 +55,7 @@ use serde::Deserialize;
 
 use crate::limits::{
     CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT, MESSAGE_BYTES_MAX_CEILING, MESSAGE_BYTES_MAX_DEFAULT,
+    PASSWORD_LENGTH_MIN_DEFAULT, STRESS_PERCENT_DEFAULT,
 };
 use crate::smtp::address::{self, Address};
 
@@ -97,6 +103,7 @@ struct RawListener {
     greeting_delay_ms: u64,
     #[serde(default)]
     proxy_protocol: bool,
+    connections_max: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,7 +193,11 @@ struct RawConfig {
     message_bytes_max: Option<u64>,
     connections_max: Option<u32>,
     connections_per_ip_max: Option<u32>,
+    stress_percent: Option<u32>,
+    password_length_min: Option<u32>,
+    postmaster_to: Option<String>,
     enforce_from_header: Option<bool>,
+    metrics_listen: Option<String>,
     tls: Option<RawTls>,
     #[serde(default)]
     listener: Vec<RawListener>,
@@ -203,6 +214,9 @@ pub struct Listener {
     pub greeting_delay_ms: u64,
     /// Connections start with a PROXY v2 header from a load balancer.
     pub proxy_protocol: bool,
+    /// This listener's own connection limit (default: `connections_max`),
+    /// so a flood on one port cannot lock out another.
+    pub connections_max: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -323,14 +337,25 @@ pub struct Config {
     pub message_bytes_max: u64,
     pub connections_max: u32,
     pub connections_per_ip_max: u32,
+    /// Past this share of a listener's connection limit, idle timeouts
+    /// shrink to `STRESS_TIMEOUT_SECS` (Postfix's stress mode).
+    pub stress_percent: u32,
+    /// `mta user add` and `passwd` refuse shorter passwords (characters).
+    pub password_length_min: u32,
     /// Authenticated users may only put addresses they own in `From:`.
     pub enforce_from_header: bool,
+    /// Opt-in Prometheus endpoint (`GET /metrics`); keep it on loopback or
+    /// a management network.
+    pub metrics_listen: Option<SocketAddr>,
     pub tls: Option<TlsFiles>,
     pub listeners: Vec<Listener>,
     pub privileges: Privileges,
     pub delivery: Delivery,
     /// Where `RCPT TO:<Postmaster>` goes: postmaster@ the hostname's parent domain.
     pub postmaster: Address,
+    /// Where `postmaster@` a hosted domain goes when it has no mailbox or
+    /// alias of its own (default: the domain's first enabled mailbox).
+    pub postmaster_to: Option<Address>,
 }
 
 impl Config {
@@ -374,6 +399,16 @@ impl Config {
         if connections_max == 0 || connections_per_ip_max == 0 {
             return Err(invalid("`connections_max` and `connections_per_ip_max` must be at least 1".into()));
         }
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!("`metrics_listen` = {a:?} is not IP:PORT ({e}), e.g. \"127.0.0.1:9325\""))
+            })?),
+        };
+        let stress_percent = raw.stress_percent.unwrap_or(STRESS_PERCENT_DEFAULT);
+        if !(1..=100).contains(&stress_percent) {
+            return Err(invalid("`stress_percent` must be between 1 and 100".into()));
+        }
         if raw.listener.is_empty() {
             return Err(invalid("no `[[listener]]` sections; add at least one (kind and address)".into()));
         }
@@ -390,6 +425,11 @@ impl Config {
                 address,
                 greeting_delay_ms: l.greeting_delay_ms,
                 proxy_protocol: l.proxy_protocol,
+                connections_max: match l.connections_max {
+                    Some(0) => return Err(invalid(format!("`listener[{i}].connections_max` must be at least 1"))),
+                    Some(n) => n,
+                    None => connections_max,
+                },
             });
         }
         let tls = raw.tls.map(|t| TlsFiles { cert: t.cert, key: t.key });
@@ -500,6 +540,12 @@ impl Config {
             mx_port: raw.delivery.mx_port.unwrap_or(25),
             queue_lifetime_secs: raw.delivery.queue_lifetime_secs.unwrap_or(QUEUE_LIFETIME_SECS_DEFAULT),
         };
+        let postmaster_to = match &raw.postmaster_to {
+            None => None,
+            Some(a) => Some(Address::parse(a, true).map_err(|e| {
+                invalid(format!("`postmaster_to` = {a:?} is not a mail address ({e}); use a local mailbox"))
+            })?),
+        };
         let postmaster_domain =
             hostname.split_once('.').map(|(_, d)| d).filter(|d| d.contains('.')).unwrap_or(&hostname);
         let postmaster = Address::parse(&format!("postmaster@{postmaster_domain}"), true)
@@ -512,12 +558,16 @@ impl Config {
             message_bytes_max,
             connections_max,
             connections_per_ip_max,
+            stress_percent,
+            password_length_min: raw.password_length_min.unwrap_or(PASSWORD_LENGTH_MIN_DEFAULT),
             enforce_from_header: raw.enforce_from_header.unwrap_or(true),
+            metrics_listen,
             tls,
             listeners,
             privileges,
             delivery,
             postmaster,
+            postmaster_to,
         })
     }
 
@@ -537,8 +587,8 @@ impl Config {
         s.push_str(&format!("directory: {}\n", crate::directory::redact_url(&self.directory_url)));
         s.push_str(&format!("message size limit: {} bytes\n", self.message_bytes_max));
         s.push_str(&format!(
-            "connections: at most {} in total, {} per client IP\n",
-            self.connections_max, self.connections_per_ip_max
+            "connections: at most {} per listener unless it sets its own, {} per client IP; stress mode past {}%\n",
+            self.connections_max, self.connections_per_ip_max, self.stress_percent
         ));
         match &self.tls {
             Some(t) => {
@@ -556,7 +606,24 @@ impl Config {
                 ListenerKind::Submissions => "implicit TLS, AUTH PLAIN/LOGIN required before MAIL".to_string(),
             };
             let proxy = if l.proxy_protocol { " [behind a PROXY v2 load balancer]" } else { "" };
-            s.push_str(&format!("listen {} ({}){proxy}: {}\n", l.address, l.kind.name(), policy));
+            s.push_str(&format!(
+                "listen {} ({}){proxy}: {}; at most {} connections\n",
+                l.address,
+                l.kind.name(),
+                policy,
+                l.connections_max
+            ));
+        }
+        match self.metrics_listen {
+            Some(a) => s.push_str(&format!("metrics: http://{a}/metrics (Prometheus)\n")),
+            None => s.push_str("metrics: off (set `metrics_listen`)\n"),
+        }
+        match &self.postmaster_to {
+            Some(a) => s.push_str(&format!("postmaster@ each hosted domain: {a} unless the domain has its own\n")),
+            None => s.push_str(
+                "postmaster@ each hosted domain: its own mailbox or alias, else its first mailbox \
+                 (set `postmaster_to` to choose; a domain without mailboxes refuses postmaster mail)\n",
+            ),
         }
         let d = &self.delivery;
         match d.relay_host {

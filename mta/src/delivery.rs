@@ -51,8 +51,13 @@ pub fn deliver_local(
             failed.push((mailbox.clone(), why.clone()));
             continue;
         }
-        match maildir::deliver(mailboxes, mailbox, hostname, &[message]) {
-            Ok(_durable) => tracing::info!(id = %envelope.id, to = %mailbox, "delivered to Maildir"),
+        match maildir::deliver(mailboxes, mailbox, hostname, &envelope.id, envelope.received_unix, &[message]) {
+            Ok(maildir::Delivered::New(_durable)) => {
+                tracing::info!(id = %envelope.id, to = %mailbox, "delivered to Maildir")
+            }
+            Ok(maildir::Delivered::Already(_durable)) => {
+                tracing::info!(id = %envelope.id, to = %mailbox, "already in the Maildir (delivered before a restart)")
+            }
             Err(e) => {
                 tracing::warn!(id = %envelope.id, to = %mailbox, error = %e, "local delivery failed; will retry");
                 failed.push((mailbox.clone(), format!("local delivery: {e}")));

@@ -35,6 +35,15 @@ pub fn write_atomically(tmp: &Path, dest: &Path, parts: &[&[u8]]) -> io::Result<
     result.map(|()| Durable(()))
 }
 
+/// The proof for a file found already in place (a delivery repeated after
+/// a crash): fsyncs the file and its directory again, since the crash may
+/// have come between the rename and the directory's fsync.
+pub fn already_in_place(path: &Path) -> io::Result<Durable> {
+    File::open(path)?.sync_all()?;
+    sync_dir(path.parent().unwrap_or(Path::new("/")))?;
+    Ok(Durable(()))
+}
+
 /// fsync of a directory: makes renames and unlinks in it durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

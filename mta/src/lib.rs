@@ -23,7 +23,13 @@ pub mod filter;
 #[cfg(feature = "daemon")]
 pub mod header_from;
 #[cfg(feature = "daemon")]
+pub mod lock;
+#[cfg(feature = "daemon")]
+pub mod logging;
+#[cfg(feature = "daemon")]
 pub mod maildir;
+#[cfg(feature = "daemon")]
+pub mod metrics;
 #[cfg(feature = "daemon")]
 pub mod mx;
 #[cfg(feature = "daemon")]

@@ -48,8 +48,16 @@ pub const DATA_BLOCK_TIMEOUT_SECS: u64 = 180;
 pub const TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 30;
 
 /// Default simultaneous connections per client IP.
-pub const CONNECTIONS_PER_IP_MAX_DEFAULT: u32 = 20;
-/// Default simultaneous connections in total.
+pub const CONNECTIONS_PER_IP_MAX_DEFAULT: u32 = 50;
+/// Default minimum password length (characters) for `mta user add`/`passwd`.
+pub const PASSWORD_LENGTH_MIN_DEFAULT: u32 = 12;
+/// Default share (percent) of a listener's connection limit past which it
+/// is under stress.
+pub const STRESS_PERCENT_DEFAULT: u32 = 75;
+/// Idle timeout of every read under stress (Postfix: `smtpd_timeout =
+/// ${stress?10}{300}`), so silent clients cannot hold slots for minutes.
+pub const STRESS_TIMEOUT_SECS: u64 = 10;
+/// Default simultaneous connections per listener.
 pub const CONNECTIONS_MAX_DEFAULT: u32 = 1000;
 
 /// AUTH rate limiting: failures inside the window before delays start, the

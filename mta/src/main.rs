@@ -4,7 +4,7 @@
 //! Exit codes: 0 success, 1 operating error (printed once as
 //! `mta: <cause chain>`), 2 usage error.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -112,20 +112,21 @@ enum QueueCmd {
     },
 }
 
+/// `println!` that returns an error instead of panicking when stdout is
+/// closed or full (`mta queue list | head`, stdout on /dev/full).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*).context("failed to write to stdout")?
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    mta::logging::init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mta: {e:#}");
+            mta::logging::line(format_args!("mta: {e:#}"));
             ExitCode::from(1)
         }
     }
@@ -143,7 +144,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckConfig => check_config(&config),
         Command::Queue(cmd) => queue_cmd(&config, cmd),
         Command::Domain(cmd) => with_directory(&config, |d| async move { domain_cmd(&d, cmd).await }),
-        Command::User(cmd) => with_directory(&config, |d| async move { user_cmd(&d, cmd).await }),
+        Command::User(cmd) => {
+            let length_min = config.password_length_min;
+            with_directory(&config, |d| async move { user_cmd(&d, cmd, length_min).await })
+        }
         Command::Alias(cmd) => with_directory(&config, |d| async move { alias_cmd(&d, cmd).await }),
         Command::Sender(cmd) => with_directory(&config, |d| async move { sender_cmd(&d, cmd).await }),
     }
@@ -171,14 +175,25 @@ fn check_config(config: &Config) -> Result<()> {
         mta::tls::server_config(&t.cert, &t.key).context("failed to load TLS material")?;
     }
     mta::server::outbound_secrets(config)?;
-    print!("{}", config.describe());
-    print!("{}", mta::server::describe_paths(config));
-    println!("config ok: {}", config.path.display());
+    out!("{}{}config ok: {}", config.describe(), mta::server::describe_paths(config), config.path.display());
     Ok(())
 }
 
-/// Reads a new password: twice from a terminal prompt, else one line from stdin.
-fn read_password() -> Result<String> {
+/// Reads a new password (twice from a terminal prompt, else one line from
+/// stdin) and refuses one shorter than `length_min` characters.
+fn read_password(length_min: u32) -> Result<String> {
+    let password = read_password_text()?;
+    let n = password.chars().count();
+    if n < length_min as usize {
+        bail!(
+            "the password has {n} {}; at least {length_min} are required (`password_length_min` in the config)",
+            if n == 1 { "character" } else { "characters" }
+        );
+    }
+    Ok(password)
+}
+
+fn read_password_text() -> Result<String> {
     if std::io::stdin().is_terminal() {
         let a = rpassword::prompt_password("Password: ").context("failed to read the password")?;
         let b = rpassword::prompt_password("Again: ").context("failed to read the password")?;
@@ -195,30 +210,34 @@ fn read_password() -> Result<String> {
 
 async fn domain_cmd(d: &Directory, cmd: DomainCmd) -> Result<()> {
     match cmd {
-        DomainCmd::Add { name } => println!("added domain {}", d.add_domain(&name).await?),
+        DomainCmd::Add { name } => out!("added domain {}", d.add_domain(&name).await?),
         DomainCmd::Del { name } => {
             d.del_domain(&name).await?;
-            println!("deleted domain {name}");
+            out!("deleted domain {name}");
         }
-        DomainCmd::List => d.list_domains().await?.iter().for_each(|n| println!("{n}")),
+        DomainCmd::List => {
+            for n in d.list_domains().await? {
+                out!("{n}");
+            }
+        }
     }
     Ok(())
 }
 
-async fn user_cmd(d: &Directory, cmd: UserCmd) -> Result<()> {
+async fn user_cmd(d: &Directory, cmd: UserCmd, password_length_min: u32) -> Result<()> {
     match cmd {
         UserCmd::Add { address } => {
-            let password = read_password()?;
-            println!("added mailbox {}", d.add_user(&address, &password).await?);
+            let password = read_password(password_length_min)?;
+            out!("added mailbox {}", d.add_user(&address, &password).await?);
         }
         UserCmd::Passwd { address } => {
-            let password = read_password()?;
+            let password = read_password(password_length_min)?;
             d.set_password(&address, &password).await?;
-            println!("password changed for {address}");
+            out!("password changed for {address}");
         }
         UserCmd::Del { address } => {
             d.del_user(&address).await?;
-            println!("deleted mailbox {address} (its Maildir is kept on disk)");
+            out!("deleted mailbox {address} (its Maildir is kept on disk)");
         }
         UserCmd::Enable { address } => d.set_enabled(&address, true).await?,
         UserCmd::Disable { address } => d.set_enabled(&address, false).await?,
@@ -226,7 +245,7 @@ async fn user_cmd(d: &Directory, cmd: UserCmd) -> Result<()> {
         UserCmd::List => {
             for u in d.list_users().await? {
                 let quota = u.quota_bytes.map_or(String::new(), |q| format!("\tquota {q} bytes"));
-                println!("{}\t{}{quota}", u.address, if u.enabled { "enabled" } else { "disabled" });
+                out!("{}\t{}{quota}", u.address, if u.enabled { "enabled" } else { "disabled" });
             }
         }
     }
@@ -237,10 +256,14 @@ async fn alias_cmd(d: &Directory, cmd: AliasCmd) -> Result<()> {
     match cmd {
         AliasCmd::Add { source, destination } => {
             let (s, t) = d.add_alias(&source, &destination).await?;
-            println!("added alias {s} -> {t}");
+            out!("added alias {s} -> {t}");
         }
         AliasCmd::Del { source, destination } => d.del_alias(&source, &destination).await?,
-        AliasCmd::List => d.list_aliases().await?.iter().for_each(|(s, t)| println!("{s}\t{t}")),
+        AliasCmd::List => {
+            for (s, t) in d.list_aliases().await? {
+                out!("{s}\t{t}");
+            }
+        }
     }
     Ok(())
 }
@@ -275,20 +298,59 @@ async fn sender_cmd(d: &Directory, cmd: SenderCmd) -> Result<()> {
     match cmd {
         SenderCmd::Allow { login, address } => d.allow_sender(&login, &address).await?,
         SenderCmd::Deny { login, address } => d.deny_sender(&login, &address).await?,
-        SenderCmd::List => d.list_senders().await?.iter().for_each(|(l, a)| println!("{l}\t{a}")),
+        SenderCmd::List => {
+            for (l, a) in d.list_senders().await? {
+                out!("{l}\t{a}");
+            }
+        }
     }
     Ok(())
 }
 
 fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
+    // Changes take the server's lock, so they never race its delivery task;
+    // while a server holds it they go through its admin socket instead.
+    // `list` only reads and works beside a running server.
+    let request = match &cmd {
+        QueueCmd::List => None,
+        QueueCmd::Flush => Some("flush".to_string()),
+        QueueCmd::Delete { id } => Some(format!("delete {id}")),
+        QueueCmd::Hold { id } => Some(format!("hold {id}")),
+        QueueCmd::Release { id } => Some(format!("release {id}")),
+    };
+    let _lock = match request {
+        None => None,
+        Some(request) => match mta::lock::acquire(&config.data_dir) {
+            Ok(lock) => Some(lock),
+            Err(mta::lock::LockError::Held { holder, .. }) => {
+                let answer = ask_server(&config.data_dir, &request)
+                    .with_context(|| format!("failed to ask the running server (PID {holder}) to {request}"))?;
+                out!("{answer}");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
     let queue = Queue::attach(&config.queue_dir())?;
     match cmd {
         QueueCmd::List => {
-            for e in queue.list()? {
+            let entries = queue.list()?;
+            if entries.is_empty() {
+                out!("queue empty");
+            }
+            let now = mta::delivery::now_unix();
+            for e in entries {
                 let env = &e.envelope;
                 let from = if env.from.is_empty() { "<>" } else { &env.from };
-                println!(
-                    "{}\t{}\t{} bytes\tfrom {}\tto {}\tattempts {}{}",
+                let next = if e.held {
+                    "next attempt: when released".to_string()
+                } else if env.next_attempt_unix <= now {
+                    "next attempt: now".to_string()
+                } else {
+                    format!("next attempt in {} s", env.next_attempt_unix - now)
+                };
+                out!(
+                    "{}\t{}\t{} bytes\tfrom {}\tto {}\tattempts {}\t{next}{}",
                     env.id,
                     if e.held { "held" } else { "active" },
                     e.size_bytes,
@@ -299,10 +361,42 @@ fn queue_cmd(config: &Config, cmd: QueueCmd) -> Result<()> {
                 );
             }
         }
-        QueueCmd::Flush => println!("{} messages due now", queue.flush()?),
-        QueueCmd::Delete { id } => queue.remove(&id)?,
-        QueueCmd::Hold { id } => queue.set_held(&id, true)?,
-        QueueCmd::Release { id } => queue.set_held(&id, false)?,
+        QueueCmd::Flush => {
+            let n = queue.flush()?;
+            out!("{n} {} due now", if n == 1 { "message" } else { "messages" });
+        }
+        QueueCmd::Delete { id } => {
+            queue.remove(&id)?;
+            out!("deleted {id}");
+        }
+        QueueCmd::Hold { id } => {
+            queue.set_held(&id, true)?;
+            out!("held {id}");
+        }
+        QueueCmd::Release { id } => {
+            queue.set_held(&id, false)?;
+            out!("released {id}");
+        }
     }
     Ok(())
+}
+
+/// Sends one request to the running server's admin socket and returns
+/// its answer (`ok …`), or its refusal as an error.
+fn ask_server(data_dir: &std::path::Path, request: &str) -> Result<String> {
+    use std::io::Read;
+    let path = data_dir.join(mta::server::control::SOCKET_FILE);
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("failed to connect to {}", path.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(90))).context("failed to set a timeout")?;
+    s.write_all(format!("{request}\n").as_bytes()).with_context(|| format!("failed to write to {}", path.display()))?;
+    let mut answer = String::new();
+    s.take(4096).read_to_string(&mut answer).with_context(|| format!("failed to read from {}", path.display()))?;
+    let answer = answer.trim();
+    match answer.strip_prefix("ok ") {
+        Some(text) => Ok(text.to_string()),
+        None => {
+            bail!("{}", answer.strip_prefix("error ").unwrap_or(if answer.is_empty() { "no answer" } else { answer }))
+        }
+    }
 }

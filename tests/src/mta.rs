@@ -48,7 +48,8 @@ impl MailTree {
             None => String::new(),
         };
         let text = format!(
-            "hostname = \"mx.example.org\"\ndata_dir = \"{data}\"\n{extra}\n\
+            "hostname = \"mx.example.org\"\ndata_dir = \"{data}\"\n\
+             # The tests' passwords (`alice-pw`) are short.\npassword_length_min = 1\n{extra}\n\
              [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
              [[listener]]\nkind = \"mx\"\naddress = \"127.0.0.1:0\"\n\
              [[listener]]\nkind = \"submission\"\naddress = \"127.0.0.1:0\"\n\
@@ -119,7 +120,7 @@ impl MailTree {
         }
         let daemon = Daemon::spawn(c)?;
         daemon.logs.wait_for("mta: ready", MTA_READY_TIMEOUT)?;
-        let mut m = Mta { daemon, mx: None, submission: None, submissions: None };
+        let mut m = Mta { daemon, mx: None, submission: None, submissions: None, metrics: None };
         for line in m.daemon.logs.lines() {
             let Some(rest) = line.trim().strip_prefix("mta: listening ") else { continue };
             let (kind, addr) = rest.split_once(' ').ok_or_else(|| anyhow!("bad listening line {line:?}"))?;
@@ -128,8 +129,41 @@ impl MailTree {
                 "mx" => m.mx = Some(addr),
                 "submission" => m.submission = Some(addr),
                 "submissions" => m.submissions = Some(addr),
+                "metrics" => m.metrics = Some(addr),
                 _ => bail!("unknown listener kind in {line:?}"),
             }
+        }
+        Ok(m)
+    }
+
+    /// Replaces every listener's `127.0.0.1:0` with a port that was free a
+    /// moment ago, for runs whose log cannot be read (stderr on /dev/full).
+    /// Returns the mx, submission and submissions addresses.
+    pub fn pin_ports(&self) -> Result<[SocketAddr; 3]> {
+        let mut text = std::fs::read_to_string(&self.config)?;
+        let mut addrs = Vec::new();
+        while text.contains("\"127.0.0.1:0\"") {
+            let addr: SocketAddr = ([127, 0, 0, 1], crate::server::free_port()?).into();
+            text = text.replacen("\"127.0.0.1:0\"", &format!("\"{addr}\""), 1);
+            addrs.push(addr);
+        }
+        std::fs::write(&self.config, text)?;
+        addrs.try_into().map_err(|a: Vec<SocketAddr>| anyhow!("expected 3 listeners, found {}", a.len()))
+    }
+
+    /// `mta serve` with stdout and stderr on `output` (e.g. /dev/full);
+    /// returns once `probe` accepts connections. Killed on drop.
+    pub fn serve_blind(&self, output: &Path, probe: SocketAddr) -> Result<BlindMta> {
+        let mut c = self.mta(["serve"]);
+        let out = std::fs::OpenOptions::new().append(true).open(output)?;
+        c.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).env("RUST_LOG", "info");
+        util::die_with_parent(&mut c);
+        let mut m = BlindMta { child: c.spawn().with_context(|| format!("spawning {}", util::cmdline(&c)))? };
+        util::wait_until(MTA_READY_TIMEOUT, "mta serve to accept connections", || {
+            !m.is_running() || std::net::TcpStream::connect(probe).is_ok()
+        })?;
+        if !m.is_running() {
+            bail!("mta serve exited at start-up: {:?}", m.child.try_wait());
         }
         Ok(m)
     }
@@ -201,6 +235,8 @@ pub struct Mta {
     pub mx: Option<SocketAddr>,
     pub submission: Option<SocketAddr>,
     pub submissions: Option<SocketAddr>,
+    /// `metrics_listen`, when the config sets it.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Mta {
@@ -326,4 +362,39 @@ pub fn sink_dumps(dump_dir: &Path) -> Vec<String> {
         .filter_map(|e| std::fs::read(e.path()).ok())
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .collect()
+}
+
+/// `mta serve` whose output the test does not read. Killed on drop.
+pub struct BlindMta {
+    pub child: std::process::Child,
+}
+
+impl BlindMta {
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for BlindMta {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of `GET /metrics` from the mta's metrics listener.
+pub fn scrape(addr: SocketAddr) -> Result<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (_, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
+    Ok(body.to_string())
+}
+
+/// The value of metric `name` (a line `name value`) in `text`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -124,7 +124,7 @@ fn over_quota_mailboxes_defer_at_delivery_and_refuse_at_rcpt() {
     assert_eq!(bob.len(), 2);
     assert!(bob.iter().any(|m| String::from_utf8_lossy(m).contains("Subject: second")));
     wait_until(Duration::from_secs(20), "an empty queue", || {
-        tree.admin(&["queue", "list"]).map(|o| o.stdout.is_empty()).unwrap_or(false)
+        tree.admin(&["queue", "list"]).map(|o| o.stdout == "queue empty\n").unwrap_or(false)
     })
     .unwrap();
 }

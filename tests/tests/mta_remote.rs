@@ -36,7 +36,7 @@ fn relayed_mail_reaches_the_second_instance_and_failures_bounce() {
 
     // Nothing left in A's queue; B got exactly one copy.
     wait_until(Duration::from_secs(20), "A's queue to drain", || {
-        a.admin(&["queue", "list"]).map(|o| o.stdout.is_empty()).unwrap_or(false)
+        a.admin(&["queue", "list"]).map(|o| o.stdout == "queue empty\n").unwrap_or(false)
     })
     .unwrap();
     assert_eq!(read_maildir(&b.maildir("carol@example.net")).unwrap().len(), 1);
@@ -78,11 +78,14 @@ fn remote_mail_without_a_route_stays_queued_with_a_reason() {
     })
     .unwrap();
     assert!(listing.contains("x@remote.example") && listing.contains("address lookup for remote.example"), "{listing}");
+    assert!(listing.contains("\tnext attempt in "), "{listing}");
     let id = listing.split('\t').next().unwrap().to_string();
-    a.admin(&["queue", "hold", &id]).unwrap();
-    assert!(a.admin(&["queue", "list"]).unwrap().stdout.contains("\theld\t"));
-    a.admin(&["queue", "delete", &id]).unwrap();
-    assert_eq!(a.admin(&["queue", "list"]).unwrap().stdout, "");
+    // Issue 20: queue commands say what they did (here through the running server).
+    assert_eq!(a.admin(&["queue", "hold", &id]).unwrap().stdout, format!("held {id}\n"));
+    let held = a.admin(&["queue", "list"]).unwrap().stdout;
+    assert!(held.contains("\theld\t") && held.contains("next attempt: when released"), "{held}");
+    assert_eq!(a.admin(&["queue", "delete", &id]).unwrap().stdout, format!("deleted {id}\n"));
+    assert_eq!(a.admin(&["queue", "list"]).unwrap().stdout, "queue empty\n");
 }
 
 /// The test zone: example.net's MX is 127.0.0.1; nullmx.example publishes

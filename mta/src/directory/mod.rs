@@ -45,6 +45,53 @@ pub enum DirectoryError {
     Hash(String),
     #[error("passwords must not be empty")]
     EmptyPassword,
+    #[error("failed to protect the directory file {path}: {cause}")]
+    Protect { path: std::path::PathBuf, cause: std::io::Error },
+}
+
+/// The SQLite file behind a `sqlite://` URL, if it is one.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://")?;
+    Some(std::path::PathBuf::from(rest.split('?').next().unwrap_or(rest)))
+}
+
+/// Keeps the password hashes private: creates the SQLite file behind `url`
+/// mode 0600 before SQLite does (SQLite gives its -wal and -shm files the
+/// database's mode), and takes group and world access away from an
+/// existing file and its -wal, -shm and -journal, saying so. Other URLs
+/// (MySQL) are left alone.
+pub fn protect_sqlite_files(url: &str) -> Result<(), DirectoryError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let Some(db) = sqlite_path(url) else { return Ok(()) };
+    let err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |cause| DirectoryError::Protect { path, cause }
+    };
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&db) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // A missing parent directory: SQLite reports it better.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(&db)(e)),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let path = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(&path)(e)),
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700)).map_err(err(&path))?;
+            tracing::warn!(
+                path = %path.display(),
+                "the user directory had mode {mode:04o} (other local users could read the password hashes); now {:04o}",
+                mode & 0o700
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Aliases may point at aliases; expansion stops at this depth.
@@ -81,6 +128,7 @@ impl Directory {
     /// Connects and creates missing tables. SQLite files are created if absent.
     pub async fn open(url: &str) -> Result<Directory, DirectoryError> {
         sqlx::any::install_default_drivers();
+        protect_sqlite_files(url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(8)
             .connect(url)
@@ -391,6 +439,37 @@ impl Directory {
         }
         // Quota use is on disk: the caller fills in `over_quota`.
         Ok(RecipientFacts { domain_hosted, mailboxes: found.into_iter().collect(), over_quota: Vec::new() })
+    }
+
+    /// RFC 5321 §4.5.1: `postmaster@` every hosted domain must be accepted.
+    /// Facts for `address` as [`Directory::recipient_facts`] gives them;
+    /// when it is `postmaster@` a hosted domain without its own mailbox or
+    /// alias, the mail goes to `postmaster_to` (a local address), else to
+    /// the domain's first enabled mailbox by address.
+    pub async fn recipient_facts_with_postmaster(
+        &self,
+        address: &Address,
+        postmaster_to: Option<&Address>,
+    ) -> Result<RecipientFacts, DirectoryError> {
+        let facts = self.recipient_facts(address).await?;
+        if !facts.domain_hosted || !facts.mailboxes.is_empty() || !address.local().eq_ignore_ascii_case("postmaster") {
+            return Ok(facts);
+        }
+        let mut mailboxes = match postmaster_to {
+            Some(to) => self.recipient_facts(to).await?.mailboxes,
+            None => Vec::new(),
+        };
+        if mailboxes.is_empty() {
+            let suffix = format!("@{}", address.domain().to_ascii_lowercase());
+            mailboxes = self
+                .list_users()
+                .await?
+                .into_iter()
+                .find(|u| u.enabled && u.address.ends_with(&suffix))
+                .map(|u| vec![u.address])
+                .unwrap_or_default();
+        }
+        Ok(RecipientFacts { mailboxes, ..facts })
     }
 
     async fn expand(&self, key: &str, depth: usize, found: &mut BTreeSet<String>) -> Result<(), DirectoryError> {

@@ -19,7 +19,7 @@ use crate::config::{Listener, ListenerKind};
 use crate::delivery::now_unix;
 use crate::filter::{self, Verdict};
 use crate::header_from;
-use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, TLS_HANDSHAKE_TIMEOUT_SECS};
+use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, STRESS_TIMEOUT_SECS, TLS_HANDSHAKE_TIMEOUT_SECS};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::queue::{Queue, StoredEnvelope};
 use crate::received;
@@ -111,13 +111,20 @@ pub fn session_config(shared: &Shared, kind: ListenerKind) -> SessionConfig {
     }
 }
 
+/// Serves one connection. `slot` (its per-IP and total connection slot)
+/// is released as soon as the session is closed, before its last reply is
+/// written: a client that reconnects right after `221` must find it free
+/// (`smtp-source -s 20` against the limit of 20 per IP did not).
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     listener: Listener,
     mut shutdown: watch::Receiver<bool>,
+    slot: super::Slot,
+    load: Arc<super::ListenerLoad>,
 ) {
+    let mut slot = Some(slot);
     let implicit_tls = listener.kind == ListenerKind::Submissions;
     let mut stream = if implicit_tls {
         match tls_accept(&shared, tcp).await {
@@ -149,8 +156,9 @@ pub async fn serve(
     }
     session.greet();
 
+    let mut stats = SessionStats { messages: 0, rejects: 0, end: "quit" };
     loop {
-        match drive(&shared, &mut session, &mut stream, peer).await {
+        match drive(&shared, &mut session, &mut stream, peer, &mut slot, &mut stats).await {
             // A finished message gives its memory back here.
             Ok(true) => {
                 memory.charge(session.message_bytes_buffered());
@@ -158,14 +166,21 @@ pub async fn serve(
             Ok(false) => break,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "connection ended");
-                return;
+                stats.end = "write error";
+                break;
             }
         }
-        let deadline = Duration::from_secs(session.read_timeout_secs());
+        let read = read_with_stress(&mut stream, &mut buf, session.read_timeout_secs(), &load);
         tokio::select! {
-            r = tokio::time::timeout(deadline, stream.read(&mut buf)) => match r {
-                Err(_) => session.handle_timeout(),
-                Ok(Ok(0)) => break,
+            r = read => match r {
+                Err(_) => {
+                    stats.end = "timeout";
+                    session.handle_timeout()
+                }
+                Ok(Ok(0)) => {
+                    stats.end = "disconnect";
+                    break;
+                }
                 Ok(Ok(n)) => {
                     session.handle_input(&buf[..n]);
                     if !memory.charge(session.message_bytes_buffered()) {
@@ -175,13 +190,115 @@ pub async fn serve(
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "read failed");
+                    stats.end = "read error";
                     break;
                 }
             },
-            _ = shutdown.changed() => session.handle_shutdown(),
+            _ = shutdown.changed() => {
+                stats.end = "shutdown";
+                session.handle_shutdown()
+            }
         }
     }
+    drop(slot.take());
+    log_session(&session, &stream, peer, &listener, &stats);
     stream.shutdown().await;
+}
+
+/// What one session did, for its closing log line.
+struct SessionStats {
+    messages: u32,
+    rejects: u32,
+    /// How it ended: quit (or closed by us after an error reply),
+    /// disconnect, timeout, shutdown, read error, write error.
+    end: &'static str,
+}
+
+/// One line per session at the default level, like Postfix's
+/// `disconnect from …` with counts: client, listener, TLS version and
+/// cipher, AUTH login, messages queued, refusals, how it ended.
+fn log_session(session: &Session, stream: &Stream, peer: SocketAddr, listener: &Listener, stats: &SessionStats) {
+    let m = &*crate::metrics::METRICS;
+    crate::metrics::bump(&m.sessions[crate::metrics::listener_index(listener.kind.name())]);
+    let tls_index = match stream {
+        Stream::Tls(t) if t.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2) => 1,
+        Stream::Tls(_) => 2,
+        _ => 0,
+    };
+    crate::metrics::bump(&m.sessions_tls[tls_index]);
+    let tls = match stream {
+        Stream::Tls(t) => {
+            let conn = t.get_ref().1;
+            let version = conn.protocol_version().map_or("?".to_string(), |v| format!("{v:?}"));
+            let cipher = conn.negotiated_cipher_suite().map_or("?".to_string(), |c| format!("{:?}", c.suite()));
+            format!("{version}/{cipher}")
+        }
+        _ => "none".to_string(),
+    };
+    let login = session.login().map(log_safe).unwrap_or_else(|| "-".to_string());
+    tracing::info!(
+        "session: client=unknown[{}] listener={} tls={tls} login={login} messages={} rejects={} end={}",
+        peer.ip(),
+        listener.kind.name(),
+        stats.messages,
+        stats.rejects,
+        stats.end
+    );
+}
+
+/// One `reject:` line per error reply, in the spirit of Postfix's
+/// `NOQUEUE: reject: RCPT from host[addr]: 554 5.7.1 …; from=<…> to=<…>
+/// proto=ESMTP helo=<…>`, so fail2ban (`mta/contrib/fail2ban/`) and audits
+/// can grep it. There is no reverse DNS: the host is `unknown`.
+fn log_rejections(session: &mut Session, peer: SocketAddr, stats: &mut SessionStats) {
+    while let Some(r) = session.poll_rejection() {
+        stats.rejects += 1;
+        let m = &*crate::metrics::METRICS;
+        crate::metrics::bump(&m.rejects[crate::metrics::reject_index(r.command)]);
+        if r.command == "AUTH" && r.reply.starts_with("535") {
+            crate::metrics::bump(&m.auth_failures);
+        }
+        let from = session.mail_from().map(|f| format!(" from=<{}>", log_safe(&f))).unwrap_or_default();
+        let to = r.to.as_deref().map(|t| format!(" to=<{}>", log_safe(t))).unwrap_or_default();
+        let proto = if session.is_esmtp() { "ESMTP" } else { "SMTP" };
+        let helo = session.helo().map(|h| format!(" helo=<{}>", log_safe(h))).unwrap_or_default();
+        tracing::info!("reject: {} from unknown[{}]: {};{from}{to} proto={proto}{helo}", r.command, peer.ip(), r.reply);
+    }
+}
+
+/// Client-chosen text in a log line: no spaces, brackets or control
+/// characters, so it cannot forge a second `from unknown[ADDR]` for
+/// fail2ban to ban someone else; at most 200 characters.
+fn log_safe(text: &str) -> String {
+    text.chars()
+        .take(200)
+        .map(|c| if c.is_ascii_graphic() && !matches!(c, '[' | ']' | '<' | '>') { c } else { '?' })
+        .collect()
+}
+
+/// One read with the session's timeout, cut to `STRESS_TIMEOUT_SECS` while
+/// the listener is under stress, also for reads that began before the
+/// stress did (the wait is re-checked every `STRESS_TIMEOUT_SECS`).
+/// `Err` means the timeout passed.
+async fn read_with_stress(
+    stream: &mut Stream,
+    buf: &mut [u8],
+    timeout_secs: u64,
+    load: &super::ListenerLoad,
+) -> Result<io::Result<usize>, tokio::time::error::Elapsed> {
+    let started = tokio::time::Instant::now();
+    let normal = Duration::from_secs(timeout_secs);
+    let step = Duration::from_secs(STRESS_TIMEOUT_SECS);
+    loop {
+        let limit = if load.stressed() { normal.min(step) } else { normal };
+        let left = limit.saturating_sub(started.elapsed());
+        // A zero timeout elapses at once: the same error as a real timeout.
+        match tokio::time::timeout(left.min(step), stream.read(buf)).await {
+            Ok(r) => return Ok(r),
+            Err(elapsed) if left <= step => return Err(elapsed),
+            Err(_) => continue,
+        }
+    }
 }
 
 /// This connection's share of the server-wide message memory budget, in
@@ -223,14 +340,27 @@ impl MemoryCharge {
 
 /// Sends replies and handles events until the session needs input.
 /// Returns false once the session asked to close.
-async fn drive(shared: &Shared, session: &mut Session, stream: &mut Stream, peer: SocketAddr) -> io::Result<bool> {
+async fn drive(
+    shared: &Shared,
+    session: &mut Session,
+    stream: &mut Stream,
+    peer: SocketAddr,
+    slot: &mut Option<super::Slot>,
+    stats: &mut SessionStats,
+) -> io::Result<bool> {
     loop {
+        log_rejections(session, peer, stats);
         if let Some(bytes) = session.poll_transmit() {
+            if session.is_closed() {
+                drop(slot.take());
+            }
             stream.write_all(&bytes).await?;
         }
         let Some(event) = session.poll_event() else { return Ok(true) };
         match event {
             Event::Close => {
+                log_rejections(session, peer, stats);
+                drop(slot.take());
                 if let Some(bytes) = session.poll_transmit() {
                     stream.write_all(&bytes).await?;
                 }
@@ -251,6 +381,10 @@ async fn drive(shared: &Shared, session: &mut Session, stream: &mut Stream, peer
             }
             Event::Query(q) => {
                 let answer = answer(shared, peer, q).await;
+                if matches!(answer, Answer::Enqueued(EnqueueOutcome::Queued { .. })) {
+                    stats.messages += 1;
+                    crate::metrics::bump(&crate::metrics::METRICS.messages_accepted);
+                }
                 session.handle_answer(answer);
             }
         }
@@ -289,23 +423,26 @@ async fn answer(shared: &Shared, peer: SocketAddr, query: Query) -> Answer {
                 Answer::Sender(None)
             }
         },
-        Query::Recipient { address, size } => match shared.directory.recipient_facts(&address).await {
-            Ok(mut f) => {
-                // The declared size must fit, or at least one more byte:
-                // refused once at or over quota.
-                let incoming = size.unwrap_or(1).max(1);
-                let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, incoming).await;
-                if !full.is_empty() {
-                    tracing::info!(%peer, to = %address, "recipient over quota");
+        Query::Recipient { address, size } => {
+            match shared.directory.recipient_facts_with_postmaster(&address, shared.config.postmaster_to.as_ref()).await
+            {
+                Ok(mut f) => {
+                    // The declared size must fit, or at least one more byte:
+                    // refused once at or over quota.
+                    let incoming = size.unwrap_or(1).max(1);
+                    let full = super::delivery_task::mailboxes_over_quota(shared, &f.mailboxes, incoming).await;
+                    if !full.is_empty() {
+                        tracing::info!(%peer, to = %address, "recipient over quota");
+                    }
+                    f.over_quota = full.into_iter().map(|(m, _)| m).collect();
+                    Answer::Recipient(Some(f))
                 }
-                f.over_quota = full.into_iter().map(|(m, _)| m).collect();
-                Answer::Recipient(Some(f))
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "recipient lookup failed");
+                    Answer::Recipient(None)
+                }
             }
-            Err(e) => {
-                tracing::error!(%peer, error = %e, "recipient lookup failed");
-                Answer::Recipient(None)
-            }
-        },
+        }
         Query::Enqueue { envelope, message } => Answer::Enqueued(enqueue(shared, envelope, message).await),
     }
 }

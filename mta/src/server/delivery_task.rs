@@ -58,7 +58,18 @@ async fn blocking<T: Send + 'static>(
 async fn pass(shared: &Arc<Shared>, outbound: &Arc<Outbound>) -> Result<(), QueueError> {
     let now = delivery::now_unix();
     let queue = shared.queue.clone();
-    let due = blocking(move || queue.due(now)).await?;
+    let (due, total, oldest) = blocking(move || {
+        let all = queue.list()?;
+        let oldest = all.iter().map(|e| e.envelope.received_unix).min().unwrap_or(0);
+        let total = all.len() as u64;
+        let due: Vec<_> =
+            all.into_iter().filter(|e| !e.held && e.envelope.next_attempt_unix <= now).map(|e| e.envelope).collect();
+        Ok((due, total, oldest))
+    })
+    .await?;
+    let m = &*crate::metrics::METRICS;
+    m.queue_messages.store(total, std::sync::atomic::Ordering::Relaxed);
+    m.queue_oldest_received_unix.store(oldest, std::sync::atomic::Ordering::Relaxed);
     let mut running = tokio::task::JoinSet::new();
     let mut first_error = None;
     for listed in due {
@@ -71,6 +82,9 @@ async fn pass(shared: &Arc<Shared>, outbound: &Arc<Outbound>) -> Result<(), Queu
         running.spawn(async move {
             let queue = shared.queue.clone();
             let id = listed.id.clone();
+            // An admin change in progress (hold, delete) goes first; the
+            // next pass sees what it left.
+            let Some(_claim) = shared.claims.try_claim(&id) else { return Ok(()) };
             match blocking(move || queue.read(&id)).await {
                 Ok((envelope, message)) => deliver_one(&shared, &outbound, envelope, message).await,
                 // Deleted or held by the admin since it was listed.
@@ -118,6 +132,9 @@ async fn deliver_one(
             queue_bounce(shared, &envelope, &plan.bounces, &message, now).await?;
         }
     }
+    let m = &*crate::metrics::METRICS;
+    m.bounced_recipients.fetch_add(plan.bounces.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    crate::metrics::bump(if plan.finished { &m.deliveries_done } else { &m.deliveries_deferred });
     let queue = shared.queue.clone();
     if plan.finished {
         let id = envelope.id.clone();

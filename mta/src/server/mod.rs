@@ -10,6 +10,7 @@
 //! sessions to close (421) and wait a bounded time.
 
 pub mod connection;
+pub mod control;
 pub mod delivery_task;
 
 use std::collections::HashMap;
@@ -24,8 +25,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth_limit::AuthLimiter;
-use crate::config::{Config, Listener};
-use crate::directory::Directory;
+use crate::config::{Config, Listener, ListenerKind};
+use crate::directory::{sqlite_path, Directory};
 use crate::durable;
 use crate::filter::{Filter, RequireFromHeader};
 use crate::limits::{MESSAGES_MEMORY_BYTES_MAX, MESSAGE_MEMORY_UNIT_BYTES};
@@ -54,12 +55,19 @@ pub struct Shared {
     /// Server-wide budget for messages being received, in
     /// `MESSAGE_MEMORY_UNIT_BYTES` units.
     pub message_memory: Arc<Semaphore>,
+    /// Queue ids being delivered or changed by the admin socket.
+    pub claims: control::Claims,
 }
 
 /// The result of the privileged part of start-up.
 pub struct Prepared {
     config: Config,
+    /// Held until the process ends: one server per mail tree.
+    lock: crate::lock::DataLock,
     listeners: Vec<(Listener, std::net::TcpListener)>,
+    metrics: Option<std::net::TcpListener>,
+    /// The admin socket (`mta queue …` against the running server).
+    control: std::os::unix::net::UnixListener,
     tls: Option<TlsStore>,
     dropped: Dropped,
     directory_url: String,
@@ -71,14 +79,29 @@ pub struct Prepared {
     relay_credentials: Option<Credentials>,
 }
 
-/// The SQLite file behind a `sqlite://` URL, if it is one.
-fn sqlite_path(url: &str) -> Option<PathBuf> {
-    let rest = url.strip_prefix("sqlite://")?;
-    Some(PathBuf::from(rest.split('?').next().unwrap_or(rest)))
+/// Takes world access away from the TLS private key (we are still root
+/// here), saying so, and warns when its group may read it (Debian's
+/// `ssl-cert` group is a legitimate reason).
+fn protect_key(key: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(key).with_context(|| format!("failed to read the TLS key {}", key.display()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        std::fs::set_permissions(key, std::fs::Permissions::from_mode(mode & 0o770))
+            .with_context(|| format!("failed to take world access away from the TLS key {}", key.display()))?;
+        tracing::warn!(path = %key.display(), "the TLS key had mode {mode:04o} (any local user could read it); now {:04o}", mode & 0o770);
+    } else if mode & 0o070 != 0 {
+        tracing::warn!(path = %key.display(), "the TLS key has mode {mode:04o}: its group may read it");
+    }
+    Ok(())
 }
 
 /// Binds, loads TLS, prepares the mail tree and drops privileges.
 pub fn prepare(config: Config) -> Result<Prepared> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("failed to create data_dir {}", config.data_dir.display()))?;
+    let lock = crate::lock::acquire(&config.data_dir)?;
+    let control = bind_control(&config.data_dir)?;
     let mut listeners = Vec::new();
     for l in &config.listeners {
         let socket = std::net::TcpListener::bind(l.address)
@@ -86,6 +109,19 @@ pub fn prepare(config: Config) -> Result<Prepared> {
         socket.set_nonblocking(true).context("failed to make a listener non-blocking")?;
         listeners.push((l.clone(), socket));
     }
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let socket = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("failed to bind the metrics listener on {addr}"))?;
+            socket.set_nonblocking(true).context("failed to make a listener non-blocking")?;
+            Some(socket)
+        }
+        None => None,
+    };
+    if let Some(t) = &config.tls {
+        protect_key(&t.key)?;
+    }
+    crate::directory::protect_sqlite_files(&config.directory_url).context("failed to protect the user directory")?;
     let mut tls = match &config.tls {
         Some(t) => Some(TlsStore::load(&t.cert, &t.key).context("failed to load TLS material")?),
         None => {
@@ -149,7 +185,37 @@ pub fn prepare(config: Config) -> Result<Prepared> {
             _ => tracing::warn!("TLS files are outside the chroot: certificate reload on SIGHUP disabled"),
         }
     }
-    Ok(Prepared { config, listeners, tls, dropped, directory_url, resolver, client_tls, relay_credentials })
+    Ok(Prepared {
+        config,
+        lock,
+        listeners,
+        metrics,
+        control,
+        tls,
+        dropped,
+        directory_url,
+        resolver,
+        client_tls,
+        relay_credentials,
+    })
+}
+
+/// Binds `DATA_DIR/mta.sock` 0600 (root only while we are root). A file
+/// left there by a crash is removed: the data lock proves no server owns it.
+fn bind_control(data_dir: &Path) -> Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data_dir.join(control::SOCKET_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("failed to remove the stale admin socket {}", path.display())),
+    }
+    let socket = std::os::unix::net::UnixListener::bind(&path)
+        .with_context(|| format!("failed to bind the admin socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to set the mode of {}", path.display()))?;
+    socket.set_nonblocking(true).context("failed to make the admin socket non-blocking")?;
+    Ok(socket)
 }
 
 /// The client TLS roots (only when a `verify` level is configured) and the
@@ -168,14 +234,37 @@ pub fn outbound_secrets(config: &Config) -> Result<(ClientTls, Option<Credential
     Ok((client_tls, credentials))
 }
 
-/// Per-IP and total connection slots.
+/// Per-IP connection counts, shared by every listener (a client is one
+/// client whatever port it uses).
 struct Slots {
-    total: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     per_ip_max: u32,
 }
 
-struct Slot {
+/// One listener's connection budget: a flood on port 25 cannot take the
+/// slots of submission on 587 or 465.
+pub struct ListenerLoad {
+    total: Arc<Semaphore>,
+    max: u32,
+    /// Connections in use from which the listener is under stress.
+    stress_at: u32,
+}
+
+impl ListenerLoad {
+    fn new(max: u32, stress_percent: u32) -> ListenerLoad {
+        let stress_at = ((u64::from(max) * u64::from(stress_percent)).div_ceil(100)).max(1) as u32;
+        ListenerLoad { total: Arc::new(Semaphore::new(max as usize)), max, stress_at }
+    }
+
+    /// Whether idle timeouts are cut short (Postfix's stress mode).
+    pub fn stressed(&self) -> bool {
+        let in_use = self.max.saturating_sub(self.total.available_permits() as u32);
+        in_use >= self.stress_at
+    }
+}
+
+/// A connection's per-IP and total slot, released on drop.
+pub struct Slot {
     slots: Arc<Slots>,
     ip: IpAddr,
     _permit: OwnedSemaphorePermit,
@@ -194,8 +283,8 @@ impl Drop for Slot {
 }
 
 impl Slots {
-    /// A per-IP slot for a connection that already holds a total permit
-    /// (taken at accept, before a PROXY header names the real client).
+    /// A per-IP slot for a connection that already holds its listener's
+    /// permit (taken at accept, before a PROXY header names the real client).
     fn try_take(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Slot> {
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
@@ -208,7 +297,19 @@ impl Slots {
 }
 
 pub async fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { config, listeners, tls, dropped, directory_url, resolver, client_tls, relay_credentials } = prepared;
+    let Prepared {
+        config,
+        lock,
+        listeners,
+        metrics,
+        control,
+        tls,
+        dropped,
+        directory_url,
+        resolver,
+        client_tls,
+        relay_credentials,
+    } = prepared;
     let (queue, discarded) = Queue::open(&dropped.data_dir.join("queue")).context("failed to open the queue")?;
     if discarded > 0 {
         tracing::warn!(discarded, "discarded partial queue files left by a crash");
@@ -224,21 +325,30 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         filters: vec![Box::new(RequireFromHeader)],
         delivery_wakeup: Notify::new(),
         message_memory: Arc::new(Semaphore::new((MESSAGES_MEMORY_BYTES_MAX / MESSAGE_MEMORY_UNIT_BYTES) as usize)),
+        claims: control::Claims::default(),
     });
-    let slots = Arc::new(Slots {
-        total: Arc::new(Semaphore::new(config.connections_max as usize)),
-        per_ip: Mutex::new(HashMap::new()),
-        per_ip_max: config.connections_per_ip_max,
-    });
+    let slots = Arc::new(Slots { per_ip: Mutex::new(HashMap::new()), per_ip_max: config.connections_per_ip_max });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let mut tasks = Vec::new();
+    let mut loads = Vec::new();
     for (listener, socket) in listeners {
         let socket = TcpListener::from_std(socket).context("failed to register a listener with tokio")?;
         let addr = socket.local_addr().context("listener address")?;
-        eprintln!("mta: listening {} {addr}", listener.kind.name());
-        tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), socket, listener, shutdown_rx.clone())));
+        crate::logging::line(format_args!("mta: listening {} {addr}", listener.kind.name()));
+        let load = Arc::new(ListenerLoad::new(listener.connections_max, config.stress_percent));
+        loads.push(load.clone());
+        let shutdown = shutdown_rx.clone();
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), load, socket, listener, shutdown)));
     }
+    if let Some(socket) = metrics {
+        let socket = TcpListener::from_std(socket).context("failed to register the metrics listener with tokio")?;
+        let addr = socket.local_addr().context("metrics listener address")?;
+        crate::logging::line(format_args!("mta: listening metrics {addr}"));
+        tasks.push(tokio::spawn(crate::metrics::serve(socket, shutdown_rx.clone())));
+    }
+    let control = tokio::net::UnixListener::from_std(control).context("failed to register the admin socket")?;
+    tasks.push(tokio::spawn(control::serve(shared.clone(), control, shutdown_rx.clone())));
     let outbound = delivery_task::Outbound {
         router: resolver.map(|r| mx::Router::new(r, config.delivery.mx_port)),
         tls: client_tls,
@@ -246,7 +356,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     };
     let delivery = tokio::spawn(delivery_task::run(shared.clone(), outbound, shutdown_rx.clone()));
     tracing::info!(user = dropped.user.as_deref().unwrap_or("(unchanged)"), chroot = dropped.chrooted, "started");
-    eprintln!("mta: ready");
+    crate::logging::line(format_args!("mta: ready"));
 
     wait_for_shutdown(&shared).await?;
     tracing::info!("shutting down");
@@ -254,13 +364,18 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    let all = config.connections_max;
-    if tokio::time::timeout(Duration::from_secs(DRAIN_SECS), slots.total.acquire_many(all)).await.is_err() {
+    let drained = async {
+        for load in &loads {
+            let _ = load.total.acquire_many(load.max).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(DRAIN_SECS), drained).await.is_err() {
         tracing::warn!("sessions still open after {DRAIN_SECS} s; exiting anyway");
     }
     let _ = delivery.await;
     shared.directory.close().await;
-    eprintln!("mta: stopped");
+    crate::logging::line(format_args!("mta: stopped"));
+    drop(lock);
     Ok(())
 }
 
@@ -275,7 +390,7 @@ async fn wait_for_shutdown(shared: &Shared) -> Result<()> {
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => match &shared.tls {
                 Some(store) => match store.reload() {
-                    Ok(()) => eprintln!("mta: TLS certificate reloaded"),
+                    Ok(()) => crate::logging::line(format_args!("mta: TLS certificate reloaded")),
                     Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the old certificate"),
                 },
                 None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
@@ -287,6 +402,7 @@ async fn wait_for_shutdown(shared: &Shared) -> Result<()> {
 async fn accept_loop(
     shared: Arc<Shared>,
     slots: Arc<Slots>,
+    load: Arc<ListenerLoad>,
     socket: TcpListener,
     listener: Listener,
     mut shutdown: watch::Receiver<bool>,
@@ -304,13 +420,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.total.clone().try_acquire_owned() else {
-            tracing::info!(%peer, "connection limit reached; refusing");
-            tokio::spawn(refuse(tcp));
+        let implicit_tls = listener.kind == ListenerKind::Submissions;
+        let Ok(permit) = load.total.clone().try_acquire_owned() else {
+            tracing::info!(%peer, listener = listener.kind.name(), "connection limit reached; refusing");
+            tokio::spawn(refuse(tcp, implicit_tls));
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let (shared, slots, listener, shutdown) = (shared.clone(), slots.clone(), listener.clone(), shutdown.clone());
+        let load = load.clone();
         tokio::spawn(async move {
             let peer = if listener.proxy_protocol {
                 match connection::read_proxy_header(&mut tcp).await {
@@ -326,16 +444,21 @@ async fn accept_loop(
             };
             let Some(slot) = slots.try_take(peer.ip(), permit) else {
                 tracing::info!(%peer, "per-IP connection limit reached; refusing");
-                refuse(tcp).await;
+                refuse(tcp, implicit_tls).await;
                 return;
             };
-            connection::serve(shared, tcp, peer, listener, shutdown).await;
-            drop(slot);
+            connection::serve(shared, tcp, peer, listener, shutdown, slot, load).await;
         });
     }
 }
 
-async fn refuse(mut tcp: tokio::net::TcpStream) {
+/// Refuses a connection over a limit: `421` in plaintext, except on the
+/// implicit-TLS port, where a plaintext byte before the handshake would be
+/// a protocol error (and a downgrade hint): there the socket is just closed.
+async fn refuse(mut tcp: tokio::net::TcpStream, implicit_tls: bool) {
+    if implicit_tls {
+        return;
+    }
     let reply = b"421 4.7.0 Too many connections, try again later\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(reply)).await;
 }
@@ -344,4 +467,24 @@ async fn refuse(mut tcp: tokio::net::TcpStream) {
 pub fn describe_paths(config: &Config) -> String {
     let q: &Path = &config.queue_dir();
     format!("queue: {}\nmailboxes: {}\n", q.display(), config.mailboxes_dir().display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ListenerLoad;
+
+    #[test]
+    fn stress_starts_at_the_configured_share_of_the_listener_limit() {
+        let load = ListenerLoad::new(4, 75);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(load.total.clone().try_acquire_owned().unwrap());
+            assert!(!load.stressed());
+        }
+        held.push(load.total.clone().try_acquire_owned().unwrap());
+        assert!(load.stressed(), "3 of 4 is 75%");
+        held.pop();
+        assert!(!load.stressed());
+        assert!(ListenerLoad::new(1, 1).stress_at == 1);
+    }
 }

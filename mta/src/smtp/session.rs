@@ -216,6 +216,23 @@ enum Line {
     TooLong,
 }
 
+/// A 4xx/5xx reply with the command it answered, for the shell's
+/// `reject:` log line (fail2ban and audits read it). Never carries AUTH
+/// arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The command's verb (`RCPT`, `MAIL`, `AUTH`, …; `CONNECT` before one).
+    pub command: &'static str,
+    /// The RCPT argument, for `to=<…>`.
+    pub to: Option<String>,
+    /// The reply's first line, e.g. `554 5.7.1 Relay access denied`.
+    pub reply: String,
+}
+
+/// Rejections waiting for the shell; more are dropped (the session closes
+/// after `ERRORS_PER_SESSION_MAX` errors anyway).
+const REJECTIONS_QUEUED_MAX: usize = 32;
+
 pub struct Session {
     config: SessionConfig,
     peer: IpAddr,
@@ -230,6 +247,9 @@ pub struct Session {
     transaction: Option<Transaction>,
     errors: u32,
     auth_failures: u32,
+    /// The command being answered, for [`Rejection`]s.
+    current: (&'static str, Option<String>),
+    rejections: VecDeque<Rejection>,
 }
 
 impl Session {
@@ -249,6 +269,8 @@ impl Session {
             transaction: None,
             errors: 0,
             auth_failures: 0,
+            current: ("CONNECT", None),
+            rejections: VecDeque::new(),
         }
     }
 
@@ -452,6 +474,10 @@ impl Session {
                 return false;
             }
         }
+        self.current = match &parsed {
+            Ok(cmd) => (verb(cmd), if let Command::Rcpt { to } = cmd { Some(forward_path_text(to)) } else { None }),
+            Err(_) => ("UNKNOWN", None),
+        };
         match parsed {
             Ok(cmd) => self.dispatch(cmd),
             // The chunk after it cannot be skipped without its size.
@@ -885,8 +911,50 @@ impl Session {
         self.events.push_back(Event::Query(query));
     }
 
+    /// Queues a [`Rejection`] for an error reply.
+    fn note_rejection(&mut self, r: &Reply) {
+        if !r.is_error() || self.rejections.len() >= REJECTIONS_QUEUED_MAX {
+            return;
+        }
+        let mut wire = Vec::new();
+        r.encode_into(&mut wire);
+        let text = String::from_utf8_lossy(&wire);
+        let first = text.split("\r\n").next().unwrap_or("");
+        // `554-…` continuation: log it as one line.
+        let reply = if first.as_bytes().get(3) == Some(&b'-') {
+            format!("{} {}", &first[..3], &first[4..])
+        } else {
+            first.to_string()
+        };
+        self.rejections.push_back(Rejection { command: self.current.0, to: self.current.1.clone(), reply });
+    }
+
+    /// The next error reply sent, with its command (for the `reject:` log).
+    pub fn poll_rejection(&mut self) -> Option<Rejection> {
+        self.rejections.pop_front()
+    }
+
+    /// The HELO/EHLO name, if the client sent one.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// Whether the client said EHLO (`proto=ESMTP`) rather than HELO.
+    pub fn is_esmtp(&self) -> bool {
+        self.esmtp
+    }
+
+    /// The MAIL FROM of the transaction in progress (`""` for `<>`).
+    pub fn mail_from(&self) -> Option<String> {
+        self.transaction.as_ref().map(|t| match &t.from {
+            ReversePath::Null => String::new(),
+            ReversePath::Mailbox(a) => a.to_string(),
+        })
+    }
+
     /// Sends a reply, counting errors; too many errors close the session.
     fn respond(&mut self, r: Reply) {
+        self.note_rejection(&r);
         r.encode_into(&mut self.output);
         if r.is_error() {
             self.errors += 1;
@@ -897,6 +965,7 @@ impl Session {
     }
 
     fn close_with(&mut self, r: Reply) {
+        self.note_rejection(&r);
         r.encode_into(&mut self.output);
         self.state = State::Closed;
         self.events.push_back(Event::Close);
@@ -943,6 +1012,12 @@ fn command_error_reply(e: &CommandError) -> Reply {
     match e {
         CommandError::Unrecognized => reply::unrecognized(),
         CommandError::Syntax(text) => reply::bad_arguments(text),
+        // RFC 5321 §4.1.3: `<x@[192.0.2.1]>` is valid syntax; refusing it is
+        // a policy decision (a literal names no domain whose policy, SPF or
+        // MX could vouch for the sender), so the reply says so.
+        CommandError::Sender(AddressError::AddressLiteral) => {
+            Reply::new(550, (5, 7, 1), "Sender address rejected: address literals are refused by policy")
+        }
         CommandError::Sender(a) => reply::bad_sender(&a.to_string()),
         CommandError::Recipient(a) => reply::bad_recipient(&a.to_string()),
         CommandError::UnsupportedParameter => Reply::new(555, (5, 5, 4), "Unsupported parameter"),
@@ -953,3 +1028,30 @@ fn command_error_reply(e: &CommandError) -> Reply {
 
 #[cfg(test)]
 mod tests;
+
+/// The verb of a command, for logs.
+fn verb(cmd: &Command) -> &'static str {
+    match cmd {
+        Command::Helo(_) => "HELO",
+        Command::Ehlo(_) => "EHLO",
+        Command::Mail { .. } => "MAIL",
+        Command::Rcpt { .. } => "RCPT",
+        Command::Data => "DATA",
+        Command::Bdat { .. } => "BDAT",
+        Command::Rset => "RSET",
+        Command::Noop => "NOOP",
+        Command::Quit => "QUIT",
+        Command::Vrfy => "VRFY",
+        Command::Expn => "EXPN",
+        Command::Help => "HELP",
+        Command::StartTls => "STARTTLS",
+        Command::Auth { .. } => "AUTH",
+    }
+}
+
+fn forward_path_text(to: &ForwardPath) -> String {
+    match to {
+        ForwardPath::Postmaster => "Postmaster".to_string(),
+        ForwardPath::Mailbox(a) => a.to_string(),
+    }
+}

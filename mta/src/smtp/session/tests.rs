@@ -666,3 +666,42 @@ fn bdat_limits_close_the_session() {
     h.send(format!("BDAT {} LAST\r\n", ok.len()).as_bytes());
     assert_eq!(h.send(&ok), "250 2.0.0 Ok: queued as Q1\r\n");
 }
+
+// Issue 20: every error reply is reported with its command (and the RCPT
+// argument) for the shell's `reject:` log line; AUTH arguments never are.
+#[test]
+fn error_replies_are_reported_as_rejections_with_their_command() {
+    let mut h = Harness::greeted(Port::Mx);
+    h.send(b"EHLO c\r\n");
+    assert_eq!(h.s.poll_rejection(), None);
+    h.send(b"MAIL FROM:<x@remote.example>\r\n");
+    h.send(b"RCPT TO:<victim@remote.example>\r\n");
+    assert_eq!(
+        h.s.poll_rejection(),
+        Some(Rejection {
+            command: "RCPT",
+            to: Some("victim@remote.example".into()),
+            reply: "554 5.7.1 Relay access denied".into()
+        })
+    );
+    assert_eq!(h.s.mail_from().as_deref(), Some("x@remote.example"));
+    assert_eq!(h.s.helo(), Some("c"));
+    h.send(b"AUTH PLAIN c2VjcmV0\r\n");
+    let r = h.s.poll_rejection().expect("AUTH on the MX port is refused");
+    assert_eq!((r.command, r.to), ("AUTH", None));
+    assert!(!r.reply.contains("c2VjcmV0"));
+    assert_eq!(h.s.poll_rejection(), None);
+}
+
+// RFC 5321 §4.1.3: an address literal is valid syntax in MAIL FROM; it is
+// refused by policy (5.7.1), not as a syntax error (5.1.7).
+#[test]
+fn mail_from_an_address_literal_is_a_policy_refusal() {
+    let mut h = Harness::greeted(Port::Mx);
+    h.send(b"EHLO c\r\n");
+    assert_eq!(
+        h.send(b"MAIL FROM:<x@[192.0.2.1]>\r\n"),
+        "550 5.7.1 Sender address rejected: address literals are refused by policy\r\n"
+    );
+    assert_eq!(h.send(b"MAIL FROM:<x@remote.example>\r\n"), "250 2.1.0 Sender ok\r\n");
+}
