@@ -124,10 +124,13 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped; reporting that
+        // would panic the daemon.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = real_main(cli) {
-        eprintln!("clusterd: {e:#}");
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("clusterd: {e:#}\n"));
         std::process::exit(if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 });
     }
 }
