@@ -546,7 +546,8 @@ impl<P: Clone> Replica<P> {
         // Running: a crash from here on is not a clean shutdown; a primary
         // that restarts cleanly stays primary.
         r.persist_meta_with(false);
-        if !persisted.clean_shutdown {
+        // (Fresh metadata never held replicated data: nothing to make durable.)
+        if !persisted.clean_shutdown && persisted.generations.current != Generations::JUST_CREATED {
             r.recovering = true;
             let io = r.take_io(IoPurpose::StartupFlush);
             r.actions.push_back(Action::Disk { io, op: DiskOp::Flush });
