@@ -62,56 +62,15 @@ pub enum ControlResponse {
 /// What `replicator status RES` shows.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResourceReport {
+    /// [`replicator_api::API_VERSION`]: readers check it before the state.
+    pub api_version: u32,
     pub state: ReplicaState,
     pub clients: Vec<ClientInfo>,
     pub io: IoSnapshot,
     pub pid: u32,
 }
 
-/// The replica's status, flattened for the wire (see
-/// `replication::replica::Status` for the meaning of each field).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ReplicaState {
-    pub resource: String,
-    pub node: String,
-    pub role: String,
-    pub disk: String,
-    pub connection: String,
-    pub peer_node: Option<String>,
-    pub peer_role: Option<String>,
-    pub peer_disk: Option<String>,
-    pub protocol: String,
-    pub epoch: u64,
-    pub generations: [u64; 4],
-    pub out_of_sync_bytes: u64,
-    pub suspended: bool,
-    pub resync: Option<ProgressReport>,
-    pub verify: Option<ProgressReport>,
-    pub verify_out_of_sync_bytes: u64,
-    pub last_error: Option<String>,
-    pub writes_in_flight: u64,
-    pub resync_sent_bytes: u64,
-    pub resync_received_bytes: u64,
-    /// The last failed connection attempt or handshake on the replication
-    /// link (either direction), if any since `up` started.
-    #[serde(default)]
-    pub link_failure: Option<String>,
-    /// Seconds since that failure.
-    #[serde(default)]
-    pub link_failure_age_secs: Option<u64>,
-    /// `connect --discard-my-data` waits for the next handshake.
-    #[serde(default)]
-    pub discard_my_data: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ProgressReport {
-    pub total_bytes: u64,
-    pub done_bytes: u64,
-    pub percent: f64,
-    pub rate_bytes_per_sec: u64,
-    pub eta_secs: Option<u64>,
-}
+pub use replicator_api::{ProgressReport, ReplicaState};
 
 /// How a control request is answered: once, or as a stream.
 pub enum ControlReply {

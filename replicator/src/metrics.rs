@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::control::{ResourceReport, StatusReport};
+use crate::replication::message::{DiskState, Role};
 use crate::server::stats::IoSnapshot;
 
 /// Renders the status as Prometheus text exposition format.
@@ -34,13 +35,17 @@ pub fn render_resource(report: &ResourceReport) -> String {
     let s = &report.state;
     let label = format!("resource=\"{}\"", s.resource.replace(['"', '\\', '\n'], "_"));
     let gauges: [(&str, &str, u64); 8] = [
-        ("replicator_resource_primary", "1 while this node is primary", u64::from(s.role == "Primary")),
+        ("replicator_resource_primary", "1 while this node is primary", u64::from(s.role == Role::Primary)),
         ("replicator_resource_connected", "1 while the peer is connected", u64::from(s.peer_role.is_some())),
-        ("replicator_resource_disk_up_to_date", "1 while the local disk is UpToDate", u64::from(s.disk == "UpToDate")),
+        (
+            "replicator_resource_disk_up_to_date",
+            "1 while the local disk is UpToDate",
+            u64::from(s.disk == DiskState::UpToDate),
+        ),
         (
             "replicator_resource_peer_disk_up_to_date",
             "1 while the peer's disk is UpToDate",
-            u64::from(s.peer_disk.as_deref() == Some("UpToDate")),
+            u64::from(s.peer_disk == Some(DiskState::UpToDate)),
         ),
         ("replicator_resource_suspended", "1 while I/O is suspended by fencing", u64::from(s.suspended)),
         ("replicator_resource_epoch", "Newest primary epoch seen", s.epoch),

@@ -251,8 +251,8 @@ fn events(args: &ResArgs) -> anyhow::Result<()> {
                 s.role,
                 s.disk,
                 s.connection,
-                s.peer_role.as_deref().unwrap_or("Unknown"),
-                s.peer_disk.as_deref().unwrap_or("DUnknown"),
+                s.peer_role.map_or("Unknown", |r| r.as_str()),
+                s.peer_disk.map_or("DUnknown", |d| d.as_str()),
                 s.last_error.as_deref().map(|e| format!(" error:{e:?}")).unwrap_or_default()
             )
             .and_then(|()| out.flush());
@@ -291,8 +291,8 @@ fn print_report(out: &mut impl Write, r: &ResourceReport, res: &Resource) -> std
         "  {} connection:{} role:{} disk:{}",
         s.peer_node.as_deref().unwrap_or(&res.peer.name),
         s.connection,
-        s.peer_role.as_deref().unwrap_or("Unknown"),
-        s.peer_disk.as_deref().unwrap_or("DUnknown")
+        s.peer_role.map_or("Unknown", |r| r.as_str()),
+        s.peer_disk.map_or("DUnknown", |d| d.as_str())
     )?;
     writeln!(out, "  out-of-sync: {}", bytes(s.out_of_sync_bytes))?;
     for (what, p) in [("resync", &s.resync), ("verify", &s.verify)] {

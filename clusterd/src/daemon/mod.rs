@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use replicator_api::ConnState;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc};
 
@@ -639,14 +640,14 @@ impl Daemon {
         }
         // Writes reach the peer once the handshake is over (also while a
         // resync runs).
-        let connected = matches!(s.connection.as_str(), "Connected" | "SyncSource" | "SyncTarget" | "VerifySource");
+        let connected = s.connection.replicates_writes();
         if g.told_connected != Some(connected) {
             g.told_connected = Some(connected);
             g.told_in_sync = false;
             g.fo.handle(now, Input::Replication { connected });
         }
         let in_sync = connected
-            && s.connection == "Connected"
+            && s.connection == ConnState::Connected
             && disk == DiskState::UpToDate
             && s.peer_disk_state() == Some(DiskState::UpToDate);
         if in_sync && !g.told_in_sync {

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use replicator_api::{ConnState, DiskState as ReplDisk, Role};
 use tokio::time::Instant;
 
 use super::config::GroupSpec;
@@ -28,17 +28,16 @@ pub enum VolumeError {
     BadStatus { volume: String, why: String },
 }
 
-/// The volume's state, as far as clusterd needs it.
+/// The volume's state, as far as clusterd needs it: typed by the
+/// replicator's admin API, so a state clusterd does not know makes the
+/// report unreadable (and the volume untrusted) instead of being ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeStatus {
-    /// Primary or Secondary.
-    pub role: String,
-    /// UpToDate, Outdated, Inconsistent, Failed.
-    pub disk: String,
-    pub peer_disk: Option<String>,
-    pub peer_role: Option<String>,
-    /// e.g. Connected, StandAlone, Connecting.
-    pub connection: String,
+    pub role: Role,
+    pub disk: ReplDisk,
+    pub peer_disk: Option<ReplDisk>,
+    pub peer_role: Option<Role>,
+    pub connection: ConnState,
     pub epoch: u64,
     /// I/O is suspended (by fencing or `suspend-io`): writes are held.
     pub suspended: bool,
@@ -47,17 +46,17 @@ pub struct VolumeStatus {
 
 impl VolumeStatus {
     pub fn is_primary(&self) -> bool {
-        self.role == "Primary"
+        self.role == Role::Primary
     }
 
     /// The local disk in the failover core's terms (None: a state it does
     /// not weigh, such as Failed).
     pub fn disk_state(&self) -> Option<DiskState> {
-        parse_disk(&self.disk)
+        core_disk(self.disk)
     }
 
     pub fn peer_disk_state(&self) -> Option<DiskState> {
-        self.peer_disk.as_deref().and_then(parse_disk)
+        self.peer_disk.and_then(core_disk)
     }
 
     /// One line for status: "Primary+suspended, StandAlone, epoch 4, disk
@@ -78,46 +77,19 @@ impl VolumeStatus {
     }
 }
 
-fn parse_disk(s: &str) -> Option<DiskState> {
-    match s {
-        "UpToDate" => Some(DiskState::UpToDate),
-        "Outdated" => Some(DiskState::Outdated),
-        "Inconsistent" => Some(DiskState::Inconsistent),
-        _ => None,
+fn core_disk(d: ReplDisk) -> Option<DiskState> {
+    match d {
+        ReplDisk::UpToDate => Some(DiskState::UpToDate),
+        ReplDisk::Outdated => Some(DiskState::Outdated),
+        ReplDisk::Inconsistent => Some(DiskState::Inconsistent),
+        ReplDisk::Failed => None,
     }
 }
 
-/// The fields read from `replicator status --json` (others are ignored, so
-/// newer replicators still parse).
-#[derive(Deserialize)]
-struct StatusJson {
-    state: StateJson,
-}
-
-#[derive(Deserialize)]
-struct StateJson {
-    role: String,
-    disk: String,
-    connection: String,
-    #[serde(default)]
-    peer_role: Option<String>,
-    #[serde(default)]
-    peer_disk: Option<String>,
-    #[serde(default)]
-    epoch: u64,
-    #[serde(default)]
-    suspended: bool,
-    /// Names a suspend-io replicator may use for the freeze.
-    #[serde(default, alias = "io_suspended")]
-    frozen: bool,
-    #[serde(default)]
-    last_error: Option<String>,
-}
-
-/// Parses `replicator status RES --json`.
+/// Parses `replicator status RES --json`: the report's version first,
+/// then the typed state (fields clusterd does not need are ignored).
 pub fn parse_status(json: &str) -> Result<VolumeStatus, String> {
-    let s: StatusJson = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let s = s.state;
+    let s = replicator_api::parse_report_state(json).map_err(|e| e.to_string())?;
     Ok(VolumeStatus {
         role: s.role,
         disk: s.disk,
@@ -125,7 +97,7 @@ pub fn parse_status(json: &str) -> Result<VolumeStatus, String> {
         peer_role: s.peer_role,
         connection: s.connection,
         epoch: s.epoch,
-        suspended: s.suspended || s.frozen,
+        suspended: s.suspended,
         last_error: s.last_error,
     })
 }
@@ -230,15 +202,50 @@ mod tests {
     fn status_shows_the_volumes_real_role() {
         // Issue 23: status said "here: Secondary" while the volume was
         // Primary and suspended.
-        let s = parse_status(
-            r#"{"state":{"role":"Primary","disk":"UpToDate","connection":"StandAlone","epoch":4,"suspended":true,
-            "last_error":"both nodes are primary:\nsplit brain"}}"#,
-        )
+        let s = parse_status(&report(
+            r#""role":"Primary","disk":"UpToDate","connection":"StandAlone","epoch":4,"suspended":true,
+            "last_error":"both nodes are primary:\nsplit brain""#,
+        ))
         .unwrap();
         assert_eq!(
             s.describe(),
             "Primary+suspended, StandAlone, epoch 4, disk UpToDate (last error: both nodes are primary:; split brain)"
         );
+    }
+
+    /// A version-1 report whose state has `fields` and defaults elsewhere.
+    fn report(fields: &str) -> String {
+        format!(
+            r#"{{"api_version":{},"state":{{"resource":"mail","node":"a",
+            "protocol":"C","generations":[1,0,0,0],"out_of_sync_bytes":0,"resync":null,
+            "verify":null,"verify_out_of_sync_bytes":0,"writes_in_flight":0,"resync_sent_bytes":0,
+            "resync_received_bytes":0,{fields}}}}}"#,
+            replicator_api::API_VERSION
+        )
+    }
+
+    #[test]
+    fn every_replicator_state_reaches_the_failover_core() {
+        // clusterd once parsed Debug strings and ignored names it did not
+        // know; every state is now typed, and an unknown one is an error.
+        for &conn in ConnState::ALL {
+            for &disk in ReplDisk::ALL {
+                let s = parse_status(&report(&format!(
+                    r#""role":"Secondary","disk":"{disk}","connection":"{conn}","epoch":2,"suspended":false,
+                    "last_error":null,"peer_disk":"{disk}""#
+                )))
+                .unwrap();
+                assert_eq!((s.connection, s.disk, s.peer_disk), (conn, disk, Some(disk)));
+                assert_eq!(s.disk_state().is_none(), disk == ReplDisk::Failed);
+            }
+        }
+        let unknown = report(
+            r#""role":"Secondary","disk":"Diskless","connection":"Connected","epoch":2,"suspended":false,"last_error":null"#,
+        );
+        assert!(parse_status(&unknown).unwrap_err().contains("Diskless"));
+        let newer = report(r#""role":"Secondary","disk":"UpToDate","connection":"Connected","epoch":2,"suspended":false,"last_error":null"#)
+            .replace(r#""api_version":1"#, r#""api_version":2"#);
+        assert!(parse_status(&newer).unwrap_err().contains("install matching"));
     }
 
     #[test]

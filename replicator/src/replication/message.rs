@@ -6,36 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::metadata::Generations;
 
-/// Who may write. Only a primary serves writable NBD.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Role {
-    Primary,
-    Secondary,
-}
-
-/// The local disk's state, named as DRBD users know them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DiskState {
-    /// Consistent and, as far as this node knows, current.
-    UpToDate,
-    /// Consistent, but the peer is known to have newer data.
-    Outdated,
-    /// Partly written by a resync (or never synced): must not be promoted.
-    Inconsistent,
-    /// A local I/O error: the disk holds unknown data until resynced.
-    Failed,
-}
-
-/// Replication protocols, as in DRBD.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Protocol {
-    /// Ack after the local write completed and the data is queued to the peer.
-    A,
-    /// Ack after the local write completed and the peer received the data.
-    B,
-    /// Ack after both disks completed the write.
-    C,
-}
+/// Role, disk state and protocol are the admin API's types (`replicator-api`):
+/// their names are what `status` shows and clusterd reads; on the link they
+/// travel as postcard variant indexes.
+pub use replicator_api::{DiskState, Protocol, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteKind {

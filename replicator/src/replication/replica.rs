@@ -205,20 +205,8 @@ pub enum AdminError {
     DiscardWhileConnected,
 }
 
-/// Connection state names as DRBD users know them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum ConnName {
-    StandAlone,
-    Connecting,
-    /// Link up, generations being compared.
-    WfReportParams,
-    /// Decided to resync, exchanging bitmaps.
-    WfBitmap,
-    Connected,
-    SyncSource,
-    SyncTarget,
-    VerifySource,
-}
+/// Connection states, as DRBD users know them (shared with clusterd).
+pub use replicator_api::ConnState;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Progress {
@@ -235,7 +223,7 @@ pub struct Status {
     pub node: String,
     pub role: Role,
     pub disk: DiskState,
-    pub connection: ConnName,
+    pub connection: ConnState,
     pub peer_role: Option<Role>,
     pub peer_disk: Option<DiskState>,
     pub peer_node: Option<String>,
@@ -642,17 +630,17 @@ impl<P: Clone> Replica<P> {
             && self.disk == DiskState::UpToDate
     }
 
-    pub fn connection(&self) -> ConnName {
+    pub fn connection(&self) -> ConnState {
         match &self.conn {
-            Conn::StandAlone => ConnName::StandAlone,
-            Conn::Connecting => ConnName::Connecting,
-            Conn::Handshaking { .. } => ConnName::WfReportParams,
+            Conn::StandAlone => ConnState::StandAlone,
+            Conn::Connecting => ConnState::Connecting,
+            Conn::Handshaking { .. } => ConnState::WfReportParams,
             Conn::Established(p) => match &p.sync {
-                Sync::None => ConnName::Connected,
-                Sync::SourceWaitBitmap => ConnName::WfBitmap,
-                Sync::Source => ConnName::SyncSource,
-                Sync::Target => ConnName::SyncTarget,
-                Sync::Verify => ConnName::VerifySource,
+                Sync::None => ConnState::Connected,
+                Sync::SourceWaitBitmap => ConnState::WfBitmap,
+                Sync::Source => ConnState::SyncSource,
+                Sync::Target => ConnState::SyncTarget,
+                Sync::Verify => ConnState::VerifySource,
             },
         }
     }

@@ -146,12 +146,7 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         }
         let (status, shared, failures) = (parts.status.clone(), shared.clone(), parts.failures.clone());
         let body = move || {
-            crate::metrics::render_resource(&ResourceReport {
-                state: driver::state(&status.borrow(), &failures),
-                clients: shared.clients.list(),
-                io: shared.counters.snapshot(),
-                pid: std::process::id(),
-            })
+            crate::metrics::render_resource(&resource_report(&shared, driver::state(&status.borrow(), &failures)))
         };
         tokio::spawn(crate::metrics::serve(listener, Arc::new(body)))
     });
@@ -228,12 +223,7 @@ fn handler(
         let (admin, mut status, shared, failures) = (admin.clone(), status.clone(), shared.clone(), failures.clone());
         let down = down.clone();
         Box::pin(async move {
-            let report = move |shared: &Shared, s: &Status| ResourceReport {
-                state: driver::state(s, &failures),
-                clients: shared.clients.list(),
-                io: shared.counters.snapshot(),
-                pid: std::process::id(),
-            };
+            let report = move |shared: &Shared, s: &Status| resource_report(shared, driver::state(s, &failures));
             match request {
                 ControlRequest::Status => ControlReply::One(ControlResponse::Error(
                     "this server runs a replicated resource: use `replicator status RES`".into(),
@@ -283,12 +273,9 @@ fn handler(
                     }
                     let response = match reply_rx.await {
                         Ok(Ok(AdminReply::Done(message))) => ControlResponse::Done(message),
-                        Ok(Ok(AdminReply::State(state))) => ControlResponse::Resource(Box::new(ResourceReport {
-                            state: *state,
-                            clients: shared.clients.list(),
-                            io: shared.counters.snapshot(),
-                            pid: std::process::id(),
-                        })),
+                        Ok(Ok(AdminReply::State(state))) => {
+                            ControlResponse::Resource(Box::new(resource_report(&shared, *state)))
+                        }
                         Ok(Err(message)) => ControlResponse::Error(message),
                         Err(_) => ControlResponse::Error("the resource is shutting down".into()),
                     };
@@ -297,4 +284,16 @@ fn handler(
             }
         })
     })
+}
+
+/// What `status RES` answers: the replica's state with this process's
+/// clients and counters, stamped with the report's API version.
+fn resource_report(shared: &Shared, state: control::ReplicaState) -> ResourceReport {
+    ResourceReport {
+        api_version: replicator_api::API_VERSION,
+        state,
+        clients: shared.clients.list(),
+        io: shared.counters.snapshot(),
+        pid: std::process::id(),
+    }
 }

@@ -1085,7 +1085,7 @@ impl Sim {
             // cluster knows current, else node 0), or a refused handshake.
             let now = self.now;
             let standalone =
-                |n: &Node| n.replica.as_ref().is_some_and(|r| r.connection() == super::replica::ConnName::StandAlone);
+                |n: &Node| n.replica.as_ref().is_some_and(|r| r.connection() == super::replica::ConnState::StandAlone);
             let split = |n: &Node| {
                 n.replica.as_ref().and_then(|r| r.status(now).last_error).is_some_and(|e| e.contains("split brain"))
             };
@@ -1658,7 +1658,7 @@ fn a_sync_target_shows_what_is_left_and_its_progress() {
     p.hold[1] = true;
     p.connect(2);
     let s = p.r[1].status(p.now);
-    assert_eq!(s.connection, super::replica::ConnName::SyncTarget);
+    assert_eq!(s.connection, super::replica::ConnState::SyncTarget);
     let progress = s.resync.as_ref().expect("a target shows its progress");
     assert_eq!(progress.total_bytes, 8 * BLOCK, "{s:?}");
     assert!(progress.done_bytes < progress.total_bytes, "{s:?}");
