@@ -50,6 +50,49 @@ pub const REPL_RECEIVE_BYTES_MAX: u64 = 128 * 1024 * 1024;
 /// written by the peer (DRBD's `sndbuf-size`); further writes wait.
 pub const REPL_SEND_QUEUE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
+/// The range `net.send-queue-kib` may set that bound in (the default is
+/// [`REPL_SEND_QUEUE_BYTES_MAX`]).
+pub const REPL_SEND_QUEUE_KIB_MIN: u64 = 64;
+pub const REPL_SEND_QUEUE_KIB_MAX: u64 = 1024 * 1024;
+
+/// Encoded bytes of acks, pings and replies queued for the peer. A peer
+/// that keeps sending writes but stops reading our acks reaches it; the
+/// link is then dropped (what it did not acknowledge is marked out of sync).
+pub const REPL_LINK_URGENT_QUEUE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Encoded bytes of data, flushes, resync and bitmap frames queued for the
+/// peer (the bulk queue). Everything upstream is bounded, so a peer that
+/// reads never reaches it: application writes in flight (their payload
+/// and a header each), protocol A's send queue at its largest, resync data both ways, a
+/// whole bitmap twice over (`bitmap_bytes`: the resource's dirty bitmap
+/// in bytes, sent as (index, word) pairs), plus a slack for control frames.
+pub const fn link_bulk_queue_bytes_max(bitmap_bytes: u64) -> u64 {
+    SERVER_INFLIGHT_BYTES_MAX
+        + (SERVER_INFLIGHT_BYTES_MAX / INFLIGHT_UNIT_BYTES as u64) * REPL_FRAME_HEADER_BYTES
+        + REPL_SEND_QUEUE_KIB_MAX * 1024
+        + 2 * REPL_RESYNC_INFLIGHT_BYTES_MAX
+        + 4 * bitmap_bytes
+        + 16 * 1024 * 1024
+}
+
+/// A replication frame's header (`wire::HEADER_BYTES`).
+pub const REPL_FRAME_HEADER_BYTES: u64 = 56;
+
+/// NBD requests queued from the client connections to a replicated
+/// volume's driver. Every request holds at least one in-flight unit of the
+/// server's budget until answered, so the queue can never hold more; a
+/// full queue is a bug and the request fails instead of waiting.
+pub const REPL_APP_QUEUE_REQUESTS_MAX: usize = (SERVER_INFLIGHT_BYTES_MAX / INFLIGHT_UNIT_BYTES as u64) as usize;
+
+/// Disk completions queued from the I/O engine to a replicated volume's
+/// driver: at most one per operation the driver has in flight, which is
+/// bounded by the application budget, the receive budget, the resync
+/// window and one flush per epoch and client FLUSH. The driver asserts it.
+pub const REPL_DISK_COMPLETIONS_MAX: usize = REPL_APP_QUEUE_REQUESTS_MAX
+    + (REPL_RECEIVE_BYTES_MAX / INFLIGHT_UNIT_BYTES as u64) as usize
+    + (REPL_RESYNC_INFLIGHT_BYTES_MAX / INFLIGHT_UNIT_BYTES as u64) as usize
+    + 4096;
+
 /// Bytes one resync request covers (a run of dirty bitmap granules).
 pub const REPL_RESYNC_CHUNK_BYTES: u32 = 256 * 1024;
 
@@ -106,3 +149,5 @@ const _: () = assert!(NBD_REQUEST_BYTES_MAX.is_power_of_two());
 const _: () = assert!(NBD_BLOCK_BYTES_PREFERRED <= NBD_REQUEST_BYTES_MAX);
 const _: () = assert!(REPL_PREAUTH_PER_SOURCE_MAX >= 2, "the peer may have a stale attempt open while it retries");
 const _: () = assert!(REPL_PREAUTH_PER_SOURCE_MAX <= REPL_PREAUTH_CONNECTIONS_MAX);
+const _: () = assert!(link_bulk_queue_bytes_max(0) > SERVER_INFLIGHT_BYTES_MAX + REPL_SEND_QUEUE_BYTES_MAX);
+const _: () = assert!(REPL_LINK_URGENT_QUEUE_BYTES_MAX >= 1024 * REPL_FRAME_HEADER_BYTES);

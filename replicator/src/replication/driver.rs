@@ -23,6 +23,7 @@ use super::replica::{Action, AdminError, AppId, AppWrite, DiskOp, DiskOutput, Io
 use super::resource::Resource;
 use crate::backing::{Backing, CompletionSender, IoCompletion, IoFailure, IoOp, IoOutput, IoRequest};
 use crate::control::{ProgressReport, ReplicaState, ResourceCommand};
+use crate::limits;
 use crate::metadata::{ActivityLogStore, BitmapStore, Metadata, MetadataError};
 
 /// Most queued inputs of each kind handled before the driver acts.
@@ -31,7 +32,7 @@ const DRAIN_MAX: usize = 64;
 /// The NBD server's view of a replicated volume.
 #[derive(Clone)]
 pub struct ReplicaHandle {
-    app: mpsc::UnboundedSender<IoRequest>,
+    app: mpsc::Sender<IoRequest>,
     backing: Backing,
     primary: watch::Receiver<bool>,
     resource: String,
@@ -43,8 +44,20 @@ impl ReplicaHandle {
             match req.op {
                 IoOp::Read { .. } | IoOp::BlockStatus { .. } => self.backing.submit(req),
                 _ => {
-                    if let Err(mpsc::error::SendError(req)) = self.app.send(req) {
-                        let _ = req.done.send(IoCompletion { tag: req.tag, result: Err(IoFailure::EngineStopped) });
+                    // Never full: see `REPL_APP_QUEUE_REQUESTS_MAX`.
+                    match self.app.try_send(req) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Closed(req)) => {
+                            let _ = req.done.send(IoCompletion { tag: req.tag, result: Err(IoFailure::EngineStopped) });
+                        }
+                        Err(mpsc::error::TrySendError::Full(req)) => {
+                            tracing::error!(
+                                resource = %self.resource,
+                                "bug: the volume's request queue is full ({} requests); failing the request",
+                                limits::REPL_APP_QUEUE_REQUESTS_MAX
+                            );
+                            let _ = req.done.send(IoCompletion { tag: req.tag, result: Err(IoFailure::EngineStopped) });
+                        }
                     }
                 }
             }
@@ -87,7 +100,7 @@ pub struct Driver {
     al_store: ActivityLogStore,
     backing: Backing,
     start: Instant,
-    app_rx: mpsc::UnboundedReceiver<IoRequest>,
+    app_rx: mpsc::Receiver<IoRequest>,
     disk_tx: CompletionSender,
     disk_rx: mpsc::UnboundedReceiver<IoCompletion>,
     link_tx: mpsc::Sender<LinkEvent>,
@@ -138,7 +151,7 @@ impl Driver {
         tls: Option<LinkTls>,
         nbd_clients: Arc<dyn Fn() -> usize + Send + Sync>,
     ) -> (Driver, DriverParts) {
-        let (app_tx, app_rx) = mpsc::unbounded_channel();
+        let (app_tx, app_rx) = mpsc::channel(limits::REPL_APP_QUEUE_REQUESTS_MAX);
         let (disk_tx, disk_rx) = mpsc::unbounded_channel();
         let (link_tx, link_rx) = mpsc::channel(256);
         let (stream_tx, stream_rx) = mpsc::channel(4);
@@ -283,6 +296,10 @@ impl Driver {
     /// Handles the requests, completions and link events already queued
     /// (bounded, so a flood cannot starve timers and admin commands).
     fn drain_ready(&mut self) {
+        debug_assert!(
+            self.disk_rx.len() <= limits::REPL_DISK_COMPLETIONS_MAX,
+            "more disk completions queued than operations can be in flight"
+        );
         for _ in 0..DRAIN_MAX {
             let mut any = false;
             if let Ok(req) = self.app_rx.try_recv() {
@@ -332,7 +349,8 @@ impl Driver {
         }
         let id = self.next_link;
         self.next_link += 1;
-        let writer = link::start(id, stream, self.link_tx.clone());
+        let bitmap_bytes = self.replica.bitmap().words().len() as u64 * 8;
+        let writer = link::start(id, stream, self.link_tx.clone(), limits::link_bulk_queue_bytes_max(bitmap_bytes));
         self.link = Some((id, writer));
         tracing::info!(resource = %self.res.name, peer = %self.res.peer.name, link = id, "connected to the peer");
         let now = self.now_ms();
@@ -424,6 +442,7 @@ impl Driver {
         // always before any later metadata persistence, so the order of
         // submissions and persistence is the replica's.
         let mut disk_batch = Vec::new();
+        let mut overflowed = None;
         while let Some(action) = self.replica.poll_action() {
             if !disk_batch.is_empty()
                 && matches!(action, Action::PersistMeta(_) | Action::PersistBitmap | Action::PersistActivityLog(_))
@@ -474,7 +493,9 @@ impl Driver {
                 Action::Send { link, msg } => {
                     if let Some((id, writer)) = &self.link {
                         if *id == link {
-                            writer.send(msg);
+                            if let Err(overflow) = writer.send(msg) {
+                                overflowed.get_or_insert((link, overflow));
+                            }
                         }
                     }
                 }
@@ -497,6 +518,13 @@ impl Driver {
         }
         if !disk_batch.is_empty() {
             self.backing.submit_batch(disk_batch);
+        }
+        if let Some((link, overflow)) = overflowed {
+            // The peer stopped reading: drop the link as if it had closed,
+            // then carry out what losing it asks for.
+            tracing::warn!(resource = %self.res.name, peer = %self.res.peer.name, "dropping the link: {overflow}");
+            self.link_event(LinkEvent::Closed { link, why: overflow.to_string(), tls_alert: false });
+            return self.execute();
         }
         if !self.settling.is_empty() {
             let settled = self.replica.state_settled();

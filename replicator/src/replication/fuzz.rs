@@ -30,6 +30,7 @@ fn config(node_id: u32, protocol: Protocol) -> Config {
         resync_inflight_bytes_max: 1 << 20,
         resync_checksums: false,
         send_queue_bytes_max: 1 << 20,
+        on_congestion: super::replica::OnCongestion::PullAhead,
         seed: 7,
     }
 }

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -535,19 +536,59 @@ fn local(listener: &TcpListener) -> SocketAddr {
     listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// Sending side of an established link.
+/// The two send queues of a link, each bounded in encoded bytes (frame
+/// headers plus payloads): acks and pings go ahead of bulk data.
+///
+/// A queue that would pass its bound means the peer stopped reading (a
+/// healthy peer drains them far below it: the bulk bound covers every
+/// upstream budget, see [`limits::link_bulk_queue_bytes_max`]); the driver
+/// then drops the link, which marks what was not acknowledged out of sync.
 pub struct LinkWriter {
-    urgent: mpsc::UnboundedSender<Message<Payload>>,
-    bulk: mpsc::UnboundedSender<Message<Payload>>,
+    urgent: SendQueue,
+    bulk: SendQueue,
     tasks: [tokio::task::AbortHandle; 2],
 }
 
+/// One bounded send queue (the sender's half).
+struct SendQueue {
+    tx: mpsc::UnboundedSender<(Message<Payload>, u64)>,
+    /// Encoded bytes queued and not yet handed to the socket.
+    queued_bytes: Arc<AtomicU64>,
+    queued_bytes_max: u64,
+}
+
+/// A send queue passed its bound: the peer is not reading.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the peer stopped reading: {queue} send queue would hold {bytes} bytes (bound {bytes_max})")]
+pub struct SendOverflow {
+    pub queue: &'static str,
+    pub bytes: u64,
+    pub bytes_max: u64,
+}
+
 impl LinkWriter {
-    /// Queues a message; acks and pings go ahead of bulk data. Memory is
-    /// bounded upstream (NBD in-flight budgets, resync in-flight bound).
-    pub fn send(&self, msg: Message<Payload>) {
-        let queue = if wire::command_of(&msg).is_urgent() { &self.urgent } else { &self.bulk };
-        let _ = queue.send(msg);
+    /// Queues a message (acks and pings go ahead of bulk data), or refuses
+    /// it when its queue would pass its bound.
+    pub fn send(&self, msg: Message<Payload>) -> Result<(), SendOverflow> {
+        let frame = wire::encode(&msg, |p: &Payload| &p.buf[..]);
+        let bytes = (frame.header.len() + frame.payload.as_slice().len()) as u64;
+        drop(frame);
+        let (queue, name) =
+            if wire::command_of(&msg).is_urgent() { (&self.urgent, "urgent") } else { (&self.bulk, "bulk") };
+        let before = queue.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > queue.queued_bytes_max {
+            queue.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(SendOverflow { queue: name, bytes: before + bytes, bytes_max: queue.queued_bytes_max });
+        }
+        // A closed queue means the writer task ended; its Closed event
+        // tells the driver.
+        let _ = queue.tx.send((msg, bytes));
+        Ok(())
+    }
+
+    /// Encoded bytes waiting in the urgent and bulk queues.
+    pub fn queued_bytes(&self) -> [u64; 2] {
+        [self.urgent.queued_bytes.load(Ordering::Relaxed), self.bulk.queued_bytes.load(Ordering::Relaxed)]
     }
 
     /// Stops both tasks (the socket closes).
@@ -558,14 +599,32 @@ impl LinkWriter {
     }
 }
 
-/// Starts the reader and writer tasks for an authenticated stream.
-pub fn start(link: LinkId, stream: Box<dyn LinkStream>, events: mpsc::Sender<LinkEvent>) -> LinkWriter {
+/// The receiving half of a [`SendQueue`], owned by the writer task.
+struct QueueRx {
+    rx: mpsc::UnboundedReceiver<(Message<Payload>, u64)>,
+    queued_bytes: Arc<AtomicU64>,
+}
+
+fn send_queue(queued_bytes_max: u64) -> (SendQueue, QueueRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued_bytes = Arc::new(AtomicU64::new(0));
+    (SendQueue { tx, queued_bytes: queued_bytes.clone(), queued_bytes_max }, QueueRx { rx, queued_bytes })
+}
+
+/// Starts the reader and writer tasks for an authenticated stream; the
+/// bulk queue holds at most `bulk_bytes_max` encoded bytes.
+pub fn start(
+    link: LinkId,
+    stream: Box<dyn LinkStream>,
+    events: mpsc::Sender<LinkEvent>,
+    bulk_bytes_max: u64,
+) -> LinkWriter {
     let (reader, writer) = tokio::io::split(stream);
-    let (urgent_tx, urgent_rx) = mpsc::unbounded_channel();
-    let (bulk_tx, bulk_rx) = mpsc::unbounded_channel();
+    let (urgent, urgent_rx) = send_queue(limits::REPL_LINK_URGENT_QUEUE_BYTES_MAX);
+    let (bulk, bulk_rx) = send_queue(bulk_bytes_max);
     let read_task = tokio::spawn(read_loop(link, reader, events.clone()));
     let write_task = tokio::spawn(write_loop(link, writer, urgent_rx, bulk_rx, events));
-    LinkWriter { urgent: urgent_tx, bulk: bulk_tx, tasks: [read_task.abort_handle(), write_task.abort_handle()] }
+    LinkWriter { urgent, bulk, tasks: [read_task.abort_handle(), write_task.abort_handle()] }
 }
 
 async fn read_loop(link: LinkId, reader: impl AsyncRead + Unpin, events: mpsc::Sender<LinkEvent>) {
@@ -618,16 +677,16 @@ fn is_tls_alert(e: &std::io::Error) -> bool {
 async fn write_loop(
     link: LinkId,
     writer: impl AsyncWrite + Unpin,
-    mut urgent: mpsc::UnboundedReceiver<Message<Payload>>,
-    mut bulk: mpsc::UnboundedReceiver<Message<Payload>>,
+    mut urgent: QueueRx,
+    mut bulk: QueueRx,
     events: mpsc::Sender<LinkEvent>,
 ) {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     let why = loop {
-        let msg = match urgent.try_recv() {
-            Ok(m) => m,
-            Err(_) => match bulk.try_recv() {
-                Ok(m) => m,
+        let (msg, bytes, from) = match urgent.rx.try_recv() {
+            Ok((m, b)) => (m, b, &urgent.queued_bytes),
+            Err(_) => match bulk.rx.try_recv() {
+                Ok((m, b)) => (m, b, &bulk.queued_bytes),
                 Err(_) => {
                     // Nothing queued: push out what is buffered, then wait.
                     if let Err(e) = out.flush().await {
@@ -635,12 +694,13 @@ async fn write_loop(
                     }
                     tokio::select! {
                         biased;
-                        m = urgent.recv() => match m { Some(m) => m, None => return },
-                        m = bulk.recv() => match m { Some(m) => m, None => return },
+                        m = urgent.rx.recv() => match m { Some((m, b)) => (m, b, &urgent.queued_bytes), None => return },
+                        m = bulk.rx.recv() => match m { Some((m, b)) => (m, b, &bulk.queued_bytes), None => return },
                     }
                 }
             },
         };
+        from.fetch_sub(bytes, Ordering::Relaxed);
         let frame = wire::encode(&msg, |p: &Payload| &p.buf[..]);
         let result = async {
             out.write_all(&frame.header).await?;
@@ -657,6 +717,49 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that keeps its socket open but never reads: every queue stops
+    /// at its bound, the writer reports the overflow, and nothing grows.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_fills_each_queue_only_to_its_bound() {
+        use super::super::message::{AckKind, WriteKind};
+        let (ours, _theirs) = tokio::io::duplex(64 * 1024);
+        let (events, _events_rx) = mpsc::channel(16);
+        let bulk_max = 8 * 1024 * 1024;
+        let writer = start(1, Box::new(ours), events, bulk_max);
+        let data = || Payload::new(AlignedBuf::zeroed(64 * 1024));
+        let mut seq = 0;
+        let mut bulk_refused = None;
+        while bulk_refused.is_none() && seq < 10_000 {
+            seq += 1;
+            let msg = Message::Data {
+                seq,
+                epoch: 1,
+                barrier: 0,
+                offset: 0,
+                len: 64 * 1024,
+                kind: WriteKind::Write,
+                fua: false,
+                data: Some(data()),
+            };
+            bulk_refused = writer.send(msg).err();
+            assert!(writer.queued_bytes()[1] <= bulk_max);
+        }
+        let refused = bulk_refused.expect("the bulk queue is bounded");
+        assert_eq!((refused.queue, refused.bytes_max), ("bulk", bulk_max));
+        // The writer task moved what fits into the socket; the rest waits.
+        assert!(writer.queued_bytes()[1] > bulk_max - 2 * (64 * 1024 + HEADER_BYTES as u64));
+        let mut urgent_refused = None;
+        for seq in 0..1_000_000 {
+            urgent_refused = writer.send(Message::Ack { seq, kind: AckKind::Written }).err();
+            assert!(writer.queued_bytes()[0] <= limits::REPL_LINK_URGENT_QUEUE_BYTES_MAX);
+            if urgent_refused.is_some() {
+                break;
+            }
+        }
+        assert_eq!(urgent_refused.map(|r| r.queue), Some("urgent"));
+        writer.close();
+    }
 
     #[test]
     fn unauthenticated_connections_are_bounded_per_source_and_in_total() {

@@ -138,4 +138,9 @@ pub enum Message<P> {
     },
     Ping,
     PingAck,
+    /// Primary to secondary: writes are no longer all sent (protocol A
+    /// pulled ahead of a congested link), so the secondary's disk is
+    /// Outdated until the resync that follows. Sent in order with the data
+    /// (not ahead of it), so an earlier resync's end cannot overtake it.
+    Outdate,
 }

@@ -30,6 +30,7 @@ use super::message::{AckKind, DiskState, Hello, Message, PeerState, Protocol, Re
 use super::resync::{Resync, Verify};
 use super::transfer_log::{Settled, TransferLog};
 use super::wire::FrameError;
+use crate::limits;
 use crate::metadata::Generations;
 
 pub type AppId = u64;
@@ -73,8 +74,24 @@ pub struct Config {
     /// exceed it waits, so a link slower than the disk cannot grow memory
     /// without bound.
     pub send_queue_bytes_max: u64,
+    /// What a protocol A primary does when that queue is full.
+    pub on_congestion: OnCongestion,
     /// Seeds the generation-id generator (a fresh random value in production).
     pub seed: u64,
+}
+
+/// Protocol A with a full send queue (DRBD's `on-congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnCongestion {
+    /// New writes wait for the peer's acks (the default: the peer stays
+    /// as current as protocol A allows).
+    #[default]
+    Block,
+    /// New writes are only marked in the bitmap (the primary is Ahead, the
+    /// outdated peer Behind) until everything sent is acknowledged; then a
+    /// resync sends what was marked. Writes never wait for a slow link.
+    PullAhead,
 }
 
 /// What the shell loaded from the metadata at start.
@@ -267,6 +284,9 @@ struct Write {
     peer_wrote: bool,
     /// Payload bytes it put on the link (counted in `unacked_bytes`).
     sent_bytes: u32,
+    /// A later write to an overlapping range was marked out of sync while
+    /// this one was tracked: its own peer ack must not clear those bits.
+    superseded: bool,
 }
 
 #[derive(Debug)]
@@ -351,6 +371,19 @@ struct Peer {
     /// This connection reached the replicating state (a primary starts a new
     /// generation when it loses such a peer, not after a failed handshake).
     replicating: bool,
+    /// Protocol A pulled ahead of a congested link (`OnCongestion::PullAhead`).
+    lag: Lag,
+}
+
+/// Whether writes reach the peer while connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lag {
+    InStep,
+    /// This primary only marks new writes until what it sent is acknowledged.
+    Ahead,
+    /// This secondary was told it no longer gets every write: Outdated
+    /// until the resync.
+    Behind,
 }
 
 /// What the connection is doing besides replicating application writes.
@@ -636,6 +669,8 @@ impl<P: Clone> Replica<P> {
             Conn::Connecting => ConnState::Connecting,
             Conn::Handshaking { .. } => ConnState::WfReportParams,
             Conn::Established(p) => match &p.sync {
+                Sync::None if p.lag == Lag::Ahead => ConnState::Ahead,
+                Sync::None if p.lag == Lag::Behind => ConnState::Behind,
                 Sync::None => ConnState::Connected,
                 Sync::SourceWaitBitmap => ConnState::WfBitmap,
                 Sync::Source => ConnState::SyncSource,
@@ -760,7 +795,10 @@ impl<P: Clone> Replica<P> {
             match front {
                 Deferred::Write { offset, len, .. } => {
                     let (offset, len) = (*offset, *len);
-                    if self.resync_conflict(offset, len) || self.send_queue_full(u64::from(len)) {
+                    if self.resync_conflict(offset, len) {
+                        return;
+                    }
+                    if self.send_queue_full(u64::from(len)) && !self.pull_ahead(now_ms) {
                         return;
                     }
                     let extents = self.al.extents(offset, u64::from(len));
@@ -801,6 +839,7 @@ impl<P: Clone> Replica<P> {
     /// its size).
     fn send_queue_full(&self, len: u64) -> bool {
         self.cfg.protocol == Protocol::A
+            && self.lag() != Lag::Ahead
             && self.replicating_link().is_some()
             && self.unacked_bytes > 0
             && self.unacked_bytes + len > self.cfg.send_queue_bytes_max
@@ -838,7 +877,9 @@ impl<P: Clone> Replica<P> {
             // Durable before the write's disk action below.
             self.persist_meta();
         }
-        let peer = match replicate {
+        // Ahead of a congested link, writes are only marked (their epoch
+        // flushes still reach the peer, for the writes sent before).
+        let peer = match replicate.filter(|_| self.lag() != Lag::Ahead) {
             Some(link) => {
                 let seq = self.take_seq();
                 self.outstanding.insert(seq, (Outstanding::Write(id), now_ms));
@@ -859,13 +900,29 @@ impl<P: Clone> Replica<P> {
                 PeerWait::Sent
             }
             None => {
-                self.mark_dirty(offset, u64::from(len));
+                self.mark_dirty_superseding(offset, u64::from(len));
                 PeerWait::NotReplicated
             }
         };
-        let sent_bytes = if peer == PeerWait::Sent && data.is_some() { len } else { 0 };
+        // A write without data (trim, zeroes) still costs a frame: each
+        // counts at least one unit, so their number is bounded too.
+        let sent_bytes = match (peer, data.is_some()) {
+            (PeerWait::Sent, true) => len.max(limits::INFLIGHT_UNIT_BYTES),
+            (PeerWait::Sent, false) => limits::INFLIGHT_UNIT_BYTES,
+            _ => 0,
+        };
         self.unacked_bytes += u64::from(sent_bytes);
-        let w = Write { offset, len, extents, local: None, peer, answered: false, peer_wrote: false, sent_bytes };
+        let w = Write {
+            offset,
+            len,
+            extents,
+            local: None,
+            peer,
+            answered: false,
+            peer_wrote: false,
+            sent_bytes,
+            superseded: false,
+        };
         self.writes.insert(id, w);
         let io = self.take_io(IoPurpose::AppWrite(id));
         self.actions.push_back(Action::Disk { io, op: DiskOp::Write { offset, len, kind, fua, data, bulk: false } });
@@ -949,6 +1006,20 @@ impl<P: Clone> Replica<P> {
         }
     }
 
+    /// Marks a range out of sync while a peer may still acknowledge earlier
+    /// writes to it (pulled ahead, or a peer's failed write): those writes
+    /// no longer prove the range in sync when they settle (sim seed 679:
+    /// an earlier write's late ack cleared the marks of later ones).
+    fn mark_dirty_superseding(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        for w in self.writes.values_mut() {
+            if w.offset < end && offset < w.offset + u64::from(w.len) {
+                w.superseded = true;
+            }
+        }
+        self.mark_dirty(offset, len);
+    }
+
     fn mark_dirty(&mut self, offset: u64, len: u64) {
         self.bitmap.set_bytes(offset, len);
         self.bitmap_unpersisted = true;
@@ -989,7 +1060,7 @@ impl<P: Clone> Replica<P> {
             let w = self.writes.remove(&id).expect("checked above");
             // Both disks completed it; it is in sync once both flushed it
             // (the transfer log's epoch retires).
-            let in_sync = w.peer_wrote && local.is_ok();
+            let in_sync = w.peer_wrote && local.is_ok() && !w.superseded;
             let now = self.now_ms;
             self.tl.push(now, Settled { offset: w.offset, len: w.len, extents: w.extents, in_sync });
             if self.tl.open_len() >= super::transfer_log::EPOCH_WRITES_MAX || self.al_starved {
@@ -1519,6 +1590,7 @@ impl<P: Clone> Replica<P> {
             ping_sent_ms: None,
             sync,
             replicating: true,
+            lag: Lag::InStep,
         }));
         // Both sides agree on the data from here: a later disconnect decides
         // anew whether a generation must start.
@@ -1572,6 +1644,7 @@ impl<P: Clone> Replica<P> {
             Message::Hello(_) => self.protocol_error(now_ms, "second Hello on one connection".into()),
             Message::Ping => self.send(now_ms, link, Message::PingAck),
             Message::PingAck => self.state_unconfirmed = false,
+            Message::Outdate => self.outdated_by_peer(now_ms),
             Message::State(state) => {
                 if state.role == Role::Primary && self.role == Role::Primary {
                     if state.epoch > self.epoch {
@@ -1675,6 +1748,7 @@ impl<P: Clone> Replica<P> {
                 if let Conn::Established(p) = &mut self.conn {
                     p.sync = Sync::None;
                     p.disk = DiskState::UpToDate;
+                    p.lag = Lag::InStep;
                 }
                 self.target_sync = None;
                 info!(resource = %self.cfg.resource, "resync finished: disk UpToDate");
@@ -1704,7 +1778,7 @@ impl<P: Clone> Replica<P> {
                         }
                     }
                     if let Some((offset, len)) = failed {
-                        self.mark_dirty(offset, len);
+                        self.mark_dirty_superseding(offset, len);
                         // The peer outdated itself; it is UpToDate again only
                         // after the repair resync.
                         if let Conn::Established(p) = &mut self.conn {
@@ -1712,6 +1786,7 @@ impl<P: Clone> Replica<P> {
                         }
                     }
                     self.try_complete_write(id);
+                    self.maybe_catch_up();
                     self.maybe_start_repair(now_ms);
                     if !self.deferred.is_empty() {
                         self.pump_deferred(now_ms);
@@ -2000,6 +2075,71 @@ impl<P: Clone> Replica<P> {
         self.pump_resync(now_ms);
     }
 
+    fn lag(&self) -> Lag {
+        match &self.conn {
+            Conn::Established(p) => p.lag,
+            _ => Lag::InStep,
+        }
+    }
+
+    /// Protocol A's send queue is full: with `pull-ahead`, stop sending
+    /// write data (this write and later ones are marked in the bitmap),
+    /// tell the peer it is Outdated, and return true so the write goes on.
+    /// Only while plainly connected to a secondary; otherwise the write
+    /// waits (false).
+    fn pull_ahead(&mut self, now_ms: u64) -> bool {
+        if self.cfg.on_congestion != OnCongestion::PullAhead {
+            return false;
+        }
+        let Conn::Established(p) = &mut self.conn else { return false };
+        if p.sync != Sync::None || p.role != Role::Secondary || p.lag != Lag::InStep {
+            return false;
+        }
+        assert!(
+            self.role == Role::Primary && self.cfg.protocol == Protocol::A,
+            "only a protocol A primary pulls ahead"
+        );
+        p.lag = Lag::Ahead;
+        // Conservative at once: the peer outdates itself when it reads this.
+        p.disk = DiskState::Outdated;
+        let link = p.link;
+        warn!(resource = %self.cfg.resource, unacked_bytes = self.unacked_bytes,
+            "send queue full: pulling ahead of the peer (writes are marked and resynced once the link catches up)");
+        self.send(now_ms, link, Message::Outdate);
+        true
+    }
+
+    /// Ahead, and everything sent before is acknowledged: back in step,
+    /// and the repair resync sends what was marked meanwhile.
+    fn maybe_catch_up(&mut self) {
+        let caught_up = self.unacked_bytes == 0;
+        if let Conn::Established(p) = &mut self.conn {
+            if p.lag == Lag::Ahead && caught_up {
+                p.lag = Lag::InStep;
+                info!(resource = %self.cfg.resource, out_of_sync_bytes = self.bitmap.dirty_bytes(),
+                    "the link caught up: resyncing what was marked while ahead");
+            }
+        }
+    }
+
+    /// The primary pulled ahead: this disk misses writes from now on.
+    fn outdated_by_peer(&mut self, now_ms: u64) {
+        let Conn::Established(p) = &mut self.conn else { return };
+        if self.role != Role::Secondary || p.role != Role::Primary {
+            self.protocol_error(now_ms, "Outdate from a peer that is not our primary".into());
+            return;
+        }
+        if p.sync == Sync::None {
+            p.lag = Lag::Behind;
+        }
+        if self.disk == DiskState::UpToDate {
+            warn!(resource = %self.cfg.resource, "the primary pulled ahead of a congested link: Outdated until the resync");
+            self.outdated = true;
+            self.disk = DiskState::Outdated;
+            self.persist_meta();
+        }
+    }
+
     /// Blocks went out of sync while connected (a failed write on either
     /// side, or verify found differences): the primary (or the verifier)
     /// resends them now, as a resync without a new handshake.
@@ -2008,7 +2148,8 @@ impl<P: Clone> Replica<P> {
     /// it missed (sim seed 73007942: a verify ran while its failure was
     /// reported, and the bits were cleared before the verify ended).
     fn maybe_start_repair(&mut self, now_ms: u64) {
-        let idle = matches!(&self.conn, Conn::Established(p) if p.sync == Sync::None && p.role != Role::Primary);
+        let idle = matches!(&self.conn, Conn::Established(p)
+            if p.sync == Sync::None && p.role != Role::Primary && p.lag == Lag::InStep);
         let peer_outdated = matches!(&self.conn, Conn::Established(p) if p.disk == DiskState::Outdated);
         if idle && (self.bitmap.count() > 0 || peer_outdated) && self.disk == DiskState::UpToDate {
             info!(resource = %self.cfg.resource, out_of_sync_bytes = self.bitmap.dirty_bytes(), "resending out-of-sync blocks");

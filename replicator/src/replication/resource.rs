@@ -13,6 +13,8 @@
 //! ping-timeout-ms = 2000
 //! connect-interval-ms = 1000
 //! io-timeout-ms = 6000
+//! send-queue-kib = 16384         # protocol A: data sent, not yet acknowledged
+//! on-congestion = "block"        # or "pull-ahead" (protocol A only)
 //! tls = "mutual"                 # or "plaintext-lab"
 //! ca = "/etc/replicator/ca.pem"
 //!
@@ -49,8 +51,9 @@ use serde::Deserialize;
 
 use super::generations::AfterSplitBrain;
 use super::message::Protocol;
-use super::replica::Fencing;
+use super::replica::{Fencing, OnCongestion};
 use crate::config::ConfigError;
+use crate::limits;
 use crate::metadata::MetaLocation;
 
 /// Where `replicator up RES` and the admin commands look for `RES.toml`.
@@ -116,6 +119,14 @@ struct NetSection {
     #[serde(default = "d_tls")]
     tls: LinkSecurity,
     ca: Option<PathBuf>,
+    #[serde(default = "d_send_queue_kib")]
+    send_queue_kib: u64,
+    #[serde(default)]
+    on_congestion: OnCongestion,
+}
+
+fn d_send_queue_kib() -> u64 {
+    limits::REPL_SEND_QUEUE_BYTES_MAX / 1024
 }
 
 fn d_ping_interval() -> u64 {
@@ -143,6 +154,8 @@ impl Default for NetSection {
             io_timeout_ms: d_io_timeout(),
             tls: d_tls(),
             ca: None,
+            send_queue_kib: d_send_queue_kib(),
+            on_congestion: OnCongestion::default(),
         }
     }
 }
@@ -259,6 +272,9 @@ pub struct Resource {
     pub io_timeout_ms: u64,
     pub link_security: LinkSecurity,
     pub ca: Option<PathBuf>,
+    /// Protocol A's send queue bound (see `Config::send_queue_bytes_max`).
+    pub send_queue_bytes: u64,
+    pub on_congestion: OnCongestion,
     pub resync_rate_min_bytes_per_sec: u64,
     pub resync_rate_max_bytes_per_sec: u64,
     pub resync_checksums: bool,
@@ -303,6 +319,23 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
     }
     if n.io_timeout_ms < n.ping_timeout_ms {
         return Err(invalid("net.io-timeout-ms", "must be at least net.ping-timeout-ms".into()));
+    }
+    let queue_kib = limits::REPL_SEND_QUEUE_KIB_MIN..=limits::REPL_SEND_QUEUE_KIB_MAX;
+    if !queue_kib.contains(&n.send_queue_kib) {
+        return Err(invalid(
+            "net.send-queue-kib",
+            format!("{} is out of range; use {} to {}", n.send_queue_kib, queue_kib.start(), queue_kib.end()),
+        ));
+    }
+    if n.on_congestion == OnCongestion::PullAhead && r.protocol != Protocol::A {
+        return Err(invalid(
+            "net.on-congestion",
+            format!(
+                "\"pull-ahead\" needs protocol = \"A\" (protocol {:?} answers a write only once the peer has it); \
+                 remove the key or switch the protocol",
+                r.protocol
+            ),
+        ));
     }
     let s = &file.resync;
     if s.rate_min_kib == 0 || s.rate_max_kib < s.rate_min_kib {
@@ -399,6 +432,8 @@ pub fn parse(path: &Path, text: &str, node: Option<&str>) -> Result<Resource, Co
         io_timeout_ms: n.io_timeout_ms,
         link_security: n.tls,
         ca: n.ca.clone(),
+        send_queue_bytes: n.send_queue_kib * 1024,
+        on_congestion: n.on_congestion,
         resync_rate_min_bytes_per_sec: s.rate_min_kib * 1024,
         resync_rate_max_bytes_per_sec: s.rate_max_kib * 1024,
         resync_checksums: s.checksums,

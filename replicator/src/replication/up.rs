@@ -71,7 +71,8 @@ pub async fn run(res: Resource) -> Result<(), ResourceError> {
         resync_chunk_bytes: limits::REPL_RESYNC_CHUNK_BYTES.max(sb.bitmap_granularity_bytes),
         resync_inflight_bytes_max: limits::REPL_RESYNC_INFLIGHT_BYTES_MAX,
         resync_checksums: res.resync_checksums,
-        send_queue_bytes_max: limits::REPL_SEND_QUEUE_BYTES_MAX,
+        send_queue_bytes_max: res.send_queue_bytes,
+        on_congestion: res.on_congestion,
         seed: uuid::Uuid::new_v4().as_u64_pair().0,
     };
     let replica: Replica<link::Payload> = Replica::new(config, persisted, 0);

@@ -31,7 +31,7 @@ use super::message::{AckKind, Hello, Message, PeerState, ResyncDone, WriteKind};
 use crate::limits;
 
 pub const MAGIC: [u8; 4] = *b"RPL1";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER_BYTES: usize = 56;
 
 #[repr(C)]
@@ -52,6 +52,7 @@ struct RawHeader {
 }
 
 const _: () = assert!(std::mem::size_of::<RawHeader>() == HEADER_BYTES);
+const _: () = assert!(HEADER_BYTES as u64 == crate::limits::REPL_FRAME_HEADER_BYTES);
 
 /// Command numbers. Never reuse a retired number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,7 @@ pub enum Command {
     VerifyReply = 14,
     Ping = 15,
     PingAck = 16,
+    Outdate = 17,
 }
 
 impl Command {
@@ -95,6 +97,7 @@ impl Command {
             14 => VerifyReply,
             15 => Ping,
             16 => PingAck,
+            17 => Outdate,
             _ => return None,
         })
     }
@@ -290,6 +293,7 @@ pub fn decode_message<P: AsRef<[u8]>>(header: &Header, payload: P) -> Result<Mes
         Command::VerifyReply => Message::VerifyReply { seq, kind: ack() },
         Command::Ping => Message::Ping,
         Command::PingAck => Message::PingAck,
+        Command::Outdate => Message::Outdate,
     })
 }
 
@@ -430,6 +434,10 @@ pub fn encode<'a, P>(msg: &'a Message<P>, data_bytes: impl Fn(&'a P) -> &'a [u8]
             fields(Command::PingAck, 0, 0, 0, 0, 0);
             EncodedPayload::None
         }
+        Message::Outdate => {
+            fields(Command::Outdate, 0, 0, 0, 0, 0);
+            EncodedPayload::None
+        }
     };
     raw.epoch = U64::new(data_epoch);
     let payload_bytes = payload.as_slice();
@@ -463,5 +471,6 @@ pub fn command_of<P>(msg: &Message<P>) -> Command {
         Message::VerifyReply { .. } => Command::VerifyReply,
         Message::Ping => Command::Ping,
         Message::PingAck => Command::PingAck,
+        Message::Outdate => Command::Outdate,
     }
 }

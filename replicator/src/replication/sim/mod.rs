@@ -43,7 +43,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use super::generations::AfterSplitBrain;
 use super::message::{DiskState, Message, Protocol, Role, WriteKind};
 use super::replica::{
-    Action, AppId, AppWrite, Config, DiskOp, DiskOutput, Fencing, IoId, LinkId, MetaState, Persisted, Replica,
+    Action, AppId, AppWrite, Config, ConnState, DiskOp, DiskOutput, Fencing, IoId, LinkId, MetaState, OnCongestion,
+    Persisted, Replica,
 };
 use crate::metadata::Generations;
 use crate::test_rng::Rng;
@@ -69,9 +70,20 @@ struct Swarm {
     /// A crash is a power loss half of the time: the node's unflushed
     /// blocks may each keep their new content or revert.
     power_loss: bool,
+    /// Protocol A: pull ahead of a full send queue instead of blocking.
+    on_congestion: OnCongestion,
 }
 
 impl Swarm {
+    /// Half of the protocol A swarms pull ahead; derived from what was
+    /// drawn (no extra draw, so older seeds replay as before).
+    fn with_congestion(mut self) -> Swarm {
+        if self.protocol == Protocol::A && self.checksums {
+            self.on_congestion = OnCongestion::PullAhead;
+        }
+        self
+    }
+
     fn pick(rng: &mut Rng) -> Swarm {
         let protocol = [Protocol::A, Protocol::B, Protocol::C, Protocol::C][rng.below(4) as usize];
         let fencing = [Fencing::DontCare, Fencing::ResourceOnly, Fencing::ResourceAndStonith][rng.below(3) as usize];
@@ -86,7 +98,9 @@ impl Swarm {
             fence_fail_pct: if rng.below(4) == 0 { 30 } else { 0 },
             split_brain: fencing == Fencing::DontCare && rng.below(3) == 0,
             power_loss: rng.below(3) != 0,
+            on_congestion: OnCongestion::Block,
         }
+        .with_congestion()
     }
 }
 
@@ -277,6 +291,7 @@ fn cfg(node: usize, swarm: &Swarm, seed: u64) -> Config {
         resync_inflight_bytes_max: 16 * BLOCK,
         resync_checksums: swarm.checksums,
         send_queue_bytes_max: 4 * BLOCK,
+        on_congestion: swarm.on_congestion,
         seed: Rng::new(seed ^ ((node as u64) << 56)).next(),
     }
 }
@@ -1273,10 +1288,11 @@ fn sim_replays_one_seed() {
 /// verify was running, and later writes cleared the bits before it ended);
 /// 74124779 (a primary restarted after a process crash resynced writes that
 /// were still only in its page cache, then lost power: a restart flushes
-/// the disk before it connects or is promoted).
+/// the disk before it connects or is promoted); 679 (pulled ahead, an
+/// earlier write's late ack cleared the marks of later writes to its block).
 #[test]
 fn sim_regression_seeds() {
-    let seeds: &[u64] = &[10023229, 40015618, 70018641, 71009148, 71115912, 73007942, 74124779];
+    let seeds: &[u64] = &[10023229, 40015618, 70018641, 71009148, 71115912, 73007942, 74124779, 679];
     for &seed in seeds {
         run(seed, 8_000);
     }
@@ -1342,9 +1358,15 @@ struct Pair {
 
 impl Pair {
     fn new(protocol: Protocol) -> Pair {
+        Pair::congested(protocol, OnCongestion::Block)
+    }
+
+    /// A pair whose primary treats a full send queue as `on_congestion` says.
+    fn congested(protocol: Protocol, on_congestion: OnCongestion) -> Pair {
         let mut swarm = Swarm::pick(&mut Rng::new(1));
         swarm.protocol = protocol;
         swarm.fencing = Fencing::DontCare;
+        swarm.on_congestion = on_congestion;
         let persisted = || consistent_at_epoch_3(false, true);
         Pair {
             r: [Replica::new(cfg(0, &swarm, 1), persisted(), 0), Replica::new(cfg(1, &swarm, 1), persisted(), 0)],
@@ -1597,6 +1619,48 @@ fn protocol_a_bounds_the_data_waiting_for_the_peer() {
         p.release_one(1);
     }
     assert_eq!(answered(&p), 6);
+}
+
+/// Issue 19: `on-congestion = "pull-ahead"`. A full protocol A send
+/// queue no longer holds writes back: the primary goes Ahead (new writes
+/// only marked), the peer Behind and Outdated; once the link catches up,
+/// a resync sends what was marked and both are UpToDate and identical.
+#[test]
+fn pull_ahead_marks_writes_instead_of_waiting_and_resyncs_them() {
+    let mut p = Pair::congested(Protocol::A, OnCongestion::PullAhead);
+    p.connect(1);
+    p.r[0].promote(p.now, false, Some(4)).expect("node0 promoted");
+    p.pump();
+    p.hold[1] = true;
+    for id in 1..=8 {
+        p.write(id, id, id);
+    }
+    let answered = |p: &Pair| p.completed.iter().filter(|(_, r)| r.is_ok()).count();
+    assert_eq!(answered(&p), 8, "no write waits for the congested link");
+    assert_eq!(p.r[0].connection(), ConnState::Ahead);
+    assert_eq!(p.r[1].connection(), ConnState::Behind);
+    assert_eq!(p.r[1].status(p.now).disk, DiskState::Outdated, "the peer knows it misses writes");
+    assert_eq!(p.r[0].bitmap().count(), 4, "the four blocks past the send queue are only marked");
+
+    // The link catches up: acks come back, the resync sends the marks.
+    p.hold[1] = false;
+    while !p.held[1].is_empty() {
+        p.release_one(1);
+    }
+    for _ in 0..10_000 {
+        if p.r[0].is_in_sync() && p.r[1].is_in_sync() {
+            break;
+        }
+        p.now += 10;
+        p.r[0].handle_timeout(p.now);
+        p.r[1].handle_timeout(p.now);
+        p.pump();
+    }
+    assert_eq!(p.r[0].connection(), ConnState::Connected);
+    assert_eq!(p.r[1].connection(), ConnState::Connected);
+    assert_eq!(p.r[1].status(p.now).disk, DiskState::UpToDate);
+    assert_eq!(p.r[0].bitmap().count(), 0);
+    assert_eq!(p.disk[0], p.disk[1], "the resync sent every marked block");
 }
 
 /// Issue 23: if the superseded primary is alive after all, the new
