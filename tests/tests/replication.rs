@@ -572,3 +572,72 @@ fn down_stops_a_node_cleanly_and_is_refused_while_clients_are_connected() {
     assert_eq!(pair.field(0, "role"), "Primary", "a clean down keeps the role");
     assert_eq!(version_of(0, &pair.disk_data(1, 4096).unwrap()), Some(4));
 }
+
+/// `on-congestion = "pull-ahead"` (protocol A) over a link much slower
+/// than the disk: writes keep going, the primary shows Ahead and the
+/// secondary Behind and Outdated; once the link is fast again, the resync
+/// sends what was only marked and the replicas end identical.
+#[test]
+fn pull_ahead_keeps_writes_going_over_a_slow_link_and_resyncs_after() {
+    let opts = PairOptions {
+        protocol: "A",
+        net: "ping-interval-ms = 300\nping-timeout-ms = 600\nconnect-interval-ms = 200\nio-timeout-ms = 3000\n\
+              on-congestion = \"pull-ahead\"\nsend-queue-kib = 256",
+        ..PairOptions::default()
+    };
+    let Some((_dir, mut pair)) = setup("repl-pull-ahead", &opts) else { return };
+    if !tests::have_tools(&["tc"]) {
+        return;
+    }
+    pair.bring_up().unwrap();
+    let a = pair.net.host(0);
+    let throttle = |args: &[&str]| {
+        let out = tests::util::run_output(&mut a.cmd("tc", args), tests::util::CMD_TIMEOUT).unwrap();
+        assert!(out.success(), "tc {args:?}: {}", out.describe());
+    };
+    // Only the replication link (to the peer's port) is slowed: the NBD
+    // client's replies leave by the same interface and must not queue
+    // behind it.
+    throttle(&["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10", "r2q", "100000"]);
+    throttle(&["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit"]);
+    throttle(&[
+        "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb", "rate", "2mbit", "ceil", "2mbit",
+    ]);
+    let port = REPL_PORT.to_string();
+    throttle(&[
+        "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "dport",
+        &port, "0xffff", "flowid", "1:20",
+    ]);
+    let mut client = Client::connect(pair.nbd(0), "r0").unwrap();
+    let blocks = 2048u64; // 8 MiB: half a minute at 2 Mbit/s
+                          // Sampled while writing: the link drains the send queue in about a
+                          // second, after which the resync of the marks may already run.
+    let mut seen = std::collections::BTreeSet::new();
+    for block in 0..blocks {
+        client.write(block * BLOCK, &pattern(block, 5)).unwrap();
+        if block % 64 == 0 {
+            let s = pair.state(0).unwrap();
+            seen.insert((s["connection"].to_string(), s["peer_disk"].to_string()));
+        }
+    }
+    assert!(
+        seen.contains(&("\"Ahead\"".into(), "\"Outdated\"".into())),
+        "the primary never pulled ahead (states seen: {seen:?})"
+    );
+    pair.wait(1, Duration::from_secs(30), "Behind and Outdated", |s| {
+        s["connection"] == "Behind" && s["disk"] == "Outdated"
+    })
+    .unwrap();
+    throttle(&["qdisc", "del", "dev", "eth0", "root"]);
+    pair.wait_in_sync(Duration::from_secs(60)).unwrap();
+    client.flush().unwrap();
+    pair.wait(0, Duration::from_secs(10), "writes acknowledged", |s| s["writes_in_flight"] == 0).unwrap();
+    drop(client);
+    let size = blocks * BLOCK;
+    let (da, db) = (pair.disk_data(0, size).unwrap(), pair.disk_data(1, size).unwrap());
+    assert!(
+        da == db,
+        "replicas differ after the resync (first difference at {:?})",
+        tests::util::first_difference(&da, &db)
+    );
+}

@@ -501,4 +501,22 @@ nbd-unix = ["/run/r0.nbd"]
         let err = parse(Path::new("r0.toml"), &bad_addr, Some("a")).unwrap_err().to_string();
         assert!(err.contains("node[1].address"), "{err}");
     }
+
+    #[test]
+    fn congestion_keys_are_checked_against_the_protocol() {
+        let r = parse(Path::new("r0.toml"), GOOD, Some("a")).unwrap();
+        assert_eq!((r.send_queue_bytes, r.on_congestion), (limits::REPL_SEND_QUEUE_BYTES_MAX, OnCongestion::Block));
+        let ahead = GOOD.replace("[net]\n", "[net]\non-congestion = \"pull-ahead\"\nsend-queue-kib = 4096\n");
+        let err = parse(Path::new("r0.toml"), &ahead, Some("a")).unwrap_err().to_string();
+        assert!(err.contains("net.on-congestion") && err.contains("protocol = \"A\""), "{err}");
+        let a = ahead.replace("protocol = \"B\"", "protocol = \"A\"");
+        let r = parse(Path::new("r0.toml"), &a, Some("a")).unwrap();
+        assert_eq!((r.send_queue_bytes, r.on_congestion), (4096 * 1024, OnCongestion::PullAhead));
+        let tiny = a.replace("send-queue-kib = 4096", "send-queue-kib = 1");
+        let err = parse(Path::new("r0.toml"), &tiny, Some("a")).unwrap_err().to_string();
+        assert!(err.contains("net.send-queue-kib") && err.contains("64"), "{err}");
+        let unknown = a.replace("\"pull-ahead\"", "\"disconnect\"");
+        let err = parse(Path::new("r0.toml"), &unknown, Some("a")).unwrap_err().to_string();
+        assert!(err.contains("disconnect"), "{err}");
+    }
 }
