@@ -199,6 +199,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
 }
 
 async fn final_flush(backing: &Backing) -> Result<(), String> {
+    // One request, one completion.
     let (done, mut completions) = tokio::sync::mpsc::unbounded_channel();
     backing.submit(IoRequest { tag: 0, op: IoOp::Flush, done });
     match completions.recv().await {

@@ -2,6 +2,14 @@
 //!
 //! Relations between limits are checked at compile time below, so that
 //! changing one cannot silently break another.
+//!
+//! Channels between tasks and threads: the replication driver's request
+//! queue ([`REPL_APP_QUEUE_REQUESTS_MAX`]), its disk completions
+//! ([`REPL_DISK_COMPLETIONS_MAX`]), the link's two send queues
+//! ([`REPL_LINK_URGENT_QUEUE_BYTES_MAX`], [`link_bulk_queue_bytes_max`]),
+//! its event queue (256 events; the reader waits), admin commands (16) and
+//! the per-connection and I/O-engine queues, whose bound is the in-flight
+//! budget of their senders ([`CONNECTION_INFLIGHT_BYTES_MAX`]).
 
 /// Largest NBD request payload (READ/WRITE length) we accept; advertised as
 /// the maximum block size. Larger WRITEs are refused and the connection

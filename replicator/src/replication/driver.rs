@@ -782,6 +782,37 @@ pub fn state(s: &Status, failures: &LinkFailures) -> ReplicaState {
 mod tests {
     use super::*;
 
+    /// Flooding the volume's request queue while the driver is busy: it
+    /// holds at most its bound, and what does not fit fails at once
+    /// instead of growing memory.
+    #[test]
+    fn the_request_queue_never_holds_more_than_its_bound() {
+        let dir = std::env::temp_dir().join(format!("replicator-appq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let backing = Backing::open(crate::backing::BackingConfig::new(disk, 1 << 20)).unwrap();
+        let (app, mut app_rx) = mpsc::channel(limits::REPL_APP_QUEUE_REQUESTS_MAX);
+        let (_primary_tx, primary) = watch::channel(true);
+        let handle = ReplicaHandle { app, backing, primary, resource: "r0".into() };
+        let (done, mut completions) = mpsc::unbounded_channel();
+        let extra = 10;
+        let flood = (0..(limits::REPL_APP_QUEUE_REQUESTS_MAX + extra) as u64).map(|tag| IoRequest {
+            tag,
+            op: IoOp::Flush,
+            done: done.clone(),
+        });
+        handle.submit_batch(flood);
+        assert_eq!(app_rx.len(), limits::REPL_APP_QUEUE_REQUESTS_MAX);
+        let mut failed = 0;
+        while let Ok(c) = completions.try_recv() {
+            assert!(matches!(c.result, Err(IoFailure::EngineStopped)));
+            failed += 1;
+        }
+        assert_eq!(failed, extra, "each request past the bound fails at once");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
     fn exited(pid: u32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -207,6 +207,9 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), ConnectionError> {
     let stall = Duration::from_secs(limits::REPLY_WRITE_STALL_SECS);
     let (mut reader, mut writer) = tokio::io::split(stream);
+    // Bounded by construction: one completion per request in flight, and
+    // the connection's in-flight budget (`CONNECTION_INFLIGHT_BYTES_MAX`,
+    // at least one unit a request) caps those.
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<IoCompletion>();
     let mut shutdown = shared.shutdown.subscribe();
     let mut input = vec![0u8; 256 * 1024];

@@ -104,6 +104,10 @@ pub(super) fn spawn(
 ) -> Result<(WorkerHandle, JoinHandle<()>), BackingError> {
     let efd = new_eventfd().map_err(|source| BackingError::Ring { source })?;
     let waker = Arc::new(Waker { efd, sleeping: AtomicBool::new(false) });
+    // Submissions to the I/O thread: bounded by what its senders may have
+    // in flight (the NBD in-flight budgets, and a replicated volume's
+    // driver, see `limits::REPL_DISK_COMPLETIONS_MAX`), never by this
+    // channel, so a submission never blocks a tokio task.
     let (tx, rx) = mpsc::channel();
     let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     let thread_waker = Arc::clone(&waker);
