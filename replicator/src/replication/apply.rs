@@ -21,8 +21,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use super::ids::{IoId, LinkId};
 use super::message::WriteKind;
-use super::replica::{IoId, LinkId};
 
 #[derive(Debug)]
 pub(super) enum InKind<P> {

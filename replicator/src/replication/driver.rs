@@ -792,7 +792,7 @@ mod tests {
         let disk = dir.join("disk");
         std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
         let backing = Backing::open(crate::backing::BackingConfig::new(disk, 1 << 20)).unwrap();
-        let (app, mut app_rx) = mpsc::channel(limits::REPL_APP_QUEUE_REQUESTS_MAX);
+        let (app, app_rx) = mpsc::channel(limits::REPL_APP_QUEUE_REQUESTS_MAX);
         let (_primary_tx, primary) = watch::channel(true);
         let handle = ReplicaHandle { app, backing, primary, resource: "r0".into() };
         let (done, mut completions) = mpsc::unbounded_channel();

@@ -28,8 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::ids::LinkId;
 use super::message::Message;
-use super::replica::LinkId;
 use super::resource::{LinkSecurity, Resource};
 use super::wire::{self, FrameError, HEADER_BYTES};
 use crate::backing::{AlignedBuf, WriteBuf};

@@ -19,6 +19,7 @@ pub mod bitmap;
 pub mod driver;
 pub mod fuzz;
 pub mod generations;
+pub mod ids;
 pub mod link;
 pub mod message;
 pub mod replica;

@@ -14,7 +14,16 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 use super::bitmap::Bitmap;
-use super::replica::Progress;
+
+/// Progress of a resync or verify, for `status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Progress {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub percent: f64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+}
 
 /// Writes within this window count as "the application is busy".
 const APP_BUSY_WINDOW_MS: u64 = 100;
