@@ -115,9 +115,9 @@ fn config(args: &AttachArgs) -> anyhow::Result<AttachConfig> {
                 ))),
             };
             configured = Some(match res.local.attach_method {
-                replicator::replication::resource::AttachMethod::Auto => Method::Auto,
-                replicator::replication::resource::AttachMethod::Kernel => Method::Kernel,
-                replicator::replication::resource::AttachMethod::Fuse => Method::Fuse,
+                replicator::node::resource::AttachMethod::Auto => Method::Auto,
+                replicator::node::resource::AttachMethod::Kernel => Method::Kernel,
+                replicator::node::resource::AttachMethod::Fuse => Method::Fuse,
             });
             (endpoint, res.name)
         }

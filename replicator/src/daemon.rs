@@ -42,7 +42,7 @@ pub enum ServeError {
 
 /// Runs the server until a termination signal; returns after a clean drain.
 pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
-    crate::replication::up::set_io_flusher();
+    crate::node::up::set_io_flusher();
     // Held until we return: no second server, and no create-md, on this disk.
     let _lock = crate::device::lock_disk(&config.disk)
         .map_err(|cause| ServeError::Lock { disk: config.disk.clone(), cause })?;

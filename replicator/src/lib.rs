@@ -21,6 +21,7 @@ pub mod limits;
 pub mod metadata;
 pub mod metrics;
 pub mod nbd;
+pub mod node;
 pub mod replication;
 pub mod server;
 pub mod tls;

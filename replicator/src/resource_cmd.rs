@@ -6,8 +6,8 @@ use std::io::Write;
 use anyhow::Context;
 
 use replicator::control::{self, ControlRequest, ControlResponse, ResourceCommand, ResourceReport};
+use replicator::node::resource::{self, Resource};
 use replicator::replication::replica::Fencing;
-use replicator::replication::resource::{self, Resource};
 
 use crate::UsageError;
 
@@ -108,8 +108,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.validate {
         // The files the link needs, and our certificate as the peer will
         // check it (`up` refuses only what it cannot use at all).
-        replicator::replication::link::check_link_tls(&res)
-            .map_err(|e| UsageError(format!("{}: {e}", res.path.display())))?;
+        replicator::node::link::check_link_tls(&res).map_err(|e| UsageError(format!("{}: {e}", res.path.display())))?;
     }
     if res.fencing == Fencing::ResourceOnly && res.fence_peer.is_none() {
         eprintln!(
@@ -138,7 +137,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         .build()
         .context("failed to start the async runtime")?;
     let name = res.name.clone();
-    runtime.block_on(replicator::replication::up::run(res)).with_context(|| format!("resource {name}"))?;
+    runtime.block_on(replicator::node::up::run(res)).with_context(|| format!("resource {name}"))?;
     Ok(())
 }
 

@@ -11,22 +11,19 @@
 //! `bitmap` (dirty bitmap), `activity_log` (hot extents), `apply` (the
 //! secondary's ordered apply queue), `resync` (source-side resync and
 //! verify pacing), `transfer_log` (settled writes until both disks flushed
-//! them), `replica` (the state machine).
+//! them), `ids`, `replica/` (the state machine). The shell that runs it
+//! (sockets, files, tasks) is `crate::node`.
 
 pub mod activity_log;
 mod apply;
 pub mod bitmap;
-pub mod driver;
 pub mod fuzz;
 pub mod generations;
 pub mod ids;
-pub mod link;
 pub mod message;
 pub mod replica;
-pub mod resource;
 mod resync;
 mod transfer_log;
-pub mod up;
 pub mod wire;
 
 #[cfg(test)]
@@ -36,24 +33,3 @@ pub use message::{DiskState, Message, Protocol, Role, WriteKind};
 pub use replica::{
     Action, AdminError, AppWrite, Config, DiskOp, DiskOutput, Fencing, MetaState, Persisted, Replica, Status,
 };
-
-/// Why `replicator up` could not run the resource.
-#[derive(Debug, thiserror::Error)]
-pub enum ResourceError {
-    #[error(transparent)]
-    Metadata(#[from] crate::metadata::MetadataError),
-    #[error(transparent)]
-    Backing(#[from] crate::backing::BackingError),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-    #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
-    #[error(transparent)]
-    Driver(#[from] driver::DriverError),
-    #[error("failed to listen on {addr}: {cause}")]
-    Listen { addr: String, cause: std::io::Error },
-    #[error("failed to install signal handlers: {0}")]
-    Signals(std::io::Error),
-    #[error("disk {disk}: {cause}")]
-    Lock { disk: std::path::PathBuf, cause: std::io::Error },
-}

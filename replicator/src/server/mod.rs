@@ -27,7 +27,7 @@ pub struct Shared {
     pub backing: Backing,
     /// Set for a replicated resource: writes go through the replica, and
     /// the export is open only while this node is primary.
-    pub replica: Option<crate::replication::driver::ReplicaHandle>,
+    pub replica: Option<crate::node::driver::ReplicaHandle>,
     pub export: ExportInfo,
     pub tls_mode: TlsMode,
     pub tls_acceptor: Option<TlsAcceptor>,

@@ -13,7 +13,6 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::driver::{self, AdminCall, AdminReply, Driver};
-use super::replica::{Config, Persisted, Replica, Status};
 use super::resource::Resource;
 use super::{link, ResourceError};
 use crate::backing::{Backing, BackingConfig};
@@ -21,6 +20,7 @@ use crate::control::{self, ControlReply, ControlRequest, ControlResponse, Resour
 use crate::limits;
 use crate::metadata::{self, ActivityLogStore, BitmapStore};
 use crate::nbd::handshake::{ExportInfo, TlsMode};
+use crate::replication::replica::{Config, Persisted, Replica, Status};
 use crate::server::{self, Listener, Shared};
 
 /// Runs the resource until SIGTERM/SIGINT.

@@ -28,12 +28,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::ids::LinkId;
-use super::message::Message;
 use super::resource::{LinkSecurity, Resource};
-use super::wire::{self, FrameError, HEADER_BYTES};
 use crate::backing::{AlignedBuf, WriteBuf};
 use crate::limits;
+use crate::replication::ids::LinkId;
+use crate::replication::message::Message;
+use crate::replication::wire::{self, FrameError, HEADER_BYTES};
 use crate::tls::{load_certs as certs, TlsError};
 
 /// A frame's data. Data received from the peer holds a share of the
@@ -722,7 +722,7 @@ mod tests {
     /// at its bound, the writer reports the overflow, and nothing grows.
     #[tokio::test]
     async fn a_peer_that_stops_reading_fills_each_queue_only_to_its_bound() {
-        use super::super::message::{AckKind, WriteKind};
+        use crate::replication::message::{AckKind, WriteKind};
         let (ours, _theirs) = tokio::io::duplex(64 * 1024);
         let (events, _events_rx) = mpsc::channel(16);
         let bulk_max = 8 * 1024 * 1024;
@@ -877,7 +877,7 @@ WySFPS7Z6cH0n7jqdJdAJcCDjTIGhyd6fCYsE1tZbxz/GjIKZ/ZboxfUsBzMkBvH
              cert = \"{d}/b.pem\"\nkey = \"{d}/b.key\"\n"
         );
         let text = edit(text.replace(&d.to_string(), "DIR")).replace("DIR", &d.to_string());
-        let res = super::super::resource::parse(std::path::Path::new("r0.toml"), &text, Some("a")).unwrap();
+        let res = crate::node::resource::parse(std::path::Path::new("r0.toml"), &text, Some("a")).unwrap();
         (files, check_link_tls(&res).map(|()| None))
     }
 

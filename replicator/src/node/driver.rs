@@ -18,13 +18,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::link::{self, LinkEvent, LinkFailures, LinkStream, LinkTls, LinkWriter, Payload};
-use super::message::{Role, WriteKind};
-use super::replica::{Action, AdminError, AppId, AppWrite, DiskOp, DiskOutput, IoId, LinkId, Replica, Status};
 use super::resource::Resource;
 use crate::backing::{Backing, CompletionSender, IoCompletion, IoFailure, IoOp, IoOutput, IoRequest};
 use crate::control::{ProgressReport, ReplicaState, ResourceCommand};
 use crate::limits;
 use crate::metadata::{ActivityLogStore, BitmapStore, Metadata, MetadataError};
+use crate::replication::message::{Role, WriteKind};
+use crate::replication::replica::{
+    Action, AdminError, AppId, AppWrite, DiskOp, DiskOutput, IoId, LinkId, Replica, Status,
+};
 
 /// Most queued inputs of each kind handled before the driver acts.
 const DRAIN_MAX: usize = 64;
@@ -742,7 +744,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// The wire form of a replica's status, with the shell's own part (the
 /// last failed connection attempt or handshake).
 pub fn state(s: &Status, failures: &LinkFailures) -> ReplicaState {
-    let progress = |p: &super::replica::Progress| ProgressReport {
+    let progress = |p: &crate::replication::replica::Progress| ProgressReport {
         total_bytes: p.total_bytes,
         done_bytes: p.done_bytes,
         percent: p.percent,

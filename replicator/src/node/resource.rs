@@ -49,12 +49,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::generations::AfterSplitBrain;
-use super::message::Protocol;
-use super::replica::{Fencing, OnCongestion};
 use crate::config::ConfigError;
 use crate::limits;
 use crate::metadata::MetaLocation;
+use crate::replication::generations::AfterSplitBrain;
+use crate::replication::message::Protocol;
+use crate::replication::replica::{Fencing, OnCongestion};
 
 /// Where `replicator up RES` and the admin commands look for `RES.toml`.
 pub const RESOURCE_DIR_DEFAULT: &str = "/etc/replicator";
