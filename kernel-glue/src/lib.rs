@@ -12,6 +12,8 @@
 //! FUSE path. It knows nothing of clusterd, the MTA or the replicator's
 //! internals: it speaks NBD to any server.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod error;
 pub mod fuse;
 pub mod kernel;

@@ -3,6 +3,8 @@
 //! `smtp` is the sans-IO protocol core; the rest (feature `daemon`) is the
 //! shell around it: directory, queue, delivery, listeners.
 
+#![forbid(unsafe_code)]
+
 pub mod limits;
 pub mod smtp;
 

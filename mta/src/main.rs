@@ -4,6 +4,8 @@
 //! Exit codes: 0 success, 1 operating error (printed once as
 //! `mta: <cause chain>`), 2 usage error.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;

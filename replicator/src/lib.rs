@@ -12,6 +12,8 @@
 //!   material, the status socket and the Prometheus endpoint.
 //! - [`limits`]: every bound, in one place.
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod backing;
 pub mod config;
 pub mod control;
