@@ -641,3 +641,34 @@ fn pull_ahead_keeps_writes_going_over_a_slow_link_and_resyncs_after() {
         tests::util::first_difference(&da, &db)
     );
 }
+
+/// Issue 23 (found by the README failover test): a primary cut off under
+/// `resource-and-stonith`, whose fence handler cannot confirm, holds its
+/// client's write suspended. Its cluster manager must still be able to
+/// demote it while that client is connected (the client waits on exactly
+/// that write): the held write fails instead of hanging for ever.
+#[test]
+fn a_suspended_primary_demotes_with_its_client_still_connected() {
+    let opts = PairOptions {
+        resource: "fencing = \"resource-and-stonith\"",
+        net: "ping-interval-ms = 300\nping-timeout-ms = 600\nconnect-interval-ms = 200\nio-timeout-ms = 3000\n\n\
+              [handlers]\nfence-peer = \"/bin/false\"",
+        ..PairOptions::default()
+    };
+    let Some((_dir, mut pair)) = setup("repl-held-demote", &opts) else { return };
+    pair.bring_up().unwrap();
+    let mut client = Client::connect(pair.nbd(0), "r0").unwrap();
+    client.write(0, &pattern(0, 1)).unwrap();
+    let (a, b) = (pair.net.host(0), pair.net.host(1));
+    a.cut(b).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(client.write(BLOCK, &pattern(1, 2)).map_err(|e| e.to_string()));
+    });
+    pair.wait(0, Duration::from_secs(10), "I/O suspended by fencing", |s| s["suspended"] == true).unwrap();
+    assert!(rx.try_recv().is_err(), "the write is held, not answered");
+    pair.ok(0, &["secondary"]).expect("a suspended primary demotes with its client connected");
+    let held = rx.recv_timeout(Duration::from_secs(10)).expect("the held write is answered after the demotion");
+    assert!(held.is_err(), "a write that was never replicated fails: {held:?}");
+    assert_eq!(pair.field(0, "role"), "Secondary");
+}
