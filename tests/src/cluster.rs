@@ -96,9 +96,9 @@ pub struct Env {
 /// writes itself (e.g. taken from README.md), with witness.
 pub struct CustomConfig {
     /// The replicated resource file's text (nodes `a` and `b`).
-    pub resource: Box<dyn Fn(&Env) -> Result<String>>,
+    pub resource: fn(&Env) -> Result<String>,
     /// cluster.toml's text (nodes `a`, `b`, `w`; one group).
-    pub cluster: Box<dyn Fn(&Env) -> Result<String>>,
+    pub cluster: fn(&Env) -> Result<String>,
     pub mkfs: bool,
     pub prepare: Option<fn(&std::path::Path) -> Result<()>>,
 }

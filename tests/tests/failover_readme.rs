@@ -420,6 +420,47 @@ fn stats(name: &str, times: &[Duration]) {
     }
 }
 
+/// Without root too: README.md still has the three example blocks, every
+/// substitution the e2e test makes still matches, and the results are
+/// valid TOML naming what the harness assigned.
+#[test]
+fn readme_examples_are_there_and_every_substitution_matches() {
+    let dir = TestDir::new("readme-parse");
+    let env = Env {
+        dir: dir.path().to_owned(),
+        pki: dir.join("pki"),
+        key_file: dir.join("authkey"),
+        ips: ["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), "192.0.2.3".parse().unwrap()],
+        netns: ["ns-a".into(), "ns-b".into(), "ns-w".into()],
+        service_ip: "192.0.2.100".parse().unwrap(),
+        res: dir.join("mail.toml"),
+        disks: [dir.join("a.img"), dir.join("b.img")],
+    };
+    let resource: toml::Value = toml::from_str(&resource_config(&env).unwrap()).unwrap();
+    assert_eq!(resource["resource"]["fencing"].as_str(), Some("resource-and-stonith"));
+    let nodes = resource["node"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(n["name"].as_str(), Some(NAMES[i]), "the resource's nodes are the cluster's storage nodes");
+        assert_eq!(n["address"].as_str(), Some(format!("{}:7789", env.ips[i]).as_str()));
+        assert!(n["control"].as_str().is_some_and(|c| c.starts_with(&env.dir.display().to_string())));
+    }
+    let cluster: toml::Value = toml::from_str(&cluster_config(&env).unwrap()).unwrap();
+    let nodes = cluster["node"].as_array().unwrap();
+    assert_eq!(nodes.iter().filter_map(|n| n["name"].as_str()).collect::<Vec<_>>(), NAMES);
+    for n in nodes {
+        for key in ["cert", "key", "state_dir", "control"] {
+            assert!(n[key].as_str().is_some_and(|p| p.starts_with(&env.dir.display().to_string())), "{key} in {n}");
+        }
+    }
+    let group = &cluster["group"][0];
+    assert_eq!(group["volume"].as_str(), Some(env.res.display().to_string().as_str()));
+    let kinds: Vec<&str> = group["resource"].as_array().unwrap().iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert_eq!(kinds, ["attach", "filesystem", "ip", "ocf"], "README's group: attach -> filesystem -> ip -> mta");
+    let mta: toml::Value = toml::from_str(&std::fs::read_to_string(dir.join("mta.toml")).unwrap()).unwrap();
+    assert_eq!(mta["data_dir"].as_str(), Some(mail_dir(dir.path()).display().to_string().as_str()));
+}
+
 /// 10 host deaths, alternating sides: runs in CI.
 #[test]
 fn readme_configuration_fails_over_by_itself_through_host_deaths() {
@@ -450,12 +491,7 @@ fn scenario(deaths: usize, partitions: usize) {
     std::fs::create_dir_all(mail_dir(dir.path())).unwrap();
     let mut c = Cluster::with_config(
         &dir,
-        &CustomConfig {
-            resource: Box::new(resource_config),
-            cluster: Box::new(cluster_config),
-            mkfs: true,
-            prepare: Some(prepare),
-        },
+        &CustomConfig { resource: resource_config, cluster: cluster_config, mkfs: true, prepare: Some(prepare) },
     )
     .unwrap();
     let out = c.ctl(0, &["check-config"]).unwrap();
