@@ -245,13 +245,17 @@ fn submit(addr: SocketAddr, token: u64) -> Result<()> {
     Ok(())
 }
 
-/// Submits tokens until stopped; records each acknowledged one with the
-/// time its 250 arrived.
+/// Submitters in parallel: a session stuck on a dying server (until its
+/// 5 s read timeout) must not hide the survivor's first 250.
+const SUBMITTERS: usize = 3;
+
+/// Submits tokens until stopped ([`SUBMITTERS`] sessions at a time);
+/// records each acknowledged one with the time its 250 arrived.
 struct Client {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<(u64, Instant)>>>,
     sent: Arc<AtomicU64>,
-    thread: Option<thread::JoinHandle<()>>,
+    threads: Vec<thread::JoinHandle<()>>,
 }
 
 impl Client {
@@ -259,18 +263,23 @@ impl Client {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let sent = Arc::new(AtomicU64::new(0));
-        let (s, a, n) = (stop.clone(), acked.clone(), sent.clone());
-        let thread = thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                let token = n.fetch_add(1, Ordering::SeqCst);
-                if submit(addr, token).is_ok() {
-                    a.lock().unwrap_or_else(|p| p.into_inner()).push((token, Instant::now()));
-                }
-                // Pacing, not synchronisation: about 20 messages a second.
-                thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Client { stop, acked, sent, thread: Some(thread) }
+        let threads = (0..SUBMITTERS)
+            .map(|_| {
+                let (s, a, n) = (stop.clone(), acked.clone(), sent.clone());
+                thread::spawn(move || {
+                    while !s.load(Ordering::SeqCst) {
+                        let token = n.fetch_add(1, Ordering::SeqCst);
+                        if submit(addr, token).is_ok() {
+                            a.lock().unwrap_or_else(|p| p.into_inner()).push((token, Instant::now()));
+                        }
+                        // Pacing, not synchronisation: about 10 messages a
+                        // second per submitter.
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                })
+            })
+            .collect();
+        Client { stop, acked, sent, threads }
     }
 
     /// The first acknowledgement after `t`.
@@ -280,7 +289,7 @@ impl Client {
 
     fn finish(mut self) -> Vec<u64> {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         self.acked.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(t, _)| *t).collect()
@@ -521,12 +530,17 @@ fn scenario(deaths: usize, partitions: usize) {
             client.first_ack_after(before).is_some()
         })
         .unwrap_or_else(|e| panic!("event {event}: {e}\n{}", c.describe()));
-        let t0 = Instant::now();
+        let mut t0 = Instant::now();
         if partition {
             let (hp, hq, hw) = (c.pair.net.host(p), c.pair.net.host(q), c.pair.net.host(2));
             hp.cut(hq).unwrap();
             hp.cut(hw).unwrap();
+            // The partition is complete once both cuts are in (iptables can
+            // take seconds on a busy machine); the time counts from there.
+            eprintln!("event {event}: cutting {} took {:.2} s", NAMES[p], t0.elapsed().as_secs_f64());
+            t0 = Instant::now();
         } else {
+            // The link goes down first, then every process dies.
             c.host_death(p).unwrap();
         }
         let mut first = None;
