@@ -253,7 +253,8 @@ const SUBMITTERS: usize = 3;
 /// records each acknowledged one with the time its 250 arrived.
 struct Client {
     stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<(u64, Instant)>>>,
+    /// Token, when its session started, when its 250 arrived.
+    acked: Arc<Mutex<Vec<(u64, Instant, Instant)>>>,
     sent: Arc<AtomicU64>,
     threads: Vec<thread::JoinHandle<()>>,
 }
@@ -269,8 +270,9 @@ impl Client {
                 thread::spawn(move || {
                     while !s.load(Ordering::SeqCst) {
                         let token = n.fetch_add(1, Ordering::SeqCst);
+                        let began = Instant::now();
                         if submit(addr, token).is_ok() {
-                            a.lock().unwrap_or_else(|p| p.into_inner()).push((token, Instant::now()));
+                            a.lock().unwrap_or_else(|p| p.into_inner()).push((token, began, Instant::now()));
                         }
                         // Pacing, not synchronisation: about 10 messages a
                         // second per submitter.
@@ -282,9 +284,16 @@ impl Client {
         Client { stop, acked, sent, threads }
     }
 
-    /// The first acknowledgement after `t`.
+    /// The first acknowledgement in a session that began after `t` (an
+    /// answer already on its way from a host that dies at `t` does not count).
     fn first_ack_after(&self, t: Instant) -> Option<Instant> {
-        self.acked.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, at)| *at).find(|at| *at > t)
+        self.acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, began, _)| *began > t)
+            .map(|(_, _, at)| *at)
+            .min()
     }
 
     fn finish(mut self) -> Vec<u64> {
@@ -292,7 +301,7 @@ impl Client {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        self.acked.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(t, _)| *t).collect()
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(t, _, _)| *t).collect()
     }
 }
 
