@@ -96,7 +96,9 @@ pub fn isolate(mountpoint: &Path) -> Result<Option<Isolation>> {
     }
     let outer_path = Path::new("/proc/self/ns/mnt");
     let outer = File::open(outer_path).map_err(|e| Error::io("open", outer_path, e))?;
-    let pin = pin_path(mountpoint);
+    // Absolute: the helper that pins it resolves it after `setns`, which
+    // moves it to the namespace's root.
+    let pin = std::path::absolute(pin_path(mountpoint)).map_err(|e| Error::io("resolve", mountpoint, e))?;
     if let Some(dir) = pin.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
     }
