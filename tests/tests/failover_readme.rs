@@ -16,6 +16,9 @@
 //! primaries (a sampler reads both replicators every 50 ms for the whole
 //! run); at the end every acknowledged token is in the mailbox exactly
 //! once. Prints the failover times (event → first 250 from the survivor).
+//! CI runs the host deaths; the full scenario with the partitions is
+//! ignored until the bug it found (NOTES-e2e.md, bug 1) is fixed:
+//! `cargo test -p tests --test failover_readme -- --ignored`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
