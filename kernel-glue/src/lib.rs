@@ -249,25 +249,40 @@ fn tune_queue(index: u32) {
 }
 
 fn attach_fuse(cfg: &AttachConfig) -> Result<Attachment> {
+    // What dead daemons left in this run directory goes first, from the
+    // caller's namespace (where their pins and mounts are); then this
+    // process leaves it, before its first thread (see `fuse::ns`).
+    if let Some(run_dir) = cfg.fuse_mountpoint.parent() {
+        fuse::release_orphans(run_dir);
+    }
+    let isolation = fuse::ns::isolate(&cfg.fuse_mountpoint)?;
     // Every thread that serves the device (FUSE session, NBD reader,
     // watchdog, dialer) descends from this helper thread, which marks
     // itself an I/O flusher first; the caller's own thread stays as it was.
     std::thread::scope(|scope| {
         scope
-            .spawn(|| {
+            .spawn(move || {
                 if let Err(e) = set_io_flusher() {
                     tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed (needs CAP_SYS_RESOURCE); memory reclaim may deadlock under pressure");
                 }
-                attach_fuse_here(cfg)
+                attach_fuse_here(cfg, isolation)
             })
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }
 
-fn attach_fuse_here(cfg: &AttachConfig) -> Result<Attachment> {
-    let client = nbd::Client::connect(cfg.endpoint.clone(), &cfg.export, cfg.io_timeout)?;
-    match fuse::FuseLoop::attach(client.clone(), &cfg.fuse_mountpoint, cfg.direct_io) {
+fn attach_fuse_here(cfg: &AttachConfig, isolation: Option<fuse::ns::Isolation>) -> Result<Attachment> {
+    let client = match nbd::Client::connect(cfg.endpoint.clone(), &cfg.export, cfg.io_timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(iso) = isolation {
+                iso.release();
+            }
+            return Err(e);
+        }
+    };
+    match fuse::FuseLoop::attach(client.clone(), &cfg.fuse_mountpoint, cfg.direct_io, isolation) {
         Ok(f) => Ok(Attachment { device: f.device().to_path_buf(), kind: Kind::Fuse(f) }),
         Err(e) => {
             let _ = client.close(false);

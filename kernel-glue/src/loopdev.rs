@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::limits::{BLOCK_SIZE_BYTES, DEVICE_CLAIM_ATTEMPTS_MAX};
 
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -223,4 +224,26 @@ pub fn detach_path(path: &Path) -> Result<()> {
         return Err(Error::Invalid { what: "loop device", reason: format!("{} is not a loop device", path.display()) });
     }
     clear(path, &f)
+}
+
+/// What a bound loop device says about its backing file: the file's
+/// device number (a FUSE file: `0:N`, N naming its connection in
+/// /sys/fs/fuse/connections) and the name given at binding
+/// (`lo_file_name`, at most 63 bytes). Both stay as they were when the
+/// file's mount namespace is gone, unlike sysfs `backing_file`. `None`:
+/// not bound (or not a loop device).
+pub fn backing(path: &Path) -> Option<(u64, String)> {
+    let f = File::open(path).ok()?;
+    let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which
+    // `LoopInfo64` mirrors exactly (size asserted at compile time), into
+    // memory valid for the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_GET_STATUS64, info.as_mut_ptr()) };
+    if r < 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled the struct; all-zero is valid for it anyway.
+    let info = unsafe { info.assume_init() };
+    let len = info.lo_file_name.iter().position(|b| *b == 0).unwrap_or(info.lo_file_name.len());
+    Some((info.lo_device, String::from_utf8_lossy(&info.lo_file_name[..len]).into_owned()))
 }

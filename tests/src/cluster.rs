@@ -73,6 +73,36 @@ pub struct ClusterOptions {
     pub prepare: Option<fn(&std::path::Path) -> Result<()>>,
 }
 
+/// What a configuration written by the test (rather than by
+/// [`ClusterOptions`]) needs to know: where the harness put things.
+pub struct Env {
+    pub dir: PathBuf,
+    /// `ca.pem`, `NAME.pem`, `NAME.key` for `a`, `b` and `w`.
+    pub pki: PathBuf,
+    /// The heartbeat key file.
+    pub key_file: PathBuf,
+    /// Host addresses of `a`, `b`, `w`.
+    pub ips: [Ipv4Addr; 3],
+    /// Network namespaces of `a`, `b`, `w` (for the fence_netns agent).
+    pub netns: [String; 3],
+    pub service_ip: Ipv4Addr,
+    /// The replicated resource's file (the test writes it).
+    pub res: PathBuf,
+    /// The storage nodes' disks (with fresh metadata).
+    pub disks: [PathBuf; 2],
+}
+
+/// A cluster whose resource file and cluster configuration the test
+/// writes itself (e.g. taken from README.md), with witness.
+pub struct CustomConfig {
+    /// The replicated resource file's text (nodes `a` and `b`).
+    pub resource: fn(&Env) -> Result<String>,
+    /// cluster.toml's text (nodes `a`, `b`, `w`; one group).
+    pub cluster: fn(&Env) -> Result<String>,
+    pub mkfs: bool,
+    pub prepare: Option<fn(&std::path::Path) -> Result<()>>,
+}
+
 pub struct Cluster {
     pub pair: Pair,
     pub config: PathBuf,
@@ -101,6 +131,45 @@ impl Cluster {
     /// exists but runs nothing).
     pub fn new_two_node(dir: &TestDir, opts: &ClusterOptions) -> Result<Cluster> {
         Cluster::build(dir, opts, false)
+    }
+
+    /// The test writes both configurations ([`CustomConfig`]); then as
+    /// [`Cluster::new`]: the volume in sync, both nodes secondary, no
+    /// clusterd running yet.
+    pub fn with_config(dir: &TestDir, cfg: &CustomConfig) -> Result<Cluster> {
+        let pki = dir.join("pki");
+        crate::tls::make_node_pki(&pki, &NAMES)?;
+        let pair_opts = PairOptions { hosts: 3, pki: Some(pki.clone()), ..PairOptions::default() };
+        let mut pair = Pair::new(dir, &pair_opts)?;
+        let gw = pair.net.gateway.octets();
+        let env = Env {
+            dir: dir.path().to_owned(),
+            pki: pki.clone(),
+            key_file: dir.join("authkey"),
+            ips: [pair.net.host(0).ip, pair.net.host(1).ip, pair.net.host(2).ip],
+            netns: [pair.net.host(0).ns.clone(), pair.net.host(1).ns.clone(), pair.net.host(2).ns.clone()],
+            service_ip: Ipv4Addr::new(gw[0], gw[1], gw[2], 100),
+            res: pair.res.clone(),
+            disks: pair.disks.clone(),
+        };
+        std::fs::write(&pair.res, (cfg.resource)(&env)?)?;
+        pair.bring_up()?;
+        if cfg.mkfs {
+            make_filesystem(&pair, &dir.join("mkfs-run"), cfg.prepare)?;
+        }
+        pair.ok(0, &["secondary"])?;
+        std::fs::write(&env.key_file, crate::util::random_bytes(32, std::process::id().into()))?;
+        let config = dir.join("cluster.toml");
+        std::fs::write(&config, (cfg.cluster)(&env)?)?;
+        Ok(Cluster {
+            pair,
+            config,
+            daemons: [None, None, None],
+            service_ip: env.service_ip,
+            dir: dir.path().to_owned(),
+            witness: true,
+            orphans: Vec::new(),
+        })
     }
 
     fn build(dir: &TestDir, opts: &ClusterOptions, witness: bool) -> Result<Cluster> {
@@ -172,6 +241,11 @@ impl Cluster {
         }
         let mut c = self.pair.net.host(i).cmd(&clusterd_bin().display().to_string(), &args);
         c.env("CLUSTERD_LOG", std::env::var("CLUSTERD_LOG").unwrap_or_else(|_| "info".into()));
+        // OCF agents' pid files per test and node, not in the machine's /run.
+        let rsctmp = self.dir.join(format!("rsctmp-{}", NAMES[i]));
+        std::fs::create_dir_all(&rsctmp)?;
+        c.env("HA_RSCTMP", &rsctmp);
+        workspace_path(&mut c);
         let mut d = Daemon::spawn(c)?;
         let mut alive = true;
         let up = wait_until(Duration::from_secs(20), "clusterd admin socket", || {
@@ -197,6 +271,7 @@ impl Cluster {
     pub fn ctl_cmd(&self, i: usize, args: &[&str]) -> Command {
         let mut c = cmd(clusterd_bin(), args);
         c.arg("--config").arg(&self.config).args(["--node", NAMES[i]]);
+        workspace_path(&mut c);
         c
     }
 
@@ -383,17 +458,28 @@ impl Cluster {
     }
 }
 
-/// ext4 on the primary `a` through `replicator attach` (FUSE + loop).
+/// The workspace's binaries (replicator, mta) first on `c`'s PATH, as
+/// installed ones would be: configurations may name them without a path.
+fn workspace_path(c: &mut Command) {
+    if let Some(bin_dir) = clusterd_bin().parent() {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![bin_dir.to_owned()];
+        dirs.extend(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(dirs) {
+            c.env("PATH", joined);
+        }
+    }
+}
+
+/// ext4 on the primary `a` through `replicator attach` (FUSE + loop),
+/// attached from inside host `a` (its export may listen on its loopback).
 fn make_filesystem(
     pair: &Pair,
     run_dir: &std::path::Path,
     prepare: Option<fn(&std::path::Path) -> Result<()>>,
 ) -> Result<()> {
-    let mut c = crate::server::replicator();
-    c.args(["attach"])
-        .arg(&pair.res)
-        .args(["--node", "a", "--method", "fuse", "--timeout", "20", "--run-dir"])
-        .arg(run_dir);
+    let mut c = pair.net.host(0).cmd(&replicator_bin().display().to_string(), ["attach"]);
+    c.arg(&pair.res).args(["--node", "a", "--method", "fuse", "--timeout", "20", "--run-dir"]).arg(run_dir);
     let out = run_output(&mut c, Duration::from_secs(60))?;
     if !out.success() {
         bail!("attach for mkfs: {}", out.describe());

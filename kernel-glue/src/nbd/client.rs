@@ -314,6 +314,10 @@ impl Client {
     /// drop the connection. Either way, after this returns no byte is sent.
     pub fn close(&self, clean: bool) -> std::result::Result<(), IoError> {
         let mut result = Ok(());
+        // The drain and the final flush share one bound: a server that
+        // holds I/O (a suspended primary) must not keep a detach waiting
+        // for the per-request timeout on top.
+        let deadline = Instant::now() + DETACH_DRAIN_MAX;
         {
             let mut st = lock(&self.shared.state);
             if st.closed {
@@ -322,7 +326,6 @@ impl Client {
             st.closed = true;
             self.shared.changed.notify_all();
             if clean {
-                let deadline = Instant::now() + DETACH_DRAIN_MAX;
                 while !st.pending.is_empty() {
                     let now = Instant::now();
                     if now >= deadline {
@@ -336,7 +339,11 @@ impl Client {
         if clean && result.is_ok() && self.shared.info.can_flush() {
             let (tx, rx) = std::sync::mpsc::channel();
             self.submit_inner(CMD_FLUSH, 0, 0, 0, None, Box::new(move |r| drop(tx.send(r))), true);
-            result = rx.recv().unwrap_or(Err(IoError::Disconnected)).map(drop);
+            result = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(r) => r.map(drop),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(IoError::Timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(IoError::Disconnected),
+            };
         }
         let conn = lock(&self.shared.state).conn.take();
         if let Some(conn) = conn {
