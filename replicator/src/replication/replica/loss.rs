@@ -30,10 +30,13 @@ impl<P: Clone> Replica<P> {
         self.verify = None;
         let outstanding = std::mem::take(&mut self.outstanding);
         self.unacked_bytes = 0;
+        // Protocol A/B: writes a client already heard of that the peer may lack.
+        let mut answered_unreplicated = false;
         for (_, (what, _)) in outstanding {
             match what {
                 Outstanding::Write(id) => {
                     if let Some(w) = self.writes.get_mut(&id) {
+                        answered_unreplicated |= w.answered;
                         w.peer = PeerWait::NotReplicated;
                         let (offset, len) = (w.offset, u64::from(w.len));
                         self.mark_dirty(offset, len);
@@ -55,14 +58,17 @@ impl<P: Clone> Replica<P> {
         self.replies_unflushed.clear();
         self.replies_flushing.clear();
         if self.role == Role::Primary && peer_was_current {
-            if self.bitmap.count() > 0 {
-                // Writes the peer may lack already exist: they belong to a
-                // new generation.
-                let fresh = self.fresh_generation();
-                self.generations.start_new(fresh);
-                self.persist_meta();
-            } else {
-                self.rotate_on_write = true;
+            // The data changes without the peer from the first write a
+            // client hears of that the peer may lack: at once if such a
+            // write was answered already (protocols A and B), else at the
+            // first write answered or issued alone. A primary whose writes
+            // stay suspended until it is demoted (resource-and-stonith, its
+            // lease over) thus keeps the generation the peer knows, and
+            // rejoins as a sync target instead of a split brain: what only
+            // it wrote was never acknowledged (issue 23).
+            self.rotate_on_write = true;
+            if answered_unreplicated {
+                self.rotate_if_pending();
             }
         }
         // A held primary (its lease is over, or a newer epoch superseded

@@ -115,12 +115,9 @@ impl<P: Clone> Replica<P> {
             self.completed_since_barrier = false;
         }
         let replicate = self.replicating_link();
-        if replicate.is_none() && self.rotate_on_write {
-            self.rotate_on_write = false;
-            let fresh = self.fresh_generation();
-            self.generations.start_new(fresh);
+        if replicate.is_none() {
             // Durable before the write's disk action below.
-            self.persist_meta();
+            self.rotate_if_pending();
         }
         // Ahead of a congested link, writes are only marked (their epoch
         // flushes still reach the peer, for the writes sent before).
@@ -274,6 +271,17 @@ impl<P: Clone> Replica<P> {
     }
 
     /// Completes application requests whose conditions are met.
+    /// Starts the data generation that a lost peer lacks, if losing it left
+    /// that for the first write answered or issued without it.
+    pub(super) fn rotate_if_pending(&mut self) {
+        if self.rotate_on_write {
+            self.rotate_on_write = false;
+            let fresh = self.fresh_generation();
+            self.generations.start_new(fresh);
+            self.persist_meta();
+        }
+    }
+
     pub(super) fn try_complete_write(&mut self, id: AppId) {
         if self.io_suspended() {
             return;
@@ -291,12 +299,18 @@ impl<P: Clone> Replica<P> {
         // Protocol A/B may complete before the peer's final ack: keep the
         // entry (without answering twice) until that ack or a disconnect.
         let finished = matches!(w.peer, PeerWait::NotReplicated | PeerWait::Done);
-        if !w.answered {
+        let (answered, peer, peer_wrote) = (w.answered, w.peer, w.peer_wrote);
+        if !answered {
+            if peer == PeerWait::NotReplicated && self.replicating_link().is_none() {
+                // The first write the peer lacks that a client hears of
+                // belongs to a new generation (persisted before the answer).
+                self.rotate_if_pending();
+            }
             // Later writes need a barrier only if this one is answered before
             // the peer has it on disk (protocols A and B, or no peer). When
             // the peer's Written ack came first (protocol C), the peer holds
             // it already and its apply queue need not drain before them.
-            if !(w.peer == PeerWait::Done && w.peer_wrote) {
+            if !(peer == PeerWait::Done && peer_wrote) {
                 self.completed_since_barrier = true;
             }
             self.actions.push_back(Action::Complete { id, result: local });

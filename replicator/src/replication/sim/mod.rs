@@ -1363,10 +1363,19 @@ impl Pair {
 
     /// A pair whose primary treats a full send queue as `on_congestion` says.
     fn congested(protocol: Protocol, on_congestion: OnCongestion) -> Pair {
+        Pair::configured(|swarm| {
+            swarm.protocol = protocol;
+            swarm.on_congestion = on_congestion;
+        })
+    }
+
+    /// A pair configured from a fault-free swarm (fencing "dont-care",
+    /// writes block on a full send queue) that `set` adjusts.
+    fn configured(set: impl FnOnce(&mut Swarm)) -> Pair {
         let mut swarm = Swarm::pick(&mut Rng::new(1));
-        swarm.protocol = protocol;
         swarm.fencing = Fencing::DontCare;
-        swarm.on_congestion = on_congestion;
+        swarm.on_congestion = OnCongestion::Block;
+        set(&mut swarm);
         let persisted = || consistent_at_epoch_3(false, true);
         Pair {
             r: [Replica::new(cfg(0, &swarm, 1), persisted(), 0), Replica::new(cfg(1, &swarm, 1), persisted(), 0)],
@@ -1417,6 +1426,11 @@ impl Pair {
     }
 
     fn write(&mut self, id: AppId, block: u64, version: u64) {
+        self.write_on(0, id, block, version);
+    }
+
+    /// A client write of `version` to `block` on node `n`.
+    fn write_on(&mut self, n: usize, id: AppId, block: u64, version: u64) {
         let w = AppWrite {
             id,
             offset: block * BLOCK,
@@ -1425,7 +1439,7 @@ impl Pair {
             fua: false,
             data: Some(vec![version]),
         };
-        self.r[0].handle_write(self.now, w);
+        self.r[n].handle_write(self.now, w);
         self.pump();
     }
 }
@@ -1661,6 +1675,60 @@ fn pull_ahead_marks_writes_instead_of_waiting_and_resyncs_them() {
     assert_eq!(p.r[1].status(p.now).disk, DiskState::UpToDate);
     assert_eq!(p.r[0].bitmap().count(), 0);
     assert_eq!(p.disk[0], p.disk[1], "the resync sent every marked block");
+}
+
+/// Issue 23 (the README failover test's partition): a primary cut off
+/// under resource-and-stonith holds its in-flight write suspended; the
+/// peer takes over and writes; the old primary is demoted (the held write
+/// fails). It never answered a write the peer lacks, so it rejoins as a
+/// sync target, not as a split brain that waits for an admin.
+#[test]
+fn a_cut_off_primary_that_answered_nothing_alone_rejoins_as_a_sync_target() {
+    let mut p = Pair::configured(|swarm| {
+        swarm.protocol = Protocol::C;
+        swarm.fencing = Fencing::ResourceAndStonith;
+    });
+    p.connect(1);
+    p.r[0].promote(p.now, false, Some(4)).expect("node0 promoted");
+    p.pump();
+    p.write(1, 3, 1);
+    assert!(p.completed.contains(&(1, Ok(()))));
+    // The cut: node0's next write reaches its own disk only.
+    p.hold[1] = true;
+    p.write(2, 5, 2);
+    p.cut(1);
+    p.hold[1] = false;
+    while !p.held[1].is_empty() {
+        p.release_one(1); // the lost link's received write still drains
+    }
+    assert!(!p.completed.iter().any(|(id, _)| *id == 2), "the write is suspended, not answered");
+    // The cluster grants node1 a newer epoch; it writes.
+    p.r[1].promote(p.now, false, Some(5)).expect("the survivor is UpToDate");
+    p.pump();
+    p.write_on(1, 3, 7, 3);
+    // Node0's lease is over: its manager demotes it; the held write fails.
+    p.r[0].demote(p.now).expect("a suspended primary demotes");
+    p.pump();
+    assert!(p.completed.contains(&(2, Err(libc::EIO))));
+    p.connect(2);
+    for _ in 0..10_000 {
+        if p.r[0].is_in_sync() && p.r[1].is_in_sync() {
+            break;
+        }
+        p.now += 10;
+        p.r[0].handle_timeout(p.now);
+        p.r[1].handle_timeout(p.now);
+        p.pump();
+    }
+    assert!(p.r[0].status(p.now).last_error.is_none_or(|e| !e.contains("split brain")), "no split brain");
+    assert!(
+        p.r[0].is_in_sync() && p.r[1].is_in_sync(),
+        "node0 resynced as a target: {:?} / {:?}",
+        p.r[0].status(p.now),
+        p.r[1].status(p.now)
+    );
+    assert_eq!(p.disk[0], p.disk[1], "node0's unanswered write is gone, node1's writes are there");
+    assert_eq!(p.disk[0][7], 3);
 }
 
 /// Issue 23: if the superseded primary is alive after all, the new
