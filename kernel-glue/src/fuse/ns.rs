@@ -147,7 +147,7 @@ fn drop_block_mounts() {
             let mut f = l.split(' ');
             let (_, _, dev, _, target) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
             let major: u32 = dev.split(':').next()?.parse().ok()?;
-            (major == LOOP_MAJOR || major == NBD_MAJOR).then(|| unescape(target))
+            (major == LOOP_MAJOR || major == NBD_MAJOR).then(|| crate::mount::unescape(target))
         })
         .collect();
     // Children before parents.
@@ -158,23 +158,6 @@ fn drop_block_mounts() {
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 enum Op<'a> {
@@ -268,9 +251,9 @@ pub fn unpin_here(pin: &Path) {
 mod tests {
     #[test]
     fn mountinfo_escapes_are_undone() {
-        assert_eq!(super::unescape(r"/srv/my\040mail"), "/srv/my mail");
-        assert_eq!(super::unescape(r"/a\\b"), r"/a\\b");
-        assert_eq!(super::unescape(r"/a\134b"), r"/a\b");
-        assert_eq!(super::unescape("/plain"), "/plain");
+        assert_eq!(crate::mount::unescape(r"/srv/my\040mail"), "/srv/my mail");
+        assert_eq!(crate::mount::unescape(r"/a\\b"), r"/a\\b");
+        assert_eq!(crate::mount::unescape(r"/a\134b"), r"/a\b");
+        assert_eq!(crate::mount::unescape("/plain"), "/plain");
     }
 }

@@ -1489,6 +1489,20 @@ impl Pair {
         self.pump();
     }
 
+    /// Lets time pass (timers fire, resyncs run) until both nodes are in
+    /// sync, for at most 100 simulated seconds.
+    fn run_until_in_sync(&mut self) {
+        for _ in 0..10_000 {
+            if self.r[0].is_in_sync() && self.r[1].is_in_sync() {
+                return;
+            }
+            self.now += 10;
+            self.r[0].handle_timeout(self.now);
+            self.r[1].handle_timeout(self.now);
+            self.pump();
+        }
+    }
+
     /// Both nodes notice link `link` is gone.
     fn cut(&mut self, link: LinkId) {
         self.r[0].handle_disconnected(self.now, link);
@@ -1661,15 +1675,7 @@ fn pull_ahead_marks_writes_instead_of_waiting_and_resyncs_them() {
     while !p.held[1].is_empty() {
         p.release_one(1);
     }
-    for _ in 0..10_000 {
-        if p.r[0].is_in_sync() && p.r[1].is_in_sync() {
-            break;
-        }
-        p.now += 10;
-        p.r[0].handle_timeout(p.now);
-        p.r[1].handle_timeout(p.now);
-        p.pump();
-    }
+    p.run_until_in_sync();
     assert_eq!(p.r[0].connection(), ConnState::Connected);
     assert_eq!(p.r[1].connection(), ConnState::Connected);
     assert_eq!(p.r[1].status(p.now).disk, DiskState::UpToDate);
@@ -1711,15 +1717,7 @@ fn a_cut_off_primary_that_answered_nothing_alone_rejoins_as_a_sync_target() {
     p.pump();
     assert!(p.completed.contains(&(2, Err(libc::EIO))));
     p.connect(2);
-    for _ in 0..10_000 {
-        if p.r[0].is_in_sync() && p.r[1].is_in_sync() {
-            break;
-        }
-        p.now += 10;
-        p.r[0].handle_timeout(p.now);
-        p.r[1].handle_timeout(p.now);
-        p.pump();
-    }
+    p.run_until_in_sync();
     assert!(p.r[0].status(p.now).last_error.is_none_or(|e| !e.contains("split brain")), "no split brain");
     assert!(
         p.r[0].is_in_sync() && p.r[1].is_in_sync(),
