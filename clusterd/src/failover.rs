@@ -279,6 +279,14 @@ pub struct FailoverConfig {
     /// stopped on held I/O hangs (issue 23). Below `lease_ms -
     /// renew_interval_ms`, so a healthy primary never stops.
     pub stop_budget_ms: u64,
+    /// Every storage node runs a hardware watchdog with this timeout
+    /// (`watchdog.mode = "required"`; 0: not relied on). A node that holds
+    /// the group pets its watchdog only while its lease is valid and its
+    /// stop path is not stuck (`Failover::watchdog_may_pet`), so the
+    /// previous owner is stopped or reset by `lease end + this`: the wait
+    /// for its lease includes it, and then covers an owner whose freeze or
+    /// stop hung, without a fence agent.
+    pub peer_watchdog_ms: u64,
 }
 
 /// The margin a node adds to a lease measured on another node's clock, when
@@ -649,6 +657,23 @@ impl Failover {
         self.role == Role::Secondary && !self.volume_primary && !self.services_stuck
     }
 
+    /// Whether this node may pet its hardware watchdog at `now_ms` (sbd's
+    /// rule): always while it holds nothing of the group; while it holds
+    /// something (owns the group past its grant, its volume is primary, or
+    /// a stop of its services failed) only while its lease is valid and
+    /// its stop path is not stuck. A node that cannot stop within its lease
+    /// is therefore reset by the hardware within the watchdog's timeout of
+    /// the lease's end; a node whose daemon hangs stops petting too.
+    pub fn watchdog_may_pet(&self, now_ms: u64) -> bool {
+        let holds = self.volume_primary
+            || self.services_stuck
+            || matches!(
+                self.role,
+                Role::ExpectPromoted { .. } | Role::Primary { .. } | Role::Releasing { demoted: false, .. }
+            );
+        !holds || (now_ms < self.lease_until_ms && !self.services_stuck)
+    }
+
     /// Whether a planned release is in progress here.
     pub fn releasing(&self) -> bool {
         matches!(self.role, Role::Releasing { .. })
@@ -797,9 +822,16 @@ impl Failover {
                     // that grant may never have promoted, and then the owner
                     // before it may still write until its lease ends, which
                     // the last owner activity bounds (sim seed 10378433).
+                    // With watchdogs everywhere, the previous owner pets its
+                    // own only until its lease ends unless it stopped: by
+                    // `+ peer_watchdog_ms` it is stopped or reset, whatever
+                    // hung (the margin covers the sum's drift).
                     let wait_until_ms = match previous {
                         Some(_) if !released_before => {
-                            owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms
+                            owner_activity_before
+                                + self.cfg.lease_ms
+                                + self.cfg.peer_watchdog_ms
+                                + self.cfg.drift_margin_ms
                         }
                         _ => self.now_ms,
                     };
@@ -1258,6 +1290,7 @@ mod tests {
             failures_max: 3,
             failure_window_ms: 10_000,
             stop_budget_ms: 1500,
+            peer_watchdog_ms: 0,
         }
     }
 

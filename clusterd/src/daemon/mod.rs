@@ -369,6 +369,7 @@ impl Daemon {
             // Half the lease: the validated lease > 2 × renew_interval keeps
             // it below lease - renew_interval.
             stop_budget_ms: self.cfg.failover.lease_ms / 2,
+            peer_watchdog_ms: 0,
         };
         let mut ctx = group::GroupContext::new(state_dir.join("run"));
         ctx.node = Some(self.name.clone());
