@@ -1360,6 +1360,18 @@ mod tests {
             self.now = t;
         }
 
+        /// As `advance_committing`, returning the actions.
+        fn advance_committing_collect(&mut self, t: u64) -> Vec<Action> {
+            let mut out = Vec::new();
+            while let Some(next) = self.f.poll_timeout().filter(|n| *n <= t) {
+                let a = self.advance_to(next);
+                out.extend(self.commit_proposals(&a));
+                out.extend(a);
+            }
+            self.now = t;
+            out
+        }
+
         /// Commits every proposal among `actions`, in order.
         fn commit_proposals(&mut self, actions: &[Action]) -> Vec<Action> {
             let mut out = Vec::new();
@@ -1536,6 +1548,63 @@ mod tests {
         // Owning the group again takes a new epoch.
         let a = h.advance_to(3600);
         assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
+    }
+
+    #[test]
+    fn the_watchdog_is_petted_only_while_a_holder_has_its_lease_and_no_stuck_stop() {
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        assert!(h.f.watchdog_may_pet(h.now), "a primary within its lease");
+        // Renewals stop committing: the lease of the renewal sent at 0 ends at 3000.
+        h.advance_to(2999);
+        assert!(h.f.watchdog_may_pet(2999));
+        h.advance_to(3000);
+        assert_eq!(h.f.promoted_epoch(), None, "stepped down at the lease's end");
+        assert!(!h.f.watchdog_may_pet(3000), "stepped down, but the volume is still primary: the stop path runs");
+        // The demotion went through: nothing is held any more.
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert!(h.f.watchdog_may_pet(3000));
+        // A stop that failed holds the node again until it succeeds.
+        h.input(Input::ServicesStopped { stopped: false });
+        assert!(!h.f.watchdog_may_pet(3000));
+        h.input(Input::ServicesStopped { stopped: true });
+        assert!(h.f.watchdog_may_pet(3000));
+        // A primary within its lease whose stop failed is stuck too.
+        let mut h = primary_a();
+        assert!(h.f.watchdog_may_pet(h.now));
+        h.input(Input::ServicesStopped { stopped: false });
+        assert!(!h.f.watchdog_may_pet(h.now), "the stop path is stuck");
+        // A node that never held the group pets freely.
+        let h = Harness::new(B, false);
+        assert!(h.f.watchdog_may_pet(1_000_000));
+    }
+
+    #[test]
+    fn with_peer_watchdogs_the_next_owner_waits_out_lease_plus_watchdog_timeout() {
+        let mut c = cfg(A, false);
+        c.peer_watchdog_ms = 5000;
+        c.validate().unwrap();
+        let mut h = Harness {
+            f: Failover::new(c, GroupState::new(G, &[A, B], DiskState::UpToDate), DiskState::UpToDate, 0),
+            now: 0,
+            auto_promote: true,
+        };
+        h.actions();
+        h.input(Input::PeerAlive(B));
+        h.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
+        h.now = 100;
+        h.commit(Entry::Renew { group: G, epoch: 1, seq: 1 });
+        h.input(Input::Quorum(true));
+        h.now = 1000;
+        h.input(Input::PeerDead(B));
+        let a = h.advance_to(1100);
+        let a = h.commit_proposals(&a);
+        h.commit_proposals(&a);
+        // B's lease (renewal seen at 100) + its watchdog + the margin: 8110.
+        let a = h.advance_committing_collect(8109);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        let a = h.advance_committing_collect(8110);
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
     }
 
     #[test]
