@@ -37,6 +37,7 @@ use crate::fence::{AgentExit, FenceAction, FenceAgent, FencePlan, FenceProgress}
 use crate::group::{self, GroupHandle, GroupSpec, Volume, VolumeStatus};
 use crate::heartbeat::{Heartbeat, HeartbeatConfig, HeartbeatEvent};
 use crate::raft_log::{self, LogEvent, RaftLog, RaftLogConfig, RaftPeer, RaftTlsFiles};
+use crate::watchdog::{PetDecision, PetSchedule, WatchdogDevice};
 use crate::NodeId;
 
 use executor::Report;
@@ -129,6 +130,52 @@ pub struct Daemon {
     state_dir: std::path::PathBuf,
     /// The admin waiting for `fence --confirm-down` to finish.
     confirm_reply: Option<mpsc::Sender<Response>>,
+    /// The armed hardware watchdog (storage nodes, `[watchdog]`).
+    watchdog: Option<(WatchdogDevice, PetSchedule)>,
+}
+
+/// Opens the watchdog as `[watchdog]` says, on a storage node: one log line
+/// when it is not used; an error only when it is required.
+fn open_watchdog(cfg: &ClusterConfig, role: NodeRole) -> Result<Option<WatchdogDevice>, DaemonError> {
+    use crate::config::WatchdogMode;
+    let wd = &cfg.watchdog;
+    if role != NodeRole::Storage {
+        tracing::info!("watchdog: not used on the witness (it holds no group)");
+        return Ok(None);
+    }
+    match wd.mode {
+        WatchdogMode::Off => {
+            tracing::info!("watchdog: off (watchdog.mode = \"off\")");
+            return Ok(None);
+        }
+        WatchdogMode::Auto if !wd.device.exists() => {
+            tracing::info!(
+                "watchdog: disabled: {} does not exist (watchdog.mode = \"auto\"; load a watchdog driver, e.g. softdog, to use it)",
+                wd.device.display()
+            );
+            return Ok(None);
+        }
+        WatchdogMode::Auto | WatchdogMode::Required => {}
+    }
+    match WatchdogDevice::open(&wd.device, wd.timeout_ms) {
+        Ok(dev) => {
+            tracing::info!(
+                device = %wd.device.display(),
+                timeout_ms = wd.timeout_ms,
+                driver_timeout_s = ?dev.timeout_s(),
+                mode = ?wd.mode,
+                "watchdog: armed; petted only while this node's groups are safe"
+            );
+            Ok(Some(dev))
+        }
+        Err(e) if wd.mode == WatchdogMode::Auto => {
+            tracing::warn!("watchdog: disabled: {e} (watchdog.mode = \"auto\")");
+            Ok(None)
+        }
+        Err(e) => Err(DaemonError::Config(format!(
+            "{e}; watchdog.mode = \"required\" needs it on every storage node (load the driver, or set mode = \"auto\" and configure fencing)"
+        ))),
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -271,6 +318,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         two,
         state_dir: node.state_dir.clone(),
         confirm_reply: None,
+        watchdog: None,
         cfg,
     };
     for (i, spec) in specs.into_iter().enumerate() {
@@ -278,6 +326,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     let (admin_tx, mut admin_rx) = mpsc::channel(64);
     admin::listen(&node.control, admin_tx)?;
+    // Armed last: an error above exits before anything could reset the node.
+    if let Some(dev) = open_watchdog(&daemon.cfg, node.role)? {
+        let now = daemon.now_ms();
+        daemon.watchdog = Some((dev, PetSchedule::new(daemon.cfg.watchdog.timeout_ms, now)));
+    }
     daemon.event(None, "start", format!("clusterd started on {} (incarnation {incarnation})", daemon.name));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -286,11 +339,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut drain_deadline: Option<Instant> = None;
     loop {
         daemon.flush();
+        daemon.pet_watchdog();
         if let Some(deadline) = drain_deadline {
             let drained = daemon.groups.iter().all(|g| g.fo.drained());
             if drained || Instant::now() >= deadline {
                 let how = if drained { "groups handed over" } else { "drain timed out; groups left as they are" };
                 daemon.event(None, "stop", format!("SIGTERM: {how}; exiting"));
+                daemon.close_watchdog();
                 daemon.raft.clone().shutdown().await;
                 return Ok(());
             }
@@ -321,6 +376,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = term.recv() => {
                 if drain_deadline.is_some() {
                     daemon.event(None, "stop", "second SIGTERM: exiting without waiting for the drain".into());
+                    daemon.close_watchdog();
                     daemon.raft.clone().shutdown().await;
                     return Ok(());
                 }
@@ -369,7 +425,7 @@ impl Daemon {
             // Half the lease: the validated lease > 2 × renew_interval keeps
             // it below lease - renew_interval.
             stop_budget_ms: self.cfg.failover.lease_ms / 2,
-            peer_watchdog_ms: 0,
+            peer_watchdog_ms: self.cfg.watchdog.peer_watchdog_ms(),
         };
         let mut ctx = group::GroupContext::new(state_dir.join("run"));
         ctx.node = Some(self.name.clone());
@@ -432,7 +488,59 @@ impl Daemon {
         if let Some(at) = self.two.as_ref().and_then(|(_, tn)| tn.poll_timeout()) {
             t = t.min(at);
         }
+        if let Some((_, pets)) = &self.watchdog {
+            t = t.min(pets.poll_timeout());
+        }
         self.started + Duration::from_millis(t)
+    }
+
+    /// Pets the watchdog when due and every group's core allows it (from
+    /// this loop: a hung loop stops petting too).
+    fn pet_watchdog(&mut self) {
+        let now = self.now_ms();
+        let holding: Vec<GroupId> = self.groups.iter().filter(|g| !g.fo.watchdog_may_pet(now)).map(|g| g.id).collect();
+        let Some((dev, pets)) = self.watchdog.as_mut() else { return };
+        match pets.poll(now, holding.is_empty()) {
+            PetDecision::Pet => {
+                if let Err(e) = dev.pet() {
+                    // Nothing else to do: the hardware resets the node if
+                    // the keepalives stay lost.
+                    tracing::error!("{e}");
+                }
+            }
+            PetDecision::Wait => {}
+            PetDecision::HoldBack { first: true, reset_at_ms } => {
+                let group = holding.first().copied();
+                self.event(
+                    group,
+                    "watchdog",
+                    format!(
+                        "not petting the watchdog: the group is held without a valid lease or its stop failed; the hardware resets this node in {} ms unless it stops",
+                        reset_at_ms.saturating_sub(now)
+                    ),
+                );
+            }
+            PetDecision::HoldBack { .. } => {}
+        }
+    }
+
+    /// Exiting: disarm the watchdog (magic close) only if this node holds
+    /// nothing; otherwise leave it armed, so the hardware resets a node that
+    /// leaves a group running unsupervised.
+    fn close_watchdog(&mut self) {
+        let now = self.now_ms();
+        let safe = self.groups.iter().all(|g| g.fo.watchdog_may_pet(now) && g.fo.drained());
+        let Some((dev, _)) = self.watchdog.as_mut() else { return };
+        if safe {
+            dev.close_disarmed();
+        } else {
+            let path = dev.path().display().to_string();
+            self.event(
+                None,
+                "watchdog",
+                format!("exiting with a group still held: the watchdog {path} stays armed and resets this node"),
+            );
+        }
     }
 
     fn timeout(&mut self) {
