@@ -98,6 +98,10 @@ pub struct GroupReport {
     pub volume: Option<String>,
     pub writable: bool,
     pub resources: Vec<ResourceReport>,
+    /// The node whose services run the group at the current epoch, as the
+    /// cluster log records it (None: not served yet, or being moved).
+    #[serde(default)]
+    pub served_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -276,17 +276,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if *no_wait {
                 return Ok(());
             }
+            // Done only once the log records the group served (services
+            // started) on NODE at the current epoch, not merely granted.
             let deadline = Instant::now() + Duration::from_secs(*timeout);
+            let mut last = String::from("no status yet");
             loop {
                 if let Response::Status(s) = call(&path, Request::Status)? {
-                    let g = s.groups.iter().find(|g| &g.name == group);
-                    if g.is_some_and(|g| g.owner.as_deref() == Some(node.as_str()) && !g.released) {
-                        println!("{group}: now on {node}");
-                        return Ok(());
+                    if let Some(g) = s.groups.iter().find(|g| &g.name == group) {
+                        if g.served_by.as_deref() == Some(node.as_str()) {
+                            println!("{group}: now on {node}");
+                            return Ok(());
+                        }
+                        last = format!(
+                            "owner {}{}, served by {}",
+                            g.owner.as_deref().unwrap_or("none"),
+                            if g.released { " (released)" } else { "" },
+                            g.served_by.as_deref().unwrap_or("nobody")
+                        );
                     }
                 }
                 if Instant::now() >= deadline {
-                    bail!("{group} is not on {node} after {timeout} s; see `clusterd status` and `clusterd events`");
+                    bail!(
+                        "{group} is not yet served on {node} after {timeout} s ({last}); the move may still finish: see `clusterd status` and `clusterd events`"
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }

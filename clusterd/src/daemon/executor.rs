@@ -28,6 +28,8 @@ pub enum Report {
     /// A service failed for good: the failover core counts it (and moves
     /// the group when it repeats).
     ResourceFailed(GroupId),
+    /// The services started (all steps running).
+    Started(GroupId),
     /// The services stopped (`true`), or their stop failed (`false`).
     ServicesStopped { group: GroupId, stopped: bool },
     /// Something worth an event line.
@@ -203,7 +205,10 @@ impl Executor {
 
     async fn service_event(&mut self, e: GroupEvent) {
         match e {
-            GroupEvent::Started => self.event("started", "services started".into()),
+            GroupEvent::Started => {
+                self.event("started", "services started".into());
+                let _ = self.report.send(Report::Started(self.group));
+            }
             GroupEvent::Stopped => {
                 self.stopping = false;
                 self.blocked = false;

@@ -84,6 +84,11 @@ struct GroupRt {
     told_epoch: u64,
     told_role: Option<(bool, u64)>,
     fencing: bool,
+    /// The epoch under which this node's services last started (None:
+    /// stopped since), for `ClusterEntry::Serving`.
+    services_up_epoch: Option<u64>,
+    /// When `Serving` may be proposed again (it is retried until folded).
+    next_serving_ms: u64,
 }
 
 enum Internal {
@@ -132,6 +137,8 @@ pub struct Daemon {
     confirm_reply: Option<mpsc::Sender<Response>>,
     /// The armed hardware watchdog (storage nodes, `[watchdog]`).
     watchdog: Option<(WatchdogDevice, PetSchedule)>,
+    /// Per group, the last `ClusterEntry::Serving` folded: (node, epoch).
+    serving: BTreeMap<GroupId, (NodeId, u64)>,
 }
 
 /// Opens the watchdog as `[watchdog]` says, on a storage node: one log line
@@ -319,6 +326,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         state_dir: node.state_dir.clone(),
         confirm_reply: None,
         watchdog: None,
+        serving: BTreeMap::new(),
         cfg,
     };
     for (i, spec) in specs.into_iter().enumerate() {
@@ -339,6 +347,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut drain_deadline: Option<Instant> = None;
     loop {
         daemon.flush();
+        daemon.announce_serving();
         daemon.pet_watchdog();
         if let Some(deadline) = drain_deadline {
             let drained = daemon.groups.iter().all(|g| g.fo.drained());
@@ -465,6 +474,8 @@ impl Daemon {
             told_epoch: 0,
             told_role: None,
             fencing: false,
+            services_up_epoch: None,
+            next_serving_ms: 0,
         });
     }
 
@@ -492,6 +503,27 @@ impl Daemon {
             t = t.min(pets.poll_timeout());
         }
         self.started + Duration::from_millis(t)
+    }
+
+    /// A primary whose services run records that in the log (once per
+    /// epoch, again if it is missing, e.g. after a snapshot restore).
+    fn announce_serving(&mut self) {
+        if !self.quorum {
+            return;
+        }
+        let now = self.now_ms();
+        let me = self.me;
+        for g in &mut self.groups {
+            let Some(epoch) = g.fo.promoted_epoch() else { continue };
+            if g.services_up_epoch != Some(epoch) || !g.fo.writable() {
+                continue;
+            }
+            if self.serving.get(&g.id) == Some(&(me, epoch)) || now < g.next_serving_ms {
+                continue;
+            }
+            g.next_serving_ms = now + 1000;
+            self.raft.propose(ClusterEntry::Serving { group: g.id, epoch, node: me }.encode());
+        }
     }
 
     /// Pets the watchdog when due and every group's core allows it (from
@@ -786,7 +818,13 @@ impl Daemon {
             }
             Report::ServicesStopped { group, stopped } => {
                 if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.services_up_epoch = None;
                     g.fo.handle(now, Input::ServicesStopped { stopped });
+                }
+            }
+            Report::Started(group) => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.services_up_epoch = g.fo.promoted_epoch();
                 }
             }
             Report::ResourceFailed(id) => {
@@ -826,6 +864,9 @@ impl Daemon {
                         Ok(Folded::Move { group, epoch, to }) => moves.push((group, epoch, to)),
                         Ok(Folded::Fenced(r)) => {
                             tracing::info!(node = %self.node_name(r.node), ok = r.ok, "fence recorded")
+                        }
+                        Ok(Folded::Serving { group, epoch, node }) => {
+                            self.serving.insert(group, (node, epoch));
                         }
                         Err(e) => tracing::error!(index, "skipping a log entry: {e}"),
                     }
@@ -1014,6 +1055,16 @@ impl Daemon {
         if st.owner == Some(to) && !st.released {
             return Ok(format!("already on {to_name}"));
         }
+        if !self.raft.status().voters.contains(&to) {
+            return Err(format!(
+                "{to_name} is not a member of the cluster log now (two-node mode removed it when it was fenced or confirmed down; it is added back once it runs again): nothing can move there; start clusterd on {to_name} and wait for `clusterd status`"
+            ));
+        }
+        if to != self.me && self.alive.get(&to) != Some(&true) {
+            return Err(format!(
+                "{to_name} is offline (no heartbeat from it): it cannot take the group; start clusterd on {to_name} or check the network, then retry"
+            ));
+        }
         if !st.may_grant(to) || st.disks.get(&to) != Some(&DiskState::UpToDate) {
             return Err(format!(
                 "{to_name} cannot take the group now (disk {}{}{}); wait for the resync, `clusterd online {to_name}` or `clusterd cleanup {to_name}`",
@@ -1082,6 +1133,11 @@ impl Daemon {
                     volume: rt.and_then(|g| g.volume.as_ref()).map(|v| v.describe()),
                     writable: rt.is_some_and(|g| g.fo.writable()),
                     resources: Vec::new(),
+                    served_by: self
+                        .serving
+                        .get(&GroupId(i as u16))
+                        .filter(|(n, e)| *e == st.epoch && st.owner == Some(*n) && !st.released)
+                        .map(|(n, _)| self.node_name(*n)),
                 }
             })
             .collect();
