@@ -382,7 +382,7 @@ fn render_status(s: &StatusReport) -> String {
             (Some(o), true) => format!("released by {o}"),
             (None, _) => "stopped".into(),
         };
-        let disks: Vec<String> = g.disks.iter().map(|(n, d)| format!("{n} {d}")).collect();
+        let disks: Vec<String> = g.disks.iter().map(|d| format!("{} {}", d.node, d.state)).collect();
         let _ = writeln!(out, "  {} {owner} (epoch {}); disks: {}", g.name, g.epoch, disks.join(", "));
         if !g.failed.is_empty() {
             let _ = writeln!(out, "    FAILED on: {} (run `clusterd cleanup`)", g.failed.join(", "));

@@ -30,7 +30,8 @@ use tokio::sync::{broadcast, mpsc};
 use crate::cluster_state::{ClusterEntry, ClusterState, Folded};
 use crate::config::{ClusterConfig, Mode, NodeRole};
 use crate::control::{
-    EventRecord, FenceReport, GroupReport, HeartbeatReport, NodeReport, Request, ResourceReport, Response, StatusReport,
+    DiskReport, EventRecord, FenceReport, GroupReport, HeartbeatReport, NodeReport, Request, ResourceReport, Response,
+    StatusReport,
 };
 use crate::failover::{Action, DiskState, Entry, Failover, FailoverConfig, GroupId, GroupState, Input};
 use crate::fence::{AgentExit, FenceAction, FenceAgent, FencePlan, FenceProgress};
@@ -1126,7 +1127,11 @@ impl Daemon {
                     owner: st.owner.map(|n| self.node_name(n)),
                     epoch: st.epoch,
                     released: st.released,
-                    disks: st.disks.iter().map(|(n, d)| (self.node_name(*n), format!("{d:?}"))).collect(),
+                    disks: st
+                        .disks
+                        .iter()
+                        .map(|(n, d)| DiskReport { node: self.node_name(*n), state: format!("{d:?}") })
+                        .collect(),
                     failed: st.failed.iter().map(|n| self.node_name(*n)).collect(),
                     standby: st.standby.iter().map(|n| self.node_name(*n)).collect(),
                     local_role,
