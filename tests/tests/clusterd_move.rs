@@ -9,6 +9,19 @@ use tests::cluster::{service_resources, Cluster, ClusterOptions, NAMES};
 use tests::util::wait_until;
 use tests::{have_root, have_tools, TestDir};
 
+/// An OCF agent whose start takes 2 s: a move that returned at the grant
+/// (the old behaviour) would return before it ran.
+const SLOW_AGENT: &str = r#"#!/bin/sh
+st="$OCF_RESKEY_dir/slow-$OCF_RESKEY_CRM_meta_on_node"
+case "$1" in
+start) sleep 2; touch "$st"; exit 0 ;;
+stop) rm -f "$st"; exit 0 ;;
+monitor) [ -e "$st" ] && exit 0; exit 7 ;;
+meta-data|validate-all) exit 0 ;;
+*) exit 3 ;;
+esac
+"#;
+
 fn setup(name: &str) -> Option<(TestDir, Cluster)> {
     if !have_root("network namespaces, iptables and service addresses") {
         return None;
@@ -17,8 +30,15 @@ fn setup(name: &str) -> Option<(TestDir, Cluster)> {
         return None;
     }
     let dir = TestDir::new(name);
+    let agent = dir.path().join("slow-ocf");
+    std::fs::write(&agent, SLOW_AGENT).unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let slow = format!(
+        "\n[[group.resource]]\nname = \"slow\"\nkind = \"ocf\"\nagent = \"{}\"\nparams = {{ dir = \"@DIR@\" }}\n",
+        agent.display()
+    );
     let opts = ClusterOptions {
-        resources: service_resources("@DIR@/standin-state"),
+        resources: service_resources("@DIR@/standin-state") + &slow,
         extra: String::new(),
         mkfs: false,
         prepare: None,
@@ -66,6 +86,7 @@ fn move_to_an_offline_node_is_refused_with_the_fix() {
     c.start_all().unwrap();
     let p = c.wait_running(Duration::from_secs(30)).unwrap();
     let q = 1 - p;
+    wait_until(Duration::from_secs(20), "the group served", || served_by(&c, p).as_deref() == Some(NAMES[p])).unwrap();
     c.daemons[q] = None; // SIGKILL of clusterd on q (its replicator stays up)
     wait_until(Duration::from_secs(20), "q reported offline", || {
         c.status(p).is_ok_and(|s| s["nodes"][q]["state"] == "offline")
