@@ -679,6 +679,16 @@ impl Failover {
         matches!(self.role, Role::Releasing { .. })
     }
 
+    /// The admin's `cleanup GROUP` on this node: a stop or demotion that
+    /// is being retried (a stuck stop, a stray primary volume) is retried
+    /// at once instead of after its backoff, which starts over.
+    pub fn retry_stop_now(&mut self, now_ms: u64) {
+        self.tick(now_ms);
+        self.volume_fixes = 0;
+        self.next_volume_fix_ms = now_ms;
+        self.update();
+    }
+
     pub fn cleanup(&mut self, now_ms: u64, node: NodeId) {
         self.tick(now_ms);
         self.failures.clear();
@@ -2061,6 +2071,22 @@ mod tests {
             }
         }
         assert!(restarted && h.f.writable());
+    }
+
+    #[test]
+    fn cleanup_retries_a_stuck_stop_at_once() {
+        let mut h = Harness::new(B, false);
+        h.input(Input::ServicesStopped { stopped: false });
+        assert!(h.advance_to(500).is_empty(), "the first repeat waits 1 s");
+        h.f.retry_stop_now(500);
+        assert_eq!(effects(&h.actions()), vec![Action::Freeze, Action::StopServices, Action::Demote]);
+        // The backoff starts over: the next repeat after 1 s again.
+        assert!(effects(&h.advance_to(1499)).is_empty());
+        assert_eq!(effects(&h.advance_to(1500)), vec![Action::Freeze, Action::StopServices, Action::Demote]);
+        // Nothing stuck: nothing to retry.
+        let mut h = Harness::new(B, false);
+        h.f.retry_stop_now(10);
+        assert!(effects(&h.actions()).is_empty());
     }
 
     #[test]

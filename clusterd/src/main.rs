@@ -91,9 +91,11 @@ enum Cmd {
         #[arg(long)]
         confirm_down: bool,
     },
-    /// Clear resource failures of NODE (all nodes if omitted).
+    /// Clear resource failures of NODE (all nodes if omitted); with a GROUP
+    /// name, re-probe that group's real state on this node too (a stuck
+    /// stop retried at once, the volume re-read) like `crm_resource --cleanup`.
     Cleanup {
-        #[arg(id = "target", value_name = "NODE")]
+        #[arg(id = "target", value_name = "NODE|GROUP")]
         node: Option<String>,
     },
     /// Stream cluster events (one line each).

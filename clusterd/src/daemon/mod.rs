@@ -90,6 +90,10 @@ struct GroupRt {
     services_up_epoch: Option<u64>,
     /// When `Serving` may be proposed again (it is retried until folded).
     next_serving_ms: u64,
+    /// The replicator CLI for this group's volume, and the policy that
+    /// reconnects it from StandAlone.
+    vol: Volume,
+    reconnect: group::reconnect::Reconnect,
 }
 
 enum Internal {
@@ -441,6 +445,7 @@ impl Daemon {
         ctx.node = Some(self.name.clone());
         ctx.unknown_state = true;
         let volume = Volume::new(&spec, Some(self.name.clone()));
+        let vol_for_reconnect = volume.clone();
         let (services, service_events) = group::spawn(spec.clone(), ctx);
         let exec = executor::spawn(id, volume.clone(), services.clone(), service_events, self.report_tx.clone());
         // Poll the volume's state.
@@ -477,6 +482,8 @@ impl Daemon {
             fencing: false,
             services_up_epoch: None,
             next_serving_ms: 0,
+            vol: vol_for_reconnect,
+            reconnect: Default::default(),
         });
     }
 
@@ -748,6 +755,9 @@ impl Daemon {
     /// Tells a group's core what changed in the volume's state.
     fn volume_seen(&mut self, group: GroupId, status: Option<VolumeStatus>) {
         let now = self.now_ms();
+        if let Some(s) = &status {
+            self.reconnect_if_standalone(group, s);
+        }
         let Some(g) = self.groups.iter_mut().find(|g| g.id == group) else { return };
         g.volume = status.clone();
         let Some(s) = status else {
@@ -796,6 +806,40 @@ impl Daemon {
             g.fo.handle(now, Input::PeerInSync);
         } else if !in_sync {
             g.told_in_sync = false;
+        }
+    }
+
+    /// A StandAlone volume whose peer is alive again is reconnected, unless
+    /// its last error leaves the decision to the admin (split brain): see
+    /// `group::reconnect`.
+    fn reconnect_if_standalone(&mut self, group: GroupId, s: &VolumeStatus) {
+        use group::reconnect::Verdict;
+        let now = self.now_ms();
+        let Some(g) = self.groups.iter_mut().find(|g| g.id == group) else { return };
+        let peer_alive = self.alive.get(&g.fo.config().peer) == Some(&true);
+        match g.reconnect.poll(now, s, peer_alive) {
+            Verdict::Nothing | Verdict::Wait | Verdict::Admin { first: false, .. } => {}
+            Verdict::Admin { cause, first: true } => {
+                let fix = cause.fix().replace("RES", &g.vol.resource);
+                self.event(Some(group), "standalone", format!("volume StandAlone, left to the admin: {fix}"));
+            }
+            Verdict::Connect => {
+                let vol = g.vol.clone();
+                let report = self.report_tx.clone();
+                let why = s.last_error.clone().unwrap_or_default();
+                self.event(
+                    Some(group),
+                    "reconnect",
+                    format!("volume StandAlone ({why}) while the peer is alive: replicator connect"),
+                );
+                tokio::spawn(async move {
+                    let message = match group::reconnect::connect(&vol).await {
+                        Ok(()) => "replicator connect done; the handshake decides the resync".to_string(),
+                        Err(e) => e,
+                    };
+                    let _ = report.send(Report::Event { group, kind: "reconnect", message });
+                });
+            }
         }
     }
 
@@ -944,6 +988,15 @@ impl Daemon {
                 }
                 Err(e) => Response::Error(e),
             },
+            // `cleanup GROUP` (a name that is a group, not a node).
+            Request::Cleanup { node: Some(name) }
+                if self.storage_node(&name).is_err() && self.group_id(&name).is_ok() =>
+            {
+                match self.cleanup_group(&name) {
+                    Ok(m) => Response::Done(m),
+                    Err(e) => Response::Error(e),
+                }
+            }
             Request::Fence { node, confirm_down: false } => match self.storage_node(&node) {
                 Ok(n) => {
                     self.event(None, "fence", format!("admin fences {node}"));
@@ -1048,6 +1101,47 @@ impl Daemon {
             }
             Request::Status | Request::Events | Request::Fence { .. } => Err("not a change".into()),
         }
+    }
+
+    /// `clusterd cleanup GROUP` (like `crm_resource --cleanup`): forget the
+    /// group's failures on this node and look at its real state again — the
+    /// runner's restart counts and errors cleared, the volume's state told
+    /// to the core afresh at the next poll, a stuck stop or demotion retried
+    /// at once (a stop of what is stopped succeeds, which unblocks the
+    /// group), and every storage node's failure mark cleared in the log
+    /// (that part needs quorum).
+    fn cleanup_group(&mut self, name: &str) -> Result<String, String> {
+        let id = self.group_id(name)?;
+        let now = self.now_ms();
+        let quorum = self.quorum;
+        let storage = storage_ids(&self.cfg);
+        let Some(g) = self.groups.iter_mut().find(|g| g.id == id) else {
+            return Err(format!(
+                "this node runs no group (it is the witness); run `clusterd cleanup {name}` on a storage node"
+            ));
+        };
+        if quorum {
+            for n in &storage {
+                g.fo.cleanup(now, *n);
+            }
+        }
+        g.told_role = None;
+        g.told_disk = None;
+        g.told_connected = None;
+        g.told_in_sync = false;
+        g.reconnect = Default::default();
+        g.fo.retry_stop_now(now);
+        let services = g.services.clone();
+        tokio::spawn(async move {
+            let _ = services.cleanup().await;
+        });
+        let log = if quorum {
+            "failures cleared in the cluster log"
+        } else {
+            "no quorum: failure marks in the cluster log left as they are"
+        };
+        self.event(Some(id), "cleanup", format!("admin cleanup: {log}; state re-probed here"));
+        Ok(format!("{name}: {log}; resources and volume re-probed on {}", self.name))
     }
 
     fn request_move(&self, g: GroupId, to: NodeId) -> Result<String, String> {
