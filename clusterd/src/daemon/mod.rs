@@ -1130,6 +1130,13 @@ impl Daemon {
         g.told_connected = None;
         g.told_in_sync = false;
         g.reconnect = Default::default();
+        // A failed stop made the executor hold the volume's I/O; while the
+        // core holds a lease and counts the volume writable, that hold only
+        // hangs the stops of services living on the volume: lift it before
+        // the retried stop (the core freezes again when its lease ends).
+        if g.fo.writable() {
+            let _ = g.exec.send(Action::Resume);
+        }
         g.fo.retry_stop_now(now);
         let services = g.services.clone();
         tokio::spawn(async move {

@@ -1,0 +1,81 @@
+//! `clusterd cleanup GROUP` (issue 23, point 6): a way out of a stop
+//! failure without waiting for the retry's backoff — the stop is retried at
+//! once and the group moves on. Three hosts in network namespaces; needs root.
+
+use std::time::{Duration, Instant};
+
+use tests::cluster::{full_stack_resources, Cluster, ClusterOptions, NAMES};
+use tests::util::wait_until;
+use tests::{have_root, have_tools, TestDir};
+
+/// An OCF agent whose stop fails unless `$dir/allow-stop` exists (the
+/// last step: stopped first, so nothing below it stops either).
+const STUBBORN_AGENT: &str = r#"#!/bin/sh
+st="$OCF_RESKEY_dir/stubborn-$OCF_RESKEY_CRM_meta_on_node"
+case "$1" in
+start) touch "$st"; exit 0 ;;
+stop) [ -e "$OCF_RESKEY_dir/allow-stop" ] || { echo "stop refused" >&2; exit 1; }; rm -f "$st"; exit 0 ;;
+monitor) [ -e "$st" ] && exit 0; exit 7 ;;
+meta-data|validate-all) exit 0 ;;
+*) exit 3 ;;
+esac
+"#;
+
+fn served_by(c: &Cluster, i: usize) -> Option<String> {
+    c.status(i).ok()?["groups"][0]["served_by"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn cleanup_of_a_group_retries_its_stuck_stop_at_once() {
+    if !have_root("network namespaces, iptables and service addresses") || !have_tools(&["ip", "iptables", "python3"]) {
+        return;
+    }
+    let dir = TestDir::new("cl-cleanup");
+    let agent = dir.path().join("stubborn-ocf");
+    std::fs::write(&agent, STUBBORN_AGENT).unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let allow = dir.path().join("allow-stop");
+    std::fs::write(&allow, b"").unwrap();
+    let stubborn = format!(
+        "\n[[group.resource]]\nname = \"stubborn\"\nkind = \"ocf\"\nagent = \"{}\"\nparams = {{ dir = \"@DIR@\" }}\n",
+        agent.display()
+    );
+    let opts = ClusterOptions {
+        // The full stack: the failed stop leaves the file system mounted, so
+        // the volume cannot demote and the move waits for the stop.
+        resources: full_stack_resources() + &stubborn,
+        extra: String::new(),
+        mkfs: true,
+        prepare: None,
+    };
+    let mut c = Cluster::new(&dir, &opts).expect("three-host cluster");
+    c.start_all().unwrap();
+    let p = c.wait_running(Duration::from_secs(30)).unwrap();
+    let q = 1 - p;
+    wait_until(Duration::from_secs(20), "the group served", || served_by(&c, p).as_deref() == Some(NAMES[p])).unwrap();
+
+    // The stop on p fails: the planned move is stuck, retried with a
+    // backoff growing to 8 s.
+    std::fs::remove_file(&allow).unwrap();
+    c.ctl_ok(p, &["move", "mail", NAMES[q], "--no-wait"]).unwrap();
+    let retries = |c: &Cluster| {
+        c.daemons[p].as_ref().map_or(0, |d| d.logs.text().matches("the release's demotion has not finished").count())
+    };
+    // Four repeats (after 1, 2, 4 and 8 s): the next is 8 s away.
+    wait_until(Duration::from_secs(40), "four retries of the stuck stop", || retries(&c) >= 4).unwrap();
+    assert_ne!(served_by(&c, 2).as_deref(), Some(NAMES[q]), "{}", c.describe());
+
+    // The cause is fixed; cleanup retries at once instead of in up to 8 s.
+    std::fs::write(&allow, b"").unwrap();
+    let t0 = Instant::now();
+    let out = c.ctl_ok(p, &["cleanup", "mail"]).unwrap();
+    assert!(out.stdout.contains(&format!("re-probed on {}", NAMES[p])), "{}", out.describe());
+    wait_until(Duration::from_secs(20), "the group served on q", || served_by(&c, 2).as_deref() == Some(NAMES[q]))
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "served on {} {took:?} after cleanup (the backoff was not cut short)",
+        NAMES[q]
+    );
+}
