@@ -18,6 +18,7 @@
 mod admin;
 mod executor;
 mod heartbeat_io;
+pub mod limits;
 mod two_node;
 
 use std::collections::BTreeMap;
@@ -75,7 +76,7 @@ pub struct Options {
 struct GroupRt {
     id: GroupId,
     fo: Failover,
-    exec: mpsc::UnboundedSender<Action>,
+    exec: executor::ExecHandle,
     services: GroupHandle,
     /// The newest volume state read, and what the core was last told.
     volume: Option<VolumeStatus>,
@@ -131,8 +132,8 @@ pub struct Daemon {
     state: ClusterState,
     groups: Vec<GroupRt>,
     events: broadcast::Sender<EventRecord>,
-    internal_tx: mpsc::UnboundedSender<Internal>,
-    report_tx: mpsc::UnboundedSender<Report>,
+    internal_tx: mpsc::Sender<Internal>,
+    report_tx: mpsc::Sender<Report>,
     applied_since_compact: u64,
     next_lead_request_ms: u64,
     /// Two-node mode on a storage node: the peer and the mode's core.
@@ -265,7 +266,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         },
         0,
     );
-    let (dgram_tx, mut dgram_rx) = mpsc::channel(1024);
+    let (dgram_tx, mut dgram_rx) = mpsc::channel(limits::DATAGRAMS_MAX);
     let hb_io = heartbeat_io::HeartbeatSockets::bind(
         &node.heartbeat,
         cfg.nodes.iter().map(|n| n.heartbeat.clone()).collect(),
@@ -295,9 +296,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         heartbeat_ticks: 2,
     })?;
 
-    let (events, _) = broadcast::channel(1024);
-    let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
-    let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+    let (events, _) = broadcast::channel(limits::EVENTS_MAX);
+    let (internal_tx, mut internal_rx) = mpsc::channel(limits::INTERNAL_MAX);
+    let (report_tx, mut report_rx) = mpsc::channel(limits::REPORTS_MAX);
     let storage = storage_ids(&cfg);
     let specs: Vec<GroupSpec> = if node.role == NodeRole::Storage {
         cfg.groups
@@ -337,7 +338,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     for (i, spec) in specs.into_iter().enumerate() {
         daemon.start_group(GroupId(i as u16), spec, &node.state_dir);
     }
-    let (admin_tx, mut admin_rx) = mpsc::channel(64);
+    let (admin_tx, mut admin_rx) = mpsc::channel(limits::ADMIN_REQUESTS_MAX);
     admin::listen(&node.control, admin_tx)?;
     // Armed last: an error above exits before anything could reset the node.
     if let Some(dev) = open_watchdog(&daemon.cfg, node.role)? {
@@ -462,7 +463,8 @@ impl Daemon {
                         None
                     }
                 };
-                if tx.send(Internal::Volume { group: id, status }).is_err() {
+                // Waits while the loop is behind (see `limits`).
+                if tx.send(Internal::Volume { group: id, status }).await.is_err() {
                     return;
                 }
             }
@@ -688,7 +690,10 @@ impl Daemon {
                 if matches!(other, Action::Promote { .. } | Action::Demote | Action::StopServices) {
                     self.event(Some(id), "action", format!("{other:?}"));
                 }
-                let _ = self.groups[i].exec.send(other);
+                if !self.groups[i].exec.send(other) && self.groups[i].exec.dropped > 0 {
+                    let dropped = self.groups[i].exec.dropped;
+                    self.event(Some(id), "error", format!("executor stuck: {dropped} action(s) dropped"));
+                }
             }
         }
     }
@@ -722,7 +727,8 @@ impl Daemon {
                     }
                 },
             };
-            let _ = tx.send(Internal::FenceDone { group, node, ok, why, reply, two_node });
+            // A blocking thread: waits while the loop's queue is full.
+            let _ = tx.blocking_send(Internal::FenceDone { group, node, ok, why, reply, two_node });
         });
     }
 
@@ -837,7 +843,7 @@ impl Daemon {
                         Ok(()) => "replicator connect done; the handshake decides the resync".to_string(),
                         Err(e) => e,
                     };
-                    let _ = report.send(Report::Event { group, kind: "reconnect", message });
+                    let _ = report.send(Report::Event { group, kind: "reconnect", message }).await;
                 });
             }
         }
@@ -1323,7 +1329,7 @@ impl Daemon {
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
             let result = raft.force_single_voter().await;
-            let _ = tx.send(Internal::Forced { result, by_admin });
+            let _ = tx.send(Internal::Forced { result, by_admin }).await;
         });
     }
 
