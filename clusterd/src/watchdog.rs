@@ -186,9 +186,16 @@ impl PetSchedule {
         PetDecision::Pet
     }
 
-    /// When the next pet is due.
+    /// When the next pet is due; `u64::MAX` while petting is held back
+    /// (a pet that is overdue would wake the caller in a loop): what allows
+    /// petting again is an event or a core timeout, which polls anyway, and
+    /// the first poll allowed pets at once.
     pub fn poll_timeout(&self) -> u64 {
-        self.next_pet_ms
+        if self.holding_back {
+            u64::MAX
+        } else {
+            self.next_pet_ms
+        }
     }
 }
 
@@ -205,6 +212,7 @@ mod tests {
         assert_eq!(s.poll(2000, true), PetDecision::Pet);
         assert_eq!(s.poll(4500, false), PetDecision::HoldBack { first: true, reset_at_ms: 10_000 });
         assert_eq!(s.poll(6000, false), PetDecision::HoldBack { first: false, reset_at_ms: 10_000 });
+        assert_eq!(s.poll_timeout(), u64::MAX, "no timer while held back (an overdue pet would spin)");
         // Allowed again before the reset: petting resumes at once.
         assert_eq!(s.poll(7000, true), PetDecision::Pet);
         assert_eq!(s.poll(7001, false), PetDecision::HoldBack { first: true, reset_at_ms: 15_000 });
