@@ -93,14 +93,19 @@ impl WatchdogDevice {
             .map_err(|source| WatchdogError::Open { path: path.to_owned(), source })?;
         let mut dev = WatchdogDevice { file: Some(file), path: path.to_owned(), timeout_s: None };
         let file = dev.file.as_ref().expect("just opened");
-        let set = set_timeout_s(file, want_s).map_err(|source| WatchdogError::SetTimeout {
-            path: path.to_owned(),
-            want_s,
-            source,
-        })?;
+        let set = match set_timeout_s(file, want_s) {
+            Ok(set) => set,
+            Err(source) => {
+                // Opening armed it: disarm before refusing, or a daemon
+                // that goes on without it (mode auto) would be reset.
+                dev.close_disarmed();
+                return Err(WatchdogError::SetTimeout { path: path.to_owned(), want_s, source });
+            }
+        };
         dev.timeout_s = set.or_else(|| get_timeout_s(file));
         if let Some(actual_s) = dev.timeout_s.filter(|a| *a > want_s) {
-            // Disarm before refusing: the daemon exits.
+            // Disarm before refusing (in mode auto the daemon goes on
+            // without it).
             dev.close_disarmed();
             return Err(WatchdogError::TimeoutTooLong { path: path.to_owned(), want_s, actual_s });
         }

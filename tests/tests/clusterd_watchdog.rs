@@ -47,6 +47,7 @@ fn a_required_watchdog_is_petted_disarmed_on_exit_and_waited_out_after_a_death()
     c.kill_host(p);
     c.wait_running_on(q, Duration::from_secs(40)).unwrap();
     let took = t0.elapsed();
+    eprintln!("takeover after kill -9 with a {WATCHDOG_MS} ms watchdog: {took:?}");
     assert!(
         took >= Duration::from_millis(WATCHDOG_MS),
         "took over after {took:?}, before the dead owner's watchdog could have fired"
