@@ -689,10 +689,11 @@ impl Sim {
                     let until = self.now + 1 + self.rng.below(STOP_HANG_MS_MAX);
                     self.nodes[n].stop_hung_until = until;
                     self.note(format!("node{n}: the services' stop hangs until {until}"));
-                    if self.watchdog_ms > 0 && was_up {
-                        // What the watchdog is for: the services still write
-                        // through a freeze that did not hold.
-                        self.nodes[n].hung_writer = true;
+                    // What the watchdog is for: services that ran still
+                    // write through a freeze that did not hold (services
+                    // stopped before do not start writing again).
+                    self.nodes[n].hung_writer = self.watchdog_ms > 0 && was_up;
+                    if self.nodes[n].hung_writer {
                         self.note(format!("node{n}: its hung services keep writing"));
                     }
                 }
@@ -1267,7 +1268,8 @@ impl Sim {
     }
 
     /// One writable node holding the newest epoch, no failed node, both
-    /// disks UpToDate and the replication link up.
+    /// disks UpToDate and the replication link up (with watchdogs: and no
+    /// reset pending).
     fn settled(&self) -> bool {
         self.primary()
             .is_some_and(|p| self.nodes[p].fo.as_ref().and_then(|f| f.promoted_epoch()) == Some(self.checker.epoch))
@@ -1277,6 +1279,14 @@ impl Sim {
             && (!(self.swarm.failback && self.swarm.a_preferred) || self.primary() == Some(A))
             && self.checker.disks.values().all(|d| *d == DiskState::UpToDate)
             && [A, B].iter().all(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.replication_connected()))
+            // With watchdogs: not while a stop from the safety phase still
+            // hangs or a node holds back its pets: its reset may come.
+            && (self.watchdog_ms == 0
+                || [A, B].iter().all(|n| {
+                    let local = self.local(*n, self.now);
+                    self.now >= self.nodes[*n].stop_hung_until
+                        && self.nodes[*n].fo.as_ref().is_some_and(|f| f.watchdog_may_pet(local))
+                }))
     }
 
     fn liveness(&mut self) -> u64 {
