@@ -95,6 +95,9 @@ struct GroupRt {
     /// reconnects it from StandAlone.
     vol: Volume,
     reconnect: group::reconnect::Reconnect,
+    /// The services' last stop failed: the executor then held the volume's
+    /// I/O (see `act`).
+    stop_failed: bool,
 }
 
 enum Internal {
@@ -486,6 +489,7 @@ impl Daemon {
             next_serving_ms: 0,
             vol: vol_for_reconnect,
             reconnect: Default::default(),
+            stop_failed: false,
         });
     }
 
@@ -690,6 +694,15 @@ impl Daemon {
                 if matches!(other, Action::Promote { .. } | Action::Demote | Action::StopServices) {
                     self.event(Some(id), "action", format!("{other:?}"));
                 }
+                // A retried stop after a failed one, while the core holds
+                // the lease and counts the volume writable (a planned
+                // release): the executor held the volume's I/O at the
+                // failure, and services living on the volume would hang on
+                // that hold in their stop; lift it first. (Without a lease
+                // the core freezes, and `writable` is false.)
+                if other == Action::StopServices && self.groups[i].stop_failed && self.groups[i].fo.writable() {
+                    self.groups[i].exec.send(Action::Resume);
+                }
                 if !self.groups[i].exec.send(other) && self.groups[i].exec.dropped > 0 {
                     let dropped = self.groups[i].exec.dropped;
                     self.event(Some(id), "error", format!("executor stuck: {dropped} action(s) dropped"));
@@ -870,6 +883,7 @@ impl Daemon {
             Report::ServicesStopped { group, stopped } => {
                 if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
                     g.services_up_epoch = None;
+                    g.stop_failed = !stopped;
                     g.fo.handle(now, Input::ServicesStopped { stopped });
                 }
             }
