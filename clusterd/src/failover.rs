@@ -488,6 +488,9 @@ pub struct Failover {
     up_to_date_claim: u64,
     /// The epoch of the last grant this incarnation proposed for itself.
     proposed_grant: Option<u64>,
+    /// A release given up before promotion is recorded no earlier than
+    /// the end of this node's wait for the owner before it (0: no bound).
+    release_not_before_ms: u64,
     /// The newest epoch the local volume has seen (grants must exceed it).
     volume_epoch: u64,
     actions: VecDeque<Action>,
@@ -529,6 +532,7 @@ impl Failover {
             disk_reports: 0,
             up_to_date_claim: 0,
             proposed_grant: None,
+            release_not_before_ms: 0,
             volume_epoch: 0,
             actions: VecDeque::new(),
         };
@@ -595,7 +599,7 @@ impl Failover {
             Role::Releasing { demoted: false, .. } => {
                 [self.next_renew_ms, self.lease_until_ms, self.next_volume_fix_ms, never]
             }
-            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never, never],
+            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, self.release_not_before_ms, never],
         };
         [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
             .into_iter()
@@ -633,6 +637,7 @@ impl Failover {
     fn stop_and_demote_for_release(&mut self, epoch: u64) {
         // I/O stays as it is: stopping the services flushes through it.
         self.role = Role::Releasing { epoch, demoted: false };
+        self.release_not_before_ms = 0;
         self.volume_fixes = 0;
         self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
         self.services_started = false;
@@ -937,6 +942,8 @@ impl Failover {
             // steps down instead.
             Role::ExpectPromoted { epoch } => {
                 tracing::info!(epoch, "standby: giving up the group while its promotion runs");
+                // Promoted only after the wait: no bound left.
+                self.release_not_before_ms = 0;
                 self.frozen = true;
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
@@ -948,8 +955,15 @@ impl Failover {
             // then record the release while the lease is ours. Not while a
             // fence is running: the next owner could be the node it is
             // about to power off (sim seed 10488317).
-            Role::ExpectLeaseEndOrFence { epoch, fencing: None, .. } if self.lease_until_ms > self.now_ms => {
+            Role::ExpectLeaseEndOrFence { epoch, fencing: None, wait_until_ms }
+                if self.lease_until_ms > self.now_ms =>
+            {
                 tracing::info!(epoch, "standby: giving up the group before promotion");
+                // The release lets the next owner skip the lease wait: it
+                // must not come before this node's own wait for the owner
+                // before it ended (that owner, cut off, may still write
+                // until then; with watchdogs, until its reset).
+                self.release_not_before_ms = wait_until_ms;
                 self.frozen = true;
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
@@ -1195,7 +1209,7 @@ impl Failover {
                 tracing::warn!(epoch, "replication lost during a planned release; freezing");
                 self.frozen = true;
                 self.actions.push_back(Action::Freeze);
-            } else if demoted && self.quorum && now >= self.next_propose_ms {
+            } else if demoted && self.quorum && now >= self.next_propose_ms && now >= self.release_not_before_ms {
                 self.next_propose_ms = now + self.cfg.repropose_ms;
                 self.propose(Entry::Release { group, epoch });
             }
@@ -1815,8 +1829,20 @@ mod tests {
         assert!(!h.f.writable());
         let a = h.input(Input::Demoted);
         let release = Entry::Release { group: G, epoch: 2 };
+        // Not before B's lease (renewal seen at 100: 3110) surely ended:
+        // the release lets the next owner skip that wait, and B may still
+        // write until then.
+        assert!(!proposals(&a).contains(&&release), "{a:?}");
+        let mut before = Vec::new();
+        while let Some(t) = h.f.poll_timeout().filter(|t| *t < 3110) {
+            let a = h.advance_to(t);
+            before.extend(h.commit_proposals(&a));
+            before.extend(a);
+        }
+        assert!(!proposals(&before).contains(&&release), "{before:?}");
+        let a = h.advance_to(3110);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
         assert!(proposals(&a).contains(&&release), "{a:?}");
-        assert!(!h.advance_to(3110).iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
         h.commit(release.clone());
         assert_eq!(h.f.promoted_epoch(), None);
         assert!(!h.f.releasing());
