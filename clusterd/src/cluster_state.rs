@@ -27,6 +27,11 @@ pub enum ClusterEntry {
     Move { group: GroupId, epoch: u64, to: NodeId },
     /// A fence of `node` by `by` finished.
     Fenced { node: NodeId, by: NodeId, ok: bool, unix_ms: u64 },
+    /// `node`, owner of `epoch`, started the group's services: the group is
+    /// served there (what `clusterd move` waits for). Not part of the
+    /// snapshot: the owner records it again when it finds it missing.
+    /// (Last variant: older entries keep their encoding.)
+    Serving { group: GroupId, epoch: u64, node: NodeId },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +89,11 @@ pub enum Folded {
         to: NodeId,
     },
     Fenced(FenceRecord),
+    Serving {
+        group: GroupId,
+        epoch: u64,
+        node: NodeId,
+    },
 }
 
 impl ClusterState {
@@ -113,6 +123,12 @@ impl ClusterState {
                 }
                 self.fences.push_back(record.clone());
                 Ok(Folded::Fenced(record))
+            }
+            ClusterEntry::Serving { group, epoch, node } => {
+                if usize::from(group.0) >= self.groups.len() {
+                    return Err(StateError::UnknownGroup(group));
+                }
+                Ok(Folded::Serving { group, epoch, node })
             }
         }
     }
@@ -170,6 +186,12 @@ mod tests {
         }
         assert_eq!(s.fences.len(), FENCE_HISTORY_MAX);
         assert_eq!(s.fences.back().map(|f| f.unix_ms), Some(39));
+        let serving = ClusterEntry::Serving { group: GroupId(0), epoch: 1, node: NodeId(1) };
+        assert_eq!(ClusterEntry::decode(&serving.encode()).unwrap(), serving);
+        assert_eq!(s.apply(50, serving).unwrap(), Folded::Serving { group: GroupId(0), epoch: 1, node: NodeId(1) });
+        // The older variants keep their encoding (entries already in logs).
+        assert_eq!(grant.encode()[0], 0);
+        assert_eq!(ClusterEntry::Fenced { node: NodeId(0), by: NodeId(1), ok: true, unix_ms: 0 }.encode()[0], 2);
         let back = ClusterState::restore(&s.snapshot(), 1).unwrap();
         assert_eq!(back, s);
         assert!(ClusterState::restore(&s.snapshot(), 2).is_err(), "a snapshot for another configuration");

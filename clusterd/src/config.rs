@@ -30,6 +30,21 @@
 //! args = { ipaddr = "10.9.0.1", login = "admin", passwd_script = "/etc/clusterd/pw" }
 //! ```
 //!
+//! ```toml
+//! [watchdog]           # sbd-like self-fencing; defaults shown
+//! mode = "auto"        # auto | required | off
+//! device = "/dev/watchdog"
+//! timeout_ms = 10000   # whole seconds, at least 2000
+//! ```
+//!
+//! A storage node that holds a group pets its watchdog only while its lease
+//! is valid and its stop path is not stuck, so a node that cannot stop is
+//! reset by the hardware. `auto` uses the device where it exists (one log
+//! line where it does not); `required` makes every storage node refuse to
+//! run without it, and only then do the peers rely on it: a new owner waits
+//! for the previous owner's lease plus `timeout_ms` (the old owner stopped
+//! or was reset by then, whatever hung), without a fence agent.
+//!
 //! Without a witness the cluster runs in two-node mode, which fails over
 //! automatically only with fence devices for both storage nodes; without
 //! them `failover.automatic = false` must be written down.
@@ -66,6 +81,8 @@ pub struct ClusterConfig {
     pub heartbeat: HeartbeatSection,
     #[serde(default)]
     pub failover: FailoverSection,
+    #[serde(default)]
+    pub watchdog: WatchdogSection,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeSection>,
     #[serde(default, rename = "fence")]
@@ -141,6 +158,49 @@ impl Default for FailoverSection {
             fence_delay_node: None,
         }
     }
+}
+
+/// `[watchdog]`: hardware watchdog self-fencing, like sbd.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogSection {
+    pub mode: WatchdogMode,
+    pub device: PathBuf,
+    /// Whole seconds (the driver's unit), at least `WATCHDOG_TIMEOUT_MS_MIN`.
+    pub timeout_ms: u64,
+}
+
+impl Default for WatchdogSection {
+    fn default() -> Self {
+        WatchdogSection { mode: WatchdogMode::Auto, device: PathBuf::from("/dev/watchdog"), timeout_ms: 10_000 }
+    }
+}
+
+impl WatchdogSection {
+    /// What the failover cores may assume of every peer: its watchdog's
+    /// timeout when every storage node must run one, else 0.
+    pub fn peer_watchdog_ms(&self) -> u64 {
+        if self.mode == WatchdogMode::Required {
+            self.timeout_ms
+        } else {
+            0
+        }
+    }
+}
+
+/// A stop that hangs beyond its lease gets at least this long before the
+/// reset (the demotion after a lease's end and the role's poll run in it).
+pub const WATCHDOG_TIMEOUT_MS_MIN: u64 = 2_000;
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchdogMode {
+    /// Used where the device exists; the peers do not rely on it.
+    Auto,
+    /// Every storage node runs it (refuses to start without it); the peers
+    /// take over after lease + timeout without a fence agent.
+    Required,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -267,8 +327,10 @@ impl ClusterConfig {
     }
 
     /// The clock-drift margin a new owner adds to the previous owner's lease.
+    /// The margin over the longest wait measured on another node's clock:
+    /// the lease, plus the peer's watchdog timeout when the peers rely on it.
     pub fn drift_margin_ms(&self) -> u64 {
-        drift_margin_ms(self.failover.lease_ms, self.failover.clock_drift_ppm_max)
+        drift_margin_ms(self.failover.lease_ms + self.watchdog.peer_watchdog_ms(), self.failover.clock_drift_ppm_max)
     }
 
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
@@ -342,6 +404,16 @@ impl ClusterConfig {
                     "name one of the two storage nodes (the one that should lose a fence race)",
                 ));
             }
+        }
+        let wd = &self.watchdog;
+        if wd.mode != WatchdogMode::Off
+            && (wd.timeout_ms < WATCHDOG_TIMEOUT_MS_MIN || wd.timeout_ms % 1000 != 0 || wd.timeout_ms > 3_600_000)
+        {
+            return Err(err(
+                "watchdog.timeout_ms",
+                format!("{} ms is not a whole number of seconds from 2 s to 1 h", wd.timeout_ms),
+                "use whole seconds (the driver's unit), e.g. 10000 (the default)",
+            ));
         }
         let storage = self.storage_nodes().count();
         if storage != 2 {
@@ -464,6 +536,26 @@ raft = "10.0.0.3:7790"
             Err(ConfigError::Invalid { key, .. }) => key,
             other => panic!("expected a validation error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn watchdog_defaults_modes_and_timeouts() {
+        let cfg = check(GOOD).unwrap();
+        assert_eq!(cfg.watchdog, WatchdogSection::default());
+        assert_eq!(cfg.watchdog.mode, WatchdogMode::Auto);
+        assert_eq!(cfg.watchdog.peer_watchdog_ms(), 0, "auto: the peers do not rely on it");
+        let auto_margin = cfg.drift_margin_ms();
+        let required = format!("{GOOD}\n[watchdog]\nmode = \"required\"\ntimeout_ms = 5000\n");
+        let cfg = check(&required).unwrap();
+        assert_eq!(cfg.watchdog.peer_watchdog_ms(), 5000);
+        assert!(cfg.drift_margin_ms() > auto_margin, "the margin covers the watchdog's drift too");
+        for bad in ["1000", "2500", "0"] {
+            let text = format!("{GOOD}\n[watchdog]\ntimeout_ms = {bad}\n");
+            assert_eq!(invalid_key(&text), "watchdog.timeout_ms", "{bad}");
+        }
+        let off = format!("{GOOD}\n[watchdog]\nmode = \"off\"\ntimeout_ms = 0\n");
+        assert_eq!(check(&off).unwrap().watchdog.peer_watchdog_ms(), 0);
+        assert!(ClusterConfig::parse(Path::new("c"), &format!("{GOOD}\n[watchdog]\nmode = \"sometimes\"\n")).is_err());
     }
 
     #[test]

@@ -86,7 +86,8 @@ pub struct GroupReport {
     pub owner: Option<String>,
     pub epoch: u64,
     pub released: bool,
-    pub disks: Vec<(String, String)>,
+    /// Each storage node's disk as the cluster log records it.
+    pub disks: Vec<DiskReport>,
     pub failed: Vec<String>,
     pub standby: Vec<String>,
     /// What this node does with the group: Primary, Secondary, …
@@ -98,6 +99,19 @@ pub struct GroupReport {
     pub volume: Option<String>,
     pub writable: bool,
     pub resources: Vec<ResourceReport>,
+    /// The node whose services run the group at the current epoch, as the
+    /// cluster log records it (None: not served yet, or being moved).
+    #[serde(default)]
+    pub served_by: Option<String>,
+}
+
+/// `{"node": "a", "state": "UpToDate"}` (issue 23: was a `[node, state]`
+/// pair, which scripts had to index by position).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub node: String,
+    /// UpToDate, Outdated or Inconsistent.
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +208,30 @@ pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disks_are_objects_in_status_json() {
+        let g = GroupReport {
+            name: "mail".into(),
+            owner: Some("a".into()),
+            epoch: 3,
+            released: false,
+            disks: vec![
+                DiskReport { node: "a".into(), state: "UpToDate".into() },
+                DiskReport { node: "b".into(), state: "Outdated".into() },
+            ],
+            failed: Vec::new(),
+            standby: Vec::new(),
+            local_role: "Primary".into(),
+            volume: None,
+            writable: true,
+            resources: Vec::new(),
+            served_by: Some("a".into()),
+        };
+        let v = serde_json::to_value(&g).unwrap();
+        assert_eq!(v["disks"][1], serde_json::json!({"node": "b", "state": "Outdated"}));
+        assert_eq!(v["served_by"], "a");
+    }
 
     #[tokio::test]
     async fn lines_are_bounded() {

@@ -279,6 +279,14 @@ pub struct FailoverConfig {
     /// stopped on held I/O hangs (issue 23). Below `lease_ms -
     /// renew_interval_ms`, so a healthy primary never stops.
     pub stop_budget_ms: u64,
+    /// Every storage node runs a hardware watchdog with this timeout
+    /// (`watchdog.mode = "required"`; 0: not relied on). A node that holds
+    /// the group pets its watchdog only while its lease is valid and its
+    /// stop path is not stuck (`Failover::watchdog_may_pet`), so the
+    /// previous owner is stopped or reset by `lease end + this`: the wait
+    /// for its lease includes it, and then covers an owner whose freeze or
+    /// stop hung, without a fence agent.
+    pub peer_watchdog_ms: u64,
 }
 
 /// The margin a node adds to a lease measured on another node's clock, when
@@ -480,6 +488,9 @@ pub struct Failover {
     up_to_date_claim: u64,
     /// The epoch of the last grant this incarnation proposed for itself.
     proposed_grant: Option<u64>,
+    /// A release given up before promotion is recorded no earlier than
+    /// the end of this node's wait for the owner before it (0: no bound).
+    release_not_before_ms: u64,
     /// The newest epoch the local volume has seen (grants must exceed it).
     volume_epoch: u64,
     actions: VecDeque<Action>,
@@ -521,6 +532,7 @@ impl Failover {
             disk_reports: 0,
             up_to_date_claim: 0,
             proposed_grant: None,
+            release_not_before_ms: 0,
             volume_epoch: 0,
             actions: VecDeque::new(),
         };
@@ -587,7 +599,7 @@ impl Failover {
             Role::Releasing { demoted: false, .. } => {
                 [self.next_renew_ms, self.lease_until_ms, self.next_volume_fix_ms, never]
             }
-            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, never, never],
+            Role::Releasing { .. } => [self.next_renew_ms, self.lease_until_ms, self.release_not_before_ms, never],
         };
         [self.next_propose_ms, self.owner_activity_ms + self.cfg.takeover_after_ms]
             .into_iter()
@@ -625,6 +637,7 @@ impl Failover {
     fn stop_and_demote_for_release(&mut self, epoch: u64) {
         // I/O stays as it is: stopping the services flushes through it.
         self.role = Role::Releasing { epoch, demoted: false };
+        self.release_not_before_ms = 0;
         self.volume_fixes = 0;
         self.next_volume_fix_ms = self.now_ms + VOLUME_FIX_MS_MIN;
         self.services_started = false;
@@ -649,9 +662,36 @@ impl Failover {
         self.role == Role::Secondary && !self.volume_primary && !self.services_stuck
     }
 
+    /// Whether this node may pet its hardware watchdog at `now_ms` (sbd's
+    /// rule): always while it holds nothing of the group; while it holds
+    /// something (owns the group past its grant, its volume is primary, or
+    /// a stop of its services failed) only while its lease is valid and
+    /// its stop path is not stuck. A node that cannot stop within its lease
+    /// is therefore reset by the hardware within the watchdog's timeout of
+    /// the lease's end; a node whose daemon hangs stops petting too.
+    pub fn watchdog_may_pet(&self, now_ms: u64) -> bool {
+        let holds = self.volume_primary
+            || self.services_stuck
+            || matches!(
+                self.role,
+                Role::ExpectPromoted { .. } | Role::Primary { .. } | Role::Releasing { demoted: false, .. }
+            );
+        !holds || (now_ms < self.lease_until_ms && !self.services_stuck)
+    }
+
     /// Whether a planned release is in progress here.
     pub fn releasing(&self) -> bool {
         matches!(self.role, Role::Releasing { .. })
+    }
+
+    /// The admin's `cleanup GROUP` on this node: a stop or demotion that
+    /// is being retried (a stuck stop, a stray primary volume) is retried
+    /// at once instead of after its backoff, which starts over.
+    pub fn retry_stop_now(&mut self, now_ms: u64) {
+        self.tick(now_ms);
+        self.volume_fixes = 0;
+        self.next_volume_fix_ms = now_ms;
+        self.update();
     }
 
     pub fn cleanup(&mut self, now_ms: u64, node: NodeId) {
@@ -797,9 +837,16 @@ impl Failover {
                     // that grant may never have promoted, and then the owner
                     // before it may still write until its lease ends, which
                     // the last owner activity bounds (sim seed 10378433).
+                    // With watchdogs everywhere, the previous owner pets its
+                    // own only until its lease ends unless it stopped: by
+                    // `+ peer_watchdog_ms` it is stopped or reset, whatever
+                    // hung (the margin covers the sum's drift).
                     let wait_until_ms = match previous {
                         Some(_) if !released_before => {
-                            owner_activity_before + self.cfg.lease_ms + self.cfg.drift_margin_ms
+                            owner_activity_before
+                                + self.cfg.lease_ms
+                                + self.cfg.peer_watchdog_ms
+                                + self.cfg.drift_margin_ms
                         }
                         _ => self.now_ms,
                     };
@@ -895,6 +942,8 @@ impl Failover {
             // steps down instead.
             Role::ExpectPromoted { epoch } => {
                 tracing::info!(epoch, "standby: giving up the group while its promotion runs");
+                // Promoted only after the wait: no bound left.
+                self.release_not_before_ms = 0;
                 self.frozen = true;
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
@@ -906,8 +955,15 @@ impl Failover {
             // then record the release while the lease is ours. Not while a
             // fence is running: the next owner could be the node it is
             // about to power off (sim seed 10488317).
-            Role::ExpectLeaseEndOrFence { epoch, fencing: None, .. } if self.lease_until_ms > self.now_ms => {
+            Role::ExpectLeaseEndOrFence { epoch, fencing: None, wait_until_ms }
+                if self.lease_until_ms > self.now_ms =>
+            {
                 tracing::info!(epoch, "standby: giving up the group before promotion");
+                // The release lets the next owner skip the lease wait: it
+                // must not come before this node's own wait for the owner
+                // before it ended (that owner, cut off, may still write
+                // until then; with watchdogs, until its reset).
+                self.release_not_before_ms = wait_until_ms;
                 self.frozen = true;
                 self.services_started = false;
                 self.role = Role::Releasing { epoch, demoted: false };
@@ -1153,7 +1209,7 @@ impl Failover {
                 tracing::warn!(epoch, "replication lost during a planned release; freezing");
                 self.frozen = true;
                 self.actions.push_back(Action::Freeze);
-            } else if demoted && self.quorum && now >= self.next_propose_ms {
+            } else if demoted && self.quorum && now >= self.next_propose_ms && now >= self.release_not_before_ms {
                 self.next_propose_ms = now + self.cfg.repropose_ms;
                 self.propose(Entry::Release { group, epoch });
             }
@@ -1258,6 +1314,7 @@ mod tests {
             failures_max: 3,
             failure_window_ms: 10_000,
             stop_budget_ms: 1500,
+            peer_watchdog_ms: 0,
         }
     }
 
@@ -1325,6 +1382,18 @@ mod tests {
                 self.commit_proposals(&a);
             }
             self.now = t;
+        }
+
+        /// As `advance_committing`, returning the actions.
+        fn advance_committing_collect(&mut self, t: u64) -> Vec<Action> {
+            let mut out = Vec::new();
+            while let Some(next) = self.f.poll_timeout().filter(|n| *n <= t) {
+                let a = self.advance_to(next);
+                out.extend(self.commit_proposals(&a));
+                out.extend(a);
+            }
+            self.now = t;
+            out
         }
 
         /// Commits every proposal among `actions`, in order.
@@ -1503,6 +1572,63 @@ mod tests {
         // Owning the group again takes a new epoch.
         let a = h.advance_to(3600);
         assert!(proposals(&a).contains(&&Entry::Grant { group: G, node: A, epoch: 2, incarnation: 7 }), "{a:?}");
+    }
+
+    #[test]
+    fn the_watchdog_is_petted_only_while_a_holder_has_its_lease_and_no_stuck_stop() {
+        let mut h = primary_a();
+        h.input(Input::VolumeRole { primary: true, epoch: 1 });
+        assert!(h.f.watchdog_may_pet(h.now), "a primary within its lease");
+        // Renewals stop committing: the lease of the renewal sent at 0 ends at 3000.
+        h.advance_to(2999);
+        assert!(h.f.watchdog_may_pet(2999));
+        h.advance_to(3000);
+        assert_eq!(h.f.promoted_epoch(), None, "stepped down at the lease's end");
+        assert!(!h.f.watchdog_may_pet(3000), "stepped down, but the volume is still primary: the stop path runs");
+        // The demotion went through: nothing is held any more.
+        h.input(Input::VolumeRole { primary: false, epoch: 1 });
+        assert!(h.f.watchdog_may_pet(3000));
+        // A stop that failed holds the node again until it succeeds.
+        h.input(Input::ServicesStopped { stopped: false });
+        assert!(!h.f.watchdog_may_pet(3000));
+        h.input(Input::ServicesStopped { stopped: true });
+        assert!(h.f.watchdog_may_pet(3000));
+        // A primary within its lease whose stop failed is stuck too.
+        let mut h = primary_a();
+        assert!(h.f.watchdog_may_pet(h.now));
+        h.input(Input::ServicesStopped { stopped: false });
+        assert!(!h.f.watchdog_may_pet(h.now), "the stop path is stuck");
+        // A node that never held the group pets freely.
+        let h = Harness::new(B, false);
+        assert!(h.f.watchdog_may_pet(1_000_000));
+    }
+
+    #[test]
+    fn with_peer_watchdogs_the_next_owner_waits_out_lease_plus_watchdog_timeout() {
+        let mut c = cfg(A, false);
+        c.peer_watchdog_ms = 5000;
+        c.validate().unwrap();
+        let mut h = Harness {
+            f: Failover::new(c, GroupState::new(G, &[A, B], DiskState::UpToDate), DiskState::UpToDate, 0),
+            now: 0,
+            auto_promote: true,
+        };
+        h.actions();
+        h.input(Input::PeerAlive(B));
+        h.commit(Entry::Grant { group: G, node: B, epoch: 1, incarnation: 1 });
+        h.now = 100;
+        h.commit(Entry::Renew { group: G, epoch: 1, seq: 1 });
+        h.input(Input::Quorum(true));
+        h.now = 1000;
+        h.input(Input::PeerDead(B));
+        let a = h.advance_to(1100);
+        let a = h.commit_proposals(&a);
+        h.commit_proposals(&a);
+        // B's lease (renewal seen at 100) + its watchdog + the margin: 8110.
+        let a = h.advance_committing_collect(8109);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "{a:?}");
+        let a = h.advance_committing_collect(8110);
+        assert!(a.contains(&Action::Promote { epoch: 2 }), "{a:?}");
     }
 
     #[test]
@@ -1703,8 +1829,20 @@ mod tests {
         assert!(!h.f.writable());
         let a = h.input(Input::Demoted);
         let release = Entry::Release { group: G, epoch: 2 };
+        // Not before B's lease (renewal seen at 100: 3110) surely ended:
+        // the release lets the next owner skip that wait, and B may still
+        // write until then.
+        assert!(!proposals(&a).contains(&&release), "{a:?}");
+        let mut before = Vec::new();
+        while let Some(t) = h.f.poll_timeout().filter(|t| *t < 3110) {
+            let a = h.advance_to(t);
+            before.extend(h.commit_proposals(&a));
+            before.extend(a);
+        }
+        assert!(!proposals(&before).contains(&&release), "{before:?}");
+        let a = h.advance_to(3110);
+        assert!(!a.iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
         assert!(proposals(&a).contains(&&release), "{a:?}");
-        assert!(!h.advance_to(3110).iter().any(|a| matches!(a, Action::Promote { .. })), "standby never promotes");
         h.commit(release.clone());
         assert_eq!(h.f.promoted_epoch(), None);
         assert!(!h.f.releasing());
@@ -1959,6 +2097,22 @@ mod tests {
             }
         }
         assert!(restarted && h.f.writable());
+    }
+
+    #[test]
+    fn cleanup_retries_a_stuck_stop_at_once() {
+        let mut h = Harness::new(B, false);
+        h.input(Input::ServicesStopped { stopped: false });
+        assert!(h.advance_to(500).is_empty(), "the first repeat waits 1 s");
+        h.f.retry_stop_now(500);
+        assert_eq!(effects(&h.actions()), vec![Action::Freeze, Action::StopServices, Action::Demote]);
+        // The backoff starts over: the next repeat after 1 s again.
+        assert!(effects(&h.advance_to(1499)).is_empty());
+        assert_eq!(effects(&h.advance_to(1500)), vec![Action::Freeze, Action::StopServices, Action::Demote]);
+        // Nothing stuck: nothing to retry.
+        let mut h = Harness::new(B, false);
+        h.f.retry_stop_now(10);
+        assert!(effects(&h.actions()).is_empty());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! `key=value` lines an agent reads on stdin), `interpret` (exit code →
 //! `FenceOutcome`), `FencePlan` (levels: every device of level 1, else every
 //! device of level 2, …) and `run_agent`, the one function that spawns a
-//! process.
+//! process. Each agent runs in its own process group, killed as a whole on
+//! timeout, so what it started (ipmitool, ssh) does not outlive it (issue
+//! 19).
 //!
 //! The plan is sans-IO: it hands out `FenceRequest`s and consumes outcomes,
 //! so the failover core and the simulation use it without processes.
@@ -12,6 +14,7 @@
 //! failure.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -212,7 +215,9 @@ impl FencePlan {
 /// Runs one agent: writes `request.stdin`, waits up to its timeout (then
 /// kills it: a timeout is a failure). Blocking; call from a blocking task.
 pub fn run_agent(request: &FenceRequest) -> AgentExit {
+    // Its own process group: a timeout kills the agent and its children.
     let mut child = match Command::new(&request.agent.path)
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -234,11 +239,12 @@ pub fn run_agent(request: &FenceRequest) -> AgentExit {
     });
     let finished = rx.recv_timeout(Duration::from_millis(request.agent.timeout_ms)).is_ok();
     if !finished {
-        tracing::warn!(agent = %request.agent.name, pid, "fence agent timed out; killing it");
-        // The child is owned by the waiter thread; signal it by pid. It has
-        // not been reaped (the waiter has not returned), so the pid is still ours.
+        tracing::warn!(agent = %request.agent.name, pid, "fence agent timed out; killing its process group");
+        // The child is owned by the waiter thread; signal its group, whose
+        // id is its pid. It has not been reaped (the waiter has not
+        // returned), so the group id is still ours.
         if let Ok(raw) = i32::try_from(pid) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(raw), nix::sys::signal::Signal::SIGKILL);
         }
     }
     let status = match waiter.join() {
@@ -355,6 +361,24 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(run_agent(&plan.next_request().unwrap()), AgentExit::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(10), "the hung agent was not killed");
+
+        // An agent that started a long-running child (ipmitool, ssh) and
+        // hangs: the timeout kills the child too (issue 19).
+        let child_pid = dir.join("child.pid");
+        a.path = script(&dir, "fence_forks", &format!("sleep 300 & echo $! > {}; exec sleep 30", child_pid.display()));
+        let plan = FencePlan::new("node-a", FenceAction::Off, vec![vec![a.clone()]]).unwrap();
+        assert_eq!(run_agent(&plan.next_request().unwrap()), AgentExit::TimedOut);
+        let pid: i32 = std::fs::read_to_string(&child_pid).unwrap().trim().parse().unwrap();
+        // Gone, or a zombie waiting for init to reap it: not running.
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!running(), "the agent's child {pid} survived the timeout");
 
         a.path = dir.join("missing");
         let plan = FencePlan::new("node-a", FenceAction::Off, vec![vec![a]]).unwrap();

@@ -12,6 +12,7 @@
 //!   names on this host, and of each group's replicator resource file;
 //! - `raft_log`: the replicated cluster log (Raft over mutual TLS, state on
 //!   local disk) that carries `failover`'s entries;
+//! - `watchdog`: hardware watchdog self-fencing (the device, when to pet);
 //! - `sim` (tests only): thousands of seeded schedules over the real cores.
 
 pub mod cluster_state;
@@ -25,6 +26,7 @@ pub mod group;
 pub mod heartbeat;
 pub mod preflight;
 pub mod raft_log;
+pub mod watchdog;
 
 #[cfg(test)]
 mod rng;

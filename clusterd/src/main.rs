@@ -91,9 +91,11 @@ enum Cmd {
         #[arg(long)]
         confirm_down: bool,
     },
-    /// Clear resource failures of NODE (all nodes if omitted).
+    /// Clear resource failures of NODE (all nodes if omitted); with a GROUP
+    /// name, re-probe that group's real state on this node too (a stuck
+    /// stop retried at once, the volume re-read) like `crm_resource --cleanup`.
     Cleanup {
-        #[arg(id = "target", value_name = "NODE")]
+        #[arg(id = "target", value_name = "NODE|GROUP")]
         node: Option<String>,
     },
     /// Stream cluster events (one line each).
@@ -276,17 +278,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if *no_wait {
                 return Ok(());
             }
+            // Done only once the log records the group served (services
+            // started) on NODE at the current epoch, not merely granted.
             let deadline = Instant::now() + Duration::from_secs(*timeout);
+            let mut last = String::from("no status yet");
             loop {
                 if let Response::Status(s) = call(&path, Request::Status)? {
-                    let g = s.groups.iter().find(|g| &g.name == group);
-                    if g.is_some_and(|g| g.owner.as_deref() == Some(node.as_str()) && !g.released) {
-                        println!("{group}: now on {node}");
-                        return Ok(());
+                    if let Some(g) = s.groups.iter().find(|g| &g.name == group) {
+                        if g.served_by.as_deref() == Some(node.as_str()) {
+                            println!("{group}: now on {node}");
+                            return Ok(());
+                        }
+                        last = format!(
+                            "owner {}{}, served by {}",
+                            g.owner.as_deref().unwrap_or("none"),
+                            if g.released { " (released)" } else { "" },
+                            g.served_by.as_deref().unwrap_or("nobody")
+                        );
                     }
                 }
                 if Instant::now() >= deadline {
-                    bail!("{group} is not on {node} after {timeout} s; see `clusterd status` and `clusterd events`");
+                    bail!(
+                        "{group} is not yet served on {node} after {timeout} s ({last}); the move may still finish: see `clusterd status` and `clusterd events`"
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -370,7 +384,7 @@ fn render_status(s: &StatusReport) -> String {
             (Some(o), true) => format!("released by {o}"),
             (None, _) => "stopped".into(),
         };
-        let disks: Vec<String> = g.disks.iter().map(|(n, d)| format!("{n} {d}")).collect();
+        let disks: Vec<String> = g.disks.iter().map(|d| format!("{} {}", d.node, d.state)).collect();
         let _ = writeln!(out, "  {} {owner} (epoch {}); disks: {}", g.name, g.epoch, disks.join(", "));
         if !g.failed.is_empty() {
             let _ = writeln!(out, "    FAILED on: {} (run `clusterd cleanup`)", g.failed.join(", "));

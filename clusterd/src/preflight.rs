@@ -137,6 +137,22 @@ pub fn check_host(cfg: &ClusterConfig, file: &Path, node: Option<&str>) -> Repor
     if me.role != NodeRole::Storage {
         return r;
     }
+    let wd = &cfg.watchdog;
+    if wd.mode != crate::config::WatchdogMode::Off && !wd.device.exists() {
+        if wd.mode == crate::config::WatchdogMode::Required {
+            r.problem(
+                file,
+                "watchdog.device",
+                format!("{} does not exist (watchdog.mode = \"required\")", wd.device.display()),
+                "load the board's watchdog driver (or softdog), or set watchdog.mode = \"auto\" and configure fencing",
+            );
+        } else {
+            r.notes.push(format!(
+                "watchdog: {} does not exist; clusterd runs without it (watchdog.mode = \"auto\")",
+                wd.device.display()
+            ));
+        }
+    }
     for g in &cfg.groups {
         let Ok(spec) = g.validate(false) else { continue };
         check_program(
@@ -359,6 +375,26 @@ name = "b"
 
     fn problems(r: &Report) -> Vec<String> {
         r.problems.iter().map(|f| f.to_string()).collect()
+    }
+
+    #[test]
+    fn a_required_watchdog_must_exist_on_a_storage_node() {
+        let d = dir("wd");
+        let mut cfg = config(&d.0);
+        let note = |r: &Report| r.notes.iter().any(|n| n.starts_with("watchdog: ") && n.contains("does not exist"));
+        cfg.watchdog.device = d.0.join("watchdog");
+        let r = check_host(&cfg, Path::new("cluster.toml"), Some("a"));
+        assert!(note(&r), "auto: a note, not a problem: {:?}", r.notes);
+        assert!(!problems(&r).iter().any(|l| l.contains("watchdog.device")));
+        cfg.watchdog.mode = crate::config::WatchdogMode::Required;
+        let p = problems(&check_host(&cfg, Path::new("cluster.toml"), Some("a")));
+        assert!(
+            p.iter().any(|l| l.starts_with("cluster.toml: watchdog.device: ") && l.contains("does not exist")),
+            "{p:#?}"
+        );
+        std::fs::write(d.0.join("watchdog"), b"").unwrap();
+        let r = check_host(&cfg, Path::new("cluster.toml"), Some("a"));
+        assert!(!problems(&r).iter().any(|l| l.contains("watchdog.device")) && !note(&r));
     }
 
     #[test]

@@ -181,7 +181,10 @@ fn a_cut_between_the_storage_nodes_alone_does_not_move_the_group() {
     tests::wait_until(Duration::from_secs(10), "owner writable again", || c.volume_writable(p) && c.writable(p))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.describe()));
     let s = c.status(2).unwrap();
-    assert!(s["groups"][0]["disks"].as_array().unwrap().iter().any(|d| d[0] == NAMES[q] && d[1] == "Outdated"), "{s}");
+    assert!(
+        s["groups"][0]["disks"].as_array().unwrap().iter().any(|d| d["node"] == NAMES[q] && d["state"] == "Outdated"),
+        "{s}"
+    );
 }
 
 #[test]

@@ -65,11 +65,12 @@ fn volume_commands_and_attach_filesystem_group_on_the_primary() {
         let sb = b.status().await.unwrap();
         assert!(sb.is_primary() && sb.epoch == epoch, "{sb:?}");
         // A promotion with an epoch that is not newer is refused, and the
-        // error carries the CLI's words. (A newer one supersedes b: the
-        // cluster's grant after b's lease ended.)
+        // error carries the CLI's words (with b demoted first: while b is
+        // primary the replicator refuses for that reason before it looks at
+        // the epoch).
+        b.demote().await.unwrap();
         let err = a.promote(epoch).await.unwrap_err();
         assert!(err.to_string().contains("epoch"), "{err}");
-        b.demote().await.unwrap();
         a.promote(epoch + 1).await.unwrap();
 
         // Freeze/resume: `suspend-io` may not exist in this replicator yet.

@@ -65,7 +65,7 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<AdminCall>) {
         },
         _ => return,
     };
-    let (reply_tx, mut reply_rx) = mpsc::channel(256);
+    let (reply_tx, mut reply_rx) = mpsc::channel(super::limits::ADMIN_REPLIES_MAX);
     if tx.send((request, reply_tx)).await.is_err() {
         return;
     }

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 
 use tokio::sync::mpsc;
 
+use super::limits::{EXEC_ACTIONS_MAX, EXEC_FREEZE_MAX};
 use crate::failover::{Action, GroupId};
 use crate::group::{GroupEvent, GroupHandle, Volume};
 
@@ -28,10 +29,47 @@ pub enum Report {
     /// A service failed for good: the failover core counts it (and moves
     /// the group when it repeats).
     ResourceFailed(GroupId),
+    /// The services started (all steps running).
+    Started(GroupId),
     /// The services stopped (`true`), or their stop failed (`false`).
     ServicesStopped { group: GroupId, stopped: bool },
     /// Something worth an event line.
     Event { group: GroupId, kind: &'static str, message: String },
+}
+
+/// The loop's side of an executor: bounded, never waited on (see
+/// `limits`): a freeze goes on its own one-slot queue (coalesced), other
+/// actions are dropped and counted when `EXEC_ACTIONS_MAX` are queued.
+#[derive(Debug)]
+pub struct ExecHandle {
+    actions: mpsc::Sender<Action>,
+    freeze: mpsc::Sender<()>,
+    /// Actions dropped because the queue was full.
+    pub dropped: u64,
+}
+
+impl ExecHandle {
+    pub fn new(actions: mpsc::Sender<Action>, freeze: mpsc::Sender<()>) -> ExecHandle {
+        ExecHandle { actions, freeze, dropped: 0 }
+    }
+
+    /// Queues `action`; false if it was dropped (the queue is full).
+    pub fn send(&mut self, action: Action) -> bool {
+        if action == Action::Freeze {
+            // Full: a freeze is pending already. Closed: the executor is gone.
+            let _ = self.freeze.try_send(());
+            return true;
+        }
+        match self.actions.try_send(action) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(a)) => {
+                self.dropped += 1;
+                tracing::error!(action = ?a, dropped = self.dropped, "the executor's queue is full (a command hangs beyond its timeout?); action dropped");
+                false
+            }
+        }
+    }
 }
 
 pub fn spawn(
@@ -39,9 +77,10 @@ pub fn spawn(
     volume: Volume,
     services: GroupHandle,
     events: mpsc::Receiver<GroupEvent>,
-    report: mpsc::UnboundedSender<Report>,
-) -> mpsc::UnboundedSender<Action> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    report: mpsc::Sender<Report>,
+) -> ExecHandle {
+    let (tx, rx) = mpsc::channel(EXEC_ACTIONS_MAX);
+    let (freeze_tx, freeze_rx) = mpsc::channel(EXEC_FREEZE_MAX);
     tokio::spawn(
         Executor {
             group,
@@ -53,16 +92,16 @@ pub fn spawn(
             stop_retried_for_start: false,
             queue: VecDeque::new(),
         }
-        .run(rx, events),
+        .run(rx, freeze_rx, events),
     );
-    tx
+    ExecHandle::new(tx, freeze_tx)
 }
 
 struct Executor {
     group: GroupId,
     volume: Volume,
     services: GroupHandle,
-    report: mpsc::UnboundedSender<Report>,
+    report: mpsc::Sender<Report>,
     /// A stop was requested and the runner has not reported `Stopped` yet.
     stopping: bool,
     /// The runner's last stop failed: it runs nothing until a stop is
@@ -73,12 +112,18 @@ struct Executor {
 }
 
 impl Executor {
-    async fn run(mut self, mut actions: mpsc::UnboundedReceiver<Action>, mut events: mpsc::Receiver<GroupEvent>) {
+    async fn run(
+        mut self,
+        mut actions: mpsc::Receiver<Action>,
+        mut freezes: mpsc::Receiver<()>,
+        mut events: mpsc::Receiver<GroupEvent>,
+    ) {
         let mut events_open = true;
         loop {
             self.drain().await;
             tokio::select! {
                 biased;
+                Some(()) = freezes.recv() => self.freeze().await,
                 action = actions.recv() => match action {
                     Some(Action::Freeze) => self.freeze().await,
                     Some(a) => self.queue.push_back(a),
@@ -107,7 +152,7 @@ impl Executor {
                 // first (it escalates: users killed, lazy unmount).
                 self.stop_retried_for_start = true;
                 self.stopping = true;
-                self.event("stop", "retrying the failed stop before starting".into());
+                self.event("stop", "retrying the failed stop before starting".into()).await;
                 let _ = self.services.stop().await;
                 return;
             }
@@ -119,13 +164,18 @@ impl Executor {
         }
     }
 
-    fn event(&self, kind: &'static str, message: String) {
-        let _ = self.report.send(Report::Event { group: self.group, kind, message });
+    async fn event(&self, kind: &'static str, message: String) {
+        self.send(Report::Event { group: self.group, kind, message }).await;
+    }
+
+    /// Waits while the loop's report queue is full (see `limits`).
+    async fn send(&self, r: Report) {
+        let _ = self.report.send(r).await;
     }
 
     async fn freeze(&mut self) {
         match self.volume.freeze().await {
-            Ok(()) => self.event("freeze", "volume I/O suspended".into()),
+            Ok(()) => self.event("freeze", "volume I/O suspended".into()).await,
             // A secondary has nothing to hold.
             Err(e) => tracing::debug!(group = ?self.group, "freeze: {e}"),
         }
@@ -147,26 +197,27 @@ impl Executor {
                 };
                 match promoted {
                     Ok(()) => {
-                        self.event("promote", format!("volume primary with epoch {epoch}"));
-                        let _ = self.report.send(Report::Promoted { group: self.group, epoch });
+                        self.event("promote", format!("volume primary with epoch {epoch}")).await;
+                        self.send(Report::Promoted { group: self.group, epoch }).await;
                     }
                     Err(e) => {
                         self.event(
                             "promote-refused",
                             format!("promotion refused, retrying while the grant holds: {e}"),
-                        );
+                        )
+                        .await;
                         // Whatever the core queued behind the promotion
                         // assumed it succeeded; the core sends it again
                         // after a successful retry.
                         self.queue
                             .retain(|a| !matches!(a, Action::Resume | Action::StartServices | Action::RestartServices));
-                        let _ = self.report.send(Report::PromoteRefused { group: self.group, epoch });
+                        self.send(Report::PromoteRefused { group: self.group, epoch }).await;
                     }
                 }
             }
             Action::Resume => match self.volume.resume().await {
-                Ok(()) => self.event("resume", "volume I/O resumed".into()),
-                Err(e) => self.event("error", format!("resume failed: {e}")),
+                Ok(()) => self.event("resume", "volume I/O resumed".into()).await,
+                Err(e) => self.event("error", format!("resume failed: {e}")).await,
             },
             Action::Freeze => self.freeze().await,
             Action::StartServices => {
@@ -183,16 +234,16 @@ impl Executor {
             }
             Action::Demote => match self.volume.demote().await {
                 Ok(()) => {
-                    self.event("demote", "volume secondary".into());
-                    let _ = self.report.send(Report::Demoted(self.group));
+                    self.event("demote", "volume secondary".into()).await;
+                    self.send(Report::Demoted(self.group)).await;
                 }
                 Err(e) => {
                     // Already secondary counts as done.
                     let text = e.to_string();
                     if text.contains("not primary") {
-                        let _ = self.report.send(Report::Demoted(self.group));
+                        self.send(Report::Demoted(self.group)).await;
                     } else {
-                        self.event("error", format!("demotion failed: {text}"));
+                        self.event("error", format!("demotion failed: {text}")).await;
                     }
                 }
             },
@@ -203,30 +254,36 @@ impl Executor {
 
     async fn service_event(&mut self, e: GroupEvent) {
         match e {
-            GroupEvent::Started => self.event("started", "services started".into()),
+            GroupEvent::Started => {
+                self.event("started", "services started".into()).await;
+                self.send(Report::Started(self.group)).await;
+            }
             GroupEvent::Stopped => {
                 self.stopping = false;
                 self.blocked = false;
-                self.event("stopped", "services stopped".into());
-                let _ = self.report.send(Report::ServicesStopped { group: self.group, stopped: true });
+                self.event("stopped", "services stopped".into()).await;
+                self.send(Report::ServicesStopped { group: self.group, stopped: true }).await;
             }
-            GroupEvent::Recovered { step } => self.event("recovered", format!("{step} restarted after a failure")),
+            GroupEvent::Recovered { step } => {
+                self.event("recovered", format!("{step} restarted after a failure")).await
+            }
             GroupEvent::StartFailed { step, why } => {
-                self.event("error", format!("start of {step} failed: {why}"));
-                let _ = self.report.send(Report::ResourceFailed(self.group));
+                self.event("error", format!("start of {step} failed: {why}")).await;
+                self.send(Report::ResourceFailed(self.group)).await;
             }
             GroupEvent::Failed { step, why } => {
-                self.event("error", format!("{step} failed: {why}"));
-                let _ = self.report.send(Report::ResourceFailed(self.group));
+                self.event("error", format!("{step} failed: {why}")).await;
+                self.send(Report::ResourceFailed(self.group)).await;
             }
             GroupEvent::StopFailed { step, why } => {
                 // The step may still run: hold the volume's I/O so nothing it
                 // writes is acknowledged, and leave the rest to the lease.
                 self.stopping = false;
                 self.blocked = true;
-                self.event("error", format!("stop of {step} failed: {why}; volume I/O held, the stop is retried"));
+                self.event("error", format!("stop of {step} failed: {why}; volume I/O held, the stop is retried"))
+                    .await;
                 self.freeze().await;
-                let _ = self.report.send(Report::ServicesStopped { group: self.group, stopped: false });
+                self.send(Report::ServicesStopped { group: self.group, stopped: false }).await;
             }
         }
     }

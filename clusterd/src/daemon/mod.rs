@@ -18,6 +18,7 @@
 mod admin;
 mod executor;
 mod heartbeat_io;
+pub mod limits;
 mod two_node;
 
 use std::collections::BTreeMap;
@@ -31,13 +32,15 @@ use tokio::sync::{broadcast, mpsc};
 use crate::cluster_state::{ClusterEntry, ClusterState, Folded};
 use crate::config::{ClusterConfig, Mode, NodeRole};
 use crate::control::{
-    EventRecord, FenceReport, GroupReport, HeartbeatReport, NodeReport, Request, ResourceReport, Response, StatusReport,
+    DiskReport, EventRecord, FenceReport, GroupReport, HeartbeatReport, NodeReport, Request, ResourceReport, Response,
+    StatusReport,
 };
 use crate::failover::{Action, DiskState, Entry, Failover, FailoverConfig, GroupId, GroupState, Input};
 use crate::fence::{AgentExit, FenceAction, FenceAgent, FencePlan, FenceProgress};
 use crate::group::{self, GroupHandle, GroupSpec, Volume, VolumeStatus};
 use crate::heartbeat::{Heartbeat, HeartbeatConfig, HeartbeatEvent};
 use crate::raft_log::{self, LogEvent, RaftLog, RaftLogConfig, RaftPeer, RaftTlsFiles};
+use crate::watchdog::{PetDecision, PetSchedule, WatchdogDevice};
 use crate::NodeId;
 
 use executor::Report;
@@ -74,7 +77,7 @@ pub struct Options {
 struct GroupRt {
     id: GroupId,
     fo: Failover,
-    exec: mpsc::UnboundedSender<Action>,
+    exec: executor::ExecHandle,
     services: GroupHandle,
     /// The newest volume state read, and what the core was last told.
     volume: Option<VolumeStatus>,
@@ -84,6 +87,18 @@ struct GroupRt {
     told_epoch: u64,
     told_role: Option<(bool, u64)>,
     fencing: bool,
+    /// The epoch under which this node's services last started (None:
+    /// stopped since), for `ClusterEntry::Serving`.
+    services_up_epoch: Option<u64>,
+    /// When `Serving` may be proposed again (it is retried until folded).
+    next_serving_ms: u64,
+    /// The replicator CLI for this group's volume, and the policy that
+    /// reconnects it from StandAlone.
+    vol: Volume,
+    reconnect: group::reconnect::Reconnect,
+    /// The services' last stop failed: the executor then held the volume's
+    /// I/O (see `act`).
+    stop_failed: bool,
 }
 
 enum Internal {
@@ -121,8 +136,8 @@ pub struct Daemon {
     state: ClusterState,
     groups: Vec<GroupRt>,
     events: broadcast::Sender<EventRecord>,
-    internal_tx: mpsc::UnboundedSender<Internal>,
-    report_tx: mpsc::UnboundedSender<Report>,
+    internal_tx: mpsc::Sender<Internal>,
+    report_tx: mpsc::Sender<Report>,
     applied_since_compact: u64,
     next_lead_request_ms: u64,
     /// Two-node mode on a storage node: the peer and the mode's core.
@@ -130,6 +145,54 @@ pub struct Daemon {
     state_dir: std::path::PathBuf,
     /// The admin waiting for `fence --confirm-down` to finish.
     confirm_reply: Option<mpsc::Sender<Response>>,
+    /// The armed hardware watchdog (storage nodes, `[watchdog]`).
+    watchdog: Option<(WatchdogDevice, PetSchedule)>,
+    /// Per group, the last `ClusterEntry::Serving` folded: (node, epoch).
+    serving: BTreeMap<GroupId, (NodeId, u64)>,
+}
+
+/// Opens the watchdog as `[watchdog]` says, on a storage node: one log line
+/// when it is not used; an error only when it is required.
+fn open_watchdog(cfg: &ClusterConfig, role: NodeRole) -> Result<Option<WatchdogDevice>, DaemonError> {
+    use crate::config::WatchdogMode;
+    let wd = &cfg.watchdog;
+    if role != NodeRole::Storage {
+        tracing::info!("watchdog: not used on the witness (it holds no group)");
+        return Ok(None);
+    }
+    match wd.mode {
+        WatchdogMode::Off => {
+            tracing::info!("watchdog: off (watchdog.mode = \"off\")");
+            return Ok(None);
+        }
+        WatchdogMode::Auto if !wd.device.exists() => {
+            tracing::info!(
+                "watchdog: disabled: {} does not exist (watchdog.mode = \"auto\"; load a watchdog driver, e.g. softdog, to use it)",
+                wd.device.display()
+            );
+            return Ok(None);
+        }
+        WatchdogMode::Auto | WatchdogMode::Required => {}
+    }
+    match WatchdogDevice::open(&wd.device, wd.timeout_ms) {
+        Ok(dev) => {
+            tracing::info!(
+                device = %wd.device.display(),
+                timeout_ms = wd.timeout_ms,
+                driver_timeout_s = ?dev.timeout_s(),
+                mode = ?wd.mode,
+                "watchdog: armed; petted only while this node's groups are safe"
+            );
+            Ok(Some(dev))
+        }
+        Err(e) if wd.mode == WatchdogMode::Auto => {
+            tracing::warn!("watchdog: disabled: {e} (watchdog.mode = \"auto\")");
+            Ok(None)
+        }
+        Err(e) => Err(DaemonError::Config(format!(
+            "{e}; watchdog.mode = \"required\" needs it on every storage node (load the driver, or set mode = \"auto\" and configure fencing)"
+        ))),
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -207,7 +270,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         },
         0,
     );
-    let (dgram_tx, mut dgram_rx) = mpsc::channel(1024);
+    let (dgram_tx, mut dgram_rx) = mpsc::channel(limits::DATAGRAMS_MAX);
     let hb_io = heartbeat_io::HeartbeatSockets::bind(
         &node.heartbeat,
         cfg.nodes.iter().map(|n| n.heartbeat.clone()).collect(),
@@ -237,9 +300,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         heartbeat_ticks: 2,
     })?;
 
-    let (events, _) = broadcast::channel(1024);
-    let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
-    let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+    let (events, _) = broadcast::channel(limits::EVENTS_MAX);
+    let (internal_tx, mut internal_rx) = mpsc::channel(limits::INTERNAL_MAX);
+    let (report_tx, mut report_rx) = mpsc::channel(limits::REPORTS_MAX);
     let storage = storage_ids(&cfg);
     let specs: Vec<GroupSpec> = if node.role == NodeRole::Storage {
         cfg.groups
@@ -272,13 +335,20 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         two,
         state_dir: node.state_dir.clone(),
         confirm_reply: None,
+        watchdog: None,
+        serving: BTreeMap::new(),
         cfg,
     };
     for (i, spec) in specs.into_iter().enumerate() {
         daemon.start_group(GroupId(i as u16), spec, &node.state_dir);
     }
-    let (admin_tx, mut admin_rx) = mpsc::channel(64);
+    let (admin_tx, mut admin_rx) = mpsc::channel(limits::ADMIN_REQUESTS_MAX);
     admin::listen(&node.control, admin_tx)?;
+    // Armed last: an error above exits before anything could reset the node.
+    if let Some(dev) = open_watchdog(&daemon.cfg, node.role)? {
+        let now = daemon.now_ms();
+        daemon.watchdog = Some((dev, PetSchedule::new(daemon.cfg.watchdog.timeout_ms, now)));
+    }
     daemon.event(None, "start", format!("clusterd started on {} (incarnation {incarnation})", daemon.name));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -287,11 +357,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut drain_deadline: Option<Instant> = None;
     loop {
         daemon.flush();
+        daemon.announce_serving();
+        daemon.pet_watchdog();
         if let Some(deadline) = drain_deadline {
             let drained = daemon.groups.iter().all(|g| g.fo.drained());
             if drained || Instant::now() >= deadline {
                 let how = if drained { "groups handed over" } else { "drain timed out; groups left as they are" };
                 daemon.event(None, "stop", format!("SIGTERM: {how}; exiting"));
+                daemon.close_watchdog();
                 daemon.raft.clone().shutdown().await;
                 return Ok(());
             }
@@ -322,6 +395,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = term.recv() => {
                 if drain_deadline.is_some() {
                     daemon.event(None, "stop", "second SIGTERM: exiting without waiting for the drain".into());
+                    daemon.close_watchdog();
                     daemon.raft.clone().shutdown().await;
                     return Ok(());
                 }
@@ -370,11 +444,13 @@ impl Daemon {
             // Half the lease: the validated lease > 2 × renew_interval keeps
             // it below lease - renew_interval.
             stop_budget_ms: self.cfg.failover.lease_ms / 2,
+            peer_watchdog_ms: self.cfg.watchdog.peer_watchdog_ms(),
         };
         let mut ctx = group::GroupContext::new(state_dir.join("run"));
         ctx.node = Some(self.name.clone());
         ctx.unknown_state = true;
         let volume = Volume::new(&spec, Some(self.name.clone()));
+        let vol_for_reconnect = volume.clone();
         let (services, service_events) = group::spawn(spec.clone(), ctx);
         let exec = executor::spawn(id, volume.clone(), services.clone(), service_events, self.report_tx.clone());
         // Poll the volume's state.
@@ -391,7 +467,8 @@ impl Daemon {
                         None
                     }
                 };
-                if tx.send(Internal::Volume { group: id, status }).is_err() {
+                // Waits while the loop is behind (see `limits`).
+                if tx.send(Internal::Volume { group: id, status }).await.is_err() {
                     return;
                 }
             }
@@ -409,6 +486,11 @@ impl Daemon {
             told_epoch: 0,
             told_role: None,
             fencing: false,
+            services_up_epoch: None,
+            next_serving_ms: 0,
+            vol: vol_for_reconnect,
+            reconnect: Default::default(),
+            stop_failed: false,
         });
     }
 
@@ -432,7 +514,80 @@ impl Daemon {
         if let Some(at) = self.two.as_ref().and_then(|(_, tn)| tn.poll_timeout()) {
             t = t.min(at);
         }
+        if let Some((_, pets)) = &self.watchdog {
+            t = t.min(pets.poll_timeout());
+        }
         self.started + Duration::from_millis(t)
+    }
+
+    /// A primary whose services run records that in the log (once per
+    /// epoch, again if it is missing, e.g. after a snapshot restore).
+    fn announce_serving(&mut self) {
+        if !self.quorum {
+            return;
+        }
+        let now = self.now_ms();
+        let me = self.me;
+        for g in &mut self.groups {
+            let Some(epoch) = g.fo.promoted_epoch() else { continue };
+            if g.services_up_epoch != Some(epoch) || !g.fo.writable() {
+                continue;
+            }
+            if self.serving.get(&g.id) == Some(&(me, epoch)) || now < g.next_serving_ms {
+                continue;
+            }
+            g.next_serving_ms = now + 1000;
+            self.raft.propose(ClusterEntry::Serving { group: g.id, epoch, node: me }.encode());
+        }
+    }
+
+    /// Pets the watchdog when due and every group's core allows it (from
+    /// this loop: a hung loop stops petting too).
+    fn pet_watchdog(&mut self) {
+        let now = self.now_ms();
+        let holding: Vec<GroupId> = self.groups.iter().filter(|g| !g.fo.watchdog_may_pet(now)).map(|g| g.id).collect();
+        let Some((dev, pets)) = self.watchdog.as_mut() else { return };
+        match pets.poll(now, holding.is_empty()) {
+            PetDecision::Pet => {
+                if let Err(e) = dev.pet() {
+                    // Nothing else to do: the hardware resets the node if
+                    // the keepalives stay lost.
+                    tracing::error!("{e}");
+                }
+            }
+            PetDecision::Wait => {}
+            PetDecision::HoldBack { first: true, reset_at_ms } => {
+                let group = holding.first().copied();
+                self.event(
+                    group,
+                    "watchdog",
+                    format!(
+                        "not petting the watchdog: the group is held without a valid lease or its stop failed; the hardware resets this node in {} ms unless it stops",
+                        reset_at_ms.saturating_sub(now)
+                    ),
+                );
+            }
+            PetDecision::HoldBack { .. } => {}
+        }
+    }
+
+    /// Exiting: disarm the watchdog (magic close) only if this node holds
+    /// nothing; otherwise leave it armed, so the hardware resets a node that
+    /// leaves a group running unsupervised.
+    fn close_watchdog(&mut self) {
+        let now = self.now_ms();
+        let safe = self.groups.iter().all(|g| g.fo.watchdog_may_pet(now) && g.fo.drained());
+        let Some((dev, _)) = self.watchdog.as_mut() else { return };
+        if safe {
+            dev.close_disarmed();
+        } else {
+            let path = dev.path().display().to_string();
+            self.event(
+                None,
+                "watchdog",
+                format!("exiting with a group still held: the watchdog {path} stays armed and resets this node"),
+            );
+        }
     }
 
     fn timeout(&mut self) {
@@ -540,7 +695,19 @@ impl Daemon {
                 if matches!(other, Action::Promote { .. } | Action::Demote | Action::StopServices) {
                     self.event(Some(id), "action", format!("{other:?}"));
                 }
-                let _ = self.groups[i].exec.send(other);
+                // A retried stop after a failed one, while the core holds
+                // the lease and counts the volume writable (a planned
+                // release): the executor held the volume's I/O at the
+                // failure, and services living on the volume would hang on
+                // that hold in their stop; lift it first. (Without a lease
+                // the core freezes, and `writable` is false.)
+                if other == Action::StopServices && self.groups[i].stop_failed && self.groups[i].fo.writable() {
+                    self.groups[i].exec.send(Action::Resume);
+                }
+                if !self.groups[i].exec.send(other) && self.groups[i].exec.dropped > 0 {
+                    let dropped = self.groups[i].exec.dropped;
+                    self.event(Some(id), "error", format!("executor stuck: {dropped} action(s) dropped"));
+                }
             }
         }
     }
@@ -574,7 +741,8 @@ impl Daemon {
                     }
                 },
             };
-            let _ = tx.send(Internal::FenceDone { group, node, ok, why, reply, two_node });
+            // A blocking thread: waits while the loop's queue is full.
+            let _ = tx.blocking_send(Internal::FenceDone { group, node, ok, why, reply, two_node });
         });
     }
 
@@ -607,6 +775,9 @@ impl Daemon {
     /// Tells a group's core what changed in the volume's state.
     fn volume_seen(&mut self, group: GroupId, status: Option<VolumeStatus>) {
         let now = self.now_ms();
+        if let Some(s) = &status {
+            self.reconnect_if_standalone(group, s);
+        }
         let Some(g) = self.groups.iter_mut().find(|g| g.id == group) else { return };
         g.volume = status.clone();
         let Some(s) = status else {
@@ -658,6 +829,40 @@ impl Daemon {
         }
     }
 
+    /// A StandAlone volume whose peer is alive again is reconnected, unless
+    /// its last error leaves the decision to the admin (split brain): see
+    /// `group::reconnect`.
+    fn reconnect_if_standalone(&mut self, group: GroupId, s: &VolumeStatus) {
+        use group::reconnect::Verdict;
+        let now = self.now_ms();
+        let Some(g) = self.groups.iter_mut().find(|g| g.id == group) else { return };
+        let peer_alive = self.alive.get(&g.fo.config().peer) == Some(&true);
+        match g.reconnect.poll(now, s, peer_alive) {
+            Verdict::Nothing | Verdict::Wait | Verdict::Admin { first: false, .. } => {}
+            Verdict::Admin { cause, first: true } => {
+                let fix = cause.fix().replace("RES", &g.vol.resource);
+                self.event(Some(group), "standalone", format!("volume StandAlone, left to the admin: {fix}"));
+            }
+            Verdict::Connect => {
+                let vol = g.vol.clone();
+                let report = self.report_tx.clone();
+                let why = s.last_error.clone().unwrap_or_default();
+                self.event(
+                    Some(group),
+                    "reconnect",
+                    format!("volume StandAlone ({why}) while the peer is alive: replicator connect"),
+                );
+                tokio::spawn(async move {
+                    let message = match group::reconnect::connect(&vol).await {
+                        Ok(()) => "replicator connect done; the handshake decides the resync".to_string(),
+                        Err(e) => e,
+                    };
+                    let _ = report.send(Report::Event { group, kind: "reconnect", message }).await;
+                });
+            }
+        }
+    }
+
     fn report(&mut self, r: Report) {
         let now = self.now_ms();
         match r {
@@ -678,7 +883,14 @@ impl Daemon {
             }
             Report::ServicesStopped { group, stopped } => {
                 if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.services_up_epoch = None;
+                    g.stop_failed = !stopped;
                     g.fo.handle(now, Input::ServicesStopped { stopped });
+                }
+            }
+            Report::Started(group) => {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.id == group) {
+                    g.services_up_epoch = g.fo.promoted_epoch();
                 }
             }
             Report::ResourceFailed(id) => {
@@ -718,6 +930,9 @@ impl Daemon {
                         Ok(Folded::Move { group, epoch, to }) => moves.push((group, epoch, to)),
                         Ok(Folded::Fenced(r)) => {
                             tracing::info!(node = %self.node_name(r.node), ok = r.ok, "fence recorded")
+                        }
+                        Ok(Folded::Serving { group, epoch, node }) => {
+                            self.serving.insert(group, (node, epoch));
                         }
                         Err(e) => tracing::error!(index, "skipping a log entry: {e}"),
                     }
@@ -794,6 +1009,15 @@ impl Daemon {
                 }
                 Err(e) => Response::Error(e),
             },
+            // `cleanup GROUP` (a name that is a group, not a node).
+            Request::Cleanup { node: Some(name) }
+                if self.storage_node(&name).is_err() && self.group_id(&name).is_ok() =>
+            {
+                match self.cleanup_group(&name) {
+                    Ok(m) => Response::Done(m),
+                    Err(e) => Response::Error(e),
+                }
+            }
             Request::Fence { node, confirm_down: false } => match self.storage_node(&node) {
                 Ok(n) => {
                     self.event(None, "fence", format!("admin fences {node}"));
@@ -900,11 +1124,69 @@ impl Daemon {
         }
     }
 
+    /// `clusterd cleanup GROUP` (like `crm_resource --cleanup`): forget the
+    /// group's failures on this node and look at its real state again — the
+    /// runner's restart counts and errors cleared, the volume's state told
+    /// to the core afresh at the next poll, a stuck stop or demotion retried
+    /// at once (a stop of what is stopped succeeds, which unblocks the
+    /// group), and every storage node's failure mark cleared in the log
+    /// (that part needs quorum).
+    fn cleanup_group(&mut self, name: &str) -> Result<String, String> {
+        let id = self.group_id(name)?;
+        let now = self.now_ms();
+        let quorum = self.quorum;
+        let storage = storage_ids(&self.cfg);
+        let Some(g) = self.groups.iter_mut().find(|g| g.id == id) else {
+            return Err(format!(
+                "this node runs no group (it is the witness); run `clusterd cleanup {name}` on a storage node"
+            ));
+        };
+        if quorum {
+            for n in &storage {
+                g.fo.cleanup(now, *n);
+            }
+        }
+        g.told_role = None;
+        g.told_disk = None;
+        g.told_connected = None;
+        g.told_in_sync = false;
+        g.reconnect = Default::default();
+        // A failed stop made the executor hold the volume's I/O; while the
+        // core holds a lease and counts the volume writable, that hold only
+        // hangs the stops of services living on the volume: lift it before
+        // the retried stop (the core freezes again when its lease ends).
+        if g.fo.writable() {
+            let _ = g.exec.send(Action::Resume);
+        }
+        g.fo.retry_stop_now(now);
+        let services = g.services.clone();
+        tokio::spawn(async move {
+            let _ = services.cleanup().await;
+        });
+        let log = if quorum {
+            "failures cleared in the cluster log"
+        } else {
+            "no quorum: failure marks in the cluster log left as they are"
+        };
+        self.event(Some(id), "cleanup", format!("admin cleanup: {log}; state re-probed here"));
+        Ok(format!("{name}: {log}; resources and volume re-probed on {}", self.name))
+    }
+
     fn request_move(&self, g: GroupId, to: NodeId) -> Result<String, String> {
         let st = &self.state.groups[usize::from(g.0)];
         let to_name = self.node_name(to);
         if st.owner == Some(to) && !st.released {
             return Ok(format!("already on {to_name}"));
+        }
+        if !self.raft.status().voters.contains(&to) {
+            return Err(format!(
+                "{to_name} is not a member of the cluster log now (two-node mode removed it when it was fenced or confirmed down; it is added back once it runs again): nothing can move there; start clusterd on {to_name} and wait for `clusterd status`"
+            ));
+        }
+        if to != self.me && self.alive.get(&to) != Some(&true) {
+            return Err(format!(
+                "{to_name} is offline (no heartbeat from it): it cannot take the group; start clusterd on {to_name} or check the network, then retry"
+            ));
         }
         if !st.may_grant(to) || st.disks.get(&to) != Some(&DiskState::UpToDate) {
             return Err(format!(
@@ -967,13 +1249,22 @@ impl Daemon {
                     owner: st.owner.map(|n| self.node_name(n)),
                     epoch: st.epoch,
                     released: st.released,
-                    disks: st.disks.iter().map(|(n, d)| (self.node_name(*n), format!("{d:?}"))).collect(),
+                    disks: st
+                        .disks
+                        .iter()
+                        .map(|(n, d)| DiskReport { node: self.node_name(*n), state: format!("{d:?}") })
+                        .collect(),
                     failed: st.failed.iter().map(|n| self.node_name(*n)).collect(),
                     standby: st.standby.iter().map(|n| self.node_name(*n)).collect(),
                     local_role,
                     volume: rt.and_then(|g| g.volume.as_ref()).map(|v| v.describe()),
                     writable: rt.is_some_and(|g| g.fo.writable()),
                     resources: Vec::new(),
+                    served_by: self
+                        .serving
+                        .get(&GroupId(i as u16))
+                        .filter(|(n, e)| *e == st.epoch && st.owner == Some(*n) && !st.released)
+                        .map(|(n, _)| self.node_name(*n)),
                 }
             })
             .collect();
@@ -1053,7 +1344,7 @@ impl Daemon {
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
             let result = raft.force_single_voter().await;
-            let _ = tx.send(Internal::Forced { result, by_admin });
+            let _ = tx.send(Internal::Forced { result, by_admin }).await;
         });
     }
 

@@ -9,7 +9,9 @@
 //!   group), and `spawn`, which drives a runner and gives a `GroupHandle`;
 //! - `kinds`: what attach, filesystem, ip, ocf and systemd steps run;
 //! - `volume`: `Volume`, the replicator CLI (promote, demote, freeze,
-//!   resume, status).
+//!   resume, status);
+//! - `reconnect`: when a StandAlone volume is reconnected (`replicator
+//!   connect`) and when it is left to the admin (split brain).
 //!
 //! How the daemon maps the failover core's actions: `Promote { epoch }` →
 //! `Volume::promote`, `Resume` → `Volume::resume`, `StartServices` →
@@ -25,6 +27,7 @@
 pub mod config;
 pub mod exec;
 mod kinds;
+pub mod reconnect;
 pub mod runner;
 pub mod volume;
 

@@ -250,6 +250,11 @@ struct Node {
     repl_reported: bool,
     /// Recent datagrams this node sent (replayed by a hostile network).
     sent: Vec<(usize, u8, [u8; DATAGRAM_BYTES])>,
+    /// The node's clock when it last petted its watchdog.
+    wd_pet_local: u64,
+    /// Watchdog runs: the services' stop hangs with them still writing
+    /// (a freeze that did not hold); only the node's death ends it.
+    hung_writer: bool,
 }
 
 struct Sim {
@@ -277,6 +282,10 @@ struct Sim {
     trace: Vec<String>,
     fences: u64,
     promotions: u64,
+    /// Every storage node runs a hardware watchdog with this timeout (0:
+    /// none; `sim_watchdog_seeds`). Its stops that hang keep writing.
+    watchdog_ms: u64,
+    resets: u64,
 }
 
 fn failover_cfg(
@@ -286,6 +295,7 @@ fn failover_cfg(
     lease_ms: u64,
     a_preferred: bool,
     failback: bool,
+    watchdog_ms: u64,
 ) -> FailoverConfig {
     FailoverConfig {
         group: GROUP,
@@ -293,7 +303,7 @@ fn failover_cfg(
         peer: NodeId(1 - me as u8),
         renew_interval_ms: RENEW_INTERVAL_MS,
         lease_ms,
-        drift_margin_ms: drift_margin_ms(lease_ms, DRIFT_PPM_MAX),
+        drift_margin_ms: drift_margin_ms(lease_ms + watchdog_ms, DRIFT_PPM_MAX),
         takeover_after_ms: TAKEOVER_AFTER_MS,
         peer_preferred: a_preferred && me == 1,
         failback,
@@ -304,13 +314,18 @@ fn failover_cfg(
         failures_max: 3,
         failure_window_ms: 10_000,
         stop_budget_ms: lease_ms / 2,
+        peer_watchdog_ms: watchdog_ms,
     }
 }
 
 impl Sim {
-    fn new(seed: u64) -> Sim {
+    /// `watchdog`: every storage node runs one, with a timeout picked by a
+    /// second generator so that the main one (and so every seed without
+    /// the watchdog) replays as before.
+    fn new(seed: u64, watchdog: bool) -> Sim {
         let mut rng = Rng::new(seed);
         let swarm = Swarm::pick(&mut rng);
+        let watchdog_ms = if watchdog { [1000, 2000, 5000][Rng::new(seed ^ 0x5bd).below(3) as usize] } else { 0 };
         let mut nodes = Vec::new();
         for _ in 0..NODES {
             let bound = DRIFT_PPM_MAX as i64;
@@ -347,6 +362,8 @@ impl Sim {
                 draining_since: None,
                 repl_reported: false,
                 sent: Vec::new(),
+                wd_pet_local: 0,
+                hung_writer: false,
             });
         }
         let initial = GroupState::new(GROUP, &STORAGE, DiskState::UpToDate);
@@ -374,6 +391,8 @@ impl Sim {
             trace: Vec::new(),
             fences: 0,
             promotions: 0,
+            watchdog_ms,
+            resets: 0,
         };
         for n in 0..NODES {
             sim.start(n);
@@ -396,8 +415,13 @@ impl Sim {
         let keep = if std::env::var("CLUSTERD_SIM_SEED").is_ok() { usize::MAX } else { 80 };
         let tail = self.trace.iter().rev().take(keep).rev().cloned().collect::<Vec<_>>().join("\n");
         panic!(
-            "simulation seed {} failed at {} ms: {what}\nswarm: {:?}\nlast events:\n{tail}\nreplay: CLUSTERD_SIM_SEED={} cargo test -p clusterd sim_replays_one_seed -- --nocapture",
-            self.seed, self.now, self.swarm, self.seed
+            "simulation seed {} failed at {} ms: {what}\nswarm: {:?}, watchdog {} ms\nlast events:\n{tail}\nreplay: {}CLUSTERD_SIM_SEED={} cargo test -p clusterd sim_replays_one_seed -- --nocapture",
+            self.seed,
+            self.now,
+            self.swarm,
+            self.watchdog_ms,
+            if self.watchdog_ms > 0 { "CLUSTERD_SIM_WATCHDOG=1 " } else { "" },
+            self.seed
         );
     }
 
@@ -465,6 +489,8 @@ impl Sim {
         node.services_up = false;
         node.told_role = None;
         node.draining_since = None;
+        node.wd_pet_local = local;
+        node.hung_writer = false;
         let peers = (0..NODES).filter(|m| *m != n).map(|m| NodeId(m as u8)).collect();
         node.hb = Some(Heartbeat::new(
             HeartbeatConfig {
@@ -490,6 +516,7 @@ impl Sim {
                 self.swarm.lease_ms,
                 self.swarm.a_preferred,
                 self.swarm.failback,
+                self.watchdog_ms,
             );
             cfg.validate().expect("simulation config is valid");
             node.fo = Some(Failover::new(cfg, initial.clone(), DiskState::UpToDate, local));
@@ -652,7 +679,7 @@ impl Sim {
                 self.schedule_at(at, Event::Demoted { node: n, inc });
             }
             Action::StopServices => {
-                self.nodes[n].services_up = false;
+                let was_up = std::mem::replace(&mut self.nodes[n].services_up, false);
                 let hung = self.nodes[n].stop_hung_until > self.now;
                 if !hung
                     && self.faults
@@ -662,6 +689,13 @@ impl Sim {
                     let until = self.now + 1 + self.rng.below(STOP_HANG_MS_MAX);
                     self.nodes[n].stop_hung_until = until;
                     self.note(format!("node{n}: the services' stop hangs until {until}"));
+                    // What the watchdog is for: services that ran still
+                    // write through a freeze that did not hold (services
+                    // stopped before do not start writing again).
+                    self.nodes[n].hung_writer = self.watchdog_ms > 0 && was_up;
+                    if self.nodes[n].hung_writer {
+                        self.note(format!("node{n}: its hung services keep writing"));
+                    }
                 }
                 // A hanging stop is reported failed at its timeout.
                 let timeout = if self.nodes[n].stop_hung_until > self.now { 1000 } else { 0 };
@@ -685,8 +719,41 @@ impl Sim {
         self.nodes[n].alive && self.nodes[n].fo.as_ref().is_some_and(|f| f.writable())
     }
 
+    /// Node `n`'s hung services still write (watchdog runs).
+    fn hung_writing(&self, n: usize) -> bool {
+        let node = &self.nodes[n];
+        node.alive && node.hung_writer && self.now < node.stop_hung_until && node.vol_primary.is_some()
+    }
+
+    /// The watchdog petted by the core's rule (every `REPL_TICK_MS`, a
+    /// pet no later than a real daemon's).
+    fn watchdog_pet(&mut self) {
+        for n in [A, B] {
+            let local = self.local(n, self.now);
+            if self.watchdog_ms > 0 && self.nodes[n].fo.as_ref().is_some_and(|f| f.watchdog_may_pet(local)) {
+                self.nodes[n].wd_pet_local = local;
+            }
+        }
+    }
+
+    /// The hardware resets a node whose watchdog went unpetted for its
+    /// timeout (on the node's own clock), before anything else happens.
+    fn watchdog_expire(&mut self) {
+        for n in [A, B] {
+            if self.watchdog_ms == 0 || !self.nodes[n].alive {
+                continue;
+            }
+            if self.local(n, self.now) >= self.nodes[n].wd_pet_local + self.watchdog_ms {
+                self.resets += 1;
+                self.crash(n, "watchdog reset");
+                let d = 2000 + self.rng.below(3000);
+                self.schedule(d, Event::Restart { node: n });
+            }
+        }
+    }
+
     fn check_writers(&mut self, n: usize) {
-        let writers: Vec<usize> = (0..NODES).filter(|m| self.writable(*m)).collect();
+        let writers: Vec<usize> = (0..NODES).filter(|m| self.writable(*m) || self.hung_writing(*m)).collect();
         if writers.len() > 1 {
             self.fail(&format!("two writable volumes: nodes {writers:?}"));
         }
@@ -712,6 +779,7 @@ impl Sim {
     }
 
     fn handle(&mut self, event: Event) {
+        self.watchdog_expire();
         match event {
             Event::Wake { node, inc } => {
                 if self.nodes[node].inc != inc || !self.nodes[node].alive {
@@ -898,6 +966,7 @@ impl Sim {
     /// ping timeout after it breaks, shortly after it comes back (with an
     /// instant resync from the primary, or from the newer disk).
     fn repl_tick(&mut self) {
+        self.watchdog_pet();
         // The shell polls the volume's role.
         for n in [A, B] {
             let role = (self.nodes[n].vol_primary.is_some(), self.nodes[n].vol_epoch);
@@ -1199,7 +1268,8 @@ impl Sim {
     }
 
     /// One writable node holding the newest epoch, no failed node, both
-    /// disks UpToDate and the replication link up.
+    /// disks UpToDate and the replication link up (with watchdogs: and no
+    /// reset pending).
     fn settled(&self) -> bool {
         self.primary()
             .is_some_and(|p| self.nodes[p].fo.as_ref().and_then(|f| f.promoted_epoch()) == Some(self.checker.epoch))
@@ -1209,6 +1279,14 @@ impl Sim {
             && (!(self.swarm.failback && self.swarm.a_preferred) || self.primary() == Some(A))
             && self.checker.disks.values().all(|d| *d == DiskState::UpToDate)
             && [A, B].iter().all(|n| self.nodes[*n].fo.as_ref().is_some_and(|f| f.replication_connected()))
+            // With watchdogs: not while a stop from the safety phase still
+            // hangs or a node holds back its pets: its reset may come.
+            && (self.watchdog_ms == 0
+                || [A, B].iter().all(|n| {
+                    let local = self.local(*n, self.now);
+                    self.now >= self.nodes[*n].stop_hung_until
+                        && self.nodes[*n].fo.as_ref().is_some_and(|f| f.watchdog_may_pet(local))
+                }))
     }
 
     fn liveness(&mut self) -> u64 {
@@ -1233,11 +1311,16 @@ impl Sim {
         self.crash(p, "liveness: kill -9 of the primary");
         let t0 = self.now;
         let mut bound = DEADTIME_MS + self.swarm.lease_ms + 6 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200;
+        if self.watchdog_ms > 0 {
+            // The dead owner's watchdog is waited out too.
+            bound += self.watchdog_ms + drift_margin_ms(self.swarm.lease_ms + self.watchdog_ms, DRIFT_PPM_MAX);
+        }
         if !self.swarm.drops_stale_peer {
             // The replicator refuses until its ping timeout notices the
             // dead primary; the core retries (the pause at most the cap).
             let refused_until = self.swarm.ping_timeout_ms + 2 * REPL_TICK_MS + PROMOTE_RETRY_MS_MAX;
             bound = bound.max(refused_until + 4 * RENEW_INTERVAL_MS + 8 * self.swarm.delay_ms_max + 200);
+            // (The refusal ends within the watchdog wait, if any.)
         }
         if !self.run_until(t0 + bound, |s| s.writable(q)) {
             self.fail(&format!("no failover to node{q} within {bound} ms of the primary's death"));
@@ -1263,7 +1346,11 @@ impl Sim {
 /// One schedule: bring-up, the safety phase, then the liveness phase.
 /// Returns the failover time of the liveness phase's kill.
 fn run(seed: u64) -> (Sim, u64) {
-    let mut sim = Sim::new(seed);
+    run_with(seed, false)
+}
+
+fn run_with(seed: u64, watchdog: bool) -> (Sim, u64) {
+    let mut sim = Sim::new(seed, watchdog);
     sim.run_until(5000, |s| s.primary().is_some());
     sim.faults = true;
     let end = sim.now + SAFETY_MS;
@@ -1335,12 +1422,43 @@ fn sim_regression_seeds() {
     }
 }
 
+/// Every storage node runs a hardware watchdog (`peer_watchdog_ms` in the
+/// cores) and a stop that hangs keeps writing (a freeze that did not
+/// hold): only the watchdog's reset stops such a node, and the next owner's
+/// wait (lease + watchdog timeout) must cover it — never two writers — and
+/// hung stops must actually lead to resets. `CLUSTERD_SIM_WATCHDOG_SEEDS`
+/// and `CLUSTERD_SIM_BASE` pick the range (default 1000 from 0).
+#[test]
+fn sim_watchdog_seeds() {
+    let seeds = env_u64("CLUSTERD_SIM_WATCHDOG_SEEDS").unwrap_or(1000);
+    let base = env_u64("CLUSTERD_SIM_BASE").unwrap_or(0);
+    let (mut resets, mut hung_writers, mut promotions) = (0, 0, 0);
+    let mut failover_ms = Vec::new();
+    for seed in base..base + seeds {
+        let (sim, ms) = run_with(seed, true);
+        resets += sim.resets;
+        hung_writers += sim.trace.iter().filter(|l| l.ends_with("its hung services keep writing")).count() as u64;
+        promotions += sim.promotions;
+        failover_ms.push(ms);
+    }
+    failover_ms.sort_unstable();
+    let median = failover_ms.get(failover_ms.len() / 2).copied().unwrap_or(0);
+    let max = failover_ms.last().copied().unwrap_or(0);
+    println!(
+        "{seeds} seeds with watchdogs: {promotions} promotions, {hung_writers} hung writers, {resets} watchdog resets; failover after kill -9: median {median} ms, max {max} ms"
+    );
+    assert!(promotions > seeds * 2, "too few promotions ({promotions})");
+    // Stuck stop paths must end in resets (not merely be survived).
+    assert!(seeds < 50 || resets > seeds / 20, "watchdog resets barely exercised ({resets})");
+}
+
 #[test]
 fn sim_replays_one_seed() {
     let Some(seed) = env_u64("CLUSTERD_SIM_SEED") else { return };
-    let (sim, failover_ms) = run(seed);
+    let watchdog = env_u64("CLUSTERD_SIM_WATCHDOG").is_some_and(|w| w != 0);
+    let (sim, failover_ms) = run_with(seed, watchdog);
     for line in &sim.trace {
         println!("{line}");
     }
-    println!("swarm {:?}; failover took {failover_ms} ms", sim.swarm);
+    println!("swarm {:?}, watchdog {} ms; failover took {failover_ms} ms", sim.swarm, sim.watchdog_ms);
 }
