@@ -160,7 +160,7 @@ impl Cluster {
         pair.ok(0, &["secondary"])?;
         std::fs::write(&env.key_file, crate::util::random_bytes(32, std::process::id().into()))?;
         let config = dir.join("cluster.toml");
-        std::fs::write(&config, (cfg.cluster)(&env)?)?;
+        std::fs::write(&config, without_host_watchdog((cfg.cluster)(&env)?))?;
         Ok(Cluster {
             pair,
             config,
@@ -220,7 +220,7 @@ impl Cluster {
             subst(&opts.resources)
         ));
         let config = dir.join("cluster.toml");
-        std::fs::write(&config, text)?;
+        std::fs::write(&config, without_host_watchdog(text))?;
         Ok(Cluster {
             pair,
             config,
@@ -592,4 +592,15 @@ fn backing_maj_min(dev: &str) -> Option<String> {
     let out = run(&mut cmd("losetup", ["--list", "--noheadings", "--output", "BACK-MAJ:MIN", dev])).ok()?;
     let maj_min = out.stdout.trim();
     (!maj_min.is_empty()).then(|| maj_min.to_owned())
+}
+
+/// Test daemons never arm this machine's own watchdog: with the default
+/// `watchdog.mode = "auto"`, a host that has `/dev/watchdog` would be reset
+/// by a test's kill -9. A configuration that sets `[watchdog]` itself (a
+/// test of the watchdog, with a stand-in device) is left as it is.
+fn without_host_watchdog(mut config: String) -> String {
+    if !config.lines().any(|l| l.trim_start().starts_with("[watchdog]")) {
+        config.push_str("\n[watchdog]\nmode = \"off\"\n");
+    }
+    config
 }

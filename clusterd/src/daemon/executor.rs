@@ -3,7 +3,9 @@
 //! through the group runner. `Freeze` jumps the queue (it must take effect
 //! within the lease even while a stop is under way); everything else waits
 //! for the previous action, and a `Demote` or `Promote` after
-//! `StopServices` waits until the services stopped.
+//! `StopServices` waits until the services stopped, except a `Demote` of a
+//! volume the core froze: that one goes first, failing the held writes a
+//! hanging stop may wait on.
 //!
 //! Results go back to the daemon's loop as `Report`s.
 
@@ -90,6 +92,7 @@ pub fn spawn(
             stopping: false,
             blocked: false,
             stop_retried_for_start: false,
+            held_by_core: false,
             queue: VecDeque::new(),
         }
         .run(rx, freeze_rx, events),
@@ -108,6 +111,10 @@ struct Executor {
     /// retried. A start is preceded by one more stop attempt.
     blocked: bool,
     stop_retried_for_start: bool,
+    /// The core froze the volume (its lease ended or is ending, or the
+    /// group is being given up): nothing written from now on will be
+    /// acknowledged, so a queued `Demote` need not wait for the stop.
+    held_by_core: bool,
     queue: VecDeque<Action>,
 }
 
@@ -123,9 +130,9 @@ impl Executor {
             self.drain().await;
             tokio::select! {
                 biased;
-                Some(()) = freezes.recv() => self.freeze().await,
+                Some(()) = freezes.recv() => self.core_freeze().await,
                 action = actions.recv() => match action {
-                    Some(Action::Freeze) => self.freeze().await,
+                    Some(Action::Freeze) => self.core_freeze().await,
                     Some(a) => self.queue.push_back(a),
                     None => return,
                 },
@@ -141,7 +148,15 @@ impl Executor {
     async fn drain(&mut self) {
         while let Some(action) = self.queue.front() {
             if self.stopping && !matches!(action, Action::StopServices) {
-                return;
+                if !(self.held_by_core && matches!(action, Action::Demote)) {
+                    return;
+                }
+                // A stop on a frozen volume can hang on the very writes the
+                // freeze holds (an fsync, the file system's final flush):
+                // demoting first fails them (they were never acknowledged),
+                // and the stop goes through (issue 23: a cut-off primary
+                // took 30 s to let go, and longer without a forced detach).
+                self.event("demote", "the volume is frozen: demoting without waiting for the stop".into()).await;
             }
             if self.blocked
                 && !self.stop_retried_for_start
@@ -173,6 +188,13 @@ impl Executor {
         let _ = self.report.send(r).await;
     }
 
+    /// A freeze the failover core asked for (not the executor's own hold
+    /// after a failed stop).
+    async fn core_freeze(&mut self) {
+        self.freeze().await;
+        self.held_by_core = true;
+    }
+
     async fn freeze(&mut self) {
         match self.volume.freeze().await {
             Ok(()) => self.event("freeze", "volume I/O suspended".into()).await,
@@ -197,6 +219,7 @@ impl Executor {
                 };
                 match promoted {
                     Ok(()) => {
+                        self.held_by_core = false;
                         self.event("promote", format!("volume primary with epoch {epoch}")).await;
                         self.send(Report::Promoted { group: self.group, epoch }).await;
                     }
@@ -215,11 +238,14 @@ impl Executor {
                     }
                 }
             }
-            Action::Resume => match self.volume.resume().await {
-                Ok(()) => self.event("resume", "volume I/O resumed".into()).await,
-                Err(e) => self.event("error", format!("resume failed: {e}")).await,
-            },
-            Action::Freeze => self.freeze().await,
+            Action::Resume => {
+                self.held_by_core = false;
+                match self.volume.resume().await {
+                    Ok(()) => self.event("resume", "volume I/O resumed".into()).await,
+                    Err(e) => self.event("error", format!("resume failed: {e}")).await,
+                }
+            }
+            Action::Freeze => self.core_freeze().await,
             Action::StartServices => {
                 if self.services.start().await.is_err() {
                     tracing::error!(group = ?self.group, "the resource group task is gone");

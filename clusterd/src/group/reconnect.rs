@@ -26,6 +26,7 @@
 
 use std::time::Duration;
 
+use replicator_api::ConnState;
 use tokio::time::Instant;
 
 use super::exec::run_command;
@@ -75,16 +76,6 @@ pub enum Verdict {
     Admin { cause: AdminDecides, first: bool },
 }
 
-/// The connection name as the replicator reports it. (One place to adapt
-/// when `VolumeStatus` becomes typed.)
-fn connection(s: &VolumeStatus) -> &str {
-    s.connection.as_str()
-}
-
-fn last_error(s: &VolumeStatus) -> Option<&str> {
-    s.last_error.as_deref()
-}
-
 /// The cause a StandAlone volume's last error names, if it is the admin's
 /// to resolve (the replicator's wording: replication/replica.rs).
 pub fn admin_decides(last_error: Option<&str>) -> Option<AdminDecides> {
@@ -111,11 +102,11 @@ pub struct Reconnect {
 
 impl Reconnect {
     pub fn poll(&mut self, now_ms: u64, status: &VolumeStatus, peer_alive: bool) -> Verdict {
-        if connection(status) != "StandAlone" {
+        if status.connection != ConnState::StandAlone {
             *self = Reconnect::default();
             return Verdict::Nothing;
         }
-        if let Some(cause) = admin_decides(last_error(status)) {
+        if let Some(cause) = admin_decides(status.last_error.as_deref()) {
             let first = !self.reported;
             self.reported = true;
             return Verdict::Admin { cause, first };
@@ -149,14 +140,17 @@ mod tests {
     use super::*;
 
     fn status(connection: &str, last_error: Option<&str>) -> VolumeStatus {
-        super::super::volume::parse_status(
-            &serde_json::json!({"state": {
-                "role": "Secondary", "disk": "UpToDate", "connection": connection, "epoch": 4,
-                "last_error": last_error,
-            }})
-            .to_string(),
-        )
-        .unwrap()
+        let connection = *ConnState::ALL.iter().find(|c| c.as_str() == connection).expect("a connection state");
+        VolumeStatus {
+            role: replicator_api::Role::Secondary,
+            disk: replicator_api::DiskState::UpToDate,
+            peer_disk: None,
+            peer_role: None,
+            connection,
+            epoch: 4,
+            suspended: false,
+            last_error: last_error.map(str::to_owned),
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@ fn recover(c: &mut Cluster, p: usize, killed: bool) -> Result<()> {
     tests::wait_until(Duration::from_secs(30), "the returning node online and UpToDate", || {
         c.status(2).is_ok_and(|s| {
             s["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["state"] == "online"))
-                && s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d[1] == "UpToDate"))
+                && s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d["state"] == "UpToDate"))
         }) && c.status(p).is_ok_and(|s| s["quorum"] == true)
     })
 }
