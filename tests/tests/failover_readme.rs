@@ -393,7 +393,7 @@ fn settled(c: &Cluster, p: usize) -> Result<()> {
     wait_until(Duration::from_secs(30), "every node online and both disks UpToDate in the log", || {
         c.status(2).is_ok_and(|s| {
             s["nodes"].as_array().is_some_and(|n| n.iter().all(|n| n["state"] == "online"))
-                && s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d[1] == "UpToDate"))
+                && s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d["state"] == "UpToDate"))
         }) && c.status(p).is_ok_and(|s| s["quorum"] == true)
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}", c.describe()))
