@@ -52,14 +52,14 @@ fn volume_commands_and_attach_filesystem_group_on_the_primary() {
         assert!(s.is_primary(), "{s:?}");
         assert_eq!(s.disk_state(), Some(clusterd::failover::DiskState::UpToDate));
         assert_eq!(s.peer_disk_state(), Some(clusterd::failover::DiskState::UpToDate));
-        assert_eq!(s.connection, "Connected");
+        assert_eq!(s.connection.as_str(), "Connected");
         assert!(!s.suspended);
         let sb = b.status().await.unwrap();
-        assert_eq!(sb.role, "Secondary");
+        assert_eq!(sb.role.as_str(), "Secondary");
 
         // Planned switch: demote a, promote b with the next epoch.
         a.demote().await.unwrap();
-        assert_eq!(a.status().await.unwrap().role, "Secondary");
+        assert_eq!(a.status().await.unwrap().role.as_str(), "Secondary");
         let epoch = s.epoch.max(sb.epoch) + 1;
         b.promote(epoch).await.unwrap();
         let sb = b.status().await.unwrap();

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::cluster::{service_resources, Cluster, ClusterOptions, NAMES};
+use tests::cluster::{service_resources, Cluster, ClusterOptions};
 use tests::util::wait_until;
 use tests::{have_root, have_tools, TestDir};
 

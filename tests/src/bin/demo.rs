@@ -191,8 +191,9 @@ fn main() -> Result<()> {
     c.start(p)?;
     c.pair.wait_in_sync(Duration::from_secs(120))?;
     tests::wait_until(Duration::from_secs(30), "the cluster log to record both disks UpToDate", || {
-        c.status(2)
-            .is_ok_and(|s| s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d["state"] == "UpToDate")))
+        c.status(2).is_ok_and(|s| {
+            s["groups"][0]["disks"].as_array().is_some_and(|d| d.iter().all(|d| d["state"] == "UpToDate"))
+        })
     })?;
     println!("  replicas in sync; the cluster log records both disks UpToDate");
 
