@@ -4,18 +4,23 @@
 //! within the lease even while a stop is under way); everything else waits
 //! for the previous action, and a `Demote` or `Promote` after
 //! `StopServices` waits until the services stopped, except a `Demote` of a
-//! volume the core froze: that one goes first, failing the held writes a
-//! hanging stop may wait on.
+//! volume the core froze after it lost its peer: that one goes first,
+//! failing the held writes a hanging stop may wait on.
 //!
 //! Results go back to the daemon's loop as `Report`s.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::limits::{EXEC_ACTIONS_MAX, EXEC_FREEZE_MAX};
 use crate::failover::{Action, GroupId};
 use crate::group::{GroupEvent, GroupHandle, Volume};
+
+/// How often a demotion queued behind a stop on a frozen volume checks
+/// whether the volume lost its peer (then it need not wait).
+const DEMOTE_RECHECK_MS: u64 = 250;
 
 /// What the executor tells the daemon's loop.
 #[derive(Debug)]
@@ -128,6 +133,10 @@ impl Executor {
         let mut events_open = true;
         loop {
             self.drain().await;
+            // A demotion waiting behind a stop on a frozen volume looks
+            // again now and then: the replicator may notice its peer is
+            // gone only after its ping timeout.
+            let recheck = self.stopping && self.held_by_core && matches!(self.queue.front(), Some(Action::Demote));
             tokio::select! {
                 biased;
                 Some(()) = freezes.recv() => self.core_freeze().await,
@@ -140,6 +149,7 @@ impl Executor {
                     Some(e) => self.service_event(e).await,
                     None => events_open = false,
                 },
+                () = tokio::time::sleep(Duration::from_millis(DEMOTE_RECHECK_MS)), if recheck => {}
             }
         }
     }
@@ -148,15 +158,15 @@ impl Executor {
     async fn drain(&mut self) {
         while let Some(action) = self.queue.front() {
             if self.stopping && !matches!(action, Action::StopServices) {
-                if !(self.held_by_core && matches!(action, Action::Demote)) {
+                if !(matches!(action, Action::Demote) && self.cut_off_and_frozen().await) {
                     return;
                 }
-                // A stop on a frozen volume can hang on the very writes the
-                // freeze holds (an fsync, the file system's final flush):
-                // demoting first fails them (they were never acknowledged),
-                // and the stop goes through (issue 23: a cut-off primary
-                // took 30 s to let go, and longer without a forced detach).
-                self.event("demote", "the volume is frozen: demoting without waiting for the stop".into()).await;
+                // A stop on a volume frozen without its peer can hang on the
+                // very writes the freeze holds (an fsync, the file system's
+                // final flush): demoting first fails them (they were never
+                // acknowledged), and the stop goes through (issue 23: a
+                // cut-off primary took 30 s to let go, or never did).
+                self.event("demote", "frozen without its peer: demoting without waiting for the stop".into()).await;
             }
             if self.blocked
                 && !self.stop_retried_for_start
@@ -186,6 +196,15 @@ impl Executor {
     /// Waits while the loop's report queue is full (see `limits`).
     async fn send(&self, r: Report) {
         let _ = self.report.send(r).await;
+    }
+
+    /// The core froze the volume and the volume has lost its peer: no write
+    /// held now can ever be acknowledged. (With the peer connected, as in a
+    /// planned move whose stop failed, writes are not what a stop waits on,
+    /// and the demotion keeps waiting for the stop.)
+    async fn cut_off_and_frozen(&self) -> bool {
+        self.held_by_core
+            && self.volume.status().await.is_ok_and(|s| s.is_primary() && !s.connection.replicates_writes())
     }
 
     /// A freeze the failover core asked for (not the executor's own hold

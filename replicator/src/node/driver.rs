@@ -620,17 +620,18 @@ impl Driver {
             },
             ResourceCommand::Secondary => {
                 let clients = (self.nbd_clients)();
-                if clients > 0 && self.replica.is_frozen() {
-                    // A primary whose I/O is suspended (fencing, a newer
-                    // epoch on the peer, suspend-io) is being given up:
-                    // its clients' held writes were never acknowledged.
-                    // Refusing would deadlock, as those clients wait on
-                    // exactly these writes (issue 23: a cut-off primary
-                    // never demoted after the heal).
+                // A primary cut off from its peer with its I/O suspended
+                // (fencing, its lease over) is being given up: its clients'
+                // held writes were never acknowledged, and refusing would
+                // deadlock, as those clients wait on exactly these writes
+                // (issue 23: a cut-off primary never demoted after the
+                // heal). With the peer connected, clients still go first.
+                let given_up = self.replica.is_frozen() && !self.replica.is_connected();
+                if clients > 0 && given_up {
                     tracing::warn!(resource = %name, clients,
                         "demoting with NBD clients connected: their suspended writes fail, later ones are refused");
                 }
-                if clients > 0 && !self.replica.is_frozen() {
+                if clients > 0 && !given_up {
                     Err(format!(
                         "{name}: {clients} NBD client(s) still connected; unmount and disconnect them first \
                          (e.g. `replicator detach {name}`)"
