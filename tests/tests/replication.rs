@@ -182,7 +182,7 @@ fn corrupt_frames_are_refused_and_the_node_stays_up() {
     // A well-formed Ping header whose crc is wrong.
     let mut header = [0u8; 56];
     header[..4].copy_from_slice(b"RPL1");
-    header[4] = 1;
+    header[4] = 2; // the replication protocol's version (`wire::VERSION`)
     header[5] = 15;
     header[52..].copy_from_slice(&0xdead_beefu32.to_be_bytes());
     let mut bad_crc = TcpStream::connect(addr).unwrap();
