@@ -378,3 +378,43 @@ fn postmaster_of_every_hosted_domain_is_accepted() {
     let out = tree.admin(&["check-config"]).unwrap();
     assert!(out.stdout.contains("postmaster@ each hosted domain"), "{}", out.describe());
 }
+
+/// Reads what a refused connection sends until it closes (or 10 s pass).
+fn bytes_until_closed(addr: std::net::SocketAddr) -> Vec<u8> {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    match std::io::Read::read_to_end(&mut c, &mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the refused connection was neither closed nor answered: {e} (got {got:?})"),
+    }
+    got
+}
+
+// Issue 20: a full implicit-TLS listener (465) must not answer in
+// plaintext: a client there speaks TLS first, and a plaintext `421` is a
+// protocol error to it. The extra connection is closed without a byte;
+// STARTTLS submission (587), full too, still says 421 in plaintext.
+#[test]
+fn full_implicit_tls_listener_refuses_without_plaintext() {
+    const LIMIT: usize = 2;
+    let tree = MailTree::new("mta-full-465", &format!("connections_max = {LIMIT}"), None).unwrap();
+    let mta = tree.serve().unwrap();
+    for (addr, plaintext_421) in [(mta.submissions(), false), (mta.submission(), true)] {
+        // Silent clients hold every slot (on 465 the server awaits their
+        // ClientHello); connections are accepted in order, so the next one
+        // finds the listener full.
+        let held: Vec<_> = (0..LIMIT).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let got = bytes_until_closed(addr);
+        if plaintext_421 {
+            assert!(got.starts_with(b"421 4.7.0 "), "{addr}: {:?}", String::from_utf8_lossy(&got));
+        } else {
+            assert!(got.is_empty(), "plaintext on the implicit-TLS port: {:?}", String::from_utf8_lossy(&got));
+        }
+        drop(held);
+    }
+    let refusals = || mta.log().matches("connection limit reached; refusing").count();
+    tests::wait_until(Duration::from_secs(10), "both refusals in the log", || refusals() >= 2).unwrap();
+    assert_eq!(refusals(), 2, "{}", mta.log());
+}
