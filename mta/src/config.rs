@@ -13,6 +13,8 @@
 //! connections_per_ip_max = 50     # Postfix's smtpd_client_connection_count_limit
 //! enforce_from_header = true     # authenticated: From: only with owned addresses
 //! metrics_listen = "127.0.0.1:9325"  # opt-in Prometheus endpoint (GET /metrics)
+//! log_to = "stderr"               # or "syslog": RFC 3164, facility mail, to syslog_socket
+//! syslog_socket = "/dev/log"
 //!
 //! [tls]
 //! cert = "/srv/mail/tls/cert.pem"
@@ -143,6 +145,15 @@ impl TlsLevel {
     }
 }
 
+/// Where `mta serve` writes its log (`log_to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTo {
+    Stderr,
+    /// RFC 3164 datagrams, facility mail, to `syslog_socket`.
+    Syslog,
+}
+
 /// How the connection to the relay host starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -201,6 +212,8 @@ struct RawConfig {
     postmaster_to: Option<String>,
     enforce_from_header: Option<bool>,
     metrics_listen: Option<String>,
+    log_to: Option<LogTo>,
+    syslog_socket: Option<PathBuf>,
     tls: Option<RawTls>,
     #[serde(default)]
     listener: Vec<RawListener>,
@@ -356,6 +369,11 @@ pub struct Config {
     /// Opt-in Prometheus endpoint (`GET /metrics`); keep it on loopback or
     /// a management network.
     pub metrics_listen: Option<SocketAddr>,
+    /// `mta serve`'s log: stderr (default) or syslog; admin commands and
+    /// the `mta: ready` style start-up lines always use stderr.
+    pub log_to: LogTo,
+    /// The syslog daemon's datagram socket (default `/dev/log`).
+    pub syslog_socket: PathBuf,
     pub tls: Option<TlsFiles>,
     pub listeners: Vec<Listener>,
     pub privileges: Privileges,
@@ -588,6 +606,8 @@ impl Config {
             password_length_min: raw.password_length_min.unwrap_or(PASSWORD_LENGTH_MIN_DEFAULT),
             enforce_from_header: raw.enforce_from_header.unwrap_or(true),
             metrics_listen,
+            log_to: raw.log_to.unwrap_or(LogTo::Stderr),
+            syslog_socket: raw.syslog_socket.unwrap_or_else(|| PathBuf::from("/dev/log")),
             tls,
             listeners,
             privileges,
@@ -632,13 +652,21 @@ impl Config {
                 ListenerKind::Submissions => "implicit TLS, AUTH PLAIN/LOGIN required before MAIL".to_string(),
             };
             let proxy = if l.proxy_protocol { " [behind a PROXY v2 load balancer]" } else { "" };
+            let reserve = match l.submission_reserve {
+                0 => String::new(),
+                n => format!(", {n} kept for clients that authenticate"),
+            };
             s.push_str(&format!(
-                "listen {} ({}){proxy}: {}; at most {} connections\n",
+                "listen {} ({}){proxy}: {}; at most {} connections{reserve}\n",
                 l.address,
                 l.kind.name(),
                 policy,
                 l.connections_max
             ));
+        }
+        match self.log_to {
+            LogTo::Stderr => s.push_str("log: stderr\n"),
+            LogTo::Syslog => s.push_str(&format!("log: syslog {} (facility mail)\n", self.syslog_socket.display())),
         }
         match self.metrics_listen {
             Some(a) => s.push_str(&format!("metrics: http://{a}/metrics (Prometheus)\n")),

@@ -95,3 +95,40 @@ fn bounced_recipients_and_the_bounce_queue_id_are_logged() {
     assert_eq!(queue_id(&delivered[0]), bounce_id);
     assert!(delivered[0].ends_with("status=sent (delivered to maildir)"), "{}", delivered[0]);
 }
+
+// `log_to = "syslog"`: events leave as RFC 3164 datagrams, facility mail,
+// on the configured socket (a stand-in for /dev/log here); the start-up
+// lines stay on stderr for the supervisor.
+#[test]
+fn syslog_output_sends_rfc3164_datagrams_to_the_socket() {
+    require_tools!("swaks");
+    let path = std::env::temp_dir().join(format!("mta-syslog-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let daemon = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    daemon.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let extra = format!("log_to = \"syslog\"\nsyslog_socket = \"{}\"", path.display());
+    let tree = tests::mta::MailTree::new("mta-syslog", &extra, None).unwrap();
+    tree.populate().unwrap();
+    let check = tree.admin(&["check-config"]).unwrap().stdout;
+    assert!(check.contains(&format!("log: syslog {} (facility mail)\n", path.display())), "{check}");
+    let mta = tree.serve().unwrap();
+    assert!(mta.log().contains(&format!("mta: logging to syslog {}", path.display())), "{}", mta.log());
+    let out = tests::mta::swaks(mta.mx(), &["--from", "someone@remote.example", "--to", "bob@example.org"]).unwrap();
+    assert!(out.success(), "{}", out.describe());
+
+    let mut buf = vec![0u8; 16384];
+    let delivered = loop {
+        let n = daemon.recv(&mut buf).expect("a delivery record within 30 s");
+        let record = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if record.contains(": to=<bob@example.org>, relay=local, ") {
+            break record;
+        }
+    };
+    // mail.info = 2 * 8 + 6.
+    assert!(delivered.starts_with("<22>"), "{delivered}");
+    assert!(delivered.contains(&format!(" mta[{}]: INFO ", mta.pid())), "{delivered}");
+    assert!(delivered.ends_with("status=sent (delivered to maildir)"), "{delivered}");
+    assert!(!mta.log().contains("status=sent"), "events must not go to stderr too: {}", mta.log());
+    drop(mta);
+    let _ = std::fs::remove_file(&path);
+}
