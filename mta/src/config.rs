@@ -13,6 +13,8 @@
 //! connections_per_ip_max = 50     # Postfix's smtpd_client_connection_count_limit
 //! enforce_from_header = true     # authenticated: From: only with owned addresses
 //! metrics_listen = "127.0.0.1:9325"  # opt-in Prometheus endpoint (GET /metrics)
+//! log_to = "stderr"               # or "syslog": RFC 3164, facility mail, to syslog_socket
+//! syslog_socket = "/dev/log"
 //!
 //! [tls]
 //! cert = "/srv/mail/tls/cert.pem"
@@ -24,6 +26,8 @@
 //! greeting_delay_ms = 0          # wait this long for clients that talk first
 //! proxy_protocol = false         # true: a PROXY v2 header precedes SMTP
 //! connections_max = 1000         # this listener's own limit (default: the top-level one)
+//! submission_reserve = 100       # submission/submissions only: connections kept for clients
+//!                                # that authenticate (default: a tenth of connections_max)
 //!
 //! [delivery]
 //! relay_host = "192.0.2.25:587"  # smart host; without it, MX lookup
@@ -55,7 +59,7 @@ use serde::Deserialize;
 
 use crate::limits::{
     CONNECTIONS_MAX_DEFAULT, CONNECTIONS_PER_IP_MAX_DEFAULT, MESSAGE_BYTES_MAX_CEILING, MESSAGE_BYTES_MAX_DEFAULT,
-    PASSWORD_LENGTH_MIN_DEFAULT, STRESS_PERCENT_DEFAULT,
+    PASSWORD_LENGTH_MIN_DEFAULT, STRESS_PERCENT_DEFAULT, SUBMISSION_RESERVE_DIVISOR_DEFAULT,
 };
 use crate::smtp::address::{self, Address};
 
@@ -104,6 +108,7 @@ struct RawListener {
     #[serde(default)]
     proxy_protocol: bool,
     connections_max: Option<u32>,
+    submission_reserve: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +143,15 @@ impl TlsLevel {
             TlsLevel::Verify => "verify",
         }
     }
+}
+
+/// Where `mta serve` writes its log (`log_to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTo {
+    Stderr,
+    /// RFC 3164 datagrams, facility mail, to `syslog_socket`.
+    Syslog,
 }
 
 /// How the connection to the relay host starts.
@@ -198,6 +212,8 @@ struct RawConfig {
     postmaster_to: Option<String>,
     enforce_from_header: Option<bool>,
     metrics_listen: Option<String>,
+    log_to: Option<LogTo>,
+    syslog_socket: Option<PathBuf>,
     tls: Option<RawTls>,
     #[serde(default)]
     listener: Vec<RawListener>,
@@ -217,6 +233,12 @@ pub struct Listener {
     /// This listener's own connection limit (default: `connections_max`),
     /// so a flood on one port cannot lock out another.
     pub connections_max: u32,
+    /// Connections of `connections_max` kept for clients that
+    /// authenticate (submission listeners only; 0 on mx): at most
+    /// `connections_max - submission_reserve` unauthenticated sessions
+    /// hold a normal slot, one admitted beyond that must authenticate
+    /// within `limits::RESERVE_AUTH_SECS` or is closed.
+    pub submission_reserve: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -347,6 +369,11 @@ pub struct Config {
     /// Opt-in Prometheus endpoint (`GET /metrics`); keep it on loopback or
     /// a management network.
     pub metrics_listen: Option<SocketAddr>,
+    /// `mta serve`'s log: stderr (default) or syslog; admin commands and
+    /// the `mta: ready` style start-up lines always use stderr.
+    pub log_to: LogTo,
+    /// The syslog daemon's datagram socket (default `/dev/log`).
+    pub syslog_socket: PathBuf,
     pub tls: Option<TlsFiles>,
     pub listeners: Vec<Listener>,
     pub privileges: Privileges,
@@ -420,16 +447,33 @@ impl Config {
             if l.greeting_delay_ms > 30_000 {
                 return Err(invalid(format!("`listener[{i}].greeting_delay_ms` must be at most 30000")));
             }
+            let listener_max = match l.connections_max {
+                Some(0) => return Err(invalid(format!("`listener[{i}].connections_max` must be at least 1"))),
+                Some(n) => n,
+                None => connections_max,
+            };
+            let submission_reserve = match (l.kind, l.submission_reserve) {
+                (ListenerKind::Mx, None) => 0,
+                (ListenerKind::Mx, Some(_)) => {
+                    return Err(invalid(format!(
+                        "`listener[{i}].submission_reserve` needs a submission or submissions listener (mx offers no AUTH)"
+                    )))
+                }
+                (_, Some(n)) if n >= listener_max => {
+                    return Err(invalid(format!(
+                        "`listener[{i}].submission_reserve` = {n} must be below the listener's connections_max ({listener_max})"
+                    )))
+                }
+                (_, Some(n)) => n,
+                (_, None) => listener_max / SUBMISSION_RESERVE_DIVISOR_DEFAULT,
+            };
             listeners.push(Listener {
                 kind: l.kind,
                 address,
                 greeting_delay_ms: l.greeting_delay_ms,
                 proxy_protocol: l.proxy_protocol,
-                connections_max: match l.connections_max {
-                    Some(0) => return Err(invalid(format!("`listener[{i}].connections_max` must be at least 1"))),
-                    Some(n) => n,
-                    None => connections_max,
-                },
+                connections_max: listener_max,
+                submission_reserve,
             });
         }
         let tls = raw.tls.map(|t| TlsFiles { cert: t.cert, key: t.key });
@@ -562,6 +606,8 @@ impl Config {
             password_length_min: raw.password_length_min.unwrap_or(PASSWORD_LENGTH_MIN_DEFAULT),
             enforce_from_header: raw.enforce_from_header.unwrap_or(true),
             metrics_listen,
+            log_to: raw.log_to.unwrap_or(LogTo::Stderr),
+            syslog_socket: raw.syslog_socket.unwrap_or_else(|| PathBuf::from("/dev/log")),
             tls,
             listeners,
             privileges,
@@ -606,13 +652,21 @@ impl Config {
                 ListenerKind::Submissions => "implicit TLS, AUTH PLAIN/LOGIN required before MAIL".to_string(),
             };
             let proxy = if l.proxy_protocol { " [behind a PROXY v2 load balancer]" } else { "" };
+            let reserve = match l.submission_reserve {
+                0 => String::new(),
+                n => format!(", {n} kept for clients that authenticate"),
+            };
             s.push_str(&format!(
-                "listen {} ({}){proxy}: {}; at most {} connections\n",
+                "listen {} ({}){proxy}: {}; at most {} connections{reserve}\n",
                 l.address,
                 l.kind.name(),
                 policy,
                 l.connections_max
             ));
+        }
+        match self.log_to {
+            LogTo::Stderr => s.push_str("log: stderr\n"),
+            LogTo::Syslog => s.push_str(&format!("log: syslog {} (facility mail)\n", self.syslog_socket.display())),
         }
         match self.metrics_listen {
             Some(a) => s.push_str(&format!("metrics: http://{a}/metrics (Prometheus)\n")),
@@ -720,6 +774,20 @@ address = "127.0.0.1:2525"
         assert!(e.contains("port"), "{e}");
         let e = parse(&MINIMAL.replace("\"mx\"", "\"relay\"")).unwrap_err().to_string();
         assert!(e.contains("relay"), "{e}");
+    }
+
+    #[test]
+    fn submission_reserve_defaults_to_a_tenth_and_is_checked() {
+        let tls = "[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n";
+        let sub = |extra: &str| format!("{}{extra}\n{tls}", MINIMAL.replace("\"mx\"", "\"submission\""));
+        let c = parse(&sub("")).unwrap();
+        assert_eq!(c.listeners[0].submission_reserve, CONNECTIONS_MAX_DEFAULT / 10);
+        assert_eq!(parse(&sub("submission_reserve = 5")).unwrap().listeners[0].submission_reserve, 5);
+        assert_eq!(parse(MINIMAL).unwrap().listeners[0].submission_reserve, 0);
+        let e = parse(&sub("connections_max = 5\nsubmission_reserve = 5")).unwrap_err().to_string();
+        assert!(e.contains("listener[0].submission_reserve") && e.contains("below"), "{e}");
+        let e = parse(&format!("{MINIMAL}submission_reserve = 1\n")).unwrap_err().to_string();
+        assert!(e.contains("mx offers no AUTH"), "{e}");
     }
 
     #[test]

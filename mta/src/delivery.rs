@@ -47,24 +47,59 @@ pub fn deliver_local(
     let mut failed = Vec::new();
     for mailbox in &envelope.local {
         if let Some((_, why)) = full.iter().find(|(m, _)| m == mailbox) {
-            tracing::info!(id = %envelope.id, to = %mailbox, why = %why, "local delivery deferred: mailbox full");
+            tracing::debug!(id = %envelope.id, to = %mailbox, why = %why, "local delivery deferred: mailbox full");
             failed.push((mailbox.clone(), why.clone()));
             continue;
         }
         match maildir::deliver(mailboxes, mailbox, hostname, &envelope.id, envelope.received_unix, &[message]) {
             Ok(maildir::Delivered::New(_durable)) => {
-                tracing::info!(id = %envelope.id, to = %mailbox, "delivered to Maildir")
+                tracing::debug!(id = %envelope.id, to = %mailbox, "delivered to Maildir")
             }
             Ok(maildir::Delivered::Already(_durable)) => {
-                tracing::info!(id = %envelope.id, to = %mailbox, "already in the Maildir (delivered before a restart)")
+                tracing::debug!(id = %envelope.id, to = %mailbox, "already in the Maildir (delivered before a restart)")
             }
             Err(e) => {
-                tracing::warn!(id = %envelope.id, to = %mailbox, error = %e, "local delivery failed; will retry");
+                tracing::debug!(id = %envelope.id, to = %mailbox, error = %e, "local delivery failed");
                 failed.push((mailbox.clone(), format!("local delivery: {e}")));
             }
         }
     }
     failed
+}
+
+/// What became of one recipient after an attempt, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Sent,
+    Deferred,
+    Bounced,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Sent => "sent",
+            Status::Deferred => "deferred",
+            Status::Bounced => "bounced",
+        }
+    }
+}
+
+/// The Postfix-style line for one recipient, without the level:
+/// `ID: to=<rcpt>, relay=local, delay=1.2, status=sent (delivered to maildir)`.
+/// Admins grep for `status=deferred` and `status=bounced`; the reason
+/// follows in parentheses, as Postfix writes it.
+pub fn outcome_line(id: &str, rcpt: &str, relay: &str, delay_secs: f64, status: Status, reason: &str) -> String {
+    // A reason comes from a remote server: keep it on one line.
+    let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    format!("{id}: to=<{rcpt}>, relay={relay}, delay={delay_secs:.1}, status={} ({reason})", status.as_str())
+}
+
+/// Seconds since `received_unix`, with a fraction (the clock's, not the
+/// queue file's, which keeps whole seconds).
+pub fn delay_secs(received_unix: u64) -> f64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    (now - received_unix as f64).max(0.0)
 }
 
 /// The outcome of one delivery attempt of one message.
@@ -154,6 +189,18 @@ mod tests {
             next_attempt_unix: 0,
             last_error: None,
         }
+    }
+
+    #[test]
+    fn outcome_lines_read_like_postfix() {
+        assert_eq!(
+            outcome_line("Q1", "bob@example.org", "local", 1.234, Status::Sent, "delivered to maildir"),
+            "Q1: to=<bob@example.org>, relay=local, delay=1.2, status=sent (delivered to maildir)"
+        );
+        assert_eq!(
+            outcome_line("Q2", "c@x.example", "mx.x.example[192.0.2.1]:25", 0.0, Status::Deferred, "421 a\r\nb"),
+            "Q2: to=<c@x.example>, relay=mx.x.example[192.0.2.1]:25, delay=0.0, status=deferred (421 a  b)"
+        );
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub const STRESS_PERCENT_DEFAULT: u32 = 75;
 pub const STRESS_TIMEOUT_SECS: u64 = 10;
 /// Default simultaneous connections per listener.
 pub const CONNECTIONS_MAX_DEFAULT: u32 = 1000;
+/// A submission listener keeps `connections_max / this` connections for
+/// clients that authenticate, unless `submission_reserve` says otherwise.
+pub const SUBMISSION_RESERVE_DIVISOR_DEFAULT: u32 = 10;
+/// A session admitted into the submission reserve must authenticate this
+/// soon, or it is closed (421) and its slot goes to the next client.
+pub const RESERVE_AUTH_SECS: u64 = 10;
 
 /// AUTH rate limiting: failures inside the window before delays start, the
 /// first delay, and the longest one (delays double per further failure).

@@ -138,6 +138,14 @@ fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&cli.config)?;
     match cli.command {
         Command::Serve => {
+            // Before `prepare` drops privileges and chroots: the socket
+            // stays connected, /dev/log would be out of reach afterwards.
+            if config.log_to == mta::config::LogTo::Syslog {
+                let path = &config.syslog_socket;
+                mta::logging::to_syslog(path)
+                    .with_context(|| format!("failed to connect to the syslog socket {}", path.display()))?;
+                mta::logging::line(format_args!("mta: logging to syslog {}", path.display()));
+            }
             let prepared = mta::server::prepare(config)?;
             let rt =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start tokio")?;

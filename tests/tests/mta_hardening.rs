@@ -378,3 +378,118 @@ fn postmaster_of_every_hosted_domain_is_accepted() {
     let out = tree.admin(&["check-config"]).unwrap();
     assert!(out.stdout.contains("postmaster@ each hosted domain"), "{}", out.describe());
 }
+
+/// Reads what a refused connection sends until it closes (or 10 s pass).
+fn bytes_until_closed(addr: std::net::SocketAddr) -> Vec<u8> {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    match std::io::Read::read_to_end(&mut c, &mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the refused connection was neither closed nor answered: {e} (got {got:?})"),
+    }
+    got
+}
+
+// Issue 20: a full implicit-TLS listener (465) must not answer in
+// plaintext: a client there speaks TLS first, and a plaintext `421` is a
+// protocol error to it. The extra connection is closed without a byte;
+// STARTTLS submission (587), full too, still says 421 in plaintext.
+#[test]
+fn full_implicit_tls_listener_refuses_without_plaintext() {
+    const LIMIT: usize = 2;
+    let tree = MailTree::new("mta-full-465", &format!("connections_max = {LIMIT}"), None).unwrap();
+    let mta = tree.serve().unwrap();
+    for (addr, plaintext_421) in [(mta.submissions(), false), (mta.submission(), true)] {
+        // Silent clients hold every slot (on 465 the server awaits their
+        // ClientHello); connections are accepted in order, so the next one
+        // finds the listener full.
+        let held: Vec<_> = (0..LIMIT).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let got = bytes_until_closed(addr);
+        if plaintext_421 {
+            assert!(got.starts_with(b"421 4.7.0 "), "{addr}: {:?}", String::from_utf8_lossy(&got));
+        } else {
+            assert!(got.is_empty(), "plaintext on the implicit-TLS port: {:?}", String::from_utf8_lossy(&got));
+        }
+        drop(held);
+    }
+    let refusals = || mta.log().matches("connection limit reached; refusing").count();
+    tests::wait_until(Duration::from_secs(10), "both refusals in the log", || refusals() >= 2).unwrap();
+    assert_eq!(refusals(), 2, "{}", mta.log());
+}
+
+/// Connects to `addr` and reads the greeting, so the server has admitted
+/// the session before the next connection.
+fn greeted_silent_client(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = Vec::new();
+    let mut byte = [0u8; 1];
+    while !greeting.ends_with(b"\r\n") {
+        std::io::Read::read_exact(&mut c, &mut byte).unwrap();
+        greeting.push(byte[0]);
+    }
+    assert!(greeting.starts_with(b"220 "), "{:?}", String::from_utf8_lossy(&greeting));
+    c
+}
+
+// Issue 20: silent clients could hold every slot of the submission
+// listener. A listener that offers AUTH keeps `submission_reserve` slots:
+// unauthenticated sessions past `connections_max - submission_reserve`
+// must authenticate within 10 s or are closed, so a client that does
+// authenticate still gets in.
+#[test]
+fn submission_reserve_keeps_slots_for_clients_that_authenticate() {
+    require_tools!("swaks");
+    const LIMIT: usize = 10;
+    const RESERVE: usize = 3;
+    let tree = MailTree::new("mta-reserve", &format!("connections_max = {LIMIT}\nstress_percent = 100"), None).unwrap();
+    let text = std::fs::read_to_string(&tree.config).unwrap();
+    let submission = "kind = \"submission\"\naddress = \"127.0.0.1:0\"\n";
+    assert!(text.contains(submission));
+    let text = text.replace(submission, &format!("{submission}submission_reserve = {RESERVE}\n"));
+    std::fs::write(&tree.config, text).unwrap();
+    tree.populate().unwrap();
+    let mta = tree.serve().unwrap();
+
+    // The unauthenticated share is full (and the listener not under stress).
+    let held: Vec<_> = (0..LIMIT - RESERVE).map(|_| greeted_silent_client(mta.submission())).collect();
+    // One more silent client lands in the reserve and is closed for not
+    // authenticating; the others keep their slots.
+    let mut extra = greeted_silent_client(mta.submission());
+    extra.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut extra, &mut rest).unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(rest, "421 4.4.2 Timeout, closing connection\r\n");
+    let closed = || mta.log().matches("no AUTH in time on a reserved slot").count();
+    tests::wait_until(Duration::from_secs(10), "the reserve timeout in the log", || closed() >= 1).unwrap();
+    assert_eq!(closed(), 1, "{}", mta.log());
+    let mut first = &held[0];
+    first.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let still_open = std::io::Read::read(&mut first, &mut [0u8; 1]);
+    assert!(still_open.is_err(), "the first silent client lost its slot: {still_open:?}");
+
+    // An authenticating client gets in.
+    let out = swaks(
+        mta.submission(),
+        &[
+            "-tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "alice@example.org",
+            "--auth-password",
+            "alice-pw",
+            "--from",
+            "alice@example.org",
+            "--to",
+            "bob@example.org",
+        ],
+    )
+    .unwrap();
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stdout.contains("235 2.7.0 ") && out.stdout.contains("250 2.0.0 Ok: queued"), "{}", out.describe());
+    drop(held);
+}

@@ -481,3 +481,26 @@ fn talking_before_the_greeting_is_refused() {
     assert!(greeting[..n].starts_with(b"220 mx.example.org ESMTP"), "{:?}", String::from_utf8_lossy(&greeting[..n]));
     assert!(started.elapsed() >= Duration::from_millis(450));
 }
+
+// RFC 5321 §4.1.3: a sender at an address literal reaches a local user on
+// the MX port; a malformed literal is a 501; an authenticated user may not
+// send as a literal (it is nobody's own address).
+#[test]
+fn sender_address_literals_are_syntax_and_policy_decides() {
+    require_tools!("swaks");
+    let (tree, mta) = started("mta-literal", "");
+    for from in ["x@[192.0.2.1]", "x@[IPv6:2001:db8::1]"] {
+        let out = swaks(mta.mx(), &["--from", from, "--to", "bob@example.org"]).unwrap();
+        assert!(out.success(), "{from}\n{}", out.describe());
+    }
+    let bob = tree.wait_messages("bob@example.org", 2, Duration::from_secs(20)).unwrap();
+    assert_eq!(bob.len(), 2);
+    let out = swaks(mta.mx(), &["--from", "x@[999.1.1.1]", "--to", "bob@example.org"]).unwrap();
+    assert!(!out.success(), "{}", out.describe());
+    assert_contains(&out, "501 5.1.7");
+    let mut args = vec!["-tls", "--auth", "PLAIN", "--from", "alice@[127.0.0.1]", "--to", "bob@example.org"];
+    args.extend(AUTH_ALICE);
+    let out = swaks(mta.submission(), &args).unwrap();
+    assert!(!out.success(), "{}", out.describe());
+    assert_contains(&out, "553 5.7.1");
+}

@@ -19,7 +19,7 @@ use crate::config::{Listener, ListenerKind};
 use crate::delivery::now_unix;
 use crate::filter::{self, Verdict};
 use crate::header_from;
-use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, STRESS_TIMEOUT_SECS, TLS_HANDSHAKE_TIMEOUT_SECS};
+use crate::limits::{MESSAGE_MEMORY_UNIT_BYTES, RESERVE_AUTH_SECS, STRESS_TIMEOUT_SECS, TLS_HANDSHAKE_TIMEOUT_SECS};
 use crate::proxy::{self, Proxied, ProxyError};
 use crate::queue::{Queue, StoredEnvelope};
 use crate::received;
@@ -125,6 +125,13 @@ pub async fn serve(
     load: Arc<super::ListenerLoad>,
 ) {
     let mut slot = Some(slot);
+    // The submission reserve: a session admitted past the unauthenticated
+    // share must authenticate within RESERVE_AUTH_SECS (see `Listener`).
+    let mut unauthenticated = (listener.kind != ListenerKind::Mx).then(|| load.admit_unauthenticated());
+    let mut reserve_deadline = unauthenticated
+        .as_ref()
+        .filter(|u| u.in_reserve)
+        .map(|_| tokio::time::Instant::now() + Duration::from_secs(RESERVE_AUTH_SECS));
     let implicit_tls = listener.kind == ListenerKind::Submissions;
     let mut stream = if implicit_tls {
         match tls_accept(&shared, tcp).await {
@@ -170,8 +177,24 @@ pub async fn serve(
                 break;
             }
         }
+        if session.login().is_some() && unauthenticated.is_some() {
+            unauthenticated = None;
+            reserve_deadline = None;
+        }
         let read = read_with_stress(&mut stream, &mut buf, session.read_timeout_secs(), &load);
+        let reserve_expired = async {
+            match reserve_deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = reserve_expired => {
+                tracing::info!(%peer, listener = listener.kind.name(), "no AUTH in time on a reserved slot; closing");
+                stats.end = "reserve timeout";
+                reserve_deadline = None;
+                session.handle_timeout()
+            }
             r = read => match r {
                 Err(_) => {
                     stats.end = "timeout";
@@ -210,7 +233,8 @@ struct SessionStats {
     messages: u32,
     rejects: u32,
     /// How it ended: quit (or closed by us after an error reply),
-    /// disconnect, timeout, shutdown, read error, write error.
+    /// disconnect, timeout, reserve timeout (no AUTH on a slot of the
+    /// submission reserve), shutdown, read error, write error.
     end: &'static str,
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::Shared;
 use crate::bounce;
 use crate::config::RelayTls;
-use crate::delivery::{self, Attempt};
+use crate::delivery::{self, Attempt, Status};
 use crate::mx::{Route, Router};
 use crate::queue::{Queue, QueueError, StoredEnvelope};
 use crate::remote::{self, ClientTls, Credentials, Hop, Outgoing, RcptResult};
@@ -119,15 +119,19 @@ async fn deliver_one(
     let remote =
         if envelope.remote.is_empty() { Vec::new() } else { send_remote(shared, outbound, &envelope, &message).await };
     let now = delivery::now_unix();
-    let plan = delivery::plan(
-        envelope.clone(),
-        Attempt { local_failed, remote },
-        now,
-        shared.config.delivery.queue_lifetime_secs,
-    );
+    let attempt = Attempt {
+        local_failed: local_failed.clone(),
+        remote: remote.iter().map(|(r, result, _)| (r.clone(), result.clone())).collect(),
+    };
+    let plan = delivery::plan(envelope.clone(), attempt, now, shared.config.delivery.queue_lifetime_secs);
+    log_outcomes(&envelope, &local_failed, &remote, &plan.bounces);
     if !plan.bounces.is_empty() {
         if envelope.from.is_empty() {
-            tracing::warn!(id = %envelope.id, failed = plan.bounces.len(), "bounce undeliverable; dropping (null sender)");
+            tracing::warn!(
+                "{}: bounce undeliverable, dropped: null sender, {} failed",
+                envelope.id,
+                plan.bounces.len()
+            );
         } else {
             queue_bounce(shared, &envelope, &plan.bounces, &message, now).await?;
         }
@@ -138,11 +142,50 @@ async fn deliver_one(
     let queue = shared.queue.clone();
     if plan.finished {
         let id = envelope.id.clone();
-        blocking(move || queue.remove(&id)).await
+        blocking(move || queue.remove(&id)).await?;
+        tracing::info!("{}: removed", envelope.id);
+        Ok(())
     } else {
         let updated = plan.envelope;
         tracing::info!(id = %updated.id, attempts = updated.attempts, error = updated.last_error.as_deref().unwrap_or(""), "delivery deferred");
         blocking(move || queue.update(&updated)).await
+    }
+}
+
+/// One Postfix-style line per recipient of this attempt: every local
+/// mailbox and every remote recipient tried, as sent, deferred or bounced
+/// (a failure is bounced when the plan bounces it).
+fn log_outcomes(
+    envelope: &StoredEnvelope,
+    local_failed: &[(String, String)],
+    remote: &[(String, RcptResult, String)],
+    bounces: &[(String, String, String)],
+) {
+    let delay = delivery::delay_secs(envelope.received_unix);
+    let failed = |rcpt: &str, why: &str| match bounces.iter().find(|(r, _, _)| r == rcpt) {
+        Some((_, _, diagnostic)) => (Status::Bounced, diagnostic.clone()),
+        None => (Status::Deferred, why.to_string()),
+    };
+    for mailbox in &envelope.local {
+        let (status, reason) = match local_failed.iter().find(|(m, _)| m == mailbox) {
+            Some((_, why)) => failed(mailbox, why),
+            None => (Status::Sent, "delivered to maildir".to_string()),
+        };
+        emit(&delivery::outcome_line(&envelope.id, mailbox, "local", delay, status, &reason), status);
+    }
+    for (rcpt, result, relay) in remote {
+        let (status, reason) = match result {
+            RcptResult::Delivered => (Status::Sent, "delivered".to_string()),
+            RcptResult::Temporary(why) | RcptResult::Permanent(why) => failed(rcpt, why),
+        };
+        emit(&delivery::outcome_line(&envelope.id, rcpt, relay, delay, status, &reason), status);
+    }
+}
+
+fn emit(line: &str, status: Status) {
+    match status {
+        Status::Sent => tracing::info!("{line}"),
+        Status::Deferred | Status::Bounced => tracing::warn!("{line}"),
     }
 }
 
@@ -184,12 +227,14 @@ pub(super) async fn mailboxes_over_quota(
     checked.unwrap_or_default()
 }
 
+/// Every remote recipient with its result and the relay that gave it
+/// (`host[addr]:port`, or `none` when no host was tried).
 async fn send_remote(
     shared: &Shared,
     outbound: &Outbound,
     envelope: &StoredEnvelope,
     message: &[u8],
-) -> Vec<(String, RcptResult)> {
+) -> Vec<(String, RcptResult, String)> {
     let d = &shared.config.delivery;
     if let Some(relay) = d.relay_host {
         let name = relay.ip().to_string();
@@ -204,7 +249,11 @@ async fn send_remote(
     }
     let Some(router) = &outbound.router else {
         let why = "no route to remote domains: no relay host and no DNS resolver".to_string();
-        return envelope.remote.iter().map(|r| (r.clone(), RcptResult::Temporary(why.clone()))).collect();
+        return envelope
+            .remote
+            .iter()
+            .map(|r| (r.clone(), RcptResult::Temporary(why.clone()), "none".into()))
+            .collect();
     };
     // One transaction per destination domain, in first-seen order.
     let mut domains: Vec<(String, Vec<String>)> = Vec::new();
@@ -226,16 +275,19 @@ async fn send_remote(
                     .collect();
                 results.extend(send_via(shared, outbound, &hops, envelope, &rcpts, message).await)
             }
-            Route::Refused { status, why } => {
-                results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Permanent(format!("550 {status} {why}")))))
+            Route::Refused { status, why } => results.extend(
+                rcpts.into_iter().map(|r| (r, RcptResult::Permanent(format!("550 {status} {why}")), "none".into())),
+            ),
+            Route::Retry(why) => {
+                results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Temporary(why.clone()), "none".into())))
             }
-            Route::Retry(why) => results.extend(rcpts.into_iter().map(|r| (r, RcptResult::Temporary(why.clone())))),
         }
     }
     results
 }
 
-/// Tries each host in turn until one gives an answer that is not temporary.
+/// Tries each host in turn until one gives an answer that is not temporary;
+/// the results are the last host's, each with that host as the relay.
 async fn send_via(
     shared: &Shared,
     outbound: &Outbound,
@@ -243,23 +295,18 @@ async fn send_via(
     envelope: &StoredEnvelope,
     rcpts: &[String],
     message: &[u8],
-) -> Vec<(String, RcptResult)> {
+) -> Vec<(String, RcptResult, String)> {
     let out = Outgoing { helo: &shared.config.hostname, from: &envelope.from, recipients: rcpts, message };
     let mut results = Vec::new();
     for hop in hops {
-        let addr = hop.addr;
-        results = remote::send(hop, &outbound.tls, &out).await;
-        for (rcpt, r) in &results {
-            match r {
-                RcptResult::Delivered => {
-                    tracing::info!(id = %envelope.id, to = %rcpt, via = %addr, "delivered remotely")
-                }
-                other => {
-                    tracing::info!(id = %envelope.id, to = %rcpt, via = %addr, result = ?other, "remote delivery failed")
-                }
-            }
+        let relay = format!("{}[{}]:{}", hop.server_name, hop.addr.ip(), hop.addr.port());
+        let sent = remote::send(hop, &outbound.tls, &out).await;
+        let all_temporary = sent.iter().all(|(_, r)| matches!(r, RcptResult::Temporary(_)));
+        if all_temporary && hops.len() > 1 {
+            tracing::debug!(id = %envelope.id, %relay, "every recipient failed temporarily; trying the next host");
         }
-        if !results.iter().all(|(_, r)| matches!(r, RcptResult::Temporary(_))) {
+        results = sent.into_iter().map(|(rcpt, r)| (rcpt, r, relay.clone())).collect();
+        if !all_temporary {
             break;
         }
     }
@@ -310,7 +357,7 @@ async fn queue_bounce(
     };
     let queue = shared.queue.clone();
     blocking(move || queue.enqueue(&stored, &[header.as_bytes(), &dsn]).map(|_durable| ())).await?;
-    tracing::info!(%id, original = %original.id, to = %original.from, "bounce queued");
+    tracing::info!("{}: sender non-delivery notification: {id}", original.id);
     shared.delivery_wakeup.notify_one();
     Ok(())
 }

@@ -248,12 +248,45 @@ pub struct ListenerLoad {
     max: u32,
     /// Connections in use from which the listener is under stress.
     stress_at: u32,
+    /// Sessions not (yet) authenticated, and how many of them fit outside
+    /// the submission reserve (`max - submission_reserve`).
+    unauthenticated: Arc<std::sync::atomic::AtomicU32>,
+    unauthenticated_max: u32,
+}
+
+/// An unauthenticated session's place in its listener's count; dropped
+/// when the session authenticates or ends.
+pub struct Unauthenticated {
+    count: Arc<std::sync::atomic::AtomicU32>,
+    /// Admitted beyond `max - submission_reserve`: it holds a reserved
+    /// slot and must authenticate within `RESERVE_AUTH_SECS`.
+    pub in_reserve: bool,
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl ListenerLoad {
-    fn new(max: u32, stress_percent: u32) -> ListenerLoad {
+    fn new(max: u32, stress_percent: u32, submission_reserve: u32) -> ListenerLoad {
+        assert!(submission_reserve < max, "config validation keeps the reserve below the limit");
         let stress_at = ((u64::from(max) * u64::from(stress_percent)).div_ceil(100)).max(1) as u32;
-        ListenerLoad { total: Arc::new(Semaphore::new(max as usize)), max, stress_at }
+        ListenerLoad {
+            total: Arc::new(Semaphore::new(max as usize)),
+            max,
+            stress_at,
+            unauthenticated: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            unauthenticated_max: max - submission_reserve,
+        }
+    }
+
+    /// Counts a new session as unauthenticated; it is in the reserve when
+    /// `max - submission_reserve` others are unauthenticated already.
+    pub fn admit_unauthenticated(&self) -> Unauthenticated {
+        let before = self.unauthenticated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Unauthenticated { count: self.unauthenticated.clone(), in_reserve: before >= self.unauthenticated_max }
     }
 
     /// Whether idle timeouts are cut short (Postfix's stress mode).
@@ -336,7 +369,8 @@ pub async fn run(prepared: Prepared) -> Result<()> {
         let socket = TcpListener::from_std(socket).context("failed to register a listener with tokio")?;
         let addr = socket.local_addr().context("listener address")?;
         crate::logging::line(format_args!("mta: listening {} {addr}", listener.kind.name()));
-        let load = Arc::new(ListenerLoad::new(listener.connections_max, config.stress_percent));
+        let load =
+            Arc::new(ListenerLoad::new(listener.connections_max, config.stress_percent, listener.submission_reserve));
         loads.push(load.clone());
         let shutdown = shutdown_rx.clone();
         tasks.push(tokio::spawn(accept_loop(shared.clone(), slots.clone(), load, socket, listener, shutdown)));
@@ -475,7 +509,7 @@ mod tests {
 
     #[test]
     fn stress_starts_at_the_configured_share_of_the_listener_limit() {
-        let load = ListenerLoad::new(4, 75);
+        let load = ListenerLoad::new(4, 75, 0);
         let mut held = Vec::new();
         for _ in 0..2 {
             held.push(load.total.clone().try_acquire_owned().unwrap());
@@ -485,6 +519,19 @@ mod tests {
         assert!(load.stressed(), "3 of 4 is 75%");
         held.pop();
         assert!(!load.stressed());
-        assert!(ListenerLoad::new(1, 1).stress_at == 1);
+        assert!(ListenerLoad::new(1, 1, 0).stress_at == 1);
+    }
+
+    #[test]
+    fn sessions_past_the_unauthenticated_share_are_in_the_reserve() {
+        let load = ListenerLoad::new(4, 100, 2);
+        let first = load.admit_unauthenticated();
+        let second = load.admit_unauthenticated();
+        assert!(!first.in_reserve && !second.in_reserve);
+        let third = load.admit_unauthenticated();
+        assert!(third.in_reserve, "2 of 4 are kept for AUTH");
+        drop(first);
+        drop(third);
+        assert!(!load.admit_unauthenticated().in_reserve, "a slot left the unauthenticated share");
     }
 }

@@ -5,7 +5,10 @@
 //! Refused forms (each has its own [`AddressError`] and test):
 //! source routes (`<@a,@b:u@c>`), `%` hacks (`u%other@us`), bang paths
 //! (`other!u@us`), quoted local parts containing `@`, `%` or `!`, address
-//! literals (`u@[192.0.2.1]`), and non-ASCII without SMTPUTF8.
+//! literals (`u@[192.0.2.1]`) anywhere but in MAIL FROM, and non-ASCII
+//! without SMTPUTF8. In MAIL FROM an IPv4 or `IPv6:` literal is valid
+//! syntax (RFC 5321 §4.1.3) and parses (see [`Address::is_literal`]); a
+//! malformed one is a syntax error.
 //!
 //! Main types: [`Address`], [`ReversePath`], [`ForwardPath`].
 
@@ -28,7 +31,7 @@ impl Address {
         if s.len() > PATH_BYTES_MAX {
             return Err(AddressError::TooLong);
         }
-        parse_mailbox(s, utf8_allowed)
+        parse_mailbox(s, utf8_allowed, false)
     }
 
     pub fn local(&self) -> &str {
@@ -42,6 +45,12 @@ impl Address {
     /// The lowercased address: the key of every directory lookup.
     pub fn key(&self) -> String {
         format!("{}@{}", self.local.to_lowercase(), self.domain)
+    }
+
+    /// The domain is an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`),
+    /// which only a reverse path may carry. No hosted domain is a literal.
+    pub fn is_literal(&self) -> bool {
+        self.domain.starts_with('[')
     }
 
     pub fn is_ascii(&self) -> bool {
@@ -122,7 +131,7 @@ pub fn parse_reverse_path(inner: &str, utf8_allowed: bool) -> Result<ReversePath
     if inner.is_empty() {
         return Ok(ReversePath::Null);
     }
-    Ok(ReversePath::Mailbox(parse_path_inner(inner, utf8_allowed)?))
+    Ok(ReversePath::Mailbox(parse_path_inner(inner, utf8_allowed, true)?))
 }
 
 /// Parses the inside of RCPT TO's brackets.
@@ -133,10 +142,10 @@ pub fn parse_forward_path(inner: &str, utf8_allowed: bool) -> Result<ForwardPath
     if inner.eq_ignore_ascii_case("postmaster") {
         return Ok(ForwardPath::Postmaster);
     }
-    Ok(ForwardPath::Mailbox(parse_path_inner(inner, utf8_allowed)?))
+    Ok(ForwardPath::Mailbox(parse_path_inner(inner, utf8_allowed, false)?))
 }
 
-fn parse_path_inner(inner: &str, utf8_allowed: bool) -> Result<Address, AddressError> {
+fn parse_path_inner(inner: &str, utf8_allowed: bool, literal_allowed: bool) -> Result<Address, AddressError> {
     if inner.len() > PATH_BYTES_MAX {
         return Err(AddressError::TooLong);
     }
@@ -145,10 +154,10 @@ fn parse_path_inner(inner: &str, utf8_allowed: bool) -> Result<Address, AddressE
     if inner.starts_with('@') {
         return Err(AddressError::SourceRoute);
     }
-    parse_mailbox(inner, utf8_allowed)
+    parse_mailbox(inner, utf8_allowed, literal_allowed)
 }
 
-fn parse_mailbox(s: &str, utf8_allowed: bool) -> Result<Address, AddressError> {
+fn parse_mailbox(s: &str, utf8_allowed: bool, literal_allowed: bool) -> Result<Address, AddressError> {
     if !utf8_allowed && !s.is_ascii() {
         return Err(AddressError::NeedsSmtpUtf8);
     }
@@ -165,7 +174,8 @@ fn parse_mailbox(s: &str, utf8_allowed: bool) -> Result<Address, AddressError> {
     if local.len() > LOCAL_PART_BYTES_MAX {
         return Err(AddressError::TooLong);
     }
-    let domain = check_domain(domain)?;
+    let domain =
+        if literal_allowed && domain.starts_with('[') { check_literal(domain)? } else { check_domain(domain)? };
     Ok(Address { local, domain })
 }
 
@@ -228,6 +238,30 @@ fn check_dot_string(local: &str) -> Result<String, AddressError> {
         return Err(AddressError::Syntax);
     }
     Ok(local.to_string())
+}
+
+/// An address literal (RFC 5321 §4.1.3) in its canonical form:
+/// `[192.0.2.1]` or `[IPv6:2001:db8::1]`. A malformed or unterminated
+/// literal is a syntax error; a general literal (`[tag:content]`) has no
+/// registered tag we could route by and is refused as a literal.
+fn check_literal(domain: &str) -> Result<String, AddressError> {
+    let inner = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')).ok_or(AddressError::Syntax)?;
+    if inner.len() >= 5 && inner[..5].eq_ignore_ascii_case("IPv6:") {
+        let ip: std::net::Ipv6Addr = inner[5..].parse().map_err(|_| AddressError::Syntax)?;
+        return Ok(format!("[IPv6:{ip}]"));
+    }
+    if let Ok(ip) = inner.parse::<std::net::Ipv4Addr>() {
+        return Ok(format!("[{ip}]"));
+    }
+    // RFC 5321's General-address-literal: `Standardized-tag ":" dcontent`.
+    let general = inner.split_once(':').is_some_and(|(tag, content)| {
+        let ldh = |c: char| c.is_ascii_alphanumeric() || c == '-';
+        !tag.is_empty()
+            && tag.chars().all(ldh)
+            && !content.is_empty()
+            && content.bytes().all(|b| (33..=126).contains(&b) && b != b'[' && b != b']' && b != b'\\')
+    });
+    Err(if general { AddressError::AddressLiteral } else { AddressError::Syntax })
 }
 
 /// A domain name (never a literal), lowercased, without a trailing dot.
@@ -317,6 +351,30 @@ mod tests {
     fn address_literals_are_refused() {
         assert_eq!(rcpt("<bob@[127.0.0.1]>"), Err(AddressError::AddressLiteral));
         assert_eq!(rcpt("<bob@[IPv6:::1]>"), Err(AddressError::AddressLiteral));
+    }
+
+    fn sender(s: &str) -> Result<ReversePath, AddressError> {
+        let (inner, rest) = split_path(s)?;
+        assert_eq!(rest, "");
+        parse_reverse_path(inner, false)
+    }
+
+    // RFC 5321 §4.1.3: IPv4 and IPv6 address literals in MAIL FROM.
+    #[test]
+    fn sender_address_literals_parse_and_bad_ones_are_syntax_errors() {
+        let a =
+            |local: &str, domain: &str| ReversePath::Mailbox(Address { local: local.into(), domain: domain.into() });
+        assert_eq!(sender("<x@[192.0.2.1]>"), Ok(a("x", "[192.0.2.1]")));
+        assert_eq!(sender("<x@[IPv6:2001:DB8::1]>"), Ok(a("x", "[IPv6:2001:db8::1]")));
+        assert_eq!(sender("<x@[ipv6:2001:db8:0:0:0:0:0:1]>"), Ok(a("x", "[IPv6:2001:db8::1]")));
+        assert!(matches!(sender("<x@[192.0.2.1]>"), Ok(ReversePath::Mailbox(m)) if m.is_literal()));
+        for bad in
+            ["<x@[999.1.1.1]>", "<x@[192.0.2.1>", "<x@[192.0.2]>", "<x@[]>", "<x@[IPv6:2001:db8::g]>", "<x@[1.2.3.4]x>"]
+        {
+            assert_eq!(sender(bad), Err(AddressError::Syntax), "{bad}");
+        }
+        assert_eq!(sender("<x@[x-tag:whatever]>"), Err(AddressError::AddressLiteral));
+        assert_eq!(Address::parse("x@[192.0.2.1]", false), Err(AddressError::AddressLiteral));
     }
 
     #[test]

@@ -580,6 +580,14 @@ impl Session {
                 let decision = policy::sender_decision(self.login.is_some(), true, facts);
                 self.finish_mail(ReversePath::Null, params, decision);
             }
+            // A literal names no domain we host and no address a login
+            // owns: an unauthenticated session may use it (inbound mail to
+            // local users), an authenticated one may not (anti-spoofing).
+            ReversePath::Mailbox(address) if address.is_literal() => {
+                let facts = SenderFacts { domain_hosted: false, owned_by_login: false };
+                let decision = policy::sender_decision(self.login.is_some(), false, facts);
+                self.finish_mail(ReversePath::Mailbox(address), params, decision);
+            }
             ReversePath::Mailbox(address) => {
                 let query = Query::Sender { login: self.login.clone(), address: address.clone() };
                 self.await_answer(Pending::Sender { from: address, params }, query);
@@ -1012,12 +1020,16 @@ fn command_error_reply(e: &CommandError) -> Reply {
     match e {
         CommandError::Unrecognized => reply::unrecognized(),
         CommandError::Syntax(text) => reply::bad_arguments(text),
-        // RFC 5321 §4.1.3: `<x@[192.0.2.1]>` is valid syntax; refusing it is
-        // a policy decision (a literal names no domain whose policy, SPF or
-        // MX could vouch for the sender), so the reply says so.
+        // RFC 5321 §4.1.3: IPv4 and IPv6 literals in MAIL FROM parse; a
+        // general literal (`[tag:content]`) is valid syntax too, but no tag
+        // is one we could answer, so it is refused by policy.
         CommandError::Sender(AddressError::AddressLiteral) => {
-            Reply::new(550, (5, 7, 1), "Sender address rejected: address literals are refused by policy")
+            Reply::new(550, (5, 7, 1), "Sender address rejected: this address literal is refused by policy")
         }
+        // A path that is not RFC 5321 syntax at all (`[999.1.1.1]`, an
+        // unterminated literal) is a 501, as Postfix answers it; refused
+        // forms of valid syntax (routes, `%` hacks) stay 553.
+        CommandError::Sender(AddressError::Syntax) => Reply::new(501, (5, 1, 7), "Bad sender address syntax"),
         CommandError::Sender(a) => reply::bad_sender(&a.to_string()),
         CommandError::Recipient(a) => reply::bad_recipient(&a.to_string()),
         CommandError::UnsupportedParameter => Reply::new(555, (5, 5, 4), "Unsupported parameter"),

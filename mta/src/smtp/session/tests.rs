@@ -693,15 +693,43 @@ fn error_replies_are_reported_as_rejections_with_their_command() {
     assert_eq!(h.s.poll_rejection(), None);
 }
 
-// RFC 5321 §4.1.3: an address literal is valid syntax in MAIL FROM; it is
-// refused by policy (5.7.1), not as a syntax error (5.1.7).
+// RFC 5321 §4.1.3: an address literal is valid syntax in MAIL FROM. An
+// unauthenticated sender from a literal reaches local users; a malformed
+// literal is a syntax error (501); a general literal is a policy refusal.
 #[test]
-fn mail_from_an_address_literal_is_a_policy_refusal() {
+fn mail_from_an_address_literal_is_accepted_inbound() {
+    for from in ["<x@[192.0.2.1]>", "<x@[IPv6:2001:db8::1]>"] {
+        let mut h = Harness::greeted(Port::Mx);
+        h.send(b"EHLO c\r\n");
+        assert_eq!(h.send(format!("MAIL FROM:{from}\r\n").as_bytes()), "250 2.1.0 Sender ok\r\n", "{from}");
+        assert_eq!(h.send(b"RCPT TO:<bob@example.org>\r\n"), "250 2.1.5 Recipient ok\r\n");
+        assert_eq!(h.send(b"RCPT TO:<victim@remote.example>\r\n"), "554 5.7.1 Relay access denied\r\n");
+        h.send(b"DATA\r\n");
+        assert_eq!(h.send(b"hi\r\n.\r\n"), "250 2.0.0 Ok: queued as Q1\r\n");
+        let ReversePath::Mailbox(sender) = &h.queued[0].0.from else { panic!("null sender queued") };
+        assert!(sender.is_literal(), "{sender}");
+    }
     let mut h = Harness::greeted(Port::Mx);
     h.send(b"EHLO c\r\n");
+    for bad in ["<x@[999.1.1.1]>", "<x@[192.0.2.1>", "<x@[IPv6:2001:db8::zz]>"] {
+        let r = h.send(format!("MAIL FROM:{bad}\r\n").as_bytes());
+        assert!(r.starts_with("501 5.1.7 "), "{bad}: {r}");
+    }
     assert_eq!(
-        h.send(b"MAIL FROM:<x@[192.0.2.1]>\r\n"),
-        "550 5.7.1 Sender address rejected: address literals are refused by policy\r\n"
+        h.send(b"MAIL FROM:<x@[x-tag:content]>\r\n"),
+        "550 5.7.1 Sender address rejected: this address literal is refused by policy\r\n"
     );
     assert_eq!(h.send(b"MAIL FROM:<x@remote.example>\r\n"), "250 2.1.0 Sender ok\r\n");
+}
+
+// Anti-spoofing still holds: a literal is no address an authenticated user
+// owns, on submission and implicit TLS alike.
+#[test]
+fn authenticated_users_may_not_send_from_an_address_literal() {
+    for port in [Port::Submission, Port::Submissions] {
+        let mut h = Harness::authenticated(port);
+        let r = h.send(b"MAIL FROM:<alice@[192.0.2.1]>\r\n");
+        assert!(r.starts_with("553 5.7.1 "), "{r}");
+        assert_eq!(h.send(b"MAIL FROM:<alice@example.org>\r\n"), "250 2.1.0 Sender ok\r\n");
+    }
 }
