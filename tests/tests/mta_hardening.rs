@@ -195,23 +195,7 @@ fn silent_flood_on_mx_neither_locks_out_submission_nor_holds_mx_for_minutes() {
     let n = std::io::Read::read(&mut probe, &mut reply).unwrap_or(0);
     assert!(reply[..n].starts_with(b"421 "), "expected 421 from a full MX listener: {:?}", &reply[..n]);
     // ... but submission answers.
-    let out = swaks(
-        mta.submission(),
-        &[
-            "-tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.org",
-            "--auth-password",
-            "alice-pw",
-            "--from",
-            "alice@example.org",
-            "--to",
-            "bob@example.org",
-        ],
-    )
-    .unwrap();
+    let out = alice_submits_to_bob(&mta);
     assert!(out.success() && out.stdout.contains("250 2.0.0 Ok: queued"), "{}", out.describe());
 
     // Under stress silent clients are dropped after 10 s, not 300 s, until
@@ -276,23 +260,7 @@ fn rejections_are_logged_one_line_each_and_the_fail2ban_filter_matches_them() {
     )
     .unwrap();
     assert!(!auth.success());
-    let good = swaks(
-        mta.submission(),
-        &[
-            "-tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice@example.org",
-            "--auth-password",
-            "alice-pw",
-            "--from",
-            "alice@example.org",
-            "--to",
-            "bob@example.org",
-        ],
-    )
-    .unwrap();
+    let good = alice_submits_to_bob(&mta);
     assert!(good.success(), "{}", good.describe());
     let mut log = String::new();
     tests::wait_until(Duration::from_secs(20), "two reject lines", || {
@@ -472,7 +440,16 @@ fn submission_reserve_keeps_slots_for_clients_that_authenticate() {
     assert!(still_open.is_err(), "the first silent client lost its slot: {still_open:?}");
 
     // An authenticating client gets in.
-    let out = swaks(
+    let out = alice_submits_to_bob(&mta);
+    assert!(out.success(), "{}", out.describe());
+    assert!(out.stdout.contains("235 2.7.0 ") && out.stdout.contains("250 2.0.0 Ok: queued"), "{}", out.describe());
+    drop(held);
+}
+
+/// swaks: alice authenticates over STARTTLS on the submission port and
+/// sends bob a message.
+fn alice_submits_to_bob(mta: &tests::mta::Mta) -> tests::util::Output {
+    swaks(
         mta.submission(),
         &[
             "-tls",
@@ -488,8 +465,5 @@ fn submission_reserve_keeps_slots_for_clients_that_authenticate() {
             "bob@example.org",
         ],
     )
-    .unwrap();
-    assert!(out.success(), "{}", out.describe());
-    assert!(out.stdout.contains("235 2.7.0 ") && out.stdout.contains("250 2.0.0 Ok: queued"), "{}", out.describe());
-    drop(held);
+    .unwrap()
 }
