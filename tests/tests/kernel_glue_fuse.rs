@@ -130,6 +130,23 @@ fn device_bytes(device: &str) -> Vec<u8> {
     v
 }
 
+/// A clean `detach` of `att` succeeds and frees all it held: the attach
+/// record, the loop device and the FUSE mount point.
+#[track_caller]
+fn detach_frees_everything(att: &Attached) {
+    let out = att.detach(false);
+    assert!(out.success(), "{}", out.describe());
+    assert!(!att.record().exists(), "record left behind");
+    let backing = format!("/sys/block/{}/loop/backing_file", att.device.trim_start_matches("/dev/"));
+    wait_unbound(&backing, &att.device);
+    let fuse_dirs: Vec<_> = std::fs::read_dir(&att.run_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("fuse-"))
+        .collect();
+    assert!(fuse_dirs.is_empty(), "FUSE mount point left behind");
+}
+
 /// Waits for the loop device to be unbound. `LOOP_CLR_FD` unbinds at the
 /// last close, and tests running beside this one may hold the device open
 /// for a moment (`mount -o loop` opens loop devices while looking for a
@@ -478,17 +495,7 @@ fn detach_after_the_attach_daemon_died_frees_the_device() {
     });
     assert!(res.is_err(), "a write through an orphaned device succeeded");
 
-    let out = att.detach(false);
-    assert!(out.success(), "{}", out.describe());
-    assert!(!att.record().exists(), "record left behind");
-    let backing = format!("/sys/block/{}/loop/backing_file", att.device.trim_start_matches("/dev/"));
-    wait_unbound(&backing, &att.device);
-    let fuse_dirs: Vec<_> = std::fs::read_dir(&att.run_dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("fuse-"))
-        .collect();
-    assert!(fuse_dirs.is_empty(), "FUSE mount point left behind");
+    detach_frees_everything(&att);
 }
 
 /// The attach daemon is SIGKILLed and `detach` runs while it is still a
@@ -534,16 +541,6 @@ fn detach_frees_the_device_of_an_attach_daemon_that_is_still_a_zombie() {
     })
     .unwrap();
 
-    let out = att.detach(false);
-    assert!(out.success(), "{}", out.describe());
-    assert!(!att.record().exists(), "record left behind");
-    let backing = format!("/sys/block/{}/loop/backing_file", att.device.trim_start_matches("/dev/"));
-    wait_unbound(&backing, &att.device);
-    let fuse_dirs: Vec<_> = std::fs::read_dir(&att.run_dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("fuse-"))
-        .collect();
-    assert!(fuse_dirs.is_empty(), "FUSE mount point left behind");
+    detach_frees_everything(&att);
     let _ = daemon.wait();
 }
