@@ -1363,6 +1363,12 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
 
+/// The median and the maximum of a sweep's failover times (0 for none).
+fn median_and_max(mut ms: Vec<u64>) -> (u64, u64) {
+    ms.sort_unstable();
+    (ms.get(ms.len() / 2).copied().unwrap_or(0), ms.last().copied().unwrap_or(0))
+}
+
 #[test]
 fn sim_many_seeds() {
     let seeds = env_u64("CLUSTERD_SIM_SEEDS").unwrap_or(3000);
@@ -1376,9 +1382,7 @@ fn sim_many_seeds() {
         promotions += sim.promotions;
         failover_ms.push(ms);
     }
-    failover_ms.sort_unstable();
-    let median = failover_ms.get(failover_ms.len() / 2).copied().unwrap_or(0);
-    let max = failover_ms.last().copied().unwrap_or(0);
+    let (median, max) = median_and_max(failover_ms);
     println!(
         "{seeds} seeds: {acked} writes, {promotions} promotions, {fences} fences; failover after kill -9: median {median} ms, max {max} ms"
     );
@@ -1441,9 +1445,7 @@ fn sim_watchdog_seeds() {
         promotions += sim.promotions;
         failover_ms.push(ms);
     }
-    failover_ms.sort_unstable();
-    let median = failover_ms.get(failover_ms.len() / 2).copied().unwrap_or(0);
-    let max = failover_ms.last().copied().unwrap_or(0);
+    let (median, max) = median_and_max(failover_ms);
     println!(
         "{seeds} seeds with watchdogs: {promotions} promotions, {hung_writers} hung writers, {resets} watchdog resets; failover after kill -9: median {median} ms, max {max} ms"
     );
